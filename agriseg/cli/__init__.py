@@ -1,0 +1,82 @@
+"""The ``agriseg`` command line: thin click commands over the library functions.
+
+Each sub-command lives in its own module and is registered below. Errors derived from
+:class:`~agriseg.errors.AgrisegError` are printed as one line and exit with status 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from agriseg import __version__
+from agriseg.errors import AgrisegError
+
+
+class AgrisegGroup(click.Group):
+    """Turns library errors into one-line messages with exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        """Run the sub-command, rendering AgrisegError cleanly."""
+        try:
+            return super().invoke(ctx)
+        except AgrisegError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=AgrisegGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="agriseg")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """Aerial agriculture field analysis: crop / weed / disease / soil maps from orthomosaics.
+
+    \b
+    Typical night run:
+        agriseg run survey.tif --fields fields.gpkg --out results/
+    then open results/project.qgs in QGIS.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.WARNING if quiet else (logging.INFO if verbose < 2 else logging.DEBUG)
+    if verbose == 0 and not quiet:
+        level = logging.INFO
+    logging.basicConfig(
+        level=level,
+        format="%(levelname)s %(name)s: %(message)s" if verbose > 1 else "%(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    ctx.obj["verbose"] = verbose
+    quiet_third_party(verbose)
+
+
+def quiet_third_party(verbose: int) -> None:
+    """Keep third-party chatter (Dask, GDAL bindings) out of the log unless -vv."""
+    for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+
+
+def _register() -> None:
+    from agriseg.cli.evaluate import evaluate
+    from agriseg.cli.models import models
+    from agriseg.cli.run import run
+    from agriseg.cli.synth import synth
+
+    for cmd in (run, synth, evaluate, models):
+        main.add_command(cmd)
+
+
+_register()

@@ -1,0 +1,145 @@
+"""``agriseg run``: the overnight survey command."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agriseg.config import build_run_config, load_yaml
+from agriseg.grid import TilePlan
+
+
+@click.command()
+@click.argument("input", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (created; must not hold a finished run unless --overwrite).")
+@click.option("--fields", type=click.Path(dir_okay=False, path_type=Path),
+              help="Field polygons (GeoPackage, Shapefile, GeoJSON; any CRS).")
+@click.option("--field-id", help="Id column of --fields (default: first unique column).")
+@click.option("--model", "-m", help="Registered model name (see `agriseg models`) or bundle path.")
+@click.option("--bands", help="Band roles when the file does not say, e.g. red=3,green=2,blue=1,nir=4.")
+@click.option("--tile-size", type=int, help="Core tile edge in pixels, multiple of 16 [1024].")
+@click.option("--halo", type=int, help="Context pixels around each tile [the model's margin].")
+@click.option("--workers", type=int, help="Local worker processes [CPU cores].")
+@click.option("--threads-per-worker", type=int, help="Threads per local worker [1].")
+@click.option("--scheduler", help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")
+@click.option("--scheduler-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Scheduler file of an existing Dask cluster.")
+@click.option("--no-indices", is_flag=True, default=None, help="Skip vegetation index rasters.")
+@click.option("--min-zone-area", type=float, help="Smallest at-risk zone kept, m2 [0.25].")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML run config (see workflows/); command-line options override it.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace a finished run in --out.")
+@click.option("--no-resume", is_flag=True, default=None,
+              help="Ignore an interrupted run's checkpoint (needs --overwrite to discard it).")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar [on when stderr is a terminal].")
+@click.pass_context
+def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **opts: Any) -> None:
+    """Segment a survey raster into soil / crop / weed / disease and write QGIS-ready outputs.
+
+    INPUT is any GDAL-readable georeferenced raster: RGB, RGBA (alpha = nodata) or
+    multispectral (NIR / red edge), uint8, uint16 or float. Outputs in --out: classes.tif
+    (COG + .qml), confidence.tif, indices/*.tif and run.json; with the full pipeline also
+    zones.gpkg, fields.gpkg/.csv, report.html and project.qgs.
+
+    An interrupted run resumes when the same command is run again.
+    """
+    import distributed  # noqa: F401  (imported first so its logging setup can be quietened)
+
+    from agriseg.cli import quiet_third_party
+    from agriseg.survey import process_survey
+
+    quiet_third_party((ctx.obj or {}).get("verbose", 0))
+
+    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    if opts.pop("no_indices"):
+        values["indices"] = False
+    if opts.pop("no_resume"):
+        values["resume"] = False
+    for key, val in opts.items():
+        if val is not None:
+            values[key] = val
+    if "input" not in values:
+        raise click.UsageError("give INPUT (or `input:` in --config)")
+    if "out" not in values:
+        raise click.UsageError("give --out DIR (or `out:` in --config)")
+    cfg = build_run_config(str(config_file) if config_file else "options", **values)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _ProgressBar() if show else _LogProgress()
+    try:
+        result = process_survey(cfg, progress=bar.update, on_plan=bar.start)
+    finally:
+        bar.stop()
+    m = result.manifest
+    click.echo(
+        f"Done: {m['plan']['tiles_with_data']} tiles, {m['throughput_mp_s']} MP/s, "
+        f"{m['timings_s']['total_s']} s. Outputs in {result.out_dir}/"
+    )
+    for name, path in sorted(result.outputs.items()):
+        click.echo(f"  {name:<18} {path}")
+    qgs = result.out_dir / "project.qgs"
+    if qgs.exists():
+        click.echo(f"Open in QGIS: qgis {qgs}")
+    else:
+        click.echo(f"Open in QGIS: drag {result.out_dir / 'classes.tif'} into the map")
+
+
+class _LogProgress:
+    """Quiet progress for logs: a line every 10 % when stderr is not a terminal."""
+
+    def __init__(self) -> None:
+        self._next = 0.0
+        self._t0 = time.perf_counter()
+
+    def start(self, plan: TilePlan, n: int) -> None:
+        mp = plan.grid.width * plan.grid.height / 1e6
+        click.echo(f"{n} of {len(plan)} tiles hold data ({mp:.1f} MP raster)", err=True)
+
+    def update(self, done: int, total: int, pixels: int) -> None:
+        frac = done / max(total, 1)
+        if frac >= self._next:
+            rate = pixels / 1e6 / max(time.perf_counter() - self._t0, 1e-9)
+            click.echo(f"tiles {done}/{total} ({frac:.0%}, {rate:.1f} MP/s)", err=True)
+            self._next = frac + 0.1
+
+    def stop(self) -> None:
+        pass
+
+
+class _ProgressBar(_LogProgress):
+    """rich progress bar: tiles done / total, MP/s, ETA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("[bold]segmenting"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False,
+        )
+        self._task: Any = None
+
+    def start(self, plan: TilePlan, n: int) -> None:
+        super().start(plan, n)
+        self._progress.start()
+        self._task = self._progress.add_task("tiles", total=n, rate="")
+
+    def update(self, done: int, total: int, pixels: int) -> None:
+        if self._task is None:
+            return
+        rate = pixels / 1e6 / max(time.perf_counter() - self._t0, 1e-9)
+        self._progress.update(self._task, completed=done, total=total, rate=f"{rate:.1f} MP/s")
+
+    def stop(self) -> None:
+        self._progress.stop()

@@ -1,0 +1,85 @@
+"""Typed, versioned run configuration (pydantic), loadable from safe YAML.
+
+The CLI builds a :class:`RunConfig` from its options; workflow files in ``workflows/`` are the
+same object in YAML (``agriseg run --config FILE``). Unknown keys are errors, so a typo never
+passes silently.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agriseg.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+
+class RunConfig(BaseModel):
+    """Everything one ``agriseg run`` needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = CONFIG_VERSION
+    input: Path = Field(description="survey raster (GeoTIFF, COG or VRT)")
+    out: Path = Field(description="output folder")
+    fields: Path | None = Field(None, description="field polygons (GeoPackage/Shapefile/GeoJSON)")
+    field_id: str | None = Field(None, description="id column of the fields layer")
+    model: str | None = Field(None, description="registered model name or bundle path")
+    bands: str | None = Field(None, description="band roles, e.g. red=1,green=2,blue=3,nir=4")
+    tile_size: int = Field(1024, ge=16, le=16384, description="core tile edge in pixels")
+    halo: int | None = Field(None, ge=0, le=4096, description="halo; default: the model's")
+    workers: int | None = Field(None, ge=1, le=1024, description="local worker processes")
+    threads_per_worker: int = Field(1, ge=1, le=256)
+    processes: bool = Field(True, description="local workers as processes (False: threads)")
+    scheduler: str | None = Field(None, description="address of an existing Dask scheduler")
+    scheduler_file: Path | None = Field(None, description="scheduler file of an existing cluster")
+    indices: bool = Field(True, description="write vegetation index rasters")
+    min_zone_area: float = Field(0.25, ge=0, description="smallest at-risk zone kept, m2")
+    overwrite: bool = False
+    resume: bool = True
+
+    @field_validator("tile_size")
+    @classmethod
+    def _tile_multiple_of_16(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"must be a multiple of 16 (GeoTIFF block rule), got {v}")
+        return v
+
+
+def _format_validation(exc: ValidationError, source: str) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        parts.append(f"{loc}: {err['msg']}")
+    return f"{source}: invalid configuration: " + "; ".join(parts)
+
+
+def build_run_config(source: str = "options", **values: Any) -> RunConfig:
+    """Validate ``values`` into a :class:`RunConfig`.
+
+    Raises:
+        ConfigError: listing every invalid key and why.
+    """
+    try:
+        return RunConfig(**values)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation(exc, source)) from exc
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Safe-load a YAML mapping.
+
+    Raises:
+        ConfigError: unreadable file, YAML error or not a mapping.
+    """
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML config ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a YAML mapping of option: value")
+    return data

@@ -1,0 +1,237 @@
+"""Raster grids and tiling maths. No I/O happens here.
+
+A :class:`Grid` is the one georeferencing object of the package: shape (rows, cols), affine
+transform and CRS. A :class:`TilePlan` cuts a grid into core tiles aligned to the output block
+size, each with a halo read around it so that a model with a receptive margin up to the halo
+sees the same context whether the raster is processed whole or in tiles; the writer keeps only
+the core, so results carry no seams.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from agriseg.errors import ConfigError
+
+BLOCK_SIZES = (512, 256, 128, 64, 32, 16)
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """Shape + affine transform + CRS of a raster.
+
+    Attributes:
+        shape_yx: ``(height, width)`` in pixels.
+        transform: pixel-to-CRS affine transform (pixel corners).
+        crs: coordinate reference system.
+    """
+
+    shape_yx: tuple[int, int]
+    transform: Affine
+    crs: CRS
+
+    @property
+    def height(self) -> int:
+        """Number of rows."""
+        return self.shape_yx[0]
+
+    @property
+    def width(self) -> int:
+        """Number of columns."""
+        return self.shape_yx[1]
+
+    @property
+    def res_xy(self) -> tuple[float, float]:
+        """Pixel size ``(x, y)`` in CRS units (positive numbers)."""
+        t = self.transform
+        return (math.hypot(t.a, t.d), math.hypot(t.b, t.e))
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """``(left, bottom, right, top)`` in CRS units (north-up grids)."""
+        t = self.transform
+        xs = (t.c, t.c + t.a * self.width)
+        ys = (t.f, t.f + t.e * self.height)
+        return (min(xs), min(ys), max(xs), max(ys))
+
+    @property
+    def gsd_m(self) -> float:
+        """Ground sampling distance in metres (mean of x and y).
+
+        For a geographic CRS degrees are converted at the grid's centre latitude, which is what
+        row spacing and area thresholds need.
+        """
+        rx, ry = self.res_xy
+        if self.crs.is_geographic:
+            lat = math.radians((self.bounds[1] + self.bounds[3]) / 2)
+            metres_per_deg = 111_320.0
+            return (rx * metres_per_deg * math.cos(lat) + ry * metres_per_deg) / 2
+        factor = self.crs.linear_units_factor[1] if self.crs.is_projected else 1.0
+        return (rx + ry) / 2 * factor
+
+    @property
+    def pixel_area_m2(self) -> float:
+        """Approximate ground area of one pixel in square metres."""
+        return self.gsd_m**2
+
+    def window_transform(self, window: Window) -> Affine:
+        """Affine transform of a window's top-left pixel."""
+        return self.transform * Affine.translation(window.col_off, window.row_off)
+
+    def same_as(self, other: Grid, tol: float = 1e-6) -> bool:
+        """True when shapes, CRS and transforms agree (within ``tol`` pixel)."""
+        if self.shape_yx != other.shape_yx or self.crs != other.crs:
+            return False
+        return self.transform.almost_equals(other.transform, precision=tol * min(self.res_xy))
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form for manifests."""
+        return {
+            "shape_yx": list(self.shape_yx),
+            "transform": list(self.transform)[:6],
+            "crs": self.crs.to_string(),
+            "gsd_m": round(self.gsd_m, 6),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Tile:
+    """One unit of work: a core window written to the output and the window read around it.
+
+    Attributes:
+        index_yx: ``(row, col)`` of the tile in the plan.
+        core: pixels this tile owns in the output.
+        read: core grown by the halo and clipped to the raster.
+        pad: ``(top, bottom, left, right)`` pixels to reflect-pad the read array with so that
+            it becomes ``core`` grown by the full halo on every side.
+    """
+
+    index_yx: tuple[int, int]
+    core: Window
+    read: Window
+    pad: tuple[int, int, int, int]
+
+    @property
+    def key(self) -> str:
+        """Stable id used for Dask keys and the resume checkpoint."""
+        return f"{self.index_yx[0]}_{self.index_yx[1]}"
+
+    @property
+    def core_in_padded(self) -> tuple[slice, slice]:
+        """Slices that cut the core out of the padded (core + 2 * halo) array."""
+        top = self.pad[0] + int(self.core.row_off - self.read.row_off)
+        left = self.pad[2] + int(self.core.col_off - self.read.col_off)
+        return (
+            slice(top, top + int(self.core.height)),
+            slice(left, left + int(self.core.width)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TilePlan:
+    """How a grid is cut into tiles.
+
+    Attributes:
+        grid: the raster grid being tiled.
+        tile_size: core tile edge in pixels (a multiple of ``block_size``).
+        halo: context pixels read on every side of a core.
+        block_size: internal block edge of the output GeoTIFFs.
+        tiles: all tiles in row-major order.
+    """
+
+    grid: Grid
+    tile_size: int
+    halo: int
+    block_size: int
+    tiles: tuple[Tile, ...] = field(repr=False)
+
+    def __iter__(self) -> Iterator[Tile]:
+        return iter(self.tiles)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def shape_tiles_yx(self) -> tuple[int, int]:
+        """Number of tile rows and columns."""
+        return (
+            math.ceil(self.grid.height / self.tile_size),
+            math.ceil(self.grid.width / self.tile_size),
+        )
+
+    @property
+    def read_overhead(self) -> float:
+        """Pixels the model sees per output pixel (1.0 means no halo)."""
+        seen = sum(
+            (t.core.height + 2 * self.halo) * (t.core.width + 2 * self.halo) for t in self.tiles
+        )
+        return seen / max(1, self.grid.height * self.grid.width)
+
+
+def block_size_for(tile_size: int) -> int:
+    """Largest GeoTIFF block edge (16..512) that divides ``tile_size``.
+
+    Raises:
+        ConfigError: ``tile_size`` is not a positive multiple of 16.
+    """
+    for b in BLOCK_SIZES:
+        if tile_size > 0 and tile_size % b == 0:
+            return b
+    raise ConfigError(
+        f"tile size {tile_size} is not a positive multiple of 16; "
+        "use e.g. 512, 1024 or 2048 (GeoTIFF blocks must be multiples of 16)"
+    )
+
+
+def plan_tiles(grid: Grid, tile_size: int, halo: int) -> TilePlan:
+    """Cut ``grid`` into core tiles of ``tile_size`` with ``halo`` context pixels.
+
+    Cores partition the raster exactly (the last row and column of tiles may be smaller).
+    Read windows are cores grown by ``halo`` and clipped to the raster; the clipped amount is
+    returned as reflect padding so every tile presents ``core + 2 * halo`` pixels to the model.
+
+    Args:
+        grid: the raster grid.
+        tile_size: core tile edge in pixels, a multiple of 16.
+        halo: context pixels on each side, ``>= 0``.
+
+    Returns:
+        The plan, tiles in row-major order.
+
+    Raises:
+        ConfigError: invalid tile size or halo.
+    """
+    block = block_size_for(tile_size)
+    if halo < 0:
+        raise ConfigError(f"halo must be >= 0 pixels, got {halo}")
+    height, width = grid.shape_yx
+    if height <= 0 or width <= 0:
+        raise ConfigError(f"cannot tile an empty grid of shape {grid.shape_yx}")
+    tiles = []
+    for ty, row0 in enumerate(range(0, height, tile_size)):
+        h = min(tile_size, height - row0)
+        r0, r1 = max(0, row0 - halo), min(height, row0 + h + halo)
+        for tx, col0 in enumerate(range(0, width, tile_size)):
+            w = min(tile_size, width - col0)
+            c0, c1 = max(0, col0 - halo), min(width, col0 + w + halo)
+            pad = (
+                halo - (row0 - r0),
+                halo - (r1 - row0 - h),
+                halo - (col0 - c0),
+                halo - (c1 - col0 - w),
+            )
+            tiles.append(
+                Tile(
+                    (ty, tx),
+                    Window(col0, row0, w, h),
+                    Window(c0, r0, c1 - c0, r1 - r0),
+                    pad,
+                )
+            )
+    return TilePlan(grid, tile_size, halo, block, tuple(tiles))

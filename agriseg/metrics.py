@@ -1,0 +1,136 @@
+"""Segmentation accuracy: confusion matrix, per-class IoU and F1, pixel accuracy.
+
+Rasters are compared block by block, so any size fits in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+
+from agriseg.classes import DEFAULT_CLASSES, ClassSchema
+from agriseg.errors import GridMismatchError, RasterError
+from agriseg.grid import Grid
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Accuracy of a prediction against the truth.
+
+    Attributes:
+        confusion: ``(K, K)`` pixel counts, rows = truth, columns = prediction.
+        names: class names in index order.
+    """
+
+    confusion: np.ndarray
+    names: tuple[str, ...]
+
+    @property
+    def iou(self) -> dict[str, float]:
+        """Intersection over union per class (NaN where the class is absent from both)."""
+        c = self.confusion.astype(np.float64)
+        tp = np.diag(c)
+        denom = c.sum(0) + c.sum(1) - tp
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vals = tp / denom
+        return dict(zip(self.names, vals.tolist(), strict=True))
+
+    @property
+    def f1(self) -> dict[str, float]:
+        """F1 (Dice) per class."""
+        c = self.confusion.astype(np.float64)
+        tp = np.diag(c)
+        denom = c.sum(0) + c.sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vals = 2 * tp / denom
+        return dict(zip(self.names, vals.tolist(), strict=True))
+
+    @property
+    def accuracy(self) -> float:
+        """Share of valid pixels classified correctly."""
+        total = self.confusion.sum()
+        return float(np.trace(self.confusion) / total) if total else float("nan")
+
+    @property
+    def miou(self) -> float:
+        """Mean IoU over classes present in truth or prediction."""
+        vals = [v for v in self.iou.values() if not np.isnan(v)]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form."""
+        return {
+            "iou": self.iou,
+            "f1": self.f1,
+            "accuracy": self.accuracy,
+            "miou": self.miou,
+            "confusion": self.confusion.tolist(),
+            "names": list(self.names),
+        }
+
+    def table(self) -> str:
+        """Plain-text report: per-class IoU/F1 and the confusion matrix."""
+        lines = [f"{'class':<10} {'IoU':>7} {'F1':>7} {'truth px':>12} {'pred px':>12}"]
+        truth = self.confusion.sum(1)
+        pred = self.confusion.sum(0)
+        for i, n in enumerate(self.names):
+            lines.append(
+                f"{n:<10} {self.iou[n]:7.3f} {self.f1[n]:7.3f} {truth[i]:12d} {pred[i]:12d}"
+            )
+        lines.append(f"pixel accuracy {self.accuracy:.4f}   mean IoU {self.miou:.4f}")
+        lines.append("confusion (rows truth, columns prediction):")
+        lines.append(" " * 10 + "".join(f"{n[:9]:>10}" for n in self.names))
+        for i, n in enumerate(self.names):
+            lines.append(f"{n[:9]:<10}" + "".join(f"{v:10d}" for v in self.confusion[i]))
+        return "\n".join(lines)
+
+
+def confusion(
+    truth: np.ndarray, pred: np.ndarray, k: int, nodata: int = 255
+) -> np.ndarray:
+    """``(k, k)`` confusion counts over pixels valid in both arrays."""
+    t = truth.ravel().astype(np.int64)
+    p = pred.ravel().astype(np.int64)
+    ok = (t != nodata) & (p != nodata) & (t < k) & (p < k)
+    return np.bincount(t[ok] * k + p[ok], minlength=k * k).reshape(k, k)
+
+
+def score_arrays(
+    truth: np.ndarray, pred: np.ndarray, schema: ClassSchema = DEFAULT_CLASSES
+) -> Scores:
+    """Scores of two in-memory class arrays."""
+    return Scores(confusion(truth, pred, len(schema), schema.nodata), schema.names)
+
+
+def evaluate_rasters(
+    pred_path: str | Path, truth_path: str | Path, schema: ClassSchema = DEFAULT_CLASSES
+) -> Scores:
+    """Compare a predicted class raster with a truth raster on the same grid.
+
+    Raises:
+        GridMismatchError: the two rasters differ in size, transform or CRS.
+        RasterError: a file cannot be opened.
+    """
+    try:
+        with rasterio.open(pred_path) as p, rasterio.open(truth_path) as t:
+            gp = Grid((p.height, p.width), p.transform, p.crs)
+            gt = Grid((t.height, t.width), t.transform, t.crs)
+            if not gp.same_as(gt):
+                raise GridMismatchError(
+                    f"{pred_path} and {truth_path} are on different grids "
+                    f"({gp.width}x{gp.height} {gp.crs} vs {gt.width}x{gt.height} {gt.crs}); "
+                    "resample the truth onto the prediction grid first (gdalwarp -r near "
+                    "-te/-tr/-t_srs)"
+                )
+            k = len(schema)
+            total = np.zeros((k, k), np.int64)
+            for _, window in p.block_windows(1):
+                total += confusion(
+                    t.read(1, window=window), p.read(1, window=window), k, schema.nodata
+                )
+    except rasterio.errors.RasterioError as exc:
+        raise RasterError(f"cannot read {pred_path} or {truth_path}: {exc}") from exc
+    return Scores(total, schema.names)

@@ -1,0 +1,91 @@
+"""The one model interface the pipeline knows.
+
+Every segmenter, rule-based or neural, is a :class:`Segmenter`: it names the band roles it
+reads (in channel order), may compute survey-wide parameters once in :meth:`prepare` (on an
+overview or samples, so every tile uses the same thresholds), and turns a batch of scaled
+float tiles into per-class scores. The pipeline never branches on the model kind.
+
+Segmenters travel to Dask workers by pickle, so they must be cheap to pickle: neural models
+hold a bundle path and load weights lazily, once per worker process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from agriseg.classes import ClassSchema
+
+if TYPE_CHECKING:
+    from agriseg.raster import SurveyRaster
+
+
+@dataclass(frozen=True, slots=True)
+class TileContext:
+    """Where a padded tile array sits in the raster.
+
+    Attributes:
+        row_off: raster row of the padded array's first row (negative inside edge padding).
+        col_off: raster column of the padded array's first column.
+        gsd_m: ground sampling distance in metres.
+    """
+
+    row_off: int
+    col_off: int
+    gsd_m: float
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """Survey-wide parameters from :meth:`Segmenter.prepare`.
+
+    Attributes:
+        params: small picklable value handed to every :meth:`Segmenter.predict` call.
+        halo: receptive margin in pixels the model needs at this survey's GSD.
+        info: JSON-friendly facts for run.json and the log (thresholds, row angle, ...).
+        warnings: what could not be done (e.g. rows not resolvable at this GSD).
+    """
+
+    params: Any
+    halo: int
+    info: dict[str, Any] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """A semantic segmentation model as the pipeline sees it."""
+
+    name: str
+    schema: ClassSchema
+    roles: tuple[str, ...]
+
+    def prepare(self, survey: SurveyRaster) -> Prepared:
+        """Compute survey-wide parameters once, before any tile runs."""
+        ...
+
+    def predict(
+        self,
+        pixels: np.ndarray,
+        valid: np.ndarray,
+        params: Any,
+        contexts: list[TileContext],
+    ) -> np.ndarray:
+        """Score a batch.
+
+        Args:
+            pixels: float32 ``(N, C, H, W)`` scaled to 0..1, channels in ``roles`` order.
+            valid: bool ``(N, H, W)``, False where the input is nodata.
+            params: ``Prepared.params`` from :meth:`prepare`.
+            contexts: where each tile sits in the raster.
+
+        Returns:
+            float32 ``(N, K, H, W)`` class probabilities (summing to 1 over K).
+        """
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-friendly description for run.json."""
+        ...

@@ -1,0 +1,53 @@
+"""Names users can pass to ``--model`` and how each becomes a :class:`Segmenter`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from agriseg.errors import ModelError
+from agriseg.models.base import Segmenter
+
+
+def _index_threshold() -> Segmenter:
+    from agriseg.models.indexthreshold import IndexThresholdSegmenter
+
+    return IndexThresholdSegmenter()
+
+
+# name -> (factory, one-line description). Other modules register more names here.
+_REGISTRY: dict[str, tuple[Callable[[], Segmenter], str]] = {
+    "index-threshold": (_index_threshold, "soil/crop from ExG or NDVI, one Otsu threshold"),
+}
+DEFAULT_MODEL = "index-threshold"
+
+
+def register(name: str, factory: Callable[[], Segmenter], description: str) -> None:
+    """Make ``name`` selectable with ``--model``."""
+    _REGISTRY[name] = (factory, description)
+
+
+def available_models() -> dict[str, str]:
+    """Registered model names and their descriptions."""
+    return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+
+
+def load_segmenter(name_or_path: str | None = None) -> Segmenter:
+    """Resolve a registered name or a model bundle path to a segmenter.
+
+    Raises:
+        ModelError: unknown name and no such file (the message lists the valid names).
+    """
+    key = name_or_path or DEFAULT_MODEL
+    if key in _REGISTRY:
+        return _REGISTRY[key][0]()
+    if os.path.exists(key):
+        try:
+            from agriseg.models.bundle import load_bundle_segmenter  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ModelError(f"{key}: model bundles are not supported in this build") from exc
+        return load_bundle_segmenter(key)  # type: ignore[no-any-return]
+    raise ModelError(
+        f"unknown model {key!r}: not a registered name and no such file; valid names: "
+        f"{', '.join(available_models())} (or give the path of a model bundle)"
+    )

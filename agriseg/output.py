@@ -1,0 +1,232 @@
+"""Block writers for tile results and finalisation into Cloud-Optimized GeoTIFFs.
+
+One process (the client) owns every output file: workers return arrays, the
+:class:`TileWriter` puts each core into a block-aligned tiled GeoTIFF as it arrives, so memory
+is bounded by the tiles in flight. :func:`finalize_cog` then copies the working file through
+GDAL's COG driver (overviews, layout) and renames it into place, so a half-written output
+never carries its final name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.errors import RasterioError
+
+from agriseg.classes import ClassSchema
+from agriseg.errors import OutputError
+from agriseg.grid import Tile, TilePlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    """One raster output of a run.
+
+    Attributes:
+        name: file stem (``classes`` -> ``classes.tif``); may contain a sub-folder.
+        dtype: numpy dtype name.
+        nodata: nodata value written where the input is nodata.
+        resampling: GDAL overview resampling (``NEAREST`` or ``MODE`` for classes).
+        description: band description.
+    """
+
+    name: str
+    dtype: str
+    nodata: float
+    resampling: str
+    description: str
+
+
+def _gtiff_profile(plan: TilePlan, spec: OutputSpec) -> dict[str, object]:
+    g = plan.grid
+    return {
+        "driver": "GTiff",
+        "width": g.width,
+        "height": g.height,
+        "count": 1,
+        "dtype": spec.dtype,
+        "crs": g.crs,
+        "transform": g.transform,
+        "nodata": spec.nodata,
+        "tiled": True,
+        "blockxsize": plan.block_size,
+        "blockysize": plan.block_size,
+        "compress": "deflate",
+        "predictor": 2 if np.dtype(spec.dtype).kind in "iu" else 3,
+        "bigtiff": "IF_SAFER",
+        "sparse_ok": True,
+    }
+
+
+class TileWriter:
+    """Writes tile cores of several outputs into working GeoTIFFs.
+
+    Files are opened once and kept open; :meth:`sync` closes and reopens them so that all
+    written blocks are durable on disk (used by the resume checkpoint).
+    """
+
+    def __init__(
+        self,
+        plan: TilePlan,
+        specs: list[OutputSpec],
+        work_dir: Path,
+        schema: ClassSchema | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.plan = plan
+        self.specs = {s.name: s for s in specs}
+        self.work_dir = work_dir
+        self.schema = schema
+        self._open: dict[str, rasterio.io.DatasetWriter] = {}
+        for spec in specs:
+            path = self.path(spec.name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not (resume and path.exists()):
+                self._create(spec, path)
+        self._reopen()
+
+    def path(self, name: str) -> Path:
+        """Working file of output ``name``."""
+        return self.work_dir / f"{name}.work.tif"
+
+    def _create(self, spec: OutputSpec, path: Path) -> None:
+        try:
+            with rasterio.open(path, "w", **_gtiff_profile(self.plan, spec)) as dst:
+                dst.set_band_description(1, spec.description)
+                if spec.name == "classes" and self.schema is not None:
+                    dst.write_colormap(1, colormap(self.schema))
+        except RasterioError as exc:
+            raise OutputError(f"{path}: cannot create working raster ({exc})") from exc
+
+    def _reopen(self) -> None:
+        for name in self.specs:
+            try:
+                self._open[name] = rasterio.open(self.path(name), "r+")
+            except RasterioError as exc:
+                raise OutputError(
+                    f"{self.path(name)}: cannot open working raster for update ({exc}); "
+                    "rerun with --overwrite to start over"
+                ) from exc
+
+    def write(self, tile: Tile, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write the core arrays of ``tile`` (each ``(h, w)`` of the core window)."""
+        for name, arr in arrays.items():
+            ds = self._open[name]
+            try:
+                ds.write(arr.astype(self.specs[name].dtype, copy=False), 1, window=tile.core)
+            except RasterioError as exc:
+                raise OutputError(
+                    f"{self.path(name)}: writing tile {tile.key} failed ({exc}); is the disk "
+                    "full? Free space and rerun the same command to resume"
+                ) from exc
+
+    def fill_nodata(self, tile: Tile) -> None:
+        """Write nodata over a skipped tile's core (sparse files need no bytes for it)."""
+        h, w = int(tile.core.height), int(tile.core.width)
+        self.write(
+            tile,
+            {n: np.full((h, w), s.nodata, dtype=s.dtype) for n, s in self.specs.items()},
+        )
+
+    def sync(self) -> None:
+        """Flush every file to disk by closing and reopening it."""
+        self.close()
+        self._reopen()
+
+    def close(self) -> None:
+        """Close all working files."""
+        errors = []
+        for name, ds in self._open.items():
+            try:
+                ds.close()
+            except RasterioError as exc:
+                errors.append(f"{self.path(name)}: {exc}")
+        self._open.clear()
+        if errors:
+            raise OutputError(
+                "closing working rasters failed (disk full?): " + "; ".join(errors)
+            )
+
+
+def colormap(schema: ClassSchema) -> dict[int, tuple[int, int, int, int]]:
+    """GDAL colour table of a class schema; nodata is transparent."""
+    cmap = {c.value: (*c.color, 255) for c in schema.classes}
+    cmap[schema.nodata] = (0, 0, 0, 0)
+    return cmap
+
+
+def _aux_xml_categories(schema: ClassSchema) -> str:
+    names = {c.value: c.name for c in schema.classes}
+    cats = "".join(
+        f"      <Category>{escape(names.get(v, ''))}</Category>\n"
+        for v in range(max(names) + 1)
+    )
+    rows = "".join(
+        f'      <Row index="{i}"><F>{c.value}</F><F>{escape(c.name)}</F>'
+        f"<F>{c.color[0]}</F><F>{c.color[1]}</F><F>{c.color[2]}</F><F>255</F></Row>\n"
+        for i, c in enumerate(schema.classes)
+    )
+    cols = "".join(
+        f'      <FieldDefn index="{i}"><Name>{n}</Name><Type>{t}</Type><Usage>{u}</Usage>'
+        "</FieldDefn>\n"
+        for i, (n, t, u) in enumerate(
+            [("value", 0, 5), ("class", 2, 2), ("red", 0, 6), ("green", 0, 7),
+             ("blue", 0, 8), ("alpha", 0, 9)]
+        )
+    )
+    return (
+        "<PAMDataset>\n"
+        '  <PAMRasterBand band="1">\n'
+        "    <CategoryNames>\n"
+        f"{cats}"
+        "    </CategoryNames>\n"
+        '    <GDALRasterAttributeTable tableType="thematic">\n'
+        f"{cols}{rows}"
+        "    </GDALRasterAttributeTable>\n"
+        "  </PAMRasterBand>\n"
+        "</PAMDataset>\n"
+    )
+
+
+def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | None = None) -> Path:
+    """Copy a working GeoTIFF to a COG at ``dst`` (via a temporary name, then rename).
+
+    Class rasters get NEAREST/MODE overviews, the colour table and category names (a
+    ``.aux.xml`` sidecar, which QGIS and GDAL read).
+
+    Raises:
+        OutputError: GDAL failed (disk full, read-only folder).
+    """
+    tmp = dst.with_name(f".{dst.stem}.partial.tif")
+    try:
+        rasterio.shutil.copy(
+            src,
+            tmp,
+            driver="COG",
+            COMPRESS="DEFLATE",
+            PREDICTOR="YES",
+            BLOCKSIZE="512",
+            OVERVIEW_RESAMPLING=spec.resampling,
+            BIGTIFF="IF_SAFER",
+            NUM_THREADS="2",
+        )
+    except (RasterioError, OSError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{dst}: writing the COG failed ({exc}); is the disk full?") from exc
+    if schema is not None:
+        aux = tmp.with_name(tmp.name + ".aux.xml")
+        aux.write_text(_aux_xml_categories(schema))
+        os.replace(aux, dst.with_name(dst.name + ".aux.xml"))
+    os.replace(tmp, dst)
+    log.info("wrote %s", dst)
+    return dst

@@ -1,0 +1,300 @@
+"""Dask orchestration: one task per tile, one writer, bounded memory, durable progress.
+
+Each task receives small values (the :class:`SurveyRaster`, a :class:`Tile`, the segmenter and
+its prepared parameters), opens the raster by path on the worker, reads core + halo, runs the
+model and returns only the core as uint8 classes / confidence (plus requested float32 index
+cores). The client consumes results with ``as_completed`` and keeps at most ``max_in_flight``
+tasks submitted, so memory is bounded by tiles in flight, never by raster size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client, LocalCluster, as_completed
+
+from agriseg.classes import ClassSchema
+from agriseg.errors import AgrisegError, ClusterError, ResumeError
+from agriseg.grid import Tile, TilePlan
+from agriseg.indices import compute_index
+from agriseg.models.base import Prepared, Segmenter, TileContext
+from agriseg.output import TileWriter
+from agriseg.raster import SurveyRaster, read_tile
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, int], None]
+"""``progress(tiles_done, tiles_total, core_pixels_done)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class TileResult:
+    """Core arrays of one finished tile, keyed by output name."""
+
+    tile: Tile
+    arrays: dict[str, np.ndarray]
+    seconds: float
+
+
+def scores_to_outputs(
+    scores: np.ndarray, valid: np.ndarray, nodata: int = 255
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids and confidence (percent, 0..100) from ``(K, H, W)`` probabilities."""
+    classes = np.argmax(scores, axis=0).astype(np.uint8)
+    conf = np.rint(np.max(scores, axis=0) * 100).astype(np.uint8)
+    classes[~valid] = nodata
+    conf[~valid] = 255
+    return classes, conf
+
+
+def segment_tile(
+    survey: SurveyRaster,
+    tile: Tile,
+    segmenter: Segmenter,
+    params: Any,
+    index_names: tuple[str, ...] = (),
+) -> TileResult:
+    """Read, segment and crop one tile (runs on a worker)."""
+    t0 = time.perf_counter()
+    roles = tuple(dict.fromkeys((*segmenter.roles, *_index_roles(index_names))))
+    pixels, valid = read_tile(survey, roles, tile)
+    # dict.fromkeys keeps order, so the model's channels come first.
+    model_px = pixels[: len(segmenter.roles)]
+    ys, xs = tile.core_in_padded
+    ctx = TileContext(
+        int(tile.core.row_off) - ys.start, int(tile.core.col_off) - xs.start, survey.grid.gsd_m
+    )
+    scores = segmenter.predict(model_px[None], valid[None], params, [ctx])[0]
+    core_valid = valid[ys, xs]
+    classes, conf = scores_to_outputs(scores[:, ys, xs], core_valid, segmenter.schema.nodata)
+    arrays: dict[str, np.ndarray] = {"classes": classes, "confidence": conf}
+    core_px = pixels[:, ys, xs]
+    for name in index_names:
+        values = compute_index(name, core_px, roles)
+        values[~core_valid] = np.nan
+        arrays[f"indices/{name}"] = values
+    return TileResult(tile, arrays, time.perf_counter() - t0)
+
+
+def _index_roles(index_names: Sequence[str]) -> list[str]:
+    from agriseg.indices import INDICES
+
+    return [r for n in index_names for r in INDICES[n].roles]
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def input_identity(path: str) -> dict[str, Any]:
+    """What a checkpoint belongs to: path, size, mtime and a checksum of the header."""
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        head = hashlib.sha256(f.read(65536)).hexdigest()
+    return {"path": path, "size": st.st_size, "mtime": int(st.st_mtime), "header_sha256": head}
+
+
+@dataclass
+class Checkpoint:
+    """Durable record of finished tiles, written atomically beside the working files."""
+
+    path: Path
+    identity: dict[str, Any]
+    done: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load_or_new(cls, path: Path, identity: dict[str, Any], resume: bool) -> Checkpoint:
+        """Load a matching checkpoint when resuming, else start empty.
+
+        Raises:
+            ResumeError: the checkpoint belongs to another input, model or parameters.
+        """
+        if resume and path.exists():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError):
+                log.warning("%s: unreadable checkpoint, starting over", path)
+                return cls(path, identity)
+            old = data.get("identity", {})
+            changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+            if changed:
+                raise ResumeError(
+                    f"{path.parent.parent}: an unfinished run with different "
+                    f"{', '.join(changed)} is there; rerun with --overwrite to start over, "
+                    "or restore the original input and options to resume it"
+                )
+            done = set(data.get("done", []))
+            log.info("resuming: %d tile(s) already done", len(done))
+            return cls(path, identity, done)
+        return cls(path, identity)
+
+    def save(self) -> None:
+        """Write atomically (temporary file + rename)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"identity": self.identity, "done": sorted(self.done)}))
+        os.replace(tmp, self.path)
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+@contextlib.contextmanager
+def dask_client(
+    scheduler: str | None = None,
+    scheduler_file: str | None = None,
+    workers: int | None = None,
+    threads_per_worker: int = 1,
+    processes: bool = True,
+    dashboard: str = "127.0.0.1:8787",
+    timeout: float = 10.0,
+) -> Iterator[Client]:
+    """An existing cluster (``scheduler`` address or file) or an embedded LocalCluster.
+
+    Raises:
+        ClusterError: the scheduler cannot be reached in ``timeout`` seconds.
+    """
+    if scheduler or scheduler_file:
+        try:
+            client = Client(scheduler, scheduler_file=scheduler_file, timeout=timeout)
+        except (OSError, TimeoutError, ValueError) as exc:
+            where = scheduler or scheduler_file
+            raise ClusterError(
+                f"cannot reach the Dask scheduler at {where} within {timeout:.0f} s ({exc}); "
+                "check the address and that `dask scheduler` is running, or leave "
+                "--scheduler out to use a local cluster"
+            ) from exc
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n = workers or max(1, (os.cpu_count() or 2) // threads_per_worker)
+    with (
+        LocalCluster(
+            n_workers=n,
+            threads_per_worker=threads_per_worker,
+            processes=processes,
+            dashboard_address=dashboard,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def check_workers_see(client: Client, path: str) -> None:
+    """Fail clearly when some worker cannot open ``path`` (no shared storage)."""
+    result = client.run(os.path.exists, path)
+    blind = [w for w, ok in result.items() if not ok]
+    if blind:
+        raise ClusterError(
+            f"{path}: not visible to Dask worker(s) {', '.join(blind)}; put the input (and "
+            "--out) on storage every worker mounts at the same path"
+        )
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_tiles(
+    client: Client,
+    survey: SurveyRaster,
+    plan: TilePlan,
+    tiles: Sequence[Tile],
+    segmenter: Segmenter,
+    prepared: Prepared,
+    writer: TileWriter,
+    checkpoint: Checkpoint,
+    index_names: tuple[str, ...] = (),
+    progress: Progress | None = None,
+    max_in_flight: int | None = None,
+    sync_seconds: float = 15.0,
+) -> dict[str, float]:
+    """Segment ``tiles`` on the cluster and write their cores as they complete.
+
+    Returns:
+        Timing figures (seconds in tasks, tiles run).
+    """
+    todo = [t for t in tiles if t.key not in checkpoint.done]
+    total = len(tiles)
+    done_px = sum(int(t.core.width * t.core.height) for t in tiles if t.key in checkpoint.done)
+    if progress:
+        progress(total - len(todo), total, done_px)
+    if not todo:
+        return {"task_seconds": 0.0, "tiles_run": 0}
+    nthreads = sum(client.nthreads().values()) or 1
+    limit = max_in_flight or 2 * nthreads + 2
+    [seg_f] = client.scatter([segmenter], broadcast=True, hash=False)
+    [params_f] = client.scatter([prepared.params], broadcast=True, hash=False)
+    queue = iter(todo)
+    task_seconds = 0.0
+
+    def submit(tile: Tile) -> Any:
+        return client.submit(
+            segment_tile, survey, tile, seg_f, params_f, index_names,
+            key=f"segment-{tile.key}-{id(writer)}", retries=2, pure=False,
+        )
+
+    pending = as_completed([submit(t) for _, t in zip(range(limit), queue, strict=False)])
+    last_sync = time.monotonic()
+    unsynced: list[str] = []
+    n_done = total - len(todo)
+    try:
+        for fut in pending:
+            try:
+                res: TileResult = fut.result()
+            except AgrisegError:
+                raise
+            except Exception as exc:  # worker crash beyond retries, unexpected model error
+                raise ClusterError(f"tile task failed: {type(exc).__name__}: {exc}") from exc
+            writer.write(res.tile, res.arrays)
+            fut.release()
+            task_seconds += res.seconds
+            unsynced.append(res.tile.key)
+            n_done += 1
+            done_px += int(res.tile.core.width * res.tile.core.height)
+            if progress:
+                progress(n_done, total, done_px)
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending.add(submit(nxt))
+            if time.monotonic() - last_sync > sync_seconds:
+                _sync(writer, checkpoint, unsynced)
+                last_sync = time.monotonic()
+    finally:
+        pending.clear()
+        with contextlib.suppress(Exception):
+            _sync(writer, checkpoint, unsynced)
+    return {"task_seconds": task_seconds, "tiles_run": len(todo)}
+
+
+def _sync(writer: TileWriter, checkpoint: Checkpoint, unsynced: list[str]) -> None:
+    """Make written tiles durable, then record them (order matters for crash safety)."""
+    if not unsynced:
+        return
+    writer.sync()
+    checkpoint.done.update(unsynced)
+    checkpoint.save()
+    unsynced.clear()
+
+
+def class_counts(path: Path, schema: ClassSchema) -> dict[str, int]:
+    """Pixel count per class of a class raster, read block by block."""
+    import rasterio
+
+    counts = np.zeros(256, np.int64)
+    with rasterio.open(path) as ds:
+        for _, window in ds.block_windows(1):
+            counts += np.bincount(ds.read(1, window=window).ravel(), minlength=256)
+    out = {c.name: int(counts[c.value]) for c in schema.classes}
+    out["nodata"] = int(counts[schema.nodata])
+    return out

@@ -1,0 +1,482 @@
+"""Open and validate survey rasters, resolve band roles, read tiles with halo and padding.
+
+Datasets are opened by path inside each task (rasterio datasets do not pickle); what travels
+between processes is a :class:`SurveyRaster`, a small frozen description of the file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from agriseg.errors import BandError, RasterError
+from agriseg.grid import Grid, Tile
+
+log = logging.getLogger(__name__)
+
+ROLES = ("red", "green", "blue", "nir", "rededge", "alpha")
+
+# Names seen in band descriptions of drone and satellite products, mapped to roles.
+_DESCRIPTION_ROLES: dict[str, str] = {
+    "red": "red",
+    "r": "red",
+    "b04": "red",
+    "b4": "red",
+    "green": "green",
+    "g": "green",
+    "b03": "green",
+    "b3": "green",
+    "blue": "blue",
+    "b": "blue",
+    "b02": "blue",
+    "b2": "blue",
+    "nir": "nir",
+    "near infrared": "nir",
+    "nearinfrared": "nir",
+    "near-infrared": "nir",
+    "b08": "nir",
+    "b8": "nir",
+    "rededge": "rededge",
+    "red edge": "rededge",
+    "red-edge": "rededge",
+    "re": "rededge",
+    "b05": "rededge",
+    "b5": "rededge",
+    "alpha": "alpha",
+    "mask": "alpha",
+}
+
+_COLORINTERP_ROLES = {
+    ColorInterp.red: "red",
+    ColorInterp.green: "green",
+    ColorInterp.blue: "blue",
+    ColorInterp.alpha: "alpha",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class BandRoles:
+    """Which 1-based band of the raster plays which spectral role."""
+
+    bands: tuple[tuple[str, int], ...]
+
+    @classmethod
+    def from_mapping(cls, mapping: dict[str, int]) -> BandRoles:
+        """Build from ``{"red": 1, ...}``, validating role names."""
+        for role in mapping:
+            if role not in ROLES:
+                raise BandError(
+                    f"unknown band role {role!r}; valid roles: {', '.join(ROLES)} "
+                    "(e.g. --bands red=1,green=2,blue=3,nir=4)"
+                )
+        return cls(tuple(sorted(mapping.items(), key=lambda kv: ROLES.index(kv[0]))))
+
+    @classmethod
+    def parse(cls, spec: str) -> BandRoles:
+        """Parse ``"red=3,green=2,blue=1,nir=4"``.
+
+        Raises:
+            BandError: malformed spec or unknown role (the message lists the valid roles).
+        """
+        mapping: dict[str, int] = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            m = re.fullmatch(r"([A-Za-z_-]+)\s*=\s*(\d+)", part)
+            if not m:
+                raise BandError(
+                    f"cannot parse band role {part!r} in --bands {spec!r}; "
+                    "expected ROLE=INDEX pairs like red=1,green=2,blue=3,nir=4"
+                )
+            mapping[m.group(1).lower().replace("-", "").replace("_", "")] = int(m.group(2))
+        if not mapping:
+            raise BandError(f"--bands {spec!r} names no band; e.g. red=1,green=2,blue=3")
+        return cls.from_mapping(mapping)
+
+    def as_dict(self) -> dict[str, int]:
+        """Role to band index."""
+        return dict(self.bands)
+
+    def get(self, role: str) -> int | None:
+        """Band index of ``role`` or ``None``."""
+        return self.as_dict().get(role)
+
+    def has(self, *roles: str) -> bool:
+        """True when every role is present."""
+        d = self.as_dict()
+        return all(r in d for r in roles)
+
+    @property
+    def spectral(self) -> tuple[str, ...]:
+        """Roles other than alpha, in canonical order."""
+        return tuple(r for r, _ in self.bands if r != "alpha")
+
+
+@dataclass(frozen=True, slots=True)
+class SurveyRaster:
+    """A validated input raster, described by value so it can travel to Dask workers.
+
+    Attributes:
+        path: absolute path (or GDAL URI) of the raster.
+        grid: its grid.
+        count: number of bands.
+        dtype: numpy dtype name of the bands.
+        roles: spectral band roles.
+        nodata: declared nodata value, if any.
+        scale: multiply raw values by this to get reflectance-like 0..1 values.
+        mask_source: how validity is decided: ``alpha`` (band ``roles.alpha``), ``gdal``
+            (GDAL's mask: nodata or per-dataset mask) or ``none`` (every pixel valid).
+    """
+
+    path: str
+    grid: Grid
+    count: int
+    dtype: str
+    roles: BandRoles
+    nodata: float | None
+    scale: float
+    mask_source: str
+
+    def require(self, roles: tuple[str, ...], who: str = "the model") -> None:
+        """Raise a clear :class:`BandError` unless all ``roles`` are available.
+
+        Raises:
+            BandError: listing the missing and present roles and the ``--bands`` fix.
+        """
+        missing = [r for r in roles if not self.roles.has(r)]
+        if missing:
+            present = ", ".join(f"{r}={i}" for r, i in self.roles.bands) or "none"
+            raise BandError(
+                f"{self.path}: {who} needs band roles {', '.join(roles)} but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
+                f"(found: {present}; {self.count} band(s)). Name the bands with "
+                f"--bands, e.g. --bands red=1,green=2,blue=3,nir=4"
+            )
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly description for manifests."""
+        return {
+            "path": self.path,
+            "grid": self.grid.to_dict(),
+            "count": self.count,
+            "dtype": self.dtype,
+            "roles": self.roles.as_dict(),
+            "nodata": self.nodata,
+            "scale": self.scale,
+            "mask_source": self.mask_source,
+        }
+
+
+def _open(path: str) -> rasterio.DatasetReader:
+    if not path.startswith(("/vsi", "http")) and not os.path.exists(path):
+        raise RasterError(f"{path}: file not found; check the path")
+    try:
+        return rasterio.open(path)
+    except RasterioError as exc:
+        raise RasterError(
+            f"{path}: not a readable raster ({exc}); give a GeoTIFF, COG or VRT that "
+            "gdalinfo can open"
+        ) from exc
+
+
+def _detect_roles(ds: rasterio.DatasetReader) -> tuple[dict[str, int], str]:
+    """Guess band roles from descriptions, colour interpretation, then band count."""
+    roles: dict[str, int] = {}
+    for i, desc in enumerate(ds.descriptions, start=1):
+        if desc:
+            key = desc.strip().lower()
+            role = _DESCRIPTION_ROLES.get(key) or _DESCRIPTION_ROLES.get(key.replace(" ", ""))
+            if role and role not in roles:
+                roles[role] = i
+    if roles.keys() >= {"red", "green"}:
+        return roles, "band descriptions"
+    roles = {}
+    for i, ci in enumerate(ds.colorinterp, start=1):
+        role = _COLORINTERP_ROLES.get(ci)
+        if role and role not in roles:
+            roles[role] = i
+    if roles.keys() >= {"red", "green", "blue"}:
+        if ds.count >= 4 + ("alpha" in roles) and "nir" not in roles:
+            # RGBN products (NAIP) tag band 4 as undefined; take the next spare band as NIR.
+            spare = [i for i in range(1, ds.count + 1) if i not in roles.values()]
+            if spare and ds.dtypes[0] != "uint8" or (spare and ds.count == 4):
+                roles["nir"] = spare[0]
+        return roles, "colour interpretation"
+    n = ds.count
+    if n >= 3:
+        roles = {"red": 1, "green": 2, "blue": 3}
+        if n >= 4:
+            roles["nir"] = 4
+        return roles, f"band order convention for {n} bands (R,G,B{',NIR' if n >= 4 else ''})"
+    return {}, "nothing (fewer than 3 bands and no descriptions)"
+
+
+def _looks_like_alpha(ds: rasterio.DatasetReader, band: int) -> bool:
+    """True when an undeclared band holds only 0 and the dtype maximum (a validity mask)."""
+    if ds.dtypes[band - 1] != "uint8":
+        return False
+    small = _decimated_shape(ds.height, ds.width, 256)
+    values = np.unique(ds.read(band, out_shape=small, resampling=Resampling.nearest))
+    return bool(np.isin(values, (0, 255)).all() and 0 in values)
+
+
+def _decimated_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
+    f = max(1.0, max(height, width) / max_side)
+    return (max(1, round(height / f)), max(1, round(width / f)))
+
+
+def _choose_scale(ds: rasterio.DatasetReader, bands: list[int], alpha: int | None) -> float:
+    """Scale raw values to 0..1 reflectance-like values (documented in the README).
+
+    uint8: 1/255. Integer types: 1/10000 when the 99th percentile of a decimated read is
+    below 12000 (Sentinel-2 / Landsat style reflectance x 10000), else 1/65535. Floats:
+    1 when values look like 0..1 reflectance, 1/255 for 0..255, else 1/10000.
+    """
+    dtype = np.dtype(ds.dtypes[bands[0] - 1])
+    if dtype == np.uint8:
+        return 1.0 / 255.0
+    small = _decimated_shape(ds.height, ds.width, 512)
+    data = ds.read(bands, out_shape=(len(bands), *small), resampling=Resampling.nearest)
+    valid = np.ones(small, bool)
+    if alpha:
+        valid &= ds.read(alpha, out_shape=small, resampling=Resampling.nearest) > 0
+    elif ds.nodata is not None:
+        valid &= ~(data == ds.nodata).any(axis=0)
+    values = data[:, valid].astype(np.float64)
+    values = values[np.isfinite(values)]
+    p99 = float(np.percentile(values, 99)) if values.size else 1.0
+    if np.issubdtype(dtype, np.integer):
+        return 1.0 / 10000.0 if p99 < 12000 else 1.0 / 65535.0
+    if p99 <= 1.5:
+        return 1.0
+    if p99 <= 255 * 1.5:
+        return 1.0 / 255.0
+    return 1.0 / 10000.0
+
+
+def open_survey(path: str | os.PathLike[str], bands: str | BandRoles | None = None) -> SurveyRaster:
+    """Open, validate and describe a survey raster.
+
+    Args:
+        path: GDAL-readable raster (GeoTIFF, COG, VRT).
+        bands: explicit band roles (``"red=3,green=2,blue=1,nir=4"``); detected when omitted.
+
+    Returns:
+        The validated description.
+
+    Raises:
+        RasterError: unreadable, not georeferenced, rotated, unsupported dtype.
+        BandError: a band role names a band the raster does not have.
+    """
+    p = os.fspath(path)
+    if not p.startswith(("/vsi", "http")):
+        p = os.path.abspath(p)
+    with _open(p) as ds:
+        if ds.count == 0 or ds.width == 0 or ds.height == 0:
+            raise RasterError(f"{p}: raster has no pixels ({ds.width}x{ds.height}, {ds.count} bands)")
+        dtype = np.dtype(ds.dtypes[0])
+        if dtype.kind == "c":
+            raise RasterError(
+                f"{p}: complex data type {dtype} is not imagery; convert to uint8, uint16 or "
+                "float32 (gdal_translate -ot Float32)"
+            )
+        if ds.crs is None:
+            raise RasterError(
+                f"{p}: raster has no CRS, so outputs could not be placed on a map; assign one, "
+                "e.g. gdal_edit.py -a_srs EPSG:32615 FILE"
+            )
+        t = ds.transform
+        if t.is_identity or (t.a == 1 and t.e == 1 and t.c == 0 and t.f == 0):
+            raise RasterError(
+                f"{p}: raster has no geotransform (pixel coordinates only); georeference it "
+                "first (gdal_edit.py -a_ullr or gdalwarp with GCPs)"
+            )
+        if t.b != 0 or t.d != 0:
+            raise RasterError(
+                f"{p}: rotated or sheared geotransform is not supported; warp it north-up "
+                "first: gdalwarp -r near IN OUT"
+            )
+        grid = Grid((ds.height, ds.width), t, ds.crs)
+        if isinstance(bands, str):
+            bands = BandRoles.parse(bands)
+        if bands is not None:
+            mapping = bands.as_dict()
+            for role, idx in mapping.items():
+                if not 1 <= idx <= ds.count:
+                    raise BandError(
+                        f"{p}: --bands gives {role}={idx} but the raster has {ds.count} "
+                        f"band(s); use indices 1..{ds.count}"
+                    )
+            how = "--bands"
+        else:
+            mapping, how = _detect_roles(ds)
+        alpha = mapping.get("alpha")
+        if alpha is None:
+            flagged = [
+                i for i, f in enumerate(ds.mask_flag_enums, start=1) if MaskFlags.alpha in f
+            ]
+            if flagged:
+                alpha = None  # GDAL already derives the mask from the flagged alpha band
+            elif bands is None and mapping.get("nir") == 4 and ds.count == 4 and _looks_like_alpha(
+                ds, 4
+            ):
+                # e.g. drone RGB with an unflagged 0/255 validity band: it is not NIR.
+                log.info("%s: band 4 holds only 0/255 and is used as alpha, not NIR", p)
+                del mapping["nir"]
+                mapping["alpha"] = alpha = 4
+        if alpha is not None:
+            mask_source = "alpha"
+        elif ds.nodata is not None or any(
+            MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in ds.mask_flag_enums
+        ):
+            mask_source = "gdal"
+        else:
+            mask_source = "none"
+        spectral = [i for r, i in mapping.items() if r != "alpha"]
+        if not spectral:
+            raise BandError(
+                f"{p}: cannot tell which band is which ({ds.count} band(s), detected from "
+                f"{how}); name them with --bands, e.g. --bands red=1,green=2,blue=3"
+            )
+        if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
+            raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
+        scale = _choose_scale(ds, spectral, alpha)
+        nodata = ds.nodata
+    roles = BandRoles.from_mapping(mapping)
+    log.info(
+        "%s: %dx%d px, %d band(s) %s, roles %s (from %s), mask from %s, scale %.6g, GSD %.3g m",
+        p, grid.width, grid.height, len(spectral), dtype, roles.as_dict(), how, mask_source,
+        scale, grid.gsd_m,
+    )
+    return SurveyRaster(p, grid, int(ds.count), str(dtype), roles, nodata, scale, mask_source)
+
+
+def _read_valid(
+    ds: rasterio.DatasetReader,
+    survey: SurveyRaster,
+    window: Window | None,
+    out_shape: tuple[int, int] | None = None,
+) -> np.ndarray:
+    alpha = survey.roles.get("alpha")
+    kw: dict[str, object] = {"window": window, "out_shape": out_shape}
+    if survey.mask_source == "alpha" and alpha is not None:
+        return np.asarray(ds.read(alpha, resampling=Resampling.nearest, **kw) > 0)
+    if survey.mask_source == "gdal":
+        return np.asarray(ds.read_masks(1, resampling=Resampling.nearest, **kw) > 0)
+    shape = out_shape or (int(window.height), int(window.width)) if window else out_shape
+    if shape is None:
+        shape = survey.grid.shape_yx
+    return np.ones(shape, dtype=bool)
+
+
+def read_window(
+    survey: SurveyRaster,
+    roles: tuple[str, ...],
+    window: Window,
+    ds: rasterio.DatasetReader | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``roles`` in ``window`` as scaled float32 ``(C, H, W)`` plus validity ``(H, W)``.
+
+    Raises:
+        RasterError: the window cannot be read (corrupt or truncated file): names the window.
+    """
+    own = ds is None
+    try:
+        if ds is None:
+            ds = rasterio.open(survey.path)
+        idx = [survey.roles.as_dict()[r] for r in roles]
+        raw = ds.read(idx, window=window)
+        valid = _read_valid(ds, survey, window)
+    except RasterioError as exc:
+        raise RasterError(
+            f"{survey.path}: cannot read pixels in window rows {int(window.row_off)}.."
+            f"{int(window.row_off + window.height)}, cols {int(window.col_off)}.."
+            f"{int(window.col_off + window.width)} ({exc}); the file is probably truncated or "
+            "corrupt: re-export or re-download it (gdalinfo -checksum shows bad blocks)"
+        ) from exc
+    finally:
+        if own and ds is not None:
+            ds.close()
+    data = raw.astype(np.float32)
+    if survey.nodata is not None and survey.mask_source == "gdal":
+        pass  # GDAL's mask already flags nodata of band 1; other bands follow below
+    if survey.nodata is not None:
+        valid &= ~(raw == survey.nodata).any(axis=0)
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data).all(axis=0)
+        valid &= finite
+        data[:, ~finite] = 0.0
+    data *= np.float32(survey.scale)
+    data[:, ~valid] = 0.0
+    return data, valid
+
+
+def read_tile(
+    survey: SurveyRaster,
+    roles: tuple[str, ...],
+    tile: Tile,
+    ds: rasterio.DatasetReader | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read a tile's read window and reflect-pad it to ``core + 2 * halo``.
+
+    Returns:
+        ``(pixels, valid)``: float32 ``(C, H, W)`` scaled values and bool ``(H, W)``; padded
+        pixels take reflected values and validity so edge tiles match a whole-raster run.
+    """
+    data, valid = read_window(survey, roles, tile.read, ds)
+    top, bottom, left, right = tile.pad
+    if any(tile.pad):
+        data = np.pad(data, ((0, 0), (top, bottom), (left, right)), mode="symmetric")
+        valid = np.pad(valid, ((top, bottom), (left, right)), mode="symmetric")
+    return data, valid
+
+
+def read_overview(
+    survey: SurveyRaster, roles: tuple[str, ...], max_side: int = 2048
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Read a decimated view of the whole raster (uses the file's overviews when present).
+
+    Returns:
+        ``(pixels, valid, factor)`` where ``factor`` is input pixels per overview pixel.
+    """
+    shape = _decimated_shape(survey.grid.height, survey.grid.width, max_side)
+    try:
+        with rasterio.open(survey.path) as ds:
+            idx = [survey.roles.as_dict()[r] for r in roles]
+            raw = ds.read(idx, out_shape=(len(idx), *shape), resampling=Resampling.average)
+            valid = _read_valid(ds, survey, None, shape)
+    except RasterioError as exc:
+        raise RasterError(
+            f"{survey.path}: cannot read an overview ({exc}); the file is probably truncated "
+            "or corrupt"
+        ) from exc
+    data = raw.astype(np.float32)
+    if survey.nodata is not None:
+        valid &= ~(raw == survey.nodata).any(axis=0)
+    finite = np.isfinite(data).all(axis=0)
+    valid &= finite
+    data[:, ~finite] = 0
+    data *= np.float32(survey.scale)
+    factor = survey.grid.width / shape[1]
+    return data, valid, factor
+
+
+def tile_has_data(valid_overview: np.ndarray, factor: float, tile: Tile) -> bool:
+    """Whether a tile's core may contain valid pixels, judged on the overview mask.
+
+    One overview pixel of margin is kept on every side so decimation never drops a tile with
+    a thin strip of data.
+    """
+    h, w = valid_overview.shape
+    r0 = max(0, math.floor(tile.core.row_off / factor) - 1)
+    r1 = min(h, math.ceil((tile.core.row_off + tile.core.height) / factor) + 1)
+    c0 = max(0, math.floor(tile.core.col_off / factor) - 1)
+    c1 = min(w, math.ceil((tile.core.col_off + tile.core.width) / factor) + 1)
+    return bool(valid_overview[r0:r1, c0:c1].any())

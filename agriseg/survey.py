@@ -1,0 +1,294 @@
+"""The whole run as one function, for the CLI and the Python API.
+
+``process_survey``: validate input -> prepare the model on the whole survey -> plan tiles ->
+segment on Dask -> finalise COGs and styles -> post-processing steps (zones, fields, report,
+project) -> ``run.json``. Everything is written under ``OUT/.agriseg-work`` first and moved into
+place at the end; ``run.json`` is written last, so its presence means the run is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from agriseg import __version__
+from agriseg.classes import ClassSchema
+from agriseg.config import RunConfig
+from agriseg.errors import OutputError
+from agriseg.grid import TilePlan, plan_tiles
+from agriseg.indices import INDICES, available_indices
+from agriseg.models import load_segmenter
+from agriseg.models.base import Prepared, Segmenter
+from agriseg.output import OutputSpec, TileWriter, finalize_cog
+from agriseg.predict import (
+    Checkpoint,
+    Progress,
+    check_workers_see,
+    class_counts,
+    dask_client,
+    input_identity,
+    run_tiles,
+)
+from agriseg.qgis import write_class_qml, write_ramp_qml
+from agriseg.raster import SurveyRaster, open_survey, read_overview, tile_has_data
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = ".agriseg-work"
+MANIFEST = "run.json"
+
+
+@dataclass
+class SurveyContext:
+    """What post-processing steps get: the run so far and where to put files."""
+
+    config: RunConfig
+    survey: SurveyRaster
+    segmenter: Segmenter
+    prepared: Prepared
+    plan: TilePlan
+    schema: ClassSchema
+    out_dir: Path
+    work_dir: Path
+    outputs: dict[str, Path] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+PostStep = Callable[[SurveyContext], None]
+"""A step after segmentation; writes files under ``ctx.work_dir`` and lists them in
+``ctx.outputs`` (name -> path relative to the output folder), to be moved into place."""
+
+POST_STEPS: list[tuple[str, PostStep]] = []
+
+
+@dataclass(frozen=True, slots=True)
+class SurveyResult:
+    """Where the outputs are and the manifest."""
+
+    out_dir: Path
+    outputs: dict[str, Path]
+    manifest: dict[str, Any]
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
+    """Create or check the output folder; returns the working folder inside it."""
+    work = out / WORK_DIR
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; choose another --out")
+    if (out / MANIFEST).exists():
+        if not overwrite:
+            raise OutputError(
+                f"{out}: holds the results of a finished run; use --overwrite to replace them "
+                "or choose another --out"
+            )
+        try:
+            old = json.loads((out / MANIFEST).read_text()).get("outputs", {})
+        except (OSError, ValueError):
+            old = {}
+        for rel in old.values():
+            p = out / rel
+            if p.is_file():
+                p.unlink()
+        (out / MANIFEST).unlink()
+    if overwrite and work.exists():
+        shutil.rmtree(work)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        probe = work / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"{out}: cannot write there ({exc.strerror or exc}); choose a writable --out"
+        ) from exc
+    return work
+
+
+def _output_specs(schema: ClassSchema, index_names: tuple[str, ...]) -> list[OutputSpec]:
+    specs = [
+        OutputSpec("classes", "uint8", schema.nodata, "MODE", "class id (" + ", ".join(
+            f"{c.value}={c.name}" for c in schema.classes) + f", {schema.nodata}=nodata)"),
+        OutputSpec("confidence", "uint8", 255, "AVERAGE",
+                   "confidence of the chosen class, percent 0-100 (255 = nodata)"),
+    ]
+    specs += [
+        OutputSpec(f"indices/{n}", "float32", float("nan"), "AVERAGE", INDICES[n].description)
+        for n in index_names
+    ]
+    return specs
+
+
+def process_survey(
+    config: RunConfig,
+    progress: Progress | None = None,
+    on_plan: Callable[[TilePlan, int], None] | None = None,
+) -> SurveyResult:
+    """Run a survey end to end.
+
+    Args:
+        config: the validated run configuration.
+        progress: called as tiles finish: ``(tiles_done, tiles_total, pixels_done)``.
+        on_plan: called once the plan is known, with the number of tiles that hold data.
+
+    Returns:
+        Output paths and the manifest.
+
+    Raises:
+        AgrisegError: any user-facing problem, with a message that says what to do.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    survey = open_survey(config.input, config.bands)
+    segmenter = load_segmenter(config.model)
+    out = Path(config.out)
+    work = _prepare_out_dir(out, config.overwrite)
+
+    t = time.perf_counter()
+    prepared = segmenter.prepare(survey)
+    survey.require(segmenter.roles, f"model {segmenter.name!r}")
+    timings["prepare_s"] = time.perf_counter() - t
+    for w in prepared.warnings:
+        log.warning("%s", w)
+    halo = config.halo if config.halo is not None else prepared.halo
+    plan = plan_tiles(survey.grid, config.tile_size, halo)
+    _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)
+    tiles = [t for t in plan if tile_has_data(ov_valid, factor, t)]
+    log.info(
+        "plan: %d tile(s) of %d px + %d px halo, %d hold data (%.1f MP)",
+        len(plan), plan.tile_size, plan.halo, len(tiles),
+        sum(t.core.width * t.core.height for t in tiles) / 1e6,
+    )
+    if on_plan:
+        on_plan(plan, len(tiles))
+    schema = segmenter.schema
+    index_names = tuple(available_indices(survey.roles.spectral)) if config.indices else ()
+    specs = _output_specs(schema, index_names)
+    identity = {
+        **input_identity(survey.path),
+        "model": segmenter.describe(),
+        "tile_size": plan.tile_size,
+        "halo": plan.halo,
+        "bands": survey.roles.as_dict(),
+        "indices": list(index_names),
+        "agriseg": __version__,
+    }
+    checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
+    writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
+    t = time.perf_counter()
+    try:
+        with dask_client(
+            config.scheduler,
+            str(config.scheduler_file) if config.scheduler_file else None,
+            config.workers,
+            config.threads_per_worker,
+            config.processes,
+        ) as client:
+            if config.scheduler or config.scheduler_file:
+                check_workers_see(client, survey.path)
+            dashboard = getattr(client, "dashboard_link", None)
+            if dashboard:
+                log.info("Dask dashboard: %s", dashboard)
+            timings.update(
+                run_tiles(client, survey, plan, tiles, segmenter, prepared, writer, checkpoint,
+                          index_names, progress)
+            )
+    finally:
+        writer.close()
+    timings["segment_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    ctx = SurveyContext(config, survey, segmenter, prepared, plan, schema, out, work,
+                        timings=timings)
+    for spec in specs:
+        dst = work / f"{spec.name}.tif"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        finalize_cog(writer.path(spec.name), dst, spec, schema if spec.name == "classes" else None)
+        if spec.name == "classes":
+            write_class_qml(dst, schema)
+        elif spec.name == "confidence":
+            write_ramp_qml(dst, 0, 100, "confidence")
+        else:
+            d = INDICES[spec.name.split("/")[-1]]
+            write_ramp_qml(dst, d.vmin, d.vmax, "vegetation")
+        ctx.outputs[spec.name] = Path(f"{spec.name}.tif")
+    timings["finalize_s"] = time.perf_counter() - t
+
+    for name, step in POST_STEPS:
+        t = time.perf_counter()
+        step(ctx)
+        timings[f"{name}_s"] = time.perf_counter() - t
+
+    counts = class_counts(work / "classes.tif", schema)
+    timings["total_s"] = time.perf_counter() - t_start
+    valid_px = sum(v for k, v in counts.items() if k != "nodata")
+    manifest: dict[str, Any] = {
+        "agriseg": __version__,
+        "config_version": config.version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "input": {**survey.to_dict(), "identity": input_identity(survey.path)},
+        "model": {**segmenter.describe(), "prepared": prepared.info,
+                  "warnings": list(prepared.warnings)},
+        "schema": schema.to_dict(),
+        "parameters": json.loads(config.model_dump_json()),
+        "plan": {"tiles": len(plan), "tiles_with_data": len(tiles), "tile_size": plan.tile_size,
+                 "halo": plan.halo, "block_size": plan.block_size,
+                 "model_pixels_per_output_pixel": round(plan.read_overhead, 4)},
+        "class_pixels": counts,
+        "class_area_m2": {k: round(v * survey.grid.pixel_area_m2, 3) for k, v in counts.items()},
+        "throughput_mp_s": round(valid_px / 1e6 / max(timings.get("segment_s", 1e-9), 1e-9), 3),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "versions": _versions(),
+        "outputs": {k: str(v) for k, v in sorted(ctx.outputs.items())},
+        **ctx.manifest,
+    }
+    final = _move_into_place(ctx)
+    tmp = out / f".{MANIFEST}.partial"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, out / MANIFEST)
+    shutil.rmtree(work, ignore_errors=True)
+    log.info("done in %.1f s: %s", timings["total_s"], out)
+    return SurveyResult(out, final, manifest)
+
+
+def _move_into_place(ctx: SurveyContext) -> dict[str, Path]:
+    """Rename finished files (and their sidecars) from the working folder into ``out``."""
+    final: dict[str, Path] = {}
+    for name, rel in ctx.outputs.items():
+        src = ctx.work_dir / rel
+        dst = ctx.out_dir / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        for sidecar in (src.with_suffix(".qml"), src.with_name(src.name + ".aux.xml")):
+            if sidecar.exists():
+                os.replace(sidecar, dst.parent / sidecar.name)
+        os.replace(src, dst)
+        final[name] = dst
+    return final
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import numpy
+    import rasterio
+
+    v = {
+        "python": platform.python_version(),
+        "numpy": numpy.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "dask": dask.__version__,
+    }
+    for dist in ("torch", "segmentation-models-pytorch", "onnxruntime"):
+        with contextlib.suppress(PackageNotFoundError):
+            v[dist] = version(dist)
+    return v

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from affine import Affine
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from rasterio.crs import CRS
+
+from agriseg.errors import ConfigError
+from agriseg.grid import Grid, block_size_for, plan_tiles
+
+GRID = dict(transform=Affine(0.5, 0, 1000, 0, -0.5, 2000), crs=CRS.from_epsg(32615))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    h=st.integers(1, 700),
+    w=st.integers(1, 700),
+    tile=st.sampled_from([16, 32, 48, 64, 128, 256]),
+    halo=st.integers(0, 80),
+)
+def test_cores_partition_and_halos(h: int, w: int, tile: int, halo: int) -> None:
+    plan = plan_tiles(Grid((h, w), **GRID), tile, halo)
+    cover = np.zeros((h, w), np.int32)
+    for t in plan:
+        c, r = t.core, t.read
+        cover[int(c.row_off): int(c.row_off + c.height), int(c.col_off): int(c.col_off + c.width)] += 1
+        # read window = core grown by halo, clipped to the raster
+        assert r.row_off == max(0, c.row_off - halo)
+        assert r.col_off == max(0, c.col_off - halo)
+        assert r.row_off + r.height == min(h, c.row_off + c.height + halo)
+        assert r.col_off + r.width == min(w, c.col_off + c.width + halo)
+        top, bottom, left, right = t.pad
+        assert min(t.pad) >= 0
+        assert r.height + top + bottom == c.height + 2 * halo
+        assert r.width + left + right == c.width + 2 * halo
+        ys, xs = t.core_in_padded
+        assert (ys.start, xs.start) == (halo, halo)
+        assert ys.stop - ys.start == c.height and xs.stop - xs.start == c.width
+        # cores start on output block boundaries
+        assert c.row_off % plan.block_size == 0 and c.col_off % plan.block_size == 0
+    assert (cover == 1).all()
+    assert plan.shape_tiles_yx[0] * plan.shape_tiles_yx[1] == len(plan)
+
+
+def test_block_size_and_errors() -> None:
+    assert block_size_for(1024) == 512
+    assert block_size_for(48) == 16
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        block_size_for(100)
+    with pytest.raises(ConfigError, match="halo"):
+        plan_tiles(Grid((10, 10), **GRID), 16, -1)
+
+
+def test_grid_facts() -> None:
+    g = Grid((200, 100), **GRID)
+    assert g.res_xy == (0.5, 0.5)
+    assert g.bounds == (1000, 1900, 1050, 2000)
+    assert g.gsd_m == pytest.approx(0.5)
+    geo = Grid((10, 10), Affine(1e-5, 0, -93.0, 0, -1e-5, 44.0), CRS.from_epsg(4326))
+    assert geo.gsd_m == pytest.approx(0.95, rel=0.1)  # ~1.1 m x 0.8 m at 44 N

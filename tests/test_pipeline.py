@@ -1,0 +1,110 @@
+"""End-to-end runs through a real Dask cluster on real GeoTIFFs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from agriseg.cli import main
+from agriseg.config import build_run_config
+from agriseg.survey import process_survey
+from tests.conftest import LAMBERTON
+
+
+def _run(src: Path, out: Path, scheduler: str, **kw: object):
+    cfg = build_run_config(input=src, out=out, scheduler=scheduler, **kw)
+    return process_survey(cfg)
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+@pytest.mark.parametrize("tile_size", [32, 64, 112])
+def test_tiled_equals_untiled(rgba_tif: Path, tmp_path: Path, scheduler: str, tile_size: int) -> None:
+    whole = _run(rgba_tif, tmp_path / "whole", scheduler, tile_size=512, indices=False)
+    tiled = _run(rgba_tif, tmp_path / "tiled", scheduler, tile_size=tile_size, indices=False)
+    for name in ("classes", "confidence"):
+        a, b = _read(whole.outputs[name]), _read(tiled.outputs[name])
+        assert np.array_equal(a, b), f"{name} differs between tiled and untiled runs"
+
+
+def test_grid_nodata_and_cog_preserved(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    res = _run(rgba_tif, tmp_path / "o", scheduler, tile_size=64)
+    with rasterio.open(rgba_tif) as src, rasterio.open(res.outputs["classes"]) as out:
+        assert out.crs == src.crs and out.transform == src.transform
+        assert out.shape == src.shape
+        assert out.nodata == 255 and out.dtypes[0] == "uint8"
+        classes = out.read(1)
+        assert ((classes == 255) == (src.read(4) == 0)).all()
+        assert out.colormap(1)[1][:3] == (46, 160, 44)
+        assert out.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+    assert (res.out_dir / "classes.qml").exists()
+    assert "<Category>crop</Category>" in (res.out_dir / "classes.tif.aux.xml").read_text()
+    manifest = json.loads((res.out_dir / "run.json").read_text())
+    assert manifest["class_pixels"]["crop"] > 0
+    assert not (res.out_dir / ".agriseg-work").exists()
+    assert {"indices/exg", "indices/vari", "indices/gli"} <= set(res.outputs)
+
+
+def test_cli_run_on_real_sample(tmp_path: Path, scheduler: str) -> None:
+    out = tmp_path / "demo"
+    args = ["run", str(LAMBERTON), "--out", str(out), "--scheduler", scheduler,
+            "--tile-size", "512", "--no-progress"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "Outputs in" in r.output
+    classes = _read(out / "classes.tif")
+    with rasterio.open(out / "classes.tif") as ds:
+        assert ds.overviews(1), "a COG larger than one block must have overviews"
+    share = np.bincount(classes[classes != 255], minlength=4) / (classes != 255).sum()
+    assert 0.05 < share[1] < 0.95  # real canopy and real soil both found
+    # a second run without --overwrite is refused, with the fix in the message
+    r2 = CliRunner().invoke(main, args)
+    assert r2.exit_code == 2 and "--overwrite" in r2.output
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda p: p.write_bytes(b"not a tiff at all"), "not a readable raster"),
+        (lambda p: None, "file not found"),
+    ],
+)
+def test_cli_bad_input(tmp_path: Path, make, needle: str) -> None:
+    src = tmp_path / "bad.tif"
+    make(src)
+    r = CliRunner().invoke(main, ["run", str(src), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2
+    assert needle in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o" / "run.json").exists()
+
+
+def test_cli_no_crs(tmp_path: Path) -> None:
+    from tests.conftest import toy_field, write_rgba
+
+    rgb, valid = toy_field(40, 40)
+    src = write_rgba(tmp_path / "nocrs.tif", rgb, valid, crs=None)
+    r = CliRunner().invoke(main, ["run", str(src), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no CRS" in r.output and "gdal_edit" in r.output
+
+
+def test_cli_bad_bands(rgba_tif: Path, tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "o"),
+                                  "--bands", "red=1,purple=2"])
+    assert r.exit_code == 2 and "purple" in r.output and "valid roles" in r.output
+    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "o"),
+                                  "--bands", "red=1,green=2,blue=9"])
+    assert r.exit_code == 2 and "blue=9" in r.output
+
+
+def test_cli_help_everywhere() -> None:
+    for cmd in ([], ["run"], ["synth"], ["evaluate"], ["models"]):
+        r = CliRunner().invoke(main, [*cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output

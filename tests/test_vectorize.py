@@ -1,0 +1,146 @@
+"""Zones from class masks: chunked vectorising, border merging, areas, zone-id raster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from scipy import ndimage
+
+from agriseg.classes import DEFAULT_CLASSES, DISEASE, WEED
+from agriseg.vectorize import ZoneParams, areas_m2, vectorize_zones, write_zones
+from agriseg.vectorize import grid_of as _grid_of
+
+UTM_T = Affine(0.05, 0, 500000.0, 0, -0.05, 4900000.0)
+
+
+def write_mask(path: Path, arr: np.ndarray, transform: Affine = UTM_T, crs: str = "EPSG:32615",
+               nodata: int = 255, block: int = 64) -> Path:
+    h, w = arr.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=1, dtype=arr.dtype,
+                       crs=crs, transform=transform, nodata=nodata, tiled=True,
+                       blockxsize=block, blockysize=block, compress="deflate") as dst:
+        dst.write(arr, 1)
+    return path
+
+
+def _blob_mask(h: int = 300, w: int = 280) -> np.ndarray:
+    cls = np.ones((h, w), np.uint8)  # crop
+    cls[:, :20] = 0
+    yy, xx = np.mgrid[0:h, 0:w]
+    # one weed blob straddling the chunk corner at (128, 128): four chunks
+    cls[(yy - 128) ** 2 + (xx - 128) ** 2 < 40**2] = WEED
+    # an L-shaped disease patch crossing a vertical and a horizontal border
+    cls[200:210, 60:200] = DISEASE
+    cls[120:210, 190:200] = DISEASE
+    # specks below the area threshold
+    cls[20, 250] = WEED
+    cls[280:282, 30:32] = DISEASE
+    cls[-5:, -5:] = 255
+    return cls
+
+
+def _conf(cls: np.ndarray) -> np.ndarray:
+    conf = np.where(cls == WEED, 80, 60).astype(np.uint8)
+    conf[cls == 255] = 255
+    return conf
+
+
+@pytest.mark.parametrize("chunk", [64, 128, 4096])
+def test_patch_across_chunks_is_one_polygon(tmp_path: Path, chunk: int) -> None:
+    cls = _blob_mask()
+    src = write_mask(tmp_path / "classes.tif", cls)
+    conf = write_mask(tmp_path / "confidence.tif", _conf(cls))
+    zr = tmp_path / "zones.tif"
+    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.05, chunk=chunk),
+                        confidence_tif=conf, zone_raster=zr)
+    assert sorted(z["class"]) == ["disease", "weed"], z
+    assert z.geometry.is_valid.all()
+    weed = z[z["class"] == "weed"].iloc[0]
+    truth_px = int((cls == WEED).sum()) - 1  # minus the speck
+    assert weed.pixels == truth_px
+    assert weed.area_m2 == pytest.approx(truth_px * 0.05**2, abs=1e-3)
+    assert weed.mean_confidence == pytest.approx(80)
+    assert z.iloc[0]["zone_id"] == 1 and z.iloc[0]["area_m2"] >= z.iloc[1]["area_m2"]
+    # zone raster: instance ids, exactly the patch pixels
+    with rasterio.open(zr) as ds:
+        zid = ds.read(1)
+        assert ds.dtypes[0] == "uint32" and ds.nodata == 0
+    assert ((zid > 0) == np.isin(cls, (WEED, DISEASE)) & ~_specks(cls)).all()
+    assert set(np.unique(zid)) == {0, 1, 2}
+    lon, lat = weed.centroid_lon, weed.centroid_lat
+    assert -94 < lon < -92 and 44 < lat < 45
+
+
+def _specks(cls: np.ndarray) -> np.ndarray:
+    out = np.zeros(cls.shape, bool)
+    out[20, 250] = True
+    out[280:282, 30:32] = True
+    return out
+
+
+def test_same_zones_whatever_the_chunking(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    noise = ndimage.gaussian_filter(rng.random((256, 256)), 4)
+    cls = np.where(noise > np.quantile(noise, 0.8), WEED, 1).astype(np.uint8)
+    src = write_mask(tmp_path / "c.tif", cls, block=32)
+    a = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0, chunk=32, simplify_m=0))
+    b = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0, chunk=512, simplify_m=0))
+    assert len(a) == len(b)
+    assert a["pixels"].sum() == (cls == WEED).sum()
+    ua, ub = shapely.union_all(a.geometry.values), shapely.union_all(b.geometry.values)
+    assert ua.symmetric_difference(ub).area < 1e-9
+    assert sorted(a["pixels"]) == sorted(b["pixels"])
+
+
+def test_min_area_closing_and_simplify(tmp_path: Path) -> None:
+    cls = np.ones((120, 120), np.uint8)
+    cls[10:30, 10:30] = WEED
+    cls[10:30, 32:52] = WEED  # 2-px gap (10 cm) to the first square
+    cls[100, 100] = WEED
+    src = write_mask(tmp_path / "c.tif", cls)
+    two = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.01))
+    assert len(two) == 2  # the speck (0.0025 m2) is gone, the squares are apart
+    one = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.01, closing_m=0.1))
+    # the 2-px gap is filled (a disk leaves the gap's outer corners open)
+    assert len(one) == 1 and 20 * 40 + 30 < one.iloc[0]["pixels"] <= 20 * 42
+    # simplify keeps rectangles exact and never invalidates
+    assert one.geometry.is_valid.all() and len(one.geometry.iloc[0].exterior.coords) == 5
+
+
+def test_area_in_geographic_crs(tmp_path: Path) -> None:
+    # ~5 cm pixels at 44.9 N expressed in degrees
+    t = Affine(6.3e-7, 0, -95.2, 0, -4.5e-7, 44.9)
+    cls = np.ones((200, 200), np.uint8)
+    cls[50:150, 50:150] = DISEASE
+    src = write_mask(tmp_path / "geo.tif", cls, transform=t, crs="EPSG:4326")
+    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0))
+    poly = z.geometry.iloc[0]
+    truth = gpd.GeoSeries([poly], crs=4326).to_crs("EPSG:6933").area.iloc[0]  # equal area
+    assert z.iloc[0]["area_m2"] == pytest.approx(truth, rel=2e-3)
+    with rasterio.open(src) as ds:
+        assert areas_m2(np.array([poly]), _grid_of(ds))[0] == pytest.approx(truth, rel=2e-3)
+
+
+def test_no_zones_and_field_ids(tmp_path: Path) -> None:
+    cls = np.ones((64, 64), np.uint8)
+    src = write_mask(tmp_path / "c.tif", cls)
+    z = vectorize_zones(src, DEFAULT_CLASSES)
+    assert z.empty and list(z.columns)[:3] == ["zone_id", "class", "area_m2"]
+    cls[5:15, 5:15] = WEED
+    cls[40:60, 40:60] = DISEASE
+    src = write_mask(tmp_path / "c2.tif", cls)
+    fields = gpd.GeoDataFrame(
+        {"field_id": ["A"]},
+        geometry=[shapely.box(500000.0, 4900000.0 - 1.0, 500001.0, 4900000.0)], crs=32615,
+    )
+    z = vectorize_zones(src, DEFAULT_CLASSES, fields=fields)
+    assert dict(zip(z["class"], z["field_id"], strict=True)) == {"weed": "A", "disease": None}
+    out = write_zones(z, tmp_path / "zones.gpkg")
+    back = gpd.read_file(out)
+    assert len(back) == 2 and back.crs.to_epsg() == 32615

@@ -1,0 +1,451 @@
+"""Field polygons in, per-field health statistics out.
+
+Fields come from any OGR vector (GeoPackage, Shapefile, GeoJSON) in any CRS; they are
+reprojected to the raster, repaired when invalid, and fields outside or partly outside the
+raster are reported, never silently dropped. Statistics are computed chunk by chunk: the field
+ids are rasterised for one chunk at a time and counted with ``np.bincount`` (class pixels,
+index histograms), so memory depends on the number of fields, not on the raster size.
+
+Health score (0-100, also in the README and the report)::
+
+    W = weed / (crop + weed + disease)          weed pressure
+    D = disease / (crop + disease)              disease incidence
+    S = min(1, C / C90)                         stand: C = (crop + disease) / valid pixels,
+                                                C90 = 90th percentile of C over all fields
+    health = 100 * (1 - W) * (1 - D) * S
+
+A field with no vegetation at all has no score (NaN). ``rank`` 1 is the lowest score: the field
+to visit first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+from rasterio.features import rasterize
+from rasterio.windows import Window
+
+from agriseg.classes import ClassSchema
+from agriseg.errors import OutputError, VectorError
+from agriseg.grid import Grid
+from agriseg.vectorize import aligned_chunk, chunk_windows, grid_of, local_metric_crs
+
+log = logging.getLogger(__name__)
+
+HIST_BINS = 1000
+INDEX_RANGE: dict[str, tuple[float, float]] = {"exg": (-1.0, 2.0)}
+"""Histogram range per index; the default is -1..1 (normalised differences, VARI, GLI)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FieldSet:
+    """Field polygons ready for zonal statistics.
+
+    Attributes:
+        fields: ``field_id`` (str), ``status`` and geometry, in the raster CRS.
+        id_column: the source column the ids came from (``"(row number)"`` when none).
+        source: the file read, or ``"(whole raster)"``.
+        notes: what was repaired, dropped or found outside the raster, for logs and report.
+    """
+
+    fields: gpd.GeoDataFrame
+    id_column: str
+    source: str
+    notes: tuple[str, ...] = ()
+
+
+def _polygonal(geom: shapely.Geometry) -> shapely.Geometry | None:
+    """Polygonal part of a repaired geometry (``make_valid`` may add lines or points)."""
+    if geom is None or geom.is_empty:
+        return None
+    if isinstance(geom, shapely.Polygon | shapely.MultiPolygon):
+        return geom
+    parts = [g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon)]
+    return shapely.MultiPolygon(parts) if parts else None
+
+
+def _pick_id_column(df: pd.DataFrame, requested: str | None, path: str) -> str | None:
+    cols = [c for c in df.columns if c != df.geometry.name]
+    if requested is not None:
+        if requested not in cols:
+            raise VectorError(
+                f"{path}: --field-id {requested!r} is not a column; columns: "
+                f"{', '.join(cols) or '(none)'}"
+            )
+        s = df[requested]
+        if s.isna().any() or s.duplicated().any():
+            dup = s[s.duplicated()].astype(str).unique()[:5]
+            raise VectorError(
+                f"{path}: --field-id column {requested!r} must be unique and non-empty "
+                f"(duplicates: {', '.join(dup) or 'empty values'}); pick another column or "
+                "omit --field-id to number the fields"
+            )
+        return requested
+    for c in cols:
+        s = df[c]
+        if not s.isna().any() and not s.duplicated().any():
+            return c
+    return None
+
+
+def read_fields(path: str | os.PathLike[str], grid: Grid, field_id: str | None = None) -> FieldSet:
+    """Read field polygons and put them on the raster's grid.
+
+    Args:
+        path: GeoPackage, Shapefile, GeoJSON (first layer), any CRS.
+        grid: the raster grid (its CRS is the target CRS).
+        field_id: id column; default the first column with unique non-empty values, else the
+            row number (1-based).
+
+    Returns:
+        The fields with a status per field and notes on repairs and coverage.
+
+    Raises:
+        VectorError: unreadable file, no CRS, no polygons, bad id column.
+    """
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise VectorError(f"{p}: fields file not found; check the --fields path")
+    try:
+        df = gpd.read_file(p, engine="pyogrio")
+    except Exception as exc:  # pyogrio raises DataSourceError, DataLayerError, ...
+        raise VectorError(
+            f"{p}: not a readable vector file ({exc}); give a GeoPackage, Shapefile or GeoJSON"
+        ) from exc
+    if df.empty:
+        raise VectorError(f"{p}: holds no features; give a file with field polygons")
+    if df.crs is None:
+        raise VectorError(
+            f"{p}: has no CRS, so fields cannot be placed on the raster; set it, e.g. "
+            "ogr2ogr -a_srs EPSG:4326 fixed.gpkg " + p
+        )
+    col = _pick_id_column(df, field_id, p)
+    ids = df[col].astype(str) if col else pd.Series(
+        [str(i) for i in range(1, len(df) + 1)], index=df.index)
+    notes: list[str] = []
+    if col is None:
+        notes.append(f"{p}: no column with unique values; fields are numbered 1..{len(df)}")
+    geoms = df.geometry.to_crs(grid.crs).to_numpy() if df.crs != grid.crs else (
+        df.geometry.to_numpy())
+    status = np.array(["ok"] * len(df), dtype=object)
+    invalid = ~shapely.is_valid(geoms) & ~shapely.is_missing(geoms)
+    if invalid.any():
+        geoms = geoms.copy()
+        geoms[invalid] = shapely.make_valid(geoms[invalid])
+        status[invalid] = "repaired"
+        notes.append(
+            f"{p}: repaired {int(invalid.sum())} invalid geometry(ies) (fields "
+            f"{', '.join(ids[invalid].tolist()[:10])})"
+        )
+    geoms = np.array([_polygonal(g) for g in geoms], dtype=object)
+    bad = np.array([g is None for g in geoms])
+    if bad.all():
+        raise VectorError(
+            f"{p}: no polygon geometries (fields must be polygons; points or lines cannot be "
+            "summarised)"
+        )
+    if bad.any():
+        notes.append(
+            f"{p}: skipped {int(bad.sum())} feature(s) without a polygon "
+            f"({', '.join(ids[bad].tolist()[:10])})"
+        )
+    box = shapely.box(*grid.bounds)
+    keep = ~bad
+    inside = shapely.within(geoms[keep], box)
+    touches = shapely.intersects(geoms[keep], box)
+    st = status[keep]
+    st[~touches] = "outside raster"
+    st[touches & ~inside] = "partly outside raster"
+    for label in ("outside raster", "partly outside raster"):
+        n = int((st == label).sum())
+        if n:
+            notes.append(
+                f"{p}: {n} field(s) {label} ({', '.join(ids[keep][st == label].tolist()[:10])})"
+            )
+    fields = gpd.GeoDataFrame(
+        {"field_id": ids[keep].to_numpy(), "status": st},
+        geometry=gpd.GeoSeries(geoms[keep], crs=grid.crs), crs=grid.crs,
+    ).reset_index(drop=True)
+    return FieldSet(fields, col or "(row number)", p, tuple(notes))
+
+
+def whole_raster_field(grid: Grid) -> FieldSet:
+    """The whole raster as one field (used without ``--fields``); nodata stays excluded."""
+    fields = gpd.GeoDataFrame(
+        {"field_id": ["survey"], "status": ["ok"]},
+        geometry=gpd.GeoSeries([shapely.box(*grid.bounds)], crs=grid.crs), crs=grid.crs,
+    )
+    return FieldSet(fields, "(whole raster)", "(whole raster)", ())
+
+
+def _layers(geoms: np.ndarray) -> np.ndarray:
+    """Greedy colouring so that fields in one layer never overlap.
+
+    Rasterising burns one id per pixel; overlapping fields (duplicated plots, nested
+    management zones) are rasterised in separate layers so each keeps all its pixels.
+    """
+    layer = np.zeros(len(geoms), np.int64)
+    if len(geoms) < 2:
+        return layer
+    tree = shapely.STRtree(geoms)
+    i, j = tree.query(geoms, predicate="intersects")
+    keep = i < j
+    i, j = i[keep], j[keep]
+    overlap = shapely.area(shapely.intersection(geoms[i], geoms[j])) > 0
+    i, j = i[overlap], j[overlap]
+    if len(i) == 0:
+        return layer
+    neighbours: dict[int, list[int]] = {}
+    for a, b in zip(i.tolist(), j.tolist(), strict=True):
+        neighbours.setdefault(b, []).append(a)
+    for k in range(len(geoms)):
+        used = {int(layer[n]) for n in neighbours.get(k, [])}
+        layer[k] = next(x for x in range(len(geoms)) if x not in used)
+    return layer
+
+
+def _row_pixel_area(grid: Grid) -> np.ndarray | None:
+    """Ground area of a pixel in each row for a geographic CRS (None: constant area).
+
+    Exact on the ellipsoid: the area between two parallels per radian of longitude is
+    ``a^2 / 2 * (q(phi1) - q(phi2))`` with ``q`` the authalic function.
+    """
+    if not grid.crs.is_geographic:
+        return None
+    ell = grid.crs.to_dict().get("ellps") or "WGS84"
+    from pyproj import Geod
+
+    g = Geod(ellps=ell if isinstance(ell, str) else "WGS84")
+    a, e2 = g.a, g.es
+    e = math.sqrt(e2)
+    t = grid.transform
+    lat = np.radians(t.f + t.e * np.arange(grid.height + 1))
+    s = np.sin(lat)
+    q = (1 - e2) * (s / (1 - e2 * s * s) - np.log((1 - e * s) / (1 + e * s)) / (2 * e))
+    return a * a / 2 * np.abs(np.diff(q)) * math.radians(abs(t.a))
+
+
+def summarize_fields(
+    fieldset: FieldSet,
+    classes_tif: str | os.PathLike[str],
+    schema: ClassSchema,
+    indices: dict[str, Path] | None = None,
+    zones: gpd.GeoDataFrame | None = None,
+    chunk: int = 2048,
+) -> gpd.GeoDataFrame:
+    """Per-field class areas, index statistics, risk measures and a health score.
+
+    Args:
+        fieldset: fields from :func:`read_fields` or :func:`whole_raster_field`.
+        classes_tif: class raster.
+        schema: its class schema (classes named soil/crop/weed/disease feed the measures).
+        indices: index name -> float32 raster on the same grid (NaN nodata).
+        zones: zones with a ``field_id`` column, for the zone count per field.
+        chunk: chunk edge in pixels.
+
+    Returns:
+        One row per field (outside ones included), sorted by ``rank`` (1 = lowest health).
+    """
+    fields = fieldset.fields
+    n, k = len(fields), len(schema)
+    geoms = fields.geometry.to_numpy()
+    layer = _layers(geoms)
+    trees = [(np.flatnonzero(layer == lv), shapely.STRtree(geoms[layer == lv]))
+             for lv in np.unique(layer)]
+    lut = np.full(256, k, np.int64)
+    lut[np.arange(k)] = np.arange(k)
+    counts = np.zeros((n + 1) * (k + 1), np.float64)
+    indices = dict(indices or {})
+    hist = {name: np.zeros((n + 1) * HIST_BINS, np.int64) for name in indices}
+    sums = {name: np.zeros(n + 1, np.float64) for name in indices}
+    with rasterio.open(classes_tif) as ds:
+        grid = grid_of(ds)
+        row_area = _row_pixel_area(grid)
+        px_area = grid.pixel_area_m2
+        step = aligned_chunk(ds, chunk)
+        idx_ds = {name: rasterio.open(path) for name, path in indices.items()}
+        try:
+            for win in chunk_windows(grid.height, grid.width, step):
+                _accumulate(ds, idx_ds, win, grid, geoms, trees, lut, k, row_area,
+                            counts, hist, sums)
+        finally:
+            for d in idx_ds.values():
+                d.close()
+    area_px = counts.reshape(n + 1, k + 1)[1:]
+    if row_area is None:
+        area_px = area_px * px_area
+    return _table(fieldset, schema, area_px, hist, sums, zones, grid)
+
+
+def _accumulate(
+    ds: rasterio.DatasetReader,
+    idx_ds: dict[str, rasterio.DatasetReader],
+    win: Window,
+    grid: Grid,
+    geoms: np.ndarray,
+    trees: list[tuple[np.ndarray, shapely.STRtree]],
+    lut: np.ndarray,
+    k: int,
+    row_area: np.ndarray | None,
+    counts: np.ndarray,
+    hist: dict[str, np.ndarray],
+    sums: dict[str, np.ndarray],
+) -> None:
+    h, w = int(win.height), int(win.width)
+    tr = grid.window_transform(win)
+    left, top = tr.c, tr.f
+    right, bottom = tr.c + tr.a * w, tr.f + tr.e * h
+    cbox = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
+    cls = None
+    for members, tree in trees:
+        hits = members[tree.query(cbox, predicate="intersects")]
+        if len(hits) == 0:
+            continue
+        fid = rasterize(
+            zip(geoms[hits], hits + 1, strict=True), out_shape=(h, w), transform=tr, fill=0,
+            dtype="uint32",
+        ).ravel()
+        sel = fid > 0
+        if not sel.any():
+            continue
+        if cls is None:
+            cls = lut[ds.read(1, window=win).ravel()]
+            idx_vals = {name: d.read(1, window=win).ravel() for name, d in idx_ds.items()}
+            weights = (np.repeat(row_area[int(win.row_off): int(win.row_off) + h], w)
+                       if row_area is not None else None)
+        f, c = fid[sel].astype(np.int64), cls[sel]
+        counts += np.bincount(f * (k + 1) + c, minlength=counts.size,
+                              weights=None if weights is None else weights[sel])
+        valid = c < k
+        for name, vals in idx_vals.items():
+            v = vals[sel]
+            ok = valid & np.isfinite(v)
+            lo, hi = INDEX_RANGE.get(name, (-1.0, 1.0))
+            b = np.clip(((v[ok] - lo) / (hi - lo) * HIST_BINS).astype(np.int64), 0,
+                        HIST_BINS - 1)
+            hist[name] += np.bincount(f[ok] * HIST_BINS + b, minlength=hist[name].size)
+            sums[name] += np.bincount(f[ok], weights=v[ok], minlength=sums[name].size)
+
+
+def hist_quantiles(h: np.ndarray, lo: float, hi: float, qs: tuple[float, ...]) -> np.ndarray:
+    """Quantiles from histograms ``(n, bins)``, linear within a bin (NaN for empty rows)."""
+    n, bins = h.shape
+    cum = np.cumsum(h, axis=1)
+    total = cum[:, -1]
+    width = (hi - lo) / bins
+    out = np.full((n, len(qs)), np.nan)
+    for j, q in enumerate(qs):
+        target = q * total
+        b = np.argmax(cum >= target[:, None], axis=1)
+        before = np.where(b > 0, cum[np.arange(n), np.maximum(b - 1, 0)], 0)
+        inbin = h[np.arange(n), b]
+        frac = np.where(inbin > 0, (target - before) / np.maximum(inbin, 1), 0.5)
+        out[:, j] = np.where(total > 0, lo + (b + frac) * width, np.nan)
+    return out
+
+
+def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
+
+
+def health_score(weed_pressure: np.ndarray, disease_incidence: np.ndarray,
+                 crop_cover: np.ndarray) -> np.ndarray:
+    """The 0-100 health score of the module docstring (NaN where there is no vegetation)."""
+    c90 = np.nanpercentile(crop_cover, 90) if np.isfinite(crop_cover).any() else np.nan
+    stand = np.clip(_share(crop_cover, np.full_like(crop_cover, c90)), 0, 1)
+    stand = np.where(np.isfinite(stand), stand, 1.0)
+    return 100 * (1 - weed_pressure) * (1 - disease_incidence) * stand
+
+
+def _table(
+    fs: FieldSet,
+    schema: ClassSchema,
+    area: np.ndarray,
+    hist: dict[str, np.ndarray],
+    sums: dict[str, np.ndarray],
+    zones: gpd.GeoDataFrame | None,
+    grid: Grid,
+) -> gpd.GeoDataFrame:
+    fields = fs.fields
+    k = len(schema)
+    local = local_metric_crs(grid.crs, grid.bounds)
+    geo_area = (fields.geometry.to_crs(local) if local is not None else fields.geometry).area
+    if local is None and grid.crs.is_projected:
+        geo_area = geo_area * grid.crs.linear_units_factor[1] ** 2
+    valid = area[:, :k].sum(axis=1)
+    out = pd.DataFrame({"field_id": fields["field_id"], "status": fields["status"]})
+    out["area_ha"] = geo_area.to_numpy() / 1e4
+    out["covered_pct"] = np.clip(_share(valid, geo_area.to_numpy()) * 100, 0, 100)
+    out["valid_ha"] = valid / 1e4
+    names = schema.names
+    for c in schema.classes:
+        out[f"{c.name}_pct"] = _share(area[:, c.value], valid) * 100
+        out[f"{c.name}_m2"] = area[:, c.value]
+
+    def col(name: str) -> np.ndarray:
+        return area[:, names.index(name)] if name in names else np.zeros(len(out))
+
+    crop, weed, disease = col("crop"), col("weed"), col("disease")
+    veg = valid - col("soil")
+    out["vegetation_pct"] = _share(veg, valid) * 100
+    wp = _share(weed, crop + weed + disease)
+    di = _share(disease, crop + disease)
+    cover = _share(crop + disease, valid)
+    out["weed_pressure_pct"] = wp * 100
+    out["disease_incidence_pct"] = di * 100
+    out["at_risk_m2"] = sum((area[:, c.value] for c in schema.at_risk), np.zeros(len(out)))
+    if zones is not None and not zones.empty and "field_id" in zones:
+        per = zones["field_id"].dropna().astype(str).value_counts()
+        out["zones"] = out["field_id"].map(per).fillna(0).astype(int)
+    else:
+        out["zones"] = 0
+    for name in hist:
+        h = hist[name].reshape(-1, HIST_BINS)[1:]
+        lo, hi = INDEX_RANGE.get(name, (-1.0, 1.0))
+        npx = h.sum(axis=1)
+        out[f"{name}_mean"] = _share(sums[name][1:], npx)
+        qs = hist_quantiles(h, lo, hi, (0.5, 0.1, 0.9))
+        out[f"{name}_median"], out[f"{name}_p10"], out[f"{name}_p90"] = qs.T
+    out["health_score"] = health_score(wp, di, cover)
+    order = out["health_score"].rank(method="first", na_option="bottom")
+    out["rank"] = order.astype(int)
+    ll = fields.geometry.representative_point().to_crs(4326)
+    out["lon"], out["lat"] = ll.x.round(7).to_numpy(), ll.y.round(7).to_numpy()
+    # Plots can be a few square metres: hectares need more decimals than percentages.
+    out = out.round({c: 6 if c.endswith("_ha") else 3 for c in out.columns
+                     if out[c].dtype.kind == "f" and c not in ("lon", "lat")})
+    gdf = gpd.GeoDataFrame(out, geometry=fields.geometry.to_numpy(), crs=fields.crs)
+    return gdf.sort_values("rank").reset_index(drop=True)
+
+
+def write_fields(summary: gpd.GeoDataFrame, gpkg: str | os.PathLike[str],
+                 csv: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Write ``fields.gpkg`` (layer ``fields``) and ``fields.csv`` via temporary names.
+
+    Raises:
+        OutputError: a file cannot be written.
+    """
+    gpkg, csv = Path(gpkg), Path(csv)
+    tmp_g = gpkg.with_name(f".{gpkg.stem}.partial.gpkg")
+    tmp_c = csv.with_name(f".{csv.stem}.partial.csv")
+    tmp_g.unlink(missing_ok=True)
+    try:
+        summary.to_file(tmp_g, layer="fields", driver="GPKG", engine="pyogrio")
+        pd.DataFrame(summary.drop(columns="geometry")).to_csv(tmp_c, index=False)
+    except Exception as exc:  # pyogrio and pandas raise several types for I/O failures
+        tmp_g.unlink(missing_ok=True)
+        tmp_c.unlink(missing_ok=True)
+        raise OutputError(f"{gpkg}: cannot write field summaries ({exc}); disk full?") from exc
+    os.replace(tmp_g, gpkg)
+    os.replace(tmp_c, csv)
+    return gpkg, csv

@@ -1,0 +1,184 @@
+"""Per-field statistics against truth computed directly from pixels and polygons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+import shapely
+from affine import Affine
+from shapely import affinity
+
+from agriseg.classes import DEFAULT_CLASSES
+from agriseg.errors import VectorError
+from agriseg.fields import (
+    hist_quantiles,
+    read_fields,
+    summarize_fields,
+    whole_raster_field,
+    write_fields,
+)
+from agriseg.grid import Grid
+from tests.conftest import LAMBERTON, LAMBERTON_PLOTS
+from tests.test_vectorize import write_mask
+
+T = Affine(0.05, 0, 500000.0, 0, -0.05, 4900000.0)
+
+
+def _field_raster(tmp_path: Path, h: int = 400, w: int = 360, seed: int = 1):
+    rng = np.random.default_rng(seed)
+    cls = rng.choice(4, size=(h, w), p=[0.4, 0.45, 0.1, 0.05]).astype(np.uint8)
+    cls[:30, :] = 255
+    idx = rng.normal(0.3, 0.2, (h, w)).astype(np.float32)
+    idx[cls == 255] = np.nan
+    src = write_mask(tmp_path / "classes.tif", cls, transform=T)
+    ipath = tmp_path / "exg.tif"
+    with rasterio.open(ipath, "w", driver="GTiff", width=w, height=h, count=1, dtype="float32",
+                       crs="EPSG:32615", transform=T, nodata=float("nan"), tiled=True,
+                       blockxsize=64, blockysize=64) as dst:
+        dst.write(idx, 1)
+    return cls, idx, src, ipath
+
+
+def _pixel_truth(cls: np.ndarray, poly: shapely.Geometry, t: Affine) -> np.ndarray:
+    h, w = cls.shape
+    cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    xs, ys = t @ (cols, rows)
+    inside = shapely.contains_xy(poly, xs, ys)
+    return np.bincount(cls[inside], minlength=256)
+
+
+def _fields_file(tmp_path: Path) -> Path:
+    x0, y0 = 500000.0, 4900000.0
+    a = affinity.rotate(shapely.box(x0 + 2, y0 - 12, x0 + 6, y0 - 4), 20)
+    b = shapely.box(x0 + 8, y0 - 19, x0 + 16, y0 - 8)
+    partly = shapely.box(x0 + 14, y0 - 5, x0 + 25, y0 + 3)  # crosses the top edge
+    outside = shapely.box(x0 + 100, y0 - 10, x0 + 110, y0)
+    # off the pixel lattice, so no pixel centre lies exactly on an edge (ambiguous truth)
+    bowtie = affinity.translate(shapely.Polygon(
+        [(x0 + 2, y0 - 19), (x0 + 6, y0 - 15), (x0 + 6, y0 - 19), (x0 + 2, y0 - 15)]), 0.013, 0.007)
+    dup = b  # a duplicated plot must keep all its pixels too
+    g = gpd.GeoDataFrame(
+        {"name": ["A", "B", "P", "O", "X", "B2"], "group": [1, 1, 1, 2, 2, 2]},
+        geometry=[a, b, partly, outside, bowtie, dup], crs=32615,
+    )
+    path = tmp_path / "fields.gpkg"
+    g.to_file(path, engine="pyogrio")
+    return path
+
+
+def test_class_areas_match_truth(tmp_path: Path) -> None:
+    cls, idx, src, ipath = _field_raster(tmp_path)
+    with rasterio.open(src) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    fs = read_fields(_fields_file(tmp_path), grid)
+    assert fs.id_column == "name"
+    st = dict(zip(fs.fields["field_id"], fs.fields["status"], strict=True))
+    assert st == {"A": "ok", "B": "ok", "P": "partly outside raster", "O": "outside raster",
+                  "X": "repaired", "B2": "ok"}
+    assert any("repaired 1 invalid geometry" in n for n in fs.notes)
+    s = summarize_fields(fs, src, DEFAULT_CLASSES, indices={"exg": ipath}, chunk=64)
+    s = s.set_index("field_id")
+    px = 0.05**2
+    for fid in ("A", "B", "P", "X", "B2"):
+        geom = fs.fields.set_index("field_id").geometry[fid]
+        truth = _pixel_truth(cls, geom, T)
+        for c in DEFAULT_CLASSES.classes:
+            got = s.loc[fid, f"{c.name}_m2"]
+            assert got == pytest.approx(truth[c.value] * px, rel=0.01, abs=1e-3), (fid, c.name)
+        valid = truth[:4].sum() * px
+        assert s.loc[fid, "covered_pct"] == pytest.approx(valid / geom.area * 100, abs=1.0)
+        # index statistics from the histograms agree with numpy on the same pixels
+        h, w = cls.shape
+        cols, rows = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+        xs, ys = T @ (cols, rows)
+        v = idx[shapely.contains_xy(geom, xs, ys) & (cls != 255)]
+        assert s.loc[fid, "exg_mean"] == pytest.approx(v.mean(), abs=1e-3)
+        for q, name in ((50, "median"), (10, "p10"), (90, "p90")):
+            assert s.loc[fid, f"exg_{name}"] == pytest.approx(np.percentile(v, q), abs=4e-3)
+    assert s.loc["O", "covered_pct"] == 0 and np.isnan(s.loc["O", "health_score"])
+    assert s.loc["P", "covered_pct"] < 40
+    assert s.loc["B", "crop_m2"] == s.loc["B2", "crop_m2"]
+    # derived measures
+    b = s.loc["B"]
+    veg = b.crop_m2 + b.weed_m2 + b.disease_m2
+    assert b.weed_pressure_pct == pytest.approx(100 * b.weed_m2 / veg, abs=1e-2)
+    assert b.disease_incidence_pct == pytest.approx(
+        100 * b.disease_m2 / (b.crop_m2 + b.disease_m2), abs=1e-2)
+    assert s["health_score"].min() >= 0 and s["health_score"].max() <= 100
+    ranked = s.sort_values("rank")["health_score"].dropna().to_numpy()
+    assert (np.diff(ranked) >= 0).all()
+    g, c = write_fields(s.reset_index(), tmp_path / "fields.gpkg", tmp_path / "fields.csv")
+    back = pd.read_csv(c)
+    assert len(back) == 6 and "health_score" in back and len(gpd.read_file(g)) == 6
+
+
+def test_crs_mismatch_and_id_column(tmp_path: Path) -> None:
+    with rasterio.open(LAMBERTON) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+        rng = np.random.default_rng(0)
+        cls = rng.choice(4, size=ds.shape, p=[0.3, 0.5, 0.15, 0.05]).astype(np.uint8)
+    src = write_mask(tmp_path / "c.tif", cls, transform=grid.transform, crs="EPSG:32615")
+    utm = read_fields(LAMBERTON_PLOTS, grid)
+    geo = read_fields(LAMBERTON_PLOTS.with_name("lamberton_plots_epsg4326.geojson"), grid,
+                      field_id="ID")
+    assert len(utm.fields) == 40 and utm.id_column == "fid" and geo.id_column == "ID"
+    a = summarize_fields(utm, src, DEFAULT_CLASSES).set_index("field_id").sort_index()
+    b = summarize_fields(geo, src, DEFAULT_CLASSES).set_index("field_id").sort_index()
+    assert (a.index == b.index).all()
+    np.testing.assert_allclose(a["crop_m2"], b["crop_m2"], rtol=0.01)
+    np.testing.assert_allclose(a["area_ha"], b["area_ha"], rtol=0.001)
+    with pytest.raises(VectorError, match="not a column; columns: fid, ID"):
+        read_fields(LAMBERTON_PLOTS, grid, field_id="plot")
+
+
+def test_whole_raster_and_geographic(tmp_path: Path) -> None:
+    t = Affine(6.3e-7, 0, -95.2, 0, -4.5e-7, 44.9)
+    cls = np.ones((300, 200), np.uint8)
+    cls[:, :50] = 0
+    cls[100:200, 100:150] = 2
+    cls[:20] = 255
+    src = write_mask(tmp_path / "geo.tif", cls, transform=t, crs="EPSG:4326")
+    with rasterio.open(src) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    s = summarize_fields(whole_raster_field(grid), src, DEFAULT_CLASSES).iloc[0]
+    assert s.field_id == "survey"
+    box = gpd.GeoSeries([shapely.box(*grid.bounds)], crs=4326).to_crs("EPSG:6933")
+    assert s.area_ha * 1e4 == pytest.approx(box.area.iloc[0], rel=2e-3)
+    assert s.covered_pct == pytest.approx(280 / 300 * 100, abs=0.05)
+    weed = gpd.GeoSeries([shapely.box(*(t @ (100, 200)), *(t @ (150, 100)))], crs=4326)
+    assert s.weed_m2 == pytest.approx(weed.to_crs("EPSG:6933").area.iloc[0], rel=2e-3)
+    assert s.weed_pressure_pct == pytest.approx(100 * 5000 / (280 * 150), abs=0.01)
+
+
+def test_bad_fields_files(tmp_path: Path) -> None:
+    grid = Grid((10, 10), T, rasterio.crs.CRS.from_epsg(32615))
+    bad = tmp_path / "bad.gpkg"
+    bad.write_text("nope")
+    with pytest.raises(VectorError, match="not a readable vector"):
+        read_fields(bad, grid)
+    with pytest.raises(VectorError, match="not found"):
+        read_fields(tmp_path / "missing.gpkg", grid)
+    pts = gpd.GeoDataFrame({"a": [1]}, geometry=[shapely.Point(500000, 4900000)], crs=32615)
+    pts.to_file(tmp_path / "pts.gpkg")
+    with pytest.raises(VectorError, match="no polygon"):
+        read_fields(tmp_path / "pts.gpkg", grid)
+    dup = gpd.GeoDataFrame({"a": [1, 1]}, geometry=[shapely.box(0, 0, 1, 1)] * 2, crs=32615)
+    dup.to_file(tmp_path / "dup.gpkg")
+    with pytest.raises(VectorError, match="unique"):
+        read_fields(tmp_path / "dup.gpkg", grid, field_id="a")
+    fs = read_fields(tmp_path / "dup.gpkg", grid)
+    assert fs.id_column == "(row number)" and list(fs.fields["field_id"]) == ["1", "2"]
+
+
+def test_hist_quantiles() -> None:
+    rng = np.random.default_rng(0)
+    v = rng.normal(0.2, 0.1, 10000)
+    h = np.bincount(np.clip(((v + 1) / 2 * 1000).astype(int), 0, 999), minlength=1000)
+    q = hist_quantiles(h[None], -1, 1, (0.1, 0.5, 0.9))[0]
+    np.testing.assert_allclose(q, np.percentile(v, [10, 50, 90]), atol=2e-3)
+    assert np.isnan(hist_quantiles(np.zeros((1, 10)), 0, 1, (0.5,))).all()

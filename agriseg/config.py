@@ -39,6 +39,10 @@ class RunConfig(BaseModel):
     scheduler_file: Path | None = Field(None, description="scheduler file of an existing cluster")
     indices: bool = Field(True, description="write vegetation index rasters")
     min_zone_area: float = Field(0.25, ge=0, description="smallest at-risk zone kept, m2")
+    scheduler_timeout: float = Field(10.0, gt=0, description="seconds to reach a scheduler")
+    checkpoint_seconds: float = Field(
+        15.0, ge=0, description="how often finished tiles are flushed and recorded for resume"
+    )
     overwrite: bool = False
     resume: bool = True
 

@@ -24,7 +24,7 @@ import numpy as np
 from distributed import Client, LocalCluster, as_completed
 
 from agriseg.classes import ClassSchema
-from agriseg.errors import AgrisegError, ClusterError, ResumeError
+from agriseg.errors import AgrisegError, ClusterError, OutputError, ResumeError
 from agriseg.grid import Tile, TilePlan
 from agriseg.indices import compute_index
 from agriseg.models.base import Prepared, Segmenter, TileContext
@@ -138,10 +138,20 @@ class Checkpoint:
         return cls(path, identity)
 
     def save(self) -> None:
-        """Write atomically (temporary file + rename)."""
+        """Write atomically (temporary file + rename).
+
+        Raises:
+            OutputError: the checkpoint cannot be written (disk full, read-only).
+        """
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"identity": self.identity, "done": sorted(self.done)}))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps({"identity": self.identity, "done": sorted(self.done)}))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            raise OutputError(
+                f"{self.path}: cannot record progress ({exc.strerror or exc}); is the disk "
+                "full? Free space and rerun the same command to resume"
+            ) from exc
 
 
 # --------------------------------------------------------------------------- cluster
@@ -272,6 +282,8 @@ def run_tiles(
                 last_sync = time.monotonic()
     finally:
         pending.clear()
+        # Keep what finished durable even when leaving on an error or Ctrl-C; a failure
+        # here (disk full) must not mask the original exception.
         with contextlib.suppress(Exception):
             _sync(writer, checkpoint, unsynced)
     return {"task_seconds": task_seconds, "tiles_run": len(todo)}

@@ -12,7 +12,10 @@ from xml.sax.saxutils import quoteattr
 
 from agriseg.classes import ClassSchema
 
-_QML_HEAD = '<!DOCTYPE qgis PUBLIC \'http://mrcc.com/qgis.dtd\' \'SYSTEM\'>\n<qgis version="3.22.16" styleCategories="AllStyleCategories">\n'
+_QML_HEAD = (
+    "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+    '<qgis version="3.22.16" styleCategories="AllStyleCategories">\n'
+)
 
 
 def _atomic_write(path: Path, text: str) -> Path:

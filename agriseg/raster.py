@@ -23,6 +23,7 @@ from agriseg.grid import Grid, Tile
 
 log = logging.getLogger(__name__)
 
+MIN_SIDE = 8
 ROLES = ("red", "green", "blue", "nir", "rededge", "alpha")
 
 # Names seen in band descriptions of drone and satellite products, mapped to roles.
@@ -206,7 +207,7 @@ def _detect_roles(ds: rasterio.DatasetReader) -> tuple[dict[str, int], str]:
         if ds.count >= 4 + ("alpha" in roles) and "nir" not in roles:
             # RGBN products (NAIP) tag band 4 as undefined; take the next spare band as NIR.
             spare = [i for i in range(1, ds.count + 1) if i not in roles.values()]
-            if spare and ds.dtypes[0] != "uint8" or (spare and ds.count == 4):
+            if spare and (ds.dtypes[0] != "uint8" or ds.count == 4):
                 roles["nir"] = spare[0]
         return roles, "colour interpretation"
     n = ds.count
@@ -279,76 +280,92 @@ def open_survey(path: str | os.PathLike[str], bands: str | BandRoles | None = No
     if not p.startswith(("/vsi", "http")):
         p = os.path.abspath(p)
     with _open(p) as ds:
-        if ds.count == 0 or ds.width == 0 or ds.height == 0:
-            raise RasterError(f"{p}: raster has no pixels ({ds.width}x{ds.height}, {ds.count} bands)")
-        dtype = np.dtype(ds.dtypes[0])
-        if dtype.kind == "c":
+        try:
+            return _describe(ds, p, bands)
+        except RasterioError as exc:
             raise RasterError(
-                f"{p}: complex data type {dtype} is not imagery; convert to uint8, uint16 or "
-                "float32 (gdal_translate -ot Float32)"
-            )
-        if ds.crs is None:
-            raise RasterError(
-                f"{p}: raster has no CRS, so outputs could not be placed on a map; assign one, "
-                "e.g. gdal_edit.py -a_srs EPSG:32615 FILE"
-            )
-        t = ds.transform
-        if t.is_identity or (t.a == 1 and t.e == 1 and t.c == 0 and t.f == 0):
-            raise RasterError(
-                f"{p}: raster has no geotransform (pixel coordinates only); georeference it "
-                "first (gdal_edit.py -a_ullr or gdalwarp with GCPs)"
-            )
-        if t.b != 0 or t.d != 0:
-            raise RasterError(
-                f"{p}: rotated or sheared geotransform is not supported; warp it north-up "
-                "first: gdalwarp -r near IN OUT"
-            )
-        grid = Grid((ds.height, ds.width), t, ds.crs)
-        if isinstance(bands, str):
-            bands = BandRoles.parse(bands)
-        if bands is not None:
-            mapping = bands.as_dict()
-            for role, idx in mapping.items():
-                if not 1 <= idx <= ds.count:
-                    raise BandError(
-                        f"{p}: --bands gives {role}={idx} but the raster has {ds.count} "
-                        f"band(s); use indices 1..{ds.count}"
-                    )
-            how = "--bands"
-        else:
-            mapping, how = _detect_roles(ds)
-        alpha = mapping.get("alpha")
-        if alpha is None:
-            flagged = [
-                i for i, f in enumerate(ds.mask_flag_enums, start=1) if MaskFlags.alpha in f
-            ]
-            if flagged:
-                alpha = None  # GDAL already derives the mask from the flagged alpha band
-            elif bands is None and mapping.get("nir") == 4 and ds.count == 4 and _looks_like_alpha(
-                ds, 4
-            ):
-                # e.g. drone RGB with an unflagged 0/255 validity band: it is not NIR.
-                log.info("%s: band 4 holds only 0/255 and is used as alpha, not NIR", p)
-                del mapping["nir"]
-                mapping["alpha"] = alpha = 4
-        if alpha is not None:
-            mask_source = "alpha"
-        elif ds.nodata is not None or any(
-            MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in ds.mask_flag_enums
+                f"{p}: cannot read the raster ({exc}); the file is probably truncated or "
+                "corrupt: re-export it (gdalinfo -checksum shows bad blocks)"
+            ) from exc
+
+
+def _describe(
+    ds: rasterio.DatasetReader, p: str, bands: str | BandRoles | None
+) -> SurveyRaster:
+    """Validate an open dataset and describe it (see :func:`open_survey`)."""
+    if ds.count == 0 or ds.width < MIN_SIDE or ds.height < MIN_SIDE:
+        raise RasterError(
+            f"{p}: raster is {ds.width}x{ds.height} px with {ds.count} band(s); at least "
+            f"{MIN_SIDE}x{MIN_SIDE} px and one band are needed to segment anything"
+        )
+    dtype = np.dtype(ds.dtypes[0])
+    if dtype.kind == "c":
+        raise RasterError(
+            f"{p}: complex data type {dtype} is not imagery; convert to uint8, uint16 or "
+            "float32 (gdal_translate -ot Float32)"
+        )
+    if ds.crs is None:
+        raise RasterError(
+            f"{p}: raster has no CRS, so outputs could not be placed on a map; assign one, "
+            "e.g. gdal_edit.py -a_srs EPSG:32615 FILE"
+        )
+    t = ds.transform
+    if t.is_identity or (t.a == 1 and t.e == 1 and t.c == 0 and t.f == 0):
+        raise RasterError(
+            f"{p}: raster has no geotransform (pixel coordinates only); georeference it "
+            "first (gdal_edit.py -a_ullr or gdalwarp with GCPs)"
+        )
+    if t.b != 0 or t.d != 0:
+        raise RasterError(
+            f"{p}: rotated or sheared geotransform is not supported; warp it north-up "
+            "first: gdalwarp -r near IN OUT"
+        )
+    grid = Grid((ds.height, ds.width), t, ds.crs)
+    if isinstance(bands, str):
+        bands = BandRoles.parse(bands)
+    if bands is not None:
+        mapping = bands.as_dict()
+        for role, idx in mapping.items():
+            if not 1 <= idx <= ds.count:
+                raise BandError(
+                    f"{p}: --bands gives {role}={idx} but the raster has {ds.count} "
+                    f"band(s); use indices 1..{ds.count}"
+                )
+        how = "--bands"
+    else:
+        mapping, how = _detect_roles(ds)
+    alpha = mapping.get("alpha")
+    if alpha is None:
+        flagged = [
+            i for i, f in enumerate(ds.mask_flag_enums, start=1) if MaskFlags.alpha in f
+        ]
+        if flagged:
+            alpha = None  # GDAL already derives the mask from the flagged alpha band
+        elif bands is None and mapping.get("nir") == 4 and ds.count == 4 and _looks_like_alpha(
+            ds, 4
         ):
-            mask_source = "gdal"
-        else:
-            mask_source = "none"
-        spectral = [i for r, i in mapping.items() if r != "alpha"]
-        if not spectral:
-            raise BandError(
-                f"{p}: cannot tell which band is which ({ds.count} band(s), detected from "
-                f"{how}); name them with --bands, e.g. --bands red=1,green=2,blue=3"
-            )
-        if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
-            raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
-        scale = _choose_scale(ds, spectral, alpha)
-        nodata = ds.nodata
+            # e.g. drone RGB with an unflagged 0/255 validity band: it is not NIR.
+            log.info("%s: band 4 holds only 0/255 and is used as alpha, not NIR", p)
+            del mapping["nir"]
+            mapping["alpha"] = alpha = 4
+    if alpha is not None:
+        mask_source = "alpha"
+    elif ds.nodata is not None or any(
+        MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in ds.mask_flag_enums
+    ):
+        mask_source = "gdal"
+    else:
+        mask_source = "none"
+    spectral = [i for r, i in mapping.items() if r != "alpha"]
+    if not spectral:
+        raise BandError(
+            f"{p}: cannot tell which band is which ({ds.count} band(s), detected from "
+            f"{how}); name them with --bands, e.g. --bands red=1,green=2,blue=3"
+        )
+    if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
+        raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
+    scale = _choose_scale(ds, spectral, alpha)
+    nodata = ds.nodata
     roles = BandRoles.from_mapping(mapping)
     log.info(
         "%s: %dx%d px, %d band(s) %s, roles %s (from %s), mask from %s, scale %.6g, GSD %.3g m",
@@ -370,10 +387,11 @@ def _read_valid(
         return np.asarray(ds.read(alpha, resampling=Resampling.nearest, **kw) > 0)
     if survey.mask_source == "gdal":
         return np.asarray(ds.read_masks(1, resampling=Resampling.nearest, **kw) > 0)
-    shape = out_shape or (int(window.height), int(window.width)) if window else out_shape
-    if shape is None:
-        shape = survey.grid.shape_yx
-    return np.ones(shape, dtype=bool)
+    if out_shape is not None:
+        return np.ones(out_shape, dtype=bool)
+    if window is not None:
+        return np.ones((int(window.height), int(window.width)), dtype=bool)
+    return np.ones(survey.grid.shape_yx, dtype=bool)
 
 
 def read_window(

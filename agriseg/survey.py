@@ -24,7 +24,7 @@ from typing import Any
 from agriseg import __version__
 from agriseg.classes import ClassSchema
 from agriseg.config import RunConfig
-from agriseg.errors import OutputError
+from agriseg.errors import AgrisegError, OutputError, RasterError
 from agriseg.grid import TilePlan, plan_tiles
 from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
@@ -147,6 +147,24 @@ def process_survey(
     Raises:
         AgrisegError: any user-facing problem, with a message that says what to do.
     """
+    try:
+        return _process(config, progress, on_plan)
+    except AgrisegError:
+        raise
+    except OSError as exc:
+        # Disk full, file-size limits, vanished folders: say where, keep the traceback chained.
+        raise OutputError(
+            f"{config.out}: writing outputs failed ({exc.strerror or exc}"
+            f"{': ' + str(exc.filename) if exc.filename else ''}); free disk space or choose "
+            "another --out, then rerun the same command to resume"
+        ) from exc
+
+
+def _process(
+    config: RunConfig,
+    progress: Progress | None,
+    on_plan: Callable[[TilePlan, int], None] | None,
+) -> SurveyResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     survey = open_survey(config.input, config.bands)
@@ -164,6 +182,11 @@ def process_survey(
     plan = plan_tiles(survey.grid, config.tile_size, halo)
     _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)
     tiles = [t for t in plan if tile_has_data(ov_valid, factor, t)]
+    if not tiles:
+        raise RasterError(
+            f"{survey.path}: every pixel is nodata (alpha 0, nodata value or mask); check "
+            "that the right file was given, or fix its nodata/alpha with gdal_edit.py"
+        )
     log.info(
         "plan: %d tile(s) of %d px + %d px halo, %d hold data (%.1f MP)",
         len(plan), plan.tile_size, plan.halo, len(tiles),
@@ -193,6 +216,7 @@ def process_survey(
             config.workers,
             config.threads_per_worker,
             config.processes,
+            timeout=config.scheduler_timeout,
         ) as client:
             if config.scheduler or config.scheduler_file:
                 check_workers_see(client, survey.path)
@@ -201,7 +225,7 @@ def process_survey(
                 log.info("Dask dashboard: %s", dashboard)
             timings.update(
                 run_tiles(client, survey, plan, tiles, segmenter, prepared, writer, checkpoint,
-                          index_names, progress)
+                          index_names, progress, sync_seconds=config.checkpoint_seconds)
             )
     finally:
         writer.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,8 @@ from agriseg.grid import TilePlan
               help="Field polygons (GeoPackage, Shapefile, GeoJSON; any CRS).")
 @click.option("--field-id", help="Id column of --fields (default: first unique column).")
 @click.option("--model", "-m", help="Registered model name (see `agriseg models`) or bundle path.")
-@click.option("--bands", help="Band roles when the file does not say, e.g. red=3,green=2,blue=1,nir=4.")
+@click.option("--bands",
+              help="Band roles when the file does not say, e.g. red=3,green=2,blue=1,nir=4.")
 @click.option("--tile-size", type=int, help="Core tile edge in pixels, multiple of 16 [1024].")
 @click.option("--halo", type=int, help="Context pixels around each tile [the model's margin].")
 @click.option("--workers", type=int, help="Local worker processes [CPU cores].")
@@ -29,13 +32,18 @@ from agriseg.grid import TilePlan
 @click.option("--scheduler", help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")
 @click.option("--scheduler-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Scheduler file of an existing Dask cluster.")
+@click.option("--scheduler-timeout", type=float,
+              help="Seconds to wait for --scheduler before giving up [10].")
+@click.option("--checkpoint-seconds", type=float,
+              help="How often finished tiles are flushed and recorded for resume [15].")
 @click.option("--no-indices", is_flag=True, default=None, help="Skip vegetation index rasters.")
 @click.option("--min-zone-area", type=float, help="Smallest at-risk zone kept, m2 [0.25].")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+@click.option("--config", "config_file",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML run config (see workflows/); command-line options override it.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace a finished run in --out.")
 @click.option("--no-resume", is_flag=True, default=None,
-              help="Ignore an interrupted run's checkpoint (needs --overwrite to discard it).")
+              help="Start over instead of resuming an interrupted run in --out.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [on when stderr is a terminal].")
 @click.pass_context
@@ -71,10 +79,21 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     cfg = build_run_config(str(config_file) if config_file else "options", **values)
     show = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar() if show else _LogProgress()
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = process_survey(cfg, progress=bar.update, on_plan=bar.start)
+    except KeyboardInterrupt:
+        bar.stop()
+        cmd = " ".join(shlex.quote(a) for a in sys.argv)
+        click.echo(
+            f"Interrupted. Finished tiles are saved in {cfg.out / '.agriseg-work'}; "
+            f"run the same command again to resume:\n  {cmd}",
+            err=True,
+        )
+        ctx.exit(130)
     finally:
         bar.stop()
+        signal.signal(signal.SIGTERM, previous)
     m = result.manifest
     click.echo(
         f"Done: {m['plan']['tiles_with_data']} tiles, {m['throughput_mp_s']} MP/s, "
@@ -87,6 +106,11 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         click.echo(f"Open in QGIS: qgis {qgs}")
     else:
         click.echo(f"Open in QGIS: drag {result.out_dir / 'classes.tif'} into the map")
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (systemd stop, kill) takes the same clean path as Ctrl-C: flush, checkpoint.
+    raise KeyboardInterrupt
 
 
 class _LogProgress:

@@ -1,0 +1,309 @@
+"""Resume after interruption, worker loss, hostile environments and bad rasters."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from click.testing import CliRunner
+from distributed import Client, LocalCluster
+
+from agriseg.cli import main
+from agriseg.config import build_run_config
+from agriseg.errors import ResumeError
+from agriseg.survey import process_survey
+from tests.conftest import toy_field, write_rgba
+
+AGRISEG = [sys.executable, "-m", "agriseg"]
+
+
+def _read(path: Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
+def _same_outputs(a: Path, b: Path) -> None:
+    for name in ("classes.tif", "confidence.tif", "indices/exg.tif"):
+        x, y = _read(a / name), _read(b / name)
+        assert np.array_equal(x, y, equal_nan=True), name
+
+
+@pytest.fixture()
+def big_tif(tmp_path: Path) -> Path:
+    rgb, valid = toy_field(640, 576, seed=3)
+    return write_rgba(tmp_path / "big.tif", rgb, valid)
+
+
+def _interrupt_after(n: int):
+    def progress(done: int, total: int, px: int) -> None:
+        if done >= n and done < total:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_interrupt_then_resume_is_identical(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    ref = process_survey(build_run_config(input=big_tif, out=tmp_path / "ref", tile_size=64,
+                                          scheduler=scheduler))
+    cfg = build_run_config(input=big_tif, out=tmp_path / "run", tile_size=64,
+                           scheduler=scheduler, checkpoint_seconds=0)
+    with pytest.raises(KeyboardInterrupt):
+        process_survey(cfg, progress=_interrupt_after(20))
+    ckpt = json.loads((tmp_path / "run" / ".agriseg-work" / "checkpoint.json").read_text())
+    assert 20 <= len(ckpt["done"]) < 90
+    assert not (tmp_path / "run" / "run.json").exists()
+    seen: list[int] = []
+    res = process_survey(cfg, progress=lambda d, t, p: seen.append(d))
+    assert seen[0] >= 20  # started from the checkpoint, not from zero
+    _same_outputs(ref.out_dir, res.out_dir)
+
+
+def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    cfg = build_run_config(input=big_tif, out=tmp_path / "run", tile_size=64,
+                           scheduler=scheduler, checkpoint_seconds=0)
+    with pytest.raises(KeyboardInterrupt):
+        process_survey(cfg, progress=_interrupt_after(5))
+    with rasterio.open(big_tif, "r+") as ds:  # the survey changed since
+        ds.write(np.zeros((1, 8, 8), "uint8"), [1], window=((0, 8), (0, 8)))
+    with pytest.raises(ResumeError, match="--overwrite"):
+        process_survey(cfg)
+    changed = build_run_config(input=big_tif, out=tmp_path / "run", tile_size=128,
+                               scheduler=scheduler)
+    with pytest.raises(ResumeError, match="tile_size"):
+        process_survey(changed)
+    fresh = build_run_config(input=big_tif, out=tmp_path / "run", tile_size=64,
+                             scheduler=scheduler, overwrite=True)
+    assert process_survey(fresh).manifest["plan"]["tiles"] == 90
+
+
+def _poll(pred, timeout: float = 60.0) -> bool:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _done_tiles(out: Path) -> int:
+    try:
+        return len(json.loads((out / ".agriseg-work" / "checkpoint.json").read_text())["done"])
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.parametrize("stage", ["tiles", "finalize"])
+def test_sigkill_subprocess_then_resume(
+    big_tif: Path, tmp_path: Path, scheduler: str, stage: str
+) -> None:
+    out = tmp_path / "killed"
+    cmd = [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64",
+           "--workers", "1", "--checkpoint-seconds", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        if stage == "tiles":
+            hit = _poll(lambda: _done_tiles(out) >= 10 or proc.poll() is not None)
+        else:
+            work = out / ".agriseg-work"
+            hit = _poll(lambda: any(work.glob(".*.partial.tif")) or (work / "classes.tif").exists()
+                        or proc.poll() is not None)
+        assert hit, "run made no progress"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "run.json").exists() or proc.returncode == 0
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    ref = process_survey(build_run_config(input=big_tif, out=tmp_path / "ref", tile_size=64,
+                                          scheduler=scheduler))
+    _same_outputs(ref.out_dir, out)
+
+
+def test_worker_killed_mid_run(big_tif: Path, tmp_path: Path) -> None:
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+        killed: list[int] = []
+
+        def progress(done: int, total: int, px: int) -> None:
+            if done >= 5 and not killed:
+                nanny = next(iter(cluster.workers.values()))
+                victim = nanny.process.process.pid
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+
+        cfg = build_run_config(input=big_tif, out=tmp_path / "w", tile_size=64,
+                               scheduler=cluster.scheduler_address)
+        res = process_survey(cfg, progress=progress)
+        assert killed
+        ref = process_survey(build_run_config(input=big_tif, out=tmp_path / "ref", tile_size=64,
+                                              scheduler=cluster.scheduler_address))
+    _same_outputs(ref.out_dir, res.out_dir)
+
+
+def test_sigterm_stops_cleanly_with_resume_hint(big_tif: Path, tmp_path: Path) -> None:
+    out = tmp_path / "t"
+    cmd = [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64",
+           "--workers", "1", "--checkpoint-seconds", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _poll(lambda: _done_tiles(out) >= 5 or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("run finished before SIGTERM arrived")
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert _done_tiles(out) >= 5
+
+
+# ----------------------------------------------------------------- hostile environment
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    r = CliRunner().invoke(main, list(args))
+    return r.exit_code, r.output
+
+
+def test_output_folder_not_writable(rgba_tif: Path, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        target = Path("/proc/agriseg-out")  # read-only for root too
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "out"
+    code, out = _cli("run", str(rgba_tif), "--out", str(target))
+    assert code == 2 and "cannot write there" in out and "Traceback" not in out
+
+
+def test_disk_full_is_a_clear_error(big_tif: Path, tmp_path: Path) -> None:
+    out = tmp_path / "full"
+
+    def limit() -> None:
+        # A file-size limit makes writes fail with EFBIG like a full disk (no root needed).
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    r = subprocess.run(
+        [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64", "--workers", "1",
+         "--no-progress"],
+        capture_output=True, text=True, preexec_fn=limit, timeout=300,
+    )
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error:") and "disk" in last, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (out / "run.json").exists() and not (out / "classes.tif").exists()
+
+
+def test_scheduler_unreachable(rgba_tif: Path, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    code, out = _cli("run", str(rgba_tif), "--out", str(tmp_path / "o"),
+                     "--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", "2")
+    assert code == 2 and "cannot reach the Dask scheduler" in out
+    assert time.monotonic() - t0 < 60
+
+
+def test_workers_cannot_see_input(scheduler: str) -> None:
+    from agriseg.errors import ClusterError
+    from agriseg.predict import check_workers_see
+
+    with Client(scheduler) as client:
+        check_workers_see(client, __file__)
+        with pytest.raises(ClusterError, match="not visible to Dask worker"):
+            check_workers_see(client, "/nonexistent/survey.tif")
+
+
+# ----------------------------------------------------------------- bad rasters
+
+
+def _profile(h: int = 32, w: int = 32, **kw: object) -> dict[str, object]:
+    p: dict[str, object] = {"driver": "GTiff", "height": h, "width": w, "count": 3,
+                            "dtype": "uint8", "crs": "EPSG:32615",
+                            "transform": Affine(0.02, 0, 5e5, 0, -0.02, 4.9e6)}
+    p.update(kw)
+    return p
+
+
+def _write(path: Path, data: np.ndarray | None = None, **kw: object) -> Path:
+    prof = _profile(**kw)
+    with rasterio.open(path, "w", **prof) as ds:
+        if data is None:
+            data = np.full((prof["count"], prof["height"], prof["width"]), 100,
+                           dtype=prof["dtype"])
+        ds.write(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "needle"),
+    [
+        ("identity", "no geotransform"),
+        ("rotated", "rotated or sheared"),
+        ("complex", "complex data type"),
+        ("tiny", "at least 8x8"),
+        ("allnodata", "every pixel is nodata"),
+        ("truncated", "truncated or corrupt"),
+        ("onebands", "cannot tell which band is which"),
+        ("onebands_red", "needs band roles"),
+        ("sparse", "every pixel is nodata"),
+    ],
+)
+def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
+    src = tmp_path / f"{kind}.tif"
+    if kind == "identity":
+        _write(src, transform=Affine.identity(), crs=None)
+        src2 = tmp_path / "identity_crs.tif"
+        _write(src2, transform=Affine.identity())
+        src = src2
+    elif kind == "rotated":
+        _write(src, transform=Affine(0.02, 0.01, 5e5, 0.01, -0.02, 4.9e6))
+    elif kind == "complex":
+        _write(src, dtype="complex64", count=1)
+    elif kind == "tiny":
+        _write(src, h=1, w=1)
+    elif kind == "allnodata":
+        _write(src, np.zeros((3, 32, 32), "uint8"), nodata=0)
+    elif kind == "truncated":
+        rgb, valid = toy_field(512, 512)
+        write_rgba(src, rgb, valid, block=128)
+        data = src.read_bytes()
+        src.write_bytes(data[: len(data) // 2])
+    elif kind.startswith("onebands"):
+        _write(src, count=1)
+    elif kind == "sparse":
+        prof = _profile(h=40000, w=40000, count=3, nodata=0, tiled=True, blockxsize=512,
+                        blockysize=512, sparse_ok=True, compress="deflate")
+        with rasterio.open(src, "w", **prof):
+            pass  # nothing written: a huge, all-nodata, tiny file
+    extra = ["--bands", "red=1"] if kind == "onebands_red" else []
+    code, out = _cli("run", str(src), "--out", str(tmp_path / "o"), "--no-progress", *extra)
+    assert code == 2, out
+    assert needle in out, out
+    assert "Traceback" not in out
+    assert not (tmp_path / "o" / "run.json").exists()
+    assert not (tmp_path / "o" / "classes.tif").exists()
+
+
+def test_geographic_crs_works(tmp_path: Path, scheduler: str) -> None:
+    rgb, valid = toy_field(64, 64)
+    src = write_rgba(tmp_path / "geo.tif", rgb, valid,
+                     transform=Affine(2e-7, 0, -95.0, 0, -2e-7, 44.0), crs="EPSG:4326")
+    res = process_survey(build_run_config(input=src, out=tmp_path / "o", scheduler=scheduler))
+    area = res.manifest["class_area_m2"]
+    px = res.manifest["class_pixels"]
+    # 2e-7 deg is ~2.2 cm north-south, ~1.6 cm east-west at 44 N: ~3.6 cm2 per pixel
+    per_px = area["crop"] / px["crop"]
+    assert 2.5e-4 < per_px < 4.5e-4

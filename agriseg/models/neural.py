@@ -1,0 +1,434 @@
+"""Learned segmenters: a model bundle run through ONNX Runtime (CPU) or PyTorch (GPU).
+
+The :class:`NeuralSegmenter` that travels to Dask workers holds only the bundle path and its
+small metadata; each worker process loads the network once (module-level cache keyed by path,
+mtime and engine) and reuses it for every tile. On CPU the bundle is exported to ONNX once,
+cached beside it (or in the user cache when the bundle folder is read-only), checked against
+the PyTorch outputs, and run with ONNX Runtime, which is ~1.4x faster than eager PyTorch here.
+PyTorch runs on GPU (bf16/fp16 autocast, channels_last, pinned host memory) and is the fallback
+for architectures ONNX cannot express with dynamic shapes (PSPNet's adaptive pooling, SegNet's
+unpooling).
+
+Seamless tiles: the outer ``margin`` pixels of every array handed to :meth:`predict` are
+context only (the pipeline's halo). The interior is cut into sub-patches whose sides are
+multiples of 32 and whose origins stay on the input's 32-pixel lattice, each read with
+``margin`` pixels of real context and centre-cropped, and sub-patches are batched per model
+call. So a pixel's score does not depend on where tile borders fall, up to the network's
+receptive field beyond the margin and float noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from agriseg.classes import ClassSchema
+from agriseg.errors import ConfigError, ModelError
+from agriseg.models.arch import SIZE_MULTIPLE
+from agriseg.models.base import Prepared, TileContext
+from agriseg.models.bundle import BundleMeta, bundle_digest, bundle_files, load_bundle_model
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from agriseg.raster import SurveyRaster
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["auto", "torch", "onnx"]
+ENGINES = ("auto", "torch", "onnx")
+ONNX_OPSET = 17
+# ONNX must reproduce the PyTorch probabilities to this absolute tolerance.
+ONNX_TOLERANCE = 1e-4
+# Largest sub-patch interior side; bigger tiles are split and the pieces batched.
+MAX_BLOCK = 1024
+# Input pixels per model call (bounds activation memory: ~0.5 GB for the default U-Net).
+MAX_BATCH_PIXELS = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class NeuralParams:
+    """Survey-wide values for :meth:`NeuralSegmenter.predict`.
+
+    Attributes:
+        margin: outer pixels of each input array used as context only (multiple of 32).
+    """
+
+    margin: int
+
+
+def _ceil_to(v: int, m: int) -> int:
+    return int(math.ceil(v / m) * m)
+
+
+def torch_threads() -> int:
+    """Intra-op threads for this process, chosen deliberately.
+
+    ``AGRISEG_THREADS`` wins. Inside a Dask worker each Dask thread gets its share of the
+    host's cores (Dask's nanny sets ``OMP_NUM_THREADS=1``, which would otherwise apply even to a
+    single worker on a big machine); outside Dask every core is used.
+    """
+    env = os.environ.get("AGRISEG_THREADS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError as exc:
+            raise ConfigError(f"AGRISEG_THREADS={env!r} is not an integer") from exc
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return cores
+    nthreads = getattr(getattr(worker, "state", None), "nthreads", None) or 1
+    per_host = os.environ.get("AGRISEG_WORKERS_PER_HOST")
+    if per_host:
+        return max(1, cores // (max(1, int(per_host)) * nthreads))
+    # LocalCluster and `dask worker --nworkers auto` fill the host with one Dask thread per
+    # core, so each Dask thread gets one intra-op thread (no oversubscription).
+    return 1
+
+
+# --------------------------------------------------------------------------- runners
+
+
+class _TorchRunner:
+    """Probabilities from PyTorch (GPU with autocast when available)."""
+
+    def __init__(self, model: nn.Module, device: str) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.amp: Any = None
+        if self.device.type == "cuda":
+            self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.engine = f"torch-{self.device.type}"
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        x = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=self.amp, enabled=self.amp is not None
+        ):
+            logits = self.model(x)
+        probs = torch.softmax(logits.float(), dim=1)
+        return probs.cpu().numpy().astype(np.float32, copy=False)
+
+
+class _OnnxRunner:
+    """Probabilities from ONNX Runtime (softmax is part of the exported graph)."""
+
+    engine = "onnx"
+
+    def __init__(self, onnx_path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(
+            str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {self.input: np.ascontiguousarray(batch)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+_RUNNERS: dict[tuple[str, float, str], Any] = {}
+_LOCK = threading.Lock()
+_THREADS_SET = False
+
+
+def _with_softmax(model: nn.Module) -> nn.Module:
+    from torch import nn
+
+    return nn.Sequential(model, nn.Softmax(dim=1)).eval()
+
+
+def onnx_cache_path(bundle: str | os.PathLike[str], digest: str) -> Path:
+    """Where the ONNX export of a bundle lives: beside it, or the user cache if read-only."""
+    weights, meta_file = bundle_files(bundle)
+    beside = (
+        weights.parent / f"model-{digest[:12]}.onnx"
+        if meta_file is not None
+        else weights.with_name(f"{weights.stem}-{digest[:12]}.onnx")
+    )
+    if os.access(beside.parent, os.W_OK) or beside.exists():
+        return beside
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "agriseg" / "onnx"
+    return cache / f"{digest}.onnx"
+
+
+def export_onnx(
+    bundle: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None = None,
+    check_size: int = 96,
+) -> tuple[Path, float]:
+    """Export a bundle to ONNX (probabilities output, dynamic batch and size) and verify it.
+
+    Args:
+        bundle: bundle path.
+        out: ONNX file to write; default: the cache path beside the bundle.
+        check_size: side of the random test input compared against PyTorch.
+
+    Returns:
+        ``(onnx path, max absolute difference of probabilities vs PyTorch)``.
+
+    Raises:
+        ModelError: the architecture cannot be exported with dynamic shapes, or ONNX Runtime
+            disagrees with PyTorch beyond :data:`ONNX_TOLERANCE`.
+    """
+    import warnings
+
+    import onnxruntime as ort
+    import torch
+
+    meta, model = load_bundle_model(bundle)
+    digest = bundle_digest(bundle)
+    dst = Path(out) if out else onnx_cache_path(bundle, digest)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    wrapped = _with_softmax(model)
+    side = _ceil_to(check_size, SIZE_MULTIPLE)
+    x = torch.rand(2, meta.arch.in_channels, side, side + SIZE_MULTIPLE,
+                   generator=torch.Generator().manual_seed(0))
+    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.partial", dir=dst.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    wrapped, (x[:1],), str(tmp), dynamo=False, opset_version=ONNX_OPSET,
+                    input_names=["pixels"], output_names=["probabilities"],
+                    dynamic_axes={"pixels": {0: "n", 2: "h", 3: "w"},
+                                  "probabilities": {0: "n", 2: "h", 3: "w"}},
+                )
+        except Exception as exc:  # the exporter raises many unrelated types
+            raise ModelError(
+                f"{bundle}: architecture {meta.arch.arch} cannot be exported to ONNX with "
+                f"dynamic tile sizes ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                "use --engine torch"
+            ) from exc
+        import onnx
+
+        proto = onnx.load(str(tmp))
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "agriseg_bundle_sha256", digest
+        onnx.save(proto, str(tmp))
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"pixels": x.numpy()})[0]
+        with torch.inference_mode():
+            want = wrapped(x).numpy()
+        diff = float(np.abs(got - want).max())
+        if not diff <= ONNX_TOLERANCE:
+            raise ModelError(
+                f"{bundle}: the ONNX export disagrees with PyTorch (max difference {diff:.2e} > "
+                f"{ONNX_TOLERANCE:g}); use --engine torch and report the architecture"
+            )
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("exported %s to ONNX %s (max |onnx - torch| = %.2e)", bundle, dst, diff)
+    return dst, diff
+
+
+def _cached_onnx(bundle: str) -> Path:
+    digest = bundle_digest(bundle)
+    path = onnx_cache_path(bundle, digest)
+    if path.exists():
+        return path
+    # Two workers may export at once; each writes a private temporary file and renames.
+    return export_onnx(bundle, path)[0]
+
+
+def _make_runner(path: str, engine: str, meta: BundleMeta) -> Any:
+    import torch
+
+    global _THREADS_SET
+    if not _THREADS_SET:
+        n = torch_threads()
+        torch.set_num_threads(n)
+        _THREADS_SET = True
+        log.debug("torch intra-op threads: %d", n)
+    cuda = torch.cuda.is_available()
+    if engine == "onnx" or (engine == "auto" and not cuda):
+        try:
+            return _OnnxRunner(_cached_onnx(path), torch.get_num_threads())
+        except (ModelError, ImportError, OSError) as exc:
+            if engine == "onnx":
+                log.warning("%s; falling back to PyTorch", exc)
+            else:
+                log.info("ONNX Runtime not used for %s (%s); running PyTorch", meta.name, exc)
+    _, model = load_bundle_model(path)
+    return _TorchRunner(model, "cuda" if cuda else "cpu")
+
+
+def get_runner(path: str, engine: str, meta: BundleMeta) -> Any:
+    """The process-wide runner of a bundle (loaded on first use, then reused)."""
+    key = (path, os.stat(bundle_files(path)[0]).st_mtime, engine)
+    runner = _RUNNERS.get(key)
+    if runner is None:
+        with _LOCK:
+            runner = _RUNNERS.get(key)
+            if runner is None:
+                runner = _make_runner(path, engine, meta)
+                _RUNNERS[key] = runner
+    return runner
+
+
+# --------------------------------------------------------------------------- segmenter
+
+
+def _blocks(length: int, block: int) -> list[int]:
+    return list(range(0, length, block))
+
+
+@dataclass
+class NeuralSegmenter:
+    """A model bundle as a :class:`~agriseg.models.base.Segmenter`.
+
+    Attributes:
+        path: absolute bundle path (weights load lazily, once per worker process).
+        meta: bundle metadata (small; travels with the segmenter).
+        engine: ``auto`` (ONNX Runtime on CPU, PyTorch on GPU), ``onnx`` or ``torch``.
+    """
+
+    path: str
+    meta: BundleMeta
+    engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(
+                f"unknown engine {self.engine!r}; valid choices: {', '.join(ENGINES)}"
+            )
+
+    @property
+    def name(self) -> str:
+        """Model name from the bundle."""
+        return self.meta.name
+
+    @property
+    def schema(self) -> ClassSchema:
+        """Output classes from the bundle."""
+        return self.meta.schema
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Input band roles in channel order."""
+        return self.meta.roles
+
+    @property
+    def margin(self) -> int:
+        """Context ring in pixels (the bundle's halo rounded up to the 32 px lattice)."""
+        return _ceil_to(max(self.meta.halo, 0), SIZE_MULTIPLE)
+
+    def prepare(self, survey: SurveyRaster) -> Prepared:
+        """Check bands and GSD against the bundle; no survey statistics are needed.
+
+        Raises:
+            BandError: the survey lacks a band role the model was trained on.
+        """
+        survey.require(self.roles, f"model bundle {self.path}")
+        warnings: list[str] = []
+        rng = self.meta.gsd_range_m
+        gsd = survey.grid.gsd_m
+        if rng and not (rng[0] / 2 <= gsd <= rng[1] * 2):
+            warnings.append(
+                f"{survey.path}: GSD {gsd:.3g} m is far outside the {rng[0]:.3g}-{rng[1]:.3g} m "
+                f"the model {self.name!r} was trained on; expect poor results (resample the "
+                "survey with gdalwarp -tr, or train on data at this GSD)"
+            )
+        info = {"bundle": self.path, "engine": self.engine, "margin": self.margin,
+                "arch": self.meta.arch.arch, "encoder": self.meta.arch.encoder}
+        return Prepared(NeuralParams(self.margin), halo=self.margin, info=info,
+                        warnings=tuple(warnings))
+
+    def _normalise(self, pixels: np.ndarray) -> np.ndarray:
+        mean = np.asarray(self.meta.mean, np.float32)[None, :, None, None]
+        std = np.asarray(self.meta.std, np.float32)[None, :, None, None]
+        return (pixels - mean) / std
+
+    def predict(
+        self,
+        pixels: np.ndarray,
+        valid: np.ndarray,
+        params: Any,
+        contexts: list[TileContext],
+    ) -> np.ndarray:
+        """Class probabilities ``(N, K, H, W)``; the outer ``margin`` ring is context only."""
+        runner = get_runner(self.path, self.engine, self.meta)
+        n, _, h, w = pixels.shape
+        m = params.margin if isinstance(params, NeuralParams) else self.margin
+        if m and (h <= 2 * m or w <= 2 * m):
+            # Too small to carry its own context (tiny rasters): reflect-pad a ring instead.
+            padded = np.pad(pixels, ((0, 0), (0, 0), (m, m), (m, m)), mode="symmetric")
+            return self.predict(padded, valid, NeuralParams(m), contexts)[:, :, m:-m, m:-m]
+        x = self._normalise(pixels.astype(np.float32, copy=False))
+        ih, iw = h - 2 * m, w - 2 * m
+        block = min(MAX_BLOCK, _ceil_to(max(ih, iw), SIZE_MULTIPLE))
+        by = min(block, _ceil_to(ih, SIZE_MULTIPLE))
+        bx = min(block, _ceil_to(iw, SIZE_MULTIPLE))
+        ys, xs = _blocks(ih, by), _blocks(iw, bx)
+        # Pad bottom/right so every block has its full (block + 2 * margin) input.
+        need_h, need_w = ys[-1] + by + 2 * m, xs[-1] + bx + 2 * m
+        if need_h > h or need_w > w:
+            x = np.pad(x, ((0, 0), (0, 0), (0, need_h - h), (0, need_w - w)), mode="symmetric")
+        k = len(self.schema)
+        out = np.empty((n, k, h, w), np.float32)
+        jobs = [(i, y, xx) for i in range(n) for y in ys for xx in xs]
+        per_call = max(1, MAX_BATCH_PIXELS // ((by + 2 * m) * (bx + 2 * m)))
+        for start in range(0, len(jobs), per_call):
+            chunk = jobs[start : start + per_call]
+            batch = np.stack([x[i, :, y : y + by + 2 * m, xx : xx + bx + 2 * m]
+                              for i, y, xx in chunk])
+            probs = runner(batch)
+            for (i, y, xx), p in zip(chunk, probs, strict=True):
+                hh, ww = min(by, ih - y), min(bx, iw - xx)
+                out[i, :, m + y : m + y + hh, m + xx : m + xx + ww] = p[:, m : m + hh, m : m + ww]
+        if m:
+            # The context ring gets its nearest interior score (cropped away by the pipeline).
+            core = out[:, :, m : h - m, m : w - m]
+            out = np.pad(core, ((0, 0), (0, 0), (m, m), (m, m)), mode="edge")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Bundle facts for run.json."""
+        return {
+            "name": self.name,
+            "kind": "learned",
+            "bundle": self.path,
+            "engine": self.engine,
+            "arch": self.meta.arch.to_dict(),
+            "roles": list(self.roles),
+            "halo": self.margin,
+            "gsd_range_m": list(self.meta.gsd_range_m) if self.meta.gsd_range_m else None,
+        }
+
+
+def load_neural(path: str | os.PathLike[str], engine: str = "auto") -> NeuralSegmenter:
+    """Validate a bundle and wrap it (as ``bundle.load_bundle_segmenter``)."""
+    from agriseg.models.bundle import load_bundle_segmenter
+
+    seg = load_bundle_segmenter(path, engine)
+    assert isinstance(seg, NeuralSegmenter)
+    return seg

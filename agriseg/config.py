@@ -29,6 +29,9 @@ class RunConfig(BaseModel):
     fields: Path | None = Field(None, description="field polygons (GeoPackage/Shapefile/GeoJSON)")
     field_id: str | None = Field(None, description="id column of the fields layer")
     model: str | None = Field(None, description="registered model name or bundle path")
+    engine: Literal["auto", "torch", "onnx"] = Field(
+        "auto", description="learned-model engine: auto (ONNX Runtime on CPU, PyTorch on GPU)"
+    )
     bands: str | None = Field(None, description="band roles, e.g. red=1,green=2,blue=3,nir=4")
     tile_size: int = Field(1024, ge=16, le=16384, description="core tile edge in pixels")
     halo: int | None = Field(None, ge=0, le=4096, description="halo; default: the model's")

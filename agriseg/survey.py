@@ -168,7 +168,7 @@ def _process(
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     survey = open_survey(config.input, config.bands)
-    segmenter = load_segmenter(config.model)
+    segmenter = load_segmenter(config.model, config.engine)
     out = Path(config.out)
     work = _prepare_out_dir(out, config.overwrite)
 

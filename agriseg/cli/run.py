@@ -23,6 +23,8 @@ from agriseg.grid import TilePlan
               help="Field polygons (GeoPackage, Shapefile, GeoJSON; any CRS).")
 @click.option("--field-id", help="Id column of --fields (default: first unique column).")
 @click.option("--model", "-m", help="Registered model name (see `agriseg models`) or bundle path.")
+@click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]),
+              help="Engine for learned models [auto: ONNX Runtime on CPU, PyTorch on GPU].")
 @click.option("--bands",
               help="Band roles when the file does not say, e.g. red=3,green=2,blue=1,nir=4.")
 @click.option("--tile-size", type=int, help="Core tile edge in pixels, multiple of 16 [1024].")

@@ -9,6 +9,20 @@ from agriseg.errors import ModelError
 from agriseg.models.base import Segmenter
 
 
+def _shipped_bundle(filename: str) -> Segmenter:
+    from pathlib import Path
+
+    from agriseg.models.bundle import load_bundle_segmenter
+
+    path = Path(__file__).resolve().parents[1] / "data" / filename
+    if not path.exists():
+        raise ModelError(
+            f"{path}: the bundled model is missing from this installation; reinstall agriseg "
+            "or train it with `agriseg train workflows/train-default.yaml`"
+        )
+    return load_bundle_segmenter(path)
+
+
 def _index_threshold() -> Segmenter:
     from agriseg.models.indexthreshold import IndexThresholdSegmenter
 
@@ -18,6 +32,10 @@ def _index_threshold() -> Segmenter:
 # name -> (factory, one-line description). Other modules register more names here.
 _REGISTRY: dict[str, tuple[Callable[[], Segmenter], str]] = {
     "index-threshold": (_index_threshold, "soil/crop from ExG or NDVI, one Otsu threshold"),
+    "unet-default": (
+        lambda: _shipped_bundle("unet-default.safetensors"),
+        "small U-Net bundle shipped with agriseg (synthetic fields + pseudo-labels, RGB)",
+    ),
 }
 DEFAULT_MODEL = "index-threshold"
 
@@ -32,21 +50,29 @@ def available_models() -> dict[str, str]:
     return {k: v[1] for k, v in sorted(_REGISTRY.items())}
 
 
-def load_segmenter(name_or_path: str | None = None) -> Segmenter:
+def load_segmenter(name_or_path: str | None = None, engine: str = "auto") -> Segmenter:
     """Resolve a registered name or a model bundle path to a segmenter.
+
+    Args:
+        name_or_path: registered name or bundle path (default: :data:`DEFAULT_MODEL`).
+        engine: inference engine of learned models (``auto``, ``torch``, ``onnx``); rule-based
+            models ignore it.
 
     Raises:
         ModelError: unknown name and no such file (the message lists the valid names).
     """
     key = name_or_path or DEFAULT_MODEL
     if key in _REGISTRY:
-        return _REGISTRY[key][0]()
+        seg = _REGISTRY[key][0]()
+        if engine != "auto" and hasattr(seg, "engine"):
+            seg.engine = engine  # type: ignore[attr-defined]
+        return seg
     if os.path.exists(key):
         try:
-            from agriseg.models.bundle import load_bundle_segmenter  # type: ignore[import-not-found]
+            from agriseg.models.bundle import load_bundle_segmenter
         except ImportError as exc:
             raise ModelError(f"{key}: model bundles are not supported in this build") from exc
-        return load_bundle_segmenter(key)  # type: ignore[no-any-return]
+        return load_bundle_segmenter(key, engine)
     raise ModelError(
         f"unknown model {key!r}: not a registered name and no such file; valid names: "
         f"{', '.join(available_models())} (or give the path of a model bundle)"

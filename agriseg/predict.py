@@ -166,8 +166,13 @@ def dask_client(
     processes: bool = True,
     dashboard: str = "127.0.0.1:8787",
     timeout: float = 10.0,
+    resources: dict[str, float] | None = None,
 ) -> Iterator[Client]:
     """An existing cluster (``scheduler`` address or file) or an embedded LocalCluster.
+
+    With ``resources={"GPU": 1}`` (a model that runs on CUDA) the local cluster gets one
+    worker per GPU advertising that resource: dask-cuda's LocalCUDACluster when installed
+    (it pins each worker to its device), else a LocalCluster.
 
     Raises:
         ClusterError: the scheduler cannot be reached in ``timeout`` seconds.
@@ -188,16 +193,25 @@ def dask_client(
             client.close()
         return
     n = workers or max(1, (os.cpu_count() or 2) // threads_per_worker)
-    with (
-        LocalCluster(
-            n_workers=n,
-            threads_per_worker=threads_per_worker,
-            processes=processes,
-            dashboard_address=dashboard,
-            silence_logs=logging.ERROR,
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    kwargs: dict[str, Any] = {
+        "threads_per_worker": threads_per_worker,
+        "dashboard_address": dashboard,
+        "silence_logs": logging.ERROR,
+    }
+    cluster_cls: Any = LocalCluster
+    if resources and "GPU" in resources:
+        kwargs["resources"] = dict(resources)
+        try:
+            from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
+
+            cluster_cls = LocalCUDACluster
+        except ImportError:
+            import torch
+
+            kwargs.update(n_workers=workers or max(1, torch.cuda.device_count()))
+    else:
+        kwargs.update(n_workers=n, processes=processes)
+    with cluster_cls(**kwargs) as cluster, Client(cluster) as client:
         yield client
 
 
@@ -248,10 +262,12 @@ def run_tiles(
     queue = iter(todo)
     task_seconds = 0.0
 
+    resources = task_resources(client, segmenter)
+
     def submit(tile: Tile) -> Any:
         return client.submit(
             segment_tile, survey, tile, seg_f, params_f, index_names,
-            key=f"segment-{tile.key}-{id(writer)}", retries=2, pure=False,
+            key=f"segment-{tile.key}-{id(writer)}", retries=2, pure=False, resources=resources,
         )
 
     pending = as_completed([submit(t) for _, t in zip(range(limit), queue, strict=False)])
@@ -287,6 +303,24 @@ def run_tiles(
         with contextlib.suppress(Exception):
             _sync(writer, checkpoint, unsynced)
     return {"task_seconds": task_seconds, "tiles_run": len(todo)}
+
+
+def task_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | None:
+    """Dask resources the model's tasks ask for, when some worker offers them.
+
+    A segmenter may declare ``resources = {"GPU": 1}``. Tasks are pinned to such workers only
+    when the cluster has at least one, else they would wait forever; a mixed cluster then
+    runs model tasks on its GPU workers only.
+    """
+    wanted: dict[str, float] | None = getattr(segmenter, "resources", None)
+    if not wanted:
+        return None
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
+    offered = [w.get("resources", {}) for w in workers]
+    if any(all(r.get(k, 0) >= v for k, v in wanted.items()) for r in offered):
+        return wanted
+    log.warning("no worker offers %s; running model tasks on any worker", wanted)
+    return None
 
 
 def _sync(writer: TileWriter, checkpoint: Checkpoint, unsynced: list[str]) -> None:

@@ -72,6 +72,18 @@ PostStep = Callable[[SurveyContext], None]
 POST_STEPS: list[tuple[str, PostStep]] = []
 
 
+def _quicklook_step(ctx: SurveyContext) -> None:
+    """Image beside classes as ``quicklook.png`` (decimated reads, so cheap at any size)."""
+    from agriseg.quicklook import write_quicklook
+
+    write_quicklook(ctx.survey, ctx.work_dir / "classes.tif", ctx.work_dir / "quicklook.png",
+                    ctx.schema)
+    ctx.outputs["quicklook"] = Path("quicklook.png")
+
+
+POST_STEPS.append(("quicklook", _quicklook_step))
+
+
 @dataclass(frozen=True, slots=True)
 class SurveyResult:
     """Where the outputs are and the manifest."""
@@ -217,6 +229,7 @@ def _process(
             config.threads_per_worker,
             config.processes,
             timeout=config.scheduler_timeout,
+            resources=getattr(segmenter, "resources", None),
         ) as client:
             if config.scheduler or config.scheduler_file:
                 check_workers_see(client, survey.path)

@@ -1,0 +1,77 @@
+"""A survey through a real multi-process cluster started like on a farm: `dask scheduler` and
+`dask worker` processes sharing a scheduler file on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from click.testing import CliRunner
+
+from agriseg.cli import main
+
+DASK = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+WORKER = [sys.executable, "-m", "distributed.cli.dask_worker"]
+
+
+@pytest.fixture()
+def scheduler_file(tmp_path: Path) -> Iterator[Path]:
+    sfile = tmp_path / "scheduler.json"
+    procs = [
+        subprocess.Popen(
+            [*DASK, "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+             "--scheduler-file", str(sfile)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+    ]
+    try:
+        t0 = time.monotonic()
+        while not sfile.exists() and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        assert sfile.exists(), "dask scheduler did not start"
+        for name in ("w1", "w2"):
+            procs.append(subprocess.Popen(
+                [*WORKER, "--scheduler-file", str(sfile), "--nthreads", "1", "--nworkers", "1",
+                 "--name", name, "--no-dashboard", "--host", "127.0.0.1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            ))
+        from distributed import Client
+
+        with Client(scheduler_file=str(sfile), timeout=60) as c:
+            c.wait_for_workers(2, timeout=90)
+        yield sfile
+    finally:
+        for p in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+def test_survey_on_existing_cluster(rgba_tif: Path, tmp_path: Path, scheduler_file: Path) -> None:
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(out), "--tile-size", "64",
+                                  "--scheduler-file", str(scheduler_file), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    with rasterio.open(out / "classes.tif") as ds:
+        classes = ds.read(1)
+    assert (classes == 1).any() and (classes == 0).any()
+    # both worker processes took tiles
+    from distributed import Client
+
+    with Client(scheduler_file=str(scheduler_file)) as c:
+        logs = c.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
+    assert all(n > 0 for n in logs.values()), logs
+    assert np.count_nonzero(classes == 255) > 0

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agriseg.errors import ConfigError
 
-CONFIG_VERSION = 1
+CONFIG_VERSION: Literal[1] = 1
 
 
 class RunConfig(BaseModel):

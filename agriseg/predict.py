@@ -202,7 +202,7 @@ def dask_client(
     if resources and "GPU" in resources:
         kwargs["resources"] = dict(resources)
         try:
-            from dask_cuda import LocalCUDACluster  # type: ignore[import-not-found]
+            from dask_cuda import LocalCUDACluster
 
             cluster_cls = LocalCUDACluster
         except ImportError:

@@ -58,9 +58,20 @@ class Prepared:
 class Segmenter(Protocol):
     """A semantic segmentation model as the pipeline sees it."""
 
-    name: str
-    schema: ClassSchema
-    roles: tuple[str, ...]
+    @property
+    def name(self) -> str:
+        """Short name for logs and run.json."""
+        ...
+
+    @property
+    def schema(self) -> ClassSchema:
+        """Classes the scores refer to, in channel order."""
+        ...
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Band roles read, in channel order (may be settled by :meth:`prepare`)."""
+        ...
 
     def prepare(self, survey: SurveyRaster) -> Prepared:
         """Compute survey-wide parameters once, before any tile runs."""

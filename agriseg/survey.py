@@ -30,6 +30,7 @@ from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
 from agriseg.models.base import Prepared, Segmenter
 from agriseg.output import OutputSpec, TileWriter, finalize_cog
+from agriseg.postprocess import POSTPROCESS_STEPS
 from agriseg.predict import (
     Checkpoint,
     Progress,
@@ -82,6 +83,7 @@ def _quicklook_step(ctx: SurveyContext) -> None:
 
 
 POST_STEPS.append(("quicklook", _quicklook_step))
+POST_STEPS.extend(POSTPROCESS_STEPS)
 
 
 @dataclass(frozen=True, slots=True)

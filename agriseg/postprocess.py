@@ -1,0 +1,161 @@
+"""Post-processing steps of a survey run: zones, field summaries, report, QGIS project.
+
+Each step takes the run's ``SurveyContext`` (see :mod:`agriseg.survey`), writes under
+``ctx.work_dir`` and lists its files in ``ctx.outputs``; the survey moves them into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import geopandas as gpd
+
+from agriseg.fields import FieldSet, read_fields, summarize_fields, whole_raster_field, write_fields
+from agriseg.indices import INDICES
+from agriseg.qgis import (
+    ProjectLayer,
+    class_qml,
+    fields_qml,
+    ramp_qml,
+    rgb_qml,
+    write_gpkg_style,
+    write_project,
+    zone_ids_qml,
+    zones_qml,
+)
+from agriseg.report import write_report
+from agriseg.vectorize import ZoneParams, vectorize_zones, write_zones
+
+if TYPE_CHECKING:
+    from agriseg.survey import PostStep, SurveyContext
+
+log = logging.getLogger(__name__)
+
+
+def _fieldset(ctx: SurveyContext) -> FieldSet:
+    if ctx.config.fields is None:
+        return whole_raster_field(ctx.survey.grid)
+    return read_fields(ctx.config.fields, ctx.survey.grid, ctx.config.field_id)
+
+
+def _read_zones(work: Path) -> gpd.GeoDataFrame | None:
+    path = work / "zones.gpkg"
+    return gpd.read_file(path, layer="zones") if path.exists() else None
+
+
+def zones_step(ctx: SurveyContext) -> None:
+    """``zones.gpkg`` (styled) and ``zone_ids.tif`` (instance ids) from the class mask."""
+    fields = _fieldset(ctx).fields if ctx.config.fields is not None else None
+    work = ctx.work_dir
+    ids_tif = work / "zone_ids.tif"
+    zones = vectorize_zones(
+        work / "classes.tif", ctx.schema, ZoneParams(min_area_m2=ctx.config.min_zone_area),
+        confidence_tif=work / "confidence.tif", fields=fields, zone_raster=work / "zones.work.tif",
+    )
+    info: dict[str, object] = {"count": len(zones), "min_area_m2": ctx.config.min_zone_area}
+    if zones.empty:
+        # An all-empty zone layer or raster would open in QGIS as a broken layer: skip them.
+        (work / "zones.work.tif").unlink(missing_ok=True)
+        log.info("zones: no at-risk patch of %s m2 or more; no zone files written",
+                 ctx.config.min_zone_area)
+    else:
+        from agriseg.output import OutputSpec, finalize_cog
+
+        finalize_cog(work / "zones.work.tif", ids_tif,
+                     OutputSpec("zone_ids", "uint32", 0, "NEAREST", "zone id"))
+        (work / "zones.work.tif").unlink(missing_ok=True)
+        ids_tif.with_suffix(".qml").write_text(
+            zone_ids_qml(dict(zip(zones["zone_id"], zones["class"], strict=True)), ctx.schema))
+        write_zones(zones, work / "zones.gpkg")
+        write_gpkg_style(work / "zones.gpkg", "zones", zones_qml(ctx.schema))
+        ctx.outputs["zones"] = Path("zones.gpkg")
+        ctx.outputs["zone_ids"] = Path("zone_ids.tif")
+        info["by_class"] = zones["class"].value_counts().to_dict()
+        info["area_m2_by_class"] = zones.groupby("class")["area_m2"].sum().round(3).to_dict()
+    ctx.manifest["zones"] = info
+
+
+def fields_step(ctx: SurveyContext) -> None:
+    """``fields.gpkg`` (styled by health) and ``fields.csv``."""
+    fs = _fieldset(ctx)
+    for note in fs.notes:
+        log.warning("%s", note)
+    work = ctx.work_dir
+    zones = _read_zones(work)
+    indices = {name.split("/", 1)[1]: work / rel for name, rel in ctx.outputs.items()
+               if name.startswith("indices/")}
+    summary = summarize_fields(fs, work / "classes.tif", ctx.schema, indices, zones)
+    write_fields(summary, work / "fields.gpkg", work / "fields.csv")
+    write_gpkg_style(work / "fields.gpkg", "fields", fields_qml())
+    ctx.outputs["fields"] = Path("fields.gpkg")
+    ctx.outputs["fields_csv"] = Path("fields.csv")
+    ctx.manifest["fields"] = {
+        "source": fs.source, "id_column": fs.id_column, "count": len(summary),
+        "notes": list(fs.notes),
+        "median_health_score": None if summary["health_score"].isna().all()
+        else round(float(summary["health_score"].median()), 2),
+    }
+
+
+def report_step(ctx: SurveyContext) -> None:
+    """``report.html``: one offline file with maps, table, charts and parameters."""
+    work = ctx.work_dir
+    summary = gpd.read_file(work / "fields.gpkg", layer="fields")
+    zones = _read_zones(work)
+    params = json.loads(ctx.config.model_dump_json())
+    params["model"] = ctx.segmenter.name
+    params["gsd_m"] = round(ctx.survey.grid.gsd_m, 4)
+    params["raster_px"] = f"{ctx.survey.grid.width} x {ctx.survey.grid.height}"
+    params["crs"] = ctx.survey.grid.crs.to_string()
+    notes = list(ctx.manifest.get("fields", {}).get("notes", []))
+    notes += [str(w) for w in ctx.prepared.warnings]
+    indices = [n.split("/", 1)[1] for n in ctx.outputs if n.startswith("indices/")]
+    write_report(work / "report.html", ctx.survey.path, ctx.survey.roles.as_dict(),
+                 work / "classes.tif", ctx.schema, summary, zones, params, indices, notes,
+                 has_fields=ctx.config.fields is not None)
+    ctx.outputs["report"] = Path("report.html")
+
+
+def project_step(ctx: SurveyContext) -> None:
+    """``project.qgs``: every output with relative paths and embedded styles."""
+    roles = ctx.survey.roles.as_dict()
+    bands = [roles.get(r) for r in ("red", "green", "blue")]
+    spectral = [i for r, i in roles.items() if r != "alpha"] or [1]
+    r, g, b = (bands if all(bands) else (spectral * 3)[:3])
+    layers: list[ProjectLayer] = []
+    out = ctx.outputs
+    if "zones" in out:
+        layers.append(ProjectLayer(out["zones"], "at-risk zones", zones_qml(ctx.schema),
+                                   layer="zones"))
+    if "fields" in out:
+        layers.append(ProjectLayer(out["fields"], "fields (health)", fields_qml(),
+                                   layer="fields", visible=ctx.config.fields is not None))
+    if "zone_ids" in out:
+        qml = (ctx.work_dir / out["zone_ids"]).with_suffix(".qml").read_text()
+        layers.append(ProjectLayer(out["zone_ids"], "zone ids", qml, visible=False))
+    layers.append(ProjectLayer(out["classes"], "classes", class_qml(ctx.schema), opacity=0.75))
+    layers.append(ProjectLayer(out["confidence"], "confidence", ramp_qml(0, 100, "confidence"),
+                               visible=False))
+    for name, rel in sorted(out.items()):
+        if name.startswith("indices/"):
+            d = INDICES[name.split("/", 1)[1]]
+            layers.append(ProjectLayer(rel, d.name.upper(), ramp_qml(d.vmin, d.vmax),
+                                       visible=False, group="vegetation indices"))
+    layers.append(ProjectLayer(Path(ctx.survey.path), "input image",
+                               rgb_qml(int(r), int(g), int(b), roles.get("alpha", -1))))
+    grid = ctx.survey.grid
+    write_project(ctx.work_dir / "project.qgs", layers, grid.crs.to_wkt(),
+                  grid.crs.to_string(), grid.bounds, title=f"agriseg: {Path(ctx.survey.path).name}",
+                  geographic=grid.crs.is_geographic, home=ctx.out_dir)
+    ctx.outputs["project"] = Path("project.qgs")
+
+
+POSTPROCESS_STEPS: list[tuple[str, PostStep]] = [
+    ("zones", zones_step),
+    ("fields", fields_step),
+    ("report", report_step),
+    ("project", project_step),
+]

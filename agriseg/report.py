@@ -1,0 +1,399 @@
+"""A self-contained HTML report: one file, images inlined as base64 PNG, no network.
+
+Maps and charts are drawn with matplotlib (Agg) from decimated reads, so the report costs the
+same for a 10 MP and a 10 GP survey apart from the number of fields drawn.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch
+from rasterio.enums import Resampling
+from rasterio.windows import Window, from_bounds
+
+from agriseg.classes import ClassSchema
+from agriseg.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+MAX_FIELD_MAPS = 60
+HEALTH_FORMULA = (
+    "W = weed / (crop + weed + disease)  (weed pressure)\n"
+    "D = disease / (crop + disease)      (disease incidence)\n"
+    "S = min(1, C / C90), C = (crop + disease) / valid pixels, C90 = 90th percentile of C\n"
+    "    over all fields                 (stand)\n"
+    "health = 100 x (1 - W) x (1 - D) x S"
+)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;
+background:#f6f7f4}
+header{background:#24502c;color:#fff;padding:18px 28px}
+header h1{margin:0 0 4px;font-size:24px} header p{margin:0;opacity:.85}
+main{padding:10px 28px 40px;max-width:1400px}
+h2{border-bottom:2px solid #24502c;padding-bottom:4px;margin-top:32px}
+.cards{display:flex;flex-wrap:wrap;gap:12px}
+.card{background:#fff;border-radius:8px;padding:10px 16px;box-shadow:0 1px 3px #0002;
+min-width:140px}
+.card b{display:block;font-size:22px}
+img{max-width:100%;background:#fff;border-radius:6px;box-shadow:0 1px 3px #0002}
+table{border-collapse:collapse;background:#fff;font-size:13px}
+th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}
+th{background:#e8ece4;position:sticky;top:0} td:first-child,th:first-child{text-align:left}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
+.field{background:#fff;border-radius:8px;padding:8px;box-shadow:0 1px 3px #0002}
+.field h3{margin:0 0 4px;font-size:15px}
+pre{background:#fff;padding:10px;border-radius:6px;overflow-x:auto}
+.note{color:#8a4b00}
+"""
+
+
+def _subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6, 4),
+              **kw: Any) -> tuple[Figure, Any]:
+    # Figure without pyplot: no global state, no GUI backend, safe in any thread.
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
+
+
+def _png(fig: Figure, dpi: int = 90) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def _rgb_bands(roles: Mapping[str, int], count: int) -> list[int]:
+    if all(r in roles for r in ("red", "green", "blue")):
+        return [roles["red"], roles["green"], roles["blue"]]
+    spectral = [i for r, i in roles.items() if r != "alpha"] or [1]
+    return (spectral * 3)[:3] if len(spectral) < 3 else spectral[:3]
+
+
+def _read_image(
+    path: str, roles: Mapping[str, int], window: Window | None, shape: tuple[int, int]
+) -> np.ndarray:
+    """RGBA float image of ``window`` decimated to ``shape``, 2-98 % stretched."""
+    with rasterio.open(path) as ds:
+        bands = _rgb_bands(roles, ds.count)
+        data = ds.read(bands, window=window, out_shape=(3, *shape),
+                       resampling=Resampling.average).astype(np.float32)
+        if "alpha" in roles:
+            valid = ds.read(roles["alpha"], window=window, out_shape=shape,
+                            resampling=Resampling.nearest) > 0
+        else:
+            valid = ds.read_masks(bands[0], window=window, out_shape=shape,
+                                  resampling=Resampling.nearest) > 0
+    valid &= np.isfinite(data).all(axis=0)
+    rgba = np.zeros((*shape, 4), np.float32)
+    if valid.any():
+        lo, hi = np.percentile(data[:, valid], [2, 98], axis=1)
+        for i in range(3):
+            rgba[..., i] = np.clip((data[i] - lo[i]) / max(hi[i] - lo[i], 1e-9), 0, 1)
+    rgba[..., 3] = valid
+    return rgba
+
+
+def _read_classes(path: Path, schema: ClassSchema, window: Window | None,
+                  shape: tuple[int, int], alpha: float = 1.0) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        cls = ds.read(1, window=window, out_shape=shape, resampling=Resampling.nearest)
+    lut = np.zeros((256, 4), np.float32)
+    for c in schema.classes:
+        lut[c.value] = (*(v / 255 for v in c.color), alpha)
+    return lut[cls]
+
+
+def _shape_for(h: float, w: float, max_side: int) -> tuple[int, int]:
+    f = max(1.0, max(h, w) / max_side)
+    return (max(1, round(h / f)), max(1, round(w / f)))
+
+
+def _legend(schema: ClassSchema) -> list[Patch]:
+    return [Patch(color=np.array(c.color) / 255, label=c.name) for c in schema.classes]
+
+
+def _overview(survey_path: str, roles: Mapping[str, int], classes_tif: Path,
+              schema: ClassSchema, fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None,
+              show_fields: bool) -> str:
+    with rasterio.open(classes_tif) as ds:
+        h, w = ds.shape
+        left, bottom, right, top = ds.bounds
+    shape = _shape_for(h, w, 1100)
+    extent = (left, right, bottom, top)
+    img = _read_image(survey_path, roles, None, shape)
+    cls = _read_classes(classes_tif, schema, None, shape)
+    # Wide surveys stack image over classes; tall ones sit side by side.
+    if w >= h:
+        fig, axes = _subplots(2, 1, figsize=(12, min(16.0, 12 * h / w * 2 + 1)))
+    else:
+        fig, axes = _subplots(1, 2, figsize=(12, min(16.0, 6 * h / w + 1)))
+    for ax, data, title in ((axes[0], img, "Image"), (axes[1], cls, "Classes and at-risk zones")):
+        ax.imshow(data, extent=extent, interpolation="nearest")
+        ax.set_title(title)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if show_fields and not fields.empty:
+            fields.boundary.plot(ax=ax, color="white" if data is img else "black",
+                                 linewidth=0.8)
+        if data is cls and zones is not None and not zones.empty:
+            zones.boundary.plot(ax=ax, color="magenta", linewidth=0.9)
+        ax.set_xlim(left, right)
+        ax.set_ylim(bottom, top)
+    if show_fields and len(fields) <= 80:
+        for _, row in fields.iterrows():
+            if row.geometry is None or row.get("status") == "outside raster":
+                continue
+            p = row.geometry.representative_point()
+            axes[0].annotate(str(row["field_id"]), (p.x, p.y), color="yellow", fontsize=7,
+                             ha="center", va="center", weight="bold")
+    axes[1].legend(handles=[*_legend(schema), Patch(facecolor="none", edgecolor="magenta",
+                                                    label="zone")],
+                   loc="lower right", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _field_map(survey_path: str, roles: Mapping[str, int], classes_tif: Path,
+               schema: ClassSchema, geom: Any, zones: gpd.GeoDataFrame | None) -> str | None:
+    with rasterio.open(classes_tif) as ds:
+        minx, miny, maxx, maxy = geom.bounds
+        pad = 0.05 * max(maxx - minx, maxy - miny)
+        win = from_bounds(minx - pad, miny - pad, maxx + pad, maxy + pad, ds.transform)
+        win = win.intersection(Window(0, 0, ds.width, ds.height)).round_offsets().round_lengths()
+        if win.width < 1 or win.height < 1:
+            return None
+        b = ds.window_bounds(win)
+    shape = _shape_for(win.height, win.width, 260)
+    extent = (b[0], b[2], b[1], b[3])
+    img = _read_image(survey_path, roles, win, shape)
+    cls = _read_classes(classes_tif, schema, win, shape)
+    tall = win.height > win.width
+    fig, axes = _subplots(1, 2, figsize=(4, 3.2) if tall else (4, 2.2))
+    for ax, data in zip(axes, (img, cls), strict=True):
+        ax.imshow(data, extent=extent, interpolation="nearest")
+        gpd.GeoSeries([geom]).boundary.plot(ax=ax, color="white" if data is img else "black",
+                                            linewidth=0.8)
+        if data is cls and zones is not None and not zones.empty:
+            near = zones[zones.intersects(geom)]
+            if not near.empty:
+                near.boundary.plot(ax=ax, color="magenta", linewidth=0.8)
+        ax.set_xlim(extent[0], extent[1])
+        ax.set_ylim(extent[2], extent[3])
+        ax.set_axis_off()
+    fig.subplots_adjust(0, 0, 1, 1, 0.04, 0)
+    return _png(fig, dpi=80)
+
+
+def _class_chart(summary: gpd.GeoDataFrame, schema: ClassSchema) -> str:
+    s = summary[summary["covered_pct"].fillna(0) > 0].head(60)
+    fig, ax = _subplots(figsize=(10, max(2.0, 0.22 * len(s) + 1)))
+    left = np.zeros(len(s))
+    labels = s["field_id"].astype(str).to_numpy()
+    for c in schema.classes:
+        v = s[f"{c.name}_pct"].fillna(0).to_numpy()
+        ax.barh(labels, v, left=left, color=np.array(c.color) / 255, label=c.name)
+        left += v
+    ax.invert_yaxis()
+    ax.set_xlabel("share of valid pixels, %")
+    ax.set_xlim(0, 100)
+    ax.set_title("Class shares per field (lowest health first)")
+    ax.legend(ncol=len(schema), loc="lower right", fontsize=8, framealpha=0.9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _index_chart(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str | None:
+    names = [n for n in index_names if f"{n}_median" in summary]
+    if not names:
+        return None
+    s = summary[summary["covered_pct"].fillna(0) > 0].head(60)
+    fig, axes = _subplots(1, len(names), figsize=(4 * len(names), max(2.5, 0.2 * len(s) + 1)),
+                             squeeze=False)
+    y = np.arange(len(s))
+    for ax, n in zip(axes[0], names, strict=True):
+        ax.hlines(y, s[f"{n}_p10"], s[f"{n}_p90"], color="#6a9f58", linewidth=3)
+        ax.plot(s[f"{n}_median"], y, "k|", markersize=10)
+        ax.set_yticks(y, s["field_id"].astype(str) if ax is axes[0][0] else [""] * len(y),
+                      fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{n.upper()}: p10-p90, median |")
+        ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _health_chart(summary: gpd.GeoDataFrame) -> str | None:
+    v = summary["health_score"].dropna().to_numpy()
+    if len(v) < 2:
+        return None
+    fig, ax = _subplots(figsize=(5, 2.6))
+    ax.hist(v, bins=np.linspace(0, 100, 21), color="#3b7d3c")
+    ax.set_xlabel("health score")
+    ax.set_ylabel("fields")
+    ax.set_title("Health score distribution")
+    fig.tight_layout()
+    return _png(fig)
+
+
+_TABLE_COLS = (
+    ("rank", "rank", "{:.0f}"), ("field_id", "field", "{}"), ("status", "status", "{}"),
+    ("health_score", "health", "{:.1f}"), ("area_ha", "area ha", "{:.4f}"),
+    ("covered_pct", "covered %", "{:.1f}"), ("vegetation_pct", "vegetation %", "{:.1f}"),
+    ("weed_pressure_pct", "weed pressure %", "{:.2f}"),
+    ("disease_incidence_pct", "disease incid. %", "{:.2f}"),
+    ("at_risk_m2", "at-risk m2", "{:.2f}"), ("zones", "zones", "{:.0f}"),
+)
+
+
+def _fmt(v: Any, f: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    try:
+        return f.format(v)
+    except (ValueError, TypeError):
+        return html.escape(str(v))
+
+
+def _table(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str:
+    cols = [c for c in _TABLE_COLS if c[0] in summary]
+    cols += [(f"{n}_median", f"{n} median", "{:.3f}") for n in index_names
+             if f"{n}_median" in summary]
+    head = "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in cols)
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_fmt(r[c], f)}</td>" for c, _, f in cols) + "</tr>"
+        for _, r in summary.iterrows()
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def write_report(
+    path: str | os.PathLike[str],
+    survey_path: str,
+    roles: Mapping[str, int],
+    classes_tif: Path,
+    schema: ClassSchema,
+    summary: gpd.GeoDataFrame,
+    zones: gpd.GeoDataFrame | None,
+    parameters: Mapping[str, Any],
+    index_names: Sequence[str] = (),
+    notes: Sequence[str] = (),
+    title: str = "Field survey report",
+    has_fields: bool = True,
+) -> Path:
+    """Write ``report.html`` (everything inline: opens offline, mails as one file).
+
+    Args:
+        path: the HTML file to write.
+        survey_path: the input image (for the picture underneath the maps).
+        roles: band roles of the input (``{"red": 1, ...}``).
+        classes_tif: class raster.
+        schema: class schema.
+        summary: per-field table from :func:`agriseg.fields.summarize_fields`.
+        zones: at-risk zones (or ``None``).
+        parameters: run parameters to list at the end.
+        index_names: vegetation indices summarised per field.
+        notes: warnings to show (repaired fields, fields outside the raster, ...).
+        title: page title.
+        has_fields: fields came from a file (draw and label them on the overview).
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    n_zones = 0 if zones is None else len(zones)
+    valid_ha = float(summary["valid_ha"].sum())
+    cards = [
+        ("surveyed", f"{valid_ha:.3f} ha" if valid_ha < 10 else f"{valid_ha:.1f} ha"),
+        ("fields", f"{len(summary)}" if has_fields else "whole survey"),
+        ("at-risk zones", f"{n_zones}"),
+        ("median health", _fmt(float(summary["health_score"].median()), "{:.1f}")),
+    ]
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(os.path.basename(survey_path))}"
+        f" · {time.strftime('%Y-%m-%d %H:%M')}</p></header><main>",
+        "<div class='cards'>" + "".join(
+            f"<div class='card'>{html.escape(k)}<b>{html.escape(v)}</b></div>" for k, v in cards
+        ) + "</div>",
+    ]
+    if notes:
+        parts.append("<ul>" + "".join(f"<li class='note'>{html.escape(n)}</li>" for n in notes)
+                     + "</ul>")
+    parts.append("<h2>Overview</h2>")
+    parts.append(_img(_overview(survey_path, roles, classes_tif, schema, summary, zones,
+                                has_fields), "overview map"))
+    parts.append("<h2>Fields</h2><p>Ranked by health score: rank 1 needs attention first.</p>")
+    parts.append(_table(summary, index_names))
+    parts.append("<h3>Health score</h3><pre>" + html.escape(HEALTH_FORMULA) + "</pre>")
+    parts.append("<h2>Charts</h2>")
+    for chart in (_class_chart(summary, schema), _index_chart(summary, index_names),
+                  _health_chart(summary)):
+        if chart:
+            parts.append(f"<p>{_img(chart, 'chart')}</p>")
+    if has_fields:
+        shown = summary[summary["covered_pct"].fillna(0) > 0].head(MAX_FIELD_MAPS)
+        parts.append("<h2>Field maps</h2>")
+        if len(summary) > len(shown):
+            parts.append(f"<p>{len(shown)} of {len(summary)} fields shown (lowest health "
+                         "first; fields outside the raster have no map).</p>")
+        parts.append("<div class='grid'>")
+        for _, r in shown.iterrows():
+            uri = _field_map(survey_path, roles, classes_tif, schema, r.geometry, zones)
+            if uri is None:
+                continue
+            parts.append(
+                f"<div class='field'><h3>{html.escape(str(r['field_id']))} · health "
+                f"{_fmt(r['health_score'], '{:.1f}')} · rank {r['rank']}</h3>"
+                f"{_img(uri, 'field ' + str(r['field_id']))}"
+                f"<div>weed {_fmt(r.get('weed_pct'), '{:.1f}')} % · disease "
+                f"{_fmt(r.get('disease_pct'), '{:.1f}')} % · zones {r['zones']}</div></div>"
+            )
+        parts.append("</div>")
+    if n_zones:
+        top = zones.head(20)
+        parts.append("<h2>Largest at-risk zones</h2><table><thead><tr><th>zone</th>"
+                     "<th>class</th><th>area m2</th><th>confidence %</th><th>field</th>"
+                     "<th>lat</th><th>lon</th></tr></thead><tbody>")
+        for _, z in top.iterrows():
+            parts.append(
+                f"<tr><td>{z['zone_id']}</td><td>{html.escape(str(z['class']))}</td>"
+                f"<td>{z['area_m2']:.2f}</td><td>{_fmt(z['mean_confidence'], '{:.0f}')}</td>"
+                f"<td>{html.escape(str(z['field_id'] or '-'))}</td>"
+                f"<td>{z['centroid_lat']:.6f}</td><td>{z['centroid_lon']:.6f}</td></tr>"
+            )
+        parts.append("</tbody></table>")
+    parts.append("<h2>Run parameters</h2><table><tbody>" + "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+        for k, v in parameters.items()
+    ) + "</tbody></table>")
+    parts.append("<p>Health score, class shares and zones: see README, section Outputs.</p>")
+    parts.append("</main></body></html>")
+    tmp = path.with_name(f".{path.stem}.partial.html")
+    try:
+        tmp.write_text("\n".join(parts), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{path}: cannot write the report ({exc.strerror or exc})") from exc
+    log.info("report: %s (%.1f s)", path, time.perf_counter() - t0)
+    return path
+

@@ -1,0 +1,215 @@
+"""Typed, versioned training configuration (``agriseg train CONFIG.yaml``).
+
+Relative paths in a YAML file are resolved against the file's folder, so a config and its
+data can be moved together. Unknown keys are errors.
+
+Example::
+
+    version: 1
+    out: runs/my-model
+    model: {arch: unet, encoder: small}
+    bands: [red, green, blue]
+    data:
+      - {image: field1.tif, labels: field1_labels.tif}          # raster mask, same grid
+      - {image: field2.tif, polygons: labels.gpkg, class_column: class}
+    epochs: 20
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from agriseg.classes import DEFAULT_CLASSES, ClassSchema, SegClass
+from agriseg.config import load_yaml
+from agriseg.errors import ConfigError
+
+TRAIN_CONFIG_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    """Network to train."""
+
+    arch: str = Field(
+        "unet", description="unet, unetplusplus, fpn, pspnet, deeplabv3plus, fcn, segnet"
+    )
+    encoder: str = Field("small", description="tiny, small or an smp encoder name (random init)")
+    depth: int | None = Field(None, ge=1, le=5)
+    options: dict[str, Any] = Field(default_factory=dict, description="extra smp arguments")
+    init_from: Path | None = Field(None, description="bundle whose weights start the training")
+
+
+class PseudoLabels(_Strict):
+    """Labels from a segmenter's confident pixels (self-training)."""
+
+    model: str = Field("labelfree", description="registered model name or bundle path")
+    min_confidence: float = Field(0.8, ge=0, le=1, description="pixels below are ignored")
+    bands: str | None = Field(None, description="band roles of the image, if not detected")
+
+
+class DataPair(_Strict):
+    """One training image with its labels: a raster mask, polygons, or pseudo-labels."""
+
+    image: Path
+    labels: Path | None = Field(None, description="class raster on the image grid (255 = none)")
+    polygons: Path | None = Field(None, description="GeoPackage/Shapefile/GeoJSON of labels")
+    class_column: str = Field("class", description="polygon column: class name or value")
+    layer: str | None = None
+    pseudo: PseudoLabels | None = None
+    bands: str | None = Field(None, description="band roles, e.g. red=1,green=2,blue=3")
+
+    @model_validator(mode="after")
+    def _one_label_source(self) -> DataPair:
+        n = sum(x is not None for x in (self.labels, self.polygons, self.pseudo))
+        if n != 1:
+            raise ValueError("give exactly one of labels, polygons or pseudo for each image")
+        return self
+
+
+class SyntheticSection(_Strict):
+    """Synthetic fields with truth (agriseg.synth) added to the training data."""
+
+    count: int = Field(4, ge=0, le=1000)
+    size: int = Field(512, ge=64, le=8192)
+    seed: int = Field(1000, description="first seed; field i uses seed + i")
+    gsd: list[float] = Field(default_factory=lambda: [0.01, 0.03], description="GSD range, m")
+
+
+class AugmentSection(_Strict):
+    """Random augmentations of training patches."""
+
+    flips: bool = True
+    rot90: bool = True
+    brightness: float = Field(0.08, ge=0, le=1, description="max additive change (0..1 scale)")
+    contrast: float = Field(0.15, ge=0, le=1, description="max relative contrast change")
+    scale: float = Field(0.15, ge=0, le=0.5, description="max relative zoom in or out")
+
+
+class ValidationSection(_Strict):
+    """Spatial-block validation split (whole blocks, so neighbours never leak)."""
+
+    block_size: int = Field(256, ge=32, le=8192)
+    fraction: float = Field(0.2, ge=0, lt=1)
+    seed: int = 0
+
+
+class ClassEntry(_Strict):
+    """One class of a custom schema."""
+
+    name: str
+    color: tuple[int, int, int]
+    at_risk: bool = False
+
+
+class TrainConfig(_Strict):
+    """Everything one ``agriseg train`` needs."""
+
+    version: Literal[1] = TRAIN_CONFIG_VERSION
+    out: Path = Field(description="training folder: checkpoints, curves, metrics")
+    bundle: Path | None = Field(
+        None, description="where the best model goes [OUT/model.safetensors]"
+    )
+    name: str | None = Field(None, description="model name stored in the bundle")
+    model: ModelSection = Field(default_factory=ModelSection)
+    bands: list[str] = Field(default_factory=lambda: ["red", "green", "blue"])
+    classes: list[ClassEntry] | None = Field(None, description="default: soil, crop, weed, disease")
+    data: list[DataPair] = Field(default_factory=list)
+    synthetic: SyntheticSection | None = None
+    patch_size: int = Field(128, ge=32, le=2048)
+    batch_size: int = Field(8, ge=1, le=1024)
+    epochs: int = Field(10, ge=1, le=10000)
+    steps_per_epoch: int = Field(50, ge=1, le=100000)
+    lr: float = Field(3e-3, gt=0, le=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    sampler: Literal["balanced", "random"] = "balanced"
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
+    halo: int = Field(32, ge=0, le=1024, description="receptive margin stored in the bundle")
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="mixed precision on GPU")
+    threads: int | None = Field(None, ge=1, le=256, description="CPU threads [all cores]")
+    scheduler: str | None = Field(None, description="Dask scheduler for pseudo-labelling runs")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.patch_size % 32:
+            raise ValueError(f"patch_size must be a multiple of 32, got {self.patch_size}")
+        if not self.data and not (self.synthetic and self.synthetic.count):
+            raise ValueError("no training data: give `data:` pairs and/or `synthetic:` fields")
+        if self.synthetic and self.synthetic.count and self.bands != ["red", "green", "blue"]:
+            raise ValueError("synthetic fields are RGB; use bands [red, green, blue] with them")
+        return self
+
+    def schema(self) -> ClassSchema:
+        """The class schema to train."""
+        if not self.classes:
+            return DEFAULT_CLASSES
+        return ClassSchema(
+            tuple(SegClass(i, c.name, c.color, c.at_risk) for i, c in enumerate(self.classes))
+        )
+
+    @property
+    def bundle_path(self) -> Path:
+        """Where the best model is written."""
+        return self.bundle or self.out / "model.safetensors"
+
+
+def _resolve(values: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make relative paths in a loaded YAML mapping relative to the YAML file."""
+
+    def fix(p: Any) -> Any:
+        if isinstance(p, str) and p and not Path(p).is_absolute():
+            return str(base / p)
+        return p
+
+    out = dict(values)
+    for key in ("out", "bundle"):
+        if key in out:
+            out[key] = fix(out[key])
+    if isinstance(out.get("model"), dict) and out["model"].get("init_from"):
+        out["model"] = {**out["model"], "init_from": fix(out["model"]["init_from"])}
+    if isinstance(out.get("data"), list):
+        pairs = []
+        for d in out["data"]:
+            if isinstance(d, dict):
+                d = {k: fix(v) if k in ("image", "labels", "polygons") else v for k, v in d.items()}
+                if isinstance(d.get("pseudo"), dict) and "/" in str(d["pseudo"].get("model", "")):
+                    d["pseudo"] = {**d["pseudo"], "model": fix(d["pseudo"]["model"])}
+            pairs.append(d)
+        out["data"] = pairs
+    return out
+
+
+def build_train_config(source: str = "options", **values: Any) -> TrainConfig:
+    """Validate ``values`` into a :class:`TrainConfig`.
+
+    Raises:
+        ConfigError: every invalid key and why, prefixed by ``source``.
+    """
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        parts = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+            parts.append(f"{loc}: {err['msg']}")
+        raise ConfigError(f"{source}: invalid training configuration: " + "; ".join(parts)) from exc
+
+
+def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """Read a YAML training config (paths relative to the file), applying ``overrides``.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys or invalid values.
+    """
+    p = Path(path)
+    values = _resolve(load_yaml(p), p.resolve().parent)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return build_train_config(str(p), **values)

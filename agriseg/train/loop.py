@@ -1,0 +1,423 @@
+"""The training loop: data -> patches -> network -> per-epoch validation -> best bundle.
+
+Everything written is safe to load: the best model is a bundle (safetensors + JSON), and the
+resume checkpoint is a safetensors file (model, optimizer moments, torch RNG) plus a JSON file
+(epoch, history, sampler RNG, optimizer hyper-parameters). Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from agriseg import __version__
+from agriseg.errors import ModelError, ResumeError
+from agriseg.metrics import Scores, confusion
+from agriseg.models.arch import SIZE_MULTIPLE, build_model, count_parameters, make_spec
+from agriseg.models.bundle import BundleMeta, load_bundle_model, save_bundle
+from agriseg.train.config import TrainConfig
+from agriseg.train.data import (
+    IGNORE,
+    LabelledImage,
+    PatchSampler,
+    channel_stats,
+    load_pair,
+    rasterize_polygons,
+    validation_windows,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+StepCallback = Callable[[int, int, int, float], None]
+"""``on_step(epoch, step, steps_per_epoch, loss)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class EpochResult:
+    """Loss and validation scores of one epoch."""
+
+    epoch: int
+    loss: float
+    val: Scores | None
+    seconds: float
+    best: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form for history.json."""
+        return {"epoch": self.epoch, "loss": self.loss, "seconds": round(self.seconds, 2),
+                "best": self.best, "val": self.val.to_dict() if self.val else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EpochResult:
+        """Inverse of :meth:`to_dict`."""
+        v = d.get("val")
+        val = Scores(np.asarray(v["confusion"], np.int64), tuple(v["names"])) if v else None
+        return cls(int(d["epoch"]), float(d["loss"]), val, float(d["seconds"]), bool(d["best"]))
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What a training run produced."""
+
+    bundle: Path
+    history: tuple[EpochResult, ...]
+    best_epoch: int
+    best_score: float
+    out: Path
+
+
+def _device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ModelError("device: cuda was asked for but no CUDA GPU is visible; use auto")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _identity(cfg: TrainConfig) -> str:
+    # Epoch count may grow on resume; everything else must match the interrupted run.
+    data = cfg.model_dump(mode="json", exclude={"epochs"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _synthetic_pairs(cfg: TrainConfig) -> list[tuple[Path, Path]]:
+    from agriseg.synth import FieldSpec, write_field
+
+    s = cfg.synthetic
+    if s is None or not s.count:
+        return []
+    folder = cfg.out / "synthetic"
+    folder.mkdir(parents=True, exist_ok=True)
+    lo, hi = min(s.gsd), max(s.gsd)
+    pairs = []
+    for i in range(s.count):
+        seed = s.seed + i
+        gsd = lo if s.count == 1 else lo * (hi / lo) ** (i / (s.count - 1))
+        img, truth = folder / f"field-{seed}.tif", folder / f"field-{seed}-truth.tif"
+        if not (img.exists() and truth.exists()):
+            write_field(FieldSpec(size=s.size, seed=seed, gsd=round(gsd, 4)), img, truth)
+        pairs.append((img, truth))
+    return pairs
+
+
+def load_training_data(cfg: TrainConfig) -> tuple[list[LabelledImage], list[dict[str, Any]]]:
+    """Read every pair of the config (and generate synthetic fields) into memory.
+
+    Returns:
+        The labelled images and a JSON summary per image for the bundle.
+    """
+    from agriseg.raster import open_survey
+    from agriseg.train.pseudo import pseudo_labels
+
+    schema = cfg.schema()
+    roles = tuple(cfg.bands)
+    v = cfg.validation
+    images: list[LabelledImage] = []
+    summary: list[dict[str, Any]] = []
+    jobs: list[tuple[Path, Any, str | None, dict[str, Any]]] = []
+    for img, truth in _synthetic_pairs(cfg):
+        jobs.append((img, truth, None, {"source": "synthetic"}))
+    for pair in cfg.data:
+        if pair.labels is not None:
+            jobs.append((pair.image, pair.labels, pair.bands, {"source": "raster labels"}))
+        elif pair.polygons is not None:
+            grid = open_survey(pair.image, pair.bands).grid
+            lab = rasterize_polygons(pair.polygons, pair.class_column, pair.layer, grid, schema)
+            jobs.append((pair.image, lab, pair.bands,
+                         {"source": "polygons", "polygons": pair.polygons.name}))
+        elif pair.pseudo is not None:
+            lab, info = pseudo_labels(pair.image, cfg.out / "pseudo", pair.pseudo.model,
+                                      pair.pseudo.min_confidence, pair.bands or pair.pseudo.bands,
+                                      cfg.scheduler)
+            jobs.append((pair.image, lab, pair.bands, {"source": "pseudo-labels", **info}))
+    for n, (img, lab, bands, info) in enumerate(jobs):
+        im = load_pair(img, lab, roles, schema, v.block_size, v.fraction, v.seed + n, bands)
+        images.append(im)
+        summary.append({"image": im.name, "gsd_m": round(im.gsd_m, 4), **info,
+                        "train_pixels": dict(zip(schema.names, im.class_counts(len(schema)),
+                                                 strict=True)),
+                        "val_pixels": dict(zip(schema.names,
+                                               im.class_counts(len(schema), "val"),
+                                               strict=True))})
+    return images, summary
+
+
+def _lr_at(step: int, total: int, base: float) -> float:
+    warm = max(1, total // 20)
+    if step < warm:
+        return base * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    images: list[LabelledImage],
+    windows: list[tuple[int, int, int]],
+    block: int,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    device: torch.device,
+    k: int,
+    names: tuple[str, ...],
+    margin: int = 32,
+) -> Scores | None:
+    """Confusion over the validation blocks (each predicted with ``margin`` px of context)."""
+    if not windows:
+        return None
+    model.eval()
+    conf = np.zeros((k, k), np.int64)
+    for i, y, x in windows:
+        im = images[i]
+        h, w = im.labels.shape
+        y0, x0 = max(0, y - margin), max(0, x - margin)
+        y1, x1 = min(h, y + block + margin), min(w, x + block + margin)
+        arr = im.pixels[:, y0:y1, x0:x1]
+        ph = math.ceil(arr.shape[1] / SIZE_MULTIPLE) * SIZE_MULTIPLE - arr.shape[1]
+        pw = math.ceil(arr.shape[2] / SIZE_MULTIPLE) * SIZE_MULTIPLE - arr.shape[2]
+        arr = np.pad(arr, ((0, 0), (0, ph), (0, pw)), mode="symmetric")
+        t = (torch.from_numpy(np.ascontiguousarray(arr))[None].to(device) - mean) / std
+        pred = model(t)[0].argmax(0).cpu().numpy().astype(np.uint8)
+        sl = (slice(y, min(y + block, h)), slice(x, min(x + block, w)))
+        p = pred[sl[0].start - y0 : sl[0].stop - y0, sl[1].start - x0 : sl[1].stop - x0]
+        truth = np.where(im.val[sl], im.labels[sl], IGNORE)
+        conf += confusion(truth, p, k, IGNORE)
+    return Scores(conf, names)
+
+
+def _save_checkpoint(
+    folder: Path, model: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model/{k}": v.detach().cpu().contiguous().clone()
+               for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    scalars: dict[str, Any] = {}
+    for pid, st in osd["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"opt/{pid}/{key}"] = val.detach().cpu().contiguous().clone()
+            else:
+                scalars[f"{pid}/{key}"] = val
+    tensors["rng/torch"] = torch.get_rng_state()
+    tmp = folder / ".last.safetensors.partial"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, folder / "last.safetensors")
+    meta = {**state, "param_groups": osd["param_groups"], "opt_scalars": scalars}
+    (folder / ".last.json.partial").write_text(json.dumps(meta))
+    os.replace(folder / ".last.json.partial", folder / "last.json")
+
+
+def _load_checkpoint(
+    folder: Path, model: nn.Module, opt: torch.optim.Optimizer, identity: str
+) -> dict[str, Any]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        meta = json.loads((folder / "last.json").read_text())
+        tensors = load_file(str(folder / "last.safetensors"))
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise ResumeError(
+            f"{folder}: the training checkpoint is unreadable ({exc}); start again without "
+            "--resume"
+        ) from exc
+    if meta.get("identity") != identity:
+        raise ResumeError(
+            f"{folder}: the checkpoint belongs to a different training configuration (only "
+            "`epochs` may change on resume); restore the original config or start again "
+            "without --resume in a new `out:` folder"
+        )
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in tensors.items():
+        if key.startswith("opt/"):
+            _, pid, name = key.split("/", 2)
+            state.setdefault(int(pid), {})[name] = val
+    for key, val in meta.get("opt_scalars", {}).items():
+        pid, name = key.split("/", 1)
+        state.setdefault(int(pid), {})[name] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng/torch"])
+    return meta
+
+
+def write_curves(history: list[EpochResult], path: Path) -> None:
+    """Training-curve PNG: loss and validation IoU per class over epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h.epoch for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    a.plot(ep, [h.loss for h in history], "o-", color="k")
+    a.set_xlabel("epoch")
+    a.set_ylabel("training loss")
+    a.grid(alpha=0.3)
+    vals = [h for h in history if h.val is not None]
+    if vals:
+        names = vals[0].val.names  # type: ignore[union-attr]
+        for n in names:
+            b.plot([h.epoch for h in vals], [h.val.iou[n] for h in vals], ".-", label=n)  # type: ignore[union-attr]
+        b.plot([h.epoch for h in vals], [h.val.miou for h in vals], "o-", color="k", lw=2,  # type: ignore[union-attr]
+               label="mean IoU")
+        b.legend(fontsize=8)
+    b.set_xlabel("epoch")
+    b.set_ylabel("validation IoU")
+    b.set_ylim(0, 1)
+    b.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    on_step: StepCallback | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
+) -> TrainResult:
+    """Train a model as configured and write the best bundle.
+
+    Args:
+        cfg: validated training config.
+        resume: continue from ``OUT/checkpoint`` when it exists.
+        on_step: called after every optimisation step (progress bars).
+        on_epoch: called after every epoch's validation.
+
+    Raises:
+        AgrisegError: unusable data, a checkpoint of another config, bad architecture.
+    """
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = out / CHECKPOINT_DIR
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    device = _device(cfg)
+    schema = cfg.schema()
+    k = len(schema)
+    identity = _identity(cfg)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+
+    images, data_summary = load_training_data(cfg)
+    spec = make_spec(cfg.model.arch, cfg.model.encoder, len(cfg.bands), k, cfg.model.depth,
+                     **cfg.model.options)
+    model = build_model(spec)
+    if cfg.model.init_from:
+        _, init = load_bundle_model(cfg.model.init_from)
+        try:
+            model.load_state_dict(init.state_dict())
+        except RuntimeError as exc:
+            raise ModelError(
+                f"{cfg.model.init_from}: cannot start from this bundle: its architecture differs "
+                f"from model: {spec.arch}/{spec.encoder} in the config"
+            ) from exc
+    model.to(device)
+    mean_t, std_t = channel_stats(images)
+    mean = torch.tensor(mean_t, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std_t, device=device).view(1, -1, 1, 1)
+    sampler = PatchSampler(images, cfg.patch_size, k, cfg.sampler, cfg.augment, cfg.seed)
+    windows = validation_windows(images, cfg.validation.block_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=IGNORE)
+    amp = device.type == "cuda" and cfg.amp
+    amp_dtype = torch.bfloat16 if amp and torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and amp_dtype == torch.float16)
+
+    history: list[EpochResult] = []
+    start_epoch, best_score, best_epoch = 1, -math.inf, 0
+    if resume and (ckpt_dir / "last.json").exists():
+        meta = _load_checkpoint(ckpt_dir, model, opt, identity)
+        history = [EpochResult.from_dict(h) for h in meta["history"]]
+        sampler.set_state(meta["sampler"])
+        start_epoch = int(meta["epoch"]) + 1
+        best_score, best_epoch = float(meta["best_score"]), int(meta["best_epoch"])
+        log.info("resuming after epoch %d (best %.4f at epoch %d)", start_epoch - 1, best_score,
+                 best_epoch)
+    elif resume:
+        log.warning("%s: no checkpoint to resume from; training from the start", ckpt_dir)
+    log.info("training %s/%s (%d parameters) on %d image(s), %d validation block(s), %s",
+             spec.arch, spec.encoder, count_parameters(model), len(images), len(windows),
+             device)
+
+    total = cfg.epochs * cfg.steps_per_epoch
+    gsds = [im.gsd_m for im in images]
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        losses = []
+        for step in range(cfg.steps_per_epoch):
+            lr = _lr_at((epoch - 1) * cfg.steps_per_epoch + step, total, cfg.lr)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y = sampler.batch(cfg.batch_size)
+            x = (x.to(device, non_blocking=True) - mean) / std
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            if on_step:
+                on_step(epoch, step + 1, cfg.steps_per_epoch, losses[-1])
+        scores = evaluate(model, images, windows, cfg.validation.block_size, mean, std, device,
+                          k, schema.names, max(cfg.halo, 32))
+        mean_loss = float(np.mean(losses))
+        score = scores.miou if scores is not None else -mean_loss
+        if math.isnan(score):
+            score = -mean_loss
+        is_best = score > best_score
+        if is_best:
+            best_score, best_epoch = score, epoch
+            meta_b = BundleMeta(
+                arch=spec, schema=schema, roles=tuple(cfg.bands), mean=mean_t, std=std_t,
+                patch_size=cfg.patch_size, halo=cfg.halo,
+                gsd_range_m=(round(min(gsds), 4), round(max(gsds), 4)),
+                name=cfg.name or Path(cfg.bundle_path).stem,
+                metrics={"epoch": epoch, "val": scores.to_dict() if scores else None,
+                         "train_loss": mean_loss},
+                training={"images": data_summary, "epochs": cfg.epochs,
+                          "steps_per_epoch": cfg.steps_per_epoch, "batch_size": cfg.batch_size,
+                          "patch_size": cfg.patch_size, "sampler": cfg.sampler, "lr": cfg.lr,
+                          "seed": cfg.seed, "agriseg": __version__,
+                          "init_from": str(cfg.model.init_from) if cfg.model.init_from else None},
+            )
+            save_bundle({k_: v.cpu() for k_, v in model.state_dict().items()}, meta_b,
+                        cfg.bundle_path)
+        res = EpochResult(epoch, mean_loss, scores, time.perf_counter() - t0, is_best)
+        history.append(res)
+        _save_checkpoint(ckpt_dir, model, opt, {
+            "identity": identity, "epoch": epoch, "best_score": best_score,
+            "best_epoch": best_epoch, "sampler": sampler.state(),
+            "history": [h.to_dict() for h in history],
+        })
+        (out / "history.json").write_text(json.dumps([h.to_dict() for h in history], indent=1))
+        write_curves(history, out / "curves.png")
+        log.info("epoch %d: loss %.4f%s%s", epoch, mean_loss,
+                 f", val mIoU {scores.miou:.4f}" if scores else "", " (best)" if is_best else "")
+        if on_epoch:
+            on_epoch(res)
+    log.info("training done in %.0f s; best epoch %d -> %s", time.perf_counter() - t_start,
+             best_epoch, cfg.bundle_path)
+    return TrainResult(Path(cfg.bundle_path), tuple(history), best_epoch, best_score, out)

@@ -1,0 +1,522 @@
+"""Label-free crop / weed / disease / soil segmenter for row crops (the default model).
+
+No labels, no weights: three decisions with survey-wide parameters found once in
+:meth:`LabelFreeSegmenter.prepare` on full-resolution sample windows, then applied to every
+tile the same way.
+
+1. **Vegetation vs soil.** Excess green on chromatic coordinates for RGB (with a darkness guard
+   so shadows do not turn green), NDVI with NIR. One threshold for the whole survey: Otsu's,
+   when the index histogram is clearly two-class (Ashman's D >= 2 and the threshold in the
+   agronomically plausible range); otherwise a fixed literature threshold, with a warning.
+2. **Crop vs weed** (the idea of Bah et al. 2018, unsupervised labelling for weeds in line
+   crops). Row angle and spacing come from the power spectrum of the vegetation mask of the
+   samples (:mod:`agriseg.models.rows`). Per pixel, the *along-row support* is the vegetation
+   share on the row line through it (over about two row spacings to either side, the larger
+   side wins so row ends stay crop), dilated across the row by the leaf reach. Vegetation with
+   support far below the field's typical row (``row_support`` x its median) is weed: a plant
+   between rows has soil along its row line. Without resolvable rows (GSD too coarse, broadcast
+   crops, pasture) every plant is crop and the warnings say weeds could not be separated.
+3. **Disease / stress.** Crop whose health feature (RGB: normalised green-red difference, which
+   drops with chlorosis and necrosis; multispectral: NDRE, or NDVI without red edge), averaged
+   over nearby pure-vegetation pixels so mixed leaf-edge pixels do not count, lies more than
+   ``disease_sensitivity`` robust standard deviations below the field's crop median, the spread
+   being taken from the healthy (upper) half. For RGB the feature must also be below an
+   absolute ``disease_max_ngrdi`` (actually yellow/brown), so a field that is uniformly
+   senescent is not all disease.
+
+Probabilities: each decision has a linear ramp around its threshold (``p = 0.5`` at the
+threshold, 1 one softness away), and class scores are the tree's joint probabilities:
+``soil = 1 - p_veg``, ``weed = p_veg (1 - p_row)``, ``crop = p_veg p_row (1 - p_dis)``,
+``disease = p_veg p_row p_dis``. All neighbourhood sums are integer, so tiles match a
+whole-raster run bit for bit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from rasterio.windows import Window
+from scipy import ndimage
+from skimage.filters import threshold_otsu
+
+from agriseg.classes import DEFAULT_CLASSES, ClassSchema
+from agriseg.errors import ConfigError
+from agriseg.models.base import Prepared, TileContext
+from agriseg.models.rows import (
+    RowEstimate,
+    along_row_support,
+    estimate_rows,
+    major_axis_steps,
+    support_reach,
+)
+
+if TYPE_CHECKING:
+    from agriseg.raster import SurveyRaster
+
+log = logging.getLogger(__name__)
+
+RGB = ("red", "green", "blue")
+
+
+@dataclass(frozen=True, slots=True)
+class LabelFreeConfig:
+    """Tunable parameters of the label-free segmenter (defaults suit drone row crops).
+
+    Attributes:
+        min_row_spacing_m: smallest row spacing searched for.
+        max_row_spacing_m: largest row spacing searched for.
+        min_row_contrast: spectral peak over band median needed to accept rows; below it the
+            field is treated as having no rows.
+        row_reach_spacings: half length of the along-row line, in row spacings.
+        row_reach_min_m: lower bound of that half length.
+        row_reach_max_m: upper bound of that half length.
+        leaf_reach_spacings: dilation across the row (leaves sticking out of the row line), in
+            row spacings.
+        row_support: vegetation is crop when its along-row support is at least this share of
+            the field's median support (lower: fewer weeds).
+        disease_sensitivity: robust z-score below the healthy crop median that marks disease
+            (lower: more disease).
+        health_window_m: side of the window over which the health feature is averaged.
+        exg_fixed: fallback ExG threshold when the histogram is not two-class.
+        ndvi_fixed: fallback NDVI threshold.
+        exg_range: plausible range of an ExG threshold.
+        ndvi_range: plausible range of an NDVI threshold.
+        exg_soil_mode_max: a histogram mode at or below this ExG is bare soil.
+        ndvi_soil_mode_max: a histogram mode at or below this NDVI is bare soil.
+        soil_sigmas: vegetation starts this many robust standard deviations above the soil
+            mode.
+        veg_mix: and at least this share of the way from the soil mode to the typical
+            pixels above that (75th percentile), so blurred leaf margins stay soil.
+        sample_windows: number of full-resolution windows read in prepare.
+        sample_side_px: side of a sample window in pixels.
+    """
+
+    min_row_spacing_m: float = 0.2
+    max_row_spacing_m: float = 1.5
+    min_row_contrast: float = 20.0
+    row_reach_spacings: float = 2.0
+    row_reach_min_m: float = 0.75
+    row_reach_max_m: float = 3.0
+    leaf_reach_spacings: float = 0.12
+    row_support: float = 0.4
+    disease_sensitivity: float = 5.0
+    health_window_m: float = 0.1
+    exg_fixed: float = 0.1
+    ndvi_fixed: float = 0.35
+    exg_range: tuple[float, float] = (0.02, 0.35)
+    exg_soil_mode_max: float = 0.06
+    ndvi_soil_mode_max: float = 0.3
+    soil_sigmas: float = 6.0
+    veg_mix: float = 0.33
+    ndvi_range: tuple[float, float] = (0.15, 0.7)
+    sample_windows: int = 9
+    sample_side_px: int = 768
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_row_spacing_m < self.max_row_spacing_m:
+            raise ConfigError(
+                f"labelfree: need 0 < min_row_spacing_m < max_row_spacing_m, got "
+                f"{self.min_row_spacing_m}, {self.max_row_spacing_m}"
+            )
+        if not 0 < self.row_support < 1:
+            raise ConfigError(f"labelfree: row_support must be in (0, 1), got {self.row_support}")
+        if self.disease_sensitivity <= 0:
+            raise ConfigError(
+                f"labelfree: disease_sensitivity must be > 0, got {self.disease_sensitivity}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class LabelFreeParams:
+    """Survey-wide parameters handed to every tile (small and picklable)."""
+
+    index: str
+    veg_threshold: float
+    veg_softness: float
+    dark_eps: float
+    rows: bool
+    row_angle_deg: float
+    row_half_px: int
+    leaf_px: int
+    row_threshold: float
+    row_softness: float
+    health: str
+    health_centre: float
+    health_spread: float
+    health_px: int
+    disease_sensitivity: float
+
+
+def _ramp(z: np.ndarray) -> np.ndarray:
+    """Probability from a signed margin in softness units: 0.5 at 0, saturating at +-1.
+
+    Linear rather than logistic: no transcendental functions, whose SIMD and scalar code paths
+    may differ in the last bit, so tiles stay bit-identical to whole-raster runs.
+    """
+    return np.clip(0.5 + 0.5 * z, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _box_mean(values: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray:
+    """Mean of integer ``values`` over ``weight`` pixels in a square window (exact integers).
+
+    Hand-written with cumulative sums because scipy's running float sums depend on where a
+    line starts, which would make tile and whole-raster results differ in the last bit.
+    """
+    h, w = values.shape
+    k = 2 * radius + 1
+
+    def box(a: np.ndarray) -> np.ndarray:
+        c = np.zeros((h + k, w + k), np.int64)
+        c[radius + 1 : radius + 1 + h, radius + 1 : radius + 1 + w] = a
+        c = c.cumsum(0).cumsum(1)
+        return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+
+    s = box(values * weight)
+    n = box(weight.astype(np.int64))
+    out = values.astype(np.float32)
+    np.divide(s, n, out=out, where=n > 0, casting="unsafe")
+    return out
+
+
+@dataclass
+class LabelFreeSegmenter:
+    """Soil / crop / weed / disease from indices, crop-row geometry and colour departures."""
+
+    config: LabelFreeConfig = field(default_factory=LabelFreeConfig)
+    name: str = "labelfree"
+    schema: ClassSchema = DEFAULT_CLASSES
+    roles: tuple[str, ...] = RGB
+
+    # ------------------------------------------------------------------ features
+
+    def _features(
+        self, pixels: np.ndarray, dark_eps: float
+    ) -> tuple[np.ndarray, np.ndarray, str, str]:
+        """Vegetation index and health feature of ``(..., C, H, W)`` pixels."""
+        ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
+        eps = np.float32(dark_eps)
+        if "nir" in ch:
+            nir, red = ch["nir"], ch["red"]
+            vi = (nir - red) / (nir + red + eps)
+            if "rededge" in ch:
+                health = (nir - ch["rededge"]) / (nir + ch["rededge"] + eps)
+                return vi, health, "ndvi", "ndre"
+            return vi, vi, "ndvi", "ndvi"
+        r, g, b = ch["red"], ch["green"], ch["blue"]
+        # eps in the denominator damps the chroma of near-black pixels (shadow, sensor noise).
+        vi = (2 * g - r - b) / (r + g + b + eps)
+        health = (g - r) / (g + r + eps)
+        return vi, health, "exg", "ngrdi"
+
+    # ------------------------------------------------------------------ prepare
+
+    def prepare(self, survey: SurveyRaster) -> Prepared:
+        """Thresholds, row geometry and healthy-crop statistics from sample windows."""
+        cfg = self.config
+        if survey.roles.has("nir", "red"):
+            self.roles = ("red", "nir", "rededge") if survey.roles.has("rededge") else (
+                "red", "nir")
+        else:
+            self.roles = RGB
+        survey.require(self.roles, f"model {self.name!r}")
+        gsd = survey.grid.gsd_m
+        warnings: list[str] = []
+        windows = self._sample(survey)
+        pix = [w[0] for w in windows]
+        val = [w[1] for w in windows]
+        brightness = np.concatenate([p[:, v].mean(axis=0) for p, v in zip(pix, val, strict=True)])
+        dark_eps = float(0.1 * np.median(brightness)) if brightness.size else 0.01
+        dark_eps = max(dark_eps, 1e-4)
+        feats = [self._features(p, dark_eps) for p in pix]
+        index, health_name = feats[0][2], feats[0][3]
+        values = np.concatenate([f[0][v] for f, v in zip(feats, val, strict=True)])
+        info: dict[str, Any] = {"index": index, "health_feature": health_name,
+                                "sample_windows": len(windows), "gsd_m": round(gsd, 4)}
+        thr, soft, how = self._veg_threshold(values, index, warnings, survey.path)
+        info.update(veg_threshold=round(thr, 4), veg_softness=round(soft, 4),
+                    veg_threshold_method=how)
+        vegs = [(f[0] > thr) & v for f, v in zip(feats, val, strict=True)]
+        n_veg = int(sum(int(m.sum()) for m in vegs))
+        n_valid = int(sum(int(v.sum()) for v in val))
+        info["veg_fraction_samples"] = round(n_veg / max(n_valid, 1), 4)
+
+        rows = self._rows(vegs, gsd, n_veg, n_valid, warnings, survey.path, info)
+        row_half = leaf = 0
+        row_thr = row_soft = 0.0
+        supports: list[np.ndarray] = []
+        if rows is not None:
+            reach = min(max(cfg.row_reach_spacings * rows.spacing_m, cfg.row_reach_min_m),
+                        cfg.row_reach_max_m)
+            row_half = max(2, major_axis_steps(rows.angle_deg, reach / gsd))
+            leaf = max(0, round(cfg.leaf_reach_spacings * rows.spacing_m / gsd))
+            for (_, v, r0, c0), m in zip(windows, vegs, strict=True):
+                supports.append(self._support(m, v, r0, c0, rows.angle_deg, row_half, leaf))
+            s_veg = np.concatenate([s[m] for s, m in zip(supports, vegs, strict=True)])
+            typical = float(np.median(s_veg)) if s_veg.size else 0.0
+            row_thr = max(cfg.row_support * typical, 0.02)
+            row_soft = max(row_thr / 2, 0.01)
+            info.update(row_half_length_m=round(row_half * gsd, 3),
+                        leaf_reach_m=round(leaf * gsd, 3),
+                        row_support_median=round(typical, 4), row_threshold=round(row_thr, 4))
+        health_px = max(1, round(cfg.health_window_m / gsd / 2))
+        centre, spread = self._health_stats(feats, vegs, supports, row_thr, thr, soft, health_px)
+        info.update(health_centre=round(centre, 4), health_spread=round(spread, 4),
+                    disease_sensitivity=cfg.disease_sensitivity,
+                    disease_rule=f"{health_name} < {centre:.3f} - "
+                    f"{cfg.disease_sensitivity} x {spread:.3f}")
+        params = LabelFreeParams(
+            index=index, veg_threshold=thr, veg_softness=soft, dark_eps=dark_eps,
+            rows=rows is not None, row_angle_deg=rows.angle_deg if rows else 0.0,
+            row_half_px=row_half, leaf_px=leaf, row_threshold=row_thr, row_softness=row_soft,
+            health=health_name, health_centre=centre, health_spread=spread, health_px=health_px,
+            disease_sensitivity=cfg.disease_sensitivity,
+        )
+        halo = leaf + health_px + 1
+        if rows is not None:
+            halo += support_reach(row_half)
+        info["halo_px"] = halo
+        for w in warnings:
+            log.info("%s", w)
+        return Prepared(params, halo=halo, info=info, warnings=tuple(warnings))
+
+    def _sample(self, survey: SurveyRaster) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
+        """Read up to ``sample_windows`` full-resolution windows spread over the valid area."""
+        import rasterio
+
+        from agriseg.raster import read_overview, read_window
+
+        h, w = survey.grid.shape_yx
+        side = self.config.sample_side_px
+        wh, ww = min(side, h), min(side, w)
+        _, ov_valid, factor = read_overview(survey, self.roles[:1], 256)
+        cands: list[tuple[float, int, int]] = []
+        for r0 in _starts(h, wh):
+            for c0 in _starts(w, ww):
+                r_a, c_a = int(r0 / factor), int(c0 / factor)
+                sub = ov_valid[r_a: max(int((r0 + wh) / factor), r_a + 1),
+                               c_a: max(int((c0 + ww) / factor), c_a + 1)]
+                cands.append((float(sub.mean()) if sub.size else 0.0, r0, c0))
+        good = [c for c in cands if c[0] >= 0.5] or sorted(cands, reverse=True)[:1]
+        n = self.config.sample_windows
+        if len(good) > n:
+            pick = np.linspace(0, len(good) - 1, n).round().astype(int)
+            good = [good[i] for i in pick]
+        out = []
+        with rasterio.open(survey.path) as ds:
+            for _, r0, c0 in good:
+                data, valid = read_window(survey, self.roles, Window(c0, r0, ww, wh), ds)
+                out.append((data, valid, r0, c0))
+        return out
+
+    def _veg_threshold(
+        self, values: np.ndarray, index: str, warnings: list[str], path: str
+    ) -> tuple[float, float, str]:
+        """One survey-wide vegetation threshold.
+
+        Bare soil is the one population every field shows and it is tight in ExG/NDVI, while
+        vegetation is a broad tail (mixed pixels, yellowing, shade). So where the histogram's
+        mode is soil-like, the threshold is the soil mode plus ``soil_sigmas`` robust standard
+        deviations of its lower (vegetation-free) flank; Otsu on such skewed, unbalanced data
+        lands too high and cuts yellow leaves and seedlings. Where the mode is vegetation
+        (closed canopy), Otsu is used if the histogram is two-class, else a fixed threshold.
+        """
+        cfg = self.config
+        fixed = cfg.exg_fixed if index == "exg" else cfg.ndvi_fixed
+        lo, hi = cfg.exg_range if index == "exg" else cfg.ndvi_range
+        soil_max = cfg.exg_soil_mode_max if index == "exg" else cfg.ndvi_soil_mode_max
+        values = values[np.isfinite(values)]
+        if values.size < 100 or np.ptp(values) <= 0:
+            warnings.append(f"{path}: too few valid pixels to fit a vegetation threshold; "
+                            f"using the fixed {index} threshold {fixed}")
+            return fixed, 0.05, "fixed (too few pixels)"
+        p_lo, p_hi = np.percentile(values, [0.5, 99.5])
+        v = values[(values >= p_lo) & (values <= p_hi)]
+        hist, edges = np.histogram(v, bins=256, range=(float(p_lo), float(p_hi) + 1e-9))
+        hist = ndimage.gaussian_filter1d(hist.astype(np.float64), 2)
+        mode = float((edges[np.argmax(hist)] + edges[np.argmax(hist) + 1]) / 2)
+        if mode <= soil_max:
+            below = mode - v[v < mode]
+            sigma = max(float(np.median(below)) / 0.6745 if below.size else 0.0, 0.003)
+            t = mode + cfg.soil_sigmas * sigma
+            above = v[v > t]
+            if above.size > 0.002 * v.size:
+                # Blur and mixed leaf/soil pixels sit between the two: call a pixel vegetation
+                # only once it is ``veg_mix`` of the way from soil to typical vegetation.
+                t = max(t, mode + cfg.veg_mix * (float(np.percentile(above, 75)) - mode))
+            if t <= hi:
+                t = max(t, lo)
+                share = float((values > t).mean())
+                if share < 0.002:
+                    warnings.append(f"{path}: almost no vegetation ({share:.2%} of sampled "
+                                    f"pixels above the {index} threshold {t:.3f})")
+                return t, max((t - mode) / 3, 0.01), (
+                    f"soil mode {mode:.3f}, soil sigma {sigma:.4f}")
+        t = float(threshold_otsu(v, nbins=512))
+        a, b = v[v <= t], v[v > t]
+        share = b.size / v.size
+        d = 0.0
+        if a.size > 1 and b.size > 1:
+            d = math.sqrt(2) * abs(b.mean() - a.mean()) / math.sqrt(a.var() + b.var() + 1e-12)
+        if d >= 2.0 and 0.005 <= share <= 0.995 and lo <= t <= hi:
+            soft = max(0.25 * float(b.mean() - a.mean()), 0.01)
+            return t, soft, f"otsu (Ashman D {d:.2f}, vegetation {share:.1%})"
+        share_fixed = float((values > fixed).mean())
+        why = (f"Otsu threshold {t:.3f} outside the plausible range {lo}..{hi}"
+               if not lo <= t <= hi else
+               f"the {index} histogram is not two-class (Ashman D {d:.2f} < 2)")
+        looks = ("all vegetation" if share_fixed > 0.9 else "bare" if share_fixed < 0.02
+                 else "unusual")
+        warnings.append(
+            f"{path}: no bare-soil peak and {why}, so the field looks {looks}; using the fixed "
+            f"{index} threshold {fixed} ({share_fixed:.1%} of sampled pixels vegetation)"
+        )
+        return fixed, 0.05, "fixed (" + why + ")"
+
+    def _rows(
+        self,
+        vegs: list[np.ndarray],
+        gsd: float,
+        n_veg: int,
+        n_valid: int,
+        warnings: list[str],
+        path: str,
+        info: dict[str, Any],
+    ) -> RowEstimate | None:
+        cfg = self.config
+        if gsd * 4 > cfg.max_row_spacing_m:
+            msg = (f"{path}: GSD {gsd:.3g} m is too coarse to resolve crop rows (needs at "
+                   f"least 4 px per row spacing, i.e. GSD <= {cfg.max_row_spacing_m / 4:.3g} m);"
+                   " weeds are not separated from crop: all vegetation is labelled crop")
+            warnings.append(msg)
+            info["rows"] = {"detected": False, "reason": "GSD too coarse"}
+            return None
+        if n_veg < 0.005 * max(n_valid, 1) or n_veg < 200:
+            warnings.append(f"{path}: almost no vegetation in the samples, so no crop rows could "
+                            "be looked for; weeds are not separated from crop")
+            info["rows"] = {"detected": False, "reason": "no vegetation"}
+            return None
+        # Rows need ~2.5 cm pixels at most; coarser work is faster and just as good.
+        f = max(1, int(0.025 // gsd))
+        masks = [_decimate(m, f) for m in vegs]
+        shapes = {m.shape for m in masks}
+        if len(shapes) > 1:
+            side = min(min(s) for s in shapes)
+            masks = [m[:side, :side] for m in masks]
+        est = estimate_rows(masks, gsd * f, cfg.min_row_spacing_m, cfg.max_row_spacing_m)
+        if est is None:
+            warnings.append(f"{path}: the sampled area is too small to resolve row spacings "
+                            f"up to {cfg.max_row_spacing_m} m; weeds are not separated from crop")
+            info["rows"] = {"detected": False, "reason": "area too small"}
+            return None
+        rec = {"angle_deg": round(est.angle_deg, 2), "spacing_m": round(est.spacing_m, 4),
+               "contrast": round(est.contrast, 1), "row_width_m": round(est.width_m, 3)}
+        if est.contrast < cfg.min_row_contrast:
+            warnings.append(
+                f"{path}: no regular crop rows found (spectral contrast {est.contrast:.1f} < "
+                f"{cfg.min_row_contrast}: broadcast crop, pasture or closed canopy?); weeds are "
+                "not separated from crop: all vegetation is labelled crop, disease by colour"
+            )
+            info["rows"] = {"detected": False, "reason": "no row pattern", **rec}
+            return None
+        info["rows"] = {"detected": True, **rec}
+        log.info("%s: crop rows at %.1f deg, spacing %.3f m (contrast %.0f)", path,
+                 est.angle_deg, est.spacing_m, est.contrast)
+        return est
+
+    @staticmethod
+    def _support(
+        veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int, angle: float,
+        half: int, leaf: int,
+    ) -> np.ndarray:
+        s = along_row_support(veg, valid, row_off, col_off, angle, half)
+        if leaf > 0:
+            s = ndimage.maximum_filter(s, size=2 * leaf + 1, mode="nearest")
+        return s
+
+    def _health_stats(
+        self,
+        feats: list[tuple[np.ndarray, np.ndarray, str, str]],
+        vegs: list[np.ndarray],
+        supports: list[np.ndarray],
+        row_thr: float,
+        thr: float,
+        soft: float,
+        radius: int,
+    ) -> tuple[float, float]:
+        vals = []
+        for i, (f, m) in enumerate(zip(feats, vegs, strict=True)):
+            hs = self._smooth_health(f[1], f[0] >= thr + soft / 2, radius)
+            crop = m & (supports[i] >= row_thr) if supports else m
+            vals.append(hs[crop])
+        v = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+        if v.size < 50:
+            return 0.0, 1.0
+        p50, p75 = np.percentile(v, [50, 75])
+        # Spread from the healthy upper half only: diseased pixels pull the lower half down.
+        spread = max(float(p75 - p50) / 0.6745, 0.01)
+        return float(p50), spread
+
+    @staticmethod
+    def _smooth_health(health: np.ndarray, pure: np.ndarray, radius: int) -> np.ndarray:
+        q = np.rint(np.clip(health, -1, 1) * 10000).astype(np.int64)
+        return _box_mean(q, pure, radius) / np.float32(10000)
+
+    # ------------------------------------------------------------------ predict
+
+    def predict(
+        self,
+        pixels: np.ndarray,
+        valid: np.ndarray,
+        params: Any,
+        contexts: list[TileContext],
+    ) -> np.ndarray:
+        """Class probabilities of a batch (see the module docstring for the rules)."""
+        p: LabelFreeParams = params
+        n, _, h, w = pixels.shape
+        out = np.empty((n, 4, h, w), np.float32)
+        for i in range(n):
+            vi, health, _, _ = self._features(pixels[i], p.dark_eps)
+            ok = valid[i]
+            z_veg = (vi - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
+            p_veg = _ramp(z_veg)
+            veg = (vi > p.veg_threshold) & ok
+            if p.rows:
+                s = self._support(veg, ok, contexts[i].row_off, contexts[i].col_off,
+                                  p.row_angle_deg, p.row_half_px, p.leaf_px)
+                p_row = _ramp((s - np.float32(p.row_threshold)) / np.float32(p.row_softness))
+            else:
+                p_row = np.ones((h, w), np.float32)
+            hs = self._smooth_health(health, (z_veg >= 0.5) & ok, p.health_px)
+            z = (np.float32(p.health_centre) - hs) / np.float32(p.health_spread)
+            p_dis = _ramp(z - np.float32(p.disease_sensitivity))
+            plant_row = p_veg * p_row
+            out[i, 0] = 1 - p_veg
+            out[i, 1] = plant_row * (1 - p_dis)
+            out[i, 2] = p_veg - plant_row
+            out[i, 3] = plant_row * p_dis
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Name, roles and configuration for run.json."""
+        return {"name": self.name, "kind": "rule", "roles": list(self.roles),
+                "config": asdict(self.config)}
+
+
+def _starts(n: int, side: int) -> list[int]:
+    """Window starts covering ``0..n`` with windows of ``side``, the last flush with the end."""
+    starts = list(range(0, max(n - side, 0) + 1, side))
+    if starts[-1] + side < n:
+        starts.append(n - side)
+    return starts
+
+
+def _decimate(mask: np.ndarray, f: int) -> np.ndarray:
+    """Block-mean of a mask by an integer factor (crops the ragged edge)."""
+    if f == 1:
+        return mask.astype(np.float32)
+    h, w = (mask.shape[0] // f) * f, (mask.shape[1] // f) * f
+    return mask[:h, :w].reshape(h // f, f, w // f, f).mean(axis=(1, 3), dtype=np.float32)

@@ -1,0 +1,113 @@
+"""Quick-look PNG: the survey image beside its class map, from decimated reads.
+
+Both rasters are read at reduced resolution (at most ``max_side`` pixels on the long side,
+GDAL overviews used when present), so a quick look of a multi-gigapixel survey costs a second.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import Resampling
+
+from agriseg.classes import DEFAULT_CLASSES, ClassSchema
+from agriseg.errors import OutputError
+from agriseg.raster import SurveyRaster, read_overview
+
+log = logging.getLogger(__name__)
+
+
+def _display_rgb(survey: SurveyRaster, max_side: int) -> tuple[np.ndarray, str]:
+    """Decimated true colour (or NIR false colour without RGB), stretched 2-98 %."""
+    if survey.roles.has("red", "green", "blue"):
+        roles, label = ("red", "green", "blue"), "image (RGB)"
+    elif survey.roles.has("nir", "red", "green"):
+        roles, label = ("nir", "red", "green"), "image (NIR-R-G false colour)"
+    else:
+        roles, label = (survey.roles.spectral[0],) * 3, f"image ({survey.roles.spectral[0]})"
+    data, valid, _ = read_overview(survey, roles, max_side)
+    rgb = np.zeros((*valid.shape, 4), np.float32)
+    if valid.any():
+        # One stretch for all bands keeps the colour balance (yellow leaves stay yellow).
+        lo, hi = np.percentile(data[:, valid], [1, 99.5])
+        span = hi - lo if hi > lo else 1.0
+        rgb[..., :3] = np.clip((data - lo) / span, 0, 1).transpose(1, 2, 0)
+    rgb[..., 3] = valid
+    return rgb, label
+
+
+def write_quicklook(
+    survey: SurveyRaster,
+    classes_path: str | Path,
+    out_png: str | Path,
+    schema: ClassSchema = DEFAULT_CLASSES,
+    max_side: int = 1600,
+    title: str | None = None,
+) -> Path:
+    """Write a PNG with the image on the left and the class map on the right.
+
+    Args:
+        survey: the input survey.
+        classes_path: class raster on the survey's grid.
+        out_png: PNG to write.
+        schema: class names and colours for the map and legend.
+        max_side: long side of each panel in pixels.
+        title: figure title (default: the input file name).
+
+    Returns:
+        ``out_png``.
+
+    Raises:
+        OutputError: the PNG cannot be written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; must precede pyplot
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    image, label = _display_rgb(survey, max_side)
+    with rasterio.open(classes_path) as ds:
+        cls = ds.read(1, out_shape=image.shape[:2], resampling=Resampling.nearest)
+    lut = np.zeros((256, 4), np.float32)
+    for c in schema.classes:
+        lut[c.value, :3] = np.array(c.color) / 255
+        lut[c.value, 3] = 1
+    cmap = lut[cls]
+    counts = np.bincount(cls.ravel(), minlength=256)
+    total = max(int(sum(counts[c.value] for c in schema.classes)), 1)
+
+    h, w = cls.shape
+    landscape = w >= h
+    # Two panels stacked for wide rasters, side by side for tall ones; ~7 inch panels.
+    if landscape:
+        fig_w, fig_h = 10.0, min(2 * 10.0 * h / w + 1.0, 14.0)
+    else:
+        fig_w, fig_h = min(2 * 7.0 * w / h + 0.5, 16.0), 7.5
+    fig, axes = plt.subplots(
+        2 if landscape else 1, 1 if landscape else 2, figsize=(fig_w, fig_h), dpi=110
+    )
+    for ax, arr, name in ((axes[0], image, label), (axes[1], cmap, "classes")):
+        ax.imshow(arr, interpolation="nearest")
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    handles = [
+        Patch(color=(c.color[0] / 255, c.color[1] / 255, c.color[2] / 255),
+              label=f"{c.name} {counts[c.value] / total:.1%}")
+        for c in schema.classes
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    fig.suptitle(title or Path(survey.path).name, fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    out = Path(out_png)
+    try:
+        fig.savefig(out)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write the quick-look PNG ({exc})") from exc
+    finally:
+        plt.close(fig)
+    log.info("quick look: %s", out)
+    return out

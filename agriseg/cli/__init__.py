@@ -71,11 +71,13 @@ def quiet_third_party(verbose: int) -> None:
 
 def _register() -> None:
     from agriseg.cli.evaluate import evaluate
+    from agriseg.cli.export import export
     from agriseg.cli.models import models
     from agriseg.cli.run import run
     from agriseg.cli.synth import synth
+    from agriseg.cli.train import train
 
-    for cmd in (run, synth, evaluate, models):
+    for cmd in (run, synth, evaluate, models, train, export):
         main.add_command(cmd)
 
 

@@ -194,9 +194,13 @@ def save_bundle(
 
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as f:
-        head = f.read(8)
-    pickled = head[:1] == b"\x80" or head[:4] == b"PK\x03\x04"
-    if pickled or (path.suffix.lower() in _PICKLE_SUFFIXES and path.suffix != ".safetensors"):
+        head = f.read(9)
+    # A safetensors file starts with its header length (u64) and the JSON header's "{".
+    if len(head) == 9 and head[8:9] == b"{":
+        return
+    pickled = (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or \
+        head[:4] == b"PK\x03\x04"
+    if pickled or path.suffix.lower() in _PICKLE_SUFFIXES:
         raise ModelError(
             f"{path}: looks like a pickled PyTorch checkpoint; agriseg never unpickles model "
             "files (unpickling runs arbitrary code). In a trusted environment load it yourself "

@@ -161,7 +161,7 @@ class TrainConfig(_Strict):
         return self.bundle or self.out / "model.safetensors"
 
 
-def _resolve(values: dict[str, Any], base: Path) -> dict[str, Any]:
+def resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
     """Make relative paths in a loaded YAML mapping relative to the YAML file."""
 
     def fix(p: Any) -> Any:
@@ -210,6 +210,6 @@ def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
         ConfigError: unreadable YAML, unknown keys or invalid values.
     """
     p = Path(path)
-    values = _resolve(load_yaml(p), p.resolve().parent)
+    values = resolve_paths(load_yaml(p), p.resolve().parent)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return build_train_config(str(p), **values)

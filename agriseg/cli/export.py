@@ -1,0 +1,25 @@
+"""``agriseg export``: a bundle as ONNX for other tools (checked against PyTorch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option("--onnx", "as_onnx", is_flag=True, required=True,
+              help="Write an ONNX model (input: normalised pixels N,C,H,W; output: probabilities).")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="ONNX file to write [beside the bundle, where `agriseg run` caches it].")
+def export(bundle: Path, as_onnx: bool, out: Path | None) -> None:
+    """Export BUNDLE to ONNX and verify it against the PyTorch outputs.
+
+    Input normalisation (mean/std per band) is not part of the graph; it is in the bundle's
+    metadata (`normalization`). H and W must be multiples of 32.
+    """
+    from agriseg.models.neural import ONNX_TOLERANCE, export_onnx
+
+    path, diff = export_onnx(bundle, out)
+    click.echo(f"wrote {path} (max |onnx - torch| = {diff:.2e}, tolerance {ONNX_TOLERANCE:g})")

@@ -1,0 +1,78 @@
+"""``agriseg train``: train a learned segmenter from a YAML config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+@click.command()
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint after an interruption.")
+@click.option("--epochs", type=int, help="Override `epochs` (may grow on --resume).")
+@click.option("--pseudo-labels", "pseudo", multiple=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Survey raster to self-train on: the teacher's confident pixels become "
+                   "labels (repeatable).")
+@click.option("--pseudo-model", default="labelfree", show_default=True,
+              help="Teacher for --pseudo-labels: registered name or bundle path.")
+@click.option("--min-confidence", default=0.8, show_default=True, type=click.FloatRange(0, 1),
+              help="Teacher confidence below which pixels are ignored.")
+@click.option("--scheduler", help="Dask scheduler address for the pseudo-labelling runs.")
+@click.option("--progress/--no-progress", default=None,
+              help="Progress bar [on when stderr is a terminal].")
+def train(config: Path, resume: bool, epochs: int | None, pseudo: tuple[Path, ...],
+          pseudo_model: str, min_confidence: float, scheduler: str | None,
+          progress: bool | None) -> None:
+    """Train a segmentation model from CONFIG (YAML; see workflows/train-default.yaml).
+
+    Writes the best model as a bundle (default OUT/model.safetensors), the resume
+    checkpoint, history.json and curves.png into the config's `out:` folder. Use the bundle
+    with `agriseg run SURVEY --model BUNDLE`.
+    """
+    from agriseg.config import load_yaml
+    from agriseg.train.config import build_train_config, resolve_paths
+    from agriseg.train.loop import EpochResult
+    from agriseg.train.loop import train as run_training
+
+    values: dict[str, Any] = resolve_paths(load_yaml(config), config.resolve().parent)
+    if epochs is not None:
+        values["epochs"] = epochs
+    if scheduler:
+        values["scheduler"] = scheduler
+    if pseudo:
+        values["data"] = [*values.get("data", []), *(
+            {"image": str(p), "pseudo": {"model": pseudo_model, "min_confidence": min_confidence}}
+            for p in pseudo
+        )]
+    cfg = build_train_config(str(config), **values)
+    show = sys.stderr.isatty() if progress is None else progress
+
+    def on_epoch(r: EpochResult) -> None:
+        val = f"  val mIoU {r.val.miou:.3f}  " + "  ".join(
+            f"{n} {v:.2f}" for n, v in r.val.iou.items()) if r.val else ""
+        click.echo(f"epoch {r.epoch}/{cfg.epochs}: loss {r.loss:.4f}{val}"
+                   f"{'  *best' if r.best else ''}", err=True)
+
+    if show:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                       MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                       transient=True)
+        task = bar.add_task("steps", total=cfg.steps_per_epoch, epoch=1, loss="-")
+
+        def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+            bar.update(task, completed=step, epoch=epoch, loss=f"{loss:.4f}")
+
+        with bar:
+            result = run_training(cfg, resume=resume, on_step=on_step, on_epoch=on_epoch)
+    else:
+        result = run_training(cfg, resume=resume, on_epoch=on_epoch)
+    click.echo(f"Best epoch {result.best_epoch} (score {result.best_score:.4f}); model bundle: "
+               f"{result.bundle}")
+    click.echo(f"Curves: {result.out / 'curves.png'}")
+    click.echo(f"Use it: agriseg run SURVEY.tif --model {result.bundle} --out results/")

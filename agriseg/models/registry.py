@@ -23,6 +23,12 @@ def _shipped_bundle(filename: str) -> Segmenter:
     return load_bundle_segmenter(path)
 
 
+def _labelfree() -> Segmenter:
+    from agriseg.models.labelfree import LabelFreeSegmenter
+
+    return LabelFreeSegmenter()
+
+
 def _index_threshold() -> Segmenter:
     from agriseg.models.indexthreshold import IndexThresholdSegmenter
 
@@ -32,12 +38,16 @@ def _index_threshold() -> Segmenter:
 # name -> (factory, one-line description). Other modules register more names here.
 _REGISTRY: dict[str, tuple[Callable[[], Segmenter], str]] = {
     "index-threshold": (_index_threshold, "soil/crop from ExG or NDVI, one Otsu threshold"),
+    "labelfree": (
+        _labelfree,
+        "label-free soil/crop/weed/disease: index threshold, crop rows, colour departures",
+    ),
     "unet-default": (
         lambda: _shipped_bundle("unet-default.safetensors"),
         "small U-Net bundle shipped with agriseg (synthetic fields + pseudo-labels, RGB)",
     ),
 }
-DEFAULT_MODEL = "index-threshold"
+DEFAULT_MODEL = "labelfree"
 
 
 def register(name: str, factory: Callable[[], Segmenter], description: str) -> None:

@@ -273,6 +273,10 @@ def _fmt(v: Any, f: str) -> str:
 
 def _table(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str:
     cols = [c for c in _TABLE_COLS if c[0] in summary]
+    if summary["area_ha"].median() < 1:
+        # Plots of a few square metres read better in m2 than as 0.0008 ha.
+        summary = summary.assign(area_m2=summary["area_ha"] * 1e4)
+        cols = [("area_m2", "area m2", "{:.1f}") if c[0] == "area_ha" else c for c in cols]
     cols += [(f"{n}_median", f"{n} median", "{:.3f}") for n in index_names
              if f"{n}_median" in summary]
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in cols)

@@ -1,0 +1,202 @@
+"""Report, styles and QGIS project: opened by real QGIS and real Chromium where installed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import shapely
+from PIL import Image
+from rasterio.crs import CRS
+
+from agriseg.classes import DEFAULT_CLASSES, DISEASE, WEED
+from agriseg.config import build_run_config
+from agriseg.fields import read_fields, summarize_fields, write_fields
+from agriseg.grid import Grid
+from agriseg.qgis import (
+    ProjectLayer,
+    class_qml,
+    fields_qml,
+    rgb_qml,
+    write_gpkg_style,
+    write_project,
+    write_ramp_qml,
+    zone_ids_qml,
+    zones_qml,
+)
+from agriseg.report import write_report
+from agriseg.survey import process_survey
+from agriseg.vectorize import ZoneParams, vectorize_zones, write_zones
+from tests.conftest import write_rgba
+from tests.test_vectorize import UTM_T, write_mask
+
+TOOLS = Path("/work/shared/tools")
+if not TOOLS.exists():
+    TOOLS = Path(__file__).resolve().parents[2] / "shared" / "tools"
+QGIS_CHECK = TOOLS / "qgis_check.py"
+
+
+def _has_qgis() -> bool:
+    try:
+        r = subprocess.run(["/usr/bin/python3", "-c", "import qgis.core"], capture_output=True,
+                           timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0 and QGIS_CHECK.exists()
+
+
+needs_qgis = pytest.mark.skipif(not _has_qgis(), reason="python3-qgis not installed")
+
+
+def _qgis_check(paths: list[Path], png: Path) -> str:
+    r = subprocess.run(["/usr/bin/python3", str(QGIS_CHECK), "--expect-styled", "--png",
+                        str(png), *map(str, paths)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def _not_blank(png: Path) -> float:
+    a = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32)
+    return float(a.std())
+
+
+@pytest.fixture()
+def outputs(tmp_path: Path) -> dict[str, object]:
+    """A small survey's outputs written by the library functions (zones guaranteed)."""
+    h, w = 240, 320
+    yy, xx = np.mgrid[0:h, 0:w]
+    cls = np.where(np.sin(xx / 5.0) > 0, 1, 0).astype(np.uint8)
+    cls[(yy - 60) ** 2 + (xx - 80) ** 2 < 20**2] = WEED
+    cls[150:190, 200:260] = DISEASE
+    cls[:, :8] = 255
+    out = tmp_path / "out"
+    out.mkdir()
+    write_mask(out / "classes.tif", cls)
+    conf = np.full((h, w), 90, np.uint8)
+    conf[cls == 255] = 255
+    write_ramp_qml(write_mask(out / "confidence.tif", conf), 0, 100, "confidence")
+    rgb = np.stack([np.where(cls == 1, 60, 150), np.where(cls == 1, 150, 120),
+                    np.full((h, w), 70)]).astype(np.uint8)
+    img = write_rgba(tmp_path / "input.tif", rgb, cls != 255, transform=UTM_T)
+    (out / "classes.qml").write_text(class_qml(DEFAULT_CLASSES))
+    x0, y0 = UTM_T.c, UTM_T.f
+    fields = gpd.GeoDataFrame(
+        {"plot": ["north", "south"]},
+        geometry=[shapely.box(x0 + 1, y0 - 6, x0 + 15, y0 - 0.5),
+                  shapely.box(x0 + 1, y0 - 11.5, x0 + 15, y0 - 6)], crs=32615)
+    fields.to_file(tmp_path / "fields.geojson")
+    grid = Grid((h, w), UTM_T, CRS.from_epsg(32615))
+    fs = read_fields(tmp_path / "fields.geojson", grid)
+    zones = vectorize_zones(out / "classes.tif", DEFAULT_CLASSES, ZoneParams(min_area_m2=0.1),
+                            confidence_tif=out / "confidence.tif", fields=fs.fields,
+                            zone_raster=out / "zone_ids.tif")
+    write_zones(zones, out / "zones.gpkg")
+    write_gpkg_style(out / "zones.gpkg", "zones", zones_qml(DEFAULT_CLASSES))
+    (out / "zone_ids.qml").write_text(
+        zone_ids_qml(dict(zip(zones["zone_id"], zones["class"], strict=True)), DEFAULT_CLASSES))
+    summary = summarize_fields(fs, out / "classes.tif", DEFAULT_CLASSES, zones=zones)
+    write_fields(summary, out / "fields.gpkg", out / "fields.csv")
+    write_gpkg_style(out / "fields.gpkg", "fields", fields_qml())
+    return {"out": out, "image": img, "zones": zones, "summary": summary, "grid": grid}
+
+
+def test_layer_styles_rows(outputs: dict[str, object]) -> None:
+    out = outputs["out"]
+    assert isinstance(out, Path)
+    with sqlite3.connect(out / "zones.gpkg") as con:
+        rows = con.execute("SELECT f_table_catalog, f_table_schema, f_table_name, "
+                           "f_geometry_column, useAsDefault, styleQML FROM layer_styles").fetchall()
+    assert len(rows) == 1
+    cat, schema, table, geom, default, qml = rows[0]
+    assert (cat, schema, table, geom, default) == ("", "", "zones", "geom", 1)
+    assert 'type="categorizedSymbol"' in qml and 'value="weed"' in qml
+    # the styles table does not get in the way of reading the data
+    assert len(gpd.read_file(out / "zones.gpkg", layer="zones")) == 2
+
+
+def _project(outputs: dict[str, object]) -> Path:
+    out, grid = outputs["out"], outputs["grid"]
+    assert isinstance(out, Path) and isinstance(grid, Grid)
+    layers = [
+        ProjectLayer(Path("zones.gpkg"), "zones", zones_qml(DEFAULT_CLASSES), layer="zones"),
+        ProjectLayer(Path("fields.gpkg"), "fields", fields_qml(), layer="fields"),
+        ProjectLayer(Path("zone_ids.tif"), "zone ids", (out / "zone_ids.qml").read_text(),
+                     visible=False),
+        ProjectLayer(Path("classes.tif"), "classes", class_qml(DEFAULT_CLASSES), opacity=0.7),
+        ProjectLayer(Path(str(outputs["image"])), "input image", rgb_qml(1, 2, 3, 4),
+                     group="base"),
+    ]
+    return write_project(out / "project.qgs", layers, grid.crs.to_wkt(), "EPSG:32615",
+                         grid.bounds)
+
+
+def test_project_paths_and_order(outputs: dict[str, object]) -> None:
+    text = _project(outputs).read_text()
+    assert "<datasource>./classes.tif</datasource>" in text
+    assert "<datasource>../input.tif</datasource>" in text  # input outside out/: relative
+    assert "./zones.gpkg|layername=zones" in text
+    assert text.index("name=\"zones\"") < text.index("name=\"classes\"") < text.index(
+        "name=\"input image\"")
+    assert 'checked="Qt::Unchecked"' in text and 'opacity="0.7"' in text
+
+
+@needs_qgis
+def test_qgis_opens_every_output_and_project(outputs: dict[str, object], tmp_path: Path) -> None:
+    _project(outputs)
+    png = tmp_path / "map.png"
+    report = _qgis_check([outputs["out"]], png)  # type: ignore[list-item]
+    assert "0 failed" in report and "project.qgs" in report
+    assert "categorizedSymbol" in report and "graduatedSymbol" in report
+    assert _not_blank(png) > 10
+
+
+@pytest.mark.slow
+def test_report_renders_in_chromium(outputs: dict[str, object], tmp_path: Path) -> None:
+    if shutil.which("chromium") is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    out = outputs["out"]
+    assert isinstance(out, Path)
+    html = write_report(out / "report.html", str(outputs["image"]), {"red": 1, "green": 2,
+                        "blue": 3, "alpha": 4}, out / "classes.tif", DEFAULT_CLASSES,
+                        outputs["summary"], outputs["zones"], {"tile_size": 1024},
+                        ("exg",), ("a note",))
+    text = html.read_text()
+    assert "http://" not in text.replace("http://www.w3.org", "") and "<script" not in text
+    assert text.count("data:image/png;base64,") >= 4
+    png = tmp_path / "report.png"
+    subprocess.run([str(TOOLS / "screenshot.sh"), str(html), str(png), "1280", "2400"],
+                   check=True, timeout=180)
+    assert _not_blank(png) > 10
+
+
+def test_run_writes_every_output(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    x0, y0 = 500000.0, 4900000.0
+    fields = gpd.GeoDataFrame(
+        {"name": ["a", "b", "off"]},
+        geometry=[shapely.box(x0 + 0.5, y0 - 3, x0 + 2.5, y0 - 0.5),
+                  shapely.box(x0 + 2.5, y0 - 5.5, x0 + 5, y0 - 3),
+                  shapely.box(x0 + 50, y0 - 3, x0 + 52, y0 - 1)], crs=32615).to_crs(4326)
+    fields.to_file(tmp_path / "plots.geojson")
+    cfg = build_run_config(input=rgba_tif, out=tmp_path / "o", scheduler=scheduler,
+                           tile_size=64, fields=tmp_path / "plots.geojson")
+    res = process_survey(cfg)
+    for name in ("fields", "fields_csv", "report", "project", "classes", "indices/exg"):
+        assert res.outputs[name].exists(), name
+    summary = gpd.read_file(res.outputs["fields"], layer="fields").set_index("field_id")
+    assert summary.loc["off", "status"] == "outside raster"
+    assert summary.loc["a", "covered_pct"] > 50
+    manifest = json.loads((res.out_dir / "run.json").read_text())
+    assert manifest["fields"]["count"] == 3 and "outside raster" in " ".join(
+        manifest["fields"]["notes"])
+    assert "zones" in manifest
+    qgs = res.outputs["project"].read_text()
+    assert "../field.tif" in qgs and "./classes.tif" in qgs
+    if _has_qgis():
+        _qgis_check([res.out_dir], tmp_path / "run.png")

@@ -144,3 +144,32 @@ def test_no_zones_and_field_ids(tmp_path: Path) -> None:
     out = write_zones(z, tmp_path / "zones.gpkg")
     back = gpd.read_file(out)
     assert len(back) == 2 and back.crs.to_epsg() == 32615
+
+
+def test_prescription_cli(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from agriseg.cli import main
+
+    cls = np.ones((400, 400), np.uint8)  # 20 m x 20 m at 5 cm
+    cls[10:60, 10:60] = WEED  # in the first 10 m cell only
+    cls[300:302, 300:302] = DISEASE  # 4 px: below 1 % of a cell
+    run = tmp_path / "run"
+    run.mkdir()
+    write_mask(run / "classes.tif", cls)
+    z = vectorize_zones(run / "classes.tif", DEFAULT_CLASSES, ZoneParams(min_area_m2=0))
+    write_zones(z, run / "zones.gpkg")
+    r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weed=2.5,disease=1",
+                                  "--grid", "10"])
+    assert r.exit_code == 0, r.output
+    rx = gpd.read_file(run / "prescription.shp")
+    assert rx.crs.to_epsg() == 4326 and len(rx) == 4
+    assert sorted(rx["RATE"]) == [0, 0, 0, 2.5]
+    r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weed=2.5,disease=1",
+                                  "--out", str(tmp_path / "zones_rx.gpkg")])
+    assert r.exit_code == 0, r.output
+    assert sorted(gpd.read_file(tmp_path / "zones_rx.gpkg")["RATE"]) == [1.0, 2.5]
+    r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weeds=2"])
+    assert r.exit_code == 2 and "valid classes" in r.output
+    r = CliRunner().invoke(main, ["prescription", "--help"])
+    assert r.exit_code == 0 and "--grid" in r.output

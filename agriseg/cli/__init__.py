@@ -73,11 +73,12 @@ def _register() -> None:
     from agriseg.cli.evaluate import evaluate
     from agriseg.cli.export import export
     from agriseg.cli.models import models
+    from agriseg.cli.prescription import prescription
     from agriseg.cli.run import run
     from agriseg.cli.synth import synth
     from agriseg.cli.train import train
 
-    for cmd in (run, synth, evaluate, models, train, export):
+    for cmd in (run, synth, evaluate, models, train, export, prescription):
         main.add_command(cmd)
 
 

@@ -1,0 +1,72 @@
+"""``agriseg prescription``: a sprayer prescription map from a finished run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command()
+@click.argument("run_dir", metavar="DIR",
+                type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--rate", "rates", required=True,
+              help="Rate per class, e.g. weed=2.5,disease=1.0 (units per ha of your product).")
+@click.option("--grid", "grid_m", type=float, default=None,
+              help="Grid cell edge in metres (e.g. 10). Without it: one polygon per zone.")
+@click.option("--min-share", type=float, default=1.0, show_default=True,
+              help="Percent of a cell's valid pixels a class needs to trigger its rate.")
+@click.option("--base-rate", type=float, default=0.0, show_default=True,
+              help="Rate of cells with nothing to treat.")
+@click.option("--column", default="RATE", show_default=True,
+              help="Name of the rate column (10 characters at most for Shapefiles).")
+@click.option("--crs", default="EPSG:4326", show_default=True,
+              help="CRS of the output; terminals usually expect WGS 84 lon/lat.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .shp or .gpkg [DIR/prescription.shp].")
+def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: float,
+                 base_rate: float, column: str, crs: str, out: Path | None) -> None:
+    r"""Write a prescription map (Shapefile/GeoPackage with a numeric rate) from run DIR.
+
+    \b
+    Grid cells:  agriseg prescription out/ --rate weed=2.5,disease=1 --grid 10
+    Per zone:    agriseg prescription out/ --rate weed=2.5 --out rx.gpkg
+    """
+    from agriseg.classes import DEFAULT_CLASSES, ClassSchema
+    from agriseg.errors import ConfigError, InputError
+    from agriseg.prescription import (
+        Prescription,
+        grid_prescription,
+        parse_rates,
+        write_prescription,
+    )
+
+    classes = run_dir / "classes.tif"
+    if not classes.exists():
+        raise InputError(f"{run_dir}: no classes.tif; give the --out folder of `agriseg run`")
+    schema = DEFAULT_CLASSES
+    manifest = run_dir / "run.json"
+    if manifest.exists():
+        schema = ClassSchema.from_dict(json.loads(manifest.read_text()).get(
+            "schema", DEFAULT_CLASSES.to_dict()))
+    if len(column) > 10 and (out is None or out.suffix.lower() == ".shp"):
+        raise ConfigError(f"--column {column!r} is longer than 10 characters, which Shapefiles "
+                          "truncate; use a shorter name or --out FILE.gpkg")
+    rx = Prescription(parse_rates(rates, schema), grid_m, min_share / 100, base_rate, column)
+    out = out or run_dir / "prescription.shp"
+    if grid_m is not None:
+        gdf = grid_prescription(classes, schema, rx)
+    else:
+        from agriseg.prescription import zone_prescription
+
+        zones = run_dir / "zones.gpkg"
+        if not zones.exists():
+            raise InputError(
+                f"{zones}: not found (the run found no at-risk zones); use --grid METRES for a "
+                "grid prescription"
+            )
+        gdf = zone_prescription(zones, rx)
+    write_prescription(gdf, out, crs)
+    treated = int((gdf[column] > base_rate).sum())
+    click.echo(f"wrote {out}: {len(gdf)} polygon(s), {treated} with a rate above {base_rate}")

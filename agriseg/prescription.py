@@ -1,0 +1,159 @@
+"""Prescription maps for sprayer terminals: grid cells or zones with a numeric rate.
+
+Terminals (John Deere, Trimble, Raven, ISOBUS task controllers via converters) import a
+Shapefile or GeoPackage of polygons with one numeric rate column, usually in WGS 84 lon/lat.
+Grid cells get the highest rate of the at-risk classes whose share of the cell's valid pixels
+reaches ``min_share``; cells with nothing to treat get ``base_rate``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import rasterio
+import shapely
+
+from agriseg.classes import ClassSchema
+from agriseg.errors import ConfigError, OutputError
+from agriseg.vectorize import aligned_chunk, chunk_windows, grid_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prescription:
+    """What to write.
+
+    Attributes:
+        rates: class name -> rate (product units per hectare, as the terminal expects).
+        grid_m: cell edge in metres; ``None`` = one polygon per zone.
+        min_share: share (0..1) of a cell's valid pixels a class needs to trigger its rate.
+        base_rate: rate of cells or areas with nothing to treat.
+        column: name of the rate column (10 characters at most for Shapefiles).
+    """
+
+    rates: tuple[tuple[str, float], ...]
+    grid_m: float | None = 10.0
+    min_share: float = 0.01
+    base_rate: float = 0.0
+    column: str = "RATE"
+
+
+def parse_rates(spec: str, schema: ClassSchema) -> tuple[tuple[str, float], ...]:
+    """Parse ``"weed=2.5,disease=1"`` into ``(("weed", 2.5), ("disease", 1.0))``.
+
+    Raises:
+        ConfigError: malformed pair, unknown class or negative rate.
+    """
+    out: list[tuple[str, float]] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", part)
+        if not m:
+            raise ConfigError(
+                f"cannot parse rate {part!r} in --rate {spec!r}; expected CLASS=NUMBER pairs "
+                "like weed=2.5,disease=1.0"
+            )
+        schema.value_of(m.group(1))  # raises with the valid names
+        out.append((m.group(1), float(m.group(2))))
+    if not out:
+        raise ConfigError(f"--rate {spec!r} names no class; e.g. --rate weed=2.5,disease=1.0")
+    return tuple(out)
+
+
+def grid_prescription(classes_tif: str | os.PathLike[str], schema: ClassSchema,
+                      rx: Prescription, chunk: int = 2048) -> gpd.GeoDataFrame:
+    """Square cells of ``rx.grid_m`` metres (aligned to the raster's corner) with rates.
+
+    Class shares per cell are counted chunk by chunk with ``np.bincount``.
+    """
+    assert rx.grid_m is not None
+    with rasterio.open(classes_tif) as ds:
+        grid = grid_of(ds)
+        cell_px = rx.grid_m / grid.gsd_m
+        if cell_px < 1:
+            raise ConfigError(
+                f"--grid {rx.grid_m} m is smaller than a pixel ({grid.gsd_m:.3g} m); use a "
+                "larger grid"
+            )
+        ny, nx = math.ceil(grid.height / cell_px), math.ceil(grid.width / cell_px)
+        k = len(schema)
+        lut = np.full(256, k, np.int64)
+        lut[np.arange(k)] = np.arange(k)
+        counts = np.zeros(ny * nx * (k + 1), np.int64)
+        for win in chunk_windows(grid.height, grid.width, aligned_chunk(ds, chunk)):
+            cls = lut[ds.read(1, window=win)]
+            r = (np.arange(win.row_off, win.row_off + win.height) / cell_px).astype(np.int64)
+            c = (np.arange(win.col_off, win.col_off + win.width) / cell_px).astype(np.int64)
+            cell = r[:, None] * nx + c[None, :]
+            counts += np.bincount((cell * (k + 1) + cls).ravel(), minlength=counts.size)
+    counts = counts.reshape(ny * nx, k + 1)
+    valid = counts[:, :k].sum(axis=1)
+    keep = np.flatnonzero(valid > 0)
+    share = counts[keep, :k] / valid[keep, None]
+    rate = np.full(len(keep), rx.base_rate)
+    for name, value in rx.rates:
+        hit = share[:, schema.value_of(name)] >= rx.min_share
+        rate = np.where(hit, np.maximum(rate, value), rate)
+    rows, cols = keep // nx, keep % nx
+    t = grid.transform
+    x0 = t.c + t.a * cols * cell_px
+    x1 = t.c + t.a * np.minimum((cols + 1) * cell_px, grid.width)
+    y0 = t.f + t.e * rows * cell_px
+    y1 = t.f + t.e * np.minimum((rows + 1) * cell_px, grid.height)
+    cells = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1),
+                        np.maximum(y0, y1))
+    data: dict[str, object] = {"cell_id": np.arange(1, len(keep) + 1), rx.column: rate}
+    for c in schema.at_risk:
+        data[f"{c.name[:6]}_pct"] = np.round(share[:, c.value] * 100, 2)
+    return gpd.GeoDataFrame(data, geometry=cells, crs=grid.crs)
+
+
+def zone_prescription(zones_gpkg: str | os.PathLike[str], rx: Prescription) -> gpd.GeoDataFrame:
+    """One polygon per at-risk zone with the rate of its class."""
+    zones = gpd.read_file(zones_gpkg, layer="zones")
+    rates = dict(rx.rates)
+    out = gpd.GeoDataFrame(
+        {"zone_id": zones["zone_id"], "class": zones["class"],
+         rx.column: zones["class"].map(rates).fillna(rx.base_rate).astype(float),
+         "area_m2": zones["area_m2"]},
+        geometry=zones.geometry, crs=zones.crs,
+    )
+    return out[out[rx.column] > 0].reset_index(drop=True)
+
+
+def write_prescription(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str],
+                       crs: str | None = "EPSG:4326") -> Path:
+    """Write a Shapefile (``.shp``) or GeoPackage (``.gpkg``) via a temporary name.
+
+    Raises:
+        OutputError: unknown extension or the file cannot be written.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in (".shp", ".gpkg"):
+        raise OutputError(f"{path}: write a .shp or .gpkg prescription (terminals read these)")
+    if crs:
+        gdf = gdf.to_crs(crs)
+    tmp_dir = path.parent / f".{path.stem}.partial"
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / path.name
+    try:
+        gdf.to_file(tmp, driver="ESRI Shapefile" if ext == ".shp" else "GPKG",
+                    layer=path.stem, engine="pyogrio")
+        for f in tmp_dir.iterdir():
+            os.replace(f, path.parent / f.name)
+    except Exception as exc:  # pyogrio raises several types for I/O failures
+        raise OutputError(f"{path}: cannot write the prescription ({exc})") from exc
+    finally:
+        for f in tmp_dir.iterdir():
+            f.unlink()
+        tmp_dir.rmdir()
+    log.info("prescription: %s (%d polygons)", path, len(gdf))
+    return path

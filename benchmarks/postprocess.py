@@ -1,0 +1,108 @@
+"""Vectorise + per-field summaries throughput (MP of mask per second) and peak memory.
+
+    .venv/bin/python benchmarks/postprocess.py [--sizes 4096 8192] [--fields 100]
+
+For each size a synthetic class mask (crop rows, weed blobs and disease spots that cross chunk
+borders) and confidence raster are written block by block; then a *fresh process* runs
+``vectorize_zones`` (with the zone-id raster and mean confidence) and ``summarize_fields``
+(a grid of fields) and reports MP/s and its peak RSS. Memory flat in raster size means the peak
+RSS barely changes between sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.windows import Window
+
+T0 = Affine(0.02, 0, 500000.0, 0, -0.02, 4900000.0)
+
+
+def write_synthetic(path: Path, conf_path: Path, size: int, block: int = 512) -> None:
+    prof = dict(driver="GTiff", width=size, height=size, count=1, dtype="uint8", crs="EPSG:32615",
+                transform=T0, nodata=255, tiled=True, blockxsize=block, blockysize=block,
+                compress="deflate", predictor=2, BIGTIFF="IF_SAFER")
+    with rasterio.open(path, "w", **prof) as dst, rasterio.open(conf_path, "w", **prof) as cdst:
+        for r in range(0, size, 2048):
+            yy, xx = np.mgrid[r:min(size, r + 2048), 0:size].astype(np.float32)
+            cls = (np.sin(xx / 6.0) > -0.2).astype(np.uint8)  # crop rows on soil
+            weed = np.sin(xx / 97.0) * np.sin(yy / 131.0) > 0.8
+            spots = np.cos(xx / 41.0 + yy / 23.0) * np.cos(yy / 57.0 - xx / 89.0) > 0.9
+            cls[weed] = 2
+            cls[spots] = 3
+            conf = (60 + (cls * 9)).astype(np.uint8)
+            w = Window(0, r, size, cls.shape[0])
+            dst.write(cls, 1, window=w)
+            cdst.write(conf, 1, window=w)
+
+
+def run_one(classes: str, conf: str, n_fields: int) -> dict[str, float]:
+    import geopandas as gpd
+    import shapely
+
+    from agriseg.classes import DEFAULT_CLASSES
+    from agriseg.fields import FieldSet, summarize_fields
+    from agriseg.vectorize import ZoneParams, vectorize_zones
+
+    with rasterio.open(classes) as ds:
+        h, w = ds.shape
+        left, bottom, right, top = ds.bounds
+    k = int(np.sqrt(n_fields))
+    xs, ys = np.linspace(left, right, k + 1), np.linspace(bottom, top, k + 1)
+    boxes = [shapely.box(xs[i], ys[j], xs[i + 1], ys[j + 1]) for i in range(k) for j in range(k)]
+    fields = gpd.GeoDataFrame({"field_id": [str(i) for i in range(len(boxes))],
+                               "status": "ok"}, geometry=boxes, crs="EPSG:32615")
+    t = time.perf_counter()
+    zones = vectorize_zones(classes, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.25),
+                            confidence_tif=conf, fields=fields,
+                            zone_raster=Path(classes).with_name("zone_ids.tif"))
+    t_zones = time.perf_counter() - t
+    t = time.perf_counter()
+    summarize_fields(FieldSet(fields, "field_id", "bench"), classes, DEFAULT_CLASSES,
+                     zones=zones)
+    t_fields = time.perf_counter() - t
+    mp = h * w / 1e6
+    return {
+        "megapixels": mp, "zones": len(zones), "fields": len(fields),
+        "vectorize_s": round(t_zones, 2), "summaries_s": round(t_fields, 2),
+        "mp_per_s": round(mp / (t_zones + t_fields), 1),
+        "vectorize_mp_s": round(mp / t_zones, 1), "summaries_mp_s": round(mp / t_fields, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--fields", type=int, default=100)
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(run_one(a.child[0], a.child[1], a.fields)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in a.sizes:
+            c, f = Path(tmp) / f"classes_{size}.tif", Path(tmp) / f"conf_{size}.tif"
+            write_synthetic(c, f, size)
+            out = subprocess.run([sys.executable, __file__, "--fields", str(a.fields),
+                                  "--child", str(c), str(f)], check=True, capture_output=True,
+                                 text=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{size}x{size} ({r['megapixels']:.0f} MP, {r['zones']} zones, "
+                  f"{r['fields']} fields): {r['mp_per_s']} MP/s vectorise+summaries "
+                  f"(vectorise {r['vectorize_mp_s']} MP/s, summaries {r['summaries_mp_s']} "
+                  f"MP/s), peak RSS {r['peak_rss_mb']} MB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,24 +5,26 @@ No labels, no weights: three decisions with survey-wide parameters found once in
 tile the same way.
 
 1. **Vegetation vs soil.** Excess green on chromatic coordinates for RGB (with a darkness guard
-   so shadows do not turn green), NDVI with NIR. One threshold for the whole survey: Otsu's,
-   when the index histogram is clearly two-class (Ashman's D >= 2 and the threshold in the
-   agronomically plausible range); otherwise a fixed literature threshold, with a warning.
+   so shadows do not turn green), NDVI with NIR. One threshold for the whole survey: bare soil
+   is a tight histogram mode, so where the mode is soil-like the threshold is that mode plus
+   ``soil_sigmas`` robust standard deviations, raised to ``veg_mix`` of the way to typical
+   vegetation (blurred leaf margins stay soil). Where vegetation is the mode (closed canopy):
+   Otsu's threshold if the histogram is two-class (Ashman's D >= 2, plausible range), else a
+   fixed literature threshold, with a warning.
 2. **Crop vs weed** (the idea of Bah et al. 2018, unsupervised labelling for weeds in line
    crops). Row angle and spacing come from the power spectrum of the vegetation mask of the
    samples (:mod:`agriseg.models.rows`). Per pixel, the *along-row support* is the vegetation
-   share on the row line through it (over about two row spacings to either side, the larger
-   side wins so row ends stay crop), dilated across the row by the leaf reach. Vegetation with
-   support far below the field's typical row (``row_support`` x its median) is weed: a plant
-   between rows has soil along its row line. Without resolvable rows (GSD too coarse, broadcast
-   crops, pasture) every plant is crop and the warnings say weeds could not be separated.
+   share on the row line through it (three row spacings to either side), dilated across the
+   row by the leaf reach. Vegetation with support below ``row_support`` x the field's median
+   support is weed: a plant between rows has soil along its row line, a crop plant has its row.
+   Without resolvable rows (GSD too coarse, broadcast crops, pasture) every plant is crop and
+   the warnings say weeds could not be separated.
 3. **Disease / stress.** Crop whose health feature (RGB: normalised green-red difference, which
    drops with chlorosis and necrosis; multispectral: NDRE, or NDVI without red edge), averaged
    over nearby pure-vegetation pixels so mixed leaf-edge pixels do not count, lies more than
    ``disease_sensitivity`` robust standard deviations below the field's crop median, the spread
-   being taken from the healthy (upper) half. For RGB the feature must also be below an
-   absolute ``disease_max_ngrdi`` (actually yellow/brown), so a field that is uniformly
-   senescent is not all disease.
+   being taken from the healthy (upper) half. Relative, not absolute: cameras differ in white
+   balance, and a uniformly senescent field is the norm of that field, not all disease.
 
 Probabilities: each decision has a linear ramp around its threshold (``p = 0.5`` at the
 threshold, 1 one softness away), and class scores are the tree's joint probabilities:
@@ -98,11 +100,11 @@ class LabelFreeConfig:
     min_row_spacing_m: float = 0.2
     max_row_spacing_m: float = 1.5
     min_row_contrast: float = 20.0
-    row_reach_spacings: float = 2.0
+    row_reach_spacings: float = 3.0
     row_reach_min_m: float = 0.75
-    row_reach_max_m: float = 3.0
-    leaf_reach_spacings: float = 0.12
-    row_support: float = 0.4
+    row_reach_max_m: float = 4.0
+    leaf_reach_spacings: float = 0.09
+    row_support: float = 0.6
     disease_sensitivity: float = 5.0
     health_window_m: float = 0.1
     exg_fixed: float = 0.1

@@ -91,6 +91,8 @@ def estimate_rows(
     if not band.any():
         return None
     banded = np.where(band, power, 0.0)
+    if banded.max() <= 0:  # uniform masks (all plant or all soil): no pattern at all
+        return RowEstimate(0.0, 0.0, 0.0, 0.0)
     iy, ix = np.unravel_index(int(np.argmax(banded)), power.shape)
     median = float(np.median(power[band]))
     contrast = float(power[iy, ix] / median) if median > 0 else 0.0

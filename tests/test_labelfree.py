@@ -1,0 +1,208 @@
+"""The label-free segmenter: row geometry, tiling exactness, accuracy on synthetic fields with
+truth, real samples, bad input. Real GeoTIFFs, real rasterio, a real Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from agriseg.config import build_run_config
+from agriseg.errors import BandError
+from agriseg.models.labelfree import LabelFreeSegmenter
+from agriseg.models.rows import along_row_support, estimate_rows
+from agriseg.quicklook import write_quicklook
+from agriseg.raster import open_survey
+from agriseg.survey import process_survey
+from agriseg.synth import FieldSpec, write_field
+from tests.conftest import LAMBERTON, SAMPLES, write_rgba
+
+MARICOPA = SAMPLES / "maricopa_sorghum_uav" / "orthomosaic.tif"
+
+
+def _stripes(h: int, w: int, angle_deg: float, spacing_px: float, width_px: float) -> np.ndarray:
+    """Binary rows at ``angle_deg`` (counter-clockwise from east, y up)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(float)
+    a = math.radians(angle_deg)
+    # Distance across the rows: projection on the normal (image y points down).
+    d = -xx * math.sin(a) - yy * math.cos(a)
+    return (np.mod(d, spacing_px) < width_px)
+
+
+@pytest.mark.parametrize("angle", [0.0, 27.0, 63.0, 90.0, -40.0])
+def test_estimate_rows_angle_and_spacing(angle: float) -> None:
+    masks = [_stripes(256, 256, angle, 30.0, 9.0)]
+    est = estimate_rows(masks, gsd_m=0.025, min_spacing_m=0.2, max_spacing_m=1.5)
+    assert est is not None
+    diff = (est.angle_deg - angle + 90) % 180 - 90
+    assert abs(diff) < 1.0
+    assert est.spacing_m == pytest.approx(0.75, rel=0.02)
+    assert est.contrast > 50
+
+
+def test_estimate_rows_none_when_unresolvable() -> None:
+    masks = [np.random.default_rng(0).random((64, 64)) > 0.7]
+    assert estimate_rows(masks, gsd_m=0.5, min_spacing_m=0.2, max_spacing_m=1.5) is None
+
+
+@pytest.mark.parametrize("angle", [7.0, 52.0, -80.0])
+def test_along_row_support_is_translation_exact(angle: float) -> None:
+    rng = np.random.default_rng(1)
+    veg = _stripes(200, 180, angle, 24, 8) | (rng.random((200, 180)) > 0.97)
+    valid = rng.random((200, 180)) > 0.05
+    whole = along_row_support(veg, valid, 1000, 2000, angle, 20)
+    r = 21  # reach of a 20-step half segment
+    for r0, c0 in [(40, 30), (90, 100)]:
+        sub = along_row_support(veg[r0 - r : r0 + 50 + r, c0 - r : c0 + 50 + r],
+                                valid[r0 - r : r0 + 50 + r, c0 - r : c0 + 50 + r],
+                                1000 + r0 - r, 2000 + c0 - r, angle, 20)
+        assert np.array_equal(sub[r:-r, r:-r], whole[r0 : r0 + 50, c0 : c0 + 50])
+    # on the rows the support is high, between them low
+    assert whole[veg & valid].mean() > 0.6 > whole[~veg & valid].mean()
+
+
+def _truth_iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    ok = (truth < 4) & (pred < 4)
+    c = np.bincount(truth[ok] * 4 + pred[ok], minlength=16).reshape(4, 4).astype(float)
+    tp = np.diag(c)
+    return tp / (c.sum(0) + c.sum(1) - tp)
+
+
+def test_tiled_equals_untiled_on_synthetic_field(tmp_path: Path, scheduler: str) -> None:
+    spec = FieldSpec(shape_yx=(300, 340), seed=3, row_angle_deg=35.0, row_spacing_m=0.6)
+    write_field(spec, tmp_path / "f.tif", tmp_path / "t.tif")
+    outs = {}
+    for ts in (512, 64, 112):
+        cfg = build_run_config(input=tmp_path / "f.tif", out=tmp_path / f"o{ts}", model="labelfree",
+                               scheduler=scheduler, tile_size=ts, indices=False)
+        res = process_survey(cfg)
+        with rasterio.open(res.outputs["classes"]) as a, rasterio.open(
+            res.outputs["confidence"]
+        ) as b:
+            outs[ts] = (a.read(1), b.read(1))
+    for ts in (64, 112):
+        assert np.array_equal(outs[ts][0], outs[512][0]), f"classes differ at tile {ts}"
+        assert np.array_equal(outs[ts][1], outs[512][1]), f"confidence differs at tile {ts}"
+    manifest = json.loads((tmp_path / "o64" / "run.json").read_text())
+    rows = manifest["model"]["prepared"]["rows"]
+    assert rows["detected"] and abs((rows["angle_deg"] - 35 + 90) % 180 - 90) < 2
+    assert (tmp_path / "o64" / "quicklook.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("multispectral", [False, True])
+def test_accuracy_on_synthetic_fields(tmp_path: Path, multispectral: bool) -> None:
+    """Levels measured over 12 fields by benchmarks/accuracy.py, asserted with margin."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from accuracy import segment_file
+
+    spec = FieldSpec(size=640, seed=1, row_angle_deg=0.0, row_spacing_m=0.76,
+                     multispectral=multispectral)
+    field = write_field(spec, tmp_path / "f.tif", tmp_path / "t.tif")
+    pred, info = segment_file(tmp_path / "f.tif")
+    assert info["rows"]["detected"]
+    assert info["rows"]["spacing_m"] == pytest.approx(0.76, rel=0.03)
+    soil, crop, weed, disease = _truth_iou(pred, field.truth)
+    assert soil >= 0.95 and crop >= 0.88
+    assert weed >= 0.25 and disease >= 0.35
+
+
+def test_real_maricopa_rows_are_crop() -> None:
+    survey = open_survey(MARICOPA)
+    seg = LabelFreeSegmenter()
+    prep = seg.prepare(survey)
+    rows = prep.info["rows"]
+    assert rows["detected"] and abs(abs(rows["angle_deg"]) - 90) < 3  # N-S rows
+    assert 0.7 < rows["spacing_m"] < 0.85  # 30-inch sorghum rows
+    assert prep.warnings == ()
+
+
+def _write(path: Path, data: np.ndarray, dtype: str, gsd: float = 0.02,
+           nodata: float | None = None) -> Path:
+    c, h, w = data.shape
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": c, "dtype": dtype,
+               "crs": "EPSG:32615", "transform": Affine(gsd, 0, 500000, 0, -gsd, 4900000),
+               "nodata": nodata}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data.astype(dtype))
+    return path
+
+
+def _run_model(path: Path, bands: str | None = None) -> tuple[np.ndarray, object]:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from accuracy import segment_file
+
+    del bands
+    return segment_file(path)
+
+
+def test_no_vegetation_is_all_soil(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    soil = np.array([150, 120, 95])[:, None, None] + rng.normal(0, 6, (3, 200, 200))
+    src = write_rgba(tmp_path / "bare.tif", np.clip(soil, 0, 255))
+    pred, info = _run_model(src)
+    assert (pred == 0).mean() > 0.99
+    assert any("vegetation" in w for w in info["warnings"])
+    assert not info["rows"]["detected"]
+
+
+def test_fully_vegetated_is_crop(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    leaf = np.array([60, 130, 45])[:, None, None] + rng.normal(0, 8, (3, 200, 200))
+    src = write_rgba(tmp_path / "canopy.tif", np.clip(leaf, 0, 255))
+    pred, info = _run_model(src)
+    assert (pred == 1).mean() > 0.95
+    assert "fixed" in info["veg_threshold_method"]
+    assert info["warnings"]
+
+
+def test_single_band_raises_band_error(tmp_path: Path) -> None:
+    src = _write(tmp_path / "one.tif", np.full((1, 50, 50), 100), "uint8")
+    survey = open_survey(src, "red=1")
+    with pytest.raises(BandError, match="green, blue"):
+        LabelFreeSegmenter().prepare(survey)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_16bit_and_float_imagery(tmp_path: Path, dtype: str) -> None:
+    spec = FieldSpec(size=320, seed=2, row_angle_deg=20.0, row_spacing_m=0.6,
+                     nodata_border=False)
+    field = write_field(spec, tmp_path / "f.tif", tmp_path / "t.tif")
+    scale = 257 if dtype == "uint16" else 1 / 255
+    src = _write(tmp_path / "g.tif", field.image.astype(np.float64) * scale, dtype)
+    pred, info = _run_model(src)
+    iou = _truth_iou(pred, field.truth)
+    assert iou[0] > 0.9 and iou[1] > 0.8
+    assert info["rows"]["detected"]
+
+
+def test_satellite_gsd_falls_back_without_rows(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    img = np.where(rng.random((1, 120, 120)) > 0.5,
+                   np.array([60, 130, 45])[:, None, None], np.array([150, 120, 95])[:, None, None])
+    src = write_rgba(tmp_path / "s2.tif", img + rng.normal(0, 4, img.shape).clip(0),
+                     transform=Affine(10, 0, 500000, 0, -10, 4900000))
+    pred, info = _run_model(src)
+    assert info["rows"] == {"detected": False, "reason": "GSD too coarse"}
+    assert any("too coarse" in w for w in info["warnings"])
+    assert set(np.unique(pred)) <= {0, 1, 3}  # no weeds without rows
+
+
+def test_quicklook_on_real_sample(tmp_path: Path) -> None:
+    survey = open_survey(LAMBERTON)
+    cls = tmp_path / "c.tif"
+    with rasterio.open(LAMBERTON) as ds:
+        profile = {"driver": "GTiff", "width": ds.width, "height": ds.height, "count": 1,
+                   "dtype": "uint8", "crs": ds.crs, "transform": ds.transform}
+        with rasterio.open(cls, "w", **profile) as dst:
+            dst.write(np.where(ds.read(4) > 0, 1, 255).astype("uint8"), 1)
+    out = write_quicklook(survey, cls, tmp_path / "q.png", max_side=400)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -163,22 +163,20 @@ def _ramp(z: np.ndarray) -> np.ndarray:
 
 
 def _box_mean(values: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray:
-    """Mean of integer ``values`` over ``weight`` pixels in a square window (exact integers).
+    """Mean of integer ``values`` over ``weight`` pixels in a square window, exactly.
 
-    Hand-written with cumulative sums because scipy's running float sums depend on where a
-    line starts, which would make tile and whole-raster results differ in the last bit.
+    Direct (non-running) sums of integers: scipy's ``uniform_filter`` keeps a running float
+    sum whose rounding depends on where a line starts, which would make tiles and
+    whole-raster runs differ in the last bit; ``correlate1d`` with unit weights does not.
     """
-    h, w = values.shape
-    k = 2 * radius + 1
+    ones = np.ones(2 * radius + 1)
 
     def box(a: np.ndarray) -> np.ndarray:
-        c = np.zeros((h + k, w + k), np.int64)
-        c[radius + 1 : radius + 1 + h, radius + 1 : radius + 1 + w] = a
-        c = c.cumsum(0).cumsum(1)
-        return c[k:, k:] - c[:-k, k:] - c[k:, :-k] + c[:-k, :-k]
+        a = ndimage.correlate1d(a, ones, axis=0, mode="constant")
+        return ndimage.correlate1d(a, ones, axis=1, mode="constant")
 
-    s = box(values * weight)
-    n = box(weight.astype(np.int64))
+    s = box(np.where(weight, values, 0).astype(np.int32))
+    n = box(weight.astype(np.int32))
     out = values.astype(np.float32)
     np.divide(s, n, out=out, where=n > 0, casting="unsafe")
     return out
@@ -464,7 +462,7 @@ class LabelFreeSegmenter:
 
     @staticmethod
     def _smooth_health(health: np.ndarray, pure: np.ndarray, radius: int) -> np.ndarray:
-        q = np.rint(np.clip(health, -1, 1) * 10000).astype(np.int64)
+        q = np.rint(np.clip(health, -1, 1) * 10000).astype(np.int32)
         return _box_mean(q, pure, radius) / np.float32(10000)
 
     # ------------------------------------------------------------------ predict

@@ -121,12 +121,35 @@ class _LogProgress:
     def __init__(self) -> None:
         self._next = 0.0
         self._t0 = time.perf_counter()
+        self._estimated = False
+        self._first: tuple[float, int] | None = None
 
     def start(self, plan: TilePlan, n: int) -> None:
         mp = plan.grid.width * plan.grid.height / 1e6
-        click.echo(f"{n} of {len(plan)} tiles hold data ({mp:.1f} MP raster)", err=True)
+        click.echo(
+            f"{n} of {len(plan)} tiles of {plan.tile_size} px hold data ({mp:.1f} MP raster, "
+            f"halo {plan.halo} px, {plan.read_overhead:.2f} model px per output px)",
+            err=True,
+        )
+        self._estimated = False
+        self._first = None
+
+    def _estimate(self, done: int, total: int) -> None:
+        # Early estimate from the first finished tiles (start-up excluded), printed once.
+        now = time.perf_counter()
+        if self._first is None:
+            self._first = (now, done)
+            return
+        t0, d0 = self._first
+        if not self._estimated and done - d0 >= max(2, total // 20) and done < total:
+            rate = (done - d0) / max(now - t0, 1e-9)
+            left = (total - done) / rate
+            click.echo(f"estimate: about {left / 60:.1f} min for the remaining "
+                       f"{total - done} tiles", err=True)
+            self._estimated = True
 
     def update(self, done: int, total: int, pixels: int) -> None:
+        self._estimate(done, total)
         frac = done / max(total, 1)
         if frac >= self._next:
             rate = pixels / 1e6 / max(time.perf_counter() - self._t0, 1e-9)
@@ -164,6 +187,7 @@ class _ProgressBar(_LogProgress):
     def update(self, done: int, total: int, pixels: int) -> None:
         if self._task is None:
             return
+        self._estimate(done, total)
         rate = pixels / 1e6 / max(time.perf_counter() - self._t0, 1e-9)
         self._progress.update(self._task, completed=done, total=total, rate=f"{rate:.1f} MP/s")
 

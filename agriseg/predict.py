@@ -118,6 +118,8 @@ class Checkpoint:
         Raises:
             ResumeError: the checkpoint belongs to another input, model or parameters.
         """
+        # Compare in JSON form: tuples in model configs come back from the file as lists.
+        identity = json.loads(json.dumps(identity, default=str))
         if resume and path.exists():
             try:
                 data = json.loads(path.read_text())

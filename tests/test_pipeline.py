@@ -17,6 +17,7 @@ from tests.conftest import LAMBERTON
 
 
 def _run(src: Path, out: Path, scheduler: str, **kw: object):
+    kw.setdefault("model", "index-threshold")  # pipeline mechanics; models have own tests
     cfg = build_run_config(input=src, out=out, scheduler=scheduler, **kw)
     return process_survey(cfg)
 

@@ -26,6 +26,8 @@ from agriseg.survey import process_survey
 from tests.conftest import toy_field, write_rgba
 
 AGRISEG = [sys.executable, "-m", "agriseg"]
+# These tests are about the pipeline's mechanics; the cheapest model keeps them quick.
+FAST = "index-threshold"
 
 
 def _read(path: Path) -> np.ndarray:
@@ -54,9 +56,9 @@ def _interrupt_after(n: int):
 
 
 def test_interrupt_then_resume_is_identical(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
-    ref = process_survey(build_run_config(input=big_tif, out=tmp_path / "ref", tile_size=64,
+    ref = process_survey(build_run_config(model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64,
                                           scheduler=scheduler))
-    cfg = build_run_config(input=big_tif, out=tmp_path / "run", tile_size=64,
+    cfg = build_run_config(model=FAST, input=big_tif, out=tmp_path / "run", tile_size=64,
                            scheduler=scheduler, checkpoint_seconds=0)
     with pytest.raises(KeyboardInterrupt):
         process_survey(cfg, progress=_interrupt_after(20))
@@ -70,7 +72,7 @@ def test_interrupt_then_resume_is_identical(big_tif: Path, tmp_path: Path, sched
 
 
 def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
-    cfg = build_run_config(input=big_tif, out=tmp_path / "run", tile_size=64,
+    cfg = build_run_config(model=FAST, input=big_tif, out=tmp_path / "run", tile_size=64,
                            scheduler=scheduler, checkpoint_seconds=0)
     with pytest.raises(KeyboardInterrupt):
         process_survey(cfg, progress=_interrupt_after(5))
@@ -78,11 +80,11 @@ def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, schedu
         ds.write(np.zeros((1, 8, 8), "uint8"), [1], window=((0, 8), (0, 8)))
     with pytest.raises(ResumeError, match="--overwrite"):
         process_survey(cfg)
-    changed = build_run_config(input=big_tif, out=tmp_path / "run", tile_size=128,
+    changed = build_run_config(model=FAST, input=big_tif, out=tmp_path / "run", tile_size=128,
                                scheduler=scheduler)
     with pytest.raises(ResumeError, match="tile_size"):
         process_survey(changed)
-    fresh = build_run_config(input=big_tif, out=tmp_path / "run", tile_size=64,
+    fresh = build_run_config(model=FAST, input=big_tif, out=tmp_path / "run", tile_size=64,
                              scheduler=scheduler, overwrite=True)
     assert process_survey(fresh).manifest["plan"]["tiles"] == 90
 
@@ -109,7 +111,7 @@ def test_sigkill_subprocess_then_resume(
 ) -> None:
     out = tmp_path / "killed"
     cmd = [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64",
-           "--workers", "1", "--checkpoint-seconds", "0", "--no-progress"]
+           "--workers", "1", "--checkpoint-seconds", "0", "--no-progress", "--model", FAST]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     try:
@@ -127,7 +129,7 @@ def test_sigkill_subprocess_then_resume(
     assert not (out / "run.json").exists() or proc.returncode == 0
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    ref = process_survey(build_run_config(input=big_tif, out=tmp_path / "ref", tile_size=64,
+    ref = process_survey(build_run_config(model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64,
                                           scheduler=scheduler))
     _same_outputs(ref.out_dir, out)
 
@@ -143,11 +145,11 @@ def test_worker_killed_mid_run(big_tif: Path, tmp_path: Path) -> None:
                 os.kill(victim, signal.SIGKILL)
                 killed.append(victim)
 
-        cfg = build_run_config(input=big_tif, out=tmp_path / "w", tile_size=64,
+        cfg = build_run_config(model=FAST, input=big_tif, out=tmp_path / "w", tile_size=64,
                                scheduler=cluster.scheduler_address)
         res = process_survey(cfg, progress=progress)
         assert killed
-        ref = process_survey(build_run_config(input=big_tif, out=tmp_path / "ref", tile_size=64,
+        ref = process_survey(build_run_config(model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64,
                                               scheduler=cluster.scheduler_address))
     _same_outputs(ref.out_dir, res.out_dir)
 
@@ -155,7 +157,7 @@ def test_worker_killed_mid_run(big_tif: Path, tmp_path: Path) -> None:
 def test_sigterm_stops_cleanly_with_resume_hint(big_tif: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
     cmd = [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64",
-           "--workers", "1", "--checkpoint-seconds", "0", "--no-progress"]
+           "--workers", "1", "--checkpoint-seconds", "0", "--no-progress", "--model", FAST]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     _poll(lambda: _done_tiles(out) >= 5 or proc.poll() is not None)
@@ -198,7 +200,7 @@ def test_disk_full_is_a_clear_error(big_tif: Path, tmp_path: Path) -> None:
 
     r = subprocess.run(
         [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64", "--workers", "1",
-         "--no-progress"],
+         "--no-progress", "--model", FAST],
         capture_output=True, text=True, preexec_fn=limit, timeout=300,
     )
     assert r.returncode == 2, r.stderr
@@ -301,7 +303,7 @@ def test_geographic_crs_works(tmp_path: Path, scheduler: str) -> None:
     rgb, valid = toy_field(64, 64)
     src = write_rgba(tmp_path / "geo.tif", rgb, valid,
                      transform=Affine(2e-7, 0, -95.0, 0, -2e-7, 44.0), crs="EPSG:4326")
-    res = process_survey(build_run_config(input=src, out=tmp_path / "o", scheduler=scheduler))
+    res = process_survey(build_run_config(model=FAST, input=src, out=tmp_path / "o", scheduler=scheduler))
     area = res.manifest["class_area_m2"]
     px = res.manifest["class_pixels"]
     # 2e-7 deg is ~2.2 cm north-south, ~1.6 cm east-west at 44 N: ~3.6 cm2 per pixel

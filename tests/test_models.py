@@ -1,0 +1,216 @@
+"""Learned models: every architecture, safe bundles, engines, and a survey run with a bundle."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from click.testing import CliRunner
+
+from agriseg.classes import DEFAULT_CLASSES
+from agriseg.cli import main
+from agriseg.config import build_run_config
+from agriseg.errors import BandError, ConfigError, ModelError
+from agriseg.models import load_segmenter
+from agriseg.models.arch import ARCHITECTURES, build_model, count_parameters, make_spec
+from agriseg.models.bundle import BundleMeta, load_bundle_model, read_bundle, save_bundle
+from agriseg.models.neural import NeuralParams, NeuralSegmenter
+from agriseg.raster import open_survey
+from agriseg.survey import process_survey
+
+ROLES = ("red", "green", "blue")
+
+
+def _tiny_bundle(path: Path, arch: str = "unet", seed: int = 0, **meta_kw: object) -> Path:
+    torch.manual_seed(seed)
+    spec = make_spec(arch, "tiny", 3, 4)
+    model = build_model(spec).eval()
+    meta = BundleMeta(spec, DEFAULT_CLASSES, ROLES, (0.4, 0.45, 0.3), (0.2, 0.2, 0.15),
+                      patch_size=64, halo=32, gsd_range_m=(0.01, 0.05), name="tiny", **meta_kw)
+    return save_bundle(model, meta, path)
+
+
+def _toy_batch(n: int = 4, size: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blobs of four colours: a task every architecture can memorise."""
+    g = torch.Generator().manual_seed(seed)
+    lab = torch.randint(0, 4, (n, size // 16, size // 16), generator=g)
+    lab = lab.repeat_interleave(16, 1).repeat_interleave(16, 2)
+    colours = torch.tensor([[0.6, 0.4, 0.3], [0.2, 0.6, 0.2], [0.7, 0.7, 0.1], [0.5, 0.2, 0.2]])
+    x = colours[lab].permute(0, 3, 1, 2) + 0.03 * torch.randn(n, 3, size, size, generator=g)
+    return x, lab
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_arch_builds_and_overfits(arch: str) -> None:
+    torch.manual_seed(0)
+    # depth 3 keeps a 4x4 bottleneck on 32 px patches (smp's FPN needs all 5 stages)
+    model = build_model(make_spec(arch, "tiny", 3, 4, depth=5 if arch == "fpn" else 3))
+    assert count_parameters(model) < 100_000
+    x, y = _toy_batch(2, 32)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for _ in range(50):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.85, f"{arch} reached only {acc:.2f} pixel accuracy on a memorisable set"
+
+
+def test_unknown_names_list_choices() -> None:
+    with pytest.raises(ConfigError, match="valid choices: unet, unetplusplus"):
+        make_spec("transformer9000")
+    with pytest.raises(ConfigError, match="valid choices: tiny, small"):
+        make_spec("unet", "resnet9000")
+    with pytest.raises(ConfigError, match="vgg16"):
+        make_spec("segnet", "resnet18")
+
+
+@pytest.mark.parametrize("name", ["one.safetensors", "folder"])
+def test_bundle_round_trip_bit_exact(tmp_path: Path, name: str) -> None:
+    torch.manual_seed(1)
+    spec = make_spec("unet", "tiny", 3, 4)
+    model = build_model(spec)
+    meta = BundleMeta(spec, DEFAULT_CLASSES, ROLES, (0.1, 0.2, 0.3), (0.5, 0.5, 0.5),
+                      metrics={"miou": 0.5}, training={"images": ["a.tif"]})
+    save_bundle(model, meta, tmp_path / name)
+    meta2, model2 = load_bundle_model(tmp_path / name)
+    assert replace(meta2, created="") == meta
+    assert meta2.schema.classes[2].color == (255, 215, 0)
+    sd, sd2 = model.state_dict(), model2.state_dict()
+    assert sd.keys() == sd2.keys()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
+class _Boom:
+    """Unpickling this would create a file: proof that nothing was unpickled."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_pickle_refused(tmp_path: Path, suffix: str) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / f"model{suffix}"
+    evil.write_bytes(pickle.dumps(_Boom(marker), protocol=4))
+    with pytest.raises(ModelError, match="pickled"):
+        load_segmenter(str(evil))
+    torch.save({"w": torch.zeros(2)}, tmp_path / "ckpt.pth")
+    with pytest.raises(ModelError, match="never unpickles"):
+        read_bundle(tmp_path / "ckpt.pth")
+    assert not marker.exists()
+
+
+def test_truncated_and_corrupt_refused(tmp_path: Path) -> None:
+    good = _tiny_bundle(tmp_path / "m.safetensors")
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ModelError, match="truncated"):
+        load_segmenter(str(cut))
+    cut.write_bytes(data[:5])
+    with pytest.raises(ModelError, match="truncated"):
+        read_bundle(cut)
+
+
+def test_unknown_version_and_mismatch_refused(tmp_path: Path) -> None:
+    folder = _tiny_bundle(tmp_path / "b")
+    meta_file = folder / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ModelError, match="version 99 is not supported"):
+        load_segmenter(str(folder))
+    meta_file.write_text(json.dumps({**meta, "model": {**meta["model"], "encoder": "small"}}))
+    with pytest.raises(ModelError, match="do not match the declared architecture"):
+        load_segmenter(str(folder))
+    schema3 = {**meta["schema"], "classes": meta["schema"]["classes"][:3]}
+    meta_file.write_text(json.dumps({**meta, "schema": schema3}))
+    with pytest.raises(ModelError, match="class schema has 3 classes"):
+        load_segmenter(str(folder))
+
+
+def test_onnx_matches_torch_and_is_cached(tmp_path: Path) -> None:
+    bundle = _tiny_bundle(tmp_path / "m.safetensors", seed=3)
+    x = np.random.default_rng(0).random((2, 3, 150, 130), np.float32)
+    meta, _ = read_bundle(bundle)
+    outs = {}
+    for engine in ("torch", "onnx"):
+        seg = NeuralSegmenter(str(bundle), meta, engine)
+        outs[engine] = seg.predict(x, np.ones((2, 150, 130), bool), NeuralParams(32), [])
+    assert outs["onnx"].shape == (2, 4, 150, 130)
+    np.testing.assert_allclose(outs["onnx"].sum(1), 1.0, atol=1e-5)
+    assert np.abs(outs["onnx"] - outs["torch"]).max() < 1e-4
+    assert list(tmp_path.glob("m-*.onnx")), "the ONNX export is cached beside the bundle"
+    r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(tmp_path / "x.onnx")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "x.onnx").exists() and "max |onnx - torch|" in r.output
+
+
+def test_segmenter_pickles_small_and_checks_bands_and_gsd(tmp_path: Path, rgba_tif: Path) -> None:
+    bundle = _tiny_bundle(tmp_path / "m.safetensors")
+    seg = load_segmenter(str(bundle), engine="torch")
+    assert len(pickle.dumps(seg)) < 5000  # weights stay out of the Dask graph
+    prepared = seg.prepare(open_survey(rgba_tif))
+    assert prepared.halo == 32 and not prepared.warnings
+    far = _tiny_bundle(tmp_path / "far.safetensors")
+    meta, _ = read_bundle(far)
+    seg_far = NeuralSegmenter(str(far), replace(meta, gsd_range_m=(5.0, 10.0)))
+    assert "far outside" in seg_far.prepare(open_survey(rgba_tif)).warnings[0]
+    nir = replace(meta, roles=("red", "green", "nir"))
+    with pytest.raises(BandError, match="nir"):
+        NeuralSegmenter(str(far), nir).prepare(open_survey(rgba_tif))
+
+
+def _trained_bundle(path: Path) -> Path:
+    """A tiny U-Net briefly trained to call the toy field's green rows crop."""
+    from tests.conftest import toy_field
+
+    rgb, _ = toy_field(128, 128, seed=3)
+    x = torch.from_numpy(rgb.astype(np.float32) / 255)[None]
+    y = torch.from_numpy((rgb[1].astype(int) - rgb[0] > 20).astype(np.int64))[None]
+    torch.manual_seed(0)
+    spec = make_spec("unet", "tiny", 3, 4)
+    model = build_model(spec)
+    mean, std = (0.4, 0.5, 0.3), (0.2, 0.2, 0.2)
+    xn = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(40):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xn), y).backward()
+        opt.step()
+    meta = BundleMeta(spec, DEFAULT_CLASSES, ROLES, mean, std, 128, 32, (0.01, 0.05), "toy")
+    return save_bundle(model.eval(), meta, path)
+
+
+def test_survey_with_bundle_is_seamless(tmp_path: Path, rgba_tif: Path, scheduler: str) -> None:
+    bundle = _trained_bundle(tmp_path / "toy.safetensors")
+    runs = {}
+    for tile in (512, 64):
+        cfg = build_run_config(input=rgba_tif, out=tmp_path / f"o{tile}", model=str(bundle),
+                               tile_size=tile, indices=False, scheduler=scheduler)
+        runs[tile] = process_survey(cfg)
+    with rasterio.open(runs[512].outputs["classes"]) as a, \
+            rasterio.open(runs[64].outputs["classes"]) as b:
+        whole, tiled = a.read(1), b.read(1)
+    valid = whole != 255
+    assert ((tiled == 255) == ~valid).all()
+    share = np.bincount(whole[valid], minlength=4) / valid.sum()
+    assert 0.05 < share[1] < 0.95, "the trained toy model finds the green rows"
+    differ = int((whole != tiled).sum())
+    # halo + centre crop: tile borders change only a negligible number of pixels
+    assert differ <= 0.002 * valid.sum(), f"{differ} pixels differ between tilings"
+    m = runs[64].manifest["model"]
+    assert m["kind"] == "learned" and m["prepared"]["engine"] == "auto"

@@ -1,0 +1,140 @@
+"""Training: CLI run on a tiny synthetic pair, polygons, pseudo-labels, resume, config errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import geopandas as gpd
+import pytest
+import rasterio
+import yaml
+from click.testing import CliRunner
+from shapely.geometry import box
+
+from agriseg.cli import main
+from agriseg.models.bundle import read_bundle
+from agriseg.synth import FieldSpec, write_field
+from agriseg.train import load_train_config, train
+
+TINY = {
+    "model": {"arch": "unet", "encoder": "tiny"},
+    "patch_size": 32,
+    "batch_size": 2,
+    "epochs": 2,
+    "steps_per_epoch": 3,
+    "validation": {"block_size": 64, "fraction": 0.25},
+    "threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("pair")
+    img, truth = d / "field.tif", d / "truth.tif"
+    write_field(FieldSpec(size=128, seed=7, gsd=0.02), img, truth)
+    return img, truth
+
+
+def _polygons(path: Path, image: Path) -> Path:
+    with rasterio.open(image) as ds:
+        left, bottom, right, top = ds.bounds
+        crs = ds.crs
+    w, h = right - left, top - bottom
+    gdf = gpd.GeoDataFrame(
+        {"class": ["soil", "crop", "weed"]},
+        geometry=[box(left, bottom, left + w / 3, top), box(left + w / 3, bottom, left + 2 * w / 3,
+                  top), box(left + 2 * w / 3, bottom, right, bottom + h / 2)],
+        crs=crs,
+    ).to_crs("EPSG:4326")  # labels drawn in another CRS are reprojected on the fly
+    gdf.to_file(path)
+    return path
+
+
+def _write_cfg(path: Path, **values: object) -> Path:
+    path.write_text(yaml.safe_dump({"version": 1, **TINY, **values}))
+    return path
+
+
+def test_cli_train_resume_and_export(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    img, truth = pair
+    polys = _polygons(tmp_path / "labels.gpkg", img)
+    cfg = _write_cfg(tmp_path / "train.yaml", out="run", data=[
+        {"image": str(img), "labels": str(truth)},
+        {"image": str(img), "polygons": polys.name, "class_column": "class"},
+    ])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "run"
+    bundle = run / "model.safetensors"
+    assert bundle.exists() and (run / "curves.png").stat().st_size > 1000
+    hist = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2]
+    assert set(hist[0]["val"]["iou"]) == {"soil", "crop", "weed", "disease"}
+    assert len(hist[0]["val"]["confusion"]) == 4
+    meta, _ = read_bundle(bundle)
+    assert meta.roles == ("red", "green", "blue") and meta.arch.encoder == "tiny"
+    assert [d["source"] for d in meta.training["images"]] == ["raster labels", "polygons"]
+    assert meta.gsd_range_m == (0.02, 0.02)
+
+    r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--epochs", "3", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    hist2 = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in hist2] == [1, 2, 3]
+    assert hist2[:2] == hist, "resume continues; finished epochs are not rerun"
+
+    # a changed configuration cannot resume the old checkpoint
+    _write_cfg(cfg, out="run", data=[{"image": str(img), "labels": str(truth)}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--no-progress"])
+    assert r.exit_code == 2 and "different training configuration" in r.output
+
+
+def test_pseudo_labels_from_teacher(tmp_path: Path, rgba_tif: Path, scheduler: str) -> None:
+    cfg = _write_cfg(tmp_path / "t.yaml", out="run", data=[])
+    r = CliRunner().invoke(main, [
+        "train", str(cfg), "--pseudo-labels", str(rgba_tif), "--pseudo-model", "index-threshold",
+        "--min-confidence", "0.9", "--scheduler", scheduler, "--no-progress",
+    ])
+    assert r.exit_code == 0, r.output
+    meta, _ = read_bundle(tmp_path / "run" / "model.safetensors")
+    src = meta.training["images"][0]
+    assert src["source"] == "pseudo-labels" and src["teacher"] == "index-threshold"
+    assert 0 < src["labelled_share"] < 1  # uncertain pixels were dropped
+
+
+def test_config_errors_are_clear(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    img, truth = pair
+    bad = _write_cfg(tmp_path / "a.yaml", out="r", data=[{"image": str(img)}])
+    r = CliRunner().invoke(main, ["train", str(bad)])
+    assert r.exit_code == 2 and "exactly one of labels, polygons or pseudo" in r.output
+    bad = _write_cfg(tmp_path / "b.yaml", out="r", epoch=3,
+                     data=[{"image": str(img), "labels": str(truth)}])
+    r = CliRunner().invoke(main, ["train", str(bad)])
+    assert r.exit_code == 2 and "epoch" in r.output and "Traceback" not in r.output
+    bad = _write_cfg(tmp_path / "c.yaml", out="r", model={"arch": "unet", "encoder": "nope"},
+                     data=[{"image": str(img), "labels": str(truth)}])
+    r = CliRunner().invoke(main, ["train", str(bad)])
+    assert r.exit_code == 2 and "valid choices" in r.output
+    polys = _polygons(tmp_path / "p.gpkg", img)
+    bad = _write_cfg(tmp_path / "d.yaml", out="r", data=[
+        {"image": str(img), "polygons": str(polys), "class_column": "kind"}])
+    r = CliRunner().invoke(main, ["train", str(bad)])
+    assert r.exit_code == 2 and "no column 'kind'" in r.output and "class" in r.output
+
+
+def test_help() -> None:
+    for cmd in (["train"], ["export"]):
+        r = CliRunner().invoke(main, [*cmd, "--help"])
+        assert r.exit_code == 0 and "Usage" in r.output
+
+
+@pytest.mark.slow
+def test_training_improves_iou(tmp_path: Path) -> None:
+    cfg_path = _write_cfg(
+        tmp_path / "s.yaml", out="run", synthetic={"count": 2, "size": 256, "seed": 50},
+        model={"arch": "unet", "encoder": "tiny"}, patch_size=64, batch_size=8, epochs=6,
+        steps_per_epoch=25, lr=0.01, threads=2,
+    )
+    result = train(load_train_config(cfg_path))
+    mious = [h.val.miou for h in result.history]
+    assert max(mious[-2:]) > mious[0] + 0.05, mious

@@ -171,7 +171,9 @@ def onnx_cache_path(bundle: str | os.PathLike[str], digest: str) -> Path:
         if meta_file is not None
         else weights.with_name(f"{weights.stem}-{digest[:12]}.onnx")
     )
-    if os.access(beside.parent, os.W_OK) or beside.exists():
+    shipped = Path(__file__).resolve().parents[1] in weights.resolve().parents
+    # Never write into the installed package (shipped bundles); use the user cache instead.
+    if not shipped and (os.access(beside.parent, os.W_OK) or beside.exists()):
         return beside
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "agriseg" / "onnx"
     return cache / f"{digest}.onnx"

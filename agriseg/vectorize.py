@@ -1,10 +1,14 @@
-"""At-risk zones (weed patches, disease spots) as polygons, vectorised chunk by chunk.
+"""At-risk zones (weed patches, disease spots) as polygons, from a chunked labelling pass.
 
-The class mask is read in block-aligned chunks; ``rasterio.features.shapes`` polygonises each
-chunk in *pixel* coordinates (integers, so pieces from neighbouring chunks share exactly the
-same vertices). Only pieces touching an inner chunk edge are merged, per class, by the
-connected components of their shared edges; everything else is final as soon as its chunk is
-done. Memory is bounded by one chunk plus the zones themselves, never by the raster size.
+The class mask is read in block-aligned chunks. Each chunk's at-risk patches are labelled
+with ``scipy.ndimage.label`` (4-connectivity, per class) and counted with ``np.bincount``;
+labels of neighbouring chunks are joined through the same-class pixel pairs along chunk borders,
+so a patch that crosses chunks is ONE zone. Patches below the minimum area are dropped before
+any polygon is built: ``rasterio.features.shapes`` traces only the pieces that may be kept, in
+*pixel* coordinates (integers, so pieces from neighbouring chunks share exactly the same
+vertices), and the pieces of one patch are unioned. The zone-id raster is written by
+relabelling each chunk, not by rasterising the polygons back. Memory is bounded by one chunk
+plus per-patch tables and the zones themselves, never by the raster size.
 
 Areas are ground areas in square metres: pixel counts times the pixel area in a projected CRS,
 or the polygon area in the local UTM zone when the raster CRS is geographic.
@@ -30,7 +34,7 @@ from pyproj.aoi import AreaOfInterest
 from pyproj.database import query_utm_crs_info
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
-from rasterio.features import rasterize, shapes
+from rasterio.features import shapes
 from rasterio.windows import Window
 from scipy import ndimage
 from scipy.sparse import coo_matrix
@@ -167,49 +171,224 @@ def _read_risk(
     return out[ys, xs]
 
 
-def _chunk_pieces(
-    risk: np.ndarray, win: Window
-) -> tuple[list[shapely.Polygon], list[int]]:
-    """Polygons (global pixel coordinates) and class values (+1) of one chunk."""
-    tr = Affine.translation(win.col_off, win.row_off)
-    geoms, vals = [], []
-    for geom, val in shapes(risk, mask=risk > 0, connectivity=4, transform=tr):
-        rings = geom["coordinates"]
-        geoms.append(shapely.Polygon(rings[0], rings[1:]))
-        vals.append(int(val))
-    return geoms, vals
+# 4-connectivity, as ``shapes(connectivity=4)`` traces: pixels that touch only at a corner are
+# separate patches.
+_CROSS = ndimage.generate_binary_structure(2, 1)
 
 
-def _merge_border_pieces(geoms: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Union pieces of the same class that share an edge (pieces cut by chunk borders)."""
-    if len(geoms) < 2:
-        return geoms, vals
-    tree = shapely.STRtree(geoms)
-    i, j = tree.query(geoms, predicate="intersects")
-    keep = (i < j) & (vals[i] == vals[j])
-    i, j = i[keep], j[keep]
-    # Pieces touching at a single corner are separate patches under 4-connectivity.
-    shared = shapely.length(shapely.intersection(geoms[i], geoms[j])) > 0
-    i, j = i[shared], j[shared]
-    n = len(geoms)
-    graph = coo_matrix((np.ones(len(i), np.int8), (i, j)), shape=(n, n))
-    ncomp, labels = connected_components(graph, directed=False)
-    order = np.argsort(labels, kind="stable")
-    bounds = np.flatnonzero(np.diff(labels[order])) + 1
-    out_g, out_v = [], []
-    for members in np.split(order, bounds):
-        if len(members) == 1:
-            out_g.append(geoms[members[0]])
+def row_pixel_areas(grid: Grid) -> np.ndarray | None:
+    """Ground area of a pixel in each row for a geographic CRS (None: constant area).
+
+    Exact on the ellipsoid: the area between two parallels per radian of longitude is
+    ``a^2 / 2 * (q(phi1) - q(phi2))`` with ``q`` the authalic function.
+    """
+    if not grid.crs.is_geographic:
+        return None
+    ell = grid.crs.to_dict().get("ellps") or "WGS84"
+    from pyproj import Geod
+
+    g = Geod(ellps=ell if isinstance(ell, str) else "WGS84")
+    a, e2 = g.a, g.es
+    e = math.sqrt(e2)
+    t = grid.transform
+    lat = np.radians(t.f + t.e * np.arange(grid.height + 1))
+    s = np.sin(lat)
+    q = (1 - e2) * (s / (1 - e2 * s * s) - np.log((1 - e * s) / (1 + e * s)) / (2 * e))
+    return a * a / 2 * np.abs(np.diff(q)) * math.radians(abs(t.a))
+
+
+def _label_chunk(risk: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Patches of one chunk: int32 labels ``1..n`` (0 = none) and each label's value (+1).
+
+    Each at-risk class is labelled on its own so that touching weed and disease pixels stay
+    separate patches, as ``shapes`` keeps distinct values apart. Deterministic: the zone-raster
+    pass relabels a chunk and gets the same labels back.
+    """
+    lab: np.ndarray | None = None
+    vals: list[np.ndarray] = []
+    n = 0
+    for v in values:
+        m = risk == v
+        lv, k = ndimage.label(m, structure=_CROSS)
+        if k == 0:
+            continue
+        if lab is None:
+            lab = lv
         else:
-            out_g.append(shapely.union_all(geoms[members]))
-        out_v.append(vals[members[0]])
-    log.debug("merged %d border pieces into %d", n, ncomp)
-    return np.array(out_g, dtype=object), np.array(out_v)
+            np.add(lv, n, out=lv, where=m)
+            lab += lv
+        vals.append(np.full(k, v, np.uint8))
+        n += k
+    if lab is None:
+        return np.zeros(risk.shape, np.int32), np.zeros(0, np.uint8)
+    return lab, np.concatenate(vals)
 
 
-def _explode(geoms: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    parts, idx = shapely.get_parts(geoms, return_index=True)
-    return parts, vals[idx]
+def _polygons(rings: list[list[list[tuple[float, float]]]]) -> np.ndarray:
+    """Polygons from GeoJSON-style ring lists, built in one call (faster than one by one)."""
+    coords: list[np.ndarray] = []
+    ring_end, poly_end = [0], [0]
+    for poly in rings:
+        for ring in poly:
+            coords.append(np.asarray(ring, dtype=np.float64))
+            ring_end.append(ring_end[-1] + len(ring))
+        poly_end.append(poly_end[-1] + len(poly))
+    if not coords:
+        return np.zeros(0, dtype=object)
+    return shapely.from_ragged_array(
+        shapely.GeometryType.POLYGON, np.concatenate(coords),
+        (np.array(ring_end, np.int64), np.array(poly_end, np.int64)),
+    )
+
+
+@dataclass(slots=True)
+class _Scan:
+    """What the labelling pass keeps: per-label tables (index 0 = no patch) and polygons.
+
+    Global label ``base[i] + j`` is label ``j`` of chunk ``i`` (row-major); ``root`` maps
+    each global label to its patch after merging across chunk borders.
+    """
+
+    value: np.ndarray
+    pixels: np.ndarray
+    conf_sum: np.ndarray
+    conf_n: np.ndarray
+    area: np.ndarray
+    root: np.ndarray
+    base: np.ndarray
+    pieces: list[shapely.Polygon]
+    piece_label: list[int]
+
+
+def _edge_pairs(a_lab: np.ndarray, a_val: np.ndarray, b_lab: np.ndarray,
+                b_val: np.ndarray) -> np.ndarray:
+    """Global label pairs of 4-neighbours of the same class across one chunk border."""
+    m = (b_val > 0) & (a_val == b_val)
+    if not m.any():
+        return np.zeros((0, 2), np.int64)
+    return np.unique(np.stack([a_lab[m], b_lab[m]], axis=1), axis=0)
+
+
+def _scan(
+    ds: rasterio.DatasetReader,
+    conf_ds: rasterio.DatasetReader | None,
+    grid: Grid,
+    chunk: int,
+    values: np.ndarray,
+    nodata: int,
+    radius: int,
+    min_px_area: float,
+) -> _Scan:
+    """One pass over the mask: label patches, count their pixels, trace the big ones.
+
+    A patch's size is only known once its pieces in every chunk are merged, so a piece is
+    traced (``shapes``) when its chunk label is complete and big enough, or when it touches an
+    inner chunk border (it may grow). Areas are pixel counts in a projected CRS and square
+    metres (ellipsoidal pixel areas) in a geographic one; ``min_px_area`` is in the same unit.
+    """
+    height, width = grid.height, grid.width
+    row_area = row_pixel_areas(grid)
+    px_area = 1.0 if row_area is None else None
+    value_t, pixels_t, conf_sum_t, conf_n_t, area_t = [np.zeros(1, np.uint8)], [], [], [], []
+    for t in (pixels_t, conf_sum_t, conf_n_t, area_t):
+        t.append(np.zeros(1))
+    bases: list[int] = []
+    pairs: list[np.ndarray] = []
+    pieces: list[shapely.Polygon] = []
+    piece_label: list[int] = []
+    # Labels and values of the row above the current chunk row (all columns) and of the column
+    # left of the current chunk: the only state carried between chunks.
+    top_lab = np.zeros(width, np.int64)
+    top_val = np.zeros(width, np.uint8)
+    left_lab = left_val = None
+    base = 0
+    for win in chunk_windows(height, width, chunk):
+        r0, c0, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
+        bases.append(base)
+        risk = _read_risk(ds, win, values - 1, nodata, radius)
+        lab, vals = _label_chunk(risk, values)
+        n = len(vals)
+        if n == 0:
+            top_lab[c0:c0 + w] = 0
+            top_val[c0:c0 + w] = 0
+            left_lab = left_val = None
+            continue
+
+        def glob(x: np.ndarray, b: int = base) -> np.ndarray:
+            return np.where(x > 0, x.astype(np.int64) + b, 0)
+
+        flat = lab.ravel()
+        sel = np.flatnonzero(flat)
+        ls = flat[sel]
+        pixels = np.bincount(ls, minlength=n + 1)
+        if row_area is None:
+            area = pixels * px_area
+        else:
+            area = np.bincount(ls, weights=row_area[r0 + sel // w], minlength=n + 1)
+        if conf_ds is not None:
+            conf = conf_ds.read(1, window=win).ravel()[sel]
+            ok = conf != 255
+            conf_sum = np.bincount(ls[ok], weights=conf[ok], minlength=n + 1)
+            conf_n = np.bincount(ls[ok], minlength=n + 1)
+        else:
+            conf_sum = conf_n = np.zeros(n + 1)
+        value_t.append(vals)
+        pixels_t.append(pixels[1:])
+        area_t.append(area[1:])
+        conf_sum_t.append(conf_sum[1:])
+        conf_n_t.append(conf_n[1:])
+        if r0 > 0:
+            pairs.append(_edge_pairs(top_lab[c0:c0 + w], top_val[c0:c0 + w], glob(lab[0]),
+                                     risk[0]))
+        if c0 > 0 and left_lab is not None:
+            pairs.append(_edge_pairs(left_lab, left_val, glob(lab[:, 0]), risk[:, 0]))
+        # Pieces on an inner chunk edge may belong to a bigger patch: trace them all.
+        open_ = np.zeros(n + 1, bool)
+        for inner, edge in ((r0 > 0, lab[0]), (r0 + h < height, lab[-1]),
+                            (c0 > 0, lab[:, 0]), (c0 + w < width, lab[:, -1])):
+            if inner:
+                open_[edge] = True
+        trace = open_ | (area >= min_px_area)
+        trace[0] = False
+        if trace.any():
+            mask = trace[lab]
+            rows = np.flatnonzero(mask.any(axis=1))
+            cols = np.flatnonzero(mask.any(axis=0))
+            # shapes scans every pixel it is given: only the box around the traced pieces.
+            ys, xs = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+            tr = Affine.translation(c0 + xs.start, r0 + ys.start)
+            rings, labels = [], []
+            for geom, val in shapes(lab[ys, xs], mask=mask[ys, xs], connectivity=4,
+                                    transform=tr):
+                rings.append(geom["coordinates"])
+                labels.append(int(val) + base)
+            pieces.extend(_polygons(rings))
+            piece_label.extend(labels)
+        top_lab[c0:c0 + w] = glob(lab[-1])
+        top_val[c0:c0 + w] = risk[-1]
+        left_lab, left_val = glob(lab[:, -1]), risk[:, -1]
+        base += n
+    bases.append(base)
+    n_lab = base + 1
+    # ndimage.label only sees one chunk; joining its labels across chunk borders is a
+    # connectivity problem on the graph of same-class border pixel pairs, solved in C by
+    # scipy's connected_components (one node per label: memory ~ number of patches).
+    pp = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    graph = coo_matrix((np.ones(len(pp), np.int8), (pp[:, 0], pp[:, 1])), shape=(n_lab, n_lab))
+    _, root = connected_components(graph, directed=False)
+    return _Scan(
+        value=np.concatenate(value_t), pixels=np.concatenate(pixels_t).astype(np.int64),
+        conf_sum=np.concatenate(conf_sum_t), conf_n=np.concatenate(conf_n_t).astype(np.int64),
+        area=np.concatenate(area_t), root=root, base=np.array(bases, np.int64),
+        pieces=pieces, piece_label=piece_label,
+    )
+
+
+def _pixel_area_m2(grid: Grid) -> float:
+    """Ground area of one pixel in a projected CRS (the polygon area of a unit square)."""
+    t = grid.transform
+    factor = grid.crs.linear_units_factor[1] if grid.crs.is_projected else 1.0
+    return abs(t.a * t.e - t.b * t.d) * factor**2
 
 
 def vectorize_zones(
@@ -221,6 +400,11 @@ def vectorize_zones(
     zone_raster: str | os.PathLike[str] | None = None,
 ) -> gpd.GeoDataFrame:
     """Polygons of the at-risk classes of a class mask.
+
+    Two chunked passes: the first labels 4-connected patches per chunk
+    (``scipy.ndimage.label``), counts their pixels and confidence, merges labels across chunk
+    borders and traces only the patches that may reach the minimum area; the second (only
+    with ``zone_raster``) relabels each chunk and writes the zone ids.
 
     Args:
         classes_tif: uint8 class raster (``schema.nodata`` = nodata).
@@ -240,7 +424,7 @@ def vectorize_zones(
         OutputError: the zone raster cannot be written.
     """
     p = params or ZoneParams()
-    risk = np.array([c.value for c in schema.at_risk], dtype=np.int64)
+    values = np.array([c.value + 1 for c in schema.at_risk], dtype=np.int64)
     names = {c.value + 1: c.name for c in schema.at_risk}
     try:
         ds = rasterio.open(classes_tif)
@@ -250,57 +434,71 @@ def vectorize_zones(
         grid = grid_of(ds)
         chunk = aligned_chunk(ds, p.chunk)
         radius = round(p.closing_m / grid.gsd_m) if p.closing_m > 0 else 0
-        final_g: list[shapely.Polygon] = []
-        final_v: list[int] = []
-        border_g: list[shapely.Polygon] = []
-        border_v: list[int] = []
-        for win in chunk_windows(grid.height, grid.width, chunk):
-            arr = _read_risk(ds, win, risk, schema.nodata, radius)
-            if not arr.any():
-                continue
-            g, v = _chunk_pieces(arr, win)
-            if not g:
-                continue
-            ga = np.array(g, dtype=object)
-            b = shapely.bounds(ga)
-            # Integer pixel coordinates: equality tests are exact.
-            inner = (
-                ((b[:, 0] == win.col_off) & (win.col_off > 0))
-                | ((b[:, 1] == win.row_off) & (win.row_off > 0))
-                | ((b[:, 2] == win.col_off + win.width) & (win.col_off + win.width < grid.width))
-                | ((b[:, 3] == win.row_off + win.height)
-                   & (win.row_off + win.height < grid.height))
-            )
-            for k in np.flatnonzero(inner):
-                border_g.append(g[k])
-                border_v.append(v[k])
-            for k in np.flatnonzero(~inner):
-                final_g.append(g[k])
-                final_v.append(v[k])
-        mg, mv = _merge_border_pieces(np.array(border_g, dtype=object), np.array(border_v))
-        mg, mv = _explode(mg, mv)
-        pix = np.concatenate([np.array(final_g, dtype=object), mg]) if len(mg) else np.array(
-            final_g, dtype=object)
-        vals = np.concatenate([np.array(final_v, dtype=np.int64), mv.astype(np.int64)])
-    n_pieces = len(pix)
-    if n_pieces:
+        geographic = grid.crs.is_geographic
+        # The pre-filter works on pixel areas; the exact test on polygon areas (as areas_m2
+        # computes them) follows, so the slack only decides what is traced. Projected: pixel
+        # count x pixel area is the polygon area up to float rounding. Geographic: ellipsoidal
+        # pixel areas against the local UTM polygon area (scale error < 0.1 %).
+        unit = 1.0 if geographic else _pixel_area_m2(grid)
+        slack = 1e-2 if geographic else 1e-6
+        min_px = p.min_area_m2 * (1 - slack) / unit
+        conf_ds = rasterio.open(confidence_tif) if confidence_tif is not None else None
+        try:
+            scan = _scan(ds, conf_ds, grid, chunk, values, schema.nodata, radius, min_px)
+        finally:
+            if conf_ds is not None:
+                conf_ds.close()
+    root = scan.root
+    n_comp = int(root.max()) + 1
+    comp_area = np.bincount(root, weights=scan.area, minlength=n_comp)
+    big = comp_area >= min_px
+    big[root[0]] = False
+    pl = np.array(scan.piece_label, np.int64)
+    pc = root[pl] if len(pl) else np.zeros(0, np.int64)
+    take = big[pc]
+    pl, pc = pl[take], pc[take]
+    geoms = np.array(scan.pieces, dtype=object)[take] if len(take) else np.zeros(0, object)
+    order = np.argsort(pc, kind="stable")
+    pc, pl, geoms = pc[order], pl[order], geoms[order]
+    starts = np.flatnonzero(np.r_[True, pc[1:] != pc[:-1]]) if len(pc) else np.zeros(0, int)
+    ends = np.append(starts[1:], len(pc)) if len(pc) else starts
+    comps = pc[starts]
+    pix = np.empty(len(comps), dtype=object)
+    for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        # Pieces of a patch cut by chunk borders share whole pixel edges: their union is one
+        # polygon (4-connected pixels).
+        pix[i] = geoms[s] if e - s == 1 else shapely.union_all(geoms[s:e])
+    vals = scan.value[pl[starts]].astype(np.int64)
+    n_patches = int(np.count_nonzero(np.bincount(root[1:], minlength=n_comp)))
+    if len(pix):
         crs_geoms = pixel_to_crs(pix, grid.transform)
         area = areas_m2(crs_geoms, grid)
         keep = area >= p.min_area_m2
-        pix, vals, crs_geoms, area = pix[keep], vals[keep], crs_geoms[keep], area[keep]
+        pix, vals, crs_geoms, area, comps = (
+            pix[keep], vals[keep], crs_geoms[keep], area[keep], comps[keep])
         order = np.argsort(-area, kind="stable")
-        pix, vals, crs_geoms, area = pix[order], vals[order], crs_geoms[order], area[order]
+        pix, vals, crs_geoms, area, comps = (
+            pix[order], vals[order], crs_geoms[order], area[order], comps[order])
     else:
         crs_geoms, area = np.array([], dtype=object), np.zeros(0)
     log.info(
         "zones: %d patch(es) of %s, %d below %.3g m2 dropped",
-        len(pix), "/".join(names.values()) or "no at-risk class", n_pieces - len(pix),
+        len(pix), "/".join(names.values()) or "no at-risk class", n_patches - len(pix),
         p.min_area_m2,
     )
     ids = np.arange(1, len(pix) + 1, dtype=np.int64)
-    pixels, conf_sum, conf_n = _zone_pixel_stats(
-        classes_tif, confidence_tif, pix, ids, grid, chunk, zone_raster)
-    mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
+    comp_zone = np.zeros(n_comp, np.uint32)
+    comp_zone[comps] = ids
+    label_zone = comp_zone[root]
+    label_zone[0] = 0
+    pixels = np.bincount(root, weights=scan.pixels, minlength=n_comp)[comps].astype(np.int64)
+    conf_sum = np.bincount(root, weights=scan.conf_sum, minlength=n_comp)[comps]
+    conf_n = np.bincount(root, weights=scan.conf_n, minlength=n_comp)[comps]
+    if zone_raster is not None:
+        _write_zone_raster(classes_tif, zone_raster, label_zone, scan.base, values,
+                           schema.nodata, radius, chunk)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
     simplify_px = 1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m
     if simplify_px > 0 and len(pix):
         out_pix = shapely.simplify(pix, simplify_px, preserve_topology=True)
@@ -322,6 +520,51 @@ def vectorize_zones(
     lon, lat = _scout_points(crs_geoms, grid.crs)
     gdf["centroid_lon"], gdf["centroid_lat"] = np.round(lon, 7), np.round(lat, 7)
     return gdf[[*ZONE_COLUMNS, "geometry"]]
+
+
+def _write_zone_raster(
+    classes_tif: str | os.PathLike[str],
+    zone_raster: str | os.PathLike[str],
+    label_zone: np.ndarray,
+    base: np.ndarray,
+    values: np.ndarray,
+    nodata: int,
+    radius: int,
+    chunk: int,
+) -> None:
+    """Write zone ids chunk by chunk by relabelling each chunk (same labels as the scan).
+
+    Relabelling costs less than keeping the labels of every chunk (memory) or rasterising
+    the polygons back; chunks without a kept zone are skipped (sparse, read as 0).
+    """
+    zone_raster = Path(zone_raster)
+    tmp = zone_raster.with_name(f".{zone_raster.stem}.partial.tif")
+    with rasterio.open(classes_tif) as src:
+        prof = src.profile
+        # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
+        # several times faster than DEFLATE.
+        prof.update(dtype="uint32", nodata=0, count=1, compress="zstd", zstd_level=1,
+                    predictor=2, tiled=True, sparse_ok=True, BIGTIFF="IF_SAFER")
+        prof.pop("photometric", None)
+        try:
+            dst = rasterio.open(tmp, "w", **prof)
+        except RasterioError as exc:
+            raise OutputError(f"{zone_raster}: cannot create the zone raster ({exc})") from exc
+        try:
+            with dst:
+                for i, win in enumerate(chunk_windows(src.height, src.width, chunk)):
+                    lut = label_zone[base[i]:base[i + 1] + 1].copy()
+                    lut[0] = 0  # local label 0 = no patch (base[i] is the previous chunk's)
+                    if not lut.any():
+                        continue
+                    risk = _read_risk(src, win, values - 1, nodata, radius)
+                    lab, _ = _label_chunk(risk, values)
+                    dst.write(lut[lab], 1, window=win)
+                dst.set_band_description(1, "zone id (0 = no zone); see zone_id in zones.gpkg")
+        except RasterioError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{zone_raster}: writing zone ids failed ({exc})") from exc
+    os.replace(tmp, zone_raster)
 
 
 def _scout_points(geoms: np.ndarray, crs: CRS) -> tuple[np.ndarray, np.ndarray]:
@@ -351,74 +594,6 @@ def _assign_fields(zones: gpd.GeoDataFrame, fields: gpd.GeoDataFrame | None) -> 
     return hit["field_id"].astype(object).where(hit["field_id"].notna(), None)
 
 
-def _zone_pixel_stats(
-    classes_tif: str | os.PathLike[str],
-    confidence_tif: str | os.PathLike[str] | None,
-    pix: np.ndarray,
-    ids: np.ndarray,
-    grid: Grid,
-    chunk: int,
-    zone_raster: str | os.PathLike[str] | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pixel count and confidence sum per zone; also writes the zone-id raster.
-
-    Zones are rasterised chunk by chunk; they follow pixel edges, so rasterising (pixel
-    centres) gives back exactly their pixels.
-    """
-    n = len(ids) + 1
-    pixels = np.zeros(n, np.int64)
-    conf_sum = np.zeros(n, np.float64)
-    conf_n = np.zeros(n, np.int64)
-    tree = shapely.STRtree(pix) if len(pix) else None
-    dst = None
-    tmp = None
-    if zone_raster is not None:
-        zone_raster = Path(zone_raster)
-        tmp = zone_raster.with_name(f".{zone_raster.stem}.partial.tif")
-        with rasterio.open(classes_tif) as src:
-            prof = src.profile
-        prof.update(dtype="uint32", nodata=0, count=1, compress="deflate", predictor=2,
-                    tiled=True, sparse_ok=True, BIGTIFF="IF_SAFER")
-        prof.pop("photometric", None)
-        try:
-            dst = rasterio.open(tmp, "w", **prof)
-        except RasterioError as exc:
-            raise OutputError(f"{zone_raster}: cannot create the zone raster ({exc})") from exc
-    conf_ds = rasterio.open(confidence_tif) if confidence_tif is not None else None
-    try:
-        for win in chunk_windows(grid.height, grid.width, chunk):
-            h, w = int(win.height), int(win.width)
-            if tree is None:
-                continue
-            hits = tree.query(shapely.box(win.col_off, win.row_off, win.col_off + w,
-                                          win.row_off + h))
-            if len(hits) == 0:
-                continue
-            tr = Affine.translation(win.col_off, win.row_off)
-            zid = rasterize(
-                zip(pix[hits], ids[hits], strict=True), out_shape=(h, w), transform=tr,
-                fill=0, dtype="uint32",
-            )
-            flat = zid.ravel()
-            pixels += np.bincount(flat, minlength=n)
-            if conf_ds is not None:
-                conf = conf_ds.read(1, window=win).ravel()
-                ok = conf != 255
-                conf_sum += np.bincount(flat[ok], weights=conf[ok], minlength=n)
-                conf_n += np.bincount(flat[ok], minlength=n)
-            if dst is not None:
-                dst.write(zid, 1, window=win)
-    except RasterioError as exc:
-        raise OutputError(f"{zone_raster or classes_tif}: zone statistics failed ({exc})") from exc
-    finally:
-        if conf_ds is not None:
-            conf_ds.close()
-        if dst is not None:
-            dst.set_band_description(1, "zone id (0 = no zone); see zone_id in zones.gpkg")
-            dst.close()
-    if tmp is not None and zone_raster is not None:
-        os.replace(tmp, zone_raster)
-    return pixels[1:], conf_sum[1:], conf_n[1:]
 
 
 def write_zones(

@@ -173,3 +173,54 @@ def test_prescription_cli(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "valid classes" in r.output
     r = CliRunner().invoke(main, ["prescription", "--help"])
     assert r.exit_code == 0 and "--grid" in r.output
+
+
+def test_chunked_labels_match_whole_array_reference(tmp_path: Path) -> None:
+    """The chunked scan (labels joined across chunk borders) gives the zones of one big label.
+
+    Reference: ``ndimage.label`` per class on the whole (small) array, 4-connectivity, patches
+    below the minimum area dropped. Blobs, rings and diagonal contacts straddle 32-px chunks.
+    """
+    rng = np.random.default_rng(7)
+    noise = ndimage.gaussian_filter(rng.random((200, 232)), 3)
+    cls = np.ones(noise.shape, np.uint8)
+    cls[noise > np.quantile(noise, 0.75)] = WEED
+    cls[(noise < np.quantile(noise, 0.12)) | (noise > np.quantile(noise, 0.95))] = DISEASE
+    cls[::37, :] = 0  # thin soil lines cut some patches exactly on and off chunk borders
+    cls[64, 30:90] = WEED  # a one-pixel line along a chunk border
+    cls[95, 95] = cls[96, 96] = WEED  # corner contact across a chunk corner: two patches
+    cls[-3:, :4] = 255
+    src = write_mask(tmp_path / "c.tif", cls, block=32)
+    conf = write_mask(tmp_path / "f.tif", _conf(cls), block=32)
+    min_px = 6
+    zr = tmp_path / "zid.tif"
+    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=min_px * 0.05**2 - 1e-9,
+                                                         chunk=32, simplify_m=0),
+                        confidence_tif=conf, zone_raster=zr)
+    ref = []
+    cross = ndimage.generate_binary_structure(2, 1)
+    for value, name in ((WEED, "weed"), (DISEASE, "disease")):
+        lab, n = ndimage.label(cls == value, structure=cross)
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        ref += [(name, int(sizes[i])) for i in range(1, n + 1) if sizes[i] >= min_px]
+    assert sorted(zip(z["class"], z["pixels"], strict=True)) == sorted(ref)
+    np.testing.assert_allclose(z["area_m2"], z["pixels"] * 0.05**2, atol=1e-3)
+    assert (np.diff(z["area_m2"].to_numpy()) <= 0).all()  # largest first
+    assert z.geometry.is_valid.all() and (z.geometry.geom_type == "Polygon").all()
+    # each zone's polygon covers exactly its patch; the zone raster holds the same ids
+    with rasterio.open(zr) as ds:
+        zid = ds.read(1)
+    straddling = 0
+    for row in z.itertuples():
+        m = zid == row.zone_id
+        assert m.sum() == row.pixels
+        rr, cc = np.nonzero(m)
+        straddling += (rr.min() // 32 != rr.max() // 32) or (cc.min() // 32 != cc.max() // 32)
+        value = WEED if row._2 == "weed" else DISEASE
+        assert (cls[m] == value).all()
+        lab, _ = ndimage.label(cls == value, structure=cross)
+        assert len(np.unique(lab[m])) == 1  # one reference patch, entirely
+        assert row.geometry.area == pytest.approx(row.pixels * 0.05**2, rel=1e-6)
+        assert row.mean_confidence == pytest.approx(80 if value == WEED else 60)
+    assert set(np.unique(zid)) == {0, *z["zone_id"]}
+    assert straddling > 20  # many patches cross chunk borders

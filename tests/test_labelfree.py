@@ -14,7 +14,7 @@ from affine import Affine
 
 from agriseg.config import build_run_config
 from agriseg.errors import BandError
-from agriseg.models.labelfree import LabelFreeSegmenter
+from agriseg.models.labelfree import LabelFreeParams, LabelFreeSegmenter
 from agriseg.models.rows import along_row_support, estimate_rows
 from agriseg.quicklook import write_quicklook
 from agriseg.raster import open_survey
@@ -64,6 +64,35 @@ def test_along_row_support_is_translation_exact(angle: float) -> None:
         assert np.array_equal(sub[r:-r, r:-r], whole[r0 : r0 + 50, c0 : c0 + 50])
     # on the rows the support is high, between them low
     assert whole[veg & valid].mean() > 0.6 > whole[~veg & valid].mean()
+
+
+def test_row_probability_hysteresis_is_translation_exact() -> None:
+    """Leaves joined to a row keep the lower threshold; tiles agree with the whole raster."""
+    rng = np.random.default_rng(2)
+    veg = _stripes(220, 200, 0.0, 30, 8)
+    veg[31:37, 20:30] = True  # leaves bulging out of the row at rows 23-30
+    veg[40:46, 100:110] = True  # a weed patch between rows, not touching them
+    veg |= rng.random(veg.shape) > 0.98
+    valid = np.ones_like(veg)
+    p = LabelFreeParams(
+        index="exg", veg_threshold=0.1, veg_softness=0.05, dark_eps=0.01, rows=True,
+        row_angle_deg=0.0, row_half_px=25, leaf_px=1, row_threshold=0.5, row_softness=0.25,
+        attach_px=6, attached_threshold=0.15, health="ngrdi", health_centre=(0.0,),
+        health_spread=(1.0,), health_px=1, disease_sensitivity=5.0,
+    )
+
+    def prob(r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        s = LabelFreeSegmenter._support(veg[r0:r0 + h, c0:c0 + w], valid[r0:r0 + h, c0:c0 + w],
+                                        r0, c0, 0.0, 25, 1)
+        return LabelFreeSegmenter._row_probability(s, veg[r0:r0 + h, c0:c0 + w], p)
+
+    whole = prob(0, 0, 220, 200)
+    r = 25 + 1 + 1 + 6  # support reach + leaf + attachment
+    for r0, c0 in [(35, 40), (60, 90), (r, 110)]:
+        sub = prob(r0 - r, c0 - r, 60 + 2 * r, 50 + 2 * r)
+        assert np.array_equal(sub[r:-r, r:-r], whole[r0:r0 + 60, c0:c0 + 50])
+    assert whole[31:37, 20:30].min() > 0.5  # attached leaves: crop
+    assert whole[40:46, 100:110].max() < 0.5  # separate patch between rows: weed
 
 
 def _truth_iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:

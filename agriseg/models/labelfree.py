@@ -17,14 +17,18 @@ tile the same way.
    share on the row line through it (three row spacings to either side), dilated across the
    row by the leaf reach. Vegetation with support below ``row_support`` x the field's median
    support is weed: a plant between rows has soil along its row line, a crop plant has its row.
+   Leaves bulging out of a row have less support than the row line but hang together with it:
+   vegetation joined to confident row pixels within a short geodesic reach (bounded
+   4-connected growth through vegetation) keeps the lower ``row_attached_support`` threshold.
    Without resolvable rows (GSD too coarse, broadcast crops, pasture) every plant is crop and
    the warnings say weeds could not be separated.
 3. **Disease / stress.** Crop whose health feature (RGB: normalised green-red difference, which
-   drops with chlorosis and necrosis; multispectral: NDRE, or NDVI without red edge), averaged
-   over nearby pure-vegetation pixels so mixed leaf-edge pixels do not count, lies more than
-   ``disease_sensitivity`` robust standard deviations below the field's crop median, the spread
-   being taken from the healthy (upper) half. Relative, not absolute: cameras differ in white
-   balance, and a uniformly senescent field is the norm of that field, not all disease.
+   drops with chlorosis and necrosis; multispectral: NDRE and NDVI, or NDVI without red edge),
+   averaged over nearby pure-vegetation pixels so mixed leaf-edge pixels do not count, lies more
+   than ``disease_sensitivity`` robust standard deviations below the field's crop median (the
+   mean of the features' z-scores), the spread being taken from the healthy (upper) half.
+   Relative, not absolute: cameras differ in white balance, and a uniformly senescent field is
+   the norm of that field, not all disease.
 
 Probabilities: each decision has a linear ramp around its threshold (``p = 0.5`` at the
 threshold, 1 one softness away), and class scores are the tree's joint probabilities:
@@ -80,6 +84,13 @@ class LabelFreeConfig:
             row spacings.
         row_support: vegetation is crop when its along-row support is at least this share of
             the field's median support (lower: fewer weeds).
+        row_attached_support: vegetation joined to such crop through vegetation (see
+            ``row_attach_spacings``) is crop down to this lower share of the median: leaves of a
+            large plant bulging out of its row have less support than the row line, but they
+            hang together with the row, while a weed patch between rows is separate from it or
+            has much lower support.
+        row_attach_spacings: how far (geodesically, through vegetation) that attachment reaches
+            from the row, in row spacings.
         disease_sensitivity: robust z-score below the healthy crop median that marks disease
             (lower: more disease).
         health_window_m: side of the window over which the health feature is averaged.
@@ -105,6 +116,8 @@ class LabelFreeConfig:
     row_reach_max_m: float = 4.0
     leaf_reach_spacings: float = 0.09
     row_support: float = 0.6
+    row_attached_support: float = 0.4
+    row_attach_spacings: float = 0.1
     disease_sensitivity: float = 5.0
     health_window_m: float = 0.1
     exg_fixed: float = 0.1
@@ -146,9 +159,11 @@ class LabelFreeParams:
     leaf_px: int
     row_threshold: float
     row_softness: float
+    attach_px: int
+    attached_threshold: float
     health: str
-    health_centre: float
-    health_spread: float
+    health_centre: tuple[float, ...]
+    health_spread: tuple[float, ...]
     health_px: int
     disease_sensitivity: float
 
@@ -196,21 +211,24 @@ class LabelFreeSegmenter:
     def _features(
         self, pixels: np.ndarray, dark_eps: float
     ) -> tuple[np.ndarray, np.ndarray, str, str]:
-        """Vegetation index and health feature of ``(..., C, H, W)`` pixels."""
+        """Vegetation index ``(..., H, W)`` and health features ``(..., K, H, W)``."""
         ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
         eps = np.float32(dark_eps)
         if "nir" in ch:
             nir, red = ch["nir"], ch["red"]
             vi = (nir - red) / (nir + red + eps)
             if "rededge" in ch:
-                health = (nir - ch["rededge"]) / (nir + ch["rededge"] + eps)
-                return vi, health, "ndvi", "ndre"
-            return vi, vi, "ndvi", "ndvi"
+                # NDRE tracks chlorophyll in dense canopy but also rises in leaf shade (NIR
+                # scatters within the canopy more than red edge); NDVI tracks the visible
+                # symptom (red no longer absorbed). Their z-scores are averaged.
+                ndre = (nir - ch["rededge"]) / (nir + ch["rededge"] + eps)
+                return vi, np.stack([ndre, vi], axis=-3), "ndvi", "ndre+ndvi"
+            return vi, vi[..., None, :, :], "ndvi", "ndvi"
         r, g, b = ch["red"], ch["green"], ch["blue"]
         # eps in the denominator damps the chroma of near-black pixels (shadow, sensor noise).
         vi = (2 * g - r - b) / (r + g + b + eps)
         health = (g - r) / (g + r + eps)
-        return vi, health, "exg", "ngrdi"
+        return vi, health[..., None, :, :], "exg", "ngrdi"
 
     # ------------------------------------------------------------------ prepare
 
@@ -245,8 +263,8 @@ class LabelFreeSegmenter:
         info["veg_fraction_samples"] = round(n_veg / max(n_valid, 1), 4)
 
         rows = self._rows(vegs, gsd, n_veg, n_valid, warnings, survey.path, info)
-        row_half = leaf = 0
-        row_thr = row_soft = 0.0
+        row_half = leaf = attach = 0
+        row_thr = row_soft = att_thr = 0.0
         supports: list[np.ndarray] = []
         if rows is not None:
             reach = min(max(cfg.row_reach_spacings * rows.spacing_m, cfg.row_reach_min_m),
@@ -259,25 +277,32 @@ class LabelFreeSegmenter:
             typical = float(np.median(s_veg)) if s_veg.size else 0.0
             row_thr = max(cfg.row_support * typical, 0.02)
             row_soft = max(row_thr / 2, 0.01)
+            att_thr = min(max(cfg.row_attached_support * typical, 0.01), row_thr)
+            attach = max(0, round(cfg.row_attach_spacings * rows.spacing_m / gsd))
             info.update(row_half_length_m=round(row_half * gsd, 3),
                         leaf_reach_m=round(leaf * gsd, 3),
-                        row_support_median=round(typical, 4), row_threshold=round(row_thr, 4))
+                        row_support_median=round(typical, 4), row_threshold=round(row_thr, 4),
+                        row_attached_threshold=round(att_thr, 4),
+                        row_attach_m=round(attach * gsd, 3))
         health_px = max(1, round(cfg.health_window_m / gsd / 2))
         centre, spread = self._health_stats(feats, vegs, supports, row_thr, thr, soft, health_px)
-        info.update(health_centre=round(centre, 4), health_spread=round(spread, 4),
+        zs = " + ".join(f"({c:.3f} - {name}) / {sd:.3f}" for c, sd, name in
+                        zip(centre, spread, health_name.split("+"), strict=True))
+        info.update(health_centre=[round(c, 4) for c in centre],
+                    health_spread=[round(sd, 4) for sd in spread],
                     disease_sensitivity=cfg.disease_sensitivity,
-                    disease_rule=f"{health_name} < {centre:.3f} - "
-                    f"{cfg.disease_sensitivity} x {spread:.3f}")
+                    disease_rule=f"mean of [{zs}] > {cfg.disease_sensitivity}")
         params = LabelFreeParams(
             index=index, veg_threshold=thr, veg_softness=soft, dark_eps=dark_eps,
             rows=rows is not None, row_angle_deg=rows.angle_deg if rows else 0.0,
             row_half_px=row_half, leaf_px=leaf, row_threshold=row_thr, row_softness=row_soft,
+            attach_px=attach, attached_threshold=att_thr,
             health=health_name, health_centre=centre, health_spread=spread, health_px=health_px,
             disease_sensitivity=cfg.disease_sensitivity,
         )
         halo = leaf + health_px + 1
         if rows is not None:
-            halo += support_reach(row_half)
+            halo += support_reach(row_half) + attach
         info["halo_px"] = halo
         for w in warnings:
             log.info("%s", w)
@@ -446,24 +471,28 @@ class LabelFreeSegmenter:
         thr: float,
         soft: float,
         radius: int,
-    ) -> tuple[float, float]:
+    ) -> tuple[tuple[float, ...], tuple[float, ...]]:
         vals = []
+        k = feats[0][1].shape[0] if feats else 1
         for i, (f, m) in enumerate(zip(feats, vegs, strict=True)):
             hs = self._smooth_health(f[1], f[0] >= thr + soft / 2, radius)
             crop = m & (supports[i] >= row_thr) if supports else m
-            vals.append(hs[crop])
-        v = np.concatenate(vals) if vals else np.zeros(0, np.float32)
-        if v.size < 50:
-            return 0.0, 1.0
-        p50, p75 = np.percentile(v, [50, 75])
+            vals.append(hs[:, crop])
+        v = np.concatenate(vals, axis=1) if vals else np.zeros((k, 0), np.float32)
+        if v.shape[1] < 50:
+            return (0.0,) * k, (1.0,) * k
+        p50, p75 = np.percentile(v, [50, 75], axis=1)
         # Spread from the healthy upper half only: diseased pixels pull the lower half down.
-        spread = max(float(p75 - p50) / 0.6745, 0.01)
-        return float(p50), spread
+        spread = np.maximum((p75 - p50) / 0.6745, 0.01)
+        return tuple(float(c) for c in p50), tuple(float(sd) for sd in spread)
 
     @staticmethod
     def _smooth_health(health: np.ndarray, pure: np.ndarray, radius: int) -> np.ndarray:
-        q = np.rint(np.clip(health, -1, 1) * 10000).astype(np.int32)
-        return _box_mean(q, pure, radius) / np.float32(10000)
+        out = np.empty(health.shape, np.float32)
+        for k in range(health.shape[0]):
+            q = np.rint(np.clip(health[k], -1, 1) * 10000).astype(np.int32)
+            out[k] = _box_mean(q, pure, radius) / np.float32(10000)
+        return out
 
     # ------------------------------------------------------------------ predict
 
@@ -487,11 +516,14 @@ class LabelFreeSegmenter:
             if p.rows:
                 s = self._support(veg, ok, contexts[i].row_off, contexts[i].col_off,
                                   p.row_angle_deg, p.row_half_px, p.leaf_px)
-                p_row = _ramp((s - np.float32(p.row_threshold)) / np.float32(p.row_softness))
+                p_row = self._row_probability(s, veg, p)
             else:
                 p_row = np.ones((h, w), np.float32)
             hs = self._smooth_health(health, (z_veg >= 0.5) & ok, p.health_px)
-            z = (np.float32(p.health_centre) - hs) / np.float32(p.health_spread)
+            z = np.zeros((h, w), np.float32)
+            for k, (c, sd) in enumerate(zip(p.health_centre, p.health_spread, strict=True)):
+                z += (np.float32(c) - hs[k]) / np.float32(sd)
+            z /= np.float32(len(p.health_centre))
             p_dis = _ramp(z - np.float32(p.disease_sensitivity))
             plant_row = p_veg * p_row
             out[i, 0] = 1 - p_veg
@@ -499,6 +531,26 @@ class LabelFreeSegmenter:
             out[i, 2] = p_veg - plant_row
             out[i, 3] = plant_row * p_dis
         return out
+
+    @staticmethod
+    def _row_probability(s: np.ndarray, veg: np.ndarray, p: LabelFreeParams) -> np.ndarray:
+        """P(on a row) from the along-row support, with hysteresis for attached leaves.
+
+        Vegetation reached from confident row pixels (support >= threshold) within
+        ``attach_px`` 4-connected steps through vegetation of at least the attached threshold
+        gets that lower threshold. Each step looks one pixel away, so the result is
+        translation-equivariant and exact ``attach_px`` pixels in from the tile border.
+        """
+        thr = np.float32(p.row_threshold)
+        if p.attach_px > 0 and p.attached_threshold < p.row_threshold:
+            core = veg & (s >= thr)
+            grow = veg & (s >= np.float32(p.attached_threshold))
+            joined = ndimage.binary_dilation(core, iterations=p.attach_px, mask=grow)
+            thr_map = np.where(joined, np.float32(p.attached_threshold), thr)
+            soft = np.where(joined, np.float32(max(p.attached_threshold / 2, 0.01)),
+                            np.float32(p.row_softness))
+            return _ramp((s - thr_map) / soft)
+        return _ramp((s - thr) / np.float32(p.row_softness))
 
     def describe(self) -> dict[str, Any]:
         """Name, roles and configuration for run.json."""

@@ -26,6 +26,9 @@
    two class maps agree (same weights: a check that both tools ran the same model on the same
    bands).
 
+Caveat: with random weights the class map is speckle, and agriseg's zones step (after the
+mask is final) can dominate its wall time; compare the "mask only" rows for like-for-like work.
+
 Target (issue 7): agriseg >= 5x geo-inference's throughput at lower peak RSS.
 """
 

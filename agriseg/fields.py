@@ -88,7 +88,8 @@ def _pick_id_column(df: pd.DataFrame, requested: str | None, path: str) -> str |
             )
         s = df[requested]
         if s.isna().any() or s.duplicated().any():
-            dup = s[s.duplicated()].astype(str).unique()[:5]
+            # str() per value: pandas' string dtype keeps missing values as NaN under astype.
+            dup = [str(v) for v in s[s.duplicated()].unique()[:5]]
             raise VectorError(
                 f"{path}: --field-id column {requested!r} must be unique and non-empty "
                 f"(duplicates: {', '.join(dup) or 'empty values'}); pick another column or "

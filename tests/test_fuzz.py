@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from affine import Affine
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from rasterio.crs import CRS
 
@@ -85,6 +85,7 @@ coords = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
     ids=st.lists(st.one_of(st.none(), st.integers(0, 3), st.text(max_size=3)), max_size=4),
     field_id=st.sampled_from([None, "id", "missing"]),
 )
+@example(rings=[[], []], crs="EPSG:32615", ids=[], field_id="id")  # found by this test
 def test_random_geometries_as_fields(tmp_path: Path, rings: list, crs: str | None, ids: list,
                                      field_id: str | None) -> None:
     x0, y0 = 5e5, 4.9e6

@@ -142,6 +142,13 @@ def read_fields(path: str | os.PathLike[str], grid: Grid, field_id: str | None =
         notes.append(f"{p}: no column with unique values; fields are numbered 1..{len(df)}")
     geoms = df.geometry.to_crs(grid.crs).to_numpy() if df.crs != grid.crs else (
         df.geometry.to_numpy())
+    # Fields far outside the raster's CRS area (lon/lat nonsense, wrong CRS) reproject to
+    # inf/NaN; GEOS cannot repair those, so they count as features without a polygon.
+    xy, owner = shapely.get_coordinates(geoms, return_index=True)
+    broken = np.bincount(owner[~np.isfinite(xy).all(axis=1)], minlength=len(geoms)) > 0
+    if broken.any():
+        geoms = geoms.copy()
+        geoms[broken] = None
     status = np.array(["ok"] * len(df), dtype=object)
     invalid = ~shapely.is_valid(geoms) & ~shapely.is_missing(geoms)
     if invalid.any():

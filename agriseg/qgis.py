@@ -24,6 +24,17 @@ _QML_HEAD = (
 )
 
 
+# The end of every raster renderer pipe, as QGIS 3.22 writes it.
+_PIPE_TAIL = (
+    '    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>\n'
+    '    <huesaturation saturation="0" grayscaleMode="0" colorizeOn="0" '
+    'colorizeRed="255" colorizeGreen="128" colorizeBlue="128" colorizeStrength="100"/>\n'
+    '    <rasterresampler maxOversampling="2"/>\n'
+    "  </pipe>\n"
+    "  <blendMode>0</blendMode>\n"
+)
+
+
 def _atomic_write(path: Path, text: str) -> Path:
     tmp = path.with_name(f".{path.name}.partial")
     tmp.write_text(text, encoding="utf-8")
@@ -48,13 +59,8 @@ def class_qml(schema: ClassSchema) -> str:
         f"{entries}\n"
         "      </colorPalette>\n"
         "    </rasterrenderer>\n"
-        '    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>\n'
-        '    <huesaturation saturation="0" grayscaleMode="0" colorizeOn="0" '
-        'colorizeRed="255" colorizeGreen="128" colorizeBlue="128" colorizeStrength="100"/>\n'
-        '    <rasterresampler maxOversampling="2"/>\n'
-        "  </pipe>\n"
-        "  <blendMode>0</blendMode>\n"
-        "</qgis>\n"
+        + _PIPE_TAIL
+        + "</qgis>\n"
     )
 
 
@@ -95,13 +101,8 @@ def ramp_qml(vmin: float, vmax: float, ramp: str = "vegetation", label: str = ""
         f"{items}\n"
         "      </colorrampshader></rastershader>\n"
         "    </rasterrenderer>\n"
-        '    <brightnesscontrast brightness="0" contrast="0" gamma="1"/>\n'
-        '    <huesaturation saturation="0" grayscaleMode="0" colorizeOn="0" '
-        'colorizeRed="255" colorizeGreen="128" colorizeBlue="128" colorizeStrength="100"/>\n'
-        '    <rasterresampler maxOversampling="2"/>\n'
-        "  </pipe>\n"
-        "  <blendMode>0</blendMode>\n"
-        f"  <!-- {label} -->\n"
+        + _PIPE_TAIL
+        + f"  <!-- {label} -->\n"
         "</qgis>\n"
     )
 

@@ -422,15 +422,19 @@ def read_window(
     finally:
         if own and ds is not None:
             ds.close()
+    return _scaled(raw, valid, survey)
+
+
+def _scaled(
+    raw: np.ndarray, valid: np.ndarray, survey: SurveyRaster
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw band values to scaled float32; nodata in any band or non-finite is invalid (0)."""
     data = raw.astype(np.float32)
-    if survey.nodata is not None and survey.mask_source == "gdal":
-        pass  # GDAL's mask already flags nodata of band 1; other bands follow below
+    # GDAL's mask flags the nodata value of band 1 only; check every band.
     if survey.nodata is not None:
         valid &= ~(raw == survey.nodata).any(axis=0)
-    if data.dtype.kind == "f":
-        finite = np.isfinite(data).all(axis=0)
-        valid &= finite
-        data[:, ~finite] = 0.0
+    finite = np.isfinite(data).all(axis=0)
+    valid &= finite
     data *= np.float32(survey.scale)
     data[:, ~valid] = 0.0
     return data, valid
@@ -475,13 +479,7 @@ def read_overview(
             f"{survey.path}: cannot read an overview ({exc}); the file is probably truncated "
             "or corrupt"
         ) from exc
-    data = raw.astype(np.float32)
-    if survey.nodata is not None:
-        valid &= ~(raw == survey.nodata).any(axis=0)
-    finite = np.isfinite(data).all(axis=0)
-    valid &= finite
-    data[:, ~finite] = 0
-    data *= np.float32(survey.scale)
+    data, valid = _scaled(raw, valid, survey)
     factor = survey.grid.width / shape[1]
     return data, valid, factor
 

@@ -6,6 +6,7 @@ measured within one run so they compare like with like.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
@@ -110,10 +111,8 @@ class PeakRSS:
                 procs = [root, *root.children(recursive=True)]
                 total = 0
                 for p in procs:
-                    try:
+                    with contextlib.suppress(psutil.Error):
                         total += p.memory_info().rss
-                    except psutil.Error:
-                        pass
                 self.peak = max(self.peak, total)
             except psutil.Error:
                 return

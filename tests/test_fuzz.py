@@ -86,6 +86,7 @@ coords = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
     field_id=st.sampled_from([None, "id", "missing"]),
 )
 @example(rings=[[], []], crs="EPSG:32615", ids=[], field_id="id")  # found by this test
+@example(rings=[[(0.0, 0.0), (1.0, 1.0)]], crs="EPSG:4326", ids=[], field_id=None)  # and this
 def test_random_geometries_as_fields(tmp_path: Path, rings: list, crs: str | None, ids: list,
                                      field_id: str | None) -> None:
     x0, y0 = 5e5, 4.9e6

@@ -28,7 +28,9 @@ def _read(path: Path) -> np.ndarray:
 
 
 @pytest.mark.parametrize("tile_size", [32, 64, 112])
-def test_tiled_equals_untiled(rgba_tif: Path, tmp_path: Path, scheduler: str, tile_size: int) -> None:
+def test_tiled_equals_untiled(
+    rgba_tif: Path, tmp_path: Path, scheduler: str, tile_size: int
+) -> None:
     whole = _run(rgba_tif, tmp_path / "whole", scheduler, tile_size=512, indices=False)
     tiled = _run(rgba_tif, tmp_path / "tiled", scheduler, tile_size=tile_size, indices=False)
     for name in ("classes", "confidence"):
@@ -56,8 +58,17 @@ def test_grid_nodata_and_cog_preserved(rgba_tif: Path, tmp_path: Path, scheduler
 
 def test_cli_run_on_real_sample(tmp_path: Path, scheduler: str) -> None:
     out = tmp_path / "demo"
-    args = ["run", str(LAMBERTON), "--out", str(out), "--scheduler", scheduler,
-            "--tile-size", "512", "--no-progress"]
+    args = [
+        "run",
+        str(LAMBERTON),
+        "--out",
+        str(out),
+        "--scheduler",
+        scheduler,
+        "--tile-size",
+        "512",
+        "--no-progress",
+    ]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "Outputs in" in r.output
@@ -97,11 +108,14 @@ def test_cli_no_crs(tmp_path: Path) -> None:
 
 
 def test_cli_bad_bands(rgba_tif: Path, tmp_path: Path) -> None:
-    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "o"),
-                                  "--bands", "red=1,purple=2"])
+    r = CliRunner().invoke(
+        main, ["run", str(rgba_tif), "--out", str(tmp_path / "o"), "--bands", "red=1,purple=2"]
+    )
     assert r.exit_code == 2 and "purple" in r.output and "valid roles" in r.output
-    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "o"),
-                                  "--bands", "red=1,green=2,blue=9"])
+    r = CliRunner().invoke(
+        main,
+        ["run", str(rgba_tif), "--out", str(tmp_path / "o"), "--bands", "red=1,green=2,blue=9"],
+    )
     assert r.exit_code == 2 and "blue=9" in r.output
 
 

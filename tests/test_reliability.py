@@ -56,10 +56,19 @@ def _interrupt_after(n: int):
 
 
 def test_interrupt_then_resume_is_identical(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
-    ref = process_survey(build_run_config(model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64,
-                                          scheduler=scheduler))
-    cfg = build_run_config(model=FAST, input=big_tif, out=tmp_path / "run", tile_size=64,
-                           scheduler=scheduler, checkpoint_seconds=0)
+    ref = process_survey(
+        build_run_config(
+            model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64, scheduler=scheduler
+        )
+    )
+    cfg = build_run_config(
+        model=FAST,
+        input=big_tif,
+        out=tmp_path / "run",
+        tile_size=64,
+        scheduler=scheduler,
+        checkpoint_seconds=0,
+    )
     with pytest.raises(KeyboardInterrupt):
         process_survey(cfg, progress=_interrupt_after(20))
     ckpt = json.loads((tmp_path / "run" / ".agriseg-work" / "checkpoint.json").read_text())
@@ -72,20 +81,33 @@ def test_interrupt_then_resume_is_identical(big_tif: Path, tmp_path: Path, sched
 
 
 def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
-    cfg = build_run_config(model=FAST, input=big_tif, out=tmp_path / "run", tile_size=64,
-                           scheduler=scheduler, checkpoint_seconds=0)
+    cfg = build_run_config(
+        model=FAST,
+        input=big_tif,
+        out=tmp_path / "run",
+        tile_size=64,
+        scheduler=scheduler,
+        checkpoint_seconds=0,
+    )
     with pytest.raises(KeyboardInterrupt):
         process_survey(cfg, progress=_interrupt_after(5))
     with rasterio.open(big_tif, "r+") as ds:  # the survey changed since
         ds.write(np.zeros((1, 8, 8), "uint8"), [1], window=((0, 8), (0, 8)))
     with pytest.raises(ResumeError, match="--overwrite"):
         process_survey(cfg)
-    changed = build_run_config(model=FAST, input=big_tif, out=tmp_path / "run", tile_size=128,
-                               scheduler=scheduler)
+    changed = build_run_config(
+        model=FAST, input=big_tif, out=tmp_path / "run", tile_size=128, scheduler=scheduler
+    )
     with pytest.raises(ResumeError, match="tile_size"):
         process_survey(changed)
-    fresh = build_run_config(model=FAST, input=big_tif, out=tmp_path / "run", tile_size=64,
-                             scheduler=scheduler, overwrite=True)
+    fresh = build_run_config(
+        model=FAST,
+        input=big_tif,
+        out=tmp_path / "run",
+        tile_size=64,
+        scheduler=scheduler,
+        overwrite=True,
+    )
     assert process_survey(fresh).manifest["plan"]["tiles"] == 90
 
 
@@ -110,17 +132,37 @@ def test_sigkill_subprocess_then_resume(
     big_tif: Path, tmp_path: Path, scheduler: str, stage: str
 ) -> None:
     out = tmp_path / "killed"
-    cmd = [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64",
-           "--workers", "1", "--checkpoint-seconds", "0", "--no-progress", "--model", FAST]
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    cmd = [
+        *AGRISEG,
+        "run",
+        str(big_tif),
+        "--out",
+        str(out),
+        "--tile-size",
+        "64",
+        "--workers",
+        "1",
+        "--checkpoint-seconds",
+        "0",
+        "--no-progress",
+        "--model",
+        FAST,
+    ]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         if stage == "tiles":
             hit = _poll(lambda: _done_tiles(out) >= 10 or proc.poll() is not None)
         else:
             work = out / ".agriseg-work"
-            hit = _poll(lambda: any(work.glob(".*.partial.tif")) or (work / "classes.tif").exists()
-                        or proc.poll() is not None)
+            hit = _poll(
+                lambda: (
+                    any(work.glob(".*.partial.tif"))
+                    or (work / "classes.tif").exists()
+                    or proc.poll() is not None
+                )
+            )
         assert hit, "run made no progress"
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -129,8 +171,11 @@ def test_sigkill_subprocess_then_resume(
     assert not (out / "run.json").exists() or proc.returncode == 0
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    ref = process_survey(build_run_config(model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64,
-                                          scheduler=scheduler))
+    ref = process_survey(
+        build_run_config(
+            model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64, scheduler=scheduler
+        )
+    )
     _same_outputs(ref.out_dir, out)
 
 
@@ -145,21 +190,48 @@ def test_worker_killed_mid_run(big_tif: Path, tmp_path: Path) -> None:
                 os.kill(victim, signal.SIGKILL)
                 killed.append(victim)
 
-        cfg = build_run_config(model=FAST, input=big_tif, out=tmp_path / "w", tile_size=64,
-                               scheduler=cluster.scheduler_address)
+        cfg = build_run_config(
+            model=FAST,
+            input=big_tif,
+            out=tmp_path / "w",
+            tile_size=64,
+            scheduler=cluster.scheduler_address,
+        )
         res = process_survey(cfg, progress=progress)
         assert killed
-        ref = process_survey(build_run_config(model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64,
-                                              scheduler=cluster.scheduler_address))
+        ref = process_survey(
+            build_run_config(
+                model=FAST,
+                input=big_tif,
+                out=tmp_path / "ref",
+                tile_size=64,
+                scheduler=cluster.scheduler_address,
+            )
+        )
     _same_outputs(ref.out_dir, res.out_dir)
 
 
 def test_sigterm_stops_cleanly_with_resume_hint(big_tif: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
-    cmd = [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64",
-           "--workers", "1", "--checkpoint-seconds", "0", "--no-progress", "--model", FAST]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        *AGRISEG,
+        "run",
+        str(big_tif),
+        "--out",
+        str(out),
+        "--tile-size",
+        "64",
+        "--workers",
+        "1",
+        "--checkpoint-seconds",
+        "0",
+        "--no-progress",
+        "--model",
+        FAST,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     _poll(lambda: _done_tiles(out) >= 5 or proc.poll() is not None)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -199,9 +271,24 @@ def test_disk_full_is_a_clear_error(big_tif: Path, tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
 
     r = subprocess.run(
-        [*AGRISEG, "run", str(big_tif), "--out", str(out), "--tile-size", "64", "--workers", "1",
-         "--no-progress", "--model", FAST],
-        capture_output=True, text=True, preexec_fn=limit, timeout=300,
+        [
+            *AGRISEG,
+            "run",
+            str(big_tif),
+            "--out",
+            str(out),
+            "--tile-size",
+            "64",
+            "--workers",
+            "1",
+            "--no-progress",
+            "--model",
+            FAST,
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=300,
     )
     assert r.returncode == 2, r.stderr
     last = r.stderr.strip().splitlines()[-1]
@@ -212,8 +299,16 @@ def test_disk_full_is_a_clear_error(big_tif: Path, tmp_path: Path) -> None:
 
 def test_scheduler_unreachable(rgba_tif: Path, tmp_path: Path) -> None:
     t0 = time.monotonic()
-    code, out = _cli("run", str(rgba_tif), "--out", str(tmp_path / "o"),
-                     "--scheduler", "tcp://127.0.0.1:9", "--scheduler-timeout", "2")
+    code, out = _cli(
+        "run",
+        str(rgba_tif),
+        "--out",
+        str(tmp_path / "o"),
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+        "--scheduler-timeout",
+        "2",
+    )
     assert code == 2 and "cannot reach the Dask scheduler" in out
     assert time.monotonic() - t0 < 60
 
@@ -232,9 +327,15 @@ def test_workers_cannot_see_input(scheduler: str) -> None:
 
 
 def _profile(h: int = 32, w: int = 32, **kw: object) -> dict[str, object]:
-    p: dict[str, object] = {"driver": "GTiff", "height": h, "width": w, "count": 3,
-                            "dtype": "uint8", "crs": "EPSG:32615",
-                            "transform": Affine(0.02, 0, 5e5, 0, -0.02, 4.9e6)}
+    p: dict[str, object] = {
+        "driver": "GTiff",
+        "height": h,
+        "width": w,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32615",
+        "transform": Affine(0.02, 0, 5e5, 0, -0.02, 4.9e6),
+    }
     p.update(kw)
     return p
 
@@ -243,8 +344,7 @@ def _write(path: Path, data: np.ndarray | None = None, **kw: object) -> Path:
     prof = _profile(**kw)
     with rasterio.open(path, "w", **prof) as ds:
         if data is None:
-            data = np.full((prof["count"], prof["height"], prof["width"]), 100,
-                           dtype=prof["dtype"])
+            data = np.full((prof["count"], prof["height"], prof["width"]), 100, dtype=prof["dtype"])
         ds.write(data)
     return path
 
@@ -286,8 +386,17 @@ def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
     elif kind.startswith("onebands"):
         _write(src, count=1)
     elif kind == "sparse":
-        prof = _profile(h=40000, w=40000, count=3, nodata=0, tiled=True, blockxsize=512,
-                        blockysize=512, sparse_ok=True, compress="deflate")
+        prof = _profile(
+            h=40000,
+            w=40000,
+            count=3,
+            nodata=0,
+            tiled=True,
+            blockxsize=512,
+            blockysize=512,
+            sparse_ok=True,
+            compress="deflate",
+        )
         with rasterio.open(src, "w", **prof):
             pass  # nothing written: a huge, all-nodata, tiny file
     extra = ["--bands", "red=1"] if kind == "onebands_red" else []
@@ -301,9 +410,16 @@ def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
 
 def test_geographic_crs_works(tmp_path: Path, scheduler: str) -> None:
     rgb, valid = toy_field(64, 64)
-    src = write_rgba(tmp_path / "geo.tif", rgb, valid,
-                     transform=Affine(2e-7, 0, -95.0, 0, -2e-7, 44.0), crs="EPSG:4326")
-    res = process_survey(build_run_config(model=FAST, input=src, out=tmp_path / "o", scheduler=scheduler))
+    src = write_rgba(
+        tmp_path / "geo.tif",
+        rgb,
+        valid,
+        transform=Affine(2e-7, 0, -95.0, 0, -2e-7, 44.0),
+        crs="EPSG:4326",
+    )
+    res = process_survey(
+        build_run_config(model=FAST, input=src, out=tmp_path / "o", scheduler=scheduler)
+    )
     area = res.manifest["class_area_m2"]
     px = res.manifest["class_pixels"]
     # 2e-7 deg is ~2.2 cm north-south, ~1.6 cm east-west at 44 N: ~3.6 cm2 per pixel

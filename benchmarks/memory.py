@@ -26,7 +26,8 @@ def main() -> None:
     a = ap.parse_args()
     base = synthetic_rgb(a.tile)
     print(f"# memory benchmark, commit {git_commit()}, {machine()}")
-    print(f"{'raster':>10} {'MP':>8} {'seconds':>8} {'MP/s':>7} {'peak RSS GB':>12} {'vs first':>9}")
+    print(f"{'raster':>10} {'MP':>8} {'seconds':>8} {'MP/s':>7} {'peak RSS GB':>12} "
+          f"{'vs first':>9}")
     first = None
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(x) for x in a.sizes.split(",")):

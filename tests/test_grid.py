@@ -25,7 +25,8 @@ def test_cores_partition_and_halos(h: int, w: int, tile: int, halo: int) -> None
     cover = np.zeros((h, w), np.int32)
     for t in plan:
         c, r = t.core, t.read
-        cover[int(c.row_off): int(c.row_off + c.height), int(c.col_off): int(c.col_off + c.width)] += 1
+        r0, c0 = int(c.row_off), int(c.col_off)
+        cover[r0 : r0 + int(c.height), c0 : c0 + int(c.width)] += 1
         # read window = core grown by halo, clipped to the raster
         assert r.row_off == max(0, c.row_off - halo)
         assert r.col_off == max(0, c.col_off - halo)

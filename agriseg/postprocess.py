@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import geopandas as gpd
 
@@ -124,7 +124,7 @@ def project_step(ctx: SurveyContext) -> None:
     roles = ctx.survey.roles.as_dict()
     bands = [roles.get(r) for r in ("red", "green", "blue")]
     spectral = [i for r, i in roles.items() if r != "alpha"] or [1]
-    r, g, b = (bands if all(bands) else (spectral * 3)[:3])
+    r, g, b = (cast("list[int]", bands) if all(bands) else (spectral * 3)[:3])
     layers: list[ProjectLayer] = []
     out = ctx.outputs
     if "zones" in out:

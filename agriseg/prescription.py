@@ -86,7 +86,7 @@ def grid_prescription(classes_tif: str | os.PathLike[str], schema: ClassSchema,
         k = len(schema)
         lut = np.full(256, k, np.int64)
         lut[np.arange(k)] = np.arange(k)
-        counts = np.zeros(ny * nx * (k + 1), np.int64)
+        counts: np.ndarray = np.zeros(ny * nx * (k + 1), np.int64)
         for win in chunk_windows(grid.height, grid.width, aligned_chunk(ds, chunk)):
             cls = lut[ds.read(1, window=win)]
             r = (np.arange(win.row_off, win.row_off + win.height) / cell_px).astype(np.int64)
@@ -110,8 +110,8 @@ def grid_prescription(classes_tif: str | os.PathLike[str], schema: ClassSchema,
     cells = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1),
                         np.maximum(y0, y1))
     data: dict[str, object] = {"cell_id": np.arange(1, len(keep) + 1), rx.column: rate}
-    for c in schema.at_risk:
-        data[f"{c.name[:6]}_pct"] = np.round(share[:, c.value] * 100, 2)
+    for sc in schema.at_risk:
+        data[f"{sc.name[:6]}_pct"] = np.round(share[:, sc.value] * 100, 2)
     return gpd.GeoDataFrame(data, geometry=cells, crs=grid.crs)
 
 

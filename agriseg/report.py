@@ -125,8 +125,13 @@ def _shape_for(h: float, w: float, max_side: int) -> tuple[int, int]:
     return (max(1, round(h / f)), max(1, round(w / f)))
 
 
+def _rgb01(color: tuple[int, int, int]) -> tuple[float, float, float]:
+    r, g, b = color
+    return (r / 255, g / 255, b / 255)
+
+
 def _legend(schema: ClassSchema) -> list[Patch]:
-    return [Patch(color=np.array(c.color) / 255, label=c.name) for c in schema.classes]
+    return [Patch(color=_rgb01(c.color), label=c.name) for c in schema.classes]
 
 
 def _overview(survey_path: str, roles: Mapping[str, int], classes_tif: Path,
@@ -373,6 +378,7 @@ def write_report(
             )
         parts.append("</div>")
     if n_zones:
+        assert zones is not None  # n_zones > 0 only when zones is given
         top = zones.head(20)
         parts.append("<h2>Largest at-risk zones</h2><table><thead><tr><th>zone</th>"
                      "<th>class</th><th>area m2</th><th>confidence %</th><th>field</th>"

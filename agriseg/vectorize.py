@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import geopandas as gpd
 import numpy as np
@@ -30,7 +31,7 @@ import rasterio
 import shapely
 from affine import Affine
 from pyproj import CRS as ProjCRS
-from pyproj.aoi import AreaOfInterest
+from pyproj.aoi import AreaOfInterest, AreaOfUse
 from pyproj.database import query_utm_crs_info
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
@@ -107,8 +108,13 @@ def local_metric_crs(crs: CRS, bounds: tuple[float, float, float, float]) -> Pro
         return ProjCRS.from_epsg(6933)  # equal-area world CRS outside UTM's latitude band
     lon = (west + east) / 2
     # Several zones overlap a wide AOI; prefer the one holding the centre.
-    best = min(infos, key=lambda i: abs((i.area_of_use.west + i.area_of_use.east) / 2 - lon))
+    # query_utm_crs_info filters on the area of use, so every returned zone has one.
+    best = min(infos, key=lambda i: abs(_mid_lon(cast(AreaOfUse, i.area_of_use)) - lon))
     return ProjCRS.from_authority(best.auth_name, best.code)
+
+
+def _mid_lon(aou: AreaOfUse) -> float:
+    return (aou.west + aou.east) / 2
 
 
 def areas_m2(geoms_crs: np.ndarray, grid: Grid) -> np.ndarray:
@@ -312,7 +318,11 @@ def _scan(
     height, width = grid.height, grid.width
     row_area = row_pixel_areas(grid)
     px_area = 1.0 if row_area is None else None
-    value_t, pixels_t, conf_sum_t, conf_n_t, area_t = [np.zeros(1, np.uint8)], [], [], [], []
+    value_t: list[np.ndarray] = [np.zeros(1, np.uint8)]
+    pixels_t: list[np.ndarray] = []
+    conf_sum_t: list[np.ndarray] = []
+    conf_n_t: list[np.ndarray] = []
+    area_t: list[np.ndarray] = []
     for t in (pixels_t, conf_sum_t, conf_n_t, area_t):
         t.append(np.zeros(1))
     bases: list[int] = []
@@ -323,7 +333,8 @@ def _scan(
     # left of the current chunk: the only state carried between chunks.
     top_lab = np.zeros(width, np.int64)
     top_val = np.zeros(width, np.uint8)
-    left_lab = left_val = None
+    left_lab: np.ndarray | None = None
+    left_val: np.ndarray | None = None
     base = 0
     for win in chunk_windows(height, width, chunk):
         r0, c0, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
@@ -344,10 +355,14 @@ def _scan(
         sel = np.flatnonzero(flat)
         ls = flat[sel]
         pixels = np.bincount(ls, minlength=n + 1)
+        area: np.ndarray
         if row_area is None:
+            assert px_area is not None  # set whenever row_area is None
             area = pixels * px_area
         else:
             area = np.bincount(ls, weights=row_area[r0 + sel // w], minlength=n + 1)
+        conf_sum: np.ndarray
+        conf_n: np.ndarray
         if conf_ds is not None:
             conf = conf_ds.read(1, window=win).ravel()[sel]
             ok = conf != 255
@@ -364,6 +379,7 @@ def _scan(
             pairs.append(_edge_pairs(top_lab[c0:c0 + w], top_val[c0:c0 + w], glob(lab[0]),
                                      risk[0]))
         if c0 > 0 and left_lab is not None:
+            assert left_val is not None  # set together with left_lab
             pairs.append(_edge_pairs(left_lab, left_val, glob(lab[:, 0]), risk[:, 0]))
         # Pieces on an inner chunk edge may belong to a bigger patch: trace them all.
         open_ = np.zeros(n + 1, bool)

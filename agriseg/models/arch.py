@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -149,7 +149,7 @@ class FCN(nn.Module):
     def __init__(self, encoder: nn.Module, classes: int) -> None:
         super().__init__()
         self.encoder = encoder
-        chans = list(encoder.out_channels)  # type: ignore[attr-defined]
+        chans = list(cast("Sequence[int]", encoder.out_channels))
         self.score = nn.ModuleList(nn.Conv2d(c, classes, 1) for c in chans[-3:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +201,7 @@ class SegNet(nn.Module):
             x, idx = nn.functional.max_pool2d(x, 2, 2, return_indices=True)
             indices.append(idx)
         for stage, idx, size in zip(self.dec, reversed(indices), reversed(sizes), strict=True):
-            x = nn.functional.max_unpool2d(x, idx, 2, 2, output_size=size)
+            x = nn.functional.max_unpool2d(x, idx, (2, 2), (2, 2), output_size=size)
             x = stage(x)
         return self.head(x)
 
@@ -247,7 +247,7 @@ def _smp(cls_name: str) -> Callable[[ArchSpec], nn.Module]:
         kwargs: dict[str, Any] = _light_defaults(spec.arch, spec.encoder, spec.depth)
         kwargs.update(dict(spec.options))
         cls = getattr(smp, cls_name)
-        return cls(  # type: ignore[no-any-return]
+        return cls(
             encoder_name=spec.encoder, encoder_depth=spec.depth, encoder_weights=None,
             in_channels=spec.in_channels, classes=spec.classes, **kwargs,
         )

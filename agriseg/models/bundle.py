@@ -23,6 +23,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -345,7 +346,7 @@ def bundle_digest(path: str | os.PathLike[str]) -> str:
     for f in (weights, meta_file):
         if f is not None:
             with open(f, "rb") as fh:
-                for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                for chunk in iter(partial(fh.read, 1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()
 

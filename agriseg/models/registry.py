@@ -75,7 +75,7 @@ def load_segmenter(name_or_path: str | None = None, engine: str = "auto") -> Seg
     if key in _REGISTRY:
         seg = _REGISTRY[key][0]()
         if engine != "auto" and hasattr(seg, "engine"):
-            seg.engine = engine  # type: ignore[attr-defined]
+            seg.engine = engine
         return seg
     if os.path.exists(key):
         try:

@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -26,7 +26,7 @@ from agriseg.classes import DEFAULT_CLASSES, ClassSchema, SegClass
 from agriseg.config import load_yaml
 from agriseg.errors import ConfigError
 
-TRAIN_CONFIG_VERSION = 1
+TRAIN_CONFIG_VERSION: Final = 1
 
 
 class _Strict(BaseModel):
@@ -147,7 +147,8 @@ class TrainConfig(_Strict):
             raise ValueError("synthetic fields are RGB; use bands [red, green, blue] with them")
         return self
 
-    def schema(self) -> ClassSchema:
+    # Deliberately shadows pydantic's deprecated v1 ``BaseModel.schema()`` classmethod.
+    def schema(self) -> ClassSchema:  # type: ignore[override]
         """The class schema to train."""
         if not self.classes:
             return DEFAULT_CLASSES

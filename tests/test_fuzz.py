@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,10 @@ from agriseg.fields import read_fields
 from agriseg.grid import Grid
 from agriseg.raster import open_survey, read_overview, read_window
 
-SETTINGS = settings(max_examples=40, deadline=None,
+# CI replays a fixed sequence (a red CI must mean a regression, not a new draw); locally the
+# draw is random so new cases keep being found (then pinned with @example).
+SETTINGS = settings(max_examples=int(os.environ.get("AGRISEG_FUZZ_EXAMPLES", "40")),
+                    deadline=None, derandomize=bool(os.environ.get("CI")),
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 TIFF_HEADER = b"II*\x00\x08\x00\x00\x00"
 GRID = Grid((64, 64), Affine(0.05, 0, 5e5, 0, -0.05, 4.9e6), CRS.from_epsg(32615))

@@ -175,6 +175,12 @@ def read_fields(path: str | os.PathLike[str], grid: Grid, field_id: str | None =
     keep = ~bad
     inside = shapely.within(geoms[keep], box)
     touches = shapely.intersects(geoms[keep], box)
+    if not touches.any():
+        raise VectorError(
+            f"{p}: none of the {int(keep.sum())} field(s) overlaps the raster (raster bounds "
+            f"{tuple(round(b, 2) for b in grid.bounds)} in {grid.crs.to_string()}); check that "
+            "the fields and the survey cover the same place and that the fields' CRS is right"
+        )
     st = status[keep]
     st[~touches] = "outside raster"
     st[touches & ~inside] = "partly outside raster"

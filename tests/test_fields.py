@@ -167,7 +167,8 @@ def test_bad_fields_files(tmp_path: Path) -> None:
     pts.to_file(tmp_path / "pts.gpkg")
     with pytest.raises(VectorError, match="no polygon"):
         read_fields(tmp_path / "pts.gpkg", grid)
-    dup = gpd.GeoDataFrame({"a": [1, 1]}, geometry=[shapely.box(0, 0, 1, 1)] * 2, crs=32615)
+    inside = shapely.box(500000.1, 4899999.6, 500000.3, 4899999.8)
+    dup = gpd.GeoDataFrame({"a": [1, 1]}, geometry=[inside] * 2, crs=32615)
     dup.to_file(tmp_path / "dup.gpkg")
     with pytest.raises(VectorError, match="unique"):
         read_fields(tmp_path / "dup.gpkg", grid, field_id="a")
@@ -182,3 +183,41 @@ def test_hist_quantiles() -> None:
     q = hist_quantiles(h[None], -1, 1, (0.1, 0.5, 0.9))[0]
     np.testing.assert_allclose(q, np.percentile(v, [10, 50, 90]), atol=2e-3)
     assert np.isnan(hist_quantiles(np.zeros((1, 10)), 0, 1, (0.5,))).all()
+
+
+def test_fields_hostile_cases_via_cli(tmp_path: Path) -> None:
+    """Issue 8's fields cases end to end: exit 2, one line, the file named, nothing finished."""
+    from click.testing import CliRunner
+
+    from agriseg.cli import main
+    from tests.conftest import LAMBERTON, SAMPLES
+
+    empty = tmp_path / "empty.gpkg"
+    gpd.GeoDataFrame({"a": []}, geometry=[], crs=32615).to_file(empty)
+    elsewhere = SAMPLES / "danforth_maize_uav" / "square_crop_with_plot_ids.geojson"
+    cases = [
+        (empty, [], "holds no features"),
+        (elsewhere, [], "overlaps the raster"),
+        (SAMPLES / "lamberton_soybean_uav" / "lamberton_plots_small.geojson",
+         ["--field-id", "nope"], "is not a column"),
+    ]
+    for path, extra, needle in cases:
+        out = tmp_path / f"o_{path.stem}"
+        r = CliRunner().invoke(main, ["run", str(LAMBERTON), "--out", str(out), "--fields",
+                                      str(path), "--model", "index-threshold", "--no-progress",
+                                      *extra])
+        assert r.exit_code == 2, r.output
+        assert needle in r.output and str(path) in r.output and "Traceback" not in r.output
+        assert not (out / "run.json").exists()
+
+
+def test_invalid_geometry_repaired_and_reported(tmp_path: Path) -> None:
+    grid = Grid((10, 10), T, rasterio.crs.CRS.from_epsg(32615))
+    x0, y0 = T.c, T.f - 0.4
+    bowtie = shapely.Polygon([(x0, y0), (x0 + 0.3, y0 + 0.3), (x0 + 0.3, y0), (x0, y0 + 0.3)])
+    gdf = gpd.GeoDataFrame({"name": ["bow"]}, geometry=[bowtie], crs=32615)
+    gdf.to_file(tmp_path / "bow.gpkg")
+    fs = read_fields(tmp_path / "bow.gpkg", grid)
+    assert fs.fields["status"].iloc[0] in ("repaired", "partly outside raster")
+    assert any("repaired 1 invalid" in n for n in fs.notes)
+    assert fs.fields.geometry.is_valid.all()

@@ -46,6 +46,10 @@ class RunConfig(BaseModel):
     checkpoint_seconds: float = Field(
         15.0, ge=0, description="how often finished tiles are flushed and recorded for resume"
     )
+    skip: tuple[str, ...] = Field(
+        (), description="post-processing steps to leave out: quicklook, zones, fields, "
+        "report, project"
+    )
     overwrite: bool = False
     resume: bool = True
 

@@ -24,7 +24,7 @@ from typing import Any
 from agriseg import __version__
 from agriseg.classes import ClassSchema
 from agriseg.config import RunConfig
-from agriseg.errors import AgrisegError, OutputError, RasterError
+from agriseg.errors import AgrisegError, ConfigError, OutputError, RasterError
 from agriseg.grid import TilePlan, plan_tiles
 from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
@@ -181,6 +181,12 @@ def _process(
 ) -> SurveyResult:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    unknown = set(config.skip) - {name for name, _ in POST_STEPS}
+    if unknown:
+        raise ConfigError(
+            f"cannot skip {', '.join(sorted(unknown))}: no such step; valid steps: "
+            f"{', '.join(name for name, _ in POST_STEPS)}"
+        )
     survey = open_survey(config.input, config.bands)
     segmenter = load_segmenter(config.model, config.engine)
     out = Path(config.out)
@@ -264,6 +270,9 @@ def _process(
     timings["finalize_s"] = time.perf_counter() - t
 
     for name, step in POST_STEPS:
+        if name in config.skip:
+            log.info("skipping %s (--skip)", name)
+            continue
         t = time.perf_counter()
         step(ctx)
         timings[f"{name}_s"] = time.perf_counter() - t

@@ -474,10 +474,9 @@ def vectorize_zones(
         chunk = aligned_chunk(ds, p.chunk)
         radius = round(p.closing_m / grid.gsd_m) if p.closing_m > 0 else 0
         geographic = grid.crs.is_geographic
-        # The pre-filter works on pixel areas; the exact test on polygon areas (as areas_m2
-        # computes them) follows, so the slack only decides what is traced. Projected: pixel
-        # count x pixel area is the polygon area up to float rounding. Geographic: ellipsoidal
-        # pixel areas against the local UTM polygon area (scale error < 0.1 %).
+        # Zone areas are pixel counts x pixel area (projected) or sums of ellipsoidal per-pixel
+        # areas (geographic, within 0.1 % of the local UTM polygon area); the slack only
+        # decides which patches are traced before the exact test.
         unit = 1.0 if geographic else _pixel_area_m2(grid)
         slack = 1e-2 if geographic else 1e-6
         min_px = p.min_area_m2 * (1 - slack) / unit
@@ -497,6 +496,11 @@ def vectorize_zones(
     take = big[pc]
     pl, pc = pl[take], pc[take]
     geoms = np.array(scan.pieces, dtype=object)[take] if len(take) else np.zeros(0, object)
+    # A hole under the minimum zone area is speckle (single crop pixels inside a weed patch).
+    # Filling it per piece, before the cross-chunk union, keeps union and simplify near
+    # linear on noisy masks: a raster-wide patch with millions of holes took minutes and GBs.
+    # Areas come from pixel counts below, so they stay exact.
+    geoms = _fill_small_holes(geoms, p.min_area_m2 / _pixel_area_m2(grid))
     order = np.argsort(pc, kind="stable")
     pc, pl, geoms = pc[order], pl[order], geoms[order]
     starts = np.flatnonzero(np.r_[True, pc[1:] != pc[:-1]]) if len(pc) else np.zeros(0, int)
@@ -511,7 +515,8 @@ def vectorize_zones(
     n_patches = int(np.count_nonzero(np.bincount(root[1:], minlength=n_comp)))
     if len(pix):
         crs_geoms = pixel_to_crs(pix, grid.transform)
-        area = areas_m2(crs_geoms, grid)
+        # Pixel count x pixel area (ellipsoidal per-row areas for geographic grids).
+        area = comp_area[comps] * unit
         keep = area >= p.min_area_m2
         pix, vals, crs_geoms, area, comps = (
             pix[keep], vals[keep], crs_geoms[keep], area[keep], comps[keep])
@@ -540,10 +545,6 @@ def vectorize_zones(
         mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
     simplify_px = 1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m
     if simplify_px > 0 and len(pix):
-        # A hole under the minimum zone area is speckle (single crop pixels inside a weed
-        # patch); filling it first keeps topology-preserving simplify near linear on noisy
-        # masks, where thousands of holes made it take minutes. Areas above stay pixel-exact.
-        pix = _fill_small_holes(pix, p.min_area_m2 / _pixel_area_m2(grid))
         out_pix = shapely.simplify(pix, simplify_px, preserve_topology=True)
         out_geoms = pixel_to_crs(out_pix, grid.transform)
     else:

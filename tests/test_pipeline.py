@@ -123,3 +123,17 @@ def test_cli_help_everywhere() -> None:
     for cmd in ([], ["run"], ["synth"], ["evaluate"], ["models"]):
         r = CliRunner().invoke(main, [*cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output
+
+
+def test_cli_skip_steps(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    out = tmp_path / "s"
+    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
+            "--model", "index-threshold", "--no-progress"]
+    r = CliRunner().invoke(main, [*base, "--skip", "bogus"])
+    assert r.exit_code == 2 and "valid steps" in r.output and "zones" in r.output
+    r = CliRunner().invoke(main, [*base, "--skip", "zones,report", "--skip", "project"])
+    assert r.exit_code == 0, r.output
+    assert (out / "classes.tif").exists() and (out / "fields.gpkg").exists()
+    assert not (out / "report.html").exists() and not (out / "project.qgs").exists()
+    assert json.loads((out / "run.json").read_text())["parameters"]["skip"] == [
+        "zones", "report", "project"]

@@ -39,6 +39,9 @@ from agriseg.grid import TilePlan
 @click.option("--checkpoint-seconds", type=float,
               help="How often finished tiles are flushed and recorded for resume [15].")
 @click.option("--no-indices", is_flag=True, default=None, help="Skip vegetation index rasters.")
+@click.option("--skip", multiple=True,
+              help="Leave out a post-processing step (repeatable): quicklook, zones, fields, "
+                   "report, project.")
 @click.option("--min-zone-area", type=float, help="Smallest at-risk zone kept, m2 [0.25].")
 @click.option("--config", "config_file",
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -71,6 +74,9 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         values["indices"] = False
     if opts.pop("no_resume"):
         values["resume"] = False
+    skip = opts.pop("skip")
+    if skip:
+        values["skip"] = tuple(x.strip() for s in skip for x in s.split(",") if x.strip())
     for key, val in opts.items():
         if val is not None:
             values[key] = val

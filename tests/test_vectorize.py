@@ -224,7 +224,7 @@ def test_chunked_labels_match_whole_array_reference(tmp_path: Path) -> None:
         # The outline covers the patch; only holes below the minimum zone area are filled.
         filled = row.geometry.area - row.pixels * 0.05**2
         holes = shapely.get_num_interior_rings(shapely.get_parts(row.geometry)).sum()
-        assert -1e-9 <= filled
+        assert filled >= -1e-9
         lab_holes = ndimage.label(ndimage.binary_fill_holes(lab == lab[m][0]) & ~m)[1]
         assert filled <= max(lab_holes - holes, 0) * 0.25 + 1e-9
         assert row.mean_confidence == pytest.approx(80 if value == WEED else 60)

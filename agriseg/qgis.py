@@ -42,26 +42,30 @@ def _atomic_write(path: Path, text: str) -> Path:
     return path
 
 
-def class_qml(schema: ClassSchema) -> str:
-    """Paletted renderer listing only the real classes (nodata stays transparent)."""
-    entries = "\n".join(
-        f"        <paletteEntry value=\"{c.value}\" color=\"{c.hex}\" alpha=\"255\" "
-        f"label={quoteattr(c.name)}/>"
-        for c in schema.classes
-    )
+def _palette_entry(value: int, color: str, label: str) -> str:
+    return (f'        <paletteEntry value="{value}" color="{color}" alpha="255" '
+            f"label={quoteattr(label)}/>")
+
+
+def _paletted_qml(entries: list[str]) -> str:
+    """Paletted single-band renderer with the given palette entries (others transparent)."""
     return (
         _QML_HEAD
         + "  <pipe>\n"
         '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" '
         'nodataColor="">\n'
         "      <rasterTransparency/>\n"
-        "      <colorPalette>\n"
-        f"{entries}\n"
+        "      <colorPalette>\n" + "\n".join(entries) + "\n"
         "      </colorPalette>\n"
         "    </rasterrenderer>\n"
         + _PIPE_TAIL
         + "</qgis>\n"
     )
+
+
+def class_qml(schema: ClassSchema) -> str:
+    """Paletted renderer listing only the real classes (nodata stays transparent)."""
+    return _paletted_qml([_palette_entry(c.value, c.hex, c.name) for c in schema.classes])
 
 
 def write_class_qml(raster: Path, schema: ClassSchema) -> Path:
@@ -219,23 +223,9 @@ def zone_ids_qml(zone_classes: dict[int, str], schema: ClassSchema) -> str:
         shade = 0.65 + 0.35 * ((zid * 0.61803398875) % 1.0)
         r, g, b = (min(255, int(v * shade)) for v in colors.get(name, (128, 128, 128)))
         entries.append(
-            f'        <paletteEntry value="{zid}" color="#{r:02x}{g:02x}{b:02x}" alpha="255" '
-            f"label={quoteattr(f'zone {zid} ({name})')}/>"
+            _palette_entry(zid, f"#{r:02x}{g:02x}{b:02x}", f"zone {zid} ({name})")
         )
-    return (
-        _QML_HEAD
-        + "  <pipe>\n"
-        '    <rasterrenderer type="paletted" band="1" opacity="1" alphaBand="-1" '
-        'nodataColor="">\n'
-        "      <rasterTransparency/>\n"
-        "      <colorPalette>\n" + "\n".join(entries) + "\n"
-        "      </colorPalette>\n"
-        "    </rasterrenderer>\n"
-        '    <rasterresampler maxOversampling="2"/>\n'
-        "  </pipe>\n"
-        "  <blendMode>0</blendMode>\n"
-        "</qgis>\n"
-    )
+    return _paletted_qml(entries)
 
 
 def rgb_qml(red: int, green: int, blue: int, alpha: int = -1) -> str:

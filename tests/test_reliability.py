@@ -111,6 +111,12 @@ def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, schedu
     assert process_survey(fresh).manifest["plan"]["tiles"] == 90
 
 
+def _slow_run_cmd(src: Path, out: Path) -> list[str]:
+    """A subprocess run with many small tiles, one worker and a checkpoint after every tile."""
+    return [*AGRISEG, "run", str(src), "--out", str(out), "--tile-size", "64", "--workers",
+            "1", "--checkpoint-seconds", "0", "--no-progress", "--model", FAST]
+
+
 def _poll(pred, timeout: float = 60.0) -> bool:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -132,22 +138,7 @@ def test_sigkill_subprocess_then_resume(
     big_tif: Path, tmp_path: Path, scheduler: str, stage: str
 ) -> None:
     out = tmp_path / "killed"
-    cmd = [
-        *AGRISEG,
-        "run",
-        str(big_tif),
-        "--out",
-        str(out),
-        "--tile-size",
-        "64",
-        "--workers",
-        "1",
-        "--checkpoint-seconds",
-        "0",
-        "--no-progress",
-        "--model",
-        FAST,
-    ]
+    cmd = _slow_run_cmd(big_tif, out)
     proc = subprocess.Popen(
         cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -213,22 +204,7 @@ def test_worker_killed_mid_run(big_tif: Path, tmp_path: Path) -> None:
 
 def test_sigterm_stops_cleanly_with_resume_hint(big_tif: Path, tmp_path: Path) -> None:
     out = tmp_path / "t"
-    cmd = [
-        *AGRISEG,
-        "run",
-        str(big_tif),
-        "--out",
-        str(out),
-        "--tile-size",
-        "64",
-        "--workers",
-        "1",
-        "--checkpoint-seconds",
-        "0",
-        "--no-progress",
-        "--model",
-        FAST,
-    ]
+    cmd = _slow_run_cmd(big_tif, out)
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )

@@ -33,6 +33,9 @@ from agriseg.raster import SurveyRaster, read_tile
 
 log = logging.getLogger(__name__)
 
+MAX_RESUBMITS = 3
+"""How often a tile whose result was lost (worker died) is submitted again."""
+
 Progress = Callable[[int, int, int], None]
 """``progress(tiles_done, tiles_total, core_pixels_done)``."""
 
@@ -266,11 +269,17 @@ def run_tiles(
 
     resources = task_resources(client, segmenter)
 
-    def submit(tile: Tile) -> Any:
-        return client.submit(
+    by_key: dict[Any, Tile] = {}
+    attempts: dict[str, int] = {}
+
+    def submit(tile: Tile, attempt: int = 0) -> Any:
+        fut = client.submit(
             segment_tile, survey, tile, seg_f, params_f, index_names,
-            key=f"segment-{tile.key}-{id(writer)}", retries=2, pure=False, resources=resources,
+            key=f"segment-{tile.key}-{id(writer)}-{attempt}", retries=2, pure=False,
+            resources=resources,
         )
+        by_key[fut.key] = tile
+        return fut
 
     pending = as_completed([submit(t) for _, t in zip(range(limit), queue, strict=False)])
     last_sync = time.monotonic()
@@ -282,8 +291,19 @@ def run_tiles(
                 res: TileResult = fut.result()
             except AgrisegError:
                 raise
-            except Exception as exc:  # worker crash beyond retries, unexpected model error
-                raise ClusterError(f"tile task failed: {type(exc).__name__}: {exc}") from exc
+            except Exception as exc:
+                # A worker lost while its result was being gathered surfaces here as a
+                # distributed-internal error: resubmit the tile a few times before giving up.
+                tile = by_key.pop(fut.key)
+                attempts[tile.key] = n_try = attempts.get(tile.key, 0) + 1
+                if n_try > MAX_RESUBMITS:
+                    raise ClusterError(
+                        f"tile {tile.key} failed {n_try} times: {type(exc).__name__}: {exc}"
+                    ) from exc
+                log.warning("tile %s: %s: %s; resubmitting", tile.key, type(exc).__name__, exc)
+                pending.add(submit(tile, n_try))
+                continue
+            by_key.pop(fut.key, None)
             writer.write(res.tile, res.arrays)
             fut.release()
             task_seconds += res.seconds

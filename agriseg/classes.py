@@ -62,6 +62,12 @@ class ClassSchema:
                 return c.value
         raise ConfigError(f"unknown class {name!r}; valid classes: {', '.join(self.names)}")
 
+    def colormap(self) -> dict[int, tuple[int, int, int, int]]:
+        """GDAL colour table: the class colours, nodata transparent."""
+        cmap = {c.value: (*c.color, 255) for c in self.classes}
+        cmap[self.nodata] = (0, 0, 0, 0)
+        return cmap
+
     def to_dict(self) -> dict[str, object]:
         """JSON-friendly form (used in bundles and run.json)."""
         return {

@@ -107,7 +107,7 @@ class TileWriter:
             with rasterio.open(path, "w", **_gtiff_profile(self.plan, spec)) as dst:
                 dst.set_band_description(1, spec.description)
                 if spec.name == "classes" and self.schema is not None:
-                    dst.write_colormap(1, colormap(self.schema))
+                    dst.write_colormap(1, self.schema.colormap())
         except RasterioError as exc:
             raise OutputError(f"{path}: cannot create working raster ({exc})") from exc
 
@@ -133,14 +133,6 @@ class TileWriter:
                     "full? Free space and rerun the same command to resume"
                 ) from exc
 
-    def fill_nodata(self, tile: Tile) -> None:
-        """Write nodata over a skipped tile's core (sparse files need no bytes for it)."""
-        h, w = int(tile.core.height), int(tile.core.width)
-        self.write(
-            tile,
-            {n: np.full((h, w), s.nodata, dtype=s.dtype) for n, s in self.specs.items()},
-        )
-
     def sync(self) -> None:
         """Flush every file to disk by closing and reopening it."""
         self.close()
@@ -159,13 +151,6 @@ class TileWriter:
             raise OutputError(
                 "closing working rasters failed (disk full?): " + "; ".join(errors)
             )
-
-
-def colormap(schema: ClassSchema) -> dict[int, tuple[int, int, int, int]]:
-    """GDAL colour table of a class schema; nodata is transparent."""
-    cmap = {c.value: (*c.color, 255) for c in schema.classes}
-    cmap[schema.nodata] = (0, 0, 0, 0)
-    return cmap
 
 
 def _aux_xml_categories(schema: ClassSchema) -> str:

@@ -1301,12 +1301,6 @@ def make_field(spec: FieldSpec) -> SynthField:
 # -------------------------------------------------------------------------------- write
 
 
-def _colormap() -> dict[int, tuple[int, int, int, int]]:
-    cmap = {c.value: (*c.color, 255) for c in DEFAULT_CLASSES.classes}
-    cmap[NODATA_CLASS] = (0, 0, 0, 0)
-    return cmap
-
-
 def write_field(
     spec: FieldSpec, image_path: str | os.PathLike[str], truth_path: str | os.PathLike[str]
 ) -> SynthField:
@@ -1370,7 +1364,7 @@ def write_field(
         with rasterio.open(tmp_truth, "w", **profile) as dst:
             # The colour table must precede the pixels: GDAL cannot switch the TIFF to
             # palette photometric once data is written.
-            dst.write_colormap(1, _colormap())
+            dst.write_colormap(1, DEFAULT_CLASSES.colormap())
             dst.write(field.truth, 1)
             dst.set_band_description(1, "class")
             dst.update_tags(1, **{f"class_{c.value}": c.name for c in DEFAULT_CLASSES.classes})

@@ -47,6 +47,11 @@ def big_tif(tmp_path: Path) -> Path:
     return write_rgba(tmp_path / "big.tif", rgb, valid)
 
 
+def _cfg(src: Path, out: Path, scheduler: str, **kw: object):
+    """A run of the cheapest model in 64 px tiles (90 tiles on ``big_tif``)."""
+    return build_run_config(model=FAST, input=src, out=out, tile_size=64, scheduler=scheduler, **kw)
+
+
 def _interrupt_after(n: int):
     def progress(done: int, total: int, px: int) -> None:
         if done >= n and done < total:
@@ -56,19 +61,8 @@ def _interrupt_after(n: int):
 
 
 def test_interrupt_then_resume_is_identical(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
-    ref = process_survey(
-        build_run_config(
-            model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64, scheduler=scheduler
-        )
-    )
-    cfg = build_run_config(
-        model=FAST,
-        input=big_tif,
-        out=tmp_path / "run",
-        tile_size=64,
-        scheduler=scheduler,
-        checkpoint_seconds=0,
-    )
+    ref = process_survey(_cfg(big_tif, tmp_path / "ref", scheduler))
+    cfg = _cfg(big_tif, tmp_path / "run", scheduler, checkpoint_seconds=0)
     with pytest.raises(KeyboardInterrupt):
         process_survey(cfg, progress=_interrupt_after(20))
     ckpt = json.loads((tmp_path / "run" / ".agriseg-work" / "checkpoint.json").read_text())
@@ -81,14 +75,7 @@ def test_interrupt_then_resume_is_identical(big_tif: Path, tmp_path: Path, sched
 
 
 def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
-    cfg = build_run_config(
-        model=FAST,
-        input=big_tif,
-        out=tmp_path / "run",
-        tile_size=64,
-        scheduler=scheduler,
-        checkpoint_seconds=0,
-    )
+    cfg = _cfg(big_tif, tmp_path / "run", scheduler, checkpoint_seconds=0)
     with pytest.raises(KeyboardInterrupt):
         process_survey(cfg, progress=_interrupt_after(5))
     with rasterio.open(big_tif, "r+") as ds:  # the survey changed since
@@ -100,21 +87,28 @@ def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, schedu
     )
     with pytest.raises(ResumeError, match="tile_size"):
         process_survey(changed)
-    fresh = build_run_config(
-        model=FAST,
-        input=big_tif,
-        out=tmp_path / "run",
-        tile_size=64,
-        scheduler=scheduler,
-        overwrite=True,
-    )
+    fresh = _cfg(big_tif, tmp_path / "run", scheduler, overwrite=True)
     assert process_survey(fresh).manifest["plan"]["tiles"] == 90
 
 
 def _slow_run_cmd(src: Path, out: Path) -> list[str]:
     """A subprocess run with many small tiles, one worker and a checkpoint after every tile."""
-    return [*AGRISEG, "run", str(src), "--out", str(out), "--tile-size", "64", "--workers",
-            "1", "--checkpoint-seconds", "0", "--no-progress", "--model", FAST]
+    return [
+        *AGRISEG,
+        "run",
+        str(src),
+        "--out",
+        str(out),
+        "--tile-size",
+        "64",
+        "--workers",
+        "1",
+        "--checkpoint-seconds",
+        "0",
+        "--no-progress",
+        "--model",
+        FAST,
+    ]
 
 
 def _poll(pred, timeout: float = 60.0) -> bool:
@@ -162,11 +156,7 @@ def test_sigkill_subprocess_then_resume(
     assert not (out / "run.json").exists() or proc.returncode == 0
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    ref = process_survey(
-        build_run_config(
-            model=FAST, input=big_tif, out=tmp_path / "ref", tile_size=64, scheduler=scheduler
-        )
-    )
+    ref = process_survey(_cfg(big_tif, tmp_path / "ref", scheduler))
     _same_outputs(ref.out_dir, out)
 
 
@@ -181,24 +171,10 @@ def test_worker_killed_mid_run(big_tif: Path, tmp_path: Path) -> None:
                 os.kill(victim, signal.SIGKILL)
                 killed.append(victim)
 
-        cfg = build_run_config(
-            model=FAST,
-            input=big_tif,
-            out=tmp_path / "w",
-            tile_size=64,
-            scheduler=cluster.scheduler_address,
-        )
+        cfg = _cfg(big_tif, tmp_path / "w", cluster.scheduler_address)
         res = process_survey(cfg, progress=progress)
         assert killed
-        ref = process_survey(
-            build_run_config(
-                model=FAST,
-                input=big_tif,
-                out=tmp_path / "ref",
-                tile_size=64,
-                scheduler=cluster.scheduler_address,
-            )
-        )
+        ref = process_survey(_cfg(big_tif, tmp_path / "ref", cluster.scheduler_address))
     _same_outputs(ref.out_dir, res.out_dir)
 
 

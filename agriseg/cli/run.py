@@ -137,8 +137,6 @@ class _LogProgress:
             f"halo {plan.halo} px, {plan.read_overhead:.2f} model px per output px)",
             err=True,
         )
-        self._estimated = False
-        self._first = None
 
     def _estimate(self, done: int, total: int) -> None:
         # Early estimate from the first finished tiles (start-up excluded), printed once.

@@ -33,7 +33,10 @@ class RunConfig(BaseModel):
         "auto", description="learned-model engine: auto (ONNX Runtime on CPU, PyTorch on GPU)"
     )
     bands: str | None = Field(None, description="band roles, e.g. red=1,green=2,blue=3,nir=4")
-    tile_size: int = Field(1024, ge=16, le=16384, description="core tile edge in pixels")
+    tile_size: int | None = Field(
+        None, ge=16, le=16384,
+        description="core tile edge in pixels; default: 1024, larger when the halo is wide",
+    )
     halo: int | None = Field(None, ge=0, le=4096, description="halo; default: the model's")
     workers: int | None = Field(None, ge=1, le=1024, description="local worker processes")
     threads_per_worker: int = Field(1, ge=1, le=256)
@@ -55,8 +58,8 @@ class RunConfig(BaseModel):
 
     @field_validator("tile_size")
     @classmethod
-    def _tile_multiple_of_16(cls, v: int) -> int:
-        if v % 16:
+    def _tile_multiple_of_16(cls, v: int | None) -> int | None:
+        if v is not None and v % 16:
             raise ValueError(f"must be a multiple of 16 (GeoTIFF block rule), got {v}")
         return v
 

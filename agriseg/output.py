@@ -196,16 +196,19 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
         OutputError: GDAL failed (disk full, read-only folder).
     """
     tmp = dst.with_name(f".{dst.stem}.partial.tif")
-    # Class and confidence masks: DEFLATE, readable everywhere and fast on masks. Float index
-    # rasters: ZSTD (GDAL >= 2.3, QGIS reads it), as DEFLATE on float32 runs at a few MP/s.
+    # Class, confidence and id masks: DEFLATE, readable everywhere. Level 1 without predictor
+    # writes a 67 MP class mask in 1.7 s instead of 2.7 s (default level 6, predictor) for
+    # files ~20 % larger; long runs of equal values leave little for a higher level to gain.
+    # Float index rasters: ZSTD (GDAL >= 2.3, QGIS reads it), as DEFLATE on float32 runs at a
+    # few MP/s.
     floating = np.dtype(spec.dtype).kind == "f"
-    codec = {"COMPRESS": "ZSTD", "LEVEL": "3"} if floating else {"COMPRESS": "DEFLATE"}
+    codec = ({"COMPRESS": "ZSTD", "LEVEL": "3", "PREDICTOR": "YES"} if floating
+             else {"COMPRESS": "DEFLATE", "LEVEL": "1", "PREDICTOR": "NO"})
     try:
         rasterio.shutil.copy(
             src,
             tmp,
             driver="COG",
-            PREDICTOR="YES",
             **codec,
             BLOCKSIZE="512",
             OVERVIEW_RESAMPLING=spec.resampling,

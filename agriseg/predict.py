@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 from distributed import Client, LocalCluster, as_completed
 
@@ -53,8 +54,16 @@ def scores_to_outputs(
     scores: np.ndarray, valid: np.ndarray, nodata: int = 255
 ) -> tuple[np.ndarray, np.ndarray]:
     """Class ids and confidence (percent, 0..100) from ``(K, H, W)`` probabilities."""
-    classes = np.argmax(scores, axis=0).astype(np.uint8)
-    conf = np.rint(np.max(scores, axis=0) * 100).astype(np.uint8)
+    # A running maximum over the few class planes: np.argmax along a strided first axis
+    # costs ~4x more, and ties still go to the lowest class id as with argmax.
+    best = scores[0].copy()
+    classes = np.zeros(best.shape, np.uint8)
+    for k in range(1, scores.shape[0]):
+        better = scores[k] > best
+        classes[better] = k
+        np.maximum(best, scores[k], out=best)
+    best *= 100
+    conf = np.rint(best, out=best).astype(np.uint8)
     classes[~valid] = nodata
     conf[~valid] = 255
     return classes, conf
@@ -75,7 +84,8 @@ def segment_tile(
     model_px = pixels[: len(segmenter.roles)]
     ys, xs = tile.core_in_padded
     ctx = TileContext(
-        int(tile.core.row_off) - ys.start, int(tile.core.col_off) - xs.start, survey.grid.gsd_m
+        int(tile.core.row_off) - ys.start, int(tile.core.col_off) - xs.start, survey.grid.gsd_m,
+        margin=min(ys.start, xs.start, model_px.shape[1] - ys.stop, model_px.shape[2] - xs.stop),
     )
     scores = segmenter.predict(model_px[None], valid[None], params, [ctx])[0]
     core_valid = valid[ys, xs]
@@ -216,8 +226,22 @@ def dask_client(
             kwargs.update(n_workers=workers or max(1, torch.cuda.device_count()))
     else:
         kwargs.update(n_workers=n, processes=processes)
-    with cluster_cls(**kwargs) as cluster, Client(cluster) as client:
+    with dask.config.set(_worker_malloc_env()), cluster_cls(**kwargs) as cluster, \
+            Client(cluster) as client:
         yield client
+
+
+# Tiles allocate and free arrays of a few to a few tens of MB per step. Dask's nanny sets
+# MALLOC_TRIM_THRESHOLD_=64 KiB, which also freezes glibc's mmap threshold at 128 KiB: every
+# such array is then a fresh mmap whose pages the kernel zeroes and faults in again, which cost
+# the label-free model ~30 % of its time (measured: 0.38 s -> 0.26 s per 1024 px tile). Keeping
+# arrays up to 64 MiB on the heap and trimming only above 256 MiB reuses the pages.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20}
+
+
+def _worker_malloc_env() -> dict[str, Any]:
+    """Dask config keys that give local worker processes :data:`WORKER_MALLOC_ENV`."""
+    return {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_MALLOC_ENV.items()}
 
 
 def check_workers_see(client: Client, path: str) -> None:

@@ -25,7 +25,7 @@ from agriseg import __version__
 from agriseg.classes import ClassSchema
 from agriseg.config import RunConfig
 from agriseg.errors import AgrisegError, ConfigError, OutputError, RasterError
-from agriseg.grid import TilePlan, plan_tiles
+from agriseg.grid import TilePlan, auto_tile_size, plan_tiles
 from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
 from agriseg.models.base import Prepared, Segmenter
@@ -199,7 +199,8 @@ def _process(
     for w in prepared.warnings:
         log.warning("%s", w)
     halo = config.halo if config.halo is not None else prepared.halo
-    plan = plan_tiles(survey.grid, config.tile_size, halo)
+    tile_size = config.tile_size or auto_tile_size(halo)
+    plan = plan_tiles(survey.grid, tile_size, halo)
     _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)
     tiles = [t for t in plan if tile_has_data(ov_valid, factor, t)]
     if not tiles:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from rasterio.crs import CRS
 
 from agriseg.errors import ConfigError
-from agriseg.grid import Grid, block_size_for, plan_tiles
+from agriseg.grid import Grid, auto_tile_size, block_size_for, plan_tiles
 
 GRID = dict(transform=Affine(0.5, 0, 1000, 0, -0.5, 2000), crs=CRS.from_epsg(32615))
 
@@ -61,3 +61,13 @@ def test_grid_facts() -> None:
     assert g.gsd_m == pytest.approx(0.5)
     geo = Grid((10, 10), Affine(1e-5, 0, -93.0, 0, -1e-5, 44.0), CRS.from_epsg(4326))
     assert geo.gsd_m == pytest.approx(0.95, rel=0.1)  # ~1.1 m x 0.8 m at 44 N
+
+
+@given(halo=st.integers(0, 600))
+def test_auto_tile_size_bounds_the_halo_overhead(halo: int) -> None:
+    size = auto_tile_size(halo)
+    assert 1024 <= size <= 2048 and size % 512 == 0
+    # Grown only as far as needed: either the overhead is within bounds or the cap is hit.
+    assert ((size + 2 * halo) / size) ** 2 <= 1.35 or size == 2048
+    if size > 1024:
+        assert ((size - 512 + 2 * halo) / (size - 512)) ** 2 > 1.35

@@ -14,6 +14,7 @@ from affine import Affine
 
 from agriseg.config import build_run_config
 from agriseg.errors import BandError
+from agriseg.models.base import TileContext
 from agriseg.models.labelfree import LabelFreeParams, LabelFreeSegmenter
 from agriseg.models.rows import along_row_support, estimate_rows
 from agriseg.quicklook import write_quicklook
@@ -100,6 +101,23 @@ def _truth_iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     c = np.bincount(truth[ok] * 4 + pred[ok], minlength=16).reshape(4, 4).astype(float)
     tp = np.diag(c)
     return tp / (c.sum(0) + c.sum(1) - tp)
+
+
+def test_margin_skips_work_without_changing_the_core(tmp_path: Path) -> None:
+    """Scores inside the core are the same whether or not the model may skip the halo."""
+    spec = FieldSpec(shape_yx=(260, 300), seed=5, row_angle_deg=20.0, row_spacing_m=0.6)
+    write_field(spec, tmp_path / "f.tif", tmp_path / "t.tif")
+    survey = open_survey(tmp_path / "f.tif")
+    seg = LabelFreeSegmenter()
+    prep = seg.prepare(survey)
+    with rasterio.open(tmp_path / "f.tif") as ds:
+        raw = ds.read([1, 2, 3]).astype(np.float32) / 255
+        valid = ds.read(4) > 0
+    m = prep.halo
+    full = seg.predict(raw[None], valid[None], prep.params, [TileContext(0, 0, 0.02)])[0]
+    cut = seg.predict(raw[None], valid[None], prep.params, [TileContext(0, 0, 0.02, m)])[0]
+    assert np.array_equal(cut[:, m:-m, m:-m], full[:, m:-m, m:-m])
+    assert not cut[:, :m].any()
 
 
 def test_tiled_equals_untiled_on_synthetic_field(tmp_path: Path, scheduler: str) -> None:

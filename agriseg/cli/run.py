@@ -27,7 +27,9 @@ from agriseg.grid import TilePlan
               help="Engine for learned models [auto: ONNX Runtime on CPU, PyTorch on GPU].")
 @click.option("--bands",
               help="Band roles when the file does not say, e.g. red=3,green=2,blue=1,nir=4.")
-@click.option("--tile-size", type=int, help="Core tile edge in pixels, multiple of 16 [1024].")
+@click.option("--tile-size", type=int,
+              help="Core tile edge in pixels, multiple of 16 [1024, up to 2048 when the "
+              "model's halo is wide].")
 @click.option("--halo", type=int, help="Context pixels around each tile [the model's margin].")
 @click.option("--workers", type=int, help="Local worker processes [CPU cores].")
 @click.option("--threads-per-worker", type=int, help="Threads per local worker [1].")

@@ -30,11 +30,15 @@ class TileContext:
         row_off: raster row of the padded array's first row (negative inside edge padding).
         col_off: raster column of the padded array's first column.
         gsd_m: ground sampling distance in metres.
+        margin: pixels on each side of the padded array that the caller discards (the halo).
+            A model may leave its scores there at zero and skip the work; 0 means every
+            pixel is used.
     """
 
     row_off: int
     col_off: int
     gsd_m: float
+    margin: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -506,30 +506,45 @@ class LabelFreeSegmenter:
         """Class probabilities of a batch (see the module docstring for the rules)."""
         p: LabelFreeParams = params
         n, _, h, w = pixels.shape
-        out = np.empty((n, 4, h, w), np.float32)
+        out = np.zeros((n, 4, h, w), np.float32)
         for i in range(n):
+            m = contexts[i].margin
+            # Only the along-row support needs the whole halo. Each later step works on the
+            # window it must fill for the core (core + its own reach), so the halo is not
+            # processed again and again; the crops are exact (see _row_probability).
+            core = _inner(m)
             vi, health, _, _ = self._features(pixels[i], p.dark_eps)
             ok = valid[i]
-            z_veg = (vi - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
+            z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
             p_veg = _ramp(z_veg)
-            veg = (vi > p.veg_threshold) & ok
             if p.rows:
-                s = self._support(veg, ok, contexts[i].row_off, contexts[i].col_off,
-                                  p.row_angle_deg, p.row_half_px, p.leaf_px)
-                p_row = self._row_probability(s, veg, p)
+                veg = (vi > p.veg_threshold) & ok
+                s = along_row_support(veg, ok, contexts[i].row_off, contexts[i].col_off,
+                                      p.row_angle_deg, p.row_half_px)
+                grown = _inner(max(m - p.attach_px, 0))
+                leafy = _inner(max(m - p.attach_px - p.leaf_px, 0))
+                s = s[leafy]
+                if p.leaf_px > 0:
+                    s = ndimage.maximum_filter(s, size=2 * p.leaf_px + 1, mode="nearest")
+                s = s[_inner(min(p.leaf_px, max(m - p.attach_px, 0)))]
+                p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
             else:
-                p_row = np.ones((h, w), np.float32)
-            hs = self._smooth_health(health, (z_veg >= 0.5) & ok, p.health_px)
-            z = np.zeros((h, w), np.float32)
+                p_row = np.ones(p_veg.shape, np.float32)
+            near = _inner(max(m - p.health_px, 0))
+            hs = self._smooth_health(health[(slice(None), *near)],
+                                     ((vi >= p.veg_threshold + p.veg_softness / 2) & ok)[near],
+                                     p.health_px)[(slice(None), *_inner(min(p.health_px, m)))]
+            z = np.zeros(p_veg.shape, np.float32)
             for k, (c, sd) in enumerate(zip(p.health_centre, p.health_spread, strict=True)):
                 z += (np.float32(c) - hs[k]) / np.float32(sd)
             z /= np.float32(len(p.health_centre))
             p_dis = _ramp(z - np.float32(p.disease_sensitivity))
             plant_row = p_veg * p_row
-            out[i, 0] = 1 - p_veg
-            out[i, 1] = plant_row * (1 - p_dis)
-            out[i, 2] = p_veg - plant_row
-            out[i, 3] = plant_row * p_dis
+            o = out[(i, slice(None), *core)]
+            np.subtract(1, p_veg, out=o[0])
+            np.multiply(plant_row, 1 - p_dis, out=o[1])
+            np.subtract(p_veg, plant_row, out=o[2])
+            np.multiply(plant_row, p_dis, out=o[3])
         return out
 
     @staticmethod
@@ -556,6 +571,12 @@ class LabelFreeSegmenter:
         """Name, roles and configuration for run.json."""
         return {"name": self.name, "kind": "rule", "roles": list(self.roles),
                 "config": asdict(self.config)}
+
+
+def _inner(margin: int) -> tuple[slice, slice]:
+    """Slices that drop ``margin`` pixels from every side of a 2D array."""
+    cut = slice(margin, -margin or None)
+    return cut, cut
 
 
 def _starts(n: int, side: int) -> list[int]:

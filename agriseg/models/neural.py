@@ -396,7 +396,7 @@ class NeuralSegmenter:
         if need_h > h or need_w > w:
             x = np.pad(x, ((0, 0), (0, 0), (0, need_h - h), (0, need_w - w)), mode="symmetric")
         k = len(self.schema)
-        out = np.empty((n, k, h, w), np.float32)
+        out = np.zeros((n, k, h, w), np.float32)
         jobs = [(i, y, xx) for i in range(n) for y in ys for xx in xs]
         per_call = max(1, MAX_BATCH_PIXELS // ((by + 2 * m) * (bx + 2 * m)))
         for start in range(0, len(jobs), per_call):
@@ -407,8 +407,8 @@ class NeuralSegmenter:
             for (i, y, xx), p in zip(chunk, probs, strict=True):
                 hh, ww = min(by, ih - y), min(bx, iw - xx)
                 out[i, :, m + y : m + y + hh, m + xx : m + xx + ww] = p[:, m : m + hh, m : m + ww]
-        if m:
-            # The context ring gets its nearest interior score (cropped away by the pipeline).
+        if m and (not contexts or any(c.margin < m for c in contexts)):
+            # The context ring gets its nearest interior score, unless the caller discards it.
             core = out[:, :, m : h - m, m : w - m]
             out = np.pad(core, ((0, 0), (0, 0), (m, m), (m, m)), mode="edge")
         return out

@@ -545,8 +545,7 @@ def vectorize_zones(
         mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
     simplify_px = 1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m
     if simplify_px > 0 and len(pix):
-        out_pix = shapely.simplify(pix, simplify_px, preserve_topology=True)
-        out_geoms = pixel_to_crs(out_pix, grid.transform)
+        out_geoms = pixel_to_crs(_simplify(pix, simplify_px), grid.transform)
     else:
         out_geoms = crs_geoms
     gdf = gpd.GeoDataFrame(
@@ -564,6 +563,29 @@ def vectorize_zones(
     lon, lat = _scout_points(crs_geoms, grid.crs)
     gdf["centroid_lon"], gdf["centroid_lat"] = np.round(lon, 7), np.round(lat, 7)
     return gdf[[*ZONE_COLUMNS, "geometry"]]
+
+
+def _simplify(geoms: np.ndarray, tolerance: float) -> np.ndarray:
+    """Douglas-Peucker simplification that keeps every polygon valid with all its rings.
+
+    Plain Douglas-Peucker is ~15x faster than GEOS' topology-preserving variant on pixel
+    staircases and almost always gives a valid polygon; only the geometries where it does not
+    (invalid, or a ring or part collapsed) are simplified again with topology preserved.
+    """
+    out = shapely.simplify(geoms, tolerance, preserve_topology=False)
+    bad = (~shapely.is_valid(out) | shapely.is_empty(out)
+           | (shapely.get_num_geometries(out) != shapely.get_num_geometries(geoms))
+           | (_num_rings(out) != _num_rings(geoms)))
+    if bad.any():
+        out[bad] = shapely.simplify(geoms[bad], tolerance, preserve_topology=True)
+    return out
+
+
+def _num_rings(geoms: np.ndarray) -> np.ndarray:
+    """Rings (shells and holes) per polygon or multipolygon."""
+    parts, owner = shapely.get_parts(geoms, return_index=True)
+    per_part = shapely.get_num_interior_rings(parts) + 1
+    return np.bincount(owner, weights=per_part, minlength=len(geoms)).astype(np.int64)
 
 
 def _write_zone_raster(

@@ -35,7 +35,6 @@ from pyproj.aoi import AreaOfInterest, AreaOfUse
 from pyproj.database import query_utm_crs_info
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
-from rasterio.features import shapes
 from rasterio.windows import Window
 from scipy import ndimage
 from scipy.sparse import coo_matrix
@@ -44,6 +43,7 @@ from scipy.sparse.csgraph import connected_components
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError, RasterError
 from agriseg.grid import Grid
+from agriseg.trace import label_boxes, trace_labels
 
 log = logging.getLogger(__name__)
 
@@ -203,48 +203,42 @@ def row_pixel_areas(grid: Grid) -> np.ndarray | None:
     return a * a / 2 * np.abs(np.diff(q)) * math.radians(abs(t.a))
 
 
-def _label_chunk(risk: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Patches of one chunk: int32 labels ``1..n`` (0 = none) and each label's value (+1).
+def _label_chunk(risk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Patches of one chunk: int32 labels, each label's value (+1) and the labelled pixels.
 
-    Each at-risk class is labelled on its own so that touching weed and disease pixels stay
-    separate patches, as ``shapes`` keeps distinct values apart. Deterministic: the zone-raster
-    pass relabels a chunk and gets the same labels back.
+    One ``ndimage.label`` over all at-risk pixels (labelling each class on its own costs one
+    full-chunk pass per class); components where weed and disease touch are then labelled
+    again per class inside their own bounding box, so touching classes stay separate patches,
+    as ``shapes`` keeps distinct values apart. Their old labels are left without pixels.
+
+    Returns:
+        ``lab`` (0 = none), ``vals`` (index = label, 0 for unused labels), ``sel`` (flat indices
+        of labelled pixels, ascending) and ``ls`` (their labels).
     """
-    lab: np.ndarray | None = None
-    vals: list[np.ndarray] = []
-    n = 0
-    for v in values:
-        m = risk == v
-        lv, k = ndimage.label(m, structure=_CROSS)
-        if k == 0:
-            continue
-        if lab is None:
-            lab = lv
-        else:
-            np.add(lv, n, out=lv, where=m)
-            lab += lv
-        vals.append(np.full(k, v, np.uint8))
-        n += k
-    if lab is None:
-        return np.zeros(risk.shape, np.int32), np.zeros(0, np.uint8)
-    return lab, np.concatenate(vals)
-
-
-def _polygons(rings: list[list[list[tuple[float, float]]]]) -> np.ndarray:
-    """Polygons from GeoJSON-style ring lists, built in one call (faster than one by one)."""
-    coords: list[np.ndarray] = []
-    ring_end, poly_end = [0], [0]
-    for poly in rings:
-        for ring in poly:
-            coords.append(np.asarray(ring, dtype=np.float64))
-            ring_end.append(ring_end[-1] + len(ring))
-        poly_end.append(poly_end[-1] + len(poly))
-    if not coords:
-        return np.zeros(0, dtype=object)
-    return shapely.from_ragged_array(
-        shapely.GeometryType.POLYGON, np.concatenate(coords),
-        (np.array(ring_end, np.int64), np.array(poly_end, np.int64)),
-    )
+    lab, n = ndimage.label(risk, structure=_CROSS)
+    flat = lab.ravel()
+    sel = np.flatnonzero(risk)  # labelled = at risk; uint8 scans 4x faster than the int32 labels
+    ls = flat[sel]
+    rv = risk.ravel()[sel]
+    vals = np.zeros(n + 1, np.uint8)
+    vals[ls] = rv
+    mixed = np.unique(ls[rv != vals[ls]])
+    if len(mixed):
+        b = label_boxes(sel, ls, mixed, n, risk.shape[1])
+        for m, r0, r1, c0, c1 in zip(mixed.tolist(), b.r0.tolist(), b.r1.tolist(),
+                                     b.c0.tolist(), b.c1.tolist(), strict=True):
+            ys, xs = slice(r0, r1 + 1), slice(c0, c1 + 1)
+            sub_lab, sub_risk = lab[ys, xs], risk[ys, xs]  # views: relabelled in place
+            inside = sub_lab == m
+            for v in np.unique(sub_risk[inside]).tolist():
+                part = inside & (sub_risk == v)
+                lv, k = ndimage.label(part, structure=_CROSS)
+                sub_lab[part] = lv[part] + n
+                n += k
+        ls = flat[sel]
+        vals = np.zeros(n + 1, np.uint8)
+        vals[ls] = rv
+    return lab, vals, sel, ls
 
 
 def _fill_small_holes(geoms: np.ndarray, min_area: float) -> np.ndarray:
@@ -285,8 +279,26 @@ class _Scan:
     area: np.ndarray
     root: np.ndarray
     base: np.ndarray
-    pieces: list[shapely.Polygon]
-    piece_label: list[int]
+    pieces: np.ndarray
+    piece_label: np.ndarray
+    traced: _Traced
+
+
+@dataclass(slots=True)
+class _Traced:
+    """Where each traced label lies, to find its pixels again in the zone-raster pass.
+
+    Attributes:
+        label: global label.
+        chunk: chunk index (row-major).
+        box: first and last row and column inside the chunk, shape ``(n, 4)``.
+        seed: chunk-local flat index of the label's first pixel.
+    """
+
+    label: np.ndarray
+    chunk: np.ndarray
+    box: np.ndarray
+    seed: np.ndarray
 
 
 def _edge_pairs(a_lab: np.ndarray, a_val: np.ndarray, b_lab: np.ndarray,
@@ -327,8 +339,9 @@ def _scan(
         t.append(np.zeros(1))
     bases: list[int] = []
     pairs: list[np.ndarray] = []
-    pieces: list[shapely.Polygon] = []
-    piece_label: list[int] = []
+    pieces: list[np.ndarray] = []
+    piece_label: list[np.ndarray] = []
+    traced: list[tuple[np.ndarray, ...]] = []
     # Labels and values of the row above the current chunk row (all columns) and of the column
     # left of the current chunk: the only state carried between chunks.
     top_lab = np.zeros(width, np.int64)
@@ -336,12 +349,12 @@ def _scan(
     left_lab: np.ndarray | None = None
     left_val: np.ndarray | None = None
     base = 0
-    for win in chunk_windows(height, width, chunk):
+    for i_chunk, win in enumerate(chunk_windows(height, width, chunk)):
         r0, c0, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
         bases.append(base)
         risk = _read_risk(ds, win, values - 1, nodata, radius)
-        lab, vals = _label_chunk(risk, values)
-        n = len(vals)
+        lab, vals, sel, ls = _label_chunk(risk)
+        n = len(vals) - 1
         if n == 0:
             top_lab[c0:c0 + w] = 0
             top_val[c0:c0 + w] = 0
@@ -351,9 +364,6 @@ def _scan(
         def glob(x: np.ndarray, b: int = base) -> np.ndarray:
             return np.where(x > 0, x.astype(np.int64) + b, 0)
 
-        flat = lab.ravel()
-        sel = np.flatnonzero(flat)
-        ls = flat[sel]
         pixels = np.bincount(ls, minlength=n + 1)
         area: np.ndarray
         if row_area is None:
@@ -370,7 +380,7 @@ def _scan(
             conf_n = np.bincount(ls[ok], minlength=n + 1)
         else:
             conf_sum = conf_n = np.zeros(n + 1)
-        value_t.append(vals)
+        value_t.append(vals[1:])
         pixels_t.append(pixels[1:])
         area_t.append(area[1:])
         conf_sum_t.append(conf_sum[1:])
@@ -387,22 +397,16 @@ def _scan(
                             (c0 > 0, lab[:, 0]), (c0 + w < width, lab[:, -1])):
             if inner:
                 open_[edge] = True
-        trace = open_ | (area >= min_px_area)
+        trace = (open_ | (area >= min_px_area)) & (pixels > 0)
         trace[0] = False
         if trace.any():
-            mask = trace[lab]
-            rows = np.flatnonzero(mask.any(axis=1))
-            cols = np.flatnonzero(mask.any(axis=0))
-            # shapes scans every pixel it is given: only the box around the traced pieces.
-            ys, xs = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
-            tr = Affine.translation(c0 + xs.start, r0 + ys.start)
-            rings, labels = [], []
-            for geom, val in shapes(lab[ys, xs], mask=mask[ys, xs], connectivity=4,
-                                    transform=tr):
-                rings.append(geom["coordinates"])
-                labels.append(int(val) + base)
-            pieces.extend(_polygons(rings))
-            piece_label.extend(labels)
+            boxes = label_boxes(sel, ls, np.flatnonzero(trace), n, w)
+            polys, labels = trace_labels(lab, boxes, r0, c0)
+            pieces.append(polys)
+            piece_label.append(labels + base)
+            traced.append((boxes.labels + base, np.full(len(boxes.labels), i_chunk),
+                           np.stack([boxes.r0, boxes.r1, boxes.c0, boxes.c1], axis=1),
+                           boxes.seed))
         top_lab[c0:c0 + w] = glob(lab[-1])
         top_val[c0:c0 + w] = risk[-1]
         left_lab, left_val = glob(lab[:, -1]), risk[:, -1]
@@ -415,11 +419,16 @@ def _scan(
     pp = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     graph = coo_matrix((np.ones(len(pp), np.int8), (pp[:, 0], pp[:, 1])), shape=(n_lab, n_lab))
     _, root = connected_components(graph, directed=False)
+    tr = [np.concatenate(t) for t in zip(*traced, strict=True)] if traced else [
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64),
+        np.zeros(0, np.int64)]
     return _Scan(
         value=np.concatenate(value_t), pixels=np.concatenate(pixels_t).astype(np.int64),
         conf_sum=np.concatenate(conf_sum_t), conf_n=np.concatenate(conf_n_t).astype(np.int64),
         area=np.concatenate(area_t), root=root, base=np.array(bases, np.int64),
-        pieces=pieces, piece_label=piece_label,
+        pieces=np.concatenate(pieces) if pieces else np.zeros(0, dtype=object),
+        piece_label=np.concatenate(piece_label) if piece_label else np.zeros(0, np.int64),
+        traced=_Traced(*tr),
     )
 
 
@@ -491,11 +500,10 @@ def vectorize_zones(
     comp_area = np.bincount(root, weights=scan.area, minlength=n_comp)
     big = comp_area >= min_px
     big[root[0]] = False
-    pl = np.array(scan.piece_label, np.int64)
-    pc = root[pl] if len(pl) else np.zeros(0, np.int64)
+    pl = scan.piece_label
+    pc = root[pl]
     take = big[pc]
-    pl, pc = pl[take], pc[take]
-    geoms = np.array(scan.pieces, dtype=object)[take] if len(take) else np.zeros(0, object)
+    pl, pc, geoms = pl[take], pc[take], scan.pieces[take]
     # A hole under the minimum zone area is speckle (single crop pixels inside a weed patch).
     # Filling it per piece, before the cross-chunk union, keeps union and simplify near
     # linear on noisy masks: a raster-wide patch with millions of holes took minutes and GBs.
@@ -512,7 +520,8 @@ def vectorize_zones(
         # polygon (4-connected pixels).
         pix[i] = geoms[s] if e - s == 1 else shapely.union_all(geoms[s:e])
     vals = scan.value[pl[starts]].astype(np.int64)
-    n_patches = int(np.count_nonzero(np.bincount(root[1:], minlength=n_comp)))
+    # Labels left without pixels by _label_chunk are not patches.
+    n_patches = int(np.count_nonzero(np.bincount(root, weights=scan.pixels, minlength=n_comp)))
     if len(pix):
         crs_geoms = pixel_to_crs(pix, grid.transform)
         # Pixel count x pixel area (ellipsoidal per-row areas for geographic grids).
@@ -539,8 +548,8 @@ def vectorize_zones(
     conf_sum = np.bincount(root, weights=scan.conf_sum, minlength=n_comp)[comps]
     conf_n = np.bincount(root, weights=scan.conf_n, minlength=n_comp)[comps]
     if zone_raster is not None:
-        _write_zone_raster(classes_tif, zone_raster, label_zone, scan.base, values,
-                           schema.nodata, radius, chunk)
+        _write_zone_raster(classes_tif, zone_raster, label_zone, scan.traced, scan.value,
+                           values, schema.nodata, radius, chunk)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
     simplify_px = 1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m
@@ -592,19 +601,28 @@ def _write_zone_raster(
     classes_tif: str | os.PathLike[str],
     zone_raster: str | os.PathLike[str],
     label_zone: np.ndarray,
-    base: np.ndarray,
+    traced: _Traced,
+    label_value: np.ndarray,
     values: np.ndarray,
     nodata: int,
     radius: int,
     chunk: int,
 ) -> None:
-    """Write zone ids chunk by chunk by relabelling each chunk (same labels as the scan).
+    """Write zone ids chunk by chunk, finding each kept piece's pixels again.
 
-    Relabelling costs less than keeping the labels of every chunk (memory) or rasterising
-    the polygons back; chunks without a kept zone are skipped (sparse, read as 0).
+    Each kept piece is labelled again inside its bounding box only (its class, from its
+    first pixel), which costs far less than labelling whole chunks or keeping every chunk's
+    labels; rasterising the polygons back would burn in the filled holes. Chunks without a
+    kept zone are skipped (sparse, read as 0).
     """
     zone_raster = Path(zone_raster)
     tmp = zone_raster.with_name(f".{zone_raster.stem}.partial.tif")
+    zone = label_zone[traced.label]
+    keep = zone > 0
+    by_chunk = np.argsort(traced.chunk[keep], kind="stable")
+    chunk_of = traced.chunk[keep][by_chunk]
+    zone, box, seed = zone[keep][by_chunk], traced.box[keep][by_chunk], traced.seed[keep][by_chunk]
+    value = label_value[traced.label[keep][by_chunk]]
     with rasterio.open(classes_tif) as src:
         prof = src.profile
         # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
@@ -619,13 +637,21 @@ def _write_zone_raster(
         try:
             with dst:
                 for i, win in enumerate(chunk_windows(src.height, src.width, chunk)):
-                    lut = label_zone[base[i]:base[i + 1] + 1].copy()
-                    lut[0] = 0  # local label 0 = no patch (base[i] is the previous chunk's)
-                    if not lut.any():
+                    lo, hi = np.searchsorted(chunk_of, [i, i + 1])
+                    if lo == hi:
                         continue
                     risk = _read_risk(src, win, values - 1, nodata, radius)
-                    lab, _ = _label_chunk(risk, values)
-                    dst.write(lut[lab], 1, window=win)
+                    out = np.zeros(risk.shape, np.uint32)
+                    w = risk.shape[1]
+                    for z, (r0, r1, c0, c1), sd, v in zip(
+                            zone[lo:hi].tolist(), box[lo:hi].tolist(), seed[lo:hi].tolist(),
+                            value[lo:hi].tolist(), strict=True):
+                        ys, xs = slice(r0, r1 + 1), slice(c0, c1 + 1)
+                        lc, _ = ndimage.label(risk[ys, xs] == v, structure=_CROSS)
+                        # The piece is the component holding its first pixel.
+                        piece = lc == lc[sd // w - r0, sd % w - c0]
+                        out[ys, xs][piece] = z
+                    dst.write(out, 1, window=win)
                 dst.set_band_description(1, "zone id (0 = no zone); see zone_id in zones.gpkg")
         except RasterioError as exc:
             tmp.unlink(missing_ok=True)

@@ -1,14 +1,16 @@
 """At-risk zones (weed patches, disease spots) as polygons, from a chunked labelling pass.
 
 The class mask is read in block-aligned chunks. Each chunk's at-risk patches are labelled
-with ``scipy.ndimage.label`` (4-connectivity, per class) and counted with ``np.bincount``;
-labels of neighbouring chunks are joined through the same-class pixel pairs along chunk borders,
-so a patch that crosses chunks is ONE zone. Patches below the minimum area are dropped before
-any polygon is built: ``rasterio.features.shapes`` traces only the pieces that may be kept, in
-*pixel* coordinates (integers, so pieces from neighbouring chunks share exactly the same
-vertices), and the pieces of one patch are unioned. The zone-id raster is written by
-relabelling each chunk, not by rasterising the polygons back. Memory is bounded by one chunk
-plus per-patch tables and the zones themselves, never by the raster size.
+with one ``scipy.ndimage.label`` (4-connectivity; components where two at-risk classes touch
+are split per class) and counted with ``np.bincount``; labels of neighbouring chunks are joined
+through the same-class pixel pairs along chunk borders, so a patch that crosses chunks is ONE
+zone. Patches below the minimum area are dropped before any polygon is built:
+``rasterio.features.shapes`` traces only the pieces that may be kept (packed side by side, see
+:mod:`agriseg.trace`), in *pixel* coordinates (integers, so pieces from neighbouring chunks
+share exactly the same vertices), and the pieces of one patch are unioned. The zone-id raster
+is written by labelling each kept piece's bounding box again, not by rasterising the polygons
+back. Memory is bounded by one chunk plus per-patch tables and the zones themselves, never by
+the raster size.
 
 Areas are ground areas in square metres: pixel counts times the pixel area in a projected CRS,
 or the polygon area in the local UTM zone when the raster CRS is geographic.
@@ -452,7 +454,8 @@ def vectorize_zones(
     Two chunked passes: the first labels 4-connected patches per chunk
     (``scipy.ndimage.label``), counts their pixels and confidence, merges labels across chunk
     borders and traces only the patches that may reach the minimum area; the second (only
-    with ``zone_raster``) relabels each chunk and writes the zone ids.
+    with ``zone_raster``) finds the kept pieces again inside their bounding boxes and writes
+    the zone ids.
 
     Args:
         classes_tif: uint8 class raster (``schema.nodata`` = nodata).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from affine import Affine
 from agriseg.config import build_run_config
 from agriseg.errors import BandError
 from agriseg.models.base import TileContext
-from agriseg.models.labelfree import LabelFreeParams, LabelFreeSegmenter
+from agriseg.models.labelfree import LabelFreeConfig, LabelFreeParams, LabelFreeSegmenter
 from agriseg.models.rows import along_row_support, estimate_rows
 from agriseg.quicklook import write_quicklook
 from agriseg.raster import open_survey
@@ -118,6 +119,36 @@ def test_margin_skips_work_without_changing_the_core(tmp_path: Path) -> None:
     cut = seg.predict(raw[None], valid[None], prep.params, [TileContext(0, 0, 0.02, m)])[0]
     assert np.array_equal(cut[:, m:-m, m:-m], full[:, m:-m, m:-m])
     assert not cut[:, :m].any()
+
+
+def test_appearance_table_tiles_match_the_whole_raster(tmp_path: Path) -> None:
+    """With the colour table in use, windows with their halo (and with the margin skipped)
+    score their core exactly as the whole raster does."""
+    spec = FieldSpec(shape_yx=(300, 340), seed=3, row_angle_deg=35.0, row_spacing_m=0.6,
+                     weed_density=3.0)
+    write_field(spec, tmp_path / "f.tif", tmp_path / "t.tif")
+    seg = LabelFreeSegmenter(LabelFreeConfig(appearance_min_pixels=50))
+    prep = seg.prepare(open_survey(tmp_path / "f.tif"))
+    assert prep.info["appearance"]["used"], prep.info["appearance"]
+    assert prep.params.appearance is not None and prep.params.appearance_px > 0
+    with rasterio.open(tmp_path / "f.tif") as ds:
+        raw = ds.read([1, 2, 3]).astype(np.float32) / 255
+        valid = ds.read(4) > 0
+    m = prep.halo
+    raw = np.pad(raw, ((0, 0), (m, m), (m, m)), mode="symmetric")
+    valid = np.pad(valid, m, mode="symmetric")
+    whole = seg.predict(raw[None], valid[None], prep.params, [TileContext(-m, -m, 0.02)])[0]
+    rows_only = seg.predict(raw[None], valid[None], replace(prep.params, appearance=None),
+                            [TileContext(-m, -m, 0.02)])[0]
+    relabelled = (whole.argmax(0) == 2) & (rows_only.argmax(0) == 1)
+    assert relabelled.sum() > 20  # the table does turn row vegetation into weed
+    for r0, c0 in [(0, 0), (70, 130), (236, 276)]:
+        win = (slice(None), slice(r0, r0 + 64 + 2 * m), slice(c0, c0 + 64 + 2 * m))
+        for margin in (0, m):
+            tile = seg.predict(raw[win][None], valid[win[1:]][None], prep.params,
+                               [TileContext(r0 - m, c0 - m, 0.02, margin)])[0]
+            assert np.array_equal(tile[:, m:-m, m:-m],
+                                  whole[:, r0 + m:r0 + m + 64, c0 + m:c0 + m + 64])
 
 
 def test_tiled_equals_untiled_on_synthetic_field(tmp_path: Path, scheduler: str) -> None:

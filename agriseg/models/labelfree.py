@@ -22,6 +22,12 @@ tile the same way.
    4-connected growth through vegetation) keeps the lower ``row_attached_support`` threshold.
    Without resolvable rows (GSD too coarse, broadcast crops, pasture) every plant is crop and
    the warnings say weeds could not be separated.
+   **Appearance** (Bah et al.'s second stage, :mod:`agriseg.models.appearance`): the row rule's
+   confident pseudo-labels (plant interiors on the body of the rows = crop, isolated inter-row
+   plants = weed) teach a per-survey colour table; row vegetation whose neighbourhood clearly
+   looks like the inter-row weeds becomes weed, which finds weeds in and against the rows.
+   Used only where held-out sample pixels show that colour separates the two, and never
+   relabelling more than ``appearance_max_loss`` of held-out row vegetation.
 3. **Disease / stress.** Crop whose health feature (RGB: normalised green-red difference, which
    drops with chlorosis and necrosis; multispectral: NDRE and NDVI, or NDVI without red edge),
    averaged over nearby pure-vegetation pixels so mixed leaf-edge pixels do not count, lies more
@@ -33,7 +39,8 @@ tile the same way.
 Probabilities: each decision has a linear ramp around its threshold (``p = 0.5`` at the
 threshold, 1 one softness away), and class scores are the tree's joint probabilities:
 ``soil = 1 - p_veg``, ``weed = p_veg (1 - p_row)``, ``crop = p_veg p_row (1 - p_dis)``,
-``disease = p_veg p_row p_dis``. All neighbourhood sums are integer, so tiles match a
+``disease = p_veg p_row p_dis``; then the weed-likeness of the colour moves that share of the
+crop score to weed (disease keeps its score: discoloured crop can look like a weed species). All neighbourhood sums are integer, so tiles match a
 whole-raster run bit for bit.
 """
 
@@ -41,7 +48,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -51,6 +58,8 @@ from skimage.filters import threshold_otsu
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema
 from agriseg.errors import ConfigError
+from agriseg.models import appearance as app
+from agriseg.models.appearance import AppearanceTable
 from agriseg.models.base import Prepared, TileContext
 from agriseg.models.rows import (
     RowEstimate,
@@ -106,6 +115,22 @@ class LabelFreeConfig:
             pixels above that (75th percentile), so blurred leaf margins stay soil.
         sample_windows: number of full-resolution windows read in prepare.
         sample_side_px: side of a sample window in pixels.
+        appearance: learn this survey's crop vs weed colour from the row rule's confident
+            pseudo-labels and relabel row vegetation that clearly looks like the inter-row
+            weeds (see :mod:`agriseg.models.appearance`); only used where held-out samples show
+            that colour separates them.
+        appearance_bins: cells of the colour table per feature (two chromatic coordinates,
+            brightness).
+        appearance_max_loss: largest share of held-out confident row vegetation the table may
+            relabel weed (bounds the damage when the pseudo-labels mislead).
+        appearance_min_ratio: smallest weed / crop likelihood ratio of a colour cell that
+            relabels it.
+        appearance_min_recall: the table is used only if it catches at least this share of
+            held-out inter-row vegetation at that operating point.
+        appearance_min_pixels: fewest pseudo-labelled pixels per class and half.
+        appearance_radius_m: the table's weed-likeness is averaged over the vegetation within
+            this distance (a square window), so that single pixels of a crop leaf with an odd
+            colour stay crop while a weed plant, a patch of such pixels, becomes weed.
     """
 
     min_row_spacing_m: float = 0.2
@@ -130,6 +155,13 @@ class LabelFreeConfig:
     ndvi_range: tuple[float, float] = (0.15, 0.7)
     sample_windows: int = 9
     sample_side_px: int = 768
+    appearance: bool = True
+    appearance_bins: tuple[int, int, int] = (24, 24, 1)
+    appearance_max_loss: float = 0.01
+    appearance_min_ratio: float = 4.0
+    appearance_min_recall: float = 0.2
+    appearance_min_pixels: int = 200
+    appearance_radius_m: float = 0.04
 
     def __post_init__(self) -> None:
         if not 0 < self.min_row_spacing_m < self.max_row_spacing_m:
@@ -166,6 +198,8 @@ class LabelFreeParams:
     health_spread: tuple[float, ...]
     health_px: int
     disease_sensitivity: float
+    appearance: AppearanceTable | None = None
+    appearance_px: int = 0
 
 
 def _ramp(z: np.ndarray) -> np.ndarray:
@@ -264,7 +298,7 @@ class LabelFreeSegmenter:
 
         rows = self._rows(vegs, gsd, n_veg, n_valid, warnings, survey.path, info)
         row_half = leaf = attach = 0
-        row_thr = row_soft = att_thr = 0.0
+        row_thr = row_soft = att_thr = typical = 0.0
         supports: list[np.ndarray] = []
         if rows is not None:
             reach = min(max(cfg.row_reach_spacings * rows.spacing_m, cfg.row_reach_min_m),
@@ -300,13 +334,60 @@ class LabelFreeSegmenter:
             health=health_name, health_centre=centre, health_spread=spread, health_px=health_px,
             disease_sensitivity=cfg.disease_sensitivity,
         )
+        if rows is not None:
+            if cfg.appearance:
+                table, info["appearance"] = self._appearance(windows, vegs, supports, typical,
+                                                             params)
+                params = replace(params, appearance=table, appearance_px=max(
+                    0, round(cfg.appearance_radius_m / gsd)) if table is not None else 0)
+                info["appearance"]["radius_m"] = round(params.appearance_px * gsd, 3)
+            else:
+                info["appearance"] = {"used": False, "reason": "disabled in the configuration"}
         halo = leaf + health_px + 1
         if rows is not None:
             halo += support_reach(row_half) + attach
+        halo = max(halo, params.appearance_px)
         info["halo_px"] = halo
         for w in warnings:
             log.info("%s", w)
         return Prepared(params, halo=halo, info=info, warnings=tuple(warnings))
+
+    def _appearance(
+        self,
+        windows: list[tuple[np.ndarray, np.ndarray, int, int]],
+        vegs: list[np.ndarray],
+        supports: list[np.ndarray],
+        typical: float,
+        params: LabelFreeParams,
+    ) -> tuple[AppearanceTable | None, dict[str, Any]]:
+        """Colour table of crop vs weed from the row rule's confident pseudo-labels.
+
+        Crop: plant interiors whose along-row support reaches the field's median (the body of
+        the rows). Weed: plant interiors the row rule calls weed outright (``p_row == 0``: well
+        below the threshold and not attached to a row). Interior = vegetation whose 8
+        neighbours are vegetation too: margins are mixed with soil, and as small weeds are
+        mostly margin, the table would otherwise learn "mixed with soil" as the weed colour
+        and call the edges of crop rows weed.
+        """
+        cfg = self.config
+        parts: dict[str, list[list[np.ndarray]]] = {"crop": [], "weed": []}
+        for (pix, _, r0, c0), m, s in zip(windows, vegs, supports, strict=True):
+            pure = ndimage.binary_erosion(m, _EIGHT)
+            p_row = self._row_probability(s, m, params)
+            test = app.heldout(r0, c0, m.shape)
+            fs = app.features(pix, params.dark_eps)
+            for name, sel in (("crop", pure & (s >= typical)), ("weed", pure & (p_row == 0))):
+                parts[name].append([x[sel] for x in fs] + [test[sel]])
+        crop, weed = ([np.concatenate(c) for c in zip(*parts[k], strict=True)]
+                      for k in ("crop", "weed"))
+        table, info = app.fit(
+            tuple(crop[:3]), tuple(weed[:3]), crop[3], weed[3], bins=cfg.appearance_bins,
+            max_loss=cfg.appearance_max_loss, min_ratio=cfg.appearance_min_ratio,
+            min_recall=cfg.appearance_min_recall, min_pixels=cfg.appearance_min_pixels)
+        names = (f"{self.roles[0]} chroma", f"{self.roles[1]} chroma", "brightness")
+        info["features"] = [f for f, n in zip(names, cfg.appearance_bins, strict=True) if n > 1]
+        log.info("appearance table: %s", info)
+        return table, info
 
     def _sample(self, survey: SurveyRaster) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
         """Read up to ``sample_windows`` full-resolution windows spread over the valid area."""
@@ -515,6 +596,7 @@ class LabelFreeSegmenter:
             core = _inner(m)
             vi, health, _, _ = self._features(pixels[i], p.dark_eps)
             ok = valid[i]
+            like: np.ndarray | None = None
             z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
             p_veg = _ramp(z_veg)
             if p.rows:
@@ -528,6 +610,19 @@ class LabelFreeSegmenter:
                     s = ndimage.maximum_filter(s, size=2 * p.leaf_px + 1, mode="nearest")
                 s = s[_inner(min(p.leaf_px, max(m - p.attach_px, 0)))]
                 p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
+                if p.appearance is not None:
+                    r = p.appearance_px
+                    near = _inner(max(m - r, 0))
+                    level = app.weed_likeness(pixels[(i, slice(None), *near)], p.dark_eps,
+                                              p.appearance)
+                    # The table knows plant interiors only (it was fitted on them): a leaf
+                    # margin mixed with soil looks like nothing in it, so margins take the
+                    # mean of the interior pixels around them and have no say themselves.
+                    pure = _interior(veg, m - r)
+                    level = np.where(pure, level, np.uint8(0))
+                    if r > 0:
+                        level = _box_mean(level, pure, r)[_inner(min(r, m))]
+                    like = level.astype(np.float32) / np.float32(255)
             else:
                 p_row = np.ones(p_veg.shape, np.float32)
             near = _inner(max(m - p.health_px, 0))
@@ -545,6 +640,12 @@ class LabelFreeSegmenter:
             np.multiply(plant_row, 1 - p_dis, out=o[1])
             np.subtract(p_veg, plant_row, out=o[2])
             np.multiply(plant_row, p_dis, out=o[3])
+            if like is not None:
+                # Row vegetation that looks like this survey's inter-row weeds is weed; the
+                # health rule goes first, since discoloured crop can look like a weed species.
+                moved = o[1] * like
+                o[1] -= moved
+                o[2] += moved
         return out
 
     @staticmethod
@@ -577,6 +678,21 @@ def _inner(margin: int) -> tuple[slice, slice]:
     """Slices that drop ``margin`` pixels from every side of a 2D array."""
     cut = slice(margin, -margin or None)
     return cut, cut
+
+
+_EIGHT = np.ones((3, 3), bool)
+
+
+def _interior(veg: np.ndarray, margin: int) -> np.ndarray:
+    """Vegetation whose 8 neighbours are vegetation, on ``veg[_inner(max(margin, 0))]``.
+
+    Exact wherever the one-pixel neighbourhood lies in ``veg``; beyond the array the
+    neighbours count as vegetation (only pixels the caller discards see that).
+    """
+    margin = max(margin, 0)
+    extra = min(margin, 1)
+    er = ndimage.binary_erosion(veg[_inner(margin - extra)], _EIGHT, border_value=1)
+    return er[_inner(extra)]
 
 
 def _starts(n: int, side: int) -> list[int]:

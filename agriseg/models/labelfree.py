@@ -40,8 +40,8 @@ Probabilities: each decision has a linear ramp around its threshold (``p = 0.5``
 threshold, 1 one softness away), and class scores are the tree's joint probabilities:
 ``soil = 1 - p_veg``, ``weed = p_veg (1 - p_row)``, ``crop = p_veg p_row (1 - p_dis)``,
 ``disease = p_veg p_row p_dis``; then the weed-likeness of the colour moves that share of the
-crop score to weed (disease keeps its score: discoloured crop can look like a weed species). All neighbourhood sums are integer, so tiles match a
-whole-raster run bit for bit.
+crop score to weed (disease keeps its score: discoloured crop can look like a weed species).
+All neighbourhood sums are integer, so tiles match a whole-raster run bit for bit.
 """
 
 from __future__ import annotations
@@ -619,10 +619,11 @@ class LabelFreeSegmenter:
                     # margin mixed with soil looks like nothing in it, so margins take the
                     # mean of the interior pixels around them and have no say themselves.
                     pure = _interior(veg, m - r)
-                    level = np.where(pure, level, np.uint8(0))
                     if r > 0:
-                        level = _box_mean(level, pure, r)[_inner(min(r, m))]
-                    like = level.astype(np.float32) / np.float32(255)
+                        like = _pure_mean(level, pure, r)[_inner(min(r, m))]
+                    else:
+                        like = np.where(pure, level, np.uint8(0)).astype(np.float32)
+                    like /= np.float32(255)
             else:
                 p_row = np.ones(p_veg.shape, np.float32)
             near = _inner(max(m - p.health_px, 0))
@@ -683,6 +684,32 @@ def _inner(margin: int) -> tuple[slice, slice]:
 _EIGHT = np.ones((3, 3), bool)
 
 
+def _pure_mean(level: np.ndarray, pure: np.ndarray, radius: int) -> np.ndarray:
+    """Mean uint8 ``level`` of the ``pure`` pixels in a square window (0 where there are none).
+
+    Exact integer sums like :func:`_box_mean`, but level sum and pixel count share one int32
+    (count in the low 8 bits) and the window is a sum of shifted slices: for the few-pixel
+    radii used here that is ~10x cheaper than two passes of ``correlate1d`` per array.
+    """
+    if (2 * radius + 1) ** 2 > 255:
+        raise ValueError(f"radius {radius} too large for the packed window sum")
+    packed = np.where(pure, (level.astype(np.int32) << 8) | 1, 0).astype(np.int32)
+    k = 2 * radius + 1
+    h, w = packed.shape
+    pad = np.zeros((h + 2 * radius, w + 2 * radius), np.int32)
+    pad[radius:radius + h, radius:radius + w] = packed
+    cols = pad[:, 0:w].copy()
+    for j in range(1, k):
+        cols += pad[:, j:j + w]
+    tot = cols[0:h].copy()
+    for i in range(1, k):
+        tot += cols[i:i + h]
+    n = (tot & 0xFF).astype(np.float32)
+    out = np.zeros((h, w), np.float32)
+    np.divide((tot >> 8).astype(np.float32), n, out=out, where=n > 0)
+    return out
+
+
 def _interior(veg: np.ndarray, margin: int) -> np.ndarray:
     """Vegetation whose 8 neighbours are vegetation, on ``veg[_inner(max(margin, 0))]``.
 
@@ -691,8 +718,15 @@ def _interior(veg: np.ndarray, margin: int) -> np.ndarray:
     """
     margin = max(margin, 0)
     extra = min(margin, 1)
-    er = ndimage.binary_erosion(veg[_inner(margin - extra)], _EIGHT, border_value=1)
-    return er[_inner(extra)]
+    v = veg[_inner(margin - extra)]
+    # Separable 3 x 3 erosion with slice ANDs: scipy's binary_erosion costs 5x as much here.
+    a = v.copy()
+    a[:, 1:] &= v[:, :-1]
+    a[:, :-1] &= v[:, 1:]
+    b = a.copy()
+    b[1:] &= a[:-1]
+    b[:-1] &= a[1:]
+    return b[_inner(extra)]
 
 
 def _starts(n: int, side: int) -> list[int]:

@@ -398,7 +398,7 @@ class LabelFreeSegmenter:
         h, w = survey.grid.shape_yx
         side = self.config.sample_side_px
         wh, ww = min(side, h), min(side, w)
-        _, ov_valid, factor = read_overview(survey, self.roles[:1], 256)
+        _, ov_valid, factor = read_overview(survey, self.roles[:1])
         cands: list[tuple[float, int, int]] = []
         for r0 in _starts(h, wh):
             for c0 in _starts(w, ww):

@@ -1,0 +1,44 @@
+"""Decimated whole-raster reads: one decode pass, the same pixels as sampling a full read."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+import agriseg.raster as raster
+from agriseg.raster import open_survey, read_overview
+from tests.conftest import write_rgba
+
+
+@pytest.mark.parametrize("budget", [raster.SAMPLED_READ_BYTES, 4 * 16 * 64])
+def test_sampled_read_matches_full_read(tmp_path: Path, budget: int,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (3, 333, 517), dtype=np.uint8)
+    path = write_rgba(tmp_path / "r.tif", rgb, block=16)
+    monkeypatch.setattr(raster, "SAMPLED_READ_BYTES", budget)  # forces column windows too
+    got = raster._sampled_read(str(path), [1, 3, 4], (41, 70))
+    with rasterio.open(path) as ds:
+        full = ds.read([1, 3, 4])
+    rows = np.minimum(((np.arange(41) + 0.5) * 333 / 41).astype(int), 332)
+    cols = np.minimum(((np.arange(70) + 0.5) * 517 / 70).astype(int), 516)
+    assert np.array_equal(got, full[:, rows][:, :, cols])
+
+
+def test_overview_is_read_once_and_reduced(tmp_path: Path) -> None:
+    rgb = np.zeros((3, 300, 400), np.uint8)
+    rgb[1, :, 200:] = 200
+    valid = np.ones((300, 400), bool)
+    valid[:, :40] = False
+    survey = open_survey(write_rgba(tmp_path / "r.tif", rgb, valid, block=16))
+    big, big_valid, f_big = read_overview(survey, ("green",), 200)
+    small, small_valid, f_small = read_overview(survey, ("red", "green"), 50)
+    assert big.shape == (1, 150, 200) and f_big == pytest.approx(2.0)
+    assert small.shape == (2, 38, 50) and f_small == pytest.approx(8.0)
+    # Any valid pixel keeps a cell valid; values average valid pixels only.
+    assert small_valid[:, 5:].all() and not small_valid[:, :2].any()
+    assert small[1, :, -1] == pytest.approx(200 / 255)
+    assert big_valid[:, 20:].all() and not big_valid[:, :20].any()

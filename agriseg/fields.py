@@ -30,12 +30,13 @@ import numpy as np
 import pandas as pd
 import rasterio
 import shapely
-from rasterio.features import rasterize
 from rasterio.windows import Window
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError, VectorError
+from agriseg.fieldchunk import HIST_BINS, INDEX_RANGE, FieldTask, field_chunk
 from agriseg.grid import Grid
+from agriseg.pool import ordered_map
 from agriseg.vectorize import (
     aligned_chunk,
     chunk_windows,
@@ -46,9 +47,6 @@ from agriseg.vectorize import (
 
 log = logging.getLogger(__name__)
 
-HIST_BINS = 1000
-INDEX_RANGE: dict[str, tuple[float, float]] = {"exg": (-1.0, 2.0)}
-"""Histogram range per index; the default is -1..1 (normalised differences, VARI, GLI)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +241,7 @@ def summarize_fields(
     indices: dict[str, Path] | None = None,
     zones: gpd.GeoDataFrame | None = None,
     chunk: int = 2048,
+    workers: int | None = None,
 ) -> gpd.GeoDataFrame:
     """Per-field class areas, index statistics, risk measures and a health score.
 
@@ -253,6 +252,8 @@ def summarize_fields(
         indices: index name -> float32 raster on the same grid (NaN nodata).
         zones: zones with a ``field_id`` column, for the zone count per field.
         chunk: chunk edge in pixels.
+        workers: worker processes for the per-chunk counts besides this one (0 = none);
+            default :func:`agriseg.pool.post_workers`. The result does not depend on it.
 
     Returns:
         One row per field (outside ones included), sorted by ``rank`` (1 = lowest health).
@@ -272,26 +273,34 @@ def summarize_fields(
     sums = {name: np.zeros(n + 1, np.float64) for name in indices}
     with rasterio.open(classes_tif) as ds:
         grid = grid_of(ds)
-        row_area = _row_pixel_area(grid)
-        px_area = grid.pixel_area_m2
         step = aligned_chunk(ds, chunk)
-        idx_ds = {name: rasterio.open(path) for name, path in indices.items()}
-        try:
-            for win in chunk_windows(grid.height, grid.width, step):
-                _accumulate(ds, idx_ds, win, grid, geoms, trees, lut, k, row_area,
-                            counts, hist, sums)
-        finally:
-            for d in idx_ds.values():
-                d.close()
+    for path in indices.values():
+        rasterio.open(path).close()  # fail on a missing index before handing out chunks
+    row_area = _row_pixel_area(grid)
+    px_area = grid.pixel_area_m2
+    wins = list(chunk_windows(grid.height, grid.width, step))
+    tasks = (_field_task(os.fspath(classes_tif), indices, win, grid, geoms, trees, lut, k,
+                         row_area) for win in wins)
+    for fc in ordered_map(field_chunk, tasks, workers):
+        if fc is None:
+            continue
+        for c in fc.counts:
+            counts += c
+        for name, hs in fc.hist.items():
+            for x in hs:
+                hist[name] += x
+        for name, ss in fc.sums.items():
+            for x in ss:
+                sums[name] += x
     area_px = counts.reshape(n + 1, k + 1)[1:]
     if row_area is None:
         area_px = area_px * px_area
     return _table(fieldset, schema, area_px, hist, sums, zones, grid)
 
 
-def _accumulate(
-    ds: rasterio.DatasetReader,
-    idx_ds: dict[str, rasterio.DatasetReader],
+def _field_task(
+    classes_tif: str,
+    indices: dict[str, Path],
     win: Window,
     grid: Grid,
     geoms: np.ndarray,
@@ -299,48 +308,24 @@ def _accumulate(
     lut: np.ndarray,
     k: int,
     row_area: np.ndarray | None,
-    counts: np.ndarray,
-    hist: dict[str, np.ndarray],
-    sums: dict[str, np.ndarray],
-) -> None:
+) -> FieldTask:
+    """The fields touching ``win``, per layer, and what a worker needs to count them."""
     h, w = int(win.height), int(win.width)
     tr = grid.window_transform(win)
     left, top = tr.c, tr.f
     right, bottom = tr.c + tr.a * w, tr.f + tr.e * h
     cbox = shapely.box(min(left, right), min(top, bottom), max(left, right), max(top, bottom))
-    cls = None
+    layers = []
     for members, tree in trees:
         hits = members[tree.query(cbox, predicate="intersects")]
-        if len(hits) == 0:
-            continue
-        fid = rasterize(
-            zip(geoms[hits], hits + 1, strict=True), out_shape=(h, w), transform=tr, fill=0,
-            dtype=_code_dtype(len(geoms), k),
-        ).ravel()
-        if cls is None:
-            # Read once per chunk, whatever the number of field layers.
-            cls = lut[ds.read(1, window=win)].ravel()
-            idx_vals = {name: d.read(1, window=win).ravel() for name, d in idx_ds.items()}
-            weights = (np.repeat(row_area[int(win.row_off): int(win.row_off) + h], w)
-                       if row_area is not None else None)
-        if idx_vals:
-            valid = (cls < k) & (fid > 0)
-            for name, vals in idx_vals.items():
-                ok = valid & np.isfinite(vals)
-                v, f = vals[ok], fid[ok].astype(np.int64)
-                lo, hi = INDEX_RANGE.get(name, (-1.0, 1.0))
-                b = np.clip(((v - lo) / (hi - lo) * HIST_BINS).astype(np.int64), 0,
-                            HIST_BINS - 1)
-                hist[name] += np.bincount(f * HIST_BINS + b, minlength=hist[name].size)
-                sums[name] += np.bincount(f, weights=v, minlength=sums[name].size)
-        # One bincount over field_id * (k + 1) + class for every pixel of the chunk: pixels
-        # outside all fields land in field 0's bins (dropped by the caller), which is cheaper
-        # than selecting the pixels inside fields. In place on the ids (a dtype that holds the
-        # largest code): no temporaries.
-        code = fid
-        code *= k + 1
-        code += cls
-        counts += np.bincount(code, minlength=counts.size, weights=weights)
+        if len(hits):
+            layers.append((geoms[hits], hits + 1))
+    r0 = int(win.row_off)
+    return FieldTask(
+        classes_tif, {name: os.fspath(p) for name, p in indices.items()},
+        (r0, int(win.col_off), h, w), tr, layers, lut, k, len(geoms), _code_dtype(len(geoms), k),
+        None if row_area is None else row_area[r0:r0 + h],
+    )
 
 
 def _code_dtype(n_fields: int, k: int) -> str:

@@ -38,14 +38,14 @@ from pyproj.database import query_utm_crs_info
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
-from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError, RasterError
 from agriseg.grid import Grid
-from agriseg.trace import label_boxes, trace_labels
+from agriseg.pool import ordered_map
+from agriseg.zonechunk import ScanTask, ZoneIdTask, scan_chunk, zone_id_chunk
 
 log = logging.getLogger(__name__)
 
@@ -137,53 +137,6 @@ def pixel_to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:
     return shapely.transform(geoms, lambda xy: xy @ np.array([[a, d], [b, e]]) + np.array([c, f]))
 
 
-def _disk(radius: int) -> np.ndarray:
-    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
-    return (xx * xx + yy * yy) <= radius * radius
-
-
-def _read_risk(
-    ds: rasterio.DatasetReader,
-    win: Window,
-    risk_values: np.ndarray,
-    nodata: int,
-    radius: int,
-) -> np.ndarray:
-    """At-risk class values + 1 in ``win`` (0 elsewhere), closed per class.
-
-    Values are stored + 1 so that an at-risk class 0 stays distinct from "no zone"; the
-    closing uses a disk of ``radius`` pixels.
-    """
-    if radius == 0:
-        cls = ds.read(1, window=win)
-        lut = np.zeros(256, np.uint8)
-        lut[risk_values] = risk_values + 1
-        return lut[cls]
-    halo = 2 * radius  # closing = dilation then erosion: each reaches ``radius`` pixels
-    r0, c0 = max(0, win.row_off - halo), max(0, win.col_off - halo)
-    r1 = min(ds.height, win.row_off + win.height + halo)
-    c1 = min(ds.width, win.col_off + win.width + halo)
-    cls = ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))
-    out = np.zeros(cls.shape, np.uint8)
-    valid = cls != nodata
-    disk = _disk(radius)
-    for v in risk_values:
-        m = cls == v
-        if not m.any():
-            continue
-        closed = ndimage.binary_closing(m, structure=disk) | m
-        # Closing only fills valid gaps: it never paints zones over nodata.
-        out[closed & valid] = v + 1
-    ys = slice(win.row_off - r0, win.row_off - r0 + win.height)
-    xs = slice(win.col_off - c0, win.col_off - c0 + win.width)
-    return out[ys, xs]
-
-
-# 4-connectivity, as ``shapes(connectivity=4)`` traces: pixels that touch only at a corner are
-# separate patches.
-_CROSS = ndimage.generate_binary_structure(2, 1)
-
-
 def row_pixel_areas(grid: Grid) -> np.ndarray | None:
     """Ground area of a pixel in each row for a geographic CRS (None: constant area).
 
@@ -203,44 +156,6 @@ def row_pixel_areas(grid: Grid) -> np.ndarray | None:
     s = np.sin(lat)
     q = (1 - e2) * (s / (1 - e2 * s * s) - np.log((1 - e * s) / (1 + e * s)) / (2 * e))
     return a * a / 2 * np.abs(np.diff(q)) * math.radians(abs(t.a))
-
-
-def _label_chunk(risk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Patches of one chunk: int32 labels, each label's value (+1) and the labelled pixels.
-
-    One ``ndimage.label`` over all at-risk pixels (labelling each class on its own costs one
-    full-chunk pass per class); components where weed and disease touch are then labelled
-    again per class inside their own bounding box, so touching classes stay separate patches,
-    as ``shapes`` keeps distinct values apart. Their old labels are left without pixels.
-
-    Returns:
-        ``lab`` (0 = none), ``vals`` (index = label, 0 for unused labels), ``sel`` (flat indices
-        of labelled pixels, ascending) and ``ls`` (their labels).
-    """
-    lab, n = ndimage.label(risk, structure=_CROSS)
-    flat = lab.ravel()
-    sel = np.flatnonzero(risk)  # labelled = at risk; uint8 scans 4x faster than the int32 labels
-    ls = flat[sel]
-    rv = risk.ravel()[sel]
-    vals = np.zeros(n + 1, np.uint8)
-    vals[ls] = rv
-    mixed = np.unique(ls[rv != vals[ls]])
-    if len(mixed):
-        b = label_boxes(sel, ls, mixed, n, risk.shape[1])
-        for m, r0, r1, c0, c1 in zip(mixed.tolist(), b.r0.tolist(), b.r1.tolist(),
-                                     b.c0.tolist(), b.c1.tolist(), strict=True):
-            ys, xs = slice(r0, r1 + 1), slice(c0, c1 + 1)
-            sub_lab, sub_risk = lab[ys, xs], risk[ys, xs]  # views: relabelled in place
-            inside = sub_lab == m
-            for v in np.unique(sub_risk[inside]).tolist():
-                part = inside & (sub_risk == v)
-                lv, k = ndimage.label(part, structure=_CROSS)
-                sub_lab[part] = lv[part] + n
-                n += k
-        ls = flat[sel]
-        vals = np.zeros(n + 1, np.uint8)
-        vals[ls] = rv
-    return lab, vals, sel, ls
 
 
 def _fill_small_holes(geoms: np.ndarray, min_area: float) -> np.ndarray:
@@ -313,25 +228,34 @@ def _edge_pairs(a_lab: np.ndarray, a_val: np.ndarray, b_lab: np.ndarray,
 
 
 def _scan(
-    ds: rasterio.DatasetReader,
-    conf_ds: rasterio.DatasetReader | None,
+    classes_tif: str,
+    confidence_tif: str | None,
     grid: Grid,
     chunk: int,
     values: np.ndarray,
     nodata: int,
     radius: int,
     min_px_area: float,
+    workers: int | None,
 ) -> _Scan:
     """One pass over the mask: label patches, count their pixels, trace the big ones.
 
-    A patch's size is only known once its pieces in every chunk are merged, so a piece is
-    traced (``shapes``) when its chunk label is complete and big enough, or when it touches an
-    inner chunk border (it may grow). Areas are pixel counts in a projected CRS and square
-    metres (ellipsoidal pixel areas) in a geographic one; ``min_px_area`` is in the same unit.
+    The chunks are labelled and traced by :func:`agriseg.zonechunk.scan_chunk` (in worker
+    processes, see :mod:`agriseg.pool`); here their tables are concatenated in chunk order and
+    their labels joined across chunk borders. A patch's size is only known once its pieces in
+    every chunk are merged, so a piece is traced when it is big enough on its own or when it
+    touches an inner chunk border (it may grow). Areas are pixel counts in a projected CRS and
+    square metres (ellipsoidal pixel areas) in a geographic one; ``min_px_area`` is in the
+    same unit.
     """
     height, width = grid.height, grid.width
     row_area = row_pixel_areas(grid)
-    px_area = 1.0 if row_area is None else None
+    wins = [(int(w.row_off), int(w.col_off), int(w.height), int(w.width))
+            for w in chunk_windows(height, width, chunk)]
+    tasks = (ScanTask(classes_tif, confidence_tif, win, (height, width), values, nodata, radius,
+                      None if row_area is None else row_area[win[0]:win[0] + win[2]],
+                      min_px_area)
+             for win in wins)
     value_t: list[np.ndarray] = [np.zeros(1, np.uint8)]
     pixels_t: list[np.ndarray] = []
     conf_sum_t: list[np.ndarray] = []
@@ -351,12 +275,10 @@ def _scan(
     left_lab: np.ndarray | None = None
     left_val: np.ndarray | None = None
     base = 0
-    for i_chunk, win in enumerate(chunk_windows(height, width, chunk)):
-        r0, c0, h, w = int(win.row_off), int(win.col_off), int(win.height), int(win.width)
+    for i_chunk, ((r0, c0, _, w), cs) in enumerate(
+            zip(wins, ordered_map(scan_chunk, tasks, workers), strict=True)):
         bases.append(base)
-        risk = _read_risk(ds, win, values - 1, nodata, radius)
-        lab, vals, sel, ls = _label_chunk(risk)
-        n = len(vals) - 1
+        n = len(cs.value) - 1
         if n == 0:
             top_lab[c0:c0 + w] = 0
             top_val[c0:c0 + w] = 0
@@ -366,52 +288,25 @@ def _scan(
         def glob(x: np.ndarray, b: int = base) -> np.ndarray:
             return np.where(x > 0, x.astype(np.int64) + b, 0)
 
-        pixels = np.bincount(ls, minlength=n + 1)
-        area: np.ndarray
-        if row_area is None:
-            assert px_area is not None  # set whenever row_area is None
-            area = pixels * px_area
-        else:
-            area = np.bincount(ls, weights=row_area[r0 + sel // w], minlength=n + 1)
-        conf_sum: np.ndarray
-        conf_n: np.ndarray
-        if conf_ds is not None:
-            conf = conf_ds.read(1, window=win).ravel()[sel]
-            ok = conf != 255
-            conf_sum = np.bincount(ls[ok], weights=conf[ok], minlength=n + 1)
-            conf_n = np.bincount(ls[ok], minlength=n + 1)
-        else:
-            conf_sum = conf_n = np.zeros(n + 1)
-        value_t.append(vals[1:])
-        pixels_t.append(pixels[1:])
-        area_t.append(area[1:])
-        conf_sum_t.append(conf_sum[1:])
-        conf_n_t.append(conf_n[1:])
+        value_t.append(cs.value[1:])
+        pixels_t.append(cs.pixels[1:])
+        area_t.append(cs.area[1:])
+        conf_sum_t.append(cs.conf_sum[1:])
+        conf_n_t.append(cs.conf_n[1:])
+        e_top, e_bottom, e_left, e_right = cs.edges
+        v_top, v_bottom, v_left, v_right = cs.edge_values
         if r0 > 0:
-            pairs.append(_edge_pairs(top_lab[c0:c0 + w], top_val[c0:c0 + w], glob(lab[0]),
-                                     risk[0]))
+            pairs.append(_edge_pairs(top_lab[c0:c0 + w], top_val[c0:c0 + w], glob(e_top), v_top))
         if c0 > 0 and left_lab is not None:
             assert left_val is not None  # set together with left_lab
-            pairs.append(_edge_pairs(left_lab, left_val, glob(lab[:, 0]), risk[:, 0]))
-        # Pieces on an inner chunk edge may belong to a bigger patch: trace them all.
-        open_ = np.zeros(n + 1, bool)
-        for inner, edge in ((r0 > 0, lab[0]), (r0 + h < height, lab[-1]),
-                            (c0 > 0, lab[:, 0]), (c0 + w < width, lab[:, -1])):
-            if inner:
-                open_[edge] = True
-        trace = (open_ | (area >= min_px_area)) & (pixels > 0)
-        trace[0] = False
-        if trace.any():
-            boxes = label_boxes(sel, ls, np.flatnonzero(trace), n, w)
-            polys, labels = trace_labels(lab, boxes, r0, c0)
-            pieces.append(polys)
-            piece_label.append(labels + base)
-            traced.append((boxes.labels + base, np.full(len(boxes.labels), i_chunk),
-                           np.stack([boxes.r0, boxes.r1, boxes.c0, boxes.c1], axis=1),
-                           boxes.seed))
-        top_lab[c0:c0 + w] = glob(lab[-1])
-        top_val[c0:c0 + w] = risk[-1]
-        left_lab, left_val = glob(lab[:, -1]), risk[:, -1]
+            pairs.append(_edge_pairs(left_lab, left_val, glob(e_left), v_left))
+        if len(cs.traced):
+            pieces.append(cs.polys)
+            piece_label.append(cs.poly_label + base)
+            traced.append((cs.traced + base, np.full(len(cs.traced), i_chunk), cs.box, cs.seed))
+        top_lab[c0:c0 + w] = glob(e_bottom)
+        top_val[c0:c0 + w] = v_bottom
+        left_lab, left_val = glob(e_right), v_right
         base += n
     bases.append(base)
     n_lab = base + 1
@@ -448,6 +343,7 @@ def vectorize_zones(
     confidence_tif: str | os.PathLike[str] | None = None,
     fields: gpd.GeoDataFrame | None = None,
     zone_raster: str | os.PathLike[str] | None = None,
+    workers: int | None = None,
 ) -> gpd.GeoDataFrame:
     """Polygons of the at-risk classes of a class mask.
 
@@ -466,6 +362,8 @@ def vectorize_zones(
         fields: field polygons in the raster CRS with a ``field_id`` column; each zone gets
             the id of the field holding its centroid (or its representative point).
         zone_raster: where to write a uint32 tiled GeoTIFF of zone ids (0 = no zone).
+        workers: worker processes for the per-chunk work besides this one (0 = none);
+            default :func:`agriseg.pool.post_workers`. The result does not depend on it.
 
     Returns:
         Zones in the raster CRS, largest first, columns :data:`ZONE_COLUMNS` + geometry.
@@ -492,12 +390,12 @@ def vectorize_zones(
         unit = 1.0 if geographic else _pixel_area_m2(grid)
         slack = 1e-2 if geographic else 1e-6
         min_px = p.min_area_m2 * (1 - slack) / unit
-        conf_ds = rasterio.open(confidence_tif) if confidence_tif is not None else None
-        try:
-            scan = _scan(ds, conf_ds, grid, chunk, values, schema.nodata, radius, min_px)
-        finally:
-            if conf_ds is not None:
-                conf_ds.close()
+    if confidence_tif is not None:
+        # Opened here once so that a missing file fails before any chunk is handed out.
+        rasterio.open(confidence_tif).close()
+    scan = _scan(os.fspath(classes_tif),
+                 None if confidence_tif is None else os.fspath(confidence_tif),
+                 grid, chunk, values, schema.nodata, radius, min_px, workers)
     root = scan.root
     n_comp = int(root.max()) + 1
     comp_area = np.bincount(root, weights=scan.area, minlength=n_comp)
@@ -552,7 +450,7 @@ def vectorize_zones(
     conf_n = np.bincount(root, weights=scan.conf_n, minlength=n_comp)[comps]
     if zone_raster is not None:
         _write_zone_raster(classes_tif, zone_raster, label_zone, scan.traced, scan.value,
-                           values, schema.nodata, radius, chunk)
+                           values, schema.nodata, radius, chunk, workers)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
     simplify_px = 1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m
@@ -610,13 +508,14 @@ def _write_zone_raster(
     nodata: int,
     radius: int,
     chunk: int,
+    workers: int | None,
 ) -> None:
     """Write zone ids chunk by chunk, finding each kept piece's pixels again.
 
     Each kept piece is labelled again inside its bounding box only (its class, from its
-    first pixel), which costs far less than labelling whole chunks or keeping every chunk's
-    labels; rasterising the polygons back would burn in the filled holes. Chunks without a
-    kept zone are skipped (sparse, read as 0).
+    first pixel, see :func:`agriseg.zonechunk.zone_id_chunk`), which costs far less than
+    labelling whole chunks or keeping every chunk's labels; rasterising the polygons back
+    would burn in the filled holes. Chunks without a kept zone are skipped (sparse, read as 0).
     """
     zone_raster = Path(zone_raster)
     tmp = zone_raster.with_name(f".{zone_raster.stem}.partial.tif")
@@ -628,37 +527,36 @@ def _write_zone_raster(
     value = label_value[traced.label[keep][by_chunk]]
     with rasterio.open(classes_tif) as src:
         prof = src.profile
-        # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
-        # several times faster than DEFLATE.
-        prof.update(dtype="uint32", nodata=0, count=1, compress="zstd", zstd_level=1,
-                    predictor=2, tiled=True, sparse_ok=True, BIGTIFF="IF_SAFER")
-        prof.pop("photometric", None)
-        try:
-            dst = rasterio.open(tmp, "w", **prof)
-        except RasterioError as exc:
-            raise OutputError(f"{zone_raster}: cannot create the zone raster ({exc})") from exc
-        try:
-            with dst:
-                for i, win in enumerate(chunk_windows(src.height, src.width, chunk)):
-                    lo, hi = np.searchsorted(chunk_of, [i, i + 1])
-                    if lo == hi:
-                        continue
-                    risk = _read_risk(src, win, values - 1, nodata, radius)
-                    out = np.zeros(risk.shape, np.uint32)
-                    w = risk.shape[1]
-                    for z, (r0, r1, c0, c1), sd, v in zip(
-                            zone[lo:hi].tolist(), box[lo:hi].tolist(), seed[lo:hi].tolist(),
-                            value[lo:hi].tolist(), strict=True):
-                        ys, xs = slice(r0, r1 + 1), slice(c0, c1 + 1)
-                        lc, _ = ndimage.label(risk[ys, xs] == v, structure=_CROSS)
-                        # The piece is the component holding its first pixel.
-                        piece = lc == lc[sd // w - r0, sd % w - c0]
-                        out[ys, xs][piece] = z
-                    dst.write(out, 1, window=win)
-                dst.set_band_description(1, "zone id (0 = no zone); see zone_id in zones.gpkg")
-        except RasterioError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{zone_raster}: writing zone ids failed ({exc})") from exc
+        wins = list(chunk_windows(src.height, src.width, chunk))
+    todo: list[tuple[Window, ZoneIdTask]] = []
+    for i, win in enumerate(wins):
+        lo, hi = np.searchsorted(chunk_of, [i, i + 1])
+        if lo < hi:
+            todo.append((win, ZoneIdTask(
+                os.fspath(classes_tif),
+                (int(win.row_off), int(win.col_off), int(win.height), int(win.width)),
+                values, nodata, radius, zone[lo:hi], box[lo:hi], seed[lo:hi], value[lo:hi])))
+    # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
+    # several times faster than DEFLATE.
+    prof.update(dtype="uint32", nodata=0, count=1, compress="zstd", zstd_level=1,
+                predictor=2, tiled=True, sparse_ok=True, BIGTIFF="IF_SAFER")
+    prof.pop("photometric", None)
+    try:
+        dst = rasterio.open(tmp, "w", **prof)
+    except RasterioError as exc:
+        raise OutputError(f"{zone_raster}: cannot create the zone raster ({exc})") from exc
+    try:
+        with dst:
+            for (win, _), (idx, ids) in zip(
+                    todo, ordered_map(zone_id_chunk, [t for _, t in todo], workers),
+                    strict=True):
+                out = np.zeros((int(win.height), int(win.width)), np.uint32)
+                out.ravel()[idx] = ids
+                dst.write(out, 1, window=win)
+            dst.set_band_description(1, "zone id (0 = no zone); see zone_id in zones.gpkg")
+    except RasterioError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{zone_raster}: writing zone ids failed ({exc})") from exc
     os.replace(tmp, zone_raster)
 
 

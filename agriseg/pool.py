@@ -1,0 +1,128 @@
+"""Worker processes for the chunked post-processing passes (zones, field summaries).
+
+Per-chunk work (read, label, trace, rasterise, count) is mostly C code that holds the GIL
+(``ndimage.label``, ``rasterize`` and ``shapes`` ran no faster on two threads than on one), so
+extra cores need processes. The post steps run after the Dask cluster is closed, hence a small
+pool of our own: :func:`ordered_map` hands chunks to the workers and computes the others in the
+calling process, so the caller never idles while workers start or are busy, and yields results
+in chunk order (merging in order keeps results identical to a serial run).
+
+Workers are forked (Linux only; elsewhere everything runs in the calling process): they start
+in milliseconds with every module already imported, where ``spawn`` and ``forkserver`` cost a
+second of imports per pool and re-run the caller's main script in each worker (a script or
+notebook without a ``__main__`` guard would break). Forking a process that runs other threads
+can copy a lock in its held state; the post steps run after the Dask cluster is closed, and
+the workers only read rasters and run numpy, scipy, rasterio and shapely on their own chunk
+(no logging, no Dask). The pool is created on first use and kept for the rest of the process
+(zones and summaries share it); set ``AGRISEG_POST_WORKERS=0`` to run everything in the
+calling process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import sys
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_pool: ProcessPoolExecutor | None = None
+_pool_workers = 0
+
+
+def post_workers() -> int:
+    """Worker processes besides the caller: ``AGRISEG_POST_WORKERS``, else usable cores - 1."""
+    env = os.environ.get("AGRISEG_POST_WORKERS")
+    if env is not None and env.strip().isdigit():
+        return int(env)
+    if sys.platform != "linux":
+        return 0  # no safe fork: serial
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(0, cores - 1)
+
+
+def get_pool(workers: int) -> ProcessPoolExecutor | None:
+    """The shared pool with ``workers`` processes (``None`` for 0), started on first use."""
+    global _pool, _pool_workers
+    if workers <= 0:
+        return None
+    if _pool is not None and _pool_workers == workers:
+        return _pool
+    shutdown_pool()
+    ctx = multiprocessing.get_context("fork")
+    _pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    _pool_workers = workers
+    return _pool
+
+
+def shutdown_pool() -> None:
+    """Stop the shared pool's processes (a later :func:`get_pool` starts new ones)."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True, cancel_futures=True)
+        _pool = None
+
+
+atexit.register(shutdown_pool)
+
+
+def ordered_map(fn: Callable[[T], R], items: Iterable[T],
+                workers: int | None = None) -> Iterator[R]:
+    """``fn(item)`` for each item, in order, on the pool's workers and in this process.
+
+    Each worker gets at most two chunks ahead (one running, one queued, so it never waits for
+    the caller); the caller computes the next item itself whenever the workers are full. At
+    most ``4 * (workers + 1)`` results wait to be consumed, so memory stays bounded by a few
+    chunks whatever the raster size. A chunk whose worker died is computed again here.
+
+    Args:
+        fn: a module-level function (it is pickled by reference for the workers).
+        items: picklable arguments.
+        workers: worker processes; default :func:`post_workers`.
+    """
+    n = post_workers() if workers is None else workers
+    pool = get_pool(n)
+    ahead = 2 * n
+    limit = 4 * (n + 1)
+    # (item, its future, or None with the result computed here)
+    queue: deque[tuple[T, Future[R] | None, R | None]] = deque()
+
+    def head() -> R:
+        item, fut, value = queue.popleft()
+        if fut is None:
+            return value  # type: ignore[return-value]  # computed here: fn's result
+        try:
+            return fut.result()
+        except BrokenProcessPool:
+            log.warning("post-processing worker died; computing its chunk in this process")
+            shutdown_pool()
+            return fn(item)
+
+    for item in items:
+        busy = sum(1 for q in queue if q[1] is not None and not q[1].done())
+        pool = _pool if pool is not None else None  # gone after a worker died
+        fut = None
+        if pool is not None and busy < ahead:
+            try:
+                fut = pool.submit(fn, item)
+            except BrokenProcessPool:
+                log.warning("post-processing workers died; continuing in this process")
+                shutdown_pool()
+        queue.append((item, fut, None) if fut is not None else (item, None, fn(item)))
+        while queue and (queue[0][1] is None or queue[0][1].done() or len(queue) >= limit):
+            yield head()
+    while queue:
+        yield head()

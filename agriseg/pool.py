@@ -68,6 +68,15 @@ def get_pool(workers: int) -> ProcessPoolExecutor | None:
     return _pool
 
 
+def worker_pids() -> list[int]:
+    """Process ids of the shared pool's workers (empty when none is running), for monitoring."""
+    if _pool is None:
+        return []
+    # ProcessPoolExecutor has no public list of its processes.
+    procs = getattr(_pool, "_processes", None) or {}
+    return [int(pid) for pid in procs]
+
+
 def shutdown_pool() -> None:
     """Stop the shared pool's processes (a later :func:`get_pool` starts new ones)."""
     global _pool

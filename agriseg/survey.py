@@ -30,6 +30,7 @@ from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
 from agriseg.models.base import Prepared, Segmenter
 from agriseg.output import OutputSpec, TileWriter, finalize_cog
+from agriseg.pool import shutdown_pool
 from agriseg.postprocess import POSTPROCESS_STEPS
 from agriseg.predict import (
     Checkpoint,
@@ -270,13 +271,16 @@ def _process(
         ctx.outputs[spec.name] = Path(f"{spec.name}.tif")
     timings["finalize_s"] = time.perf_counter() - t
 
-    for name, step in POST_STEPS:
-        if name in config.skip:
-            log.info("skipping %s (--skip)", name)
-            continue
-        t = time.perf_counter()
-        step(ctx)
-        timings[f"{name}_s"] = time.perf_counter() - t
+    try:
+        for name, step in POST_STEPS:
+            if name in config.skip:
+                log.info("skipping %s (--skip)", name)
+                continue
+            t = time.perf_counter()
+            step(ctx)
+            timings[f"{name}_s"] = time.perf_counter() - t
+    finally:
+        shutdown_pool()  # the zones/fields worker processes are idle from here on
 
     counts = class_counts(work / "classes.tif", schema)
     timings["total_s"] = time.perf_counter() - t_start

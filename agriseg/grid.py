@@ -82,7 +82,7 @@ class Grid:
 
     def window_transform(self, window: Window) -> Affine:
         """Affine transform of a window's top-left pixel."""
-        return self.transform * Affine.translation(window.col_off, window.row_off)
+        return self.transform @ Affine.translation(window.col_off, window.row_off)
 
     def same_as(self, other: Grid, tol: float = 1e-6) -> bool:
         """True when shapes, CRS and transforms agree (within ``tol`` pixel)."""

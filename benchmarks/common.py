@@ -95,12 +95,19 @@ def vrt_mosaic(tile: Path, n: int, out: Path) -> Path:
 
 
 class PeakRSS:
-    """Samples the summed RSS of a process and all its children (Dask workers included)."""
+    """Samples the summed RSS of a process and all its children (Dask workers included).
+
+    ``peak`` sums RSS, which counts pages shared between processes once per process (shared
+    libraries in every worker, and all of a forked child's pages it still shares with its
+    parent). ``peak_pss`` sums the proportional set size (Linux), which splits shared pages
+    between their processes: the tree's real physical memory.
+    """
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         self.pid = pid
         self.interval = interval
         self.peak = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -109,11 +116,14 @@ class PeakRSS:
             try:
                 root = psutil.Process(self.pid)
                 procs = [root, *root.children(recursive=True)]
-                total = 0
+                total = pss = 0
                 for p in procs:
                     with contextlib.suppress(psutil.Error):
-                        total += p.memory_info().rss
+                        info = p.memory_full_info()
+                        total += info.rss
+                        pss += getattr(info, "pss", info.rss)
                 self.peak = max(self.peak, total)
+                self.peak_pss = max(self.peak_pss, pss)
             except psutil.Error:
                 return
             time.sleep(self.interval)
@@ -129,6 +139,12 @@ class PeakRSS:
 
 def run_measured(cmd: list[str]) -> tuple[float, int, str]:
     """Run a command; return (seconds, peak RSS bytes of its process tree, stderr tail)."""
+    dt, mem, err = run_measured_memory(cmd)
+    return dt, mem.peak, err
+
+
+def run_measured_memory(cmd: list[str]) -> tuple[float, PeakRSS, str]:
+    """Run a command; return (seconds, its process tree's memory sampler, stderr tail)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     with PeakRSS(proc.pid) as mem:
@@ -136,7 +152,7 @@ def run_measured(cmd: list[str]) -> tuple[float, int, str]:
     dt = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"{cmd} failed:\n{err[-2000:]}")
-    return dt, mem.peak, err[-500:]
+    return dt, mem, err[-500:]
 
 
 def read_rate_mp_s(path: Path, bands: list[int] | None = None) -> float:
@@ -157,4 +173,4 @@ def mp(n_px: float) -> str:
 
 
 __all__ = ["CACHE", "PeakRSS", "git_commit", "machine", "mp", "np", "read_rate_mp_s",
-           "run_measured", "synthetic_rgb", "vrt_mosaic"]
+           "run_measured", "run_measured_memory", "synthetic_rgb", "vrt_mosaic"]

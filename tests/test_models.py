@@ -19,8 +19,20 @@ from agriseg.config import build_run_config
 from agriseg.errors import BandError, ConfigError, ModelError
 from agriseg.models import load_segmenter
 from agriseg.models.arch import ARCHITECTURES, build_model, count_parameters, make_spec
-from agriseg.models.bundle import BundleMeta, load_bundle_model, read_bundle, save_bundle
-from agriseg.models.neural import NeuralParams, NeuralSegmenter
+from agriseg.models.bundle import (
+    BundleMeta,
+    bundle_digest,
+    load_bundle_model,
+    read_bundle,
+    save_bundle,
+)
+from agriseg.models.neural import (
+    NeuralParams,
+    NeuralSegmenter,
+    cuda_possible,
+    export_onnx,
+    onnx_cache_path,
+)
 from agriseg.raster import open_survey
 from agriseg.survey import process_survey
 
@@ -157,6 +169,28 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x.onnx").exists() and "max |onnx - torch|" in r.output
+
+
+@pytest.mark.skipif(cuda_possible(), reason="a GPU may be present: PyTorch is then needed")
+def test_cached_onnx_runs_without_importing_torch(tmp_path: Path) -> None:
+    """With a verified ONNX export cached, neither the client nor a worker imports PyTorch."""
+    import subprocess
+    import sys
+
+    bundle = _tiny_bundle(tmp_path / "m.safetensors", seed=4)
+    export_onnx(bundle, onnx_cache_path(bundle, bundle_digest(bundle)))
+    code = (
+        "import sys, numpy as np\n"
+        "from agriseg.models.bundle import load_bundle_segmenter\n"
+        "from agriseg.models.neural import NeuralParams\n"
+        f"seg = load_bundle_segmenter({str(bundle)!r}, 'auto')\n"
+        "x = np.random.default_rng(0).random((1, 3, 96, 96), np.float32)\n"
+        "p = seg.predict(x, np.ones((1, 96, 96), bool), NeuralParams(32), [])\n"
+        "assert abs(float(p.sum(1).mean()) - 1) < 1e-5\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
 def test_segmenter_pickles_small_and_checks_bands_and_gsd(tmp_path: Path, rgba_tif: Path) -> None:

@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
 from torch import nn
 
 from agriseg.errors import ConfigError
+from agriseg.models.spec import SIZE_MULTIPLE, ArchSpec
+
+__all__ = ["ARCHITECTURES", "SIZE_MULTIPLE", "ArchSpec", "build_model", "count_parameters",
+           "create_model", "encoder_names", "make_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,6 @@ SEGNET_WIDTHS: dict[str, tuple[int, ...]] = {
     "small": (16, 32, 64, 96),
     "vgg16": (64, 128, 256, 512, 512),
 }
-# Model input must be a multiple of this (five stride-2 stages).
-SIZE_MULTIPLE = 32
 
 
 class _LightEncoder(nn.Module):
@@ -204,39 +205,6 @@ class SegNet(nn.Module):
             x = nn.functional.max_unpool2d(x, idx, (2, 2), (2, 2), output_size=size)
             x = stage(x)
         return self.head(x)
-
-
-@dataclass(frozen=True, slots=True)
-class ArchSpec:
-    """What :func:`create_model` needs to rebuild a network (stored in bundles)."""
-
-    arch: str
-    encoder: str
-    in_channels: int
-    classes: int
-    depth: int
-    options: tuple[tuple[str, Any], ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        return {
-            "arch": self.arch,
-            "encoder": self.encoder,
-            "in_channels": self.in_channels,
-            "classes": self.classes,
-            "depth": self.depth,
-            "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options},
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
-        """Inverse of :meth:`to_dict`."""
-        opts = data.get("options") or {}
-        return cls(
-            str(data["arch"]), str(data["encoder"]), int(data["in_channels"]),
-            int(data["classes"]), int(data["depth"]),
-            tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items())),
-        )
 
 
 def _smp(cls_name: str) -> Callable[[ArchSpec], nn.Module]:

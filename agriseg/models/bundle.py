@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, ModelError
-from agriseg.models.arch import ArchSpec, build_model
+from agriseg.models.spec import ArchSpec
 
 if TYPE_CHECKING:
     import torch
@@ -266,17 +266,12 @@ def bundle_files(path: str | os.PathLike[str]) -> tuple[Path, Path | None]:
     return p, None
 
 
-def read_bundle(
-    path: str | os.PathLike[str],
-) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
-    """Load metadata and weights (no pickle involved).
+def read_bundle_meta(path: str | os.PathLike[str]) -> BundleMeta:
+    """Bundle metadata, checked (no pickle, complete file), without loading the weights.
 
     Raises:
         ModelError: pickle, truncated/corrupt file, bad metadata, unknown version.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     weights, meta_file = bundle_files(path)
     _refuse_pickle(weights)
     header = _read_safetensors_header(weights)
@@ -299,7 +294,22 @@ def read_bundle(
         except ValueError as exc:
             raise ModelError(f"{weights}: corrupt bundle metadata in the header ({exc})") from exc
         source = str(weights)
-    meta = BundleMeta.from_dict(data, source)
+    return BundleMeta.from_dict(data, source)
+
+
+def read_bundle(
+    path: str | os.PathLike[str],
+) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
+    """Load metadata and weights (no pickle involved).
+
+    Raises:
+        ModelError: pickle, truncated/corrupt file, bad metadata, unknown version.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    meta = read_bundle_meta(path)
+    weights, _ = bundle_files(path)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
@@ -313,6 +323,8 @@ def load_bundle_model(path: str | os.PathLike[str]) -> tuple[BundleMeta, nn.Modu
     Raises:
         ModelError: as :func:`read_bundle`, or weights that do not fit the architecture.
     """
+    from agriseg.models.arch import build_model
+
     meta, tensors = read_bundle(path)
     try:
         model = build_model(meta.arch)
@@ -357,8 +369,14 @@ def load_bundle_segmenter(path: str | os.PathLike[str], engine: str = "auto") ->
     Raises:
         ModelError: the bundle is unsafe, corrupt or inconsistent.
     """
-    from agriseg.models.neural import NeuralSegmenter
+    from agriseg.models.neural import NeuralSegmenter, cuda_possible, onnx_cache_path
 
-    # Read once here so a bad bundle fails before any Dask work starts.
-    meta, _ = load_bundle_model(path)
+    # Checked here so a bad bundle fails before any Dask work starts. An ONNX export of these
+    # exact bytes (same digest) was verified against PyTorch when it was made, so with one in
+    # the cache and no GPU the weights need no second check, and PyTorch no import.
+    meta = read_bundle_meta(path)
+    cached = engine != "torch" and not cuda_possible() and \
+        onnx_cache_path(path, bundle_digest(path)).exists()
+    if not cached:
+        meta, _ = load_bundle_model(path)
     return NeuralSegmenter(str(Path(path).resolve()), meta, engine=engine)

@@ -61,6 +61,7 @@ from agriseg.errors import ConfigError
 from agriseg.models import appearance as app
 from agriseg.models.appearance import AppearanceTable
 from agriseg.models.base import Prepared, TileContext
+from agriseg.models.filters import box_sum, grow_within, max_filter
 from agriseg.models.rows import (
     RowEstimate,
     along_row_support,
@@ -216,16 +217,10 @@ def _box_mean(values: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray
 
     Direct (non-running) sums of integers: scipy's ``uniform_filter`` keeps a running float
     sum whose rounding depends on where a line starts, which would make tiles and
-    whole-raster runs differ in the last bit; ``correlate1d`` with unit weights does not.
+    whole-raster runs differ in the last bit; integer sums of shifted slices do not.
     """
-    ones = np.ones(2 * radius + 1)
-
-    def box(a: np.ndarray) -> np.ndarray:
-        a = ndimage.correlate1d(a, ones, axis=0, mode="constant")
-        return ndimage.correlate1d(a, ones, axis=1, mode="constant")
-
-    s = box(np.where(weight, values, 0).astype(np.int32))
-    n = box(weight.astype(np.int32))
+    s = box_sum(np.where(weight, values, 0).astype(np.int32), radius)
+    n = box_sum(weight.astype(np.int32), radius)
     out = values.astype(np.float32)
     np.divide(s, n, out=out, where=n > 0, casting="unsafe")
     return out
@@ -540,7 +535,7 @@ class LabelFreeSegmenter:
     ) -> np.ndarray:
         s = along_row_support(veg, valid, row_off, col_off, angle, half)
         if leaf > 0:
-            s = ndimage.maximum_filter(s, size=2 * leaf + 1, mode="nearest")
+            s = max_filter(s, leaf)
         return s
 
     def _health_stats(
@@ -607,7 +602,7 @@ class LabelFreeSegmenter:
                 leafy = _inner(max(m - p.attach_px - p.leaf_px, 0))
                 s = s[leafy]
                 if p.leaf_px > 0:
-                    s = ndimage.maximum_filter(s, size=2 * p.leaf_px + 1, mode="nearest")
+                    s = max_filter(s, p.leaf_px)
                 s = s[_inner(min(p.leaf_px, max(m - p.attach_px, 0)))]
                 p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
                 if p.appearance is not None:
@@ -662,7 +657,7 @@ class LabelFreeSegmenter:
         if p.attach_px > 0 and p.attached_threshold < p.row_threshold:
             core = veg & (s >= thr)
             grow = veg & (s >= np.float32(p.attached_threshold))
-            joined = ndimage.binary_dilation(core, iterations=p.attach_px, mask=grow)
+            joined = grow_within(core, grow, p.attach_px)
             thr_map = np.where(joined, np.float32(p.attached_threshold), thr)
             soft = np.where(joined, np.float32(max(p.attached_threshold / 2, 0.01)),
                             np.float32(p.row_softness))

@@ -1,0 +1,38 @@
+"""The hand-written neighbourhood filters equal their scipy counterparts exactly."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import ndimage
+
+from agriseg.models.filters import box_sum, grow_within, max_filter
+
+SHAPES = st.tuples(st.integers(1, 40), st.integers(1, 40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=SHAPES, radius=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_box_sum_and_max_filter_match_scipy(shape: tuple[int, int], radius: int,
+                                            seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ints = rng.integers(-10000, 10000, shape).astype(np.int32)
+    ones = np.ones(2 * radius + 1)
+    want = ndimage.correlate1d(ndimage.correlate1d(ints, ones, axis=0, mode="constant"),
+                               ones, axis=1, mode="constant")
+    assert np.array_equal(box_sum(ints, radius), want)
+    floats = rng.random(shape, dtype=np.float32)
+    assert np.array_equal(max_filter(floats, radius),
+                          ndimage.maximum_filter(floats, size=2 * radius + 1, mode="nearest"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=SHAPES, steps=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_grow_within_matches_binary_dilation(shape: tuple[int, int], steps: int,
+                                             seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    mask = rng.random(shape) < 0.6
+    seed_px = mask & (rng.random(shape) < 0.1)
+    want = ndimage.binary_dilation(seed_px, iterations=steps, mask=mask)
+    assert np.array_equal(grow_within(seed_px, mask, steps), want)

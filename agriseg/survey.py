@@ -16,6 +16,7 @@ import platform
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -257,7 +258,8 @@ def _process(
     t = time.perf_counter()
     ctx = SurveyContext(config, survey, segmenter, prepared, plan, schema, out, work,
                         timings=timings)
-    for spec in specs:
+
+    def finalize(spec: OutputSpec) -> None:
         dst = work / f"{spec.name}.tif"
         dst.parent.mkdir(parents=True, exist_ok=True)
         finalize_cog(writer.path(spec.name), dst, spec, schema if spec.name == "classes" else None)
@@ -268,7 +270,12 @@ def _process(
         else:
             d = INDICES[spec.name.split("/")[-1]]
             write_ramp_qml(dst, d.vmin, d.vmax, "vegetation")
-        ctx.outputs[spec.name] = Path(f"{spec.name}.tif")
+
+    # Two COGs at a time: overview building is single-threaded in GDAL (the class mask's MODE
+    # overviews most of all) and GDAL releases the GIL, so the cluster's cores are used.
+    with ThreadPoolExecutor(2) as pool:
+        for spec, _ in zip(specs, pool.map(finalize, specs), strict=True):
+            ctx.outputs[spec.name] = Path(f"{spec.name}.tif")
     timings["finalize_s"] = time.perf_counter() - t
 
     try:

@@ -104,6 +104,29 @@ def _truth_iou(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return tp / (c.sum(0) + c.sum(1) - tp)
 
 
+def test_nodata_rim_is_soil_not_vegetation() -> None:
+    """Pixels next to nodata are blends with the fill colour: never vegetation."""
+    from agriseg.models.labelfree import _without_rim
+
+    valid = np.ones((12, 14), bool)
+    valid[:, 10:] = False
+    ok = _without_rim(valid, 2)
+    assert ok[:, :8].all() and not ok[:, 8:].any()  # two columns of rim, nodata stays out
+    assert _without_rim(np.ones((5, 5), bool), 2).all()  # the array border is not nodata
+    seg = LabelFreeSegmenter()
+    params = LabelFreeParams(
+        index="exg", veg_threshold=0.1, veg_softness=0.05, dark_eps=0.01, rows=False,
+        row_angle_deg=0.0, row_half_px=0, leaf_px=0, row_threshold=0.0, row_softness=0.01,
+        attach_px=0, attached_threshold=0.0, health="ngrdi", health_centre=(0.0,),
+        health_spread=(1.0,), health_px=1, disease_sensitivity=5.0, rim_px=2,
+    )
+    green = np.zeros((1, 3, 12, 14), np.float32)
+    green[0, 1] = 0.5  # vegetation everywhere
+    scores = seg.predict(green, valid[None], params, [TileContext(0, 0, 0.02)])[0]
+    cls = scores.argmax(0)
+    assert (cls[:, :8] == 1).all() and (cls[:, 8:10] == 0).all()
+
+
 def test_margin_skips_work_without_changing_the_core(tmp_path: Path) -> None:
     """Scores inside the core are the same whether or not the model may skip the halo."""
     spec = FieldSpec(shape_yx=(260, 300), seed=5, row_angle_deg=20.0, row_spacing_m=0.6)

@@ -132,6 +132,10 @@ class LabelFreeConfig:
         appearance_radius_m: the table's weed-likeness is averaged over the vegetation within
             this distance (a square window), so that single pixels of a crop leaf with an odd
             colour stay crop while a weed plant, a patch of such pixels, becomes weed.
+        nodata_rim_px: valid pixels this close to nodata are treated as soil: clipped or
+            warped orthomosaics blend their edge pixels with the fill colour (dark, with a
+            shifted chroma that reads as vegetation), which made a false weed strip along the
+            edge of the Lamberton sample (half of its weed pixels).
     """
 
     min_row_spacing_m: float = 0.2
@@ -163,6 +167,7 @@ class LabelFreeConfig:
     appearance_min_recall: float = 0.2
     appearance_min_pixels: int = 200
     appearance_radius_m: float = 0.04
+    nodata_rim_px: int = 2
 
     def __post_init__(self) -> None:
         if not 0 < self.min_row_spacing_m < self.max_row_spacing_m:
@@ -201,6 +206,7 @@ class LabelFreeParams:
     disease_sensitivity: float
     appearance: AppearanceTable | None = None
     appearance_px: int = 0
+    rim_px: int = 0
 
 
 def _ramp(z: np.ndarray) -> np.ndarray:
@@ -274,7 +280,7 @@ class LabelFreeSegmenter:
         warnings: list[str] = []
         windows = self._sample(survey)
         pix = [w[0] for w in windows]
-        val = [w[1] for w in windows]
+        val = [_without_rim(w[1], cfg.nodata_rim_px) for w in windows]
         brightness = np.concatenate([p[:, v].mean(axis=0) for p, v in zip(pix, val, strict=True)])
         dark_eps = float(0.1 * np.median(brightness)) if brightness.size else 0.01
         dark_eps = max(dark_eps, 1e-4)
@@ -327,7 +333,7 @@ class LabelFreeSegmenter:
             row_half_px=row_half, leaf_px=leaf, row_threshold=row_thr, row_softness=row_soft,
             attach_px=attach, attached_threshold=att_thr,
             health=health_name, health_centre=centre, health_spread=spread, health_px=health_px,
-            disease_sensitivity=cfg.disease_sensitivity,
+            disease_sensitivity=cfg.disease_sensitivity, rim_px=cfg.nodata_rim_px,
         )
         if rows is not None:
             if cfg.appearance:
@@ -338,7 +344,7 @@ class LabelFreeSegmenter:
                 info["appearance"]["radius_m"] = round(params.appearance_px * gsd, 3)
             else:
                 info["appearance"] = {"used": False, "reason": "disabled in the configuration"}
-        halo = leaf + health_px + 1
+        halo = leaf + health_px + 1 + cfg.nodata_rim_px
         if rows is not None:
             halo += support_reach(row_half) + attach
         halo = max(halo, params.appearance_px)
@@ -590,10 +596,11 @@ class LabelFreeSegmenter:
             # processed again and again; the crops are exact (see _row_probability).
             core = _inner(m)
             vi, health, _, _ = self._features(pixels[i], p.dark_eps)
-            ok = valid[i]
+            ok = _without_rim(valid[i], p.rim_px)
             like: np.ndarray | None = None
             z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
             p_veg = _ramp(z_veg)
+            p_veg[~ok[core]] = 0  # nodata and its blended rim: soil (nodata is masked later)
             if p.rows:
                 veg = (vi > p.veg_threshold) & ok
                 s = along_row_support(veg, ok, contexts[i].row_off, contexts[i].col_off,
@@ -668,6 +675,16 @@ class LabelFreeSegmenter:
         """Name, roles and configuration for run.json."""
         return {"name": self.name, "kind": "rule", "roles": list(self.roles),
                 "config": asdict(self.config)}
+
+
+def _without_rim(valid: np.ndarray, rim_px: int) -> np.ndarray:
+    """``valid`` less the pixels within ``rim_px`` 4-connected steps of invalid ones.
+
+    The array's own border is not nodata: only invalid pixels inside it start a rim.
+    """
+    if rim_px <= 0 or valid.all():
+        return valid
+    return valid & ~grow_within(~valid, np.ones_like(valid), rim_px)
 
 
 def _inner(margin: int) -> tuple[slice, slice]:

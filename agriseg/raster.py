@@ -244,10 +244,15 @@ def _choose_scale(ds: rasterio.DatasetReader, bands: list[int], alpha: int | Non
     if dtype == np.uint8:
         return 1.0 / 255.0
     small = _decimated_shape(ds.height, ds.width, 512)
-    data = ds.read(bands, out_shape=(len(bands), *small), resampling=Resampling.nearest)
+    if _gdal_decimates_fast(ds, bands[0], small):
+        data = ds.read(bands, out_shape=(len(bands), *small), resampling=Resampling.nearest)
+        alpha_px = ds.read(alpha, out_shape=small, resampling=Resampling.nearest) if alpha else None
+    else:
+        both = _sampled_read(ds.name, [*bands, *([alpha] if alpha else [])], small)
+        data, alpha_px = (both[:-1], both[-1]) if alpha else (both, None)
     valid = np.ones(small, bool)
-    if alpha:
-        valid &= ds.read(alpha, out_shape=small, resampling=Resampling.nearest) > 0
+    if alpha_px is not None:
+        valid &= alpha_px > 0
     elif ds.nodata is not None:
         valid &= ~(data == ds.nodata).any(axis=0)
     values = data[:, valid].astype(np.float64)
@@ -521,7 +526,7 @@ def _read_overview(
         with rasterio.open(survey.path) as ds:
             idx = [survey.roles.as_dict()[r] for r in roles]
             alpha = survey.roles.get("alpha")
-            if ds.overviews(idx[0]) or shape == (ds.height, ds.width):
+            if _gdal_decimates_fast(ds, idx[0], shape):
                 raw = ds.read(idx, out_shape=(len(idx), *shape), resampling=Resampling.average)
                 valid = _read_valid(ds, survey, None, shape)
             else:
@@ -537,6 +542,11 @@ def _read_overview(
     data, valid = _scaled(raw, valid, survey)
     factor = survey.grid.width / shape[1]
     return data, valid, factor
+
+
+def _gdal_decimates_fast(ds: rasterio.DatasetReader, band: int, shape: tuple[int, int]) -> bool:
+    """Whether GDAL reads ``shape`` cheaply: from the file's overviews, or not decimated."""
+    return bool(ds.overviews(band)) or shape == (ds.height, ds.width)
 
 
 def _sampled_read(path: str, indexes: list[int], shape: tuple[int, int]) -> np.ndarray:

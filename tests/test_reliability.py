@@ -91,24 +91,15 @@ def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, schedu
     assert process_survey(fresh).manifest["plan"]["tiles"] == 90
 
 
+def _small_tiles_cmd(src: Path, out: Path, *extra: str) -> list[str]:
+    """A subprocess run with many small tiles and one worker."""
+    return [*AGRISEG, "run", str(src), "--out", str(out), "--tile-size", "64", "--workers", "1",
+            *extra, "--no-progress", "--model", FAST]
+
+
 def _slow_run_cmd(src: Path, out: Path) -> list[str]:
-    """A subprocess run with many small tiles, one worker and a checkpoint after every tile."""
-    return [
-        *AGRISEG,
-        "run",
-        str(src),
-        "--out",
-        str(out),
-        "--tile-size",
-        "64",
-        "--workers",
-        "1",
-        "--checkpoint-seconds",
-        "0",
-        "--no-progress",
-        "--model",
-        FAST,
-    ]
+    """:func:`_small_tiles_cmd` with a checkpoint after every tile."""
+    return _small_tiles_cmd(src, out, "--checkpoint-seconds", "0")
 
 
 def _poll(pred, timeout: float = 60.0) -> bool:
@@ -223,20 +214,7 @@ def test_disk_full_is_a_clear_error(big_tif: Path, tmp_path: Path) -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
 
     r = subprocess.run(
-        [
-            *AGRISEG,
-            "run",
-            str(big_tif),
-            "--out",
-            str(out),
-            "--tile-size",
-            "64",
-            "--workers",
-            "1",
-            "--no-progress",
-            "--model",
-            FAST,
-        ],
+        _small_tiles_cmd(big_tif, out),
         capture_output=True,
         text=True,
         preexec_fn=limit,

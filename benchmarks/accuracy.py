@@ -7,6 +7,7 @@ model's halo, as the tiled pipeline does), then scored against its truth.
 
     .venv/bin/python benchmarks/accuracy.py            # full table (~1-2 min)
     .venv/bin/python benchmarks/accuracy.py --quick    # 4 fields
+    .venv/bin/python benchmarks/accuracy.py --set veg_mix=0.5   # a LabelFreeConfig variant
 """
 
 from __future__ import annotations
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 fields instead of 12")
     ap.add_argument("--size", type=int, default=1024, help="field edge in pixels [1024]")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a LabelFreeConfig field (repeatable)")
     args = ap.parse_args(argv)
+    config = LabelFreeConfig(**{k: type(getattr(LabelFreeConfig(), k))(v) for k, v in
+                                (item.split("=", 1) for item in args.set)})
     totals = {"RGB": np.zeros((4, 4), np.int64), "MS": np.zeros((4, 4), np.int64)}
     print(f"| field | {' | '.join(NAMES)} | rows found | s |")
     print("|---|" + "---|" * (len(NAMES) + 2))
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             img, tru = Path(tmp) / "f.tif", Path(tmp) / "t.tif"
             field = write_field(spec, img, tru)
             t = time.perf_counter()
-            pred, info = segment_file(img)
+            pred, info = segment_file(img, config)
             dt = time.perf_counter() - t
             c = confusion(pred, field.truth)
             totals["MS" if spec.multispectral else "RGB"] += c

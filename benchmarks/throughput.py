@@ -6,10 +6,11 @@ Same synthetic raster (deflate-tiled RGB), same model (U-Net resnet18, 4 classes
 init: speed does not depend on the weights) for every figure:
 1. read-only decode rate of the raster (the I/O limit);
 2. model-only MP/s of each engine (ONNX Runtime, PyTorch), all cores, on 512 x 512 inputs and
-   on inputs of the size the pipeline feeds (tile + 2 x margin); the fastest engine and size is
-   the limit;
-3. end-to-end MP/s of `agriseg run` with the fastest engine (output pixels per second, so the
-   halo's extra model pixels count against it),
+   on inputs of the size the pipeline feeds (tile + 2 x margin), both as one process whose
+   intra-op threads use every core and as one single-threaded process per core running at
+   once (summed); the fastest engine, size and layout is the limit;
+3. end-to-end MP/s of `agriseg run` with the fastest engine and the run's own worker layout
+   (output pixels per second, so the halo's extra model pixels count against it),
 printed with `ratio = end-to-end / model-only limit`. Target on CPU: >= 0.85.
 
 The machine is shared: run it when nothing else runs (the figures print the load average).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +71,31 @@ def model_only(bundle: Path, engine: str, tile: int = 512, seconds: float = 20.0
     return calls * tile * tile / 1e6 / (time.perf_counter() - t0)
 
 
+def model_only_per_core(bundle: Path, engine: str, tile: int, procs: int,
+                        seconds: float = 20.0) -> float:
+    """Summed MP/s of ``procs`` single-threaded processes running the engine at the same time.
+
+    Each process warms up, then waits for a common start time so the timed windows overlap.
+    """
+    start = time.time() + 15.0
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); "
+        "from pathlib import Path; from agriseg.models.bundle import load_bundle_segmenter; "
+        "from agriseg.models.neural import get_runner; import numpy as np; "
+        "seg = load_bundle_segmenter(Path(sys.argv[2]), sys.argv[3]); "
+        "r = get_runner(seg.path, seg.engine, seg.meta); side = int(sys.argv[4]); "
+        "x = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32); r(x); "
+        "time.sleep(max(0.0, float(sys.argv[5]) - time.time())); t0 = time.perf_counter(); n = 0\n"
+        "while n < 3 or time.perf_counter() - t0 < float(sys.argv[6]):\n    r(x); n += 1\n"
+        "print(n * side * side / 1e6 / (time.perf_counter() - t0))"
+    )
+    env = {**os.environ, "AGRISEG_THREADS": "1"}
+    jobs = [subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(bundle),
+                              engine, str(tile), str(start), str(seconds)],
+                             stdout=subprocess.PIPE, text=True, env=env) for _ in range(procs)]
+    return sum(float(j.communicate()[0].split()[-1]) for j in jobs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", type=int, default=8192)
@@ -78,6 +105,9 @@ def main() -> None:
                     help="core tile of the run; 1920 = 3 x 640 px blocks, 704 px model inputs "
                     "with the 32 px margin (1.21 model px per output px) [1920]")
     ap.add_argument("--engines", default="onnx,torch")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="local workers of the run [the run's default: one per core, one "
+                    "thread each]; 1 = one worker whose engine threads use every core")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON")
     a = ap.parse_args()
     src = synthetic_rgb(a.size)
@@ -89,22 +119,32 @@ def main() -> None:
     io = read_rate_mp_s(src)
     print(f"read-only decode        {io:8.2f} MP/s")
     limits: dict[str, float] = {}
+    cores = os.cpu_count() or 2
     for engine in a.engines.split(","):
         for side in dict.fromkeys((512, 576, pipeline_input_side(a.tile_size))):
+            os.environ["AGRISEG_THREADS"] = str(cores)
             mps = model_only(bundle, engine, side)
-            print(f"model-only {engine:<6} {side:>4} px {mps:8.2f} MP/s")
+            print(f"model-only {engine:<6} {side:>4} px {mps:8.2f} MP/s (1 process x {cores} "
+                  "threads)", flush=True)
             limits[engine] = max(limits.get(engine, 0.0), mps)
+            if cores > 1:
+                mps = model_only_per_core(bundle, engine, side, cores)
+                print(f"model-only {engine:<6} {side:>4} px {mps:8.2f} MP/s ({cores} processes x "
+                      "1 thread)", flush=True)
+                limits[engine] = max(limits[engine], mps)
+    os.environ.pop("AGRISEG_THREADS", None)
     best = max(limits, key=limits.__getitem__)
     results = {"io_mp_s": io, "model_only_mp_s": limits, "engine": best}
-    cores = os.cpu_count() or 2
     with tempfile.TemporaryDirectory() as tmp:
-        # One worker owning every core: the engine's intra-op threads do the parallel work.
         cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out", str(Path(tmp) / "o"),
                "--model", str(bundle), "--engine", best, "--tile-size", str(a.tile_size),
-               "--workers", "1", "--threads-per-worker", "1", "--no-indices", "--no-progress",
-               "--skip", "quicklook,zones,fields,report,project"]
-        env_threads = str(cores)
-        os.environ["AGRISEG_THREADS"] = env_threads
+               "--no-indices", "--no-progress", "--skip", "quicklook,zones,fields,report,project"]
+        if a.workers:
+            cmd += ["--workers", str(a.workers), "--threads-per-worker", "1"]
+            # One worker owning every core: the engine's intra-op threads do the parallel work.
+            os.environ["AGRISEG_THREADS"] = str(max(1, cores // a.workers))
+        print(f"run layout: {a.workers or cores} workers x "
+              f"{max(1, cores // (a.workers or cores))} engine threads", flush=True)
         dt, peak, _ = run_measured(cmd)
         manifest = json.loads((Path(tmp) / "o" / "run.json").read_text())
     e2e_segment = manifest["throughput_mp_s"]

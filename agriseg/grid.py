@@ -190,19 +190,21 @@ def block_size_for(tile_size: int) -> int:
 
 
 def auto_tile_size(halo: int, base: int = 1024, step: int = 512, largest: int = 2048,
-                   max_overhead: float = 1.35) -> int:
+                   max_overhead: float = 1.35, multiple: int = 1) -> int:
     """Default core tile edge for a model's halo.
 
     ``base`` pixels, grown by ``step`` up to ``largest`` while the halo would make the model
     read more than ``max_overhead`` pixels per output pixel. Wide halos (the label-free
     model's along-row support reaches ~2 m) would otherwise re-read and re-decode half the
     raster; bigger tiles cost worker memory and a longer tail at the end of a run, so the
-    growth stops at ``largest``.
+    growth stops at ``largest``. The result is then rounded up to ``multiple`` (a model's
+    block interior, see :attr:`agriseg.models.base.Prepared.tile_multiple`) and to 16.
     """
     size = base
     while size < largest and ((size + 2 * halo) / size) ** 2 > max_overhead:
         size += step
-    return size
+    multiple = math.lcm(max(int(multiple), 1), 16)
+    return -(-size // multiple) * multiple
 
 
 def plan_tiles(grid: Grid, tile_size: int, halo: int) -> TilePlan:

@@ -277,7 +277,12 @@ def run_tiles(
     Returns:
         Timing figures (seconds in tasks, tiles run).
     """
-    todo = [t for t in tiles if t.key not in checkpoint.done]
+    # Largest tiles first (longest-processing-time-first scheduling): the thin tiles of the
+    # last row and column then fill the end of the run, instead of one worker finishing a
+    # full tile while the others idle (U-Net, 16.8 MP in 9 tiles: one worker was idle ~20 %
+    # of the run). Sorting is stable, so equal tiles keep their row-major order.
+    todo = sorted((t for t in tiles if t.key not in checkpoint.done),
+                  key=lambda t: -int(t.core.width * t.core.height))
     total = len(tiles)
     done_px = sum(int(t.core.width * t.core.height) for t in tiles if t.key in checkpoint.done)
     if progress:

@@ -204,7 +204,7 @@ def _process(
     for w in prepared.warnings:
         log.warning("%s", w)
     halo = config.halo if config.halo is not None else prepared.halo
-    tile_size = config.tile_size or auto_tile_size(halo)
+    tile_size = config.tile_size or auto_tile_size(halo, multiple=prepared.tile_multiple)
     plan = plan_tiles(survey.grid, tile_size, halo)
     _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)
     tiles = [t for t in plan if tile_has_data(ov_valid, factor, t)]

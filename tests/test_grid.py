@@ -63,6 +63,14 @@ def test_grid_facts() -> None:
     assert geo.gsd_m == pytest.approx(0.95, rel=0.1)  # ~1.1 m x 0.8 m at 44 N
 
 
+@given(halo=st.integers(0, 600), multiple=st.integers(1, 1000))
+def test_auto_tile_size_rounds_up_to_the_models_block(halo: int, multiple: int) -> None:
+    plain, size = auto_tile_size(halo), auto_tile_size(halo, multiple=multiple)
+    assert size % multiple == 0 and size % 16 == 0
+    assert plain <= size < plain + multiple * 16
+    block_size_for(size)  # a valid tile size
+
+
 @given(halo=st.integers(0, 600))
 def test_auto_tile_size_bounds_the_halo_overhead(halo: int) -> None:
     size = auto_tile_size(halo)

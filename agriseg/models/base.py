@@ -50,12 +50,15 @@ class Prepared:
         halo: receptive margin in pixels the model needs at this survey's GSD.
         info: JSON-friendly facts for run.json and the log (thresholds, row angle, ...).
         warnings: what could not be done (e.g. rows not resolvable at this GSD).
+        tile_multiple: core tile edges the model splits evenly (its block interior), used
+            to round the default tile size; 1 when any size suits it.
     """
 
     params: Any
     halo: int
     info: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    tile_multiple: int = 1
 
 
 @runtime_checkable

@@ -16,8 +16,9 @@
    normalise with the bundle's mean/std and return 4-class log-softmax.
 4. Runs geo-inference (CPU, ``--patch_size 512``, its own defaults otherwise: stride = half a
    patch, i.e. every pixel goes through the model 4 times and is blended with Hann windows;
-   Dask threads = cores - 1) and ``agriseg run`` (ONNX Runtime and PyTorch engines, tile 1024,
-   one worker owning every core via AGRISEG_THREADS), each as a subprocess, measuring wall
+   Dask threads = cores - 1) and ``agriseg run`` (ONNX Runtime and PyTorch engines, its default
+   tile; in its default layout, one single-threaded worker per core, and with one worker owning
+   every core via AGRISEG_THREADS), each as a subprocess, measuring wall
    time and peak RSS of the whole process tree (start-up and output writing included).
 5. Prints wall seconds, MP/s, peak RSS and CPU seconds per run (CPU seconds suffer less
    from other load on a shared machine), agriseg's "mask only" time (wall less its quicklook,
@@ -205,7 +206,12 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=4096, help="raster edge in pixels [4096]")
     ap.add_argument("--patch-size", type=int, default=512, help="geo-inference patch [512]")
-    ap.add_argument("--tile-size", type=int, default=1024, help="agriseg core tile [1024]")
+    ap.add_argument("--tile-size", type=int, default=None,
+                    help="agriseg core tile [the run's default]")
+    ap.add_argument("--workers", default="auto,1",
+                    help="agriseg worker layouts to run, comma-separated: auto = the run's "
+                    "default (one single-threaded worker per core), N = N workers sharing the "
+                    "cores as engine threads [auto,1]")
     ap.add_argument("--skip-torch", action="store_true", help="agriseg ONNX engine only")
     a = ap.parse_args()
 
@@ -220,8 +226,8 @@ def main() -> None:
     print(f"# peers, commit {git_commit()}, {machine()}, {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"raster {a.size}x{a.size} RGB deflate ({mpx:.1f} MP), U-Net resnet18, 4 classes; "
           f"geo-inference {gi_version} (torch {peer_version(py, 'torch')}), patch "
-          f"{a.patch_size}, stride {a.patch_size // 2}; agriseg tile {a.tile_size}, 1 worker, "
-          f"AGRISEG_THREADS={cores}")
+          f"{a.patch_size}, stride {a.patch_size // 2}; agriseg tile {a.tile_size or 'auto'}, "
+          f"layouts {a.workers}")
     print(f"{'tool':<14} {'engine':<8} {'seconds':>8} {'MP/s':>7} {'peak RSS GB':>12} "
           f"{'CPU s':>8} {'CPU s/MP':>9}")
     rows: dict[str, tuple[float, int, float]] = {}
@@ -241,31 +247,37 @@ def main() -> None:
             raise RuntimeError(f"geo-inference wrote no mask in {gi_dir}")
 
         engines = ["onnx"] if a.skip_torch else ["onnx", "torch"]
+        runs = [(e, w) for w in a.workers.split(",") for e in engines]
         outs: dict[str, Path] = {}
-        for engine in engines:
-            out = Path(tmp) / f"agriseg-{engine}"
+        for engine, workers in runs:
+            name = engine if workers == "auto" else f"{engine} {workers}w"
+            out = Path(tmp) / f"agriseg-{engine}-{workers}"
             cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out", str(out),
-                   "--model", str(bundle), "--engine", engine, "--tile-size",
-                   str(a.tile_size), "--workers", "1", "--no-indices", "--no-progress"]
-            with environ(AGRISEG_THREADS=str(cores)):
-                rows[engine] = measured(cmd)
-            outs[engine] = out / "classes.tif"
-            row("agriseg", engine, *rows[engine])
-            dt, peak, cpu = rows[engine]
+                   "--model", str(bundle), "--engine", engine, "--no-indices", "--no-progress"]
+            if a.tile_size:
+                cmd += ["--tile-size", str(a.tile_size)]
+            env: dict[str, str] = {}
+            if workers != "auto":
+                cmd += ["--workers", workers]
+                env["AGRISEG_THREADS"] = str(max(1, cores // int(workers)))
+            with environ(**env):
+                rows[name] = measured(cmd)
+            outs[name] = out / "classes.tif"
+            row("agriseg", name, *rows[name])
+            dt, peak, cpu = rows[name]
             mask_dt = dt - post_seconds(out / "run.json")
-            rows[f"{engine} mask"] = (mask_dt, peak, cpu)
-            print(f"{'  mask only':<14} {engine:<8} {mask_dt:8.1f} {mpx / mask_dt:7.3f} "
+            rows[f"{name} mask"] = (mask_dt, peak, cpu)
+            print(f"{'  mask only':<14} {name:<8} {mask_dt:8.1f} {mpx / mask_dt:7.3f} "
                   "(wall less agriseg's post-processing steps)", flush=True)
 
         gi_dt, gi_peak, gi_cpu = rows["geo-inference"]
-        for engine in engines:
-            dt, peak, cpu = rows[engine]
-            mask_dt = rows[f"{engine} mask"][0]
-            print(f"speedup={gi_dt / dt:.1f}x (agriseg {engine} / geo-inference MP/s, whole "
+        for name in outs:
+            dt, peak, cpu = rows[name]
+            mask_dt = rows[f"{name} mask"][0]
+            print(f"speedup={gi_dt / dt:.1f}x (agriseg {name} / geo-inference MP/s, whole "
                   f"runs; mask only {gi_dt / mask_dt:.1f}x; by CPU seconds "
                   f"{gi_cpu / cpu:.1f}x), peak RSS {peak / gi_peak:.2f}x of geo-inference's; "
-                  f"class agreement {agreement(outs[engine], masks[0]):.1%}")
-
+                  f"class agreement {agreement(outs[name], masks[0]):.1%}")
 
 if __name__ == "__main__":
     main()

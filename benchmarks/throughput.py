@@ -101,15 +101,21 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=8192)
     ap.add_argument("--arch", default="unet")
     ap.add_argument("--encoder", default="resnet18")
-    ap.add_argument("--tile-size", type=int, default=1920,
-                    help="core tile of the run; 1920 = 3 x 640 px blocks, 704 px model inputs "
-                    "with the 32 px margin (1.21 model px per output px) [1920]")
+    ap.add_argument("--tile-size", type=int, default=None,
+                    help="core tile of the run [the run's default on CPU: 1280 = 2 x 640 px "
+                    "blocks, 704 px model inputs with the 32 px margin, 1.21 model px per "
+                    "output px]")
     ap.add_argument("--engines", default="onnx,torch")
     ap.add_argument("--workers", type=int, default=None,
                     help="local workers of the run [the run's default: one per core, one "
                     "thread each]; 1 = one worker whose engine threads use every core")
     ap.add_argument("--json", type=Path, help="also write the figures as JSON")
     a = ap.parse_args()
+    if a.tile_size is None:
+        from agriseg.grid import auto_tile_size
+        from agriseg.models.neural import CPU_BLOCK_INPUT
+
+        a.tile_size = auto_tile_size(32, multiple=CPU_BLOCK_INPUT - 64)
     src = synthetic_rgb(a.size)
     bundle = make_bundle(a.arch, a.encoder)
     mpx = a.size * a.size / 1e6

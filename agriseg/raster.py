@@ -204,12 +204,17 @@ def _detect_roles(ds: rasterio.DatasetReader) -> tuple[dict[str, int], str]:
         if role and role not in roles:
             roles[role] = i
     if roles.keys() >= {"red", "green", "blue"}:
+        how = "colour interpretation"
         if ds.count >= 4 + ("alpha" in roles) and "nir" not in roles:
             # RGBN products (NAIP) tag band 4 as undefined; take the next spare band as NIR.
             spare = [i for i in range(1, ds.count + 1) if i not in roles.values()]
             if spare and (ds.dtypes[0] != "uint8" or ds.count == 4):
                 roles["nir"] = spare[0]
-        return roles, "colour interpretation"
+        if ds.dtypes[0] != "uint8" and "nir" in roles:
+            roles, notes = _reflectance_order(ds, roles)
+            if notes:
+                how += ", " + "; ".join(notes) + " (override with --bands)"
+        return roles, how
     n = ds.count
     if n >= 3:
         roles = {"red": 1, "green": 2, "blue": 3}
@@ -217,6 +222,46 @@ def _detect_roles(ds: rasterio.DatasetReader) -> tuple[dict[str, int], str]:
             roles["nir"] = 4
         return roles, f"band order convention for {n} bands (R,G,B{',NIR' if n >= 4 else ''})"
     return {}, "nothing (fewer than 3 bands and no descriptions)"
+
+
+def _reflectance_order(
+    ds: rasterio.DatasetReader, roles: dict[str, int]
+) -> tuple[dict[str, int], list[str]]:
+    """Check colour-interpretation roles of a multispectral reflectance raster against physics.
+
+    Multispectral exports often carry RGB colour tags on bands stored as B,G,R,... and leave
+    NIR and red edge untagged, in an order that differs between cameras (MicaSense RedEdge
+    ...,NIR,RE; Altum ...,RE,NIR). Surface reflectance of soil and vegetation alike is lowest in
+    blue and highest in the NIR plateau, so in that five-band layout (RGB tags and two
+    untagged bands): a "red" band darker than the "blue" band swaps them, and of the two
+    untagged bands the brighter is NIR and the other red edge. Only used for non-8-bit
+    rasters (camera JPEG colours follow white balance, not physics).
+    """
+    small = _decimated_shape(ds.height, ds.width, 256)
+    data = ds.read(out_shape=(ds.count, *small), resampling=Resampling.nearest).astype(np.float64)
+    ok = np.isfinite(data).all(axis=0)
+    if ds.nodata is not None:
+        ok &= ~(data == ds.nodata).any(axis=0)
+    if ok.sum() < 100:
+        return roles, []
+    roles, notes = dict(roles), list[str]()
+    spare = [i for i in range(1, ds.count + 1)
+             if (i not in roles.values() or i == roles["nir"]) and i != roles.get("alpha")]
+    if len(spare) != 2 or "rededge" in roles:
+        # Not the five-band camera layout: top-of-atmosphere reflectance (haze) can make blue
+        # brighter than red over dense canopy, so the tags are trusted as they are.
+        return roles, notes
+    med = {i: float(np.median(data[i - 1][ok])) for i in range(1, ds.count + 1)}
+    if med[roles["red"]] < 0.9 * med[roles["blue"]]:
+        roles["red"], roles["blue"] = roles["blue"], roles["red"]
+        notes.append(f"red and blue swapped (band {roles['blue']} is darker than band "
+                     f"{roles['red']}, as blue reflectance is)")
+    nir, rededge = sorted(spare, key=med.__getitem__, reverse=True)
+    if nir != roles["nir"]:
+        notes.append(f"NIR is band {nir}, the brighter untagged band")
+    roles["nir"], roles["rededge"] = nir, rededge
+    notes.append(f"red edge is band {rededge}")
+    return roles, notes
 
 
 def _looks_like_alpha(ds: rasterio.DatasetReader, band: int) -> bool:

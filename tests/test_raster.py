@@ -1,4 +1,4 @@
-"""Decimated whole-raster reads: one decode pass, the same pixels as sampling a full read."""
+"""Raster reading: decimated whole-raster reads (one decode pass) and band-role detection."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp
 
 import agriseg.raster as raster
 from agriseg.raster import open_survey, read_overview
@@ -42,3 +44,35 @@ def test_overview_is_read_once_and_reduced(tmp_path: Path) -> None:
     assert small_valid[:, 5:].all() and not small_valid[:, :2].any()
     assert small[1, :, -1] == pytest.approx(200 / 255)
     assert big_valid[:, 20:].all() and not big_valid[:, :20].any()
+
+
+def _five_band(path: Path, means: list[float], tags: list[ColorInterp]) -> Path:
+    """A float32 reflectance raster in UTM 15N whose band ``i`` scatters around ``means[i]``."""
+    rng = np.random.default_rng(1)
+    data = np.stack([m + 0.01 * rng.random((60, 80)) for m in means]).astype(np.float32)
+    data[:, :5, :5] = -10000  # nodata corner, left out of the medians
+    with rasterio.open(path, "w", driver="GTiff", width=80, height=60, count=5,
+                       dtype="float32", crs="EPSG:32615", nodata=-10000,
+                       transform=Affine(0.03, 0, 720000, 0, -0.03, 4300000)) as dst:
+        dst.write(data)
+        dst.colorinterp = tags
+    return path
+
+
+RGB_TAGS = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.undefined,
+            ColorInterp.undefined]
+
+
+def test_five_band_camera_order_is_checked_against_reflectance(tmp_path: Path) -> None:
+    # Stored B,G,R,RE,NIR but tagged R,G,B (the Danforth sample's export): blue is darkest,
+    # NIR brightest, whatever the tags say.
+    path = _five_band(tmp_path / "bgr.tif", [0.03, 0.08, 0.06, 0.10, 0.30], RGB_TAGS)
+    survey = open_survey(path)
+    assert survey.roles.as_dict() == {"red": 3, "green": 2, "blue": 1, "nir": 5, "rededge": 4}
+
+
+def test_consistent_five_band_tags_are_kept(tmp_path: Path) -> None:
+    # R,G,B,NIR,RE (MicaSense RedEdge order after R/B tags): nothing to swap, NIR is band 4.
+    path = _five_band(tmp_path / "rgb.tif", [0.06, 0.08, 0.03, 0.30, 0.10], RGB_TAGS)
+    survey = open_survey(path)
+    assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4, "rededge": 5}

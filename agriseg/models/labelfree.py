@@ -349,8 +349,7 @@ class LabelFreeSegmenter:
             halo += support_reach(row_half) + attach
         halo = max(halo, params.appearance_px)
         info["halo_px"] = halo
-        for w in warnings:
-            log.info("%s", w)
+        # Warnings are returned, not logged: the caller reports them once, at warning level.
         return Prepared(params, halo=halo, info=info, warnings=tuple(warnings))
 
     def _appearance(

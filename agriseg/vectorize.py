@@ -1,16 +1,16 @@
 """At-risk zones (weed patches, disease spots) as polygons, from a chunked labelling pass.
 
 The class mask is read in block-aligned chunks. Each chunk's at-risk patches are labelled
-with one ``scipy.ndimage.label`` (4-connectivity; components where two at-risk classes touch
-are split per class) and counted with ``np.bincount``; labels of neighbouring chunks are joined
-through the same-class pixel pairs along chunk borders, so a patch that crosses chunks is ONE
-zone. Patches below the minimum area are dropped before any polygon is built:
-``rasterio.features.shapes`` traces only the pieces that may be kept (packed side by side, see
-:mod:`agriseg.trace`), in *pixel* coordinates (integers, so pieces from neighbouring chunks
-share exactly the same vertices), and the pieces of one patch are unioned. The zone-id raster
-is written by labelling each kept piece's bounding box again, not by rasterising the polygons
-back. Memory is bounded by one chunk plus per-patch tables and the zones themselves, never by
-the raster size.
+with one ``cc3d.connected_components`` (4-connectivity, each class on its own, so weed and
+disease that touch stay separate patches) and counted with ``np.bincount``; labels of
+neighbouring chunks are joined through the same-class pixel pairs along chunk borders, so a
+patch that crosses chunks is ONE zone. Patches below the minimum area are dropped before any
+polygon is built: ``rasterio.features.shapes`` traces only the pieces that may be kept (packed
+side by side, see :mod:`agriseg.trace`), in *pixel* coordinates (integers, so pieces from
+neighbouring chunks share exactly the same vertices), and the pieces of one patch are unioned.
+The zone-id raster is written by labelling the chunks again and finding each kept piece by its
+first pixel, not by rasterising the polygons back. Memory is bounded by one chunk plus
+per-patch tables and the zones themselves, never by the raster size.
 
 Areas are ground areas in square metres: pixel counts times the pixel area in a projected CRS,
 or the polygon area in the local UTM zone when the raster CRS is geographic.
@@ -208,13 +208,11 @@ class _Traced:
     Attributes:
         label: global label.
         chunk: chunk index (row-major).
-        box: first and last row and column inside the chunk, shape ``(n, 4)``.
         seed: chunk-local flat index of the label's first pixel.
     """
 
     label: np.ndarray
     chunk: np.ndarray
-    box: np.ndarray
     seed: np.ndarray
 
 
@@ -303,7 +301,7 @@ def _scan(
         if len(cs.traced):
             pieces.append(cs.polys)
             piece_label.append(cs.poly_label + base)
-            traced.append((cs.traced + base, np.full(len(cs.traced), i_chunk), cs.box, cs.seed))
+            traced.append((cs.traced + base, np.full(len(cs.traced), i_chunk), cs.seed))
         top_lab[c0:c0 + w] = glob(e_bottom)
         top_val[c0:c0 + w] = v_bottom
         left_lab, left_val = glob(e_right), v_right
@@ -317,8 +315,7 @@ def _scan(
     graph = coo_matrix((np.ones(len(pp), np.int8), (pp[:, 0], pp[:, 1])), shape=(n_lab, n_lab))
     _, root = connected_components(graph, directed=False)
     tr = [np.concatenate(t) for t in zip(*traced, strict=True)] if traced else [
-        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 4), np.int64),
-        np.zeros(0, np.int64)]
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)]
     return _Scan(
         value=np.concatenate(value_t), pixels=np.concatenate(pixels_t).astype(np.int64),
         conf_sum=np.concatenate(conf_sum_t), conf_n=np.concatenate(conf_n_t).astype(np.int64),
@@ -347,10 +344,10 @@ def vectorize_zones(
 ) -> gpd.GeoDataFrame:
     """Polygons of the at-risk classes of a class mask.
 
-    Two chunked passes: the first labels 4-connected patches per chunk
-    (``scipy.ndimage.label``), counts their pixels and confidence, merges labels across chunk
+    Two chunked passes: the first labels 4-connected patches of each class per chunk
+    (``cc3d``), counts their pixels and confidence, merges labels across chunk
     borders and traces only the patches that may reach the minimum area; the second (only
-    with ``zone_raster``) finds the kept pieces again inside their bounding boxes and writes
+    with ``zone_raster``) labels the chunks holding kept pieces again and writes
     the zone ids.
 
     Args:
@@ -449,8 +446,8 @@ def vectorize_zones(
     conf_sum = np.bincount(root, weights=scan.conf_sum, minlength=n_comp)[comps]
     conf_n = np.bincount(root, weights=scan.conf_n, minlength=n_comp)[comps]
     if zone_raster is not None:
-        _write_zone_raster(classes_tif, zone_raster, label_zone, scan.traced, scan.value,
-                           values, schema.nodata, radius, chunk, workers)
+        _write_zone_raster(classes_tif, zone_raster, label_zone, scan.traced, values,
+                           schema.nodata, radius, chunk, workers)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
     simplify_px = 1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m
@@ -503,7 +500,6 @@ def _write_zone_raster(
     zone_raster: str | os.PathLike[str],
     label_zone: np.ndarray,
     traced: _Traced,
-    label_value: np.ndarray,
     values: np.ndarray,
     nodata: int,
     radius: int,
@@ -512,10 +508,10 @@ def _write_zone_raster(
 ) -> None:
     """Write zone ids chunk by chunk, finding each kept piece's pixels again.
 
-    Each kept piece is labelled again inside its bounding box only (its class, from its
-    first pixel, see :func:`agriseg.zonechunk.zone_id_chunk`), which costs far less than
-    labelling whole chunks or keeping every chunk's labels; rasterising the polygons back
-    would burn in the filled holes. Chunks without a kept zone are skipped (sparse, read as 0).
+    Chunks holding a kept piece are labelled again and each piece is found by its first pixel
+    (see :func:`agriseg.zonechunk.zone_id_chunk`): keeping every chunk's labels would grow
+    with the raster, and rasterising the polygons back would burn in the filled holes. Chunks
+    without a kept zone are skipped (sparse, read as 0).
     """
     zone_raster = Path(zone_raster)
     tmp = zone_raster.with_name(f".{zone_raster.stem}.partial.tif")
@@ -523,8 +519,7 @@ def _write_zone_raster(
     keep = zone > 0
     by_chunk = np.argsort(traced.chunk[keep], kind="stable")
     chunk_of = traced.chunk[keep][by_chunk]
-    zone, box, seed = zone[keep][by_chunk], traced.box[keep][by_chunk], traced.seed[keep][by_chunk]
-    value = label_value[traced.label[keep][by_chunk]]
+    zone, seed = zone[keep][by_chunk], traced.seed[keep][by_chunk]
     with rasterio.open(classes_tif) as src:
         prof = src.profile
         wins = list(chunk_windows(src.height, src.width, chunk))
@@ -535,7 +530,7 @@ def _write_zone_raster(
             todo.append((win, ZoneIdTask(
                 os.fspath(classes_tif),
                 (int(win.row_off), int(win.col_off), int(win.height), int(win.width)),
-                values, nodata, radius, zone[lo:hi], box[lo:hi], seed[lo:hi], value[lo:hi])))
+                values, nodata, radius, zone[lo:hi], seed[lo:hi])))
     # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
     # several times faster than DEFLATE.
     prof.update(dtype="uint32", nodata=0, count=1, compress="zstd", zstd_level=1,

@@ -187,8 +187,7 @@ class ChunkScan:
         edges: labels along the top, bottom, left and right edge (chunk-local, int32).
         edge_values: the at-risk value (+1) along the same edges.
         polys: traced polygons in raster pixel coordinates; ``poly_label`` their labels.
-        traced: labels traced; ``box`` their first/last row and column; ``seed`` the flat
-            index of their first pixel (chunk-local).
+        traced: labels traced; ``seed`` the flat index of their first pixel (chunk-local).
     """
 
     value: np.ndarray
@@ -201,7 +200,6 @@ class ChunkScan:
     polys: np.ndarray
     poly_label: np.ndarray
     traced: np.ndarray
-    box: np.ndarray
     seed: np.ndarray
 
 
@@ -239,17 +237,16 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
     trace = (open_ | (area >= t.min_px_area)) & (pixels > 0)
     trace[0] = False
     polys, poly_label = np.zeros(0, dtype=object), np.zeros(0, np.int64)
-    traced, box, seed = np.zeros(0, np.int64), np.zeros((0, 4), np.int64), np.zeros(0, np.int64)
+    traced, seed = np.zeros(0, np.int64), np.zeros(0, np.int64)
     if trace.any():
         boxes = label_boxes(sel, ls, np.flatnonzero(trace), n, w)
         polys, poly_label = trace_labels(lab, boxes, r0, c0)
         traced, seed = boxes.labels, boxes.seed
-        box = np.stack([boxes.r0, boxes.r1, boxes.c0, boxes.c1], axis=1)
     return ChunkScan(
         value=vals, pixels=pixels, area=area, conf_sum=conf_sum, conf_n=conf_n,
         edges=(lab[0].copy(), lab[-1].copy(), lab[:, 0].copy(), lab[:, -1].copy()),
         edge_values=(risk[0].copy(), risk[-1].copy(), risk[:, 0].copy(), risk[:, -1].copy()),
-        polys=polys, poly_label=poly_label, traced=traced, box=box, seed=seed,
+        polys=polys, poly_label=poly_label, traced=traced, seed=seed,
     )
 
 
@@ -259,7 +256,7 @@ class ZoneIdTask:
 
     Attributes:
         classes_tif, win, values, nodata, radius: as in :class:`ScanTask`.
-        zone: zone id of each piece; ``box``, ``seed`` and ``value`` as traced.
+        zone: zone id of each piece; ``seed`` the chunk-local flat index of its first pixel.
     """
 
     classes_tif: str
@@ -268,29 +265,27 @@ class ZoneIdTask:
     nodata: int
     radius: int
     zone: np.ndarray
-    box: np.ndarray
     seed: np.ndarray
-    value: np.ndarray
 
 
 def zone_id_chunk(t: ZoneIdTask) -> tuple[np.ndarray, np.ndarray]:
     """Flat indices (chunk-local, ascending) of the kept pieces' pixels and their zone ids.
 
-    Each kept piece is labelled again inside its bounding box only (its class, from its first
-    pixel): far cheaper than labelling the whole chunk. Sparse output: a chunk's zones cover a
-    small part of it, and this is what travels back from a worker.
+    The chunk is labelled again as in the first pass (one ``cc3d`` pass, ~9 ms per 4 MP): a
+    piece is the patch holding its first pixel. Labelling each piece's bounding box on its own
+    cost ~40 ms per chunk in Python overhead with a few hundred pieces. Sparse output: a
+    chunk's zones cover a small part of it, and this is what travels back from a worker.
     """
     r0, c0, h, w = t.win
     with rasterio.open(t.classes_tif) as ds:
         risk = read_risk(ds, Window(c0, r0, w, h), t.values - 1, t.nodata, t.radius)
-    out = np.zeros(risk.shape, np.uint32)
-    for z, (b0, b1, d0, d1), sd, v in zip(t.zone.tolist(), t.box.tolist(), t.seed.tolist(),
-                                          t.value.tolist(), strict=True):
-        ys, xs = slice(b0, b1 + 1), slice(d0, d1 + 1)
-        lc, _ = ndimage.label(risk[ys, xs] == v, structure=CROSS)
-        # The piece is the component holding its first pixel.
-        piece = lc == lc[sd // w - b0, sd % w - d0]
-        out[ys, xs][piece] = z
-    flat = out.ravel()
-    idx = np.flatnonzero(flat)
-    return idx, flat[idx]
+    risk = np.ascontiguousarray(risk)
+    lab, n = cc3d.connected_components(risk, connectivity=4, out_dtype=np.uint32,
+                                       return_N=True)
+    flat = np.ascontiguousarray(lab).reshape(-1)
+    zone_of = np.zeros(n + 1, np.uint32)
+    zone_of[flat[t.seed]] = t.zone
+    idx = np.flatnonzero(risk != 0)
+    ids = zone_of[flat[idx]]
+    keep = ids != 0
+    return idx[keep], ids[keep]

@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import TypeVar
+from typing import TypeVar, cast
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,10 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T],
     """``fn(item)`` for each item, in order, on the pool's workers and in this process.
 
     Each worker gets at most two chunks ahead (one running, one queued, so it never waits for
-    the caller); the caller computes the next item itself whenever the workers are full. At
-    most ``4 * (workers + 1)`` results wait to be consumed, so memory stays bounded by a few
+    the caller); the caller computes the next item itself whenever the workers are full, and
+    always computes the last item itself unless a worker is idle: queued behind a running
+    chunk it would finish a chunk later (with 4 chunks, the worker did 3 and the caller 1).
+    At most ``4 * (workers + 1)`` results wait to be consumed, so memory stays bounded by a few
     chunks whatever the raster size. A chunk whose worker died is computed again here.
 
     Args:
@@ -120,11 +122,16 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T],
             shutdown_pool()
             return fn(item)
 
-    for item in items:
+    it = iter(items)
+    end = object()
+    nxt: T | object = next(it, end)
+    while nxt is not end:
+        item = cast(T, nxt)
+        nxt = next(it, end)  # one item ahead, to know the last one
         busy = sum(1 for q in queue if q[1] is not None and not q[1].done())
         pool = _pool if pool is not None else None  # gone after a worker died
         fut = None
-        if pool is not None and busy < ahead:
+        if pool is not None and busy < (n if nxt is end else ahead):
             try:
                 fut = pool.submit(fn, item)
             except BrokenProcessPool:

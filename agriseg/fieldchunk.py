@@ -31,8 +31,8 @@ class FieldTask:
         transform: the chunk's affine transform.
         layers: per layer of non-overlapping fields, the fields touching the chunk: their
             polygons and 1-based field numbers.
-        lut: class value -> class code (``k`` = nodata or unknown).
-        k: number of classes.
+        k: number of classes; class values 0..k-1 are their own codes, any other value
+            (nodata, unknown) counts as ``k``.
         n_fields: number of fields (sizes of the count tables).
         dtype: rasterised id dtype (holds ``n_fields * (k + 1) + k``).
         row_area: ground area of a pixel in each of the chunk's rows (``None``: count pixels).
@@ -43,7 +43,6 @@ class FieldTask:
     win: tuple[int, int, int, int]
     transform: Affine
     layers: list[tuple[np.ndarray, np.ndarray]]
-    lut: np.ndarray
     k: int
     n_fields: int
     dtype: str
@@ -84,7 +83,10 @@ def field_chunk(t: FieldTask) -> FieldCounts | None:
         if cls is None:
             # Read once per chunk, whatever the number of field layers.
             with rasterio.open(t.classes_tif) as ds:
-                cls = t.lut[ds.read(1, window=win)].ravel()
+                raw = ds.read(1, window=win).ravel()
+            # min(value, k) against an array of k: 0.5 ms per 4 MP chunk, where numpy's
+            # scalar minimum (no SIMD) costs 3 ms and a 256-entry lookup table 10 ms.
+            cls = np.minimum(raw, np.full_like(raw, t.k))
             for name, path in t.indices.items():
                 with rasterio.open(path) as d:
                     idx_vals[name] = d.read(1, window=win).ravel()
@@ -109,5 +111,22 @@ def field_chunk(t: FieldTask) -> FieldCounts | None:
         code = fid
         code *= t.k + 1
         code += cls
-        out.counts.append(np.bincount(code, minlength=size, weights=weights))
+        out.counts.append(_bincount(code, size, weights))
     return out if out.counts else None
+
+
+def _bincount(code: np.ndarray, size: int, weights: np.ndarray | None) -> np.ndarray:
+    """``np.bincount(code, weights, minlength=size)``; unweighted a block of pixels at a time.
+
+    bincount first casts its input to intp: for a whole 4 MP chunk of uint16 codes a 32 MB
+    temporary that costs as much as the counting; per 256 K block it stays in cache (12.5 ->
+    6.8 ms per chunk). Integer counts are exact either way; weighted (ground area) sums are
+    left in one call so their floating-point sums, and the outputs, stay as they were.
+    """
+    if weights is not None:
+        return np.bincount(code, weights=weights, minlength=size)
+    block = 1 << 18
+    out = np.zeros(size, np.int64)
+    for i in range(0, len(code), block):
+        out += np.bincount(code[i:i + block], minlength=size)
+    return out

@@ -264,9 +264,6 @@ def summarize_fields(
     layer = _layers(geoms)
     trees = [(np.flatnonzero(layer == lv), shapely.STRtree(geoms[layer == lv]))
              for lv in np.unique(layer)]
-    # Class codes 0..k-1, k = nodata or unknown; uint8 keeps the per-chunk temporaries small.
-    lut = np.full(256, k, np.uint8)
-    lut[np.arange(k)] = np.arange(k)
     counts = np.zeros((n + 1) * (k + 1), np.float64)
     indices = dict(indices or {})
     hist = {name: np.zeros((n + 1) * HIST_BINS, np.int64) for name in indices}
@@ -279,7 +276,7 @@ def summarize_fields(
     row_area = _row_pixel_area(grid)
     px_area = grid.pixel_area_m2
     wins = list(chunk_windows(grid.height, grid.width, step))
-    tasks = (_field_task(os.fspath(classes_tif), indices, win, grid, geoms, trees, lut, k,
+    tasks = (_field_task(os.fspath(classes_tif), indices, win, grid, geoms, trees, k,
                          row_area) for win in wins)
     for fc in ordered_map(field_chunk, tasks, workers):
         if fc is None:
@@ -305,7 +302,6 @@ def _field_task(
     grid: Grid,
     geoms: np.ndarray,
     trees: list[tuple[np.ndarray, shapely.STRtree]],
-    lut: np.ndarray,
     k: int,
     row_area: np.ndarray | None,
 ) -> FieldTask:
@@ -323,7 +319,7 @@ def _field_task(
     r0 = int(win.row_off)
     return FieldTask(
         classes_tif, {name: os.fspath(p) for name, p in indices.items()},
-        (r0, int(win.col_off), h, w), tr, layers, lut, k, len(geoms), _code_dtype(len(geoms), k),
+        (r0, int(win.col_off), h, w), tr, layers, k, len(geoms), _code_dtype(len(geoms), k),
         None if row_area is None else row_area[r0:r0 + h],
     )
 

@@ -532,10 +532,12 @@ def _write_zone_raster(
                 (int(win.row_off), int(win.col_off), int(win.height), int(win.width)),
                 values, nodata, radius, zone[lo:hi], seed[lo:hi])))
     # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
-    # several times faster than DEFLATE.
+    # several times faster than DEFLATE; without a predictor, as ids are mostly runs of
+    # zeros and constants: 67 MP in 0.16 s instead of 0.23 s, and smaller.
     prof.update(dtype="uint32", nodata=0, count=1, compress="zstd", zstd_level=1,
-                predictor=2, tiled=True, sparse_ok=True, BIGTIFF="IF_SAFER")
+                tiled=True, sparse_ok=True, BIGTIFF="IF_SAFER")
     prof.pop("photometric", None)
+    prof.pop("predictor", None)
     try:
         dst = rasterio.open(tmp, "w", **prof)
     except RasterioError as exc:

@@ -253,3 +253,45 @@ def test_packed_tracing_matches_whole_image() -> None:
     for g, v in zip(got, labels.tolist(), strict=True):
         moved = shapely.affinity.translate(ref[v], xoff=7, yoff=100)
         assert shapely.equals(g, moved)
+
+
+def _split_touching_reference(risk: np.ndarray) -> np.ndarray:
+    """Labels as an earlier version numbered them: one ndimage.label over all at-risk pixels,
+    then each group where classes touch split per class and appended after all others."""
+    cross = ndimage.generate_binary_structure(2, 1)
+    lab, n = ndimage.label(risk, structure=cross)
+    for m in range(1, n + 1):
+        inside = lab == m
+        vs = np.unique(risk[inside])
+        if len(vs) < 2:
+            continue
+        for v in vs:
+            part = inside & (risk == v)
+            lv, k = ndimage.label(part, structure=cross)
+            lab[part] = lv[part] + n
+            n += k
+    return lab
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_label_chunk_keeps_the_split_numbering_order(seed: int) -> None:
+    """cc3d labels, renumbered, order patches as the ndimage split did: zone ids of equally
+    large zones and the union order of pieces depend on it."""
+    from agriseg.zonechunk import label_chunk
+
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.random((300, 260)), 2)
+    noise2 = ndimage.gaussian_filter(rng.random((300, 260)), 2)
+    risk = np.zeros(noise.shape, np.uint8)
+    risk[noise > 0.52] = WEED + 1
+    risk[noise2 > 0.53] = DISEASE + 1
+    lab, vals, sel, ls = label_chunk(risk)
+    ref = _split_touching_reference(risk)
+    assert (ref > 0).sum() > 1000 and ref.max() > np.unique(ref).size  # groups were split
+    # Same patches, in the same order: the ascending label lists map one to one.
+    assert np.array_equal(lab > 0, ref > 0)
+    pairs = np.unique(np.stack([lab.ravel(), ref.ravel()], axis=1), axis=0)
+    assert len(np.unique(pairs[:, 0])) == len(np.unique(pairs[:, 1])) == len(pairs)
+    assert np.all(np.diff(pairs[:, 1]) > 0)  # sorted by cc3d label, so also by the old one
+    assert np.array_equal(sel, np.flatnonzero(risk)) and np.array_equal(ls, lab.ravel()[sel])
+    assert np.array_equal(vals[lab], np.where(lab > 0, risk, 0))

@@ -80,7 +80,7 @@ def read_risk(
 
 
 def label_chunk(risk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Patches of one chunk: int32 labels, each label's value (+1) and the labelled pixels.
+    """Patches of one chunk: labels, each label's value (+1) and the labelled pixels.
 
     ``cc3d`` labels every at-risk class on its own in one pass (4-connectivity, as ``shapes``
     traces: pixels that touch only at a corner are separate patches, and touching classes stay
@@ -92,15 +92,15 @@ def label_chunk(risk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     zones and the union order of pieces depend. Their old labels are left without pixels.
 
     Returns:
-        ``lab`` (0 = none), ``vals`` (index = label, 0 for unused labels), ``sel`` (flat indices
-        of labelled pixels, ascending) and ``ls`` (their labels).
+        ``lab`` (uint16 or int32, 0 = none), ``vals`` (index = label, 0 for unused labels),
+        ``sel`` (flat indices of labelled pixels, ascending) and ``ls`` (their labels).
     """
     # C order in and out: cc3d keeps the input's memory order, and ``flat`` must be a view.
     risk = np.ascontiguousarray(risk)
-    lab32, n = cc3d.connected_components(risk, connectivity=4, out_dtype=np.uint32,
-                                         return_N=True)
-    # Viewed as int32: shapes takes int32, not uint32 (labels < 2**31).
-    lab = np.ascontiguousarray(lab32).view(np.int32)
+    # cc3d's smallest dtype (uint16 below 65536 labels) writes half the bytes of uint32:
+    # ~2.5 ms less per 4 MP chunk.
+    lab, n = cc3d.connected_components(risk, connectivity=4, return_N=True)
+    lab = np.ascontiguousarray(lab)
     flat, rflat = lab.reshape(-1), risk.reshape(-1)
     # Labelled = at risk. nonzero has a fast path for bool only: the mask and its scan cost a
     # third of scanning the uint8 values (and a tenth of scanning the int32 labels).
@@ -120,6 +120,9 @@ def label_chunk(risk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         mixed[pairs.ravel()] = True
         m = np.flatnonzero(mixed)
         m = m[np.lexsort((m, vals[m], first[group[m]]))]
+        if n + len(m) > np.iinfo(lab.dtype).max:
+            lab = lab.astype(np.uint32)
+            flat = lab.reshape(-1)
         new = np.arange(n + 1, dtype=np.int32)
         new[m] = np.arange(n + 1, n + 1 + len(m), dtype=np.int32)
         moved = mixed[ls]
@@ -127,6 +130,8 @@ def label_chunk(risk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         flat[sel[moved]] = ls[moved]
         vals = np.concatenate([vals, vals[m]])
         vals[m] = 0
+    if lab.dtype == np.uint32:
+        lab = lab.view(np.int32)  # shapes takes int32, not uint32 (labels < 2**31)
     return lab, vals, sel, ls
 
 
@@ -280,8 +285,7 @@ def zone_id_chunk(t: ZoneIdTask) -> tuple[np.ndarray, np.ndarray]:
     with rasterio.open(t.classes_tif) as ds:
         risk = read_risk(ds, Window(c0, r0, w, h), t.values - 1, t.nodata, t.radius)
     risk = np.ascontiguousarray(risk)
-    lab, n = cc3d.connected_components(risk, connectivity=4, out_dtype=np.uint32,
-                                       return_N=True)
+    lab, n = cc3d.connected_components(risk, connectivity=4, return_N=True)
     flat = np.ascontiguousarray(lab).reshape(-1)
     zone_of = np.zeros(n + 1, np.uint32)
     zone_of[flat[t.seed]] = t.zone

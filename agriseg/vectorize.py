@@ -308,7 +308,7 @@ def _scan(
         base += n
     bases.append(base)
     n_lab = base + 1
-    # ndimage.label only sees one chunk; joining its labels across chunk borders is a
+    # Labelling only sees one chunk; joining its labels across chunk borders is a
     # connectivity problem on the graph of same-class border pixel pairs, solved in C by
     # scipy's connected_components (one node per label: memory ~ number of patches).
     pp = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)

@@ -20,10 +20,6 @@ from scipy.sparse.csgraph import connected_components
 
 from agriseg.trace import label_boxes, trace_labels
 
-# 4-connectivity, as ``shapes(connectivity=4)`` traces: pixels that touch only at a corner are
-# separate patches.
-CROSS = ndimage.generate_binary_structure(2, 1)
-
 
 def _disk(radius: int) -> np.ndarray:
     yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]

@@ -131,6 +131,19 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
     return work
 
 
+def _model_overhead(segmenter: Segmenter, plan: TilePlan) -> float:
+    """Model input pixels per output pixel.
+
+    The tile halo, plus the block margins of models that run a tile in blocks (learned
+    models say how many pixels they feed through ``model_pixels``).
+    """
+    model_pixels = getattr(segmenter, "model_pixels", None)
+    if model_pixels is None:
+        return plan.read_overhead
+    seen = sum(model_pixels(int(t.core.height), int(t.core.width)) for t in plan.tiles)
+    return seen / max(1, plan.grid.height * plan.grid.width)
+
+
 def _output_specs(schema: ClassSchema, index_names: tuple[str, ...]) -> list[OutputSpec]:
     specs = [
         # NEAREST overviews, GDAL's default for paletted rasters: they keep each class's share
@@ -213,10 +226,11 @@ def _process(
             f"{survey.path}: every pixel is nodata (alpha 0, nodata value or mask); check "
             "that the right file was given, or fix its nodata/alpha with gdal_edit.py"
         )
+    model_px = _model_overhead(segmenter, plan)
     log.info(
-        "plan: %d tile(s) of %d px + %d px halo, %d hold data (%.1f MP)",
-        len(plan), plan.tile_size, plan.halo, len(tiles),
-        sum(t.core.width * t.core.height for t in tiles) / 1e6,
+        "plan: %d tile(s) of %d px + %d px halo, %d hold data (%.1f MP), %.2f model px per "
+        "output px", len(plan), plan.tile_size, plan.halo, len(tiles),
+        sum(t.core.width * t.core.height for t in tiles) / 1e6, model_px,
     )
     if on_plan:
         on_plan(plan, len(tiles))
@@ -306,7 +320,8 @@ def _process(
         "parameters": json.loads(config.model_dump_json()),
         "plan": {"tiles": len(plan), "tiles_with_data": len(tiles), "tile_size": plan.tile_size,
                  "halo": plan.halo, "block_size": plan.block_size,
-                 "model_pixels_per_output_pixel": round(plan.read_overhead, 4)},
+                 "read_pixels_per_output_pixel": round(plan.read_overhead, 4),
+                 "model_pixels_per_output_pixel": round(model_px, 4)},
         "class_pixels": counts,
         "class_area_m2": {k: round(v * survey.grid.pixel_area_m2, 3) for k, v in counts.items()},
         "throughput_mp_s": round(valid_px / 1e6 / max(timings.get("segment_s", 1e-9), 1e-9), 3),

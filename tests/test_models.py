@@ -199,6 +199,11 @@ def test_segmenter_pickles_small_and_checks_bands_and_gsd(tmp_path: Path, rgba_t
     assert len(pickle.dumps(seg)) < 5000  # weights stay out of the Dask graph
     prepared = seg.prepare(open_survey(rgba_tif))
     assert prepared.halo == 32 and not prepared.warnings
+    if not cuda_possible():
+        # CPU: tiles run as blocks of at most 704 px inputs (640 px interior + 2 x 32 margin).
+        assert prepared.tile_multiple == 640
+        assert seg.model_pixels(1280, 1280) == (2 * 704) ** 2
+        assert seg.model_pixels(1024, 100) == (2 * 576) * (128 + 64)
     far = _tiny_bundle(tmp_path / "far.safetensors")
     meta, _ = read_bundle(far)
     seg_far = NeuralSegmenter(str(far), replace(meta, gsd_range_m=(5.0, 10.0)))

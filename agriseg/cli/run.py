@@ -136,7 +136,7 @@ class _LogProgress:
         mp = plan.grid.width * plan.grid.height / 1e6
         click.echo(
             f"{n} of {len(plan)} tiles of {plan.tile_size} px hold data ({mp:.1f} MP raster, "
-            f"halo {plan.halo} px, {plan.read_overhead:.2f} model px per output px)",
+            f"halo {plan.halo} px, {plan.read_overhead:.2f} px read per output px)",
             err=True,
         )
 

@@ -337,6 +337,11 @@ def _blocks(length: int, block: int) -> list[int]:
     return list(range(0, length, block))
 
 
+def _block_interior(margin: int, gpu: bool) -> int:
+    """Largest block interior side: whole tiles on a GPU, CPU_BLOCK_INPUT inputs on CPU."""
+    return MAX_BLOCK if gpu else max(CPU_BLOCK_INPUT - 2 * margin, SIZE_MULTIPLE)
+
+
 def _block_side(length: int, largest: int) -> int:
     """Sub-patch interior side: as few blocks as fit ``largest``, sharing ``length`` evenly.
 
@@ -409,8 +414,7 @@ class NeuralSegmenter:
         # numbers of full blocks waste no margin on a short last block (1024 px tiles run
         # 2 x 2 inputs of 576 px, 1.27 model px per output px; 1280 px tiles 2 x 2 of 704,
         # 1.21). GPUs take whole tiles.
-        multiple = 1 if cuda_possible() else max(CPU_BLOCK_INPUT - 2 * self.margin,
-                                                 SIZE_MULTIPLE)
+        multiple = 1 if cuda_possible() else _block_interior(self.margin, gpu=False)
         return Prepared(NeuralParams(self.margin), halo=self.margin, info=info,
                         warnings=tuple(warnings), tile_multiple=multiple)
 
@@ -437,8 +441,7 @@ class NeuralSegmenter:
         x = self._normalise(pixels.astype(np.float32, copy=False))
         ih, iw = h - 2 * m, w - 2 * m
         gpu = str(getattr(runner, "engine", "")).endswith("cuda")
-        block = MAX_BLOCK if gpu else max(CPU_BLOCK_INPUT - 2 * m, SIZE_MULTIPLE)
-        by, bx = _block_side(ih, block), _block_side(iw, block)
+        by, bx = _block_side(ih, _block_interior(m, gpu)), _block_side(iw, _block_interior(m, gpu))
         ys, xs = _blocks(ih, by), _blocks(iw, bx)
         # Pad bottom/right so every block has its full (block + 2 * margin) input.
         need_h, need_w = ys[-1] + by + 2 * m, xs[-1] + bx + 2 * m
@@ -463,6 +466,19 @@ class NeuralSegmenter:
             core = out[:, :, m : h - m, m : w - m]
             out = np.pad(core, ((0, 0), (0, 0), (m, m), (m, m)), mode="edge")
         return out
+
+    def model_pixels(self, core_h: int, core_w: int) -> int:
+        """Model input pixels for one core tile: its blocks with their margins, as run here.
+
+        The tile halo alone understates them: each block carries its own margin.
+        """
+        m, gpu = self.margin, cuda_possible()
+
+        def axis(n: int) -> int:
+            side = _block_side(n, _block_interior(m, gpu))
+            return len(_blocks(n, side)) * (side + 2 * m)
+
+        return axis(core_h) * axis(core_w)
 
     def describe(self) -> dict[str, Any]:
         """Bundle facts for run.json."""

@@ -479,14 +479,15 @@ def _scaled(
     raw: np.ndarray, valid: np.ndarray, survey: SurveyRaster
 ) -> tuple[np.ndarray, np.ndarray]:
     """Raw band values to scaled float32; nodata in any band or non-finite is invalid (0)."""
-    data = raw.astype(np.float32)
+    # One pass converts and scales (an integer band times a float32 scalar is float32).
+    data = np.multiply(raw, np.float32(survey.scale), dtype=np.float32)
     # GDAL's mask flags the nodata value of band 1 only; check every band.
     if survey.nodata is not None:
         valid &= ~(raw == survey.nodata).any(axis=0)
-    finite = np.isfinite(data).all(axis=0)
-    valid &= finite
-    data *= np.float32(survey.scale)
-    data[:, ~valid] = 0.0
+    if raw.dtype.kind == "f":  # integers are always finite
+        valid &= np.isfinite(data).all(axis=0)
+    if not valid.all():
+        data[:, ~valid] = 0.0
     return data, valid
 
 

@@ -11,9 +11,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-import geopandas as gpd
-
-from agriseg.fields import FieldSet, read_fields, summarize_fields, whole_raster_field, write_fields
 from agriseg.indices import INDICES
 from agriseg.qgis import (
     ProjectLayer,
@@ -26,28 +23,37 @@ from agriseg.qgis import (
     zone_ids_qml,
     zones_qml,
 )
-from agriseg.report import write_report
-from agriseg.vectorize import ZoneParams, vectorize_zones, write_zones
 
+# geopandas, the zone/field modules and matplotlib (report) are imported inside the steps:
+# they cost ~1.1 s of start-up that a run skipping these steps should not pay.
 if TYPE_CHECKING:
+    import geopandas as gpd
+
+    from agriseg.fields import FieldSet
     from agriseg.survey import PostStep, SurveyContext
 
 log = logging.getLogger(__name__)
 
 
 def _fieldset(ctx: SurveyContext) -> FieldSet:
+    from agriseg.fields import read_fields, whole_raster_field
+
     if ctx.config.fields is None:
         return whole_raster_field(ctx.survey.grid)
     return read_fields(ctx.config.fields, ctx.survey.grid, ctx.config.field_id)
 
 
 def _read_zones(work: Path) -> gpd.GeoDataFrame | None:
+    import geopandas as gpd
+
     path = work / "zones.gpkg"
     return gpd.read_file(path, layer="zones") if path.exists() else None
 
 
 def zones_step(ctx: SurveyContext) -> None:
     """``zones.gpkg`` (styled) and ``zone_ids.tif`` (instance ids) from the class mask."""
+    from agriseg.vectorize import ZoneParams, vectorize_zones, write_zones
+
     fields = _fieldset(ctx).fields if ctx.config.fields is not None else None
     work = ctx.work_dir
     ids_tif = work / "zone_ids.tif"
@@ -80,6 +86,8 @@ def zones_step(ctx: SurveyContext) -> None:
 
 def fields_step(ctx: SurveyContext) -> None:
     """``fields.gpkg`` (styled by health) and ``fields.csv``."""
+    from agriseg.fields import summarize_fields, write_fields
+
     fs = _fieldset(ctx)
     for note in fs.notes:
         log.warning("%s", note)
@@ -102,6 +110,10 @@ def fields_step(ctx: SurveyContext) -> None:
 
 def report_step(ctx: SurveyContext) -> None:
     """``report.html``: one offline file with maps, table, charts and parameters."""
+    import geopandas as gpd
+
+    from agriseg.report import write_report
+
     work = ctx.work_dir
     summary = gpd.read_file(work / "fields.gpkg", layer="fields")
     zones = _read_zones(work)

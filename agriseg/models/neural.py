@@ -414,7 +414,7 @@ class NeuralSegmenter:
         # numbers of full blocks waste no margin on a short last block (1024 px tiles run
         # 2 x 2 inputs of 576 px, 1.27 model px per output px; 1280 px tiles 2 x 2 of 704,
         # 1.21). GPUs take whole tiles.
-        multiple = 1 if cuda_possible() else _block_interior(self.margin, gpu=False)
+        multiple = 1 if self._may_use_gpu() else _block_interior(self.margin, gpu=False)
         return Prepared(NeuralParams(self.margin), halo=self.margin, info=info,
                         warnings=tuple(warnings), tile_multiple=multiple)
 
@@ -441,7 +441,8 @@ class NeuralSegmenter:
         x = self._normalise(pixels.astype(np.float32, copy=False))
         ih, iw = h - 2 * m, w - 2 * m
         gpu = str(getattr(runner, "engine", "")).endswith("cuda")
-        by, bx = _block_side(ih, _block_interior(m, gpu)), _block_side(iw, _block_interior(m, gpu))
+        block = _block_interior(m, gpu)
+        by, bx = _block_side(ih, block), _block_side(iw, block)
         ys, xs = _blocks(ih, by), _blocks(iw, bx)
         # Pad bottom/right so every block has its full (block + 2 * margin) input.
         need_h, need_w = ys[-1] + by + 2 * m, xs[-1] + bx + 2 * m
@@ -467,12 +468,19 @@ class NeuralSegmenter:
             out = np.pad(core, ((0, 0), (0, 0), (m, m), (m, m)), mode="edge")
         return out
 
+    def _may_use_gpu(self) -> bool:
+        """Whether tiles may run on CUDA, known on the client without importing PyTorch.
+
+        Mirrors the runner's choice: the ONNX engine runs on CPU.
+        """
+        return self.engine != "onnx" and cuda_possible()
+
     def model_pixels(self, core_h: int, core_w: int) -> int:
         """Model input pixels for one core tile: its blocks with their margins, as run here.
 
         The tile halo alone understates them: each block carries its own margin.
         """
-        m, gpu = self.margin, cuda_possible()
+        m, gpu = self.margin, self._may_use_gpu()
 
         def axis(n: int) -> int:
             side = _block_side(n, _block_interior(m, gpu))

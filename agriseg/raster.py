@@ -6,10 +6,12 @@ between processes is a :class:`SurveyRaster`, a small frozen description of the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -187,8 +189,13 @@ def _open(path: str) -> rasterio.DatasetReader:
         ) from exc
 
 
-def _detect_roles(ds: rasterio.DatasetReader) -> tuple[dict[str, int], str]:
-    """Guess band roles from descriptions, colour interpretation, then band count."""
+def _detect_roles(
+    ds: rasterio.DatasetReader, sample: Callable[[], np.ndarray]
+) -> tuple[dict[str, int], str]:
+    """Guess band roles from descriptions, colour interpretation, then band count.
+
+    ``sample`` returns every band at :data:`SAMPLE_SIDE` (see :func:`_describe`).
+    """
     roles: dict[str, int] = {}
     for i, desc in enumerate(ds.descriptions, start=1):
         if desc:
@@ -211,7 +218,7 @@ def _detect_roles(ds: rasterio.DatasetReader) -> tuple[dict[str, int], str]:
             if spare and (ds.dtypes[0] != "uint8" or ds.count == 4):
                 roles["nir"] = spare[0]
         if ds.dtypes[0] != "uint8" and "nir" in roles:
-            roles, notes = _reflectance_order(ds, roles)
+            roles, notes = _reflectance_order(ds, roles, sample)
             if notes:
                 how += ", " + "; ".join(notes) + " (override with --bands)"
         return roles, how
@@ -225,7 +232,7 @@ def _detect_roles(ds: rasterio.DatasetReader) -> tuple[dict[str, int], str]:
 
 
 def _reflectance_order(
-    ds: rasterio.DatasetReader, roles: dict[str, int]
+    ds: rasterio.DatasetReader, roles: dict[str, int], sample: Callable[[], np.ndarray]
 ) -> tuple[dict[str, int], list[str]]:
     """Check colour-interpretation roles of a multispectral reflectance raster against physics.
 
@@ -237,20 +244,19 @@ def _reflectance_order(
     untagged bands the brighter is NIR and the other red edge. Only used for non-8-bit
     rasters (camera JPEG colours follow white balance, not physics).
     """
-    small = _decimated_shape(ds.height, ds.width, 256)
-    data = ds.read(out_shape=(ds.count, *small), resampling=Resampling.nearest).astype(np.float64)
+    spare = [i for i in range(1, ds.count + 1)
+             if (i not in roles.values() or i == roles["nir"]) and i != roles.get("alpha")]
+    if len(spare) != 2 or "rededge" in roles:
+        # Not the five-band camera layout: top-of-atmosphere reflectance (haze) can make blue
+        # brighter than red over dense canopy, so the tags are trusted as they are.
+        return roles, []
+    data = sample().astype(np.float64)
     ok = np.isfinite(data).all(axis=0)
     if ds.nodata is not None:
         ok &= ~(data == ds.nodata).any(axis=0)
     if ok.sum() < 100:
         return roles, []
     roles, notes = dict(roles), list[str]()
-    spare = [i for i in range(1, ds.count + 1)
-             if (i not in roles.values() or i == roles["nir"]) and i != roles.get("alpha")]
-    if len(spare) != 2 or "rededge" in roles:
-        # Not the five-band camera layout: top-of-atmosphere reflectance (haze) can make blue
-        # brighter than red over dense canopy, so the tags are trusted as they are.
-        return roles, notes
     med = {i: float(np.median(data[i - 1][ok])) for i in range(1, ds.count + 1)}
     if med[roles["red"]] < 0.9 * med[roles["blue"]]:
         roles["red"], roles["blue"] = roles["blue"], roles["red"]
@@ -278,7 +284,10 @@ def _decimated_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
     return (max(1, round(height / f)), max(1, round(width / f)))
 
 
-def _choose_scale(ds: rasterio.DatasetReader, bands: list[int], alpha: int | None) -> float:
+def _choose_scale(
+    ds: rasterio.DatasetReader, bands: list[int], alpha: int | None,
+    sample: Callable[[], np.ndarray],
+) -> float:
     """Scale raw values to 0..1 reflectance-like values (documented in the README).
 
     uint8: 1/255. Integer types: 1/10000 when the 99th percentile of a decimated read is
@@ -288,14 +297,10 @@ def _choose_scale(ds: rasterio.DatasetReader, bands: list[int], alpha: int | Non
     dtype = np.dtype(ds.dtypes[bands[0] - 1])
     if dtype == np.uint8:
         return 1.0 / 255.0
-    small = _decimated_shape(ds.height, ds.width, 512)
-    if _gdal_decimates_fast(ds, bands[0], small):
-        data = ds.read(bands, out_shape=(len(bands), *small), resampling=Resampling.nearest)
-        alpha_px = ds.read(alpha, out_shape=small, resampling=Resampling.nearest) if alpha else None
-    else:
-        both = _sampled_read(ds.name, [*bands, *([alpha] if alpha else [])], small)
-        data, alpha_px = (both[:-1], both[-1]) if alpha else (both, None)
-    valid = np.ones(small, bool)
+    every = sample()
+    data = every[[b - 1 for b in bands]]
+    alpha_px = every[alpha - 1] if alpha else None
+    valid = np.ones(every.shape[1:], bool)
     if alpha_px is not None:
         valid &= alpha_px > 0
     elif ds.nodata is not None:
@@ -371,6 +376,10 @@ def _describe(
             "first: gdalwarp -r near IN OUT"
         )
     grid = Grid((ds.height, ds.width), t, ds.crs)
+    # Role checks and the scale choice share one decimated read of every band, made only if
+    # one of them needs it (8-bit rasters and explicit --bands mostly do not).
+    small = _decimated_shape(ds.height, ds.width, SAMPLE_SIDE)
+    sample = functools.cache(lambda: _decimated_bands(ds, list(range(1, ds.count + 1)), small))
     if isinstance(bands, str):
         bands = BandRoles.parse(bands)
     if bands is not None:
@@ -383,7 +392,7 @@ def _describe(
                 )
         how = "--bands"
     else:
-        mapping, how = _detect_roles(ds)
+        mapping, how = _detect_roles(ds, sample)
     alpha = mapping.get("alpha")
     if alpha is None:
         flagged = [
@@ -414,7 +423,7 @@ def _describe(
         )
     if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
         raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
-    scale = _choose_scale(ds, spectral, alpha)
+    scale = _choose_scale(ds, spectral, alpha, sample)
     nodata = ds.nodata
     roles = BandRoles.from_mapping(mapping)
     log.info(
@@ -515,6 +524,9 @@ def read_tile(
 # 3 s per 100 MP of RGBA here). A run needs one for the model's prepare, the nodata-tile plan
 # and the quick-look, so one read of every band at OVERVIEW_SIDE serves them all.
 OVERVIEW_SIDE = 2048
+# Side of the decimated read of every band that the band-role check and the scale choice
+# look at when a raster is opened.
+SAMPLE_SIDE = 512
 # Largest full-resolution window one thread of :func:`_sampled_read` holds.
 SAMPLED_READ_BYTES = 64 * 2**20
 _OVERVIEWS: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, float]] = {}
@@ -588,6 +600,15 @@ def _read_overview(
     data, valid = _scaled(raw, valid, survey)
     factor = survey.grid.width / shape[1]
     return data, valid, factor
+
+
+def _decimated_bands(ds: rasterio.DatasetReader, indexes: list[int],
+                     shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour decimated read of ``indexes`` that decodes each block at most once."""
+    if _gdal_decimates_fast(ds, indexes[0], shape):
+        return np.asarray(ds.read(indexes, out_shape=(len(indexes), *shape),
+                                  resampling=Resampling.nearest))
+    return _sampled_read(ds.name, indexes, shape)
 
 
 def _gdal_decimates_fast(ds: rasterio.DatasetReader, band: int, shape: tuple[int, int]) -> bool:

@@ -342,6 +342,12 @@ def _block_interior(margin: int, gpu: bool) -> int:
     return MAX_BLOCK if gpu else max(CPU_BLOCK_INPUT - 2 * margin, SIZE_MULTIPLE)
 
 
+def _block_layout(length: int, margin: int, gpu: bool) -> tuple[int, list[int]]:
+    """How a core axis of ``length`` px is cut: block interior side and block starts."""
+    side = _block_side(length, _block_interior(margin, gpu))
+    return side, _blocks(length, side)
+
+
 def _block_side(length: int, largest: int) -> int:
     """Sub-patch interior side: as few blocks as fit ``largest``, sharing ``length`` evenly.
 
@@ -441,9 +447,7 @@ class NeuralSegmenter:
         x = self._normalise(pixels.astype(np.float32, copy=False))
         ih, iw = h - 2 * m, w - 2 * m
         gpu = str(getattr(runner, "engine", "")).endswith("cuda")
-        block = _block_interior(m, gpu)
-        by, bx = _block_side(ih, block), _block_side(iw, block)
-        ys, xs = _blocks(ih, by), _blocks(iw, bx)
+        (by, ys), (bx, xs) = _block_layout(ih, m, gpu), _block_layout(iw, m, gpu)
         # Pad bottom/right so every block has its full (block + 2 * margin) input.
         need_h, need_w = ys[-1] + by + 2 * m, xs[-1] + bx + 2 * m
         if need_h > h or need_w > w:
@@ -481,12 +485,8 @@ class NeuralSegmenter:
         The tile halo alone understates them: each block carries its own margin.
         """
         m, gpu = self.margin, self._may_use_gpu()
-
-        def axis(n: int) -> int:
-            side = _block_side(n, _block_interior(m, gpu))
-            return len(_blocks(n, side)) * (side + 2 * m)
-
-        return axis(core_h) * axis(core_w)
+        (sy, ys), (sx, xs) = _block_layout(core_h, m, gpu), _block_layout(core_w, m, gpu)
+        return len(ys) * (sy + 2 * m) * len(xs) * (sx + 2 * m)
 
     def describe(self) -> dict[str, Any]:
         """Bundle facts for run.json."""

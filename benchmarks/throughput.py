@@ -54,8 +54,12 @@ def pipeline_input_side(tile: int, margin: int = 32) -> int:
     return _block_side(tile, CPU_BLOCK_INPUT - 2 * margin) + 2 * margin
 
 
-def model_only(bundle: Path, engine: str, tile: int = 512, seconds: float = 20.0) -> float:
-    """MP/s of the engine alone on ``tile`` x ``tile`` inputs, batch 1, all cores."""
+def model_only(bundle: Path, engine: str, tile: int = 512, seconds: float = 20.0,
+               start_at: float | None = None) -> float:
+    """MP/s of the engine alone on ``tile`` x ``tile`` inputs, batch 1, all cores.
+
+    ``start_at`` (a ``time.time()``): wait after the warm-up until then before timing.
+    """
     from agriseg.models.bundle import load_bundle_segmenter
     from agriseg.models.neural import get_runner
 
@@ -63,6 +67,8 @@ def model_only(bundle: Path, engine: str, tile: int = 512, seconds: float = 20.0
     runner = get_runner(seg.path, seg.engine if engine != "auto" else "onnx", seg.meta)
     x = np.random.default_rng(0).random((1, 3, tile, tile), dtype=np.float32)
     runner(x)  # warm-up (ONNX export and session creation happen outside the timing)
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
     t0 = time.perf_counter()
     calls = 0
     while calls < 3 or time.perf_counter() - t0 < seconds:
@@ -78,17 +84,9 @@ def model_only_per_core(bundle: Path, engine: str, tile: int, procs: int,
     Each process warms up, then waits for a common start time so the timed windows overlap.
     """
     start = time.time() + 15.0
-    code = (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); "
-        "from pathlib import Path; from agriseg.models.bundle import load_bundle_segmenter; "
-        "from agriseg.models.neural import get_runner; import numpy as np; "
-        "seg = load_bundle_segmenter(Path(sys.argv[2]), sys.argv[3]); "
-        "r = get_runner(seg.path, seg.engine, seg.meta); side = int(sys.argv[4]); "
-        "x = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32); r(x); "
-        "time.sleep(max(0.0, float(sys.argv[5]) - time.time())); t0 = time.perf_counter(); n = 0\n"
-        "while n < 3 or time.perf_counter() - t0 < float(sys.argv[6]):\n    r(x); n += 1\n"
-        "print(n * side * side / 1e6 / (time.perf_counter() - t0))"
-    )
+    code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "import throughput as t; print(t.model_only(Path(sys.argv[2]), sys.argv[3], "
+            "int(sys.argv[4]), float(sys.argv[6]), start_at=float(sys.argv[5])))")
     env = {**os.environ, "AGRISEG_THREADS": "1"}
     jobs = [subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(bundle),
                               engine, str(tile), str(start), str(seconds)],

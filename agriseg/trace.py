@@ -148,3 +148,111 @@ def trace_labels(lab: np.ndarray, boxes: Boxes, row0: int,
         labels.append(int(val))
     lbl_arr = np.array(labels, np.int64)
     return _polygons(rings, off_x[lbl_arr], off_y[lbl_arr]), lbl_arr
+
+
+def fill_small_holes(polys: np.ndarray, min_area: float) -> np.ndarray:
+    """Polygons without the interior rings smaller than ``min_area`` (pixels).
+
+    A hole under the minimum zone area is speckle (single crop pixels inside a weed patch).
+    Filling it per piece keeps the union and simplification of noisy masks near linear: a
+    raster-wide patch with millions of holes took minutes and GBs. Zone areas come from pixel
+    counts, so they stay exact.
+    """
+    if not len(polys) or min_area <= 0:
+        return polys
+    rings, ring_of = shapely.get_rings(polys, return_index=True)
+    if len(rings) == len(polys):
+        return polys  # no holes at all
+    shell = np.r_[True, ring_of[1:] != ring_of[:-1]]  # get_rings lists the shell first
+    keep = shell | (shapely.area(shapely.polygons(rings)) >= min_area)
+    return shapely.polygons(rings[keep], indices=ring_of[keep])
+
+
+def simplify_pinned(polys: np.ndarray, tolerance: float, pin_x: np.ndarray,
+                    pin_y: np.ndarray) -> np.ndarray:
+    """Douglas-Peucker simplification that keeps every vertex on the given lines.
+
+    Each ring is cut at its vertices with ``x`` in ``pin_x`` or ``y`` in ``pin_y`` (chunk
+    borders) and each section is simplified as a line, which keeps its end points. Pieces of
+    one patch in neighbouring chunks so keep their shared border exactly and still union into
+    one polygon, while each piece is simplified in its own worker, before the union. GEOS has
+    no such option (its polygon simplifiers move every vertex but the first), hence by hand,
+    vectorised over all rings at once. A ring without a pinned vertex is cut at its first one.
+
+    Sections simplified on their own may cross: a ring that crosses itself keeps its pixel
+    outline, and a polygon whose rings cross each other is repaired with ``make_valid``
+    ("structure": shells minus holes). Holes that collapse are dropped; a polygon whose shell
+    collapses is kept as it was.
+
+    Args:
+        polys: polygons (no multipolygons), in pixel coordinates.
+        tolerance: Douglas-Peucker tolerance in the same unit.
+        pin_x: x of vertical lines whose vertices stay.
+        pin_y: y of horizontal lines whose vertices stay.
+
+    Returns:
+        Valid polygons or multipolygons, one per input.
+    """
+    out = polys.copy()
+    if not len(polys) or tolerance <= 0:
+        return out
+    rings, ring_of = shapely.get_rings(polys, return_index=True)
+    xy, v_ring = shapely.get_coordinates(rings, return_index=True)
+    n_rings = len(rings)
+    n_per = np.bincount(v_ring, minlength=n_rings)
+    closing = np.zeros(len(xy), bool)
+    closing[np.cumsum(n_per) - 1] = True
+    xy, v_ring = xy[~closing], v_ring[~closing]
+    n_per -= 1
+    start = np.cumsum(n_per) - n_per
+    local = np.arange(len(xy)) - start[v_ring]
+    pin = np.isin(xy[:, 0], pin_x) | np.isin(xy[:, 1], pin_y)
+    # Rotate each ring to start at its first pinned vertex (or its first vertex).
+    first = np.zeros(n_rings, np.int64)
+    has_pin = np.zeros(n_rings, bool)
+    pinned = np.flatnonzero(pin)[::-1]  # reversed: the last write is the first pinned vertex
+    first[v_ring[pinned]] = local[pinned]
+    has_pin[v_ring[pinned]] = True
+    pin[start[~has_pin]] = True
+    to = start[v_ring] + (local - first[v_ring]) % n_per[v_ring]
+    xy_r = np.empty_like(xy)
+    xy_r[to] = xy
+    pin_r = np.empty_like(pin)
+    pin_r[to] = pin
+    # Sections run from a pinned vertex to the next one (the ring's start for its last).
+    sec = np.cumsum(pin_r) - 1
+    sec_start = np.flatnonzero(pin_r)
+    sec_ring = v_ring[sec_start]  # rotation keeps every vertex in its ring's range
+    nxt = np.r_[sec_start[1:], len(xy_r)]
+    ring_last = np.r_[sec_ring[1:] != sec_ring[:-1], True]
+    end = np.where(ring_last, start[sec_ring], nxt)
+    idx = np.insert(np.arange(len(xy_r)), nxt, end)
+    line_of = np.insert(sec, nxt, np.arange(len(sec_start)))
+    lines = shapely.simplify(shapely.linestrings(xy_r[idx], indices=line_of), tolerance,
+                             preserve_topology=False)
+    sxy, s_line = shapely.get_coordinates(lines, return_index=True)
+    last = np.zeros(len(sxy), bool)
+    last[np.cumsum(np.bincount(s_line, minlength=len(sec_start))) - 1] = True
+    sxy, s_ring = sxy[~last], sec_ring[s_line[~last]]
+    alive = np.bincount(s_ring, minlength=n_rings) >= 3
+    is_shell = np.r_[True, ring_of[1:] != ring_of[:-1]]
+    ok_poly = np.ones(len(polys), bool)
+    ok_poly[ring_of[is_shell & ~alive]] = False
+    keep_ring = alive & ok_poly[ring_of]
+    if not keep_ring.any():
+        return out
+    kept, ring_idx = np.unique(s_ring[keep_ring[s_ring]], return_inverse=True)
+    new_rings = shapely.linearrings(sxy[keep_ring[s_ring]], indices=ring_idx)
+    # A ring whose sections cross each other goes back to its pixel outline (the cheap fix:
+    # ~1 % of a speckle patch's rings, against make_valid on the whole polygon).
+    crossed = ~shapely.is_simple(new_rings)
+    new_rings[crossed] = rings[kept[crossed]]
+    owners, poly_idx = np.unique(ring_of[kept], return_inverse=True)
+    new = shapely.polygons(new_rings, indices=poly_idx)
+    bad = ~shapely.is_valid(new)
+    if bad.any():
+        new[bad] = shapely.make_valid(new[bad], method="structure", keep_collapsed=False)
+        lost = bad & shapely.is_empty(new)
+        new[lost] = polys[owners[lost]]
+    out[owners] = new
+    return out

@@ -7,7 +7,8 @@ neighbouring chunks are joined through the same-class pixel pairs along chunk bo
 patch that crosses chunks is ONE zone. Patches below the minimum area are dropped before any
 polygon is built: ``rasterio.features.shapes`` traces only the pieces that may be kept (packed
 side by side, see :mod:`agriseg.trace`), in *pixel* coordinates (integers, so pieces from
-neighbouring chunks share exactly the same vertices), and the pieces of one patch are unioned.
+neighbouring chunks share exactly the same vertices), simplified in the chunk's worker with
+their chunk-border vertices kept, and the pieces of one patch are unioned.
 The zone-id raster is written by labelling the chunks again and finding each kept piece by its
 first pixel, not by rasterising the polygons back. Memory is bounded by one chunk plus
 per-patch tables and the zones themselves, never by the raster size.
@@ -22,7 +23,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -158,29 +159,6 @@ def row_pixel_areas(grid: Grid) -> np.ndarray | None:
     return a * a / 2 * np.abs(np.diff(q)) * math.radians(abs(t.a))
 
 
-def _fill_small_holes(geoms: np.ndarray, min_area: float) -> np.ndarray:
-    """Polygons (or multipolygons) without interior rings smaller than ``min_area``."""
-    if not len(geoms) or min_area <= 0:
-        return geoms
-    parts, part_of = shapely.get_parts(geoms, return_index=True)
-    rings, ring_of = shapely.get_rings(parts, return_index=True)
-    if len(rings) == len(parts):
-        return geoms  # no holes at all
-    shell = np.r_[True, ring_of[1:] != ring_of[:-1]]  # get_rings lists the shell first
-    keep = shell | (shapely.area(shapely.polygons(rings)) >= min_area)
-    polys = shapely.polygons(rings[keep], indices=ring_of[keep])
-    n_parts = np.bincount(part_of, minlength=len(geoms))
-    single = n_parts[part_of] == 1
-    out = np.empty(len(geoms), dtype=object)
-    out[part_of[single]] = polys[single]
-    multi = ~single
-    if multi.any():
-        out[np.unique(part_of[multi])] = shapely.multipolygons(
-            polys[multi], indices=np.unique(part_of[multi], return_inverse=True)[1]
-        )
-    return out
-
-
 @dataclass(slots=True)
 class _Scan:
     """What the labelling pass keeps: per-label tables (index 0 = no patch) and polygons.
@@ -225,34 +203,26 @@ def _edge_pairs(a_lab: np.ndarray, a_val: np.ndarray, b_lab: np.ndarray,
     return np.unique(np.stack([a_lab[m], b_lab[m]], axis=1), axis=0)
 
 
-def _scan(
-    classes_tif: str,
-    confidence_tif: str | None,
-    grid: Grid,
-    chunk: int,
-    values: np.ndarray,
-    nodata: int,
-    radius: int,
-    min_px_area: float,
-    workers: int | None,
-) -> _Scan:
+def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
     """One pass over the mask: label patches, count their pixels, trace the big ones.
 
     The chunks are labelled and traced by :func:`agriseg.zonechunk.scan_chunk` (in worker
     processes, see :mod:`agriseg.pool`); here their tables are concatenated in chunk order and
     their labels joined across chunk borders. A patch's size is only known once its pieces in
     every chunk are merged, so a piece is traced when it is big enough on its own or when it
-    touches an inner chunk border (it may grow). Areas are pixel counts in a projected CRS and
-    square metres (ellipsoidal pixel areas) in a geographic one; ``min_px_area`` is in the
-    same unit.
+    touches an inner chunk border (it may grow). Traced pieces come back simplified, with
+    their chunk-border vertices in place.
+
+    Args:
+        job: the whole raster as one task: its window and row areas are cut per chunk.
+        chunk: chunk edge in pixels.
+        workers: as in :func:`vectorize_zones`.
     """
-    height, width = grid.height, grid.width
-    row_area = row_pixel_areas(grid)
+    height, width = job.shape
     wins = [(int(w.row_off), int(w.col_off), int(w.height), int(w.width))
             for w in chunk_windows(height, width, chunk)]
-    tasks = (ScanTask(classes_tif, confidence_tif, win, (height, width), values, nodata, radius,
-                      None if row_area is None else row_area[win[0]:win[0] + win[2]],
-                      min_px_area)
+    tasks = (replace(job, win=win, row_area=None if job.row_area is None
+                     else job.row_area[win[0]:win[0] + win[2]])
              for win in wins)
     value_t: list[np.ndarray] = [np.zeros(1, np.uint8)]
     pixels_t: list[np.ndarray] = []
@@ -387,12 +357,19 @@ def vectorize_zones(
         unit = 1.0 if geographic else _pixel_area_m2(grid)
         slack = 1e-2 if geographic else 1e-6
         min_px = p.min_area_m2 * (1 - slack) / unit
+        row_area = row_pixel_areas(grid)
+        # Holes are measured in pixels: the mean pixel's ground area is close enough for
+        # telling speckle holes from real ones.
+        px_m2 = float(row_area.mean()) if row_area is not None else _pixel_area_m2(grid)
     if confidence_tif is not None:
         # Opened here once so that a missing file fails before any chunk is handed out.
         rasterio.open(confidence_tif).close()
-    scan = _scan(os.fspath(classes_tif),
-                 None if confidence_tif is None else os.fspath(confidence_tif),
-                 grid, chunk, values, schema.nodata, radius, min_px, workers)
+    job = ScanTask(
+        os.fspath(classes_tif), None if confidence_tif is None else os.fspath(confidence_tif),
+        (0, 0, grid.height, grid.width), grid.shape_yx, values, schema.nodata, radius, row_area,
+        min_px, min_hole_px=p.min_area_m2 / px_m2,
+        simplify_px=1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m)
+    scan = _scan(job, chunk, workers)
     root = scan.root
     n_comp = int(root.max()) + 1
     comp_area = np.bincount(root, weights=scan.area, minlength=n_comp)
@@ -402,11 +379,6 @@ def vectorize_zones(
     pc = root[pl]
     take = big[pc]
     pl, pc, geoms = pl[take], pc[take], scan.pieces[take]
-    # A hole under the minimum zone area is speckle (single crop pixels inside a weed patch).
-    # Filling it per piece, before the cross-chunk union, keeps union and simplify near
-    # linear on noisy masks: a raster-wide patch with millions of holes took minutes and GBs.
-    # Areas come from pixel counts below, so they stay exact.
-    geoms = _fill_small_holes(geoms, p.min_area_m2 / _pixel_area_m2(grid))
     order = np.argsort(pc, kind="stable")
     pc, pl, geoms = pc[order], pl[order], geoms[order]
     starts = np.flatnonzero(np.r_[True, pc[1:] != pc[:-1]]) if len(pc) else np.zeros(0, int)
@@ -414,8 +386,8 @@ def vectorize_zones(
     comps = pc[starts]
     pix = np.empty(len(comps), dtype=object)
     for i, (s, e) in enumerate(zip(starts, ends, strict=True)):
-        # Pieces of a patch cut by chunk borders share whole pixel edges: their union is one
-        # polygon (4-connected pixels).
+        # Pieces of a patch cut by chunk borders share whole pixel edges (simplification
+        # keeps them): their union is one polygon (4-connected pixels).
         pix[i] = geoms[s] if e - s == 1 else shapely.union_all(geoms[s:e])
     vals = scan.value[pl[starts]].astype(np.int64)
     # Labels left without pixels by _label_chunk are not patches.
@@ -450,11 +422,6 @@ def vectorize_zones(
                            schema.nodata, radius, chunk, workers)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
-    simplify_px = 1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m
-    if simplify_px > 0 and len(pix):
-        out_geoms = pixel_to_crs(_simplify(pix, simplify_px), grid.transform)
-    else:
-        out_geoms = crs_geoms
     gdf = gpd.GeoDataFrame(
         {
             "zone_id": ids,
@@ -463,36 +430,13 @@ def vectorize_zones(
             "pixels": pixels,
             "mean_confidence": np.round(mean_conf, 1),
         },
-        geometry=gpd.GeoSeries(out_geoms, crs=grid.crs),
+        geometry=gpd.GeoSeries(crs_geoms, crs=grid.crs),
         crs=grid.crs,
     )
     gdf["field_id"] = _assign_fields(gdf, fields)
     lon, lat = _scout_points(crs_geoms, grid.crs)
     gdf["centroid_lon"], gdf["centroid_lat"] = np.round(lon, 7), np.round(lat, 7)
     return gdf[[*ZONE_COLUMNS, "geometry"]]
-
-
-def _simplify(geoms: np.ndarray, tolerance: float) -> np.ndarray:
-    """Douglas-Peucker simplification that keeps every polygon valid with all its rings.
-
-    Plain Douglas-Peucker is ~15x faster than GEOS' topology-preserving variant on pixel
-    staircases and almost always gives a valid polygon; only the geometries where it does not
-    (invalid, or a ring or part collapsed) are simplified again with topology preserved.
-    """
-    out = shapely.simplify(geoms, tolerance, preserve_topology=False)
-    bad = (~shapely.is_valid(out) | shapely.is_empty(out)
-           | (shapely.get_num_geometries(out) != shapely.get_num_geometries(geoms))
-           | (_num_rings(out) != _num_rings(geoms)))
-    if bad.any():
-        out[bad] = shapely.simplify(geoms[bad], tolerance, preserve_topology=True)
-    return out
-
-
-def _num_rings(geoms: np.ndarray) -> np.ndarray:
-    """Rings (shells and holes) per polygon or multipolygon."""
-    parts, owner = shapely.get_parts(geoms, return_index=True)
-    per_part = shapely.get_num_interior_rings(parts) + 1
-    return np.bincount(owner, weights=per_part, minlength=len(geoms)).astype(np.int64)
 
 
 def _write_zone_raster(

@@ -18,7 +18,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from agriseg.trace import label_boxes, trace_labels
+from agriseg.trace import fill_small_holes, label_boxes, simplify_pinned, trace_labels
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -166,6 +166,8 @@ class ScanTask:
         radius: closing radius in pixels.
         row_area: ground area of a pixel in each of the chunk's rows (``None``: 1 per pixel).
         min_px_area: pieces at least this big (same unit as the areas) are traced.
+        min_hole_px: holes smaller than this (pixels) are filled in traced pieces.
+        simplify_px: Douglas-Peucker tolerance in pixels for traced pieces (0 = none).
     """
 
     classes_tif: str
@@ -177,6 +179,8 @@ class ScanTask:
     radius: int
     row_area: np.ndarray | None
     min_px_area: float
+    min_hole_px: float
+    simplify_px: float
 
 
 @dataclass(slots=True)
@@ -208,7 +212,8 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
     """Label one chunk, count its pieces and trace those that may be kept.
 
     A piece is traced when it is big enough on its own or touches an inner chunk edge (its
-    patch may continue in the neighbouring chunk).
+    patch may continue in the neighbouring chunk). Traced pieces lose their small holes and
+    are simplified (see :func:`agriseg.trace.simplify_pinned`).
     """
     r0, c0, h, w = t.win
     win = Window(c0, r0, w, h)
@@ -242,6 +247,11 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
     if trace.any():
         boxes = label_boxes(sel, ls, np.flatnonzero(trace), n, w)
         polys, poly_label = trace_labels(lab, boxes, r0, c0)
+        polys = fill_small_holes(polys, t.min_hole_px)
+        # Simplified here, in parallel and chunk by chunk, not after the union: the pieces'
+        # chunk-border vertices stay, so pieces of one patch still meet exactly.
+        polys = simplify_pinned(polys, t.simplify_px, np.array([c0, c0 + w], np.float64),
+                                np.array([r0, r0 + h], np.float64))
         traced, seed = boxes.labels, boxes.seed
     return ChunkScan(
         value=vals, pixels=pixels, area=area, conf_sum=conf_sum, conf_n=conf_n,

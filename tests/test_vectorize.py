@@ -295,3 +295,70 @@ def test_label_chunk_keeps_the_split_numbering_order(seed: int) -> None:
     assert np.all(np.diff(pairs[:, 1]) > 0)  # sorted by cc3d label, so also by the old one
     assert np.array_equal(sel, np.flatnonzero(risk)) and np.array_equal(ls, lab.ravel()[sel])
     assert np.array_equal(vals[lab], np.where(lab > 0, risk, 0))
+
+
+def _traced_pieces(seed: int, size: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """Polygons of a speckle mask's pieces, traced chunk by chunk, and their patch labels."""
+    from agriseg.trace import label_boxes, trace_labels
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.gaussian_filter(rng.random((size, size)), 1.2) > 0.5
+    patch = ndimage.label(mask)[0]
+    polys, owners = [], []
+    for r0 in range(0, size, chunk):
+        for c0 in range(0, size, chunk):
+            sub = mask[r0:r0 + chunk, c0:c0 + chunk]
+            lab, n = ndimage.label(sub)
+            if not n:
+                continue
+            lab = lab.astype(np.int32)
+            flat = lab.ravel()
+            sel = np.flatnonzero(flat)
+            boxes = label_boxes(sel, flat[sel], np.arange(1, n + 1), n, sub.shape[1])
+            got, labels = trace_labels(lab, boxes, r0, c0)
+            polys.append(got)
+            owners.append(patch[r0:r0 + chunk, c0:c0 + chunk].ravel()[boxes.seed][labels - 1])
+    return np.concatenate(polys), np.concatenate(owners)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pinned_simplification_keeps_chunk_borders(seed: int) -> None:
+    """Pieces simplified on their own still meet exactly along chunk borders."""
+    from agriseg.trace import simplify_pinned
+
+    size, chunk = 96, 32
+    polys, owners = _traced_pieces(seed, size, chunk)
+    lines = np.arange(0, size + 1, chunk, dtype=np.float64)
+    simple = simplify_pinned(polys, 1.0, lines, lines)
+    assert shapely.is_valid(simple).all()
+    assert shapely.get_num_coordinates(simple).sum() < shapely.get_num_coordinates(polys).sum()
+    for before, after in zip(polys, simple, strict=True):
+        # nothing moves by more than the tolerance (holes that collapse are filled)
+        assert before.buffer(1.01).contains(after)  # 1 % for the buffer's chords
+        assert after.buffer(1.01).contains(before)
+        on_line = [tuple(p) for p in shapely.get_coordinates(before)
+                   if p[0] in lines or p[1] in lines]
+        assert set(on_line) <= {tuple(p) for p in shapely.get_coordinates(after)}
+    for o in np.unique(owners):
+        exact = shapely.union_all(polys[owners == o])
+        merged = shapely.union_all(simple[owners == o])
+        # one patch stays one polygon: no gap or sliver along the chunk borders
+        assert shapely.get_num_geometries(merged) == shapely.get_num_geometries(exact)
+        assert abs(merged.area - exact.area) <= exact.length * 0.5
+
+
+def test_percolating_speckle_is_one_valid_zone(tmp_path: Path) -> None:
+    """A weed class over half the raster in speckle: one patch across every chunk, quickly."""
+    rng = np.random.default_rng(11)
+    noise = ndimage.gaussian_filter(rng.random((256, 256)), 1.2)
+    cls = np.where(noise > np.quantile(noise, 0.45), WEED, 1).astype(np.uint8)
+    src = write_mask(tmp_path / "c.tif", cls, block=32)
+    exact = vectorize_zones(src, DEFAULT_CLASSES,
+                            ZoneParams(min_area_m2=0.1, chunk=64, simplify_m=0))
+    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.1, chunk=64))
+    assert list(z["pixels"]) == list(exact["pixels"])
+    assert exact.iloc[0]["pixels"] > 0.4 * cls.size  # it percolates
+    assert z.geometry.is_valid.all()
+    for a, b in zip(z.geometry, exact.geometry, strict=True):
+        assert a.buffer(0.0505).contains(b) and b.buffer(0.0505).contains(a)
+        assert shapely.get_num_coordinates(a) < shapely.get_num_coordinates(b)

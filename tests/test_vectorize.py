@@ -362,3 +362,14 @@ def test_percolating_speckle_is_one_valid_zone(tmp_path: Path) -> None:
     for a, b in zip(z.geometry, exact.geometry, strict=True):
         assert a.buffer(0.0505).contains(b) and b.buffer(0.0505).contains(a)
         assert shapely.get_num_coordinates(a) < shapely.get_num_coordinates(b)
+
+
+def test_holes_above_min_area_stay_in_geographic_crs(tmp_path: Path) -> None:
+    t = Affine(6.3e-7, 0, -95.2, 0, -4.5e-7, 44.9)  # ~5 cm pixels at 44.9 N
+    cls = np.ones((200, 200), np.uint8)
+    cls[50:150, 50:150] = DISEASE
+    cls[90:110, 90:110] = 1  # ~1 m2 of crop inside: a real hole
+    cls[60, 60] = 1  # one pixel: speckle, filled
+    src = write_mask(tmp_path / "geo.tif", cls, transform=t, crs="EPSG:4326")
+    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.25))
+    assert len(z) == 1 and shapely.get_num_interior_rings(z.geometry.iloc[0]) == 1

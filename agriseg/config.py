@@ -33,6 +33,10 @@ class RunConfig(BaseModel):
         "auto", description="learned-model engine: auto (ONNX Runtime on CPU, PyTorch on GPU)"
     )
     bands: str | None = Field(None, description="band roles, e.g. red=1,green=2,blue=3,nir=4")
+    gsd: float | None = Field(
+        None, gt=0, le=1000,
+        description="pixel size in metres of an input without a CRS (run in image coordinates)",
+    )
     tile_size: int | None = Field(
         None, ge=16, le=16384,
         description="core tile edge in pixels; default: 1024, larger when the halo is wide",

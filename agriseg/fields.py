@@ -35,7 +35,7 @@ from rasterio.windows import Window
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError, VectorError
 from agriseg.fieldchunk import HIST_BINS, INDEX_RANGE, FieldTask, field_chunk
-from agriseg.grid import Grid
+from agriseg.grid import Grid, on_earth
 from agriseg.pool import ordered_map
 from agriseg.vectorize import (
     aligned_chunk,
@@ -416,8 +416,11 @@ def _table(
     out["health_score"] = health_score(wp, di, cover)
     order = out["health_score"].rank(method="first", na_option="bottom")
     out["rank"] = order.astype(int)
-    ll = fields.geometry.representative_point().to_crs(4326)
-    out["lon"], out["lat"] = ll.x.round(7).to_numpy(), ll.y.round(7).to_numpy()
+    if on_earth(fields.crs):
+        ll = fields.geometry.representative_point().to_crs(4326)
+        out["lon"], out["lat"] = ll.x.round(7).to_numpy(), ll.y.round(7).to_numpy()
+    else:  # an image run with --gsd: no place on Earth
+        out["lon"] = out["lat"] = np.nan
     # Plots can be a few square metres: hectares need more decimals than percentages.
     out = out.round({c: 6 if c.endswith("_ha") else 3 for c in out.columns
                      if out[c].dtype.kind == "f" and c not in ("lon", "lat")})

@@ -20,6 +20,20 @@ from rasterio.windows import Window
 from agriseg.errors import ConfigError
 
 BLOCK_SIZES = (512, 256, 128, 64, 32, 16)
+#: CRS of images run without georeferencing (``--gsd``): metres on the image plane, x east
+#: along the columns, y north up the rows; no place on Earth.
+IMAGE_CRS = CRS.from_wkt(
+    'LOCAL_CS["image plane, not georeferenced (agriseg --gsd)",LOCAL_DATUM["image",32767],'
+    'UNIT["metre",1,AUTHORITY["EPSG","9001"]],AXIS["x",EAST],AXIS["y",NORTH]]'
+)
+
+
+def on_earth(crs: CRS) -> bool:
+    """True for geographic and projected CRSs; False for :data:`IMAGE_CRS` and other local ones.
+
+    Outputs in a local CRS have no longitude/latitude and cannot be reprojected.
+    """
+    return bool(crs.is_geographic or crs.is_projected)
 
 
 @dataclass(frozen=True, slots=True)

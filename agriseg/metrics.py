@@ -5,15 +5,21 @@ Rasters are compared block by block, so any size fits in memory.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema
 from agriseg.errors import GridMismatchError, RasterError
-from agriseg.grid import Grid
+from agriseg.grid import Grid, on_earth
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,18 +116,30 @@ def evaluate_rasters(
 ) -> Scores:
     """Compare a predicted class raster with a truth raster on the same grid.
 
+    When either raster has no place on Earth (no CRS, e.g. a PNG label image, or a run with
+    ``--gsd``), the two are compared pixel for pixel and only their sizes must agree.
+
     Raises:
         GridMismatchError: the two rasters differ in size, transform or CRS.
         RasterError: a file cannot be opened.
     """
     try:
-        with rasterio.open(pred_path) as p, rasterio.open(truth_path) as t:
-            gp = Grid((p.height, p.width), p.transform, p.crs)
-            gt = Grid((t.height, t.width), t.transform, t.crs)
-            if not gp.same_as(gt):
+        with ExitStack() as stack:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                p = stack.enter_context(rasterio.open(pred_path))
+                t = stack.enter_context(rasterio.open(truth_path))
+            if p.crs is None or t.crs is None or not (on_earth(p.crs) and on_earth(t.crs)):
+                log.info("%s / %s: not both on a map; compared pixel for pixel",
+                         pred_path, truth_path)
+                same = p.shape == t.shape
+            else:
+                same = Grid(p.shape, p.transform, p.crs).same_as(
+                    Grid(t.shape, t.transform, t.crs))
+            if not same:
                 raise GridMismatchError(
                     f"{pred_path} and {truth_path} are on different grids "
-                    f"({gp.width}x{gp.height} {gp.crs} vs {gt.width}x{gt.height} {gt.crs}); "
+                    f"({p.width}x{p.height} {p.crs} vs {t.width}x{t.height} {t.crs}); "
                     "resample the truth onto the prediction grid first (gdalwarp -r near "
                     "-te/-tr/-t_srs)"
                 )

@@ -22,6 +22,7 @@ import shapely
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, OutputError
+from agriseg.grid import on_earth
 from agriseg.vectorize import aligned_chunk, chunk_windows, grid_of
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,12 @@ def write_prescription(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str],
     ext = path.suffix.lower()
     if ext not in (".shp", ".gpkg"):
         raise OutputError(f"{path}: write a .shp or .gpkg prescription (terminals read these)")
-    if crs:
+    if crs and gdf.crs is not None and not on_earth(gdf.crs):
+        # A run with --gsd has no place on Earth: a sprayer cannot use it anyway, but the
+        # map is still useful in image coordinates.
+        log.warning("prescription: the run is in image coordinates (--gsd); not "
+                    "reprojected to %s", crs)
+    elif crs:
         gdf = gdf.to_crs(crs)
     tmp_dir = path.parent / f".{path.stem}.partial"
     tmp_dir.mkdir(parents=True, exist_ok=True)

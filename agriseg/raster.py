@@ -11,17 +11,21 @@ import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.shutil
+from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from agriseg.errors import BandError, RasterError
-from agriseg.grid import Grid, Tile
+from agriseg.grid import IMAGE_CRS, Grid, Tile
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +185,10 @@ def _open(path: str) -> rasterio.DatasetReader:
     if not path.startswith(("/vsi", "http")) and not os.path.exists(path):
         raise RasterError(f"{path}: file not found; check the path")
     try:
-        return rasterio.open(path)
+        with warnings.catch_warnings():
+            # Said once, with what to do, by _describe (no CRS) or image_vrt (--gsd).
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            return rasterio.open(path)
     except RasterioError as exc:
         raise RasterError(
             f"{path}: not a readable raster ({exc}); give a GeoTIFF, COG or VRT that "
@@ -317,6 +324,51 @@ def _choose_scale(
     return 1.0 / 10000.0
 
 
+def image_vrt(src: str | os.PathLike[str], vrt: str | os.PathLike[str], gsd_m: float) -> str:
+    """A VRT that places an image without georeferencing on a metric image plane.
+
+    The VRT reads ``src`` unchanged and gives it pixels of ``gsd_m`` metres, the top-left
+    corner at (0, 0) and :data:`agriseg.grid.IMAGE_CRS`; outputs on its grid have the image's
+    rows and columns, so they compare pixel for pixel with labels of the image. The file is
+    only rewritten when its content changes, which keeps a resumed run's input the same.
+
+    Args:
+        src: the image (PNG, JPEG, TIFF: anything GDAL reads) without a CRS.
+        vrt: where to write the VRT.
+        gsd_m: ground sampling distance in metres.
+
+    Returns:
+        The VRT's path.
+
+    Raises:
+        RasterError: the image cannot be read, or it has a CRS (``--gsd`` would hide it).
+    """
+    p = os.path.abspath(os.fspath(src))
+    with _open(p) as ds:
+        if ds.crs is not None:
+            raise RasterError(
+                f"{p}: is georeferenced ({ds.crs.to_string()}); --gsd is only for images "
+                "without a CRS: drop it"
+            )
+    out = Path(vrt)
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            rasterio.shutil.copy(p, tmp, driver="VRT")
+            with rasterio.open(tmp, "r+") as ds:
+                ds.crs = IMAGE_CRS
+                ds.transform = Affine(gsd_m, 0, 0, 0, -gsd_m, 0)
+        if out.exists() and out.read_bytes() == tmp.read_bytes():
+            tmp.unlink()
+        else:
+            os.replace(tmp, out)
+    except RasterioError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RasterError(f"{p}: cannot wrap the image in a VRT ({exc})") from exc
+    return os.fspath(out)
+
+
 def open_survey(path: str | os.PathLike[str], bands: str | BandRoles | None = None) -> SurveyRaster:
     """Open, validate and describe a survey raster.
 
@@ -362,7 +414,9 @@ def _describe(
     if ds.crs is None:
         raise RasterError(
             f"{p}: raster has no CRS, so outputs could not be placed on a map; assign one, "
-            "e.g. gdal_edit.py -a_srs EPSG:32615 FILE"
+            "e.g. gdal_edit.py -a_srs EPSG:32615 FILE, or, for an image without "
+            "georeferencing (a photo, a dataset tile), give its pixel size in metres with "
+            "--gsd to work in image coordinates"
         )
     t = ds.transform
     if t.is_identity or (t.a == 1 and t.e == 1 and t.c == 0 and t.f == 0):

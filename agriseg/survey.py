@@ -43,12 +43,20 @@ from agriseg.predict import (
     run_tiles,
 )
 from agriseg.qgis import write_class_qml, write_ramp_qml
-from agriseg.raster import SurveyRaster, open_survey, read_overview, tile_has_data
+from agriseg.raster import (
+    SurveyRaster,
+    image_vrt,
+    open_survey,
+    read_overview,
+    tile_has_data,
+)
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = ".agriseg-work"
 MANIFEST = "run.json"
+#: The input image on its image-plane grid, in the output folder (runs with ``--gsd``).
+IMAGE_VRT = "image.vrt"
 
 
 @dataclass
@@ -205,10 +213,16 @@ def _process(
             f"cannot skip {', '.join(sorted(unknown))}: no such step; valid steps: "
             f"{', '.join(name for name, _ in POST_STEPS)}"
         )
-    survey = open_survey(config.input, config.bands)
+    if config.gsd is None:
+        survey = open_survey(config.input, config.bands)
     segmenter = load_segmenter(config.model, config.engine)
     out = Path(config.out)
     work = _prepare_out_dir(out, config.overwrite)
+    if config.gsd is not None:
+        # Workers, report and QGIS project all read the image through this VRT, which
+        # gives it a metric image-plane grid (see image_vrt).
+        survey = open_survey(image_vrt(config.input, out / IMAGE_VRT, config.gsd),
+                             config.bands)
 
     t = time.perf_counter()
     prepared = segmenter.prepare(survey)
@@ -239,6 +253,7 @@ def _process(
     specs = _output_specs(schema, index_names)
     identity = {
         **input_identity(survey.path),
+        **({"image": input_identity(str(config.input))} if config.gsd is not None else {}),
         "model": segmenter.describe(),
         "tile_size": plan.tile_size,
         "halo": plan.halo,
@@ -313,7 +328,9 @@ def _process(
         "agriseg": __version__,
         "config_version": config.version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "input": {**survey.to_dict(), "identity": input_identity(survey.path)},
+        "input": {**survey.to_dict(), "identity": input_identity(survey.path),
+                  **({"image": str(config.input), "gsd_m": config.gsd}
+                     if config.gsd is not None else {})},
         "model": {**segmenter.describe(), "prepared": prepared.info,
                   "warnings": list(prepared.warnings)},
         "schema": schema.to_dict(),

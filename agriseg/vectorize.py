@@ -44,7 +44,7 @@ from scipy.sparse.csgraph import connected_components
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError, RasterError
-from agriseg.grid import Grid
+from agriseg.grid import Grid, on_earth
 from agriseg.pool import ordered_map
 from agriseg.zonechunk import ScanTask, ZoneIdTask, scan_chunk, zone_id_chunk
 
@@ -506,8 +506,8 @@ def _scout_points(geoms: np.ndarray, crs: CRS) -> tuple[np.ndarray, np.ndarray]:
 
     A ring-shaped patch has its centroid outside; scouts walk to this point, so it must be in.
     """
-    if len(geoms) == 0:
-        return np.zeros(0), np.zeros(0)
+    if len(geoms) == 0 or not on_earth(crs):  # no place on Earth: an image run with --gsd
+        return np.full(len(geoms), np.nan), np.full(len(geoms), np.nan)
     pts = shapely.centroid(geoms)
     outside = ~shapely.contains_properly(geoms, pts)
     pts[outside] = shapely.point_on_surface(geoms[outside])

@@ -105,6 +105,46 @@ def test_cli_no_crs(tmp_path: Path) -> None:
     src = write_rgba(tmp_path / "nocrs.tif", rgb, valid, crs=None)
     r = CliRunner().invoke(main, ["run", str(src), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "no CRS" in r.output and "gdal_edit" in r.output
+    assert "--gsd" in r.output
+
+
+def test_cli_image_without_georeferencing(rgba_tif: Path, tmp_path: Path,
+                                          scheduler: str) -> None:
+    """A PNG (e.g. a labelled dataset tile) runs with --gsd, in image coordinates."""
+    import geopandas as gpd
+    from PIL import Image
+
+    from agriseg.grid import on_earth
+    from tests.conftest import toy_field
+
+    rgb, _ = toy_field(96, 120)
+    png = tmp_path / "tile.png"
+    Image.fromarray(np.moveaxis(rgb, 0, -1)).save(png)
+    out = tmp_path / "o"
+    args = ["run", str(png), "--out", str(out), "--scheduler", scheduler, "--no-progress",
+            "--min-zone-area", "0", "--gsd", "0.01"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    with rasterio.open(out / "classes.tif") as ds:
+        assert ds.shape == (96, 120) and not on_earth(ds.crs)
+        assert ds.transform.a == 0.01 and ds.transform.e == -0.01
+        pred = ds.read(1)
+    run = json.loads((out / "run.json").read_text())
+    assert run["input"]["image"] == str(png) and run["input"]["grid"]["gsd_m"] == 0.01
+    zones = gpd.read_file(out / "zones.gpkg", layer="zones")
+    assert len(zones) and zones["centroid_lon"].isna().all()
+    assert gpd.read_file(out / "fields.gpkg", layer="fields")["lon"].isna().all()
+    r = CliRunner().invoke(main, ["prescription", str(out), "--rate", "weed=2", "--grid", "0.2"])
+    assert r.exit_code == 0 and (out / "prescription.shp").exists(), r.output
+    # labels of the image compare pixel for pixel
+    Image.fromarray(pred).save(tmp_path / "truth.png")
+    r = CliRunner().invoke(main, ["evaluate", str(out / "classes.tif"),
+                                  str(tmp_path / "truth.png")])
+    assert r.exit_code == 0 and "pixel accuracy 1.0000" in r.output, r.output
+    # a georeferenced raster keeps its CRS: --gsd is refused
+    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "g"),
+                                  "--gsd", "0.01"])
+    assert r.exit_code == 2 and "drop it" in r.output and "Traceback" not in r.output
 
 
 def test_cli_bad_bands(rgba_tif: Path, tmp_path: Path) -> None:

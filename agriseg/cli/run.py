@@ -27,6 +27,10 @@ from agriseg.grid import TilePlan
               help="Engine for learned models [auto: ONNX Runtime on CPU, PyTorch on GPU].")
 @click.option("--bands",
               help="Band roles when the file does not say, e.g. red=3,green=2,blue=1,nir=4.")
+@click.option("--gsd", type=float,
+              help="Pixel size in metres of an image without georeferencing (photo, labelled "
+              "dataset tile): it is then run in image coordinates, outputs keep its rows and "
+              "columns (no map position, no lon/lat).")
 @click.option("--tile-size", type=int,
               help="Core tile edge in pixels, multiple of 16 [1024, up to 2048 when the "
               "model's halo is wide].")
@@ -58,7 +62,8 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     """Segment a survey raster into soil / crop / weed / disease and write QGIS-ready outputs.
 
     INPUT is any GDAL-readable georeferenced raster: RGB, RGBA (alpha = nodata) or
-    multispectral (NIR / red edge), uint8, uint16 or float. Outputs in --out: classes.tif
+    multispectral (NIR / red edge), uint8, uint16 or float; an image without a CRS runs with
+    --gsd. Outputs in --out: classes.tif
     (COG + .qml), confidence.tif, indices/*.tif and run.json; with the full pipeline also
     zones.gpkg, fields.gpkg/.csv, report.html and project.qgs.
 

@@ -221,8 +221,11 @@ def _process(
     if config.gsd is not None:
         # Workers, report and QGIS project all read the image through this VRT, which
         # gives it a metric image-plane grid (see image_vrt).
-        survey = open_survey(image_vrt(config.input, out / IMAGE_VRT, config.gsd),
-                             config.bands)
+        vrt = image_vrt(config.input, out / IMAGE_VRT, config.gsd)
+        try:
+            survey = open_survey(vrt, config.bands)
+        except AgrisegError as exc:  # name the user's file, not our wrapper
+            raise type(exc)(str(exc).replace(vrt, str(config.input))) from exc
 
     t = time.perf_counter()
     prepared = segmenter.prepare(survey)

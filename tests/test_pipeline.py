@@ -141,6 +141,11 @@ def test_cli_image_without_georeferencing(rgba_tif: Path, tmp_path: Path,
     r = CliRunner().invoke(main, ["evaluate", str(out / "classes.tif"),
                                   str(tmp_path / "truth.png")])
     assert r.exit_code == 0 and "pixel accuracy 1.0000" in r.output, r.output
+    # errors name the user's image, not the VRT it is read through
+    Image.fromarray(rgb[1]).save(tmp_path / "gray.png")
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "gray.png"), "--out",
+                                  str(tmp_path / "gr"), "--gsd", "0.01"])
+    assert r.exit_code == 2 and f"{tmp_path / 'gray.png'}: cannot tell" in r.output, r.output
     # a georeferenced raster keeps its CRS: --gsd is refused
     r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "g"),
                                   "--gsd", "0.01"])

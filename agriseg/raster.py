@@ -415,8 +415,9 @@ def _describe(
         raise RasterError(
             f"{p}: raster has no CRS, so outputs could not be placed on a map; assign one, "
             "e.g. gdal_edit.py -a_srs EPSG:32615 FILE, or, for an image without "
-            "georeferencing (a photo, a dataset tile), give its pixel size in metres with "
-            "--gsd to work in image coordinates"
+            "georeferencing (a photo, a dataset tile), give its pixel size in metres "
+            "(agriseg run --gsd, or gsd: in a training data entry) to work in image "
+            "coordinates"
         )
     t = ds.transform
     if t.is_identity or (t.a == 1 and t.e == 1 and t.c == 0 and t.f == 0):

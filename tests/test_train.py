@@ -89,6 +89,30 @@ def test_cli_train_resume_and_export(tmp_path: Path, pair: tuple[Path, Path]) ->
     assert r.exit_code == 2 and "different training configuration" in r.output
 
 
+def test_train_on_images_without_georeferencing(tmp_path: Path,
+                                                pair: tuple[Path, Path]) -> None:
+    """A labelled dataset of PNG tiles (no CRS) trains with ``gsd`` per image."""
+    import numpy as np
+    from PIL import Image
+
+    img, truth = pair
+    with rasterio.open(img) as ds, rasterio.open(truth) as ts:
+        rgb, lab = ds.read([1, 2, 3]), ts.read(1)
+    Image.fromarray(np.moveaxis(rgb, 0, -1)).save(tmp_path / "tile.png")
+    Image.fromarray(lab).save(tmp_path / "tile_labels.png")
+    cfg = _write_cfg(tmp_path / "t.yaml", out="run", epochs=1, data=[
+        {"image": "tile.png", "labels": "tile_labels.png", "gsd": 0.02}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    meta, _ = read_bundle(tmp_path / "run" / "model.safetensors")
+    assert meta.gsd_range_m == (0.02, 0.02)
+    # without gsd the same image is refused, saying what to do
+    cfg = _write_cfg(tmp_path / "u.yaml", out="run2", epochs=1, data=[
+        {"image": "tile.png", "labels": "tile_labels.png"}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 2 and "--gsd" in r.output and "Traceback" not in r.output
+
+
 def test_pseudo_labels_from_teacher(tmp_path: Path, rgba_tif: Path, scheduler: str) -> None:
     cfg = _write_cfg(tmp_path / "t.yaml", out="run", data=[])
     r = CliRunner().invoke(main, [

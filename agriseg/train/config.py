@@ -63,12 +63,20 @@ class DataPair(_Strict):
     layer: str | None = None
     pseudo: PseudoLabels | None = None
     bands: str | None = Field(None, description="band roles, e.g. red=1,green=2,blue=3")
+    gsd: float | None = Field(
+        None, gt=0, le=1000,
+        description="pixel size in metres of an image without a CRS (PNG/JPEG); its labels "
+        "are then an image of the same size",
+    )
 
     @model_validator(mode="after")
     def _one_label_source(self) -> DataPair:
         n = sum(x is not None for x in (self.labels, self.polygons, self.pseudo))
         if n != 1:
             raise ValueError("give exactly one of labels, polygons or pseudo for each image")
+        if self.gsd is not None and self.polygons is not None:
+            raise ValueError("polygons need a georeferenced image; with gsd give labels as "
+                             "an image of the same size")
         return self
 
 

@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, GridMismatchError, InputError, VectorError
-from agriseg.raster import open_survey, read_window
+from agriseg.grid import Grid
+from agriseg.raster import image_vrt, open_survey, read_window
 from agriseg.train.augment import augment_patch
 from agriseg.train.config import AugmentSection
 
@@ -56,14 +60,18 @@ class LabelledImage:
         return np.bincount(sel[sel < k], minlength=k)[:k].astype(int).tolist()
 
 
-def _read_label_raster(path: Path, survey_grid: object, k: int) -> np.ndarray:
+def _read_label_raster(path: Path, survey_grid: Grid, k: int,
+                       image_plane: bool = False) -> np.ndarray:
+    """Labels of a raster on ``survey_grid``; on the image plane only the size must agree."""
     import rasterio
 
-    from agriseg.grid import Grid
-
-    with rasterio.open(path) as ds:
-        grid = Grid((ds.height, ds.width), ds.transform, ds.crs)
-        if ds.crs is None or not grid.same_as(survey_grid):  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        ds = rasterio.open(path)
+    with ds:
+        if image_plane and ds.shape == survey_grid.shape_yx:
+            pass  # a label image of an image without a CRS: pixel for pixel
+        elif ds.crs is None or not Grid(ds.shape, ds.transform, ds.crs).same_as(survey_grid):
             raise GridMismatchError(
                 f"{path}: the label raster is not on the image grid (size, transform, CRS "
                 "differ); warp it onto the image first: gdalwarp -r near -te <image bounds> "
@@ -157,19 +165,26 @@ def load_pair(
     val_fraction: float,
     seed: int,
     bands: str | None = None,
+    gsd: float | None = None,
 ) -> LabelledImage:
     """Read an image whole and attach labels (raster path or array on its grid).
+
+    With ``gsd`` the image has no CRS (a PNG or JPEG tile of a labelled dataset): it is read on
+    the image plane (see :func:`agriseg.raster.image_vrt`), and its label image only has to
+    have the same size.
 
     Raises:
         BandError: the image lacks a band role of the model.
         GridMismatchError: a label raster is on another grid.
     """
-    survey = open_survey(image, bands)
-    survey.require(roles, "the training config")
-    h, w = survey.grid.shape_yx
-    pixels, valid = read_window(survey, roles, Window(0, 0, w, h))
+    with tempfile.TemporaryDirectory(prefix="agriseg-image-") as tmp:
+        src = image if gsd is None else image_vrt(image, Path(tmp) / "image.vrt", gsd)
+        survey = open_survey(src, bands)
+        survey.require(roles, "the training config")
+        h, w = survey.grid.shape_yx
+        pixels, valid = read_window(survey, roles, Window(0, 0, w, h))
     lab = labels if isinstance(labels, np.ndarray) else _read_label_raster(
-        labels, survey.grid, len(schema)
+        labels, survey.grid, len(schema), image_plane=gsd is not None
     )
     lab = lab.copy()
     lab[~valid] = IGNORE

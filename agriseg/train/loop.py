@@ -127,24 +127,27 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[LabelledImage], list[dict
     v = cfg.validation
     images: list[LabelledImage] = []
     summary: list[dict[str, Any]] = []
-    jobs: list[tuple[Path, Any, str | None, dict[str, Any]]] = []
+    jobs: list[tuple[Path, Any, str | None, float | None, dict[str, Any]]] = []
     for img, truth in _synthetic_pairs(cfg):
-        jobs.append((img, truth, None, {"source": "synthetic"}))
+        jobs.append((img, truth, None, None, {"source": "synthetic"}))
     for pair in cfg.data:
         if pair.labels is not None:
-            jobs.append((pair.image, pair.labels, pair.bands, {"source": "raster labels"}))
+            jobs.append((pair.image, pair.labels, pair.bands, pair.gsd,
+                         {"source": "raster labels"}))
         elif pair.polygons is not None:
             grid = open_survey(pair.image, pair.bands).grid
             lab = rasterize_polygons(pair.polygons, pair.class_column, pair.layer, grid, schema)
-            jobs.append((pair.image, lab, pair.bands,
+            jobs.append((pair.image, lab, pair.bands, None,
                          {"source": "polygons", "polygons": pair.polygons.name}))
         elif pair.pseudo is not None:
             lab, info = pseudo_labels(pair.image, cfg.out / "pseudo", pair.pseudo.model,
                                       pair.pseudo.min_confidence, pair.bands or pair.pseudo.bands,
-                                      cfg.scheduler)
-            jobs.append((pair.image, lab, pair.bands, {"source": "pseudo-labels", **info}))
-    for n, (img, lab, bands, info) in enumerate(jobs):
-        im = load_pair(img, lab, roles, schema, v.block_size, v.fraction, v.seed + n, bands)
+                                      cfg.scheduler, pair.gsd)
+            jobs.append((pair.image, lab, pair.bands, pair.gsd,
+                         {"source": "pseudo-labels", **info}))
+    for n, (img, lab, bands, gsd, info) in enumerate(jobs):
+        im = load_pair(img, lab, roles, schema, v.block_size, v.fraction, v.seed + n, bands,
+                       gsd)
         images.append(im)
         summary.append({"image": im.name, "gsd_m": round(im.gsd_m, 4), **info,
                         "train_pixels": dict(zip(schema.names, im.class_counts(len(schema)),

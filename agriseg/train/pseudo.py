@@ -46,6 +46,7 @@ def pseudo_labels(
     min_confidence: float = 0.8,
     bands: str | None = None,
     scheduler: str | None = None,
+    gsd: float | None = None,
 ) -> tuple[np.ndarray, dict[str, object]]:
     """Label ``image`` with ``model``'s confident pixels.
 
@@ -56,6 +57,7 @@ def pseudo_labels(
         min_confidence: 0..1; pixels below get 255 (ignored).
         bands: band roles of the image, when not detected.
         scheduler: Dask scheduler address (default: a local cluster).
+        gsd: pixel size in metres of an image without a CRS (``agriseg run --gsd``).
 
     Returns:
         ``(labels uint8 on the image grid, summary)``.
@@ -65,7 +67,7 @@ def pseudo_labels(
 
     teacher = _teacher(model)
     out = work / Path(image).stem
-    stamp = {"image": str(Path(image).resolve()), "model": teacher}
+    stamp = {"image": str(Path(image).resolve()), "model": teacher, "gsd": gsd}
     done = out / "run.json"
     reuse = False
     if done.exists() and (out / "teacher.json").exists():
@@ -73,7 +75,7 @@ def pseudo_labels(
     if not reuse:
         cfg = build_run_config(
             input=image, out=out, model=teacher, bands=bands, indices=False, overwrite=True,
-            scheduler=scheduler,
+            scheduler=scheduler, gsd=gsd,
         )
         process_survey(cfg)
         (out / "teacher.json").write_text(json.dumps(stamp))

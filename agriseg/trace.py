@@ -4,7 +4,9 @@
 plus 0.4-0.7 ms per call. The pieces worth tracing usually cover a small part of a chunk, so
 their bounding-box crops are packed side by side on a small canvas and traced in one call;
 each polygon is then moved back by its piece's offset. Coordinates stay integers (pixel
-corners), so pieces of neighbouring chunks share their vertices exactly.
+corners), so pieces of neighbouring chunks share their vertices exactly. The pieces then lose
+their small holes and are simplified with their chunk-border vertices kept
+(:func:`simplify_pinned`), so that they still meet exactly.
 """
 
 from __future__ import annotations
@@ -175,9 +177,9 @@ def simplify_pinned(polys: np.ndarray, tolerance: float, pin_x: np.ndarray,
     Each ring is cut at its vertices with ``x`` in ``pin_x`` or ``y`` in ``pin_y`` (chunk
     borders) and each section is simplified as a line, which keeps its end points. Pieces of
     one patch in neighbouring chunks so keep their shared border exactly and still union into
-    one polygon, while each piece is simplified in its own worker, before the union. GEOS has
-    no such option (its polygon simplifiers move every vertex but the first), hence by hand,
-    vectorised over all rings at once. A ring without a pinned vertex is cut at its first one.
+    one polygon, while each piece is simplified in its own worker, before the union. GEOS'
+    polygon simplifiers may drop any vertex, hence by hand, vectorised over all rings at
+    once. A ring without a pinned vertex is cut at its first one.
 
     Sections simplified on their own may cross: a ring that crosses itself keeps its pixel
     outline, and a polygon whose rings cross each other is repaired with ``make_valid``
@@ -197,52 +199,16 @@ def simplify_pinned(polys: np.ndarray, tolerance: float, pin_x: np.ndarray,
     if not len(polys) or tolerance <= 0:
         return out
     rings, ring_of = shapely.get_rings(polys, return_index=True)
-    xy, v_ring = shapely.get_coordinates(rings, return_index=True)
-    n_rings = len(rings)
-    n_per = np.bincount(v_ring, minlength=n_rings)
-    closing = np.zeros(len(xy), bool)
-    closing[np.cumsum(n_per) - 1] = True
-    xy, v_ring = xy[~closing], v_ring[~closing]
-    n_per -= 1
-    start = np.cumsum(n_per) - n_per
-    local = np.arange(len(xy)) - start[v_ring]
-    pin = np.isin(xy[:, 0], pin_x) | np.isin(xy[:, 1], pin_y)
-    # Rotate each ring to start at its first pinned vertex (or its first vertex).
-    first = np.zeros(n_rings, np.int64)
-    has_pin = np.zeros(n_rings, bool)
-    pinned = np.flatnonzero(pin)[::-1]  # reversed: the last write is the first pinned vertex
-    first[v_ring[pinned]] = local[pinned]
-    has_pin[v_ring[pinned]] = True
-    pin[start[~has_pin]] = True
-    to = start[v_ring] + (local - first[v_ring]) % n_per[v_ring]
-    xy_r = np.empty_like(xy)
-    xy_r[to] = xy
-    pin_r = np.empty_like(pin)
-    pin_r[to] = pin
-    # Sections run from a pinned vertex to the next one (the ring's start for its last).
-    sec = np.cumsum(pin_r) - 1
-    sec_start = np.flatnonzero(pin_r)
-    sec_ring = v_ring[sec_start]  # rotation keeps every vertex in its ring's range
-    nxt = np.r_[sec_start[1:], len(xy_r)]
-    ring_last = np.r_[sec_ring[1:] != sec_ring[:-1], True]
-    end = np.where(ring_last, start[sec_ring], nxt)
-    idx = np.insert(np.arange(len(xy_r)), nxt, end)
-    line_of = np.insert(sec, nxt, np.arange(len(sec_start)))
-    lines = shapely.simplify(shapely.linestrings(xy_r[idx], indices=line_of), tolerance,
-                             preserve_topology=False)
-    sxy, s_line = shapely.get_coordinates(lines, return_index=True)
-    last = np.zeros(len(sxy), bool)
-    last[np.cumsum(np.bincount(s_line, minlength=len(sec_start))) - 1] = True
-    sxy, s_ring = sxy[~last], sec_ring[s_line[~last]]
-    alive = np.bincount(s_ring, minlength=n_rings) >= 3
-    is_shell = np.r_[True, ring_of[1:] != ring_of[:-1]]
+    xy, v_ring = _simplified_rings(rings, tolerance, pin_x, pin_y)
+    alive = np.bincount(v_ring, minlength=len(rings)) >= 3
+    is_shell = np.r_[True, ring_of[1:] != ring_of[:-1]]  # get_rings lists the shell first
     ok_poly = np.ones(len(polys), bool)
     ok_poly[ring_of[is_shell & ~alive]] = False
     keep_ring = alive & ok_poly[ring_of]
     if not keep_ring.any():
         return out
-    kept, ring_idx = np.unique(s_ring[keep_ring[s_ring]], return_inverse=True)
-    new_rings = shapely.linearrings(sxy[keep_ring[s_ring]], indices=ring_idx)
+    kept, ring_idx = np.unique(v_ring[keep_ring[v_ring]], return_inverse=True)
+    new_rings = shapely.linearrings(xy[keep_ring[v_ring]], indices=ring_idx)
     # A ring whose sections cross each other goes back to its pixel outline (the cheap fix:
     # ~1 % of a speckle patch's rings, against make_valid on the whole polygon).
     crossed = ~shapely.is_simple(new_rings)
@@ -256,3 +222,45 @@ def simplify_pinned(polys: np.ndarray, tolerance: float, pin_x: np.ndarray,
         new[lost] = polys[owners[lost]]
     out[owners] = new
     return out
+
+
+def _simplified_rings(rings: np.ndarray, tolerance: float, pin_x: np.ndarray,
+                      pin_y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices (without the closing one) and ring index of rings simplified between pins."""
+    xy, v_ring = shapely.get_coordinates(rings, return_index=True)
+    n_per = np.bincount(v_ring, minlength=len(rings))
+    closing = np.zeros(len(xy), bool)
+    closing[np.cumsum(n_per) - 1] = True
+    xy, v_ring = xy[~closing], v_ring[~closing]
+    n_per -= 1
+    start = np.cumsum(n_per) - n_per
+    local = np.arange(len(xy)) - start[v_ring]
+    pin = np.isin(xy[:, 0], pin_x) | np.isin(xy[:, 1], pin_y)
+    # Rotate each ring to start at its first pinned vertex (or its first vertex).
+    first = np.zeros(len(rings), np.int64)
+    has_pin = np.zeros(len(rings), bool)
+    pinned = np.flatnonzero(pin)[::-1]  # reversed: the last write is the first pinned vertex
+    first[v_ring[pinned]] = local[pinned]
+    has_pin[v_ring[pinned]] = True
+    pin[start[~has_pin]] = True
+    to = start[v_ring] + (local - first[v_ring]) % n_per[v_ring]
+    xy_r = np.empty_like(xy)
+    xy_r[to] = xy
+    pin_r = np.empty_like(pin)
+    pin_r[to] = pin
+    # Sections run from a pinned vertex to the next one (the ring's start for its last);
+    # each becomes a line with its end vertex repeated, simplified with both ends kept.
+    sec = np.cumsum(pin_r) - 1
+    sec_start = np.flatnonzero(pin_r)
+    sec_ring = v_ring[sec_start]  # rotation keeps every vertex in its ring's range
+    nxt = np.r_[sec_start[1:], len(xy_r)]
+    ring_last = np.r_[sec_ring[1:] != sec_ring[:-1], True]
+    end = np.where(ring_last, start[sec_ring], nxt)
+    idx = np.insert(np.arange(len(xy_r)), nxt, end)
+    line_of = np.insert(sec, nxt, np.arange(len(sec_start)))
+    lines = shapely.simplify(shapely.linestrings(xy_r[idx], indices=line_of), tolerance,
+                             preserve_topology=False)
+    sxy, s_line = shapely.get_coordinates(lines, return_index=True)
+    last = np.zeros(len(sxy), bool)
+    last[np.cumsum(np.bincount(s_line, minlength=len(sec_start))) - 1] = True
+    return sxy[~last], sec_ring[s_line[~last]]

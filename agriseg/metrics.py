@@ -16,7 +16,7 @@ import rasterio
 from rasterio.errors import NotGeoreferencedWarning
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema
-from agriseg.errors import GridMismatchError, RasterError
+from agriseg.errors import ConfigError, GridMismatchError, InputError, RasterError
 from agriseg.grid import Grid, on_earth
 
 log = logging.getLogger(__name__)
@@ -111,16 +111,64 @@ def score_arrays(
     return Scores(confusion(truth, pred, len(schema), schema.nodata), schema.names)
 
 
+def parse_truth_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dict[int, int]:
+    """``"0=soil,1=crop,2=weed,255=ignore"`` as ``{truth value: class value}``.
+
+    Raises:
+        ConfigError: a malformed pair or an unknown class name (valid names are listed).
+    """
+    names = {c.name: c.value for c in schema.classes} | {"ignore": schema.nodata}
+    out: dict[int, int] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        value, _, name = part.partition("=")
+        if not value.strip().isdigit() or name.strip() not in names:
+            raise ConfigError(
+                f"--truth-classes {part!r}: expected VALUE=CLASS with CLASS one of "
+                f"{', '.join(names)}, e.g. 0=soil,1=crop,2=weed"
+            )
+        out[int(value)] = names[name.strip()]
+    return out
+
+
+def _mapped(truth: np.ndarray, mapping: dict[int, int] | None, k: int, nodata: int,
+            unknown: set[int]) -> np.ndarray:
+    """Truth values as class values.
+
+    Values that are neither classes nor mapped are added to ``unknown`` (the caller refuses
+    the truth then).
+    """
+    if mapping:
+        out = np.full(truth.shape, nodata, np.int64)
+        for src, dst in mapping.items():
+            out[truth == src] = dst
+        listed = np.isin(truth, list(mapping))
+        unknown.update(int(v) for v in np.unique(truth[~listed])[:20])
+        return out
+    bad = (truth >= k) & (truth != nodata)
+    if bad.any():
+        unknown.update(int(v) for v in np.unique(truth[bad])[:20])
+    return truth
+
+
 def evaluate_rasters(
-    pred_path: str | Path, truth_path: str | Path, schema: ClassSchema = DEFAULT_CLASSES
+    pred_path: str | Path, truth_path: str | Path, schema: ClassSchema = DEFAULT_CLASSES,
+    truth_classes: dict[int, int] | None = None,
 ) -> Scores:
     """Compare a predicted class raster with a truth raster on the same grid.
 
     When either raster has no place on Earth (no CRS, e.g. a PNG label image, or a run with
     ``--gsd``), the two are compared pixel for pixel and only their sizes must agree.
 
+    Args:
+        pred_path: class raster written by ``agriseg run``.
+        truth_path: truth raster (class values, ``schema.nodata`` = unlabelled).
+        schema: the classes.
+        truth_classes: truth value -> class value, for truths coded otherwise (see
+            :func:`parse_truth_classes`); every value the truth holds must be listed.
+
     Raises:
         GridMismatchError: the two rasters differ in size, transform or CRS.
+        InputError: the truth holds values that are not classes (nor mapped).
         RasterError: a file cannot be opened.
     """
     try:
@@ -145,10 +193,19 @@ def evaluate_rasters(
                 )
             k = len(schema)
             total = np.zeros((k, k), np.int64)
+            unknown: set[int] = set()
             for _, window in p.block_windows(1):
-                total += confusion(
-                    t.read(1, window=window), p.read(1, window=window), k, schema.nodata
-                )
+                truth = _mapped(t.read(1, window=window), truth_classes, k, schema.nodata,
+                                unknown)
+                total += confusion(truth, p.read(1, window=window), k, schema.nodata)
     except rasterio.errors.RasterioError as exc:
         raise RasterError(f"cannot read {pred_path} or {truth_path}: {exc}") from exc
+    if unknown:
+        vals = sorted(unknown)[:20]
+        classes = ", ".join(f"{c.value}={c.name}" for c in schema.classes)
+        raise InputError(
+            f"{truth_path}: holds values {vals} that are not classes ({classes}, "
+            f"{schema.nodata}=unlabelled); say what they are with --truth-classes, e.g. "
+            f"--truth-classes 0=soil,1=crop,2=weed,{vals[0]}=ignore"
+        )
     return Scores(total, schema.names)

@@ -141,6 +141,15 @@ def test_cli_image_without_georeferencing(rgba_tif: Path, tmp_path: Path,
     r = CliRunner().invoke(main, ["evaluate", str(out / "classes.tif"),
                                   str(tmp_path / "truth.png")])
     assert r.exit_code == 0 and "pixel accuracy 1.0000" in r.output, r.output
+    # a truth coded otherwise is refused until its values are named
+    Image.fromarray(np.where(pred == 0, 7, pred).astype(np.uint8)).save(tmp_path / "t7.png")
+    ev = ["evaluate", str(out / "classes.tif"), str(tmp_path / "t7.png")]
+    r = CliRunner().invoke(main, ev)
+    assert r.exit_code == 2 and "values [7]" in r.output and "--truth-classes" in r.output
+    r = CliRunner().invoke(main, [*ev, "--truth-classes", "7=soil,1=crop,2=weed,3=disease"])
+    assert r.exit_code == 0 and "pixel accuracy 1.0000" in r.output, r.output
+    r = CliRunner().invoke(main, [*ev, "--truth-classes", "7=dirt"])
+    assert r.exit_code == 2 and "one of soil, crop, weed, disease, ignore" in r.output
     # errors name the user's image, not the VRT it is read through
     Image.fromarray(rgb[1]).save(tmp_path / "gray.png")
     r = CliRunner().invoke(main, ["run", str(tmp_path / "gray.png"), "--out",

@@ -139,7 +139,8 @@ class SurveyRaster:
         nodata: declared nodata value, if any.
         scale: multiply raw values by this to get reflectance-like 0..1 values.
         mask_source: how validity is decided: ``alpha`` (band ``roles.alpha``), ``gdal``
-            (GDAL's mask: nodata or per-dataset mask) or ``none`` (every pixel valid).
+            (GDAL's mask: nodata or per-dataset mask), ``black`` (pixels 0 in every band
+            read: an orthomosaic's undeclared fill) or ``none`` (every pixel valid).
     """
 
     path: str
@@ -478,6 +479,15 @@ def _describe(
         )
     if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
         raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
+    if mask_source == "none" and len(spectral) >= 3 and dtype.kind == "u":
+        share = _black_fill_share(sample()[[i - 1 for i in spectral]])
+        if share is not None:
+            mask_source = "black"
+            log.info(
+                "%s: declares no nodata, but %.1f %% of it is pure black (every band 0) "
+                "along its edges: taken as nodata (set a nodata value or an alpha band to "
+                "say otherwise)", p, 100 * share,
+            )
     scale = _choose_scale(ds, spectral, alpha, sample)
     nodata = ds.nodata
     roles = BandRoles.from_mapping(mapping)
@@ -487,6 +497,23 @@ def _describe(
         scale, grid.gsd_m,
     )
     return SurveyRaster(p, grid, int(ds.count), str(dtype), roles, nodata, scale, mask_source)
+
+
+def _black_fill_share(bands: np.ndarray) -> float | None:
+    """Share of pure-black pixels when they look like an orthomosaic's fill, else ``None``.
+
+    Orthomosaics exported without alpha or nodata (JPEG-compressed RGB) fill the area outside
+    the flight with black: every band exactly 0, touching the raster's edges. Real imagery has
+    hardly any pixel at 0 in every band, so black on at least 2 % of the edge and 0.5 % of the
+    raster is fill; a stray black pixel inside is not.
+
+    Args:
+        bands: decimated spectral bands ``(C, H, W)``.
+    """
+    black = np.asarray(~bands.any(axis=0))
+    edge = np.concatenate([black[0], black[-1], black[:, 0], black[:, -1]])
+    share = float(black.mean())
+    return share if share >= 0.005 and edge.mean() >= 0.02 else None
 
 
 def _read_valid(
@@ -548,6 +575,8 @@ def _scaled(
     # GDAL's mask flags the nodata value of band 1 only; check every band.
     if survey.nodata is not None:
         valid &= ~(raw == survey.nodata).any(axis=0)
+    elif survey.mask_source == "black":
+        valid &= raw.any(axis=0)
     if raw.dtype.kind == "f":  # integers are always finite
         valid &= np.isfinite(data).all(axis=0)
     if not valid.all():

@@ -9,6 +9,7 @@ import pytest
 import rasterio
 from affine import Affine
 from rasterio.enums import ColorInterp
+from rasterio.windows import Window
 
 import agriseg.raster as raster
 from agriseg.raster import open_survey, read_overview
@@ -76,3 +77,30 @@ def test_consistent_five_band_tags_are_kept(tmp_path: Path) -> None:
     path = _five_band(tmp_path / "rgb.tif", [0.06, 0.08, 0.03, 0.30, 0.10], RGB_TAGS)
     survey = open_survey(path)
     assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4, "rededge": 5}
+
+
+def _rgb(path: Path, rgb: np.ndarray, **extra: object) -> Path:
+    _, h, w = rgb.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8",
+                       crs="EPSG:32615", transform=Affine(0.02, 0, 5e5, 0, -0.02, 5e6),
+                       **extra) as dst:
+        dst.write(rgb)
+    return path
+
+
+def test_undeclared_black_fill_is_nodata(tmp_path: Path) -> None:
+    """An RGB orthomosaic without alpha or nodata: its black fill along the edges is nodata."""
+    rgb = np.full((3, 200, 200), 120, np.uint8)
+    yy, xx = np.mgrid[0:200, 0:200]
+    fill = (xx + yy) < 60
+    rgb[:, fill] = 0
+    rgb[2, 50:60, 50:60] = 0  # yellow leaves: blue 0 alone is data
+    s = open_survey(_rgb(tmp_path / "fill.tif", rgb))
+    assert s.mask_source == "black"
+    _, valid = raster.read_window(s, s.roles.spectral, Window(0, 0, 200, 200))
+    assert (valid == ~fill).all()
+    # a few black pixels inside are not fill; a declared nodata keeps its own rule
+    inside = np.full((3, 200, 200), 120, np.uint8)
+    inside[:, 90:110, 90:110] = 0
+    assert open_survey(_rgb(tmp_path / "inside.tif", inside)).mask_source == "none"
+    assert open_survey(_rgb(tmp_path / "declared.tif", rgb, nodata=0)).mask_source == "gdal"

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from agriseg.grid import on_earth
 from agriseg.indices import INDICES
 from agriseg.qgis import (
     ProjectLayer,
@@ -121,7 +122,8 @@ def report_step(ctx: SurveyContext) -> None:
     params["model"] = ctx.segmenter.name
     params["gsd_m"] = round(ctx.survey.grid.gsd_m, 4)
     params["raster_px"] = f"{ctx.survey.grid.width} x {ctx.survey.grid.height}"
-    params["crs"] = ctx.survey.grid.crs.to_string()
+    crs = ctx.survey.grid.crs
+    params["crs"] = crs.to_string() if on_earth(crs) else "none: image coordinates (--gsd)"
     notes = list(ctx.manifest.get("fields", {}).get("notes", []))
     notes += [str(w) for w in ctx.prepared.warnings]
     indices = [n.split("/", 1)[1] for n in ctx.outputs if n.startswith("indices/")]

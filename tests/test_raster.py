@@ -104,3 +104,27 @@ def test_undeclared_black_fill_is_nodata(tmp_path: Path) -> None:
     inside[:, 90:110, 90:110] = 0
     assert open_survey(_rgb(tmp_path / "inside.tif", inside)).mask_source == "none"
     assert open_survey(_rgb(tmp_path / "declared.tif", rgb, nodata=0)).mask_source == "gdal"
+
+
+def test_image_vrt_places_an_unreferenced_image(tmp_path: Path) -> None:
+    """--gsd: the image on a metric image plane; rewritten only when it changes (resume)."""
+    import os
+
+    from PIL import Image
+
+    from agriseg.grid import on_earth
+
+    png = tmp_path / "tile.png"
+    Image.fromarray(np.full((30, 40, 3), 90, np.uint8)).save(png)
+    vrt = raster.image_vrt(png, tmp_path / "image.vrt", 0.01)
+    s = open_survey(vrt)
+    assert s.grid.shape_yx == (30, 40) and s.grid.gsd_m == pytest.approx(0.01)
+    assert not on_earth(s.grid.crs)
+    os.utime(vrt, (1, 1))
+    raster.image_vrt(png, tmp_path / "image.vrt", 0.01)
+    assert os.stat(vrt).st_mtime == 1  # same content: not rewritten
+    raster.image_vrt(png, tmp_path / "image.vrt", 0.02)
+    assert os.stat(vrt).st_mtime != 1
+    with pytest.raises(raster.RasterError, match="drop it"):
+        raster.image_vrt(_rgb(tmp_path / "geo.tif", np.full((3, 20, 20), 9, np.uint8)),
+                         tmp_path / "x.vrt", 0.01)

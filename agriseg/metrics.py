@@ -178,7 +178,7 @@ def evaluate_rasters(
                 p = stack.enter_context(rasterio.open(pred_path))
                 t = stack.enter_context(rasterio.open(truth_path))
             if p.crs is None or t.crs is None or not (on_earth(p.crs) and on_earth(t.crs)):
-                log.info("%s / %s: not both on a map; compared pixel for pixel",
+                log.debug("%s / %s: not both on a map; compared pixel for pixel",
                          pred_path, truth_path)
                 same = p.shape == t.shape
             else:

@@ -150,6 +150,15 @@ def test_cli_image_without_georeferencing(rgba_tif: Path, tmp_path: Path,
     assert r.exit_code == 0 and "pixel accuracy 1.0000" in r.output, r.output
     r = CliRunner().invoke(main, [*ev, "--truth-classes", "7=dirt"])
     assert r.exit_code == 2 and "one of soil, crop, weed, disease, ignore" in r.output
+    # a dataset of tiles: pairs pooled into one confusion matrix
+    r = CliRunner().invoke(main, ["evaluate", "--json", str(out / "classes.tif"),
+                                  str(tmp_path / "truth.png"), str(out / "classes.tif"),
+                                  str(tmp_path / "truth.png")])
+    assert r.exit_code == 0, r.output
+    pooled = json.loads(r.output[r.output.index("{"):])
+    assert np.sum(pooled["confusion"]) == 2 * (pred != 255).sum()
+    r = CliRunner().invoke(main, ["evaluate", str(out / "classes.tif")])
+    assert r.exit_code == 2 and "pairs" in r.output
     # errors name the user's image, not the VRT it is read through
     Image.fromarray(rgb[1]).save(tmp_path / "gray.png")
     r = CliRunner().invoke(main, ["run", str(tmp_path / "gray.png"), "--out",

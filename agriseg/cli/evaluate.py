@@ -6,24 +6,39 @@ import json
 from pathlib import Path
 
 import click
+import numpy as np
 
 
 @click.command()
-@click.argument("pred", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("truth", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("rasters", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--truth-classes",
               help="What TRUTH's values are, when coded otherwise than 0=soil, 1=crop, "
               "2=weed, 3=disease: e.g. 0=soil,1=weed,2=crop,9=ignore (every value the "
               "truth holds must be listed).")
-def evaluate(pred: Path, truth: Path, as_json: bool, truth_classes: str | None) -> None:
+def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None) -> None:
     """Per-class IoU, F1, pixel accuracy and confusion matrix of PRED against TRUTH.
 
-    Both rasters must share one grid (size, transform, CRS), or, when either has no CRS
-    (a PNG label image, a run with --gsd), one size; class 255 is ignored.
+    RASTERS is PRED TRUTH, or several such pairs (a labelled dataset of tiles):
+    their pixels are pooled into one confusion matrix, so the scores are the dataset's,
+    not a mean of per-tile scores. The rasters of a pair share one grid (size, transform,
+    CRS), or, when either has no CRS (a PNG label image, a run with --gsd), one size;
+    class 255 is ignored.
     """
-    from agriseg.metrics import evaluate_rasters, parse_truth_classes
+    from agriseg.metrics import Scores, evaluate_rasters, parse_truth_classes
 
+    if len(rasters) % 2:
+        raise click.UsageError(
+            f"give PRED TRUTH pairs; got {len(rasters)} file(s), the last one has no partner"
+        )
     mapping = parse_truth_classes(truth_classes) if truth_classes else None
-    scores = evaluate_rasters(pred, truth, truth_classes=mapping)
-    click.echo(json.dumps(scores.to_dict(), indent=2) if as_json else scores.table())
+    pairs = list(zip(rasters[::2], rasters[1::2], strict=True))
+    each = [evaluate_rasters(p, t, truth_classes=mapping) for p, t in pairs]
+    scores = Scores(np.sum([s.confusion for s in each], axis=0), each[0].names)
+    if as_json:
+        click.echo(json.dumps(scores.to_dict(), indent=2))
+        return
+    if len(pairs) > 1:
+        click.echo(f"{len(pairs)} pairs, pixels pooled")
+    click.echo(scores.table())

@@ -32,3 +32,37 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path: Path) -> None:
         build_run_config("x.yaml", input="a.tif", out="o", tile_sise=512)
     with pytest.raises(ConfigError, match="multiple of 16"):
         build_run_config("x.yaml", input="a.tif", out="o", tile_size=500)
+
+
+def test_labelled_dataset_script(tmp_path: Path, scheduler: str) -> None:
+    """The dataset workflow runs each PNG tile with --gsd and pools the scores."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import toy_field
+
+    imgs, labs = tmp_path / "images", tmp_path / "labels"
+    imgs.mkdir()
+    labs.mkdir()
+    for i in range(2):
+        rgb, _ = toy_field(64, 72, seed=i)
+        Image.fromarray(np.moveaxis(rgb, 0, -1)).save(imgs / f"t{i}.png")
+        Image.fromarray(np.where(rgb[1] > rgb[0], 1, 0).astype(np.uint8)).save(
+            labs / f"t{i}_mask.png")
+    (imgs / "unlabelled.png").write_bytes((imgs / "t0.png").read_bytes())
+    env = {**os.environ, "AGRISEG": str(Path(sys.executable).with_name("agriseg")),
+           "LABEL_SUFFIX": "_mask"}
+    cmd = ["bash", str(WORKFLOWS / "labelled_dataset.sh"), str(imgs), str(labs),
+           str(tmp_path / "out"), "--gsd", "0.01", "--model", "index-threshold",
+           "--scheduler", scheduler]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "2 pairs, pixels pooled" in r.stdout and "mean IoU" in r.stdout
+    assert "no label for" in r.stderr and (tmp_path / "out" / "scores.txt").exists()
+    # a rerun skips the tiles already done
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and "2 pairs" in r.stdout, r.stderr

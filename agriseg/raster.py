@@ -351,6 +351,14 @@ def image_vrt(src: str | os.PathLike[str], vrt: str | os.PathLike[str], gsd_m: f
                 f"{p}: is georeferenced ({ds.crs.to_string()}); --gsd is only for images "
                 "without a CRS: drop it"
             )
+        if ds.driver in ("PNG", "JPEG") and ds.width * ds.height > 50e6:
+            # Neither format has tiles: every tile read decodes the image from its top.
+            log.warning(
+                "%s: a %.0f MP %s is decoded from its first row for every tile; convert it "
+                "once to a tiled GeoTIFF for speed (gdal_translate -co TILED=YES -co "
+                "COMPRESS=DEFLATE IN OUT.tif, then --gsd on that)",
+                p, ds.width * ds.height / 1e6, ds.driver,
+            )
     out = Path(vrt)
     tmp = out.with_name(f".{out.name}.partial")
     try:

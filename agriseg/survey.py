@@ -266,6 +266,10 @@ def _process(
     }
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
+    local = not (config.scheduler or config.scheduler_file)
+    # One tile leaves nothing to share out: starting worker processes (~1.5 s, a model load
+    # each) would be most of a small image's run.
+    processes = config.processes if config.processes is not None else len(tiles) > 1
     t = time.perf_counter()
     try:
         with dask_client(
@@ -273,11 +277,11 @@ def _process(
             str(config.scheduler_file) if config.scheduler_file else None,
             config.workers,
             config.threads_per_worker,
-            config.processes,
+            processes,
             timeout=config.scheduler_timeout,
             resources=getattr(segmenter, "resources", None),
         ) as client:
-            if config.scheduler or config.scheduler_file:
+            if not local:
                 check_workers_see(client, survey.path)
             dashboard = getattr(client, "dashboard_link", None)
             if dashboard:
@@ -341,7 +345,9 @@ def _process(
         "plan": {"tiles": len(plan), "tiles_with_data": len(tiles), "tile_size": plan.tile_size,
                  "halo": plan.halo, "block_size": plan.block_size,
                  "read_pixels_per_output_pixel": round(plan.read_overhead, 4),
-                 "model_pixels_per_output_pixel": round(model_px, 4)},
+                 "model_pixels_per_output_pixel": round(model_px, 4),
+                 "workers": ("existing cluster" if not local
+                             else "local processes" if processes else "local threads")},
         "class_pixels": counts,
         "class_area_m2": {k: round(v * survey.grid.pixel_area_m2, 3) for k, v in counts.items()},
         "throughput_mp_s": round(valid_px / 1e6 / max(timings.get("segment_s", 1e-9), 1e-9), 3),

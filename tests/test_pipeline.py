@@ -38,6 +38,15 @@ def test_tiled_equals_untiled(
         assert np.array_equal(a, b), f"{name} differs between tiled and untiled runs"
 
 
+def test_single_tile_runs_in_threads(rgba_tif: Path, tmp_path: Path) -> None:
+    """A raster of one tile starts no worker processes; the result is the same."""
+    cfg = build_run_config(input=rgba_tif, out=tmp_path / "o", model="index-threshold",
+                           indices=False, skip=("quicklook", "report", "project"))
+    res = process_survey(cfg)
+    plan = json.loads((res.out_dir / "run.json").read_text())["plan"]
+    assert plan["tiles_with_data"] == 1 and plan["workers"] == "local threads"
+
+
 def test_grid_nodata_and_cog_preserved(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
     res = _run(rgba_tif, tmp_path / "o", scheduler, tile_size=64)
     with rasterio.open(rgba_tif) as src, rasterio.open(res.outputs["classes"]) as out:

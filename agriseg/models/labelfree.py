@@ -252,13 +252,18 @@ class LabelFreeSegmenter:
         if "nir" in ch:
             nir, red = ch["nir"], ch["red"]
             vi = (nir - red) / (nir + red + eps)
+            feats, names = [vi], ["ndvi"]
             if "rededge" in ch:
                 # NDRE tracks chlorophyll in dense canopy but also rises in leaf shade (NIR
                 # scatters within the canopy more than red edge); NDVI tracks the visible
                 # symptom (red no longer absorbed). Their z-scores are averaged.
-                ndre = (nir - ch["rededge"]) / (nir + ch["rededge"] + eps)
-                return vi, np.stack([ndre, vi], axis=-3), "ndvi", "ndre+ndvi"
-            return vi, vi[..., None, :, :], "ndvi", "ndvi"
+                feats.insert(0, (nir - ch["rededge"]) / (nir + ch["rededge"] + eps))
+                names.insert(0, "ndre")
+            if "green" in ch:
+                g = ch["green"]
+                feats.append((g - red) / (g + red + eps))
+                names.append("ngrdi")
+            return vi, np.stack(feats, axis=-3), "ndvi", "+".join(names)
         r, g, b = ch["red"], ch["green"], ch["blue"]
         # eps in the denominator damps the chroma of near-black pixels (shadow, sensor noise).
         vi = (2 * g - r - b) / (r + g + b + eps)
@@ -273,6 +278,8 @@ class LabelFreeSegmenter:
         if survey.roles.has("nir", "red"):
             self.roles = ("red", "nir", "rededge") if survey.roles.has("rededge") else (
                 "red", "nir")
+            if survey.roles.has("green"):
+                self.roles += ("green",)
         else:
             self.roles = RGB
         survey.require(self.roles, f"model {self.name!r}")

@@ -487,7 +487,7 @@ def _describe(
         )
     if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
         raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
-    if mask_source == "none" and len(spectral) >= 3 and dtype.kind == "u":
+    if mask_source == "none" and len(spectral) >= 3:
         share = _black_fill_share(sample()[[i - 1 for i in spectral]])
         if share is not None:
             mask_source = "black"
@@ -510,8 +510,9 @@ def _describe(
 def _black_fill_share(bands: np.ndarray) -> float | None:
     """Share of pure-black pixels when they look like an orthomosaic's fill, else ``None``.
 
-    Orthomosaics exported without alpha or nodata (JPEG-compressed RGB) fill the area outside
-    the flight with black: every band exactly 0, touching the raster's edges. Real imagery has
+    Orthomosaics exported without alpha or nodata (JPEG-compressed RGB, some reflectance
+    exports) fill the area outside the flight with black: every band exactly 0, touching the
+    raster's edges. Real imagery has
     hardly any pixel at 0 in every band, so black on at least 2 % of the edge and 0.5 % of the
     raster is fill; a stray black pixel inside is not.
 

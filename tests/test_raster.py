@@ -132,7 +132,7 @@ def test_image_vrt_places_an_unreferenced_image(tmp_path: Path) -> None:
 
 def test_undeclared_zero_fill_in_float_reflectance(tmp_path: Path) -> None:
     refl = np.full((3, 120, 120), 0.2, np.float32)
-    refl[:, :20] = 0.0  # a strip of fill along the left edge
+    refl[:, :, :20] = 0.0  # a strip of fill along the left edge
     path = tmp_path / "refl.tif"
     with rasterio.open(path, "w", driver="GTiff", width=120, height=120, count=3,
                        dtype="float32", crs="EPSG:32615",

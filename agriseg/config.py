@@ -44,9 +44,9 @@ class RunConfig(BaseModel):
     halo: int | None = Field(None, ge=0, le=4096, description="halo; default: the model's")
     workers: int | None = Field(None, ge=1, le=1024, description="local worker processes")
     threads_per_worker: int = Field(1, ge=1, le=256)
-    processes: bool | None = Field(
-        None, description="local workers as processes (False: threads); default: processes, "
-        "or threads of this process when the raster is one tile (nothing to share out)",
+    processes: bool = Field(
+        False, description="local workers as processes (default: threads of this process, "
+        "as fast here and about half the memory, with nothing to start)",
     )
     scheduler: str | None = Field(None, description="address of an existing Dask scheduler")
     scheduler_file: Path | None = Field(None, description="scheduler file of an existing cluster")

@@ -178,15 +178,16 @@ def dask_client(
     scheduler_file: str | None = None,
     workers: int | None = None,
     threads_per_worker: int = 1,
-    processes: bool = True,
+    processes: bool = False,
     dashboard: str = "127.0.0.1:8787",
     timeout: float = 10.0,
     resources: dict[str, float] | None = None,
 ) -> Iterator[Client]:
     """An existing cluster (``scheduler`` address or file) or an embedded LocalCluster.
 
-    With ``resources={"GPU": 1}`` (a model that runs on CUDA) the local cluster gets one
-    worker per GPU advertising that resource: dask-cuda's LocalCUDACluster when installed
+    Local CPU workers are threads of this process unless ``processes``. With
+    ``resources={"GPU": 1}`` (a model that runs on CUDA) the local cluster gets one worker
+    process per GPU advertising that resource: dask-cuda's LocalCUDACluster when installed
     (it pins each worker to its device), else a LocalCluster.
 
     Raises:

@@ -267,9 +267,12 @@ def _process(
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
     local = not (config.scheduler or config.scheduler_file)
-    # One tile leaves nothing to share out: starting worker processes (~1.5 s, a model load
-    # each) would be most of a small image's run.
-    processes = config.processes if config.processes is not None else len(tiles) > 1
+    # Local workers are threads unless asked otherwise: the models' work is numpy, GDAL and
+    # ONNX Runtime calls that release the GIL, so threads keep pace with processes here
+    # (label-free 268 MP: 36.2 vs 35.0 s of tiles; U-Net 16.8 MP: 33.0 vs 39.6 s) while
+    # sharing one copy of the model and the imports (0.96 vs 1.54 GB, 0.99 vs 1.72 GB PSS)
+    # and starting nothing (a small image: 0.4 s instead of 2.1 s).
+    processes = config.processes
     t = time.perf_counter()
     try:
         with dask_client(

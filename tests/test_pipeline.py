@@ -38,13 +38,21 @@ def test_tiled_equals_untiled(
         assert np.array_equal(a, b), f"{name} differs between tiled and untiled runs"
 
 
-def test_single_tile_runs_in_threads(rgba_tif: Path, tmp_path: Path) -> None:
-    """A raster of one tile starts no worker processes; the result is the same."""
+@pytest.mark.parametrize("processes", [False, True])
+def test_embedded_cluster_threads_or_processes(rgba_tif: Path, tmp_path: Path,
+                                               processes: bool) -> None:
+    """The embedded cluster (threads by default, processes on request) gives the same mask."""
     cfg = build_run_config(input=rgba_tif, out=tmp_path / "o", model="index-threshold",
-                           indices=False, skip=("quicklook", "report", "project"))
+                           indices=False, tile_size=64, processes=processes, workers=2,
+                           skip=("quicklook", "report", "project"))
     res = process_survey(cfg)
     plan = json.loads((res.out_dir / "run.json").read_text())["plan"]
-    assert plan["tiles_with_data"] == 1 and plan["workers"] == "local threads"
+    assert plan["tiles_with_data"] > 1
+    assert plan["workers"] == ("local processes" if processes else "local threads")
+    ref = process_survey(build_run_config(input=rgba_tif, out=tmp_path / "ref",
+                                          model="index-threshold", indices=False,
+                                          tile_size=512, skip=("report", "project")))
+    assert np.array_equal(_read(res.outputs["classes"]), _read(ref.outputs["classes"]))
 
 
 def test_grid_nodata_and_cog_preserved(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:

@@ -35,7 +35,8 @@ from agriseg.grid import TilePlan
               help="Core tile edge in pixels, multiple of 16 [1024, up to 2048 when the "
               "model's halo is wide].")
 @click.option("--halo", type=int, help="Context pixels around each tile [the model's margin].")
-@click.option("--workers", type=int, help="Local worker processes [CPU cores].")
+@click.option("--workers", type=int, help="Local workers (threads of this process; "
+              "processes with `processes: true` in --config) [CPU cores].")
 @click.option("--threads-per-worker", type=int, help="Threads per local worker [1].")
 @click.option("--scheduler", help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")
 @click.option("--scheduler-file", type=click.Path(dir_okay=False, path_type=Path),

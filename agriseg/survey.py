@@ -14,6 +14,7 @@ import logging
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +138,24 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
             f"{out}: cannot write there ({exc.strerror or exc}); choose a writable --out"
         ) from exc
     return work
+
+
+def _release_tile_memory() -> None:
+    """Give back what the tiles held before post-processing starts (and forks its workers).
+
+    With worker threads the model, its ONNX Runtime session and the tiles' freed arrays stay in
+    this process; glibc keeps freed heap pages unless asked. Releasing them keeps the
+    post-processing steps' peak (and the pages its forked workers share) down.
+    """
+    import ctypes
+    import gc
+
+    neural = sys.modules.get("agriseg.models.neural")  # loaded only if a learned model ran
+    if neural is not None:
+        neural.release_runners()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # glibc only
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _model_overhead(segmenter: Segmenter, plan: TilePlan) -> float:
@@ -295,6 +314,7 @@ def _process(
             )
     finally:
         writer.close()
+        _release_tile_memory()
     timings["segment_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

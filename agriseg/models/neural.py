@@ -330,6 +330,16 @@ def get_runner(path: str, engine: str, meta: BundleMeta) -> Any:
     return runner
 
 
+def release_runners() -> None:
+    """Drop this process's loaded models (a later tile loads them again).
+
+    With worker threads the models live in the agriseg process itself; the post-processing
+    steps after the tiles do not need them.
+    """
+    with _LOCK:
+        _RUNNERS.clear()
+
+
 # --------------------------------------------------------------------------- segmenter
 
 

@@ -42,8 +42,12 @@ class RunConfig(BaseModel):
         description="core tile edge in pixels; default: 1024, larger when the halo is wide",
     )
     halo: int | None = Field(None, ge=0, le=4096, description="halo; default: the model's")
-    workers: int | None = Field(None, ge=1, le=1024, description="local worker processes")
+    workers: int | None = Field(None, ge=1, le=1024, description="local workers")
     threads_per_worker: int = Field(1, ge=1, le=256)
+    # Threads by default: the models' work is numpy, GDAL and ONNX Runtime calls that release
+    # the GIL, so threads kept pace with processes (label-free 268 MP: 36.2 vs 35.0 s of
+    # tiles; U-Net 16.8 MP: 33.0 vs 39.6 s) while sharing one copy of the model and the
+    # imports (0.96 vs 1.54 GB, 0.99 vs 1.72 GB PSS) and starting nothing.
     processes: bool = Field(
         False, description="local workers as processes (default: threads of this process, "
         "as fast here and about half the memory, with nothing to start)",

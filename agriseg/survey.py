@@ -286,12 +286,6 @@ def _process(
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
     local = not (config.scheduler or config.scheduler_file)
-    # Local workers are threads unless asked otherwise: the models' work is numpy, GDAL and
-    # ONNX Runtime calls that release the GIL, so threads keep pace with processes here
-    # (label-free 268 MP: 36.2 vs 35.0 s of tiles; U-Net 16.8 MP: 33.0 vs 39.6 s) while
-    # sharing one copy of the model and the imports (0.96 vs 1.54 GB, 0.99 vs 1.72 GB PSS)
-    # and starting nothing (a small image: 0.4 s instead of 2.1 s).
-    processes = config.processes
     t = time.perf_counter()
     try:
         with dask_client(
@@ -299,7 +293,7 @@ def _process(
             str(config.scheduler_file) if config.scheduler_file else None,
             config.workers,
             config.threads_per_worker,
-            processes,
+            config.processes,
             timeout=config.scheduler_timeout,
             resources=getattr(segmenter, "resources", None),
         ) as client:
@@ -370,7 +364,7 @@ def _process(
                  "read_pixels_per_output_pixel": round(plan.read_overhead, 4),
                  "model_pixels_per_output_pixel": round(model_px, 4),
                  "workers": ("existing cluster" if not local
-                             else "local processes" if processes else "local threads")},
+                             else "local processes" if config.processes else "local threads")},
         "class_pixels": counts,
         "class_area_m2": {k: round(v * survey.grid.pixel_area_m2, 3) for k, v in counts.items()},
         "throughput_mp_s": round(valid_px / 1e6 / max(timings.get("segment_s", 1e-9), 1e-9), 3),

@@ -6,18 +6,17 @@ Rasters are compared block by block, so any size fits in memory.
 from __future__ import annotations
 
 import logging
-import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema
 from agriseg.errors import ConfigError, GridMismatchError, InputError, RasterError
 from agriseg.grid import Grid, on_earth
+from agriseg.raster import no_georef_warning
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +172,7 @@ def evaluate_rasters(
     """
     try:
         with ExitStack() as stack:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with no_georef_warning():
                 p = stack.enter_context(rasterio.open(pred_path))
                 t = stack.enter_context(rasterio.open(truth_path))
             if p.crs is None or t.crs is None or not (on_earth(p.crs) and on_earth(t.crs)):

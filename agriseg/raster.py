@@ -6,13 +6,14 @@ between processes is a :class:`SurveyRaster`, a small frozen description of the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,13 +183,23 @@ class SurveyRaster:
         }
 
 
+@contextlib.contextmanager
+def no_georef_warning() -> Iterator[None]:
+    """Silence rasterio's NotGeoreferencedWarning for images without a CRS.
+
+    The callers say what a missing CRS means and what to do, once: ``_describe`` (no CRS),
+    :func:`image_vrt` (``--gsd``), evaluation and training labels (compared by size).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        yield
+
+
 def _open(path: str) -> rasterio.DatasetReader:
     if not path.startswith(("/vsi", "http")) and not os.path.exists(path):
         raise RasterError(f"{path}: file not found; check the path")
     try:
-        with warnings.catch_warnings():
-            # Said once, with what to do, by _describe (no CRS) or image_vrt (--gsd).
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with no_georef_warning():
             return rasterio.open(path)
     except RasterioError as exc:
         raise RasterError(
@@ -362,8 +373,7 @@ def image_vrt(src: str | os.PathLike[str], vrt: str | os.PathLike[str], gsd_m: f
     out = Path(vrt)
     tmp = out.with_name(f".{out.name}.partial")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with no_georef_warning():
             rasterio.shutil.copy(p, tmp, driver="VRT")
             with rasterio.open(tmp, "r+") as ds:
                 ds.crs = IMAGE_CRS

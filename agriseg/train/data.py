@@ -15,19 +15,17 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from rasterio.errors import NotGeoreferencedWarning
 from rasterio.windows import Window
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, GridMismatchError, InputError, VectorError
 from agriseg.grid import Grid
-from agriseg.raster import image_vrt, open_survey, read_window
+from agriseg.raster import image_vrt, no_georef_warning, open_survey, read_window
 from agriseg.train.augment import augment_patch
 from agriseg.train.config import AugmentSection
 
@@ -65,8 +63,7 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
     """Labels of a raster on ``survey_grid``; on the image plane only the size must agree."""
     import rasterio
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+    with no_georef_warning():
         ds = rasterio.open(path)
     with ds:
         if image_plane and ds.shape == survey_grid.shape_yx:

@@ -28,12 +28,13 @@ IMAGE_CRS = CRS.from_wkt(
 )
 
 
-def on_earth(crs: CRS) -> bool:
-    """True for geographic and projected CRSs; False for :data:`IMAGE_CRS` and other local ones.
+def on_earth(crs: CRS | None) -> bool:
+    """True for geographic and projected CRSs; False for no CRS and for local ones.
 
-    Outputs in a local CRS have no longitude/latitude and cannot be reprojected.
+    Outputs in a local CRS (:data:`IMAGE_CRS`) have no longitude/latitude and cannot be
+    reprojected.
     """
-    return bool(crs.is_geographic or crs.is_projected)
+    return crs is not None and bool(crs.is_geographic or crs.is_projected)
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,9 +175,9 @@ def evaluate_rasters(
             with no_georef_warning():
                 p = stack.enter_context(rasterio.open(pred_path))
                 t = stack.enter_context(rasterio.open(truth_path))
-            if p.crs is None or t.crs is None or not (on_earth(p.crs) and on_earth(t.crs)):
+            if not (on_earth(p.crs) and on_earth(t.crs)):
                 log.debug("%s / %s: not both on a map; compared pixel for pixel",
-                         pred_path, truth_path)
+                          pred_path, truth_path)
                 same = p.shape == t.shape
             else:
                 same = Grid(p.shape, p.transform, p.crs).same_as(

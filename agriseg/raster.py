@@ -522,9 +522,8 @@ def _black_fill_share(bands: np.ndarray) -> float | None:
 
     Orthomosaics exported without alpha or nodata (JPEG-compressed RGB, some reflectance
     exports) fill the area outside the flight with black: every band exactly 0, touching the
-    raster's edges. Real imagery has
-    hardly any pixel at 0 in every band, so black on at least 2 % of the edge and 0.5 % of the
-    raster is fill; a stray black pixel inside is not.
+    raster's edges. Real imagery has hardly any pixel at 0 in every band, so black on at
+    least 2 % of the edge and 0.5 % of the raster is fill; a stray black pixel inside is not.
 
     Args:
         bands: decimated spectral bands ``(C, H, W)``.

@@ -390,7 +390,7 @@ def vectorize_zones(
         # keeps them): their union is one polygon (4-connected pixels).
         pix[i] = geoms[s] if e - s == 1 else shapely.union_all(geoms[s:e])
     vals = scan.value[pl[starts]].astype(np.int64)
-    # Labels left without pixels by _label_chunk are not patches.
+    # Labels left without pixels by label_chunk are not patches.
     n_patches = int(np.count_nonzero(np.bincount(root, weights=scan.pixels, minlength=n_comp)))
     if len(pix):
         crs_geoms = pixel_to_crs(pix, grid.transform)

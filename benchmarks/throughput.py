@@ -49,9 +49,9 @@ def make_bundle(arch: str, encoder: str) -> Path:
 
 def pipeline_input_side(tile: int, margin: int = 32) -> int:
     """Side of the model inputs the pipeline feeds for core tiles of ``tile`` px on CPU."""
-    from agriseg.models.neural import CPU_BLOCK_INPUT, _block_side
+    from agriseg.models.neural import _block_layout
 
-    return _block_side(tile, CPU_BLOCK_INPUT - 2 * margin) + 2 * margin
+    return _block_layout(tile, margin, gpu=False)[0] + 2 * margin
 
 
 def model_only(bundle: Path, engine: str, tile: int = 512, seconds: float = 20.0,
@@ -111,9 +111,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.tile_size is None:
         from agriseg.grid import auto_tile_size
-        from agriseg.models.neural import CPU_BLOCK_INPUT
+        from agriseg.models.neural import _block_interior
 
-        a.tile_size = auto_tile_size(32, multiple=CPU_BLOCK_INPUT - 64)
+        a.tile_size = auto_tile_size(32, multiple=_block_interior(32, gpu=False))
     src = synthetic_rgb(a.size)
     bundle = make_bundle(a.arch, a.encoder)
     mpx = a.size * a.size / 1e6

@@ -80,8 +80,9 @@ def test_consistent_five_band_tags_are_kept(tmp_path: Path) -> None:
 
 
 def _rgb(path: Path, rgb: np.ndarray, **extra: object) -> Path:
+    """A 3-band GeoTIFF in UTM 15N of ``rgb`` (its dtype), no alpha, no nodata unless given."""
     _, h, w = rgb.shape
-    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint8",
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3, dtype=rgb.dtype,
                        crs="EPSG:32615", transform=Affine(0.02, 0, 5e5, 0, -0.02, 5e6),
                        **extra) as dst:
         dst.write(rgb)
@@ -133,12 +134,7 @@ def test_image_vrt_places_an_unreferenced_image(tmp_path: Path) -> None:
 def test_undeclared_zero_fill_in_float_reflectance(tmp_path: Path) -> None:
     refl = np.full((3, 120, 120), 0.2, np.float32)
     refl[:, :, :20] = 0.0  # a strip of fill along the left edge
-    path = tmp_path / "refl.tif"
-    with rasterio.open(path, "w", driver="GTiff", width=120, height=120, count=3,
-                       dtype="float32", crs="EPSG:32615",
-                       transform=Affine(0.02, 0, 5e5, 0, -0.02, 5e6)) as dst:
-        dst.write(refl)
-    s = open_survey(path, "red=1,green=2,blue=3")
+    s = open_survey(_rgb(tmp_path / "refl.tif", refl), "red=1,green=2,blue=3")
     assert s.mask_source == "black"
     _, valid = raster.read_window(s, s.roles.spectral, Window(0, 0, 120, 120))
     assert not valid[:, :20].any() and valid[:, 20:].all()

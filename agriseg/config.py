@@ -43,7 +43,11 @@ class RunConfig(BaseModel):
     )
     halo: int | None = Field(None, ge=0, le=4096, description="halo; default: the model's")
     workers: int | None = Field(None, ge=1, le=1024, description="local workers")
-    threads_per_worker: int = Field(1, ge=1, le=256)
+    threads_per_worker: int | None = Field(
+        None, ge=1, le=256,
+        description="threads per local worker; default: 1 per CPU worker, and per GPU worker "
+        "the host's cores shared among its GPUs (at most 8), so reading overlaps the model",
+    )
     # Threads by default: the models' work is numpy, GDAL and ONNX Runtime calls that release
     # the GIL, so threads kept pace with processes (label-free 268 MP: 36.2 vs 35.0 s of
     # tiles; U-Net 16.8 MP: 33.0 vs 39.6 s) while sharing one copy of the model and the

@@ -231,7 +231,7 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
             BLOCKSIZE="512",
             OVERVIEW_RESAMPLING=spec.resampling,
             BIGTIFF="IF_SAFER",
-            NUM_THREADS="2",
+            NUM_THREADS="ALL_CPUS",
         )
     except (RasterioError, OSError) as exc:
         tmp.unlink(missing_ok=True)

@@ -286,6 +286,10 @@ def _process(
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
     local = not (config.scheduler or config.scheduler_file)
+    resources = getattr(segmenter, "resources", None)
+    layout = ("existing cluster" if not local else "local GPU processes" if resources
+              else "local processes" if config.processes else "local threads")
+    nthreads: dict[str, int] = {}
     t = time.perf_counter()
     try:
         with dask_client(
@@ -295,10 +299,11 @@ def _process(
             config.threads_per_worker,
             config.processes,
             timeout=config.scheduler_timeout,
-            resources=getattr(segmenter, "resources", None),
+            resources=resources,
         ) as client:
             if not local:
                 check_workers_see(client, survey.path)
+            nthreads = client.nthreads()
             dashboard = getattr(client, "dashboard_link", None)
             if dashboard:
                 log.info("Dask dashboard: %s", dashboard)
@@ -347,6 +352,8 @@ def _process(
 
     counts = class_counts(work / "classes.tif", schema)
     timings["total_s"] = time.perf_counter() - t_start
+    # A rate, not a duration: the tile stream after the first tile (start-up excluded).
+    stream_mp_s = timings.pop("stream_mp_s", None)
     valid_px = sum(v for k, v in counts.items() if k != "nodata")
     manifest: dict[str, Any] = {
         "agriseg": __version__,
@@ -363,11 +370,12 @@ def _process(
                  "halo": plan.halo, "block_size": plan.block_size,
                  "read_pixels_per_output_pixel": round(plan.read_overhead, 4),
                  "model_pixels_per_output_pixel": round(model_px, 4),
-                 "workers": ("existing cluster" if not local
-                             else "local processes" if config.processes else "local threads")},
+                 "workers": layout, "worker_count": len(nthreads),
+                 "worker_threads": sum(nthreads.values())},
         "class_pixels": counts,
         "class_area_m2": {k: round(v * survey.grid.pixel_area_m2, 3) for k, v in counts.items()},
         "throughput_mp_s": round(valid_px / 1e6 / max(timings.get("segment_s", 1e-9), 1e-9), 3),
+        "stream_mp_s": None if stream_mp_s is None else round(stream_mp_s, 3),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "versions": _versions(),
         "outputs": {k: str(v) for k, v in sorted(ctx.outputs.items())},

@@ -49,6 +49,7 @@ def test_embedded_cluster_threads_or_processes(rgba_tif: Path, tmp_path: Path,
     plan = json.loads((res.out_dir / "run.json").read_text())["plan"]
     assert plan["tiles_with_data"] > 1
     assert plan["workers"] == ("local processes" if processes else "local threads")
+    assert (plan["worker_count"], plan["worker_threads"]) == (2, 2)
     ref = process_survey(build_run_config(input=rgba_tif, out=tmp_path / "ref",
                                           model="index-threshold", indices=False,
                                           tile_size=512, skip=("report", "project")))

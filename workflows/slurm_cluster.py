@@ -3,8 +3,10 @@
     pip install dask-jobqueue
     python workflows/slurm_cluster.py /shared/survey.tif /shared/results --jobs 4 --model BUNDLE
 
-Each SLURM job is one Dask worker with one GPU, advertising ``resources={"GPU": 1}`` so model
-tasks land on GPU workers. Input and output must be on the shared file system.
+Each SLURM job is one Dask worker with one GPU and 8 threads, advertising one ``GPU`` resource
+unit per thread (``resources={"GPU": 8}``): model tasks ask for one unit, so they land on GPU
+workers and 8 tiles are read and decoded while the GPU works. Input and output must be on the
+shared file system.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def main() -> None:
         memory="32GB",
         walltime="08:00:00",
         job_extra_directives=["--gres=gpu:1"],
-        worker_extra_args=["--resources", "GPU=1", "--nthreads", "2"],
+        worker_extra_args=["--resources", "GPU=8", "--nthreads", "8"],
     )
     cluster.scale(jobs=a.jobs)
     with Client(cluster) as client:

@@ -36,8 +36,11 @@ from agriseg.grid import TilePlan
               "model's halo is wide].")
 @click.option("--halo", type=int, help="Context pixels around each tile [the model's margin].")
 @click.option("--workers", type=int, help="Local workers (threads of this process; "
-              "processes with `processes: true` in --config) [CPU cores].")
-@click.option("--threads-per-worker", type=int, help="Threads per local worker [1].")
+              "processes with `processes: true` in --config) [CPU cores; with a model on "
+              "GPU: one worker process per GPU].")
+@click.option("--threads-per-worker", type=int, help="Threads per local worker [1; per GPU "
+              "worker: the cores shared among the GPUs, at most 8, so tiles are read while "
+              "the GPU works].")
 @click.option("--scheduler", help="Address of an existing Dask scheduler, e.g. tcp://host:8786.")
 @click.option("--scheduler-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Scheduler file of an existing Dask cluster.")

@@ -107,3 +107,10 @@ class Segmenter(Protocol):
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description for run.json."""
         ...
+
+
+# Optional, beside the protocol: a segmenter may also offer
+#     predict_classes(pixels, valid, params, contexts) -> (classes, confidence) | None
+# with uint8 ``(N, H, W)`` class ids and confidence percent (what the pipeline would derive
+# from ``predict``'s probabilities), or None when it cannot. Learned models on a GPU use it to
+# reduce the scores on the device and copy back 2 bytes per pixel instead of 4 x K.

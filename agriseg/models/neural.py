@@ -110,31 +110,67 @@ def torch_threads() -> int:
 
 
 class _TorchRunner:
-    """Probabilities from PyTorch (GPU with autocast when available)."""
+    """Probabilities, or classes and confidence, from PyTorch (GPU with autocast)."""
 
-    def __init__(self, model: nn.Module, device: str) -> None:
+    def __init__(self, model: nn.Module, device: str, meta: BundleMeta) -> None:
         import torch
 
         self.device = torch.device(device)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.amp: Any = None
+        self.mean = torch.tensor(meta.mean, dtype=torch.float32, device=self.device)[:, None, None]
+        self.std = torch.tensor(meta.std, dtype=torch.float32, device=self.device)[:, None, None]
+        self._local = threading.local()
         if self.device.type == "cuda":
             self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            # Tiles come in a handful of shapes (full, last row, last column): cuDNN's
+            # autotuner picks each shape's fastest kernels once.
+            torch.backends.cudnn.benchmark = True
         self.engine = f"torch-{self.device.type}"
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
+    def _stream(self) -> Any:
+        """A CUDA stream per worker thread, so one tile's copies overlap another's model."""
+        import contextlib
+
         import torch
 
-        x = torch.from_numpy(batch)
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
+
+    def _probs(self, batch: np.ndarray, normalise: bool) -> Any:
+        import torch
+
+        x = torch.from_numpy(batch).to(self.device)
+        if normalise:
+            x = (x - self.mean) / self.std
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=self.amp, enabled=self.amp is not None
-        ):
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
             logits = self.model(x)
-        probs = torch.softmax(logits.float(), dim=1)
-        return probs.cpu().numpy().astype(np.float32, copy=False)
+        return torch.softmax(logits.float(), dim=1)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities ``(B, K, H, W)`` of normalised float32 inputs."""
+        import torch
+
+        with self._stream(), torch.inference_mode():
+            return self._probs(batch, normalise=False).cpu().numpy()
+
+    def classes(self, batch: np.ndarray) -> np.ndarray:
+        """Class ids and confidence percent, uint8 ``(B, 2, H, W)``, of raw 0..1 inputs.
+
+        As :func:`agriseg.predict.scores_to_outputs` derives them from probabilities: ties go
+        to the lowest class id, confidence is the rounded top probability x 100.
+        """
+        import torch
+
+        with self._stream(), torch.inference_mode():
+            best, ids = self._probs(batch, normalise=True).max(dim=1)
+            conf = torch.round(best * 100).to(torch.uint8)
+            return torch.stack((ids.to(torch.uint8), conf), dim=1).cpu().numpy()
 
 
 class _OnnxRunner:
@@ -314,7 +350,25 @@ def _make_runner(path: str, engine: str, meta: BundleMeta) -> Any:
         _THREADS_SET = True
         log.debug("torch intra-op threads: %d", threads)
     _, model = load_bundle_model(path)
-    return _TorchRunner(model, "cuda" if cuda else "cpu")
+    return _TorchRunner(model, _cuda_device() if cuda else "cpu", meta)
+
+
+def _cuda_device() -> str:
+    """This process's GPU: a local worker named ``n`` takes GPU ``n`` modulo the count.
+
+    dask-cuda's workers see one GPU each (``CUDA_VISIBLE_DEVICES``), so theirs is ``cuda:0``;
+    a plain LocalCluster's GPU workers are named 0, 1, ... and share the device list.
+    """
+    import torch
+
+    count = torch.cuda.device_count()
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return "cuda:0"
+    return f"cuda:{name % count}" if isinstance(name, int) and count > 1 else "cuda:0"
 
 
 def get_runner(path: str, engine: str, meta: BundleMeta) -> Any:
@@ -341,6 +395,10 @@ def release_runners() -> None:
 
 
 # --------------------------------------------------------------------------- segmenter
+
+
+def _on_gpu(runner: Any) -> bool:
+    return str(getattr(runner, "engine", "")).endswith("cuda")
 
 
 def _blocks(length: int, block: int) -> list[int]:
@@ -429,8 +487,9 @@ class NeuralSegmenter:
         # On CPU a tile runs as blocks of at most CPU_BLOCK_INPUT px; tiles that are whole
         # numbers of full blocks waste no margin on a short last block (1024 px tiles run
         # 2 x 2 inputs of 576 px, 1.27 model px per output px; 1280 px tiles 2 x 2 of 704,
-        # 1.21). GPUs take whole tiles.
-        multiple = 1 if self._may_use_gpu() else _block_interior(self.margin, gpu=False)
+        # 1.21).
+        # GPUs take whole tiles up to MAX_BLOCK; fewer, bigger tiles keep them busy.
+        multiple = _block_interior(self.margin, gpu=self._may_use_gpu())
         return Prepared(NeuralParams(self.margin), halo=self.margin, info=info,
                         warnings=tuple(warnings), tile_multiple=multiple)
 
@@ -448,22 +507,58 @@ class NeuralSegmenter:
     ) -> np.ndarray:
         """Class probabilities ``(N, K, H, W)``; the outer ``margin`` ring is context only."""
         runner = get_runner(self.path, self.engine, self.meta)
-        n, _, h, w = pixels.shape
         m = params.margin if isinstance(params, NeuralParams) else self.margin
+        x = self._normalise(pixels.astype(np.float32, copy=False))
+        return self._run_blocks(x, m, runner, _on_gpu(runner), len(self.schema), np.float32,
+                                contexts)
+
+    def predict_classes(
+        self,
+        pixels: np.ndarray,
+        valid: np.ndarray,
+        params: Any,
+        contexts: list[TileContext],
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Class ids and confidence percent, uint8 ``(N, H, W)``, reduced by PyTorch.
+
+        Normalisation, softmax and the arg-max run where the model runs, so a GPU copies back
+        2 bytes per pixel instead of 4 x K. None on ONNX Runtime (use :meth:`predict`).
+        """
+        runner = get_runner(self.path, self.engine, self.meta)
+        if not hasattr(runner, "classes"):
+            return None
+        m = params.margin if isinstance(params, NeuralParams) else self.margin
+        out = self._run_blocks(pixels.astype(np.float32, copy=False), m, runner.classes,
+                               _on_gpu(runner), 2, np.uint8, contexts)
+        return out[:, 0], out[:, 1]
+
+    def _run_blocks(
+        self,
+        x: np.ndarray,
+        m: int,
+        call: Any,
+        gpu: bool,
+        channels: int,
+        dtype: type[np.generic],
+        contexts: list[TileContext],
+    ) -> np.ndarray:
+        """Run ``call`` on the blocks of ``x`` and assemble its ``(N, channels, H, W)`` output.
+
+        The outer ``m`` pixels of ``x`` are context only. Each block is read with ``m`` px of
+        context and centre-cropped; blocks are batched on a GPU.
+        """
+        n, _, h, w = x.shape
         if m and (h <= 2 * m or w <= 2 * m):
             # Too small to carry its own context (tiny rasters): reflect-pad a ring instead.
-            padded = np.pad(pixels, ((0, 0), (0, 0), (m, m), (m, m)), mode="symmetric")
-            return self.predict(padded, valid, NeuralParams(m), contexts)[:, :, m:-m, m:-m]
-        x = self._normalise(pixels.astype(np.float32, copy=False))
+            padded = np.pad(x, ((0, 0), (0, 0), (m, m), (m, m)), mode="symmetric")
+            return self._run_blocks(padded, m, call, gpu, channels, dtype, [])[:, :, m:-m, m:-m]
         ih, iw = h - 2 * m, w - 2 * m
-        gpu = str(getattr(runner, "engine", "")).endswith("cuda")
         (by, ys), (bx, xs) = _block_layout(ih, m, gpu), _block_layout(iw, m, gpu)
         # Pad bottom/right so every block has its full (block + 2 * margin) input.
         need_h, need_w = ys[-1] + by + 2 * m, xs[-1] + bx + 2 * m
         if need_h > h or need_w > w:
             x = np.pad(x, ((0, 0), (0, 0), (0, need_h - h), (0, need_w - w)), mode="symmetric")
-        k = len(self.schema)
-        out = np.zeros((n, k, h, w), np.float32)
+        out = np.zeros((n, channels, h, w), dtype)
         jobs = [(i, y, xx) for i in range(n) for y in ys for xx in xs]
         # Batches feed a GPU; on CPU they only add activation memory (ONNX Runtime, 512 px
         # inputs: 0.70 MP/s one at a time, 0.63-0.66 in fours, and 4 GB peak in sixteens).
@@ -472,15 +567,20 @@ class NeuralSegmenter:
             chunk = jobs[start : start + per_call]
             batch = np.stack([x[i, :, y : y + by + 2 * m, xx : xx + bx + 2 * m]
                               for i, y, xx in chunk])
-            probs = runner(batch)
-            for (i, y, xx), p in zip(chunk, probs, strict=True):
+            res = call(batch)
+            for (i, y, xx), p in zip(chunk, res, strict=True):
                 hh, ww = min(by, ih - y), min(bx, iw - xx)
                 out[i, :, m + y : m + y + hh, m + xx : m + xx + ww] = p[:, m : m + hh, m : m + ww]
         if m and (not contexts or any(c.margin < m for c in contexts)):
-            # The context ring gets its nearest interior score, unless the caller discards it.
+            # The context ring gets its nearest interior result, unless the caller discards it.
             core = out[:, :, m : h - m, m : w - m]
             out = np.pad(core, ((0, 0), (0, 0), (m, m), (m, m)), mode="edge")
         return out
+
+    @property
+    def resources(self) -> dict[str, float] | None:
+        """Dask resources of a tile task: a GPU slot when the model may run on CUDA."""
+        return {"GPU": 1} if self._may_use_gpu() else None
 
     def _may_use_gpu(self) -> bool:
         """Whether tiles may run on CUDA, known on the client without importing PyTorch.

@@ -13,6 +13,13 @@ init: speed does not depend on the weights) for every figure:
    (output pixels per second, so the halo's extra model pixels count against it),
 printed with `ratio = end-to-end / model-only limit`. Target on CPU: >= 0.85.
 
+On a machine with a CUDA GPU (or with `--device cuda`) the engine is PyTorch on the GPU:
+model-only MP/s is measured on the device alone (input already on the GPU) and through the
+runner the pipeline uses (host float32 in, host probabilities out), the end-to-end run uses
+the default GPU worker layout, nvidia-smi's utilisation is sampled during the run, and big
+rasters (`--size` above 8192) are VRT mosaics of a 4096 px synthetic field. Target on one
+H100: > 100 MP/s end to end.
+
 The machine is shared: run it when nothing else runs (the figures print the load average).
 """
 
@@ -28,7 +35,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import CACHE, git_commit, machine, read_rate_mp_s, run_measured, synthetic_rgb
+from common import (
+    CACHE,
+    git_commit,
+    machine,
+    read_rate_mp_s,
+    run_measured,
+    synthetic_rgb,
+    vrt_mosaic,
+)
 
 
 def make_bundle(arch: str, encoder: str) -> Path:
@@ -94,6 +109,185 @@ def model_only_per_core(bundle: Path, engine: str, tile: int, procs: int,
     return sum(float(j.communicate()[0].split()[-1]) for j in jobs)
 
 
+def gpu_model_only(bundle: Path, side: int, batch: int, seconds: float = 5.0
+                   ) -> tuple[float, float]:
+    """MP/s on CUDA for ``batch`` x ``side`` px inputs: device only, and through the runner.
+
+    Device only: the input already on the GPU, bf16/fp16 autocast, channels_last, timed
+    between synchronisations. Runner: what a tile task calls (host float32 in, host
+    float32 probabilities out), so the copies each way and the softmax count.
+    """
+    import torch
+
+    from agriseg.models.bundle import load_bundle_segmenter
+    from agriseg.models.neural import get_runner
+
+    seg = load_bundle_segmenter(bundle, "torch")
+    runner = get_runner(seg.path, "torch", seg.meta)
+    host = np.random.default_rng(0).random((batch, 3, side, side), dtype=np.float32)
+    dev = torch.from_numpy(host).to(runner.device).contiguous(memory_format=torch.channels_last)
+
+    def device_only() -> None:
+        with torch.inference_mode(), torch.autocast(
+            runner.device.type, dtype=runner.amp, enabled=runner.amp is not None
+        ):
+            runner.model(dev)
+
+    rates = []
+    for call in (device_only, lambda: runner(host)):
+        for _ in range(3):  # cuDNN autotuning and allocator warm-up
+            call()
+        torch.cuda.synchronize()
+        t0, calls = time.perf_counter(), 0
+        while calls < 5 or time.perf_counter() - t0 < seconds:
+            call()
+            calls += 1
+        torch.cuda.synchronize()
+        rates.append(calls * batch * side * side / 1e6 / (time.perf_counter() - t0))
+    return rates[0], rates[1]
+
+
+class GpuSampler:
+    """nvidia-smi's GPU utilisation and memory, sampled every 200 ms while in the block."""
+
+    def __init__(self) -> None:
+        self.util: list[float] = []
+        self.mem_mib: list[float] = []
+        self._proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> GpuSampler:
+        try:
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
+                 "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self._proc = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        out, _ = self._proc.communicate()
+        for line in out.splitlines():
+            parts = [p.strip() for p in line.split(",")]
+            if len(parts) >= 2 and parts[0].replace(".", "").isdigit():
+                self.util.append(float(parts[0]))
+                self.mem_mib.append(float(parts[1]))
+
+    def summary(self) -> str:
+        if not self.util:
+            return "GPU utilisation: not sampled (no nvidia-smi)"
+        busy = [u for u in self.util if u > 0]
+        return (f"GPU utilisation: mean {np.mean(self.util):.0f} % over the run, "
+                f"{np.mean(busy) if busy else 0:.0f} % while busy, max {max(self.util):.0f} %; "
+                f"GPU memory max {max(self.mem_mib) / 1024:.1f} GiB "
+                f"({len(self.util)} samples)")
+
+
+def threaded_read_rate(path: Path, threads: int, side: int = 2112, windows: int = 48) -> float:
+    """MP/s of ``windows`` reads of ``side`` px float32 windows by ``threads`` at once.
+
+    Each thread opens its own dataset, as the pipeline's tile tasks do.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as ds:
+        w, h = ds.width, ds.height
+    rng = np.random.default_rng(0)
+    offs = [(int(rng.integers(0, h - side)), int(rng.integers(0, w - side)))
+            for _ in range(windows)]
+
+    def read(off: tuple[int, int]) -> None:
+        with rasterio.open(path) as ds:
+            a = ds.read(window=Window(off[1], off[0], side, side))
+            (a[:3].astype(np.float32) / 255).sum()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(read, offs))
+    return windows * side * side / 1e6 / (time.perf_counter() - t0)
+
+
+def run_gpu(a: argparse.Namespace) -> None:
+    """The CUDA variant of :func:`main` (see the module docstring)."""
+    base = synthetic_rgb(min(a.size, 4096))
+    import rasterio
+    from rasterio.enums import Resampling
+
+    # Orthomosaics come with overviews, and a VRT of tiles that have them uses theirs: the
+    # run's overview read (which tiles hold data) then does not decode the whole mosaic.
+    with rasterio.open(base, "r+") as ds:
+        if not ds.overviews(1):
+            ds.build_overviews([2, 4, 8, 16, 32], Resampling.average)
+    src = base if a.size <= 4096 else vrt_mosaic(base, a.size // 4096,
+                                                  CACHE / f"mosaic_{a.size}.vrt")
+    bundle = make_bundle(a.arch, a.encoder)
+    import torch
+
+    mpx = (a.size // 4096 * 4096 if a.size > 4096 else a.size) ** 2 / 1e6
+    print(f"# throughput (GPU), commit {git_commit()}, {machine()}, "
+          f"{torch.cuda.get_device_name(0)}, {time.strftime('%Y-%m-%d')}")
+    print(f"raster {src.name} ({mpx:.0f} MP, RGBA deflate), model {a.arch}/{a.encoder}")
+    limit = a.limit or 0.0
+    if not a.limit:
+        print(f"read-only decode, 1 thread, {base.name}: {read_rate_mp_s(base):8.2f} MP/s",
+              flush=True)
+        for threads in (1, 4, 8, 16):
+            print(f"tile reads (2112 px, float32) of {src.name}, {threads:>2} threads: "
+                  f"{threaded_read_rate(src, threads):8.1f} MP/s", flush=True)
+        from agriseg.models.neural import MAX_BATCH_PIXELS
+
+        for side in (512, 2112):
+            batch = max(1, MAX_BATCH_PIXELS // (side * side))
+            dev, run = gpu_model_only(bundle, side, batch)
+            print(f"model-only torch-cuda {batch:>2} x {side:>4} px: {dev:9.1f} MP/s on the "
+                  f"device, {run:8.1f} MP/s through the runner (host copies + softmax)",
+                  flush=True)
+            limit = max(limit, dev)
+    for layout in a.layouts.split(",") if a.layouts else [""]:
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+            cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out",
+                   str(Path(tmp) / "o"), "--model", str(bundle), "--engine", "torch",
+                   "--no-indices", "--no-progress",
+                   "--skip", "quicklook,zones,fields,report,project"]
+            if a.tile_size:
+                cmd += ["--tile-size", str(a.tile_size)]
+            workers, _, threads = layout.partition("x")
+            if workers:
+                cmd += ["--workers", workers]
+            if threads:
+                cmd += ["--threads-per-worker", threads]
+            with GpuSampler() as gpu:
+                dt, peak, _ = run_measured(cmd)
+            m = json.loads((Path(tmp) / "o" / "run.json").read_text())
+        t, plan = m["timings_s"], m["plan"]
+        print(f"end to end ({plan['workers']}, {plan['worker_count']} x "
+              f"{plan['worker_threads'] // max(plan['worker_count'], 1)} threads, tile "
+              f"{plan['tile_size']} px): {mpx / dt:7.1f} MP/s wall incl. start-up and COG "
+              f"finalisation ({dt:.1f} s); tiles {m['throughput_mp_s']:.1f} MP/s incl. cluster "
+              f"start; tile stream {m.get('stream_mp_s') or 0:.1f} MP/s after the first tile "
+              f"({t.get('first_tile_s', 0):.1f} s to it); finalisation {t['finalize_s']:.1f} s; "
+              f"peak RSS {peak / 1e9:.2f} GB", flush=True)
+        print(f"  {gpu.summary()}")
+        print(f"  ratio={(m.get('stream_mp_s') or 0) / limit:.2f} (tile stream / device-only "
+              f"limit {limit:.0f} MP/s); timings {t}", flush=True)
+
+
+def _cuda() -> bool:
+    from agriseg.models.neural import cuda_possible
+
+    if not cuda_possible():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", type=int, default=8192)
@@ -107,8 +301,19 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None,
                     help="local workers of the run [the run's default: one per core, one "
                     "thread each]; 1 = one worker whose engine threads use every core")
-    ap.add_argument("--json", type=Path, help="also write the figures as JSON")
+    ap.add_argument("--json", type=Path, help="also write the figures as JSON (CPU)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="cuda: PyTorch on the GPU [auto: cuda when PyTorch sees one]")
+    ap.add_argument("--layouts", default="",
+                    help="GPU: comma-separated WORKERSxTHREADS local layouts, one run each, "
+                    "e.g. 1x16,2x8 (empty parts: the run's default) [the run's default]")
+    ap.add_argument("--limit", type=float, default=None,
+                    help="GPU: device-only MP/s measured before; skips the model-only and "
+                    "read figures")
     a = ap.parse_args()
+    if a.device == "cuda" or (a.device == "auto" and _cuda()):
+        run_gpu(a)
+        return
     if a.tile_size is None:
         from agriseg.grid import auto_tile_size
         from agriseg.models.neural import _block_interior

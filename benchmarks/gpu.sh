@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# GPU checks and the GPU throughput benchmark, as run on a lent GPU machine whose Python
+# already has PyTorch (wheels for the rest in .whl/, see benchmarks/RESULTS.md):
+#     bash benchmarks/gpu.sh [OUT_DIR]
+# 1. the `gpu`-marked tests (local GPU worker layout, CUDA against ONNX Runtime on CPU);
+# 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS.
+set -uo pipefail
+out=${1:-${OUT:-/tmp/agriseg-gpu}}
+mkdir -p "$out"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 AGRISEG_BENCH_CACHE=${AGRISEG_BENCH_CACHE:-/tmp/agriseg-bench}
+nvidia-smi -L; ls /dev/nvidia* | head -3; nproc
+python3 -c "import torch, rasterio, distributed; print('torch', torch.__version__, \
+torch.cuda.is_available(), 'rasterio', rasterio.__version__, rasterio.__gdal_version__, \
+'distributed', distributed.__version__)"
+[ -n "${NO_TESTS:-}" ] || timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_models.py -x \
+    -m "gpu or not slow" -k "gpu or predict_classes or pickles" 2>&1 \
+    | tee "$out/pytest.log" | tail -15
+timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/throughput.py --size "${SIZE:-32768}" \
+    --layouts "${LAYOUTS:-1x8,1x16}" ${LIMIT:+--limit $LIMIT} 2>&1 | tee "$out/throughput.log"

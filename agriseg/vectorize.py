@@ -177,6 +177,7 @@ class _Scan:
     pieces: np.ndarray
     piece_label: np.ndarray
     traced: _Traced
+    dropped: int
 
 
 @dataclass(slots=True)
@@ -242,10 +243,11 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
     top_val = np.zeros(width, np.uint8)
     left_lab: np.ndarray | None = None
     left_val: np.ndarray | None = None
-    base = 0
+    base = dropped = 0
     for i_chunk, ((r0, c0, _, w), cs) in enumerate(
             zip(wins, ordered_map(scan_chunk, tasks, workers), strict=True)):
         bases.append(base)
+        dropped += cs.dropped
         n = len(cs.value) - 1
         if n == 0:
             top_lab[c0:c0 + w] = 0
@@ -292,7 +294,7 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
         area=np.concatenate(area_t), root=root, base=np.array(bases, np.int64),
         pieces=np.concatenate(pieces) if pieces else np.zeros(0, dtype=object),
         piece_label=np.concatenate(piece_label) if piece_label else np.zeros(0, np.int64),
-        traced=_Traced(*tr),
+        traced=_Traced(*tr), dropped=dropped,
     )
 
 
@@ -390,8 +392,10 @@ def vectorize_zones(
         # keeps them): their union is one polygon (4-connected pixels).
         pix[i] = geoms[s] if e - s == 1 else shapely.union_all(geoms[s:e])
     vals = scan.value[pl[starts]].astype(np.int64)
-    # Labels left without pixels by label_chunk are not patches.
-    n_patches = int(np.count_nonzero(np.bincount(root, weights=scan.pixels, minlength=n_comp)))
+    # Labels left without pixels by label_chunk are not patches; specks wholly inside a
+    # chunk were counted and dropped there.
+    n_patches = scan.dropped + int(
+        np.count_nonzero(np.bincount(root, weights=scan.pixels, minlength=n_comp)))
     if len(pix):
         crs_geoms = pixel_to_crs(pix, grid.transform)
         # Pixel count x pixel area (ellipsoidal per-row areas for geographic grids).

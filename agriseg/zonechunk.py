@@ -193,6 +193,7 @@ class ChunkScan:
         edge_values: the at-risk value (+1) along the same edges.
         polys: traced polygons in raster pixel coordinates; ``poly_label`` their labels.
         traced: labels traced; ``seed`` the flat index of their first pixel (chunk-local).
+        dropped: patches left out of the tables: wholly inside the chunk and too small.
     """
 
     value: np.ndarray
@@ -206,6 +207,7 @@ class ChunkScan:
     poly_label: np.ndarray
     traced: np.ndarray
     seed: np.ndarray
+    dropped: int = 0
 
 
 def scan_chunk(t: ScanTask) -> ChunkScan:
@@ -213,7 +215,10 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
 
     A piece is traced when it is big enough on its own or touches an inner chunk edge (its
     patch may continue in the neighbouring chunk). Traced pieces lose their small holes and
-    are simplified (see :func:`agriseg.trace.simplify_pinned`).
+    are simplified (see :func:`agriseg.trace.simplify_pinned`). Only traced pieces are
+    returned, relabelled 1..n: the others are whole patches below the minimum area, and
+    keeping their rows would make the caller's tables grow with the raster (90 k specks
+    per 67 MP of a synthetic field against 652 traced pieces).
     """
     r0, c0, h, w = t.win
     win = Window(c0, r0, w, h)
@@ -242,6 +247,13 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
             open_[edge] = True
     trace = (open_ | (area >= t.min_px_area)) & (pixels > 0)
     trace[0] = False
+    dropped = int(np.count_nonzero(pixels[1:] > 0)) - int(np.count_nonzero(trace))
+    kept = np.flatnonzero(trace)
+    # Chunk-local label -> row in the returned tables (0: no patch, or a dropped speck; the
+    # caller reads edge labels only on inner chunk edges, where every piece is kept).
+    row = np.zeros(n + 1, np.int64)
+    row[kept] = np.arange(1, len(kept) + 1)
+    sub = np.r_[0, kept]
     polys, poly_label = np.zeros(0, dtype=object), np.zeros(0, np.int64)
     traced, seed = np.zeros(0, np.int64), np.zeros(0, np.int64)
     if trace.any():
@@ -254,10 +266,12 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
                                 np.array([r0, r0 + h], np.float64))
         traced, seed = boxes.labels, boxes.seed
     return ChunkScan(
-        value=vals, pixels=pixels, area=area, conf_sum=conf_sum, conf_n=conf_n,
-        edges=(lab[0].copy(), lab[-1].copy(), lab[:, 0].copy(), lab[:, -1].copy()),
+        value=vals[sub], pixels=pixels[sub], area=area[sub], conf_sum=conf_sum[sub],
+        conf_n=conf_n[sub],
+        edges=(row[lab[0]], row[lab[-1]], row[lab[:, 0]], row[lab[:, -1]]),
         edge_values=(risk[0].copy(), risk[-1].copy(), risk[:, 0].copy(), risk[:, -1].copy()),
-        polys=polys, poly_label=poly_label, traced=traced, seed=seed,
+        polys=polys, poly_label=row[poly_label], traced=row[traced], seed=seed,
+        dropped=dropped,
     )
 
 

@@ -373,3 +373,23 @@ def test_holes_above_min_area_stay_in_geographic_crs(tmp_path: Path) -> None:
     src = write_mask(tmp_path / "geo.tif", cls, transform=t, crs="EPSG:4326")
     z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.25))
     assert len(z) == 1 and shapely.get_num_interior_rings(z.geometry.iloc[0]) == 1
+
+
+def test_scan_keeps_only_pieces_that_may_become_zones(tmp_path: Path) -> None:
+    """Specks wholly inside a chunk are counted there and leave no rows in the tables."""
+    from agriseg.vectorize import _scan
+    from agriseg.zonechunk import ScanTask
+
+    cls = np.ones((256, 256), np.uint8)
+    cls[3::8, 3::8] = WEED  # 1024 lone pixels, none on a chunk edge (chunks of 64)
+    cls[101:161, 101:161] = WEED  # one patch over the corner of four chunks; 49 specks in it
+    src = write_mask(tmp_path / "c.tif", cls)
+    job = ScanTask(str(src), None, (0, 0, 256, 256), (256, 256), np.array([WEED + 1]), 255, 0,
+                   None, min_px_area=200.0, min_hole_px=0.0, simplify_px=0.0)
+    scan = _scan(job, 64, 0)
+    assert scan.dropped == 1024 - 49
+    # the tables hold the patch's four pieces only, and they merge into one
+    assert len(scan.root) - 1 == len(scan.traced.label) == len(scan.pieces) == 4
+    assert len(np.unique(scan.root[1:])) == 1
+    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.5, chunk=64))
+    assert list(z["pixels"]) == [60 * 60]

@@ -144,7 +144,11 @@ class _TorchRunner:
     def _probs(self, batch: np.ndarray, normalise: bool) -> Any:
         import torch
 
-        x = torch.from_numpy(batch).to(self.device)
+        x = torch.from_numpy(batch)
+        if self.device.type == "cuda":
+            # Through PyTorch's caching pinned-memory pool: the copy to the GPU runs as DMA on
+            # this thread's stream, and the pool reuses the block once that copy is done.
+            x = x.pin_memory().to(self.device, non_blocking=True)
         if normalise:
             x = (x - self.mean) / self.std
         x = x.contiguous(memory_format=torch.channels_last)

@@ -240,7 +240,8 @@ def dask_client(
         except ImportError:
             kwargs.update(processes=True)
         # Several tiles in flight per GPU: while one runs on the device the others are read,
-        # decoded and normalised, and the previous one's classes are taken off the scores.
+        # decoded and copied (one H200 with 16 cores: 67 MP/s of tiles with 4 threads, 82-98
+        # with 8).
         # The worker offers one GPU "slot" per thread, so GPU tasks do not queue behind each
         # other on the worker's single GPU resource.
         threads = threads_per_worker or gpu_worker_threads(cores, gpus)

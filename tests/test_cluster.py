@@ -75,3 +75,11 @@ def test_survey_on_existing_cluster(rgba_tif: Path, tmp_path: Path, scheduler_fi
         logs = c.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
     assert all(n > 0 for n in logs.values()), logs
     assert np.count_nonzero(classes == 255) > 0
+
+
+def test_gpu_worker_threads_share_the_cores() -> None:
+    from agriseg.predict import gpu_worker_threads
+
+    # at most 8 per GPU, never fewer than 2 (one reading while one runs the model)
+    assert [gpu_worker_threads(c, g) for c, g in ((16, 1), (6, 1), (16, 4), (2, 1), (1, 1))] \
+        == [8, 6, 4, 2, 2]

@@ -491,8 +491,7 @@ class NeuralSegmenter:
         # On CPU a tile runs as blocks of at most CPU_BLOCK_INPUT px; tiles that are whole
         # numbers of full blocks waste no margin on a short last block (1024 px tiles run
         # 2 x 2 inputs of 576 px, 1.27 model px per output px; 1280 px tiles 2 x 2 of 704,
-        # 1.21).
-        # GPUs take whole tiles up to MAX_BLOCK; fewer, bigger tiles keep them busy.
+        # 1.21). GPUs take whole tiles of up to MAX_BLOCK: fewer, bigger tiles keep them busy.
         multiple = _block_interior(self.margin, gpu=self._may_use_gpu())
         return Prepared(NeuralParams(self.margin), halo=self.margin, info=info,
                         warnings=tuple(warnings), tile_multiple=multiple)

@@ -251,8 +251,16 @@ def dask_client(
         threads = threads_per_worker or 1
         kwargs.update(n_workers=workers or max(1, cores // threads), processes=processes,
                       threads_per_worker=threads)
-    with dask.config.set(_worker_malloc_env()), cluster_cls(**kwargs) as cluster, \
-            Client(cluster) as client:
+        if not processes:
+            # Worker threads still start each worker's HTTP server, on every interface unless
+            # told otherwise (worker processes bind to the cluster's host, 127.0.0.1).
+            kwargs["worker_dashboard_address"] = "127.0.0.1:0"
+    host = dashboard.rsplit(":", 1)[0]
+    settings = dict(_worker_malloc_env())
+    if host not in ("", "0.0.0.0"):
+        # The printed link otherwise names the machine's address, where nothing listens.
+        settings["distributed.dashboard.link"] = f"http://{host}:{{port}}/status"
+    with dask.config.set(settings), cluster_cls(**kwargs) as cluster, Client(cluster) as client:
         yield client
 
 

@@ -83,3 +83,18 @@ def test_gpu_worker_threads_share_the_cores() -> None:
     # at most 8 per GPU, never fewer than 2 (one reading while one runs the model)
     assert [gpu_worker_threads(c, g) for c, g in ((16, 1), (6, 1), (16, 4), (2, 1), (1, 1))] \
         == [8, 6, 4, 2, 2]
+
+
+@pytest.mark.parametrize("processes", [False, True])
+def test_local_cluster_listens_on_loopback_only(processes: bool) -> None:
+    """Scheduler, workers and dashboards of the embedded cluster bind to 127.0.0.1 only."""
+    import psutil
+
+    from agriseg.predict import dask_client
+
+    with dask_client(workers=1, processes=processes, dashboard="127.0.0.1:0") as client:
+        me = psutil.Process()
+        listening = {c.laddr.ip for p in (me, *me.children(recursive=True))
+                     for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}
+        assert client.dashboard_link.startswith("http://127.0.0.1:")

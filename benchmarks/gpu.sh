@@ -2,6 +2,13 @@
 # GPU checks and the GPU throughput benchmark, as run on a lent GPU machine whose Python
 # already has PyTorch (wheels for the rest in .whl/, see benchmarks/RESULTS.md):
 #     bash benchmarks/gpu.sh [OUT_DIR]
+# The wheels (Python 3.12 there, nothing to download from it) were fetched here with
+#     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#         rasterio==1.4.3 affine cligj click-plugins dask distributed tornado tblib zict \
+#         partd locket pydantic pydantic_core annotated-types typing-inspection \
+#         segmentation_models_pytorch
+# (the run needs no geopandas/pyogrio/shapely/pyproj: post-processing is skipped).
 # 1. the `gpu`-marked tests (local GPU worker layout, CUDA against ONNX Runtime on CPU);
 # 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS.
 set -uo pipefail

@@ -237,6 +237,13 @@ def test_predict_classes_matches_probabilities(tmp_path: Path) -> None:
         else:
             assert np.array_equal(reduced[0][i], want[0])
             assert np.array_equal(reduced[1][i], want[1])
+    # smaller than its own context ring: reflect-padded, same shapes out
+    tiny = seg.predict_classes(pixels[:, :, :40, :50], valid[:, :40, :50], NeuralParams(32), [])
+    assert tiny is not None and tiny[0].shape == tiny[1].shape == (2, 40, 50)
+    if not cuda_possible():
+        want = scores_to_outputs(seg.predict(pixels[:1, :, :40, :50], valid[:1, :40, :50],
+                                             NeuralParams(32), [])[0], valid[0, :40, :50])
+        assert np.array_equal(tiny[0][0], want[0])
 
 
 def _trained_bundle(path: Path) -> Path:

@@ -273,8 +273,9 @@ def _process(
     schema = segmenter.schema
     index_names = tuple(available_indices(survey.roles.spectral)) if config.indices else ()
     specs = _output_specs(schema, index_names)
+    input_id = input_identity(survey.path)
     identity = {
-        **input_identity(survey.path),
+        **input_id,
         **({"image": input_identity(str(config.input))} if config.gsd is not None else {}),
         "model": segmenter.describe(),
         "tile_size": plan.tile_size,
@@ -359,7 +360,7 @@ def _process(
         "agriseg": __version__,
         "config_version": config.version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "input": {**survey.to_dict(), "identity": input_identity(survey.path),
+        "input": {**survey.to_dict(), "identity": input_id,
                   **({"image": str(config.input), "gsd_m": config.gsd}
                      if config.gsd is not None else {})},
         "model": {**segmenter.describe(), "prepared": prepared.info,

@@ -163,8 +163,9 @@ def row_pixel_areas(grid: Grid) -> np.ndarray | None:
 class _Scan:
     """What the labelling pass keeps: per-label tables (index 0 = no patch) and polygons.
 
-    Global label ``base[i] + j`` is label ``j`` of chunk ``i`` (row-major); ``root`` maps
-    each global label to its patch after merging across chunk borders.
+    Global labels number the chunks' returned pieces in chunk order (row-major), each chunk
+    after the last label of the one before; ``root`` maps each global label to its patch
+    after merging across chunk borders.
     """
 
     value: np.ndarray
@@ -173,7 +174,6 @@ class _Scan:
     conf_n: np.ndarray
     area: np.ndarray
     root: np.ndarray
-    base: np.ndarray
     pieces: np.ndarray
     piece_label: np.ndarray
     traced: _Traced
@@ -232,7 +232,6 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
     area_t: list[np.ndarray] = []
     for t in (pixels_t, conf_sum_t, conf_n_t, area_t):
         t.append(np.zeros(1))
-    bases: list[int] = []
     pairs: list[np.ndarray] = []
     pieces: list[np.ndarray] = []
     piece_label: list[np.ndarray] = []
@@ -246,7 +245,6 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
     base = dropped = 0
     for i_chunk, ((r0, c0, _, w), cs) in enumerate(
             zip(wins, ordered_map(scan_chunk, tasks, workers), strict=True)):
-        bases.append(base)
         dropped += cs.dropped
         n = len(cs.value) - 1
         if n == 0:
@@ -278,7 +276,6 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
         top_val[c0:c0 + w] = v_bottom
         left_lab, left_val = glob(e_right), v_right
         base += n
-    bases.append(base)
     n_lab = base + 1
     # Labelling only sees one chunk; joining its labels across chunk borders is a
     # connectivity problem on the graph of same-class border pixel pairs, solved in C by
@@ -291,7 +288,7 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
     return _Scan(
         value=np.concatenate(value_t), pixels=np.concatenate(pixels_t).astype(np.int64),
         conf_sum=np.concatenate(conf_sum_t), conf_n=np.concatenate(conf_n_t).astype(np.int64),
-        area=np.concatenate(area_t), root=root, base=np.array(bases, np.int64),
+        area=np.concatenate(area_t), root=root,
         pieces=np.concatenate(pieces) if pieces else np.zeros(0, dtype=object),
         piece_label=np.concatenate(piece_label) if piece_label else np.zeros(0, np.int64),
         traced=_Traced(*tr), dropped=dropped,

@@ -256,8 +256,8 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
     sub = np.r_[0, kept]
     polys, poly_label = np.zeros(0, dtype=object), np.zeros(0, np.int64)
     traced, seed = np.zeros(0, np.int64), np.zeros(0, np.int64)
-    if trace.any():
-        boxes = label_boxes(sel, ls, np.flatnonzero(trace), n, w)
+    if len(kept):
+        boxes = label_boxes(sel, ls, kept, n, w)
         polys, poly_label = trace_labels(lab, boxes, r0, c0)
         polys = fill_small_holes(polys, t.min_hole_px)
         # Simplified here, in parallel and chunk by chunk, not after the union: the pieces'

@@ -19,6 +19,7 @@ receptive field beyond the margin and float noise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -130,8 +131,6 @@ class _TorchRunner:
 
     def _stream(self) -> Any:
         """A CUDA stream per worker thread, so one tile's copies overlap another's model."""
-        import contextlib
-
         import torch
 
         if self.device.type != "cuda":

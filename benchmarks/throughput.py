@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,15 @@ from common import (
     synthetic_rgb,
     vrt_mosaic,
 )
+
+
+def run_command(src: Path, out: Path, bundle: Path, engine: str,
+                tile_size: int | None) -> list[str]:
+    """`agriseg run` to the class mask only (no indices, no post-processing steps)."""
+    cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out", str(out),
+           "--model", str(bundle), "--engine", engine, "--no-indices", "--no-progress",
+           "--skip", "quicklook,zones,fields,report,project"]
+    return cmd + (["--tile-size", str(tile_size)] if tile_size else [])
 
 
 def make_bundle(arch: str, encoder: str) -> Path:
@@ -84,12 +94,25 @@ def model_only(bundle: Path, engine: str, tile: int = 512, seconds: float = 20.0
     runner(x)  # warm-up (ONNX export and session creation happen outside the timing)
     if start_at is not None:
         time.sleep(max(0.0, start_at - time.time()))
-    t0 = time.perf_counter()
-    calls = 0
-    while calls < 3 or time.perf_counter() - t0 < seconds:
-        runner(x)
+    return timed_rate(lambda: runner(x), tile * tile, seconds, min_calls=3)
+
+
+def timed_rate(call: Callable[[], object], px_per_call: int, seconds: float, min_calls: int,
+               sync: Callable[[], object] | None = None) -> float:
+    """MP/s of ``call`` repeated for at least ``min_calls`` calls and ``seconds`` seconds.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before the clock starts and stops, so
+    asynchronous work is inside the timed window.
+    """
+    if sync:
+        sync()
+    t0, calls = time.perf_counter(), 0
+    while calls < min_calls or time.perf_counter() - t0 < seconds:
+        call()
         calls += 1
-    return calls * tile * tile / 1e6 / (time.perf_counter() - t0)
+    if sync:
+        sync()
+    return calls * px_per_call / 1e6 / (time.perf_counter() - t0)
 
 
 def model_only_per_core(bundle: Path, engine: str, tile: int, procs: int,
@@ -137,13 +160,8 @@ def gpu_model_only(bundle: Path, side: int, batch: int, seconds: float = 5.0
     for call in (device_only, lambda: runner(host)):
         for _ in range(3):  # cuDNN autotuning and allocator warm-up
             call()
-        torch.cuda.synchronize()
-        t0, calls = time.perf_counter(), 0
-        while calls < 5 or time.perf_counter() - t0 < seconds:
-            call()
-            calls += 1
-        torch.cuda.synchronize()
-        rates.append(calls * batch * side * side / 1e6 / (time.perf_counter() - t0))
+        rates.append(timed_rate(call, batch * side * side, seconds, min_calls=5,
+                                sync=torch.cuda.synchronize))
     return rates[0], rates[1]
 
 
@@ -198,8 +216,9 @@ def threaded_read_rate(path: Path, threads: int, side: int = 2112, windows: int 
 
     with rasterio.open(path) as ds:
         w, h = ds.width, ds.height
+    side = min(side, w, h)
     rng = np.random.default_rng(0)
-    offs = [(int(rng.integers(0, h - side)), int(rng.integers(0, w - side)))
+    offs = [(int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1)))
             for _ in range(windows)]
 
     def read(off: tuple[int, int]) -> None:
@@ -238,7 +257,8 @@ def run_gpu(a: argparse.Namespace) -> None:
         print(f"read-only decode, 1 thread, {base.name}: {read_rate_mp_s(base):8.2f} MP/s",
               flush=True)
         for threads in (1, 4, 8, 16):
-            print(f"tile reads (2112 px, float32) of {src.name}, {threads:>2} threads: "
+            print(f"tile reads ({min(2112, a.size)} px, float32) of {src.name}, "
+                  f"{threads:>2} threads: "
                   f"{threaded_read_rate(src, threads):8.1f} MP/s", flush=True)
         from agriseg.models.neural import MAX_BATCH_PIXELS
 
@@ -251,12 +271,7 @@ def run_gpu(a: argparse.Namespace) -> None:
             limit = max(limit, dev)
     for layout in a.layouts.split(",") if a.layouts else [""]:
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out",
-                   str(Path(tmp) / "o"), "--model", str(bundle), "--engine", "torch",
-                   "--no-indices", "--no-progress",
-                   "--skip", "quicklook,zones,fields,report,project"]
-            if a.tile_size:
-                cmd += ["--tile-size", str(a.tile_size)]
+            cmd = run_command(src, Path(tmp) / "o", bundle, "torch", a.tile_size)
             workers, _, threads = layout.partition("x")
             if workers:
                 cmd += ["--workers", workers]
@@ -276,16 +291,6 @@ def run_gpu(a: argparse.Namespace) -> None:
         print(f"  {gpu.summary()}")
         print(f"  ratio={(m.get('stream_mp_s') or 0) / limit:.2f} (tile stream / device-only "
               f"limit {limit:.0f} MP/s); timings {t}", flush=True)
-
-
-def _cuda() -> bool:
-    from agriseg.models.neural import cuda_possible
-
-    if not cuda_possible():
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
 
 
 def main() -> None:
@@ -311,7 +316,9 @@ def main() -> None:
                     help="GPU: device-only MP/s measured before; skips the model-only and "
                     "read figures")
     a = ap.parse_args()
-    if a.device == "cuda" or (a.device == "auto" and _cuda()):
+    from agriseg.models.neural import cuda_available
+
+    if a.device == "cuda" or (a.device == "auto" and cuda_available()):
         run_gpu(a)
         return
     if a.tile_size is None:
@@ -345,9 +352,7 @@ def main() -> None:
     best = max(limits, key=limits.__getitem__)
     results = {"io_mp_s": io, "model_only_mp_s": limits, "engine": best}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out", str(Path(tmp) / "o"),
-               "--model", str(bundle), "--engine", best, "--tile-size", str(a.tile_size),
-               "--no-indices", "--no-progress", "--skip", "quicklook,zones,fields,report,project"]
+        cmd = run_command(src, Path(tmp) / "o", bundle, best, a.tile_size)
         if a.workers:
             cmd += ["--workers", str(a.workers), "--threads-per-worker", "1"]
             # One worker owning every core: the engine's intra-op threads do the parallel work.

@@ -323,7 +323,8 @@ def cuda_possible() -> bool:
     return True
 
 
-def _cuda() -> bool:
+def cuda_available() -> bool:
+    """Whether PyTorch sees a CUDA GPU (imported only where one may exist)."""
     if not cuda_possible():
         return False
     import torch
@@ -333,7 +334,7 @@ def _cuda() -> bool:
 
 def _make_runner(path: str, engine: str, meta: BundleMeta) -> Any:
     threads = torch_threads()
-    cuda = engine != "onnx" and _cuda()
+    cuda = engine != "onnx" and cuda_available()
     if engine == "onnx" or (engine == "auto" and not cuda):
         try:
             # No PyTorch import on this path when the export is cached: ~3 s and ~300 MB
@@ -346,7 +347,7 @@ def _make_runner(path: str, engine: str, meta: BundleMeta) -> Any:
                 log.info("ONNX Runtime not used for %s (%s); running PyTorch", meta.name, exc)
     import torch
 
-    cuda = cuda or (engine == "onnx" and _cuda())
+    cuda = cuda or (engine == "onnx" and cuda_available())
     global _THREADS_SET
     if not _THREADS_SET:
         torch.set_num_threads(threads)

@@ -193,6 +193,39 @@ def _cli(*args: str) -> tuple[int, str]:
     return r.exit_code, r.output
 
 
+def test_interrupt_before_dask_call_starts_logs_no_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Ctrl-C while distributed.utils.sync has not started its coroutine yet: Dask's cancel
+    # callback then raises NameError on the event loop (seen in CI after SIGTERM). Made
+    # deterministic by keeping the loop busy until after the interrupt has landed.
+    from distributed.utils import LoopRunner, sync
+
+    from agriseg.cli import quiet_third_party
+
+    async def work() -> int:
+        return 1
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    quiet_third_party(0)
+    runner = LoopRunner(asynchronous=False)
+    runner.start()
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        runner.loop.add_callback(time.sleep, 0.3)
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            sync(runner.loop, work)
+        time.sleep(0.5)  # let the loop run the cancel callback
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        runner.stop()
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
 def test_output_folder_not_writable(rgba_tif: Path, tmp_path: Path) -> None:
     if os.geteuid() == 0:
         target = Path("/proc/agriseg-out")  # read-only for root too

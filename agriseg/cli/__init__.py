@@ -67,6 +67,23 @@ def quiet_third_party(verbose: int) -> None:
     """Keep third-party chatter (Dask, GDAL bindings) out of the log unless -vv."""
     for noisy in ("distributed", "rasterio", "fiona", "pyogrio", "matplotlib", "PIL"):
         logging.getLogger(noisy).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
+    tornado = logging.getLogger("tornado.application")
+    if not any(isinstance(f, _UnboundCancelFilter) for f in tornado.filters):
+        tornado.addFilter(_UnboundCancelFilter())
+
+
+class _UnboundCancelFilter(logging.Filter):
+    """Drops the traceback of a Dask cancel callback that had nothing to cancel.
+
+    When Ctrl-C or SIGTERM lands while ``distributed.utils.sync`` has not yet started
+    its coroutine, the cancel callback it schedules reads ``future`` before it is bound
+    (distributed 2026.8), and tornado logs that NameError with a traceback after our
+    clean "Interrupted ... run the same command again" message. Nothing was left running.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NameError) and "'future'" in str(exc))
 
 
 def _register() -> None:

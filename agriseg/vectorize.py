@@ -9,8 +9,9 @@ polygon is built: ``rasterio.features.shapes`` traces only the pieces that may b
 side by side, see :mod:`agriseg.trace`), in *pixel* coordinates (integers, so pieces from
 neighbouring chunks share exactly the same vertices), simplified in the chunk's worker with
 their chunk-border vertices kept, and the pieces of one patch are unioned.
-The zone-id raster is written by labelling the chunks again and finding each kept piece by its
-first pixel, not by rasterising the polygons back. Memory is bounded by one chunk plus
+For the zone-id raster, the labelling pass spills each traced piece's pixels to a temporary
+file, which the second pass reads back to burn the kept zones' ids (not by rasterising the
+polygons back, which would burn in their filled holes). Memory is bounded by one chunk plus
 per-patch tables and the zones themselves, never by the raster size.
 
 Areas are ground areas in square metres: pixel counts times the pixel area in a projected CRS,
@@ -19,9 +20,11 @@ or the polygon area in the local UTM zone when the raster CRS is geographic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,7 +49,7 @@ from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError, RasterError
 from agriseg.grid import Grid, on_earth
 from agriseg.pool import ordered_map
-from agriseg.zonechunk import ScanTask, ZoneIdTask, scan_chunk, zone_id_chunk
+from agriseg.zonechunk import ScanTask, read_spill, scan_chunk
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,7 @@ class _Scan:
 
     Global labels number the chunks' returned pieces in chunk order (row-major), each chunk
     after the last label of the one before; ``root`` maps each global label to its patch
-    after merging across chunk borders.
+    after merging across chunk borders; ``bases[i]`` is the label before chunk ``i``'s first.
     """
 
     value: np.ndarray
@@ -176,23 +179,8 @@ class _Scan:
     root: np.ndarray
     pieces: np.ndarray
     piece_label: np.ndarray
-    traced: _Traced
+    bases: np.ndarray
     dropped: int
-
-
-@dataclass(slots=True)
-class _Traced:
-    """Where each traced label lies, to find its pixels again in the zone-raster pass.
-
-    Attributes:
-        label: global label.
-        chunk: chunk index (row-major).
-        seed: chunk-local flat index of the label's first pixel.
-    """
-
-    label: np.ndarray
-    chunk: np.ndarray
-    seed: np.ndarray
 
 
 def _edge_pairs(a_lab: np.ndarray, a_val: np.ndarray, b_lab: np.ndarray,
@@ -204,7 +192,7 @@ def _edge_pairs(a_lab: np.ndarray, a_val: np.ndarray, b_lab: np.ndarray,
     return np.unique(np.stack([a_lab[m], b_lab[m]], axis=1), axis=0)
 
 
-def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
+def _scan(job: ScanTask, chunk: int, workers: int | None, spill_dir: str | None) -> _Scan:
     """One pass over the mask: label patches, count their pixels, trace the big ones.
 
     The chunks are labelled and traced by :func:`agriseg.zonechunk.scan_chunk` (in worker
@@ -218,13 +206,15 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
         job: the whole raster as one task: its window and row areas are cut per chunk.
         chunk: chunk edge in pixels.
         workers: as in :func:`vectorize_zones`.
+        spill_dir: folder for each chunk's traced pixels (``{i}.npy``), or ``None``.
     """
     height, width = job.shape
     wins = [(int(w.row_off), int(w.col_off), int(w.height), int(w.width))
             for w in chunk_windows(height, width, chunk)]
     tasks = (replace(job, win=win, row_area=None if job.row_area is None
-                     else job.row_area[win[0]:win[0] + win[2]])
-             for win in wins)
+                     else job.row_area[win[0]:win[0] + win[2]],
+                     spill=None if spill_dir is None else os.path.join(spill_dir, f"{i}.npy"))
+             for i, win in enumerate(wins))
     value_t: list[np.ndarray] = [np.zeros(1, np.uint8)]
     pixels_t: list[np.ndarray] = []
     conf_sum_t: list[np.ndarray] = []
@@ -235,7 +225,7 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
     pairs: list[np.ndarray] = []
     pieces: list[np.ndarray] = []
     piece_label: list[np.ndarray] = []
-    traced: list[tuple[np.ndarray, ...]] = []
+    bases = np.zeros(len(wins), np.int64)
     # Labels and values of the row above the current chunk row (all columns) and of the column
     # left of the current chunk: the only state carried between chunks.
     top_lab = np.zeros(width, np.int64)
@@ -245,6 +235,7 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
     base = dropped = 0
     for i_chunk, ((r0, c0, _, w), cs) in enumerate(
             zip(wins, ordered_map(scan_chunk, tasks, workers), strict=True)):
+        bases[i_chunk] = base
         dropped += cs.dropped
         n = len(cs.value) - 1
         if n == 0:
@@ -268,10 +259,9 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
         if c0 > 0 and left_lab is not None:
             assert left_val is not None  # set together with left_lab
             pairs.append(_edge_pairs(left_lab, left_val, glob(e_left), v_left))
-        if len(cs.traced):
+        if len(cs.polys):
             pieces.append(cs.polys)
             piece_label.append(cs.poly_label + base)
-            traced.append((cs.traced + base, np.full(len(cs.traced), i_chunk), cs.seed))
         top_lab[c0:c0 + w] = glob(e_bottom)
         top_val[c0:c0 + w] = v_bottom
         left_lab, left_val = glob(e_right), v_right
@@ -283,15 +273,13 @@ def _scan(job: ScanTask, chunk: int, workers: int | None) -> _Scan:
     pp = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
     graph = coo_matrix((np.ones(len(pp), np.int8), (pp[:, 0], pp[:, 1])), shape=(n_lab, n_lab))
     _, root = connected_components(graph, directed=False)
-    tr = [np.concatenate(t) for t in zip(*traced, strict=True)] if traced else [
-        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)]
     return _Scan(
         value=np.concatenate(value_t), pixels=np.concatenate(pixels_t).astype(np.int64),
         conf_sum=np.concatenate(conf_sum_t), conf_n=np.concatenate(conf_n_t).astype(np.int64),
         area=np.concatenate(area_t), root=root,
         pieces=np.concatenate(pieces) if pieces else np.zeros(0, dtype=object),
         piece_label=np.concatenate(piece_label) if piece_label else np.zeros(0, np.int64),
-        traced=_Traced(*tr), dropped=dropped,
+        bases=bases, dropped=dropped,
     )
 
 
@@ -315,9 +303,9 @@ def vectorize_zones(
 
     Two chunked passes: the first labels 4-connected patches of each class per chunk
     (``cc3d``), counts their pixels and confidence, merges labels across chunk
-    borders and traces only the patches that may reach the minimum area; the second (only
-    with ``zone_raster``) labels the chunks holding kept pieces again and writes
-    the zone ids.
+    borders and traces only the patches that may reach the minimum area (spilling their
+    pixels to a temporary folder beside ``zone_raster``, when given); the second (only with
+    ``zone_raster``) writes the kept zones' ids from the spilled pixels.
 
     Args:
         classes_tif: uint8 class raster (``schema.nodata`` = nodata).
@@ -368,7 +356,21 @@ def vectorize_zones(
         (0, 0, grid.height, grid.width), grid.shape_yx, values, schema.nodata, radius, row_area,
         min_px, min_hole_px=p.min_area_m2 / px_m2,
         simplify_px=1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m)
-    scan = _scan(job, chunk, workers)
+    # Beside the zone raster: the output folder is known to be writable and sized for rasters.
+    spill: contextlib.AbstractContextManager[str | None] = (
+        contextlib.nullcontext() if zone_raster is None else tempfile.TemporaryDirectory(
+            dir=Path(zone_raster).parent, prefix=".zone-pixels-"))
+    with spill as spill_dir:
+        return _zones(job, p, grid, chunk, names, unit, min_px, fields, zone_raster,
+                      spill_dir, workers)
+
+
+def _zones(job: ScanTask, p: ZoneParams, grid: Grid, chunk: int, names: dict[int, str],
+           unit: float, min_px: float, fields: gpd.GeoDataFrame | None,
+           zone_raster: str | os.PathLike[str] | None, spill_dir: str | None,
+           workers: int | None) -> gpd.GeoDataFrame:
+    """:func:`vectorize_zones` once the task is set up (``spill_dir`` with ``zone_raster``)."""
+    scan = _scan(job, chunk, workers, spill_dir)
     root = scan.root
     n_comp = int(root.max()) + 1
     comp_area = np.bincount(root, weights=scan.area, minlength=n_comp)
@@ -419,8 +421,9 @@ def vectorize_zones(
     conf_sum = np.bincount(root, weights=scan.conf_sum, minlength=n_comp)[comps]
     conf_n = np.bincount(root, weights=scan.conf_n, minlength=n_comp)[comps]
     if zone_raster is not None:
-        _write_zone_raster(classes_tif, zone_raster, label_zone, scan.traced, values,
-                           schema.nodata, radius, chunk, workers)
+        assert spill_dir is not None  # given with zone_raster
+        _write_zone_raster(job.classes_tif, zone_raster, label_zone, scan.bases, spill_dir,
+                           chunk)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.where(conf_n > 0, conf_sum / np.maximum(conf_n, 1), np.nan)
     gdf = gpd.GeoDataFrame(
@@ -444,38 +447,22 @@ def _write_zone_raster(
     classes_tif: str | os.PathLike[str],
     zone_raster: str | os.PathLike[str],
     label_zone: np.ndarray,
-    traced: _Traced,
-    values: np.ndarray,
-    nodata: int,
-    radius: int,
+    bases: np.ndarray,
+    spill_dir: str,
     chunk: int,
-    workers: int | None,
 ) -> None:
-    """Write zone ids chunk by chunk, finding each kept piece's pixels again.
+    """Write zone ids chunk by chunk from the traced pixels the labelling pass spilled.
 
-    Chunks holding a kept piece are labelled again and each piece is found by its first pixel
-    (see :func:`agriseg.zonechunk.zone_id_chunk`): keeping every chunk's labels would grow
-    with the raster, and rasterising the polygons back would burn in the filled holes. Chunks
-    without a kept zone are skipped (sparse, read as 0).
+    Chunks without a kept zone are skipped (sparse, read as 0). This runs in the calling
+    process: per chunk it is a file read, a lookup and the encoding, and sending the pixel
+    lists back from workers would cost more than it saves.
     """
     zone_raster = Path(zone_raster)
     tmp = zone_raster.with_name(f".{zone_raster.stem}.partial.tif")
-    zone = label_zone[traced.label]
-    keep = zone > 0
-    by_chunk = np.argsort(traced.chunk[keep], kind="stable")
-    chunk_of = traced.chunk[keep][by_chunk]
-    zone, seed = zone[keep][by_chunk], traced.seed[keep][by_chunk]
     with rasterio.open(classes_tif) as src:
         prof = src.profile
         wins = list(chunk_windows(src.height, src.width, chunk))
-    todo: list[tuple[Window, ZoneIdTask]] = []
-    for i, win in enumerate(wins):
-        lo, hi = np.searchsorted(chunk_of, [i, i + 1])
-        if lo < hi:
-            todo.append((win, ZoneIdTask(
-                os.fspath(classes_tif),
-                (int(win.row_off), int(win.col_off), int(win.height), int(win.width)),
-                values, nodata, radius, zone[lo:hi], seed[lo:hi])))
+    ends = np.append(bases[1:], len(label_zone) - 1)
     # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
     # several times faster than DEFLATE; without a predictor, as ids are mostly runs of
     # zeros and constants: 67 MP in 0.16 s instead of 0.23 s, and smaller.
@@ -489,11 +476,13 @@ def _write_zone_raster(
         raise OutputError(f"{zone_raster}: cannot create the zone raster ({exc})") from exc
     try:
         with dst:
-            for (win, _), (idx, ids) in zip(
-                    todo, ordered_map(zone_id_chunk, [t for _, t in todo], workers),
-                    strict=True):
+            for i, win in enumerate(wins):
+                base = int(bases[i])
+                if not label_zone[base + 1:ends[i] + 1].any():
+                    continue
+                idx, rows = read_spill(os.path.join(spill_dir, f"{i}.npy"))
                 out = np.zeros((int(win.height), int(win.width)), np.uint32)
-                out.ravel()[idx] = ids
+                out.ravel()[idx] = label_zone[rows.astype(np.int64) + base]
                 dst.write(out, 1, window=win)
             dst.set_band_description(1, "zone id (0 = no zone); see zone_id in zones.gpkg")
     except RasterioError as exc:

@@ -2,8 +2,9 @@
 
 Everything here depends on one chunk only: reading the at-risk classes, labelling them, per-label
 counts, the labels along the chunk's edges (the caller joins them across chunks) and the traced
-polygons of the pieces that may be kept; then, in the second pass, the zone ids of the kept
-pieces. Imports are kept light (no geopandas, no pyproj) so workers start fast.
+polygons of the pieces that may be kept, and (for the zone-id raster) the traced pieces'
+pixels, spilled to a file. Imports are kept light (no geopandas, no pyproj) so workers start
+fast.
 """
 
 from __future__ import annotations
@@ -168,6 +169,8 @@ class ScanTask:
         min_px_area: pieces at least this big (same unit as the areas) are traced.
         min_hole_px: holes smaller than this (pixels) are filled in traced pieces.
         simplify_px: Douglas-Peucker tolerance in pixels for traced pieces (0 = none).
+        spill: file to write the traced pieces' pixels to (see :func:`read_spill`), or
+            ``None`` when no zone-id raster is wanted.
     """
 
     classes_tif: str
@@ -181,6 +184,7 @@ class ScanTask:
     min_px_area: float
     min_hole_px: float
     simplify_px: float
+    spill: str | None = None
 
 
 @dataclass(slots=True)
@@ -192,7 +196,6 @@ class ChunkScan:
         edges: labels along the top, bottom, left and right edge (chunk-local, int32).
         edge_values: the at-risk value (+1) along the same edges.
         polys: traced polygons in raster pixel coordinates; ``poly_label`` their labels.
-        traced: labels traced; ``seed`` the flat index of their first pixel (chunk-local).
         dropped: patches left out of the tables: wholly inside the chunk and too small.
     """
 
@@ -205,8 +208,6 @@ class ChunkScan:
     edge_values: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
     polys: np.ndarray
     poly_label: np.ndarray
-    traced: np.ndarray
-    seed: np.ndarray
     dropped: int = 0
 
 
@@ -254,8 +255,9 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
     row = np.zeros(n + 1, np.int64)
     row[kept] = np.arange(1, len(kept) + 1)
     sub = np.r_[0, kept]
+    if t.spill is not None:
+        _spill(t.spill, sel, row[ls])
     polys, poly_label = np.zeros(0, dtype=object), np.zeros(0, np.int64)
-    traced, seed = np.zeros(0, np.int64), np.zeros(0, np.int64)
     if len(kept):
         boxes = label_boxes(sel, ls, kept, n, w)
         polys, poly_label = trace_labels(lab, boxes, r0, c0)
@@ -264,52 +266,32 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
         # chunk-border vertices stay, so pieces of one patch still meet exactly.
         polys = simplify_pinned(polys, t.simplify_px, np.array([c0, c0 + w], np.float64),
                                 np.array([r0, r0 + h], np.float64))
-        traced, seed = boxes.labels, boxes.seed
     return ChunkScan(
         value=vals[sub], pixels=pixels[sub], area=area[sub], conf_sum=conf_sum[sub],
         conf_n=conf_n[sub],
         edges=(row[lab[0]], row[lab[-1]], row[lab[:, 0]], row[lab[:, -1]]),
         edge_values=(risk[0].copy(), risk[-1].copy(), risk[:, 0].copy(), risk[:, -1].copy()),
-        polys=polys, poly_label=row[poly_label], traced=row[traced], seed=seed,
-        dropped=dropped,
+        polys=polys, poly_label=row[poly_label], dropped=dropped,
     )
 
 
-@dataclass(frozen=True, slots=True)
-class ZoneIdTask:
-    """The kept pieces of one chunk, to burn their zone ids.
+def _spill(path: str, sel: np.ndarray, rows: np.ndarray) -> None:
+    """Write the flat indices (uint32) and table rows of the pixels of returned pieces."""
+    keep = rows > 0
+    rows = rows[keep]
+    dtype = np.uint16 if len(rows) == 0 or rows.max() < 2**16 else np.uint32
+    with open(path, "wb") as f:
+        np.save(f, sel[keep].astype(np.uint32), allow_pickle=False)
+        np.save(f, rows.astype(dtype), allow_pickle=False)
 
-    Attributes:
-        classes_tif, win, values, nodata, radius: as in :class:`ScanTask`.
-        zone: zone id of each piece; ``seed`` the chunk-local flat index of its first pixel.
+
+def read_spill(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Chunk-local flat indices (ascending) and table rows (1..n) of a chunk's traced pieces.
+
+    The zone-id raster needs every pixel of every kept zone. Spilling them to a file in the
+    labelling pass (~6 bytes per at-risk pixel) replaced labelling each chunk a second time
+    (reading, closing, ``cc3d`` and scanning it again, ~20 ms per 4 MP chunk, and pickling the
+    pixel lists back from the workers); keeping them in memory would grow with the raster.
     """
-
-    classes_tif: str
-    win: tuple[int, int, int, int]
-    values: np.ndarray
-    nodata: int
-    radius: int
-    zone: np.ndarray
-    seed: np.ndarray
-
-
-def zone_id_chunk(t: ZoneIdTask) -> tuple[np.ndarray, np.ndarray]:
-    """Flat indices (chunk-local, ascending) of the kept pieces' pixels and their zone ids.
-
-    The chunk is labelled again as in the first pass (one ``cc3d`` pass, ~9 ms per 4 MP): a
-    piece is the patch holding its first pixel. Labelling each piece's bounding box on its own
-    cost ~40 ms per chunk in Python overhead with a few hundred pieces. Sparse output: a
-    chunk's zones cover a small part of it, and this is what travels back from a worker.
-    """
-    r0, c0, h, w = t.win
-    with rasterio.open(t.classes_tif) as ds:
-        risk = read_risk(ds, Window(c0, r0, w, h), t.values - 1, t.nodata, t.radius)
-    risk = np.ascontiguousarray(risk)
-    lab, n = cc3d.connected_components(risk, connectivity=4, return_N=True)
-    flat = np.ascontiguousarray(lab).reshape(-1)
-    zone_of = np.zeros(n + 1, np.uint32)
-    zone_of[flat[t.seed]] = t.zone
-    idx = np.flatnonzero(risk != 0)
-    ids = zone_of[flat[idx]]
-    keep = ids != 0
-    return idx[keep], ids[keep]
+    with open(path, "rb") as f:
+        return np.load(f, allow_pickle=False), np.load(f, allow_pickle=False)

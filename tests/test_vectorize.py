@@ -378,7 +378,7 @@ def test_holes_above_min_area_stay_in_geographic_crs(tmp_path: Path) -> None:
 def test_scan_keeps_only_pieces_that_may_become_zones(tmp_path: Path) -> None:
     """Specks wholly inside a chunk are counted there and leave no rows in the tables."""
     from agriseg.vectorize import _scan
-    from agriseg.zonechunk import ScanTask
+    from agriseg.zonechunk import ScanTask, read_spill
 
     cls = np.ones((256, 256), np.uint8)
     cls[3::8, 3::8] = WEED  # 1024 lone pixels, none on a chunk edge (chunks of 64)
@@ -386,10 +386,24 @@ def test_scan_keeps_only_pieces_that_may_become_zones(tmp_path: Path) -> None:
     src = write_mask(tmp_path / "c.tif", cls)
     job = ScanTask(str(src), None, (0, 0, 256, 256), (256, 256), np.array([WEED + 1]), 255, 0,
                    None, min_px_area=200.0, min_hole_px=0.0, simplify_px=0.0)
-    scan = _scan(job, 64, 0)
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    scan = _scan(job, 64, 0, str(spill))
     assert scan.dropped == 1024 - 49
     # the tables hold the patch's four pieces only, and they merge into one
-    assert len(scan.root) - 1 == len(scan.traced.label) == len(scan.pieces) == 4
+    assert len(scan.root) - 1 == len(scan.pieces) == 4
     assert len(np.unique(scan.root[1:])) == 1
-    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.5, chunk=64))
+    # only the pieces' pixels are spilled for the zone raster (rows 101-127 | 128-160)
+    spilled = [read_spill(str(spill / f"{i}.npy")) for i in range(16)]
+    sizes = [0] * 5 + [27 * 27, 27 * 33] + [0] * 2 + [33 * 27, 33 * 33] + [0] * 5
+    assert [len(idx) for idx, _ in spilled] == sizes
+    assert all(set(rows.tolist()) <= {1} for _, rows in spilled)
+    zr = tmp_path / "zid.tif"
+    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.5, chunk=64),
+                        zone_raster=zr)
     assert list(z["pixels"]) == [60 * 60]
+    patch = np.zeros(cls.shape, np.uint32)
+    patch[101:161, 101:161] = 1
+    with rasterio.open(zr) as ds:
+        assert np.array_equal(ds.read(1), patch)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif", "spill", "zid.tif"]

@@ -19,7 +19,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from agriseg.trace import fill_small_holes, label_boxes, simplify_pinned, trace_labels
+from agriseg.trace import fill_small_holes, simplify_pinned, trace_pixels
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -89,7 +89,7 @@ def label_chunk(risk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
     zones and the union order of pieces depend. Their old labels are left without pixels.
 
     Returns:
-        ``lab`` (uint16 or int32, 0 = none), ``vals`` (index = label, 0 for unused labels),
+        ``lab`` (uint16 or uint32, 0 = none), ``vals`` (index = label, 0 for unused labels),
         ``sel`` (flat indices of labelled pixels, ascending) and ``ls`` (their labels).
     """
     # C order in and out: cc3d keeps the input's memory order, and ``flat`` must be a view.
@@ -127,8 +127,6 @@ def label_chunk(risk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, n
         flat[sel[moved]] = ls[moved]
         vals = np.concatenate([vals, vals[m]])
         vals[m] = 0
-    if lab.dtype == np.uint32:
-        lab = lab.view(np.int32)  # shapes takes int32, not uint32 (labels < 2**31)
     return lab, vals, sel, ls
 
 
@@ -255,12 +253,14 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
     row = np.zeros(n + 1, np.int64)
     row[kept] = np.arange(1, len(kept) + 1)
     sub = np.r_[0, kept]
+    row_px = row[ls]
+    pick = row_px > 0
+    sel_px = sel[pick]
     if t.spill is not None:
-        _spill(t.spill, sel, row[ls])
+        _spill(t.spill, sel_px, row_px[pick])
     polys, poly_label = np.zeros(0, dtype=object), np.zeros(0, np.int64)
     if len(kept):
-        boxes = label_boxes(sel, ls, kept, n, w)
-        polys, poly_label = trace_labels(lab, boxes, r0, c0)
+        polys, poly_label = trace_pixels(lab, sel_px, ls[pick], r0, c0)
         polys = fill_small_holes(polys, t.min_hole_px)
         # Simplified here, in parallel and chunk by chunk, not after the union: the pieces'
         # chunk-border vertices stay, so pieces of one patch still meet exactly.
@@ -275,13 +275,11 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
     )
 
 
-def _spill(path: str, sel: np.ndarray, rows: np.ndarray) -> None:
+def _spill(path: str, idx: np.ndarray, rows: np.ndarray) -> None:
     """Write the flat indices (uint32) and table rows of the pixels of returned pieces."""
-    keep = rows > 0
-    rows = rows[keep]
     dtype = np.uint16 if len(rows) == 0 or rows.max() < 2**16 else np.uint32
     with open(path, "wb") as f:
-        np.save(f, sel[keep].astype(np.uint32), allow_pickle=False)
+        np.save(f, idx.astype(np.uint32), allow_pickle=False)
         np.save(f, rows.astype(dtype), allow_pickle=False)
 
 

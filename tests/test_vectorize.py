@@ -232,27 +232,42 @@ def test_chunked_labels_match_whole_array_reference(tmp_path: Path) -> None:
     assert straddling > 20  # many patches cross chunk borders
 
 
-def test_packed_tracing_matches_whole_image() -> None:
-    """Pieces traced on a packed canvas are the polygons ``shapes`` gives on the whole image."""
+@pytest.mark.parametrize("seed", range(12))
+def test_tracing_gives_gdal_polygons(seed: int) -> None:
+    """trace_pixels gives the polygons ``shapes`` (GDAL) gives, vertex for vertex, for any
+    subset of labels: touching labels of two classes, holes, islands in holes, corners where
+    a patch meets itself, chunk edges, small and odd-shaped chunks."""
     from rasterio.features import shapes
 
-    from agriseg.trace import label_boxes, trace_labels
+    from agriseg.trace import trace_pixels
+    from agriseg.zonechunk import label_chunk
 
-    rng = np.random.default_rng(5)
-    noise = ndimage.gaussian_filter(rng.random((512, 512)), 2)
-    lab, n = ndimage.label(noise > np.quantile(noise, 0.97))
-    lab = lab.astype(np.int32)
-    flat = lab.ravel()
-    sel = np.flatnonzero(flat)
-    boxes = label_boxes(sel, flat[sel], np.arange(1, n + 1), n, lab.shape[1])
-    # small spread-out pieces: the packed canvas path, offset by a chunk origin
-    got, labels = trace_labels(lab, boxes, row0=100, col0=7)
-    assert sorted(labels.tolist()) == list(range(1, n + 1))
-    ref = {int(v): shapely.geometry.shape(g) for g, v in
-           shapes(lab, mask=lab > 0, connectivity=4)}
+    rng = np.random.default_rng(seed)
+    shape = (int(rng.integers(1, 200)), int(rng.integers(1, 200)))
+    sigma = (0.6, 1.0, 2.0)[seed % 3]
+    n1 = ndimage.gaussian_filter(rng.random(shape), sigma)
+    n2 = ndimage.gaussian_filter(rng.random(shape), sigma)
+    risk = np.zeros(shape, np.uint8)
+    risk[n1 > np.quantile(n1, 0.5)] = WEED + 1
+    risk[n2 > np.quantile(n2, 0.6)] = DISEASE + 1
+    if seed % 4 == 0:
+        risk[::2, ::2] = WEED + 1  # many patches touching only at corners
+    if seed == 11:  # percolating speckle: rings of thousands of vertices meeting themselves
+        shape = (400, 400)
+        f = [ndimage.gaussian_filter(rng.random(shape), 1.5) for _ in range(3)]
+        risk = np.choose(np.argmax([f[0], f[1] + 0.04, f[2]], axis=0),
+                         [0, WEED + 1, DISEASE + 1]).astype(np.uint8)
+    lab, vals, sel, ls = label_chunk(risk)
+    want = np.zeros(len(vals), bool)
+    want[1:] = rng.random(len(vals) - 1) < 0.8
+    pick = want[ls]
+    got, labels = trace_pixels(lab, sel[pick], ls[pick], row0=100, col0=7)
+    ref = {int(v): shapely.affinity.translate(shapely.geometry.shape(g), xoff=7, yoff=100)
+           for g, v in shapes(lab.astype(np.int32), mask=want[lab], connectivity=4)}
+    assert labels.tolist() == sorted(ref)
+    assert shapely.is_valid(got).all()
     for g, v in zip(got, labels.tolist(), strict=True):
-        moved = shapely.affinity.translate(ref[v], xoff=7, yoff=100)
-        assert shapely.equals(g, moved)
+        assert shapely.to_wkb(g) == shapely.to_wkb(ref[v])
 
 
 def _split_touching_reference(risk: np.ndarray) -> np.ndarray:
@@ -299,7 +314,7 @@ def test_label_chunk_keeps_the_split_numbering_order(seed: int) -> None:
 
 def _traced_pieces(seed: int, size: int, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     """Polygons of a speckle mask's pieces, traced chunk by chunk, and their patch labels."""
-    from agriseg.trace import label_boxes, trace_labels
+    from agriseg.trace import trace_pixels
 
     rng = np.random.default_rng(seed)
     mask = ndimage.gaussian_filter(rng.random((size, size)), 1.2) > 0.5
@@ -311,13 +326,12 @@ def _traced_pieces(seed: int, size: int, chunk: int) -> tuple[np.ndarray, np.nda
             lab, n = ndimage.label(sub)
             if not n:
                 continue
-            lab = lab.astype(np.int32)
             flat = lab.ravel()
             sel = np.flatnonzero(flat)
-            boxes = label_boxes(sel, flat[sel], np.arange(1, n + 1), n, sub.shape[1])
-            got, labels = trace_labels(lab, boxes, r0, c0)
+            got, labels = trace_pixels(lab, sel, flat[sel], r0, c0)
+            first = sel[np.unique(flat[sel], return_index=True)[1]]  # first pixel per label
             polys.append(got)
-            owners.append(patch[r0:r0 + chunk, c0:c0 + chunk].ravel()[boxes.seed][labels - 1])
+            owners.append(patch[r0:r0 + chunk, c0:c0 + chunk].ravel()[first][labels - 1])
     return np.concatenate(polys), np.concatenate(owners)
 
 

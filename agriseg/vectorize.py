@@ -5,10 +5,11 @@ with one ``cc3d.connected_components`` (4-connectivity, each class on its own, s
 disease that touch stay separate patches) and counted with ``np.bincount``; labels of
 neighbouring chunks are joined through the same-class pixel pairs along chunk borders, so a
 patch that crosses chunks is ONE zone. Patches below the minimum area are dropped before any
-polygon is built: ``rasterio.features.shapes`` traces only the pieces that may be kept (packed
-side by side, see :mod:`agriseg.trace`), in *pixel* coordinates (integers, so pieces from
-neighbouring chunks share exactly the same vertices), simplified in the chunk's worker with
-their chunk-border vertices kept, and the pieces of one patch are unioned.
+polygon is built: only the pieces that may be kept are traced along their pixel edges (the
+polygons GDAL's polygonizer gives, see :mod:`agriseg.trace`), in *pixel* coordinates
+(integers, so pieces from neighbouring chunks share exactly the same vertices), simplified in
+the chunk's worker with their chunk-border vertices kept, and the pieces of one patch are
+unioned.
 For the zone-id raster, the labelling pass spills each traced piece's pixels to a temporary
 file, which the second pass reads back to burn the kept zones' ids (not by rasterising the
 polygons back, which would burn in their filled holes). Memory is bounded by one chunk plus

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -357,10 +358,14 @@ def vectorize_zones(
         (0, 0, grid.height, grid.width), grid.shape_yx, values, schema.nodata, radius, row_area,
         min_px, min_hole_px=p.min_area_m2 / px_m2,
         simplify_px=1.0 if p.simplify_m is None else p.simplify_m / grid.gsd_m)
-    # Beside the zone raster: the output folder is known to be writable and sized for rasters.
-    spill: contextlib.AbstractContextManager[str | None] = (
-        contextlib.nullcontext() if zone_raster is None else tempfile.TemporaryDirectory(
-            dir=Path(zone_raster).parent, prefix=".zone-pixels-"))
+    spill: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext()
+    if zone_raster is not None:
+        # Beside the zone raster: the output folder is writable and sized for rasters. A
+        # folder left by a run that was killed here is removed first.
+        prefix = f".{Path(zone_raster).stem}.pixels-"
+        for stale in Path(zone_raster).parent.glob(f"{prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        spill = tempfile.TemporaryDirectory(dir=Path(zone_raster).parent, prefix=prefix)
     with spill as spill_dir:
         return _zones(job, p, grid, chunk, names, unit, min_px, fields, zone_raster,
                       spill_dir, workers)

@@ -413,6 +413,7 @@ def test_scan_keeps_only_pieces_that_may_become_zones(tmp_path: Path) -> None:
     assert [len(idx) for idx, _ in spilled] == sizes
     assert all(set(rows.tolist()) <= {1} for _, rows in spilled)
     zr = tmp_path / "zid.tif"
+    (tmp_path / ".zid.pixels-left-by-a-killed-run").mkdir()
     z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0.5, chunk=64),
                         zone_raster=zr)
     assert list(z["pixels"]) == [60 * 60]

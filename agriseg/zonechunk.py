@@ -9,6 +9,7 @@ fast.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import cc3d
@@ -19,6 +20,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from agriseg.errors import OutputError
 from agriseg.trace import fill_small_holes, simplify_pinned, trace_pixels
 
 
@@ -278,9 +280,15 @@ def scan_chunk(t: ScanTask) -> ChunkScan:
 def _spill(path: str, idx: np.ndarray, rows: np.ndarray) -> None:
     """Write the flat indices (uint32) and table rows of the pixels of returned pieces."""
     dtype = np.uint16 if len(rows) == 0 or rows.max() < 2**16 else np.uint32
-    with open(path, "wb") as f:
-        np.save(f, idx.astype(np.uint32), allow_pickle=False)
-        np.save(f, rows.astype(dtype), allow_pickle=False)
+    try:
+        with open(path, "wb") as f:
+            np.save(f, idx.astype(np.uint32), allow_pickle=False)
+            np.save(f, rows.astype(dtype), allow_pickle=False)
+    except OSError as exc:
+        raise OutputError(
+            f"{os.path.dirname(path)}: cannot write the zone pixels kept for the zone-id raster "
+            f"({exc.strerror or exc}); free disk space in the output folder, or skip the zones "
+            "step (--skip zones)") from exc
 
 
 def read_spill(path: str) -> tuple[np.ndarray, np.ndarray]:

@@ -422,3 +422,12 @@ def test_scan_keeps_only_pieces_that_may_become_zones(tmp_path: Path) -> None:
     with rasterio.open(zr) as ds:
         assert np.array_equal(ds.read(1), patch)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.tif", "spill", "zid.tif"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_spill_on_a_full_disk_is_a_clear_error() -> None:
+    from agriseg.errors import OutputError
+    from agriseg.zonechunk import _spill
+
+    with pytest.raises(OutputError, match="free disk space"):
+        _spill("/dev/full", np.arange(10), np.ones(10, np.int64))

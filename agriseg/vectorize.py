@@ -170,7 +170,7 @@ class _Scan:
 
     Global labels number the chunks' returned pieces in chunk order (row-major), each chunk
     after the last label of the one before; ``root`` maps each global label to its patch
-    after merging across chunk borders; ``bases[i]`` is the label before chunk ``i``'s first.
+    after merging across chunk borders; chunk ``i``'s labels are ``bases[i] + 1 .. bases[i + 1]``.
     """
 
     value: np.ndarray
@@ -183,6 +183,11 @@ class _Scan:
     piece_label: np.ndarray
     bases: np.ndarray
     dropped: int
+
+
+def _spill_path(spill_dir: str, i_chunk: int) -> str:
+    """Where chunk ``i_chunk`` spills its traced pixels (see :func:`read_spill`)."""
+    return os.path.join(spill_dir, f"{i_chunk}.npy")
 
 
 def _edge_pairs(a_lab: np.ndarray, a_val: np.ndarray, b_lab: np.ndarray,
@@ -215,7 +220,7 @@ def _scan(job: ScanTask, chunk: int, workers: int | None, spill_dir: str | None)
             for w in chunk_windows(height, width, chunk)]
     tasks = (replace(job, win=win, row_area=None if job.row_area is None
                      else job.row_area[win[0]:win[0] + win[2]],
-                     spill=None if spill_dir is None else os.path.join(spill_dir, f"{i}.npy"))
+                     spill=None if spill_dir is None else _spill_path(spill_dir, i))
              for i, win in enumerate(wins))
     value_t: list[np.ndarray] = [np.zeros(1, np.uint8)]
     pixels_t: list[np.ndarray] = []
@@ -227,7 +232,7 @@ def _scan(job: ScanTask, chunk: int, workers: int | None, spill_dir: str | None)
     pairs: list[np.ndarray] = []
     pieces: list[np.ndarray] = []
     piece_label: list[np.ndarray] = []
-    bases = np.zeros(len(wins), np.int64)
+    bases = np.zeros(len(wins) + 1, np.int64)
     # Labels and values of the row above the current chunk row (all columns) and of the column
     # left of the current chunk: the only state carried between chunks.
     top_lab = np.zeros(width, np.int64)
@@ -268,6 +273,7 @@ def _scan(job: ScanTask, chunk: int, workers: int | None, spill_dir: str | None)
         top_val[c0:c0 + w] = v_bottom
         left_lab, left_val = glob(e_right), v_right
         base += n
+    bases[-1] = base
     n_lab = base + 1
     # Labelling only sees one chunk; joining its labels across chunk borders is a
     # connectivity problem on the graph of same-class border pixel pairs, solved in C by
@@ -468,7 +474,6 @@ def _write_zone_raster(
     with rasterio.open(classes_tif) as src:
         prof = src.profile
         wins = list(chunk_windows(src.height, src.width, chunk))
-    ends = np.append(bases[1:], len(label_zone) - 1)
     # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
     # several times faster than DEFLATE; without a predictor, as ids are mostly runs of
     # zeros and constants: 67 MP in 0.16 s instead of 0.23 s, and smaller.
@@ -484,9 +489,9 @@ def _write_zone_raster(
         with dst:
             for i, win in enumerate(wins):
                 base = int(bases[i])
-                if not label_zone[base + 1:ends[i] + 1].any():
+                if not label_zone[base + 1:bases[i + 1] + 1].any():
                     continue
-                idx, rows = read_spill(os.path.join(spill_dir, f"{i}.npy"))
+                idx, rows = read_spill(_spill_path(spill_dir, i))
                 out = np.zeros((int(win.height), int(win.width)), np.uint32)
                 out.ravel()[idx] = label_zone[rows.astype(np.int64) + base]
                 dst.write(out, 1, window=win)

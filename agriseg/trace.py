@@ -106,8 +106,8 @@ def trace_pixels(lab: np.ndarray, sel: np.ndarray, ls: np.ndarray, row0: int = 0
     # that corner) is split there into two rings (shell and hole, as GDAL gives them): the
     # two runs arriving at the corner swap where they continue. Such corners never interleave
     # along a ring (the ring would cross itself), so all of them are split at once.
-    vert = ((yb[k[seg]] + _START_Y[d[seg]]) * (w + 1) + xb[k[seg]] + _START_X[d[seg]])
-    key = ring.astype(np.int64) * ((h + 1) * (w + 1)) + vert
+    vx, vy = xb[k[seg]] + _START_X[d[seg]], yb[k[seg]] + _START_Y[d[seg]]  # corner vertices
+    key = ring.astype(np.int64) * ((h + 1) * (w + 1)) + vy * (w + 1) + vx
     o = np.argsort(key, kind="stable")
     twice = np.flatnonzero(key[o[1:]] == key[o[:-1]])
     if len(twice):
@@ -128,9 +128,8 @@ def trace_pixels(lab: np.ndarray, sel: np.ndarray, ls: np.ndarray, row0: int = 0
         link[act] = link[link[act]]
         act = act[link[act] >= 0]
     order = np.lexsort((-dist, ring))
-    ek, ed = k[seg[order]], d[seg[order]]
-    return _assemble(xb[ek] + _START_X[ed], yb[ek] + _START_Y[ed], ring[order],
-                     lb[ek].astype(np.int64), w + 1, row0, col0)
+    return _assemble(vx[order], vy[order], ring[order], lb[k[seg[order]]].astype(np.int64),
+                     w + 1, row0, col0)
 
 
 def _rings(seg_next: np.ndarray) -> np.ndarray:

@@ -209,44 +209,50 @@ def along_row_support(
     # Packing: vegetation count in the low 16 bits, valid count above, one cumsum for both.
     packed = veg.astype(np.int32) & valid
     packed += valid.astype(np.int32) << 16
-    if abs(dx) >= abs(dy):
-        out = _sheared_halves(packed, row_off, col_off, dy / dx, half_length_px)
-    else:
-        out = _sheared_halves(
-            np.ascontiguousarray(packed.T), col_off, row_off, dx / dy, half_length_px
-        ).T
-    return np.ascontiguousarray(out)
+    if abs(dy) > abs(dx):
+        return _share(_line_sums(packed, row_off, dx / dy, half_length_px))
+    # Lines closer to the x axis: the same sums on the transpose, where they run down rows.
+    sums = _line_sums(np.ascontiguousarray(packed.T), col_off, dy / dx, half_length_px)
+    return np.ascontiguousarray(_share(sums).T)
 
 
-def _sheared_halves(
-    packed: np.ndarray, row_off: int, col_off: int, slope: float, half: int
-) -> np.ndarray:
-    """Segment vegetation shares along lines ``y = y0 + round(slope * x_abs)``."""
-    h, w = packed.shape
-    x_abs = np.arange(col_off, col_off + w, dtype=np.float64)
-    # Shifts depend only on the absolute column, so every tile agrees on the digital lines.
-    shift = np.rint(slope * x_abs).astype(np.int64)
-    shift -= shift.min()
-    span = int(shift.max())
-    # Sheared row index u = y - shift: pixels on one digital line share u. Flat indices make
-    # the scatter and the gather plain 1D take/put, the cheapest shear numpy offers.
-    u = np.arange(h)[:, None] + (span - shift)[None, :]
-    flat = (u * w + np.arange(w)[None, :]).ravel()
-    sheared = np.zeros((h + span) * w, np.int32)
-    sheared[flat] = packed.ravel()
-    csum = np.cumsum(sheared.reshape(h + span, w), axis=1, dtype=np.int32)
-    # Window [x - half, x + half] as the difference of two shifted views of the padded cumsum.
-    padded = np.empty((h + span, w + 2 * half + 1), np.int32)
-    padded[:, :half + 1] = 0
-    padded[:, half + 1 : half + 1 + w] = csum
-    padded[:, half + 1 + w :] = csum[:, -1:]
-    total = padded[:, 2 * half + 1 :] - padded[:, :w]
-    return _share(total.ravel()[flat].reshape(h, w))
+def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int) -> np.ndarray:
+    """Sums over ``[i - half, i + half]`` along lines ``j = j0 + round(slope * i_abs)``.
+
+    The lines step one row at a time (axis 0) and drift along axis 1, so each row is placed
+    whole at its line offset in a sheared array: pixels of one digital line then share a
+    column, and one running sum down the rows gives every window as a difference of two
+    rows. Whole-row slices keep every step a contiguous numpy pass (a flat-index scatter and
+    gather of the same shear cost ~3x more).
+    """
+    n, m = packed.shape
+    i_abs = np.arange(major_off, major_off + n, dtype=np.float64)
+    # Shifts depend only on the absolute row, so every tile agrees on the digital lines.
+    shift = np.rint(slope * i_abs).astype(np.int64)
+    span = int(shift.max() - shift.min())
+    starts = (shift.max() - shift).tolist()
+    csum = np.zeros((n, m + span), np.int32)
+    s = starts[0]
+    csum[0, s : s + m] = packed[0]
+    for i in range(1, n):
+        s = starts[i]
+        csum[i] = csum[i - 1]
+        csum[i, s : s + m] += packed[i]
+    out = np.empty((n, m), np.int32)
+    for i in range(n):
+        s = starts[i]
+        hi, lo = min(i + half, n - 1), i - half - 1
+        if lo >= 0:
+            np.subtract(csum[hi, s : s + m], csum[lo, s : s + m], out=out[i])
+        else:
+            out[i] = csum[hi, s : s + m]
+    return out
 
 
 def _share(packed_sum: np.ndarray) -> np.ndarray:
     veg = (packed_sum & 0xFFFF).astype(np.float32)
     n = (packed_sum >> 16).astype(np.float32)
-    out = np.zeros(packed_sum.shape, np.float32)
-    np.divide(veg, n, out=out, where=n > 0)
-    return out
+    # Where no pixel is valid the vegetation count is 0 too, so 0 / 1 gives the 0 wanted.
+    np.maximum(n, 1, out=n)
+    veg /= n
+    return veg

@@ -25,6 +25,7 @@ from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from agriseg.blocks import BlockCache
 from agriseg.errors import BandError, RasterError
 from agriseg.grid import IMAGE_CRS, Grid, Tile
 
@@ -565,12 +566,23 @@ def read_window(
         RasterError: the window cannot be read (corrupt or truncated file): names the window.
     """
     own = ds is None
+    idx = [survey.roles.as_dict()[r] for r in roles]
     try:
-        if ds is None:
-            ds = rasterio.open(survey.path)
-        idx = [survey.roles.as_dict()[r] for r in roles]
-        raw = ds.read(idx, window=window)
-        valid = _read_valid(ds, survey, window)
+        with _read_errors(survey, window):
+            if ds is None:
+                ds = rasterio.open(survey.path)
+            raw = ds.read(idx, window=window)
+            valid = _read_valid(ds, survey, window)
+    finally:
+        if own and ds is not None:
+            ds.close()
+    return _scaled(raw, valid, survey)
+
+
+@contextlib.contextmanager
+def _read_errors(survey: SurveyRaster, window: Window) -> Iterator[None]:
+    try:
+        yield
     except RasterioError as exc:
         raise RasterError(
             f"{survey.path}: cannot read pixels in window rows {int(window.row_off)}.."
@@ -578,8 +590,85 @@ def read_window(
             f"{int(window.col_off + window.width)} ({exc}); the file is probably truncated or "
             "corrupt: re-export or re-download it (gdalinfo -checksum shows bad blocks)"
         ) from exc
+
+
+# Tiles of one process read through a shared cache of decoded blocks (see agriseg.blocks).
+# 128 MiB holds two rows of 512 px RGBA cache blocks across a 32 000 px wide raster, the
+# overlap one tile row leaves to the next; wider rasters still share blocks between
+# neighbours in a row.
+TILE_CACHE_BYTES = 128 * 2**20
+# Cache blocks are the file's blocks grouped to at least this side, so a tile needs few reads.
+CACHE_BLOCK_SIDE = 512
+# Files whose cache block would be larger (striped files: one block is a whole-width strip)
+# are read window by window as before.
+CACHE_BLOCK_MAX_BYTES = 8 * 2**20
+_TILE_BLOCKS = BlockCache(TILE_CACHE_BYTES)
+
+
+def clear_tile_cache() -> None:
+    """Free the decoded blocks that tiles of this process shared."""
+    _TILE_BLOCKS.clear()
+
+
+@functools.lru_cache(maxsize=8)
+def _cache_block_shape(path: str, stamp: tuple[int, int]) -> tuple[int, int]:
+    del stamp  # part of the cache key only: a rewritten file is looked at again
+    with rasterio.open(path) as ds:
+        bh, bw = ds.block_shapes[0]
+        return (min(bh * math.ceil(CACHE_BLOCK_SIDE / bh), ds.height),
+                min(bw * math.ceil(CACHE_BLOCK_SIDE / bw), ds.width))
+
+
+def _read_shared(
+    survey: SurveyRaster, roles: tuple[str, ...], window: Window
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """:func:`read_window` through the shared block cache; None where it does not apply."""
+    try:
+        st = os.stat(survey.path)
+    except OSError:  # a GDAL URI (/vsicurl/...) or a path only GDAL resolves
+        return None
+    stamp = (st.st_mtime_ns, st.st_size)
+    ch, cw = _cache_block_shape(survey.path, stamp)
+    idx = [survey.roles.as_dict()[r] for r in roles]
+    alpha = survey.roles.get("alpha") if survey.mask_source == "alpha" else None
+    bands = [*idx, alpha] if alpha is not None else idx
+    if ch * cw * len(bands) * np.dtype(survey.dtype).itemsize > CACHE_BLOCK_MAX_BYTES:
+        return None
+    r0, c0 = int(window.row_off), int(window.col_off)
+    h, w = int(window.height), int(window.width)
+    raw = np.empty((len(idx), h, w), survey.dtype)
+    valid = np.ones((h, w), bool)
+    ds: rasterio.DatasetReader | None = None
+    try:
+        for by in range(r0 // ch, (r0 + h - 1) // ch + 1):
+            for bx in range(c0 // cw, (c0 + w - 1) // cw + 1):
+                block = Window(bx * cw, by * ch, min(cw, survey.grid.width - bx * cw),
+                               min(ch, survey.grid.height - by * ch))
+
+                def load(block: Window = block) -> tuple[np.ndarray, ...]:
+                    nonlocal ds
+                    with _read_errors(survey, block):
+                        if ds is None:
+                            ds = rasterio.open(survey.path)
+                        data = ds.read(bands, window=block)
+                        if survey.mask_source == "gdal":
+                            return data, ds.read_masks(1, window=block) > 0
+                        return (data,)
+
+                got = _TILE_BLOCKS.get((survey.path, stamp, tuple(bands), survey.mask_source,
+                                        by, bx), load)
+                # Intersection of the block with the window, in both frames.
+                y0, y1 = max(r0, by * ch), min(r0 + h, by * ch + ch)
+                x0, x1 = max(c0, bx * cw), min(c0 + w, bx * cw + cw)
+                dst = (slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0))
+                src = (slice(y0 - by * ch, y1 - by * ch), slice(x0 - bx * cw, x1 - bx * cw))
+                raw[(slice(None), *dst)] = got[0][(slice(0, len(idx)), *src)]
+                if alpha is not None:
+                    valid[dst] = got[0][(-1, *src)] > 0
+                elif len(got) > 1:
+                    valid[dst] = got[1][src]
     finally:
-        if own and ds is not None:
+        if ds is not None:
             ds.close()
     return _scaled(raw, valid, survey)
 
@@ -614,7 +703,8 @@ def read_tile(
         ``(pixels, valid)``: float32 ``(C, H, W)`` scaled values and bool ``(H, W)``; padded
         pixels take reflected values and validity so edge tiles match a whole-raster run.
     """
-    data, valid = read_window(survey, roles, tile.read, ds)
+    shared = _read_shared(survey, roles, tile.read) if ds is None else None
+    data, valid = shared or read_window(survey, roles, tile.read, ds)
     top, bottom, left, right = tile.pad
     if any(tile.pad):
         data = np.pad(data, ((0, 0), (top, bottom), (left, right)), mode="symmetric")

@@ -46,6 +46,7 @@ from agriseg.predict import (
 from agriseg.qgis import write_class_qml, write_ramp_qml
 from agriseg.raster import (
     SurveyRaster,
+    clear_tile_cache,
     image_vrt,
     open_survey,
     read_overview,
@@ -153,6 +154,7 @@ def _release_tile_memory() -> None:
     neural = sys.modules.get("agriseg.models.neural")  # loaded only if a learned model ran
     if neural is not None:
         neural.release_runners()
+    clear_tile_cache()
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):  # glibc only
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -288,7 +288,8 @@ class LabelFreeSegmenter:
         windows = self._sample(survey)
         pix = [w[0] for w in windows]
         val = [_without_rim(w[1], cfg.nodata_rim_px) for w in windows]
-        brightness = np.concatenate([p[:, v].mean(axis=0) for p, v in zip(pix, val, strict=True)])
+        # Mean over bands first, then select: the same values, without copying (C, n) first.
+        brightness = np.concatenate([p.mean(axis=0)[v] for p, v in zip(pix, val, strict=True)])
         dark_eps = float(0.1 * np.median(brightness)) if brightness.size else 0.01
         dark_eps = max(dark_eps, 1e-4)
         feats = [self._features(p, dark_eps) for p in pix]

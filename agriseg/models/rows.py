@@ -128,13 +128,19 @@ def _refine(
     freqs = 1 / spacing + np.linspace(-d_frq, d_frq, 21)
     freqs = freqs[freqs > 0]
     best = (-1.0, normal, spacing)
+    d_f = freqs[1] - freqs[0] if freqs.size > 1 else 0.0
     for a in angles:
         ca, sa = math.cos(a), math.sin(a)
         score: np.ndarray = np.zeros(freqs.size)
         for py, px, _ in pts:
             proj = px * ca + py * sa
-            ph = np.exp(-2j * np.pi * np.outer(freqs, proj))
-            score += np.abs(ph.sum(axis=1)) ** 2
+            # The frequencies are evenly spaced, so each point's phasor at the next one is
+            # the last times a fixed step: two complex exponentials per point, not 21.
+            ph = np.exp(-2j * np.pi * freqs[0] * proj)
+            step = np.exp(-2j * np.pi * d_f * proj)
+            for j in range(freqs.size):
+                score[j] += abs(ph.sum()) ** 2
+                ph *= step
         j = int(np.argmax(score))
         if score[j] > best[0]:
             best = (float(score[j]), float(a), float(1 / freqs[j]))

@@ -1,0 +1,98 @@
+"""A bounded, thread-safe cache of decoded raster blocks shared by the tiles of a run.
+
+Neighbouring tiles overlap by twice the halo, and a tile's read window rarely starts on a
+block boundary, so reading every tile on its own decodes each block of a 512 px tiled file
+about 2.8 times (1536 px tiles with a 120 px halo). Worker threads of one process share this
+cache instead: each block is decoded once while the tiles around it run.
+
+Written by hand because the libraries that come close do not fit: GDAL's block cache belongs
+to one dataset handle, and rasterio handles cannot be shared between threads; ``cachetools``
+and ``functools.lru_cache`` neither bound by bytes nor let a second thread wait for a block
+the first is still decoding (both would decode it twice).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+
+import numpy as np
+
+Blocks = tuple[np.ndarray, ...]
+
+
+class BlockCache:
+    """Least-recently-used arrays up to ``max_bytes``, each loaded once however many ask.
+
+    Args:
+        max_bytes: bytes of arrays kept once loaded. Arrays in use by a caller are not
+            counted against it after eviction (the caller holds its own reference).
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[Hashable, Future[Blocks]] = OrderedDict()
+        self._sizes: dict[Hashable, int] = {}
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: Hashable, load: Callable[[], Blocks]) -> Blocks:
+        """The arrays stored under ``key``, calling ``load()`` once if none are.
+
+        A caller that asks while another thread loads the same key waits for that load.
+        An exception from ``load`` reaches every waiting caller and nothing is kept.
+        """
+        with self._lock:
+            fut = self._entries.get(key)
+            owner = fut is None
+            if fut is None:
+                fut = Future()
+                self._entries[key] = fut
+                self.misses += 1
+            else:
+                self._entries.move_to_end(key)
+                self.hits += 1
+        if not owner:
+            return fut.result()
+        try:
+            value = load()
+        except BaseException as exc:
+            with self._lock:
+                self._entries.pop(key, None)
+            fut.set_exception(exc)
+            raise
+        fut.set_result(value)
+        size = sum(a.nbytes for a in value)
+        with self._lock:
+            if self._entries.get(key) is fut:
+                self._sizes[key] = size
+                self._bytes += size
+                self._evict()
+        return value
+
+    def _evict(self) -> None:
+        # Entries still loading have no size yet; they are skipped, not waited for.
+        for key in list(self._entries):
+            if self._bytes <= self.max_bytes:
+                break
+            size = self._sizes.pop(key, None)
+            if size is not None:
+                del self._entries[key]
+                self._bytes -= size
+
+    def clear(self) -> None:
+        """Drop every loaded entry (loads in progress finish for their callers only)."""
+        with self._lock:
+            self._entries.clear()
+            self._sizes.clear()
+            self._bytes = 0
+            self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held now."""
+        return self._bytes

@@ -1,0 +1,113 @@
+"""The shared block cache, and tiles read through it against direct window reads."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from agriseg import raster
+from agriseg.blocks import BlockCache
+from agriseg.grid import plan_tiles
+from agriseg.raster import open_survey, read_tile, read_window
+from tests.conftest import toy_field, write_rgba
+
+
+def test_cache_loads_each_key_once_while_threads_wait() -> None:
+    cache = BlockCache(10**6)
+    calls: list[int] = []
+
+    def load() -> tuple[np.ndarray, ...]:
+        calls.append(1)
+        time.sleep(0.2)  # the other threads ask while this load runs
+        return (np.arange(4),)
+
+    got: list[tuple[np.ndarray, ...]] = []
+    threads = [threading.Thread(target=lambda: got.append(cache.get("k", load)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(got) == 4 and all(g is got[0] for g in got)
+    assert (cache.hits, cache.misses) == (3, 1)
+
+
+def test_cache_evicts_least_recently_used_by_bytes() -> None:
+    cache = BlockCache(2 * 800)  # two arrays of 100 float64
+    for key in ("a", "b"):
+        cache.get(key, lambda: (np.zeros(100),))
+    cache.get("a", lambda: pytest.fail("a is cached"))
+    cache.get("c", lambda: (np.zeros(100),))  # evicts b, the least recently used
+    assert cache.nbytes == 1600
+    reloaded: list[str] = []
+    cache.get("b", lambda: (reloaded.append("b"), np.zeros(100))[1:])
+    cache.get("c", lambda: pytest.fail("c is cached"))
+    assert reloaded == ["b"]
+    cache.clear()
+    assert cache.nbytes == 0
+
+
+def test_cache_keeps_no_failed_load() -> None:
+    cache = BlockCache(10**6)
+
+    def bad() -> tuple[np.ndarray, ...]:
+        raise OSError("bad block")
+
+    with pytest.raises(OSError, match="bad block"):
+        cache.get("k", bad)
+    assert cache.get("k", lambda: (np.ones(2),))[0].sum() == 2
+
+
+def _gtiff(path: Path, data: np.ndarray, **extra: object) -> Path:
+    c, h, w = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=c,
+                       dtype=data.dtype, crs="EPSG:32615",
+                       transform=Affine(0.02, 0, 5e5, 0, -0.02, 5e6), **extra) as dst:
+        dst.write(data)
+    return path
+
+
+def _files(tmp_path: Path) -> dict[str, Path]:
+    rgb, valid = toy_field(700, 900)
+    rng = np.random.default_rng(3)
+    u16 = rng.integers(1, 4000, (4, 700, 900)).astype(np.uint16)
+    u16[:, :50, :70] = 0
+    return {
+        "alpha": write_rgba(tmp_path / "rgba.tif", rgb, valid, block=256),
+        "gdal": _gtiff(tmp_path / "u16.tif", u16, nodata=0, tiled=True, blockxsize=128,
+                       blockysize=128),
+        "striped": _gtiff(tmp_path / "striped.tif", rgb),
+    }
+
+
+@pytest.mark.parametrize("kind", ["alpha", "gdal", "striped"])
+def test_tiles_read_through_the_cache_equal_direct_reads(
+    tmp_path: Path, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ragged edge blocks, alpha / GDAL masks, tiles reaching past the raster (padding)."""
+    if kind == "striped":  # as if its strips were too wide to cache
+        monkeypatch.setattr(raster, "CACHE_BLOCK_MAX_BYTES", 2**16)
+    raster.clear_tile_cache()
+    survey = open_survey(_files(tmp_path)[kind])
+    roles = survey.roles.spectral
+    for tile in plan_tiles(survey.grid, 256, 40):
+        pixels, valid = read_tile(survey, roles, tile)
+        direct, direct_valid = read_window(survey, roles, tile.read)
+        top, _, left, _ = tile.pad
+        h, w = direct_valid.shape
+        inner = (slice(top, top + h), slice(left, left + w))
+        np.testing.assert_array_equal(pixels[(slice(None), *inner)], direct)
+        np.testing.assert_array_equal(valid[inner], direct_valid)
+    cache = raster._TILE_BLOCKS
+    if kind == "striped":  # read window by window
+        assert cache.misses == 0
+    else:
+        # Every cache block decoded once; the neighbours' halos were served from memory.
+        assert cache.misses == 2 * 2 and cache.hits > cache.misses
+    raster.clear_tile_cache()

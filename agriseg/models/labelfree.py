@@ -52,6 +52,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import numpy.typing as npt
 from rasterio.windows import Window
 from scipy import ndimage
 from skimage.filters import threshold_otsu
@@ -218,17 +219,32 @@ def _ramp(z: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + 0.5 * z, 0.0, 1.0).astype(np.float32, copy=False)
 
 
-def _box_mean(values: np.ndarray, weight: np.ndarray, radius: int) -> np.ndarray:
+def _box_mean(values: np.ndarray, weight: np.ndarray, radius: int, bound: int) -> np.ndarray:
     """Mean of integer ``values`` over ``weight`` pixels in a square window, exactly.
 
     Direct (non-running) sums of integers: scipy's ``uniform_filter`` keeps a running float
     sum whose rounding depends on where a line starts, which would make tiles and
-    whole-raster runs differ in the last bit; integer sums of shifted slices do not.
+    whole-raster runs differ in the last bit; integer sums of shifted slices do not. Values
+    (within ``-bound..bound``) and the pixel count share one integer, count in the low bits,
+    so one :func:`box_sum` pass serves both. Pixels with no weight in their window keep
+    their own value.
     """
-    s = box_sum(np.where(weight, values, 0).astype(np.int32), radius)
-    n = box_sum(weight.astype(np.int32), radius)
+    cells = (2 * radius + 1) ** 2
+    bits = cells.bit_length()
+    wide = np.int32 if 2 * bound * cells << bits < 2**31 else np.int64
+    packed: npt.NDArray[np.signedinteger[Any]] = values.astype(wide)
+    packed += bound
+    packed <<= bits
+    packed |= 1
+    packed *= weight
+    tot = box_sum(packed, radius)
+    n = tot & ((1 << bits) - 1)
+    tot >>= bits
+    tot -= n * bound
     out = values.astype(np.float32)
-    np.divide(s, n, out=out, where=n > 0, casting="unsafe")
+    # Sums and counts are exact in float32 (well under 2**24), so this is the correctly
+    # rounded mean.
+    np.divide(tot.astype(np.float32), n.astype(np.float32), out=out, where=n > 0)
     return out
 
 
@@ -580,7 +596,7 @@ class LabelFreeSegmenter:
         out = np.empty(health.shape, np.float32)
         for k in range(health.shape[0]):
             q = np.rint(np.clip(health[k], -1, 1) * 10000).astype(np.int32)
-            out[k] = _box_mean(q, pure, radius) / np.float32(10000)
+            out[k] = _box_mean(q, pure, radius, 10000) / np.float32(10000)
         return out
 
     # ------------------------------------------------------------------ predict

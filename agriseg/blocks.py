@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import Future
 
 import numpy as np
@@ -83,6 +83,15 @@ class BlockCache:
             if size is not None:
                 del self._entries[key]
                 self._bytes -= size
+
+    def drop(self, keys: Iterable[Hashable]) -> None:
+        """Forget loaded entries no caller will ask for again (loads in progress stay)."""
+        with self._lock:
+            for key in keys:
+                size = self._sizes.pop(key, None)
+                if size is not None:
+                    del self._entries[key]
+                    self._bytes -= size
 
     def clear(self) -> None:
         """Drop every loaded entry (loads in progress finish for their callers only)."""

@@ -593,10 +593,11 @@ def _read_errors(survey: SurveyRaster, window: Window) -> Iterator[None]:
 
 
 # Tiles of one process read through a shared cache of decoded blocks (see agriseg.blocks).
-# 128 MiB holds two rows of 512 px RGBA cache blocks across a 32 000 px wide raster, the
-# overlap one tile row leaves to the next; wider rasters still share blocks between
-# neighbours in a row.
-TILE_CACHE_BYTES = 128 * 2**20
+# Tiles drop the blocks no later tile needs (see _read_shared), so what stays is about two rows
+# of cache blocks across the raster (the overlap one tile row leaves to the next) and the
+# tiles in flight: ~60 MiB for an 8192 px wide RGBA raster, ~180 MiB at 32 768 px. Wider
+# rasters still share blocks between neighbours in a row.
+TILE_CACHE_BYTES = 192 * 2**20
 # Cache blocks are the file's blocks grouped to at least this side, so a tile needs few reads.
 CACHE_BLOCK_SIDE = 512
 # Files whose cache block would be larger (striped files: one block is a whole-width strip)
@@ -620,9 +621,23 @@ def _cache_block_shape(path: str, stamp: tuple[int, int]) -> tuple[int, int]:
 
 
 def _read_shared(
-    survey: SurveyRaster, roles: tuple[str, ...], window: Window
+    survey: SurveyRaster,
+    roles: tuple[str, ...],
+    window: Window,
+    needed_from: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """:func:`read_window` through the shared block cache; None where it does not apply."""
+    """:func:`read_window` through the shared block cache; None where it does not apply.
+
+    Args:
+        survey: the raster.
+        roles: band roles to read, in this order.
+        window: the window (inside the raster).
+        needed_from: ``(row, col)`` where the read windows of the tiles after this one start
+            (next tile row, next tile in the row). Blocks wholly above and left of it are
+            dropped once read: tiles run in row-major order, so nothing asks for them again
+            (a tile that does decodes them anew), and the cache then holds about two rows of
+            blocks across the raster rather than every block of the last few tile rows.
+    """
     try:
         st = os.stat(survey.path)
     except OSError:  # a GDAL URI (/vsicurl/...) or a path only GDAL resolves
@@ -670,6 +685,13 @@ def _read_shared(
     finally:
         if ds is not None:
             ds.close()
+    if needed_from is not None:
+        row, col = needed_from
+        _TILE_BLOCKS.drop(
+            (survey.path, stamp, tuple(bands), survey.mask_source, by, bx)
+            for by in range(r0 // ch, row // ch)
+            for bx in range(c0 // cw, col // cw)
+        )
     return _scaled(raw, valid, survey)
 
 
@@ -703,7 +725,10 @@ def read_tile(
         ``(pixels, valid)``: float32 ``(C, H, W)`` scaled values and bool ``(H, W)``; padded
         pixels take reflected values and validity so edge tiles match a whole-raster run.
     """
-    shared = _read_shared(survey, roles, tile.read) if ds is None else None
+    halo = int(tile.core.row_off - tile.read.row_off) + tile.pad[0]
+    needed_from = (int(tile.core.row_off + tile.core.height) - halo,
+                   int(tile.core.col_off + tile.core.width) - halo)
+    shared = _read_shared(survey, roles, tile.read, needed_from) if ds is None else None
     data, valid = shared or read_window(survey, roles, tile.read, ds)
     top, bottom, left, right = tile.pad
     if any(tile.pad):

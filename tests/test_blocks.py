@@ -111,3 +111,33 @@ def test_tiles_read_through_the_cache_equal_direct_reads(
         # Every cache block decoded once; the neighbours' halos were served from memory.
         assert cache.misses == 2 * 2 and cache.hits > cache.misses
     raster.clear_tile_cache()
+
+
+def test_tiles_in_row_major_order_decode_each_block_once_and_keep_two_rows(
+    tmp_path: Path,
+) -> None:
+    rgb = np.random.default_rng(5).integers(0, 255, (3, 2048, 2048), dtype=np.uint8)
+    survey = open_survey(write_rgba(tmp_path / "big.tif", rgb, block=256))
+    raster.clear_tile_cache()
+    cache = raster._TILE_BLOCKS
+    block_bytes = 512 * 512 * 4
+    peak = 0
+    for tile in plan_tiles(survey.grid, 384, 40):
+        read_tile(survey, survey.roles.spectral, tile)
+        peak = max(peak, cache.nbytes)
+    assert cache.misses == 4 * 4  # each 512 px cache block decoded once
+    # Blocks no later tile needs are dropped: at most two rows of four blocks and the
+    # blocks of the tile being read stay, not all sixteen.
+    assert peak <= 10 * block_bytes
+    raster.clear_tile_cache()
+
+
+def test_dropped_entries_free_their_bytes() -> None:
+    cache = BlockCache(10**6)
+    for key in ("a", "b"):
+        cache.get(key, lambda: (np.zeros(100),))
+    cache.drop(["a", "missing"])
+    assert cache.nbytes == 800
+    reloaded: list[str] = []
+    cache.get("a", lambda: (reloaded.append("a"), np.zeros(100))[1:])
+    assert reloaded == ["a"]

@@ -19,6 +19,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 import rasterio
 import rasterio.shutil
+from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 
 from agriseg.classes import ClassSchema
@@ -203,6 +204,36 @@ def _aux_xml_categories(schema: ClassSchema) -> str:
 FLOAT_MAX_ERROR = 0.0005
 
 
+COG_BLOCK = 512
+
+
+def cog_overview_factors(width: int, height: int, block: int = COG_BLOCK) -> list[int]:
+    """Overview factors GDAL's COG driver makes: halve (rounding down) until one block holds it."""
+    factors, side = [], max(width, height)
+    while side > block:
+        side //= 2
+        factors.append(2 ** (len(factors) + 1))
+    return factors
+
+
+def _build_overviews(src: Path, spec: OutputSpec) -> bool:
+    """Add the COG's overviews to the working file ``src`` itself; False if none are due.
+
+    The COG driver would build them in a temporary file of its own, compressed with the
+    final codec: 9-11 s for a 1 GP class mask here, against 2.5 s for GDAL's overview
+    builder on the working file (PACKBITS, 512 px blocks) plus 1.1 s more for the copy.
+    """
+    with rasterio.open(src) as ds:
+        factors = cog_overview_factors(ds.width, ds.height)
+    if not factors:
+        return False
+    floating = np.dtype(spec.dtype).kind == "f"
+    with rasterio.Env(COMPRESS_OVERVIEW="NONE" if floating else "PACKBITS",
+                      GDAL_TIFF_OVR_BLOCKSIZE=COG_BLOCK), rasterio.open(src, "r+") as ds:
+        ds.build_overviews(factors, Resampling[spec.resampling.lower()])
+    return True
+
+
 def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | None = None) -> Path:
     """Copy a working GeoTIFF to a COG at ``dst`` (via a temporary name, then rename).
 
@@ -223,13 +254,15 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
     codec = ({"COMPRESS": "LERC_ZSTD", "MAX_Z_ERROR": str(FLOAT_MAX_ERROR), "LEVEL": "1"}
              if floating else {"COMPRESS": "DEFLATE", "LEVEL": "1", "PREDICTOR": "NO"})
     try:
+        built = _build_overviews(src, spec)
         rasterio.shutil.copy(
             src,
             tmp,
             driver="COG",
             **codec,
-            BLOCKSIZE="512",
+            BLOCKSIZE=str(COG_BLOCK),
             OVERVIEW_RESAMPLING=spec.resampling,
+            OVERVIEWS="FORCE_USE_EXISTING" if built else "AUTO",
             BIGTIFF="IF_SAFER",
             NUM_THREADS="ALL_CPUS",
         )

@@ -1,0 +1,78 @@
+"""COG finalisation: overviews built on the working file match what GDAL's COG driver makes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import rasterio.shutil
+from affine import Affine
+
+from agriseg.output import OutputSpec, cog_overview_factors, finalize_cog
+
+
+def _working(path: Path, data: np.ndarray, nodata: float) -> Path:
+    h, w = data.shape
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=1,
+                       dtype=data.dtype, nodata=nodata, crs="EPSG:32615",
+                       transform=Affine(0.02, 0, 5e5, 0, -0.02, 5e6), tiled=True,
+                       blockxsize=256, blockysize=256, compress="packbits") as dst:
+        dst.write(data, 1)
+    return path
+
+
+@pytest.mark.parametrize("shape", [(300, 260), (1024, 2048), (768, 1536)])
+@pytest.mark.parametrize("resampling", ["NEAREST", "AVERAGE"])
+def test_finalized_cog_equals_the_cog_drivers_own(
+    tmp_path: Path, shape: tuple[int, int], resampling: str
+) -> None:
+    rng = np.random.default_rng(sum(shape))
+    data = rng.integers(0, 100, shape).astype(np.uint8)
+    data[: shape[0] // 3, : shape[1] // 4] = 255  # nodata, which AVERAGE must skip
+    src = _working(tmp_path / "x.work.tif", data, 255)
+    reference = tmp_path / "reference.tif"
+    rasterio.shutil.copy(src, reference, driver="COG", COMPRESS="DEFLATE", BLOCKSIZE="512",
+                         OVERVIEW_RESAMPLING=resampling)
+    ours = finalize_cog(src, tmp_path / "ours.tif",
+                        OutputSpec("x", "uint8", 255, resampling, "test"))
+    with rasterio.open(reference) as a, rasterio.open(ours) as b:
+        assert b.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        assert a.overviews(1) == b.overviews(1) == cog_overview_factors(shape[1], shape[0])
+        np.testing.assert_array_equal(a.read(1), b.read(1))
+        for level in range(len(a.overviews(1))):
+            with rasterio.open(reference, overview_level=level) as oa, \
+                    rasterio.open(ours, overview_level=level) as ob:
+                np.testing.assert_array_equal(oa.read(1), ob.read(1))
+
+
+@pytest.mark.parametrize("resampling", ["NEAREST", "AVERAGE"])
+def test_odd_sizes_get_overviews_that_cover_the_whole_raster(
+    tmp_path: Path, resampling: str
+) -> None:
+    """GDAL's overview builder rounds overview sizes up (the COG driver's own rounds down)."""
+    h, w = 567, 1643
+    data = np.full((h, w), 40, np.uint8)
+    data[:, -1] = 90  # the last column, which rounded-down overview sizes would drop
+    data[:100, :100] = 255
+    ours = finalize_cog(_working(tmp_path / "x.work.tif", data, 255), tmp_path / "ours.tif",
+                        OutputSpec("x", "uint8", 255, resampling, "test"))
+    with rasterio.open(ours) as ds:
+        assert ds.overviews(1) == [2, 4] == cog_overview_factors(w, h)
+    for level, f in enumerate([2, 4]):
+        with rasterio.open(ours, overview_level=level) as ov:
+            o = ov.read(1)
+        assert o.shape == (-(-h // f), -(-w // f))
+        assert (o[: 100 // f, : 100 // f] == 255).all()  # nodata stays nodata
+        assert (o[100 // f + 1 :, :-1] == 40).all()
+        if resampling == "AVERAGE":  # the last column's pixels count in the edge pixel
+            assert (o[:, -1] > 40).all()
+
+
+@pytest.mark.parametrize(("w", "h", "factors"), [
+    (512, 512, []), (513, 40, [2]), (1025, 40, [2]), (1642, 567, [2, 4]),
+    (32768, 32768, [2, 4, 8, 16, 32, 64]),
+])
+def test_overview_factors_follow_the_cog_driver(w: int, h: int, factors: list[int]) -> None:
+    assert cog_overview_factors(w, h) == factors

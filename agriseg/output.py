@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,10 +229,19 @@ def _build_overviews(src: Path, spec: OutputSpec) -> bool:
     if not factors:
         return False
     floating = np.dtype(spec.dtype).kind == "f"
-    with rasterio.Env(COMPRESS_OVERVIEW="NONE" if floating else "PACKBITS",
-                      GDAL_TIFF_OVR_BLOCKSIZE=COG_BLOCK), rasterio.open(src, "r+") as ds:
+    # One build at a time, on all cores (GDAL_NUM_THREADS): two builds side by side contend
+    # in GDAL's block cache and take longer than the two in turn (268 MP class + confidence:
+    # 3.3 s side by side, 2.0 s in turn).
+    with _OVERVIEW_LOCK, rasterio.Env(
+        COMPRESS_OVERVIEW="NONE" if floating else "PACKBITS",
+        GDAL_TIFF_OVR_BLOCKSIZE=COG_BLOCK,
+        GDAL_NUM_THREADS="ALL_CPUS",
+    ), rasterio.open(src, "r+") as ds:
         ds.build_overviews(factors, Resampling[spec.resampling.lower()])
     return True
+
+
+_OVERVIEW_LOCK = threading.Lock()
 
 
 def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | None = None) -> Path:

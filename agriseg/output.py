@@ -210,7 +210,8 @@ COG_BLOCK = 512
 
 def cog_overview_factors(width: int, height: int, block: int = COG_BLOCK) -> list[int]:
     """Overview factors GDAL's COG driver makes: halve (rounding down) until one block holds it."""
-    factors, side = [], max(width, height)
+    factors: list[int] = []
+    side = max(width, height)
     while side > block:
         side //= 2
         factors.append(2 ** (len(factors) + 1))

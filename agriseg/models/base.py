@@ -11,6 +11,7 @@ hold a bundle path and load weights lazily, once per worker process.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -113,4 +114,22 @@ class Segmenter(Protocol):
 #     predict_classes(pixels, valid, params, contexts) -> (classes, confidence) | None
 # with uint8 ``(N, H, W)`` class ids and confidence percent (what the pipeline would derive
 # from ``predict``'s probabilities), or None when it cannot. Learned models on a GPU use it to
-# reduce the scores on the device and copy back 2 bytes per pixel instead of 4 x K.
+# reduce the scores on the device and copy back 2 bytes per pixel instead of 4 x K; the
+# label-free model to skip building the float planes. On the CPU both reduce as below.
+
+
+def reduce_scores(scores: Sequence[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids (uint8) and confidence percent (uint8, 0..100) of ``K`` score planes.
+
+    Ties go to the lowest class id, as with ``argmax``.
+    """
+    # A running maximum over the few class planes: np.argmax along a strided first axis
+    # costs ~4x more.
+    best = np.array(scores[0], np.float32)
+    classes = np.zeros(best.shape, np.uint8)
+    for k in range(1, len(scores)):
+        better = scores[k] > best
+        classes[better] = k
+        np.maximum(best, scores[k], out=best)
+    best *= 100
+    return classes, np.rint(best, out=best).astype(np.uint8)

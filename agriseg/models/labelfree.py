@@ -61,7 +61,7 @@ from agriseg.classes import DEFAULT_CLASSES, ClassSchema
 from agriseg.errors import ConfigError
 from agriseg.models import appearance as app
 from agriseg.models.appearance import AppearanceTable
-from agriseg.models.base import Prepared, TileContext
+from agriseg.models.base import Prepared, TileContext, reduce_scores
 from agriseg.models.filters import box_sum, grow_within, max_filter
 from agriseg.models.rows import (
     RowEstimate,
@@ -609,70 +609,101 @@ class LabelFreeSegmenter:
         contexts: list[TileContext],
     ) -> np.ndarray:
         """Class probabilities of a batch (see the module docstring for the rules)."""
-        p: LabelFreeParams = params
         n, _, h, w = pixels.shape
         out = np.zeros((n, 4, h, w), np.float32)
         for i in range(n):
-            m = contexts[i].margin
-            # Only the along-row support needs the whole halo. Each later step works on the
-            # window it must fill for the core (core + its own reach), so the halo is not
-            # processed again and again; the crops are exact (see _row_probability).
-            core = _inner(m)
-            vi, health, _, _ = self._features(pixels[i], p.dark_eps)
-            ok = _without_rim(valid[i], p.rim_px)
-            like: np.ndarray | None = None
-            z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
-            p_veg = _ramp(z_veg)
-            p_veg[~ok[core]] = 0  # nodata and its blended rim: soil (nodata is masked later)
-            if p.rows:
-                veg = (vi > p.veg_threshold) & ok
-                s = along_row_support(veg, ok, contexts[i].row_off, contexts[i].col_off,
-                                      p.row_angle_deg, p.row_half_px)
-                grown = _inner(max(m - p.attach_px, 0))
-                leafy = _inner(max(m - p.attach_px - p.leaf_px, 0))
-                s = s[leafy]
-                if p.leaf_px > 0:
-                    s = max_filter(s, p.leaf_px)
-                s = s[_inner(min(p.leaf_px, max(m - p.attach_px, 0)))]
-                p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
-                if p.appearance is not None:
-                    r = p.appearance_px
-                    near = _inner(max(m - r, 0))
-                    level = app.weed_likeness(pixels[(i, slice(None), *near)], p.dark_eps,
-                                              p.appearance)
-                    # The table knows plant interiors only (it was fitted on them): a leaf
-                    # margin mixed with soil looks like nothing in it, so margins take the
-                    # mean of the interior pixels around them and have no say themselves.
-                    pure = _interior(veg, m - r)
-                    if r > 0:
-                        like = _pure_mean(level, pure, r)[_inner(min(r, m))]
-                    else:
-                        like = np.where(pure, level, np.uint8(0)).astype(np.float32)
-                    like /= np.float32(255)
-            else:
-                p_row = np.ones(p_veg.shape, np.float32)
-            near = _inner(max(m - p.health_px, 0))
-            hs = self._smooth_health(health[(slice(None), *near)],
-                                     ((vi >= p.veg_threshold + p.veg_softness / 2) & ok)[near],
-                                     p.health_px)[(slice(None), *_inner(min(p.health_px, m)))]
-            z = np.zeros(p_veg.shape, np.float32)
-            for k, (c, sd) in enumerate(zip(p.health_centre, p.health_spread, strict=True)):
-                z += (np.float32(c) - hs[k]) / np.float32(sd)
-            z /= np.float32(len(p.health_centre))
-            p_dis = _ramp(z - np.float32(p.disease_sensitivity))
-            plant_row = p_veg * p_row
-            o = out[(i, slice(None), *core)]
-            np.subtract(1, p_veg, out=o[0])
-            np.multiply(plant_row, 1 - p_dis, out=o[1])
-            np.subtract(p_veg, plant_row, out=o[2])
-            np.multiply(plant_row, p_dis, out=o[3])
-            if like is not None:
-                # Row vegetation that looks like this survey's inter-row weeds is weed; the
-                # health rule goes first, since discoloured crop can look like a weed species.
-                moved = o[1] * like
-                o[1] -= moved
-                o[2] += moved
+            core = _inner(contexts[i].margin)
+            for k, plane in enumerate(self._core_scores(pixels[i], valid[i], params,
+                                                        contexts[i])):
+                out[(i, k, *core)] = plane
         return out
+
+    def predict_classes(
+        self,
+        pixels: np.ndarray,
+        valid: np.ndarray,
+        params: Any,
+        contexts: list[TileContext],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Class ids and confidence percent, uint8 ``(N, H, W)``, filled inside each margin.
+
+        The same values as reducing :meth:`predict`'s probabilities, without building the
+        ``(N, 4, H, W)`` float array: a 1536 px tile's four planes are 50 MB of fresh pages.
+        """
+        n, _, h, w = pixels.shape
+        classes = np.zeros((n, h, w), np.uint8)
+        conf = np.zeros((n, h, w), np.uint8)
+        for i in range(n):
+            core = _inner(contexts[i].margin)
+            c, p = reduce_scores(self._core_scores(pixels[i], valid[i], params, contexts[i]))
+            classes[(i, *core)] = c
+            conf[(i, *core)] = p
+        return classes, conf
+
+    def _core_scores(
+        self, pixels: np.ndarray, valid: np.ndarray, params: Any, ctx: TileContext
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Soil, crop, weed and disease probabilities of one tile's core (inside its margin)."""
+        p: LabelFreeParams = params
+        m = ctx.margin
+        # Only the along-row support needs the whole halo. Each later step works on the
+        # window it must fill for the core (core + its own reach), so the halo is not
+        # processed again and again; the crops are exact (see _row_probability).
+        core = _inner(m)
+        vi, health, _, _ = self._features(pixels, p.dark_eps)
+        ok = _without_rim(valid, p.rim_px)
+        like: np.ndarray | None = None
+        z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
+        p_veg = _ramp(z_veg)
+        p_veg[~ok[core]] = 0  # nodata and its blended rim: soil (nodata is masked later)
+        if p.rows:
+            veg = (vi > p.veg_threshold) & ok
+            s = along_row_support(veg, ok, ctx.row_off, ctx.col_off,
+                                  p.row_angle_deg, p.row_half_px)
+            grown = _inner(max(m - p.attach_px, 0))
+            leafy = _inner(max(m - p.attach_px - p.leaf_px, 0))
+            s = s[leafy]
+            if p.leaf_px > 0:
+                s = max_filter(s, p.leaf_px)
+            s = s[_inner(min(p.leaf_px, max(m - p.attach_px, 0)))]
+            p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
+            if p.appearance is not None:
+                r = p.appearance_px
+                near = _inner(max(m - r, 0))
+                level = app.weed_likeness(pixels[(slice(None), *near)], p.dark_eps,
+                                          p.appearance)
+                # The table knows plant interiors only (it was fitted on them): a leaf
+                # margin mixed with soil looks like nothing in it, so margins take the
+                # mean of the interior pixels around them and have no say themselves.
+                pure = _interior(veg, m - r)
+                if r > 0:
+                    like = _pure_mean(level, pure, r)[_inner(min(r, m))]
+                else:
+                    like = np.where(pure, level, np.uint8(0)).astype(np.float32)
+                like /= np.float32(255)
+        else:
+            p_row = np.ones(p_veg.shape, np.float32)
+        near = _inner(max(m - p.health_px, 0))
+        hs = self._smooth_health(health[(slice(None), *near)],
+                                 ((vi >= p.veg_threshold + p.veg_softness / 2) & ok)[near],
+                                 p.health_px)[(slice(None), *_inner(min(p.health_px, m)))]
+        z = np.zeros(p_veg.shape, np.float32)
+        for k, (c, sd) in enumerate(zip(p.health_centre, p.health_spread, strict=True)):
+            z += (np.float32(c) - hs[k]) / np.float32(sd)
+        z /= np.float32(len(p.health_centre))
+        p_dis = _ramp(z - np.float32(p.disease_sensitivity))
+        plant_row = p_veg * p_row
+        soil = np.subtract(1, p_veg, dtype=np.float32)
+        crop = plant_row * (1 - p_dis)
+        weed = p_veg - plant_row
+        disease = np.multiply(plant_row, p_dis, out=p_dis)
+        if like is not None:
+            # Row vegetation that looks like this survey's inter-row weeds is weed; the
+            # health rule goes first, since discoloured crop can look like a weed species.
+            moved = crop * like
+            crop -= moved
+            weed += moved
+        return soil, crop, weed, disease
 
     @staticmethod
     def _row_probability(s: np.ndarray, veg: np.ndarray, p: LabelFreeParams) -> np.ndarray:

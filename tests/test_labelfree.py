@@ -15,7 +15,7 @@ from affine import Affine
 
 from agriseg.config import build_run_config
 from agriseg.errors import BandError
-from agriseg.models.base import TileContext
+from agriseg.models.base import TileContext, reduce_scores
 from agriseg.models.labelfree import LabelFreeConfig, LabelFreeParams, LabelFreeSegmenter
 from agriseg.models.rows import along_row_support, estimate_rows
 from agriseg.quicklook import write_quicklook
@@ -142,6 +142,13 @@ def test_margin_skips_work_without_changing_the_core(tmp_path: Path) -> None:
     cut = seg.predict(raw[None], valid[None], prep.params, [TileContext(0, 0, 0.02, m)])[0]
     assert np.array_equal(cut[:, m:-m, m:-m], full[:, m:-m, m:-m])
     assert not cut[:, :m].any()
+    # The pipeline's path: classes and confidence reduced without the probability planes.
+    classes, conf = seg.predict_classes(raw[None], valid[None], prep.params,
+                                        [TileContext(0, 0, 0.02, m)])
+    want = reduce_scores(full[:, m:-m, m:-m])
+    assert np.array_equal(classes[0, m:-m, m:-m], want[0])
+    assert np.array_equal(conf[0, m:-m, m:-m], want[1])
+    assert np.array_equal(want[0], full[:, m:-m, m:-m].argmax(0))
 
 
 def test_appearance_table_tiles_match_the_whole_raster(tmp_path: Path) -> None:

@@ -321,6 +321,15 @@ def _process(
                 run_tiles(client, survey, plan, tiles, segmenter, prepared, writer, checkpoint,
                           index_names, progress, sync_seconds=config.checkpoint_seconds)
             )
+            if layout != "local threads":
+                # Workers in other processes (those of an existing cluster live on) would
+                # otherwise keep this survey's last decoded blocks (at most
+                # raster.TILE_CACHE_BYTES each). Housekeeping only: every tile is written
+                # by now, so a worker that cannot run it must not fail the survey.
+                try:
+                    client.run(clear_tile_cache)
+                except Exception as exc:  # any worker-side failure
+                    log.debug("could not clear the workers' block caches: %s", exc)
     finally:
         writer.close()
         _release_tile_memory()

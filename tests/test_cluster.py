@@ -17,6 +17,7 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
+from agriseg import raster
 from agriseg.cli import main
 
 DASK = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
@@ -73,7 +74,10 @@ def test_survey_on_existing_cluster(rgba_tif: Path, tmp_path: Path, scheduler_fi
 
     with Client(scheduler_file=str(scheduler_file)) as c:
         logs = c.run(lambda dask_worker: len(dask_worker.data) + dask_worker.state.executed_count)
+        # and they hold no decoded blocks of the survey once it is done
+        cached = c.run(lambda: raster._TILE_BLOCKS.nbytes)
     assert all(n > 0 for n in logs.values()), logs
+    assert set(cached.values()) == {0}, cached
     assert np.count_nonzero(classes == 255) > 0
 
 

@@ -72,10 +72,15 @@ def cells(feats: tuple[np.ndarray, ...], tab: AppearanceTable) -> np.ndarray:
     for f, lo, sc, n in zip(feats, tab.lo, tab.scale, tab.bins, strict=True):
         if n == 1:
             continue
-        q = (f - np.float32(lo)) * np.float32(sc)
+        q = np.subtract(f, np.float32(lo))
+        q *= np.float32(sc)
         np.clip(q, 0, n - 1, out=q)
         qi = q.astype(np.int32)
-        idx = qi if idx is None else idx * np.int32(n) + qi
+        if idx is None:
+            idx = qi
+        else:
+            idx *= np.int32(n)
+            idx += qi
     return np.zeros(feats[0].shape, np.int32) if idx is None else idx
 
 

@@ -214,9 +214,12 @@ def _ramp(z: np.ndarray) -> np.ndarray:
     """Probability from a signed margin in softness units: 0.5 at 0, saturating at +-1.
 
     Linear rather than logistic: no transcendental functions, whose SIMD and scalar code paths
-    may differ in the last bit, so tiles stay bit-identical to whole-raster runs.
+    may differ in the last bit, so tiles stay bit-identical to whole-raster runs. Works in
+    place on ``z`` (float32; every caller passes a temporary).
     """
-    return np.clip(0.5 + 0.5 * z, 0.0, 1.0).astype(np.float32, copy=False)
+    z *= np.float32(0.5)
+    z += np.float32(0.5)
+    return np.clip(z, 0, 1, out=z)
 
 
 def _box_mean(values: np.ndarray, weight: np.ndarray, radius: int, bound: int) -> np.ndarray:
@@ -722,7 +725,9 @@ class LabelFreeSegmenter:
             thr_map = np.where(joined, np.float32(p.attached_threshold), thr)
             soft = np.where(joined, np.float32(max(p.attached_threshold / 2, 0.01)),
                             np.float32(p.row_softness))
-            return _ramp((s - thr_map) / soft)
+            z = np.subtract(s, thr_map)
+            z /= soft
+            return _ramp(z)
         return _ramp((s - thr) / np.float32(p.row_softness))
 
     def describe(self) -> dict[str, Any]:

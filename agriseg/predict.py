@@ -435,14 +435,25 @@ def _sync(writer: TileWriter, checkpoint: Checkpoint, unsynced: list[str]) -> No
     unsynced.clear()
 
 
-def class_counts(path: Path, schema: ClassSchema) -> dict[str, int]:
-    """Pixel count per class of a class raster, read block by block."""
+def class_counts(
+    path: Path, schema: ClassSchema, values: np.ndarray | None = None
+) -> dict[str, int]:
+    """Pixel count per class of a class raster, read block by block.
+
+    Args:
+        path: the class raster.
+        schema: its classes.
+        values: pixels per value (256) already counted for the whole raster; the file is
+            then only asked for its size. Pixels of no class (tiles never written) are nodata.
+    """
     import rasterio
 
-    counts = np.zeros(256, np.int64)
     with rasterio.open(path) as ds:
-        for _, window in ds.block_windows(1):
-            counts += np.bincount(ds.read(1, window=window).ravel(), minlength=256)
-    out = {c.name: int(counts[c.value]) for c in schema.classes}
-    out["nodata"] = int(counts[schema.nodata])
+        total = ds.width * ds.height
+        if values is None:
+            values = np.zeros(256, np.int64)
+            for _, window in ds.block_windows(1):
+                values += np.bincount(ds.read(1, window=window).ravel(), minlength=256)
+    out = {c.name: int(values[c.value]) for c in schema.classes}
+    out["nodata"] = total - sum(out.values())
     return out

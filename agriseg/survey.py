@@ -372,7 +372,7 @@ def _process(
     finally:
         shutdown_pool()  # the zones/fields worker processes are idle from here on
 
-    counts = class_counts(work / "classes.tif", schema)
+    counts = class_counts(work / "classes.tif", schema, writer.class_values)
     timings["total_s"] = time.perf_counter() - t_start
     # A rate, not a duration: the tile stream after the first tile (start-up excluded).
     stream_mp_s = timings.pop("stream_mp_s", None)

@@ -10,6 +10,7 @@ import pytest
 import rasterio
 from click.testing import CliRunner
 
+from agriseg.classes import DEFAULT_CLASSES
 from agriseg.cli import main
 from agriseg.config import build_run_config
 from agriseg.survey import process_survey
@@ -64,12 +65,18 @@ def test_grid_nodata_and_cog_preserved(rgba_tif: Path, tmp_path: Path, scheduler
         assert out.nodata == 255 and out.dtypes[0] == "uint8"
         classes = out.read(1)
         assert ((classes == 255) == (src.read(4) == 0)).all()
+        counted = np.bincount(classes.ravel(), minlength=256)
         assert out.colormap(1)[1][:3] == (46, 160, 44)
         assert out.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
     assert (res.out_dir / "classes.qml").exists()
     assert "<Category>crop</Category>" in (res.out_dir / "classes.tif.aux.xml").read_text()
     manifest = json.loads((res.out_dir / "run.json").read_text())
     assert manifest["class_pixels"]["crop"] > 0
+    # counted as the tiles were written, equal to counting the finished mask
+    assert manifest["class_pixels"] == {
+        **{c.name: int(counted[c.value]) for c in DEFAULT_CLASSES.classes},
+        "nodata": int(counted[255]),
+    }
     assert not (res.out_dir / ".agriseg-work").exists()
     assert {"indices/exg", "indices/vari", "indices/gli"} <= set(res.outputs)
 

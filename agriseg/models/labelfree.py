@@ -222,15 +222,17 @@ def _ramp(z: np.ndarray) -> np.ndarray:
     return np.clip(z, 0, 1, out=z)
 
 
-def _box_mean(values: np.ndarray, weight: np.ndarray, radius: int, bound: int) -> np.ndarray:
+def _box_mean(
+    values: np.ndarray, weight: np.ndarray, radius: int, bound: int, empty: float | None = None
+) -> np.ndarray:
     """Mean of integer ``values`` over ``weight`` pixels in a square window, exactly.
 
     Direct (non-running) sums of integers: scipy's ``uniform_filter`` keeps a running float
     sum whose rounding depends on where a line starts, which would make tiles and
     whole-raster runs differ in the last bit; integer sums of shifted slices do not. Values
     (within ``-bound..bound``) and the pixel count share one integer, count in the low bits,
-    so one :func:`box_sum` pass serves both. Pixels with no weight in their window keep
-    their own value.
+    so one :func:`box_sum` pass serves both. Pixels with no weight in their window get
+    ``empty``, or keep their own value when it is None.
     """
     cells = (2 * radius + 1) ** 2
     bits = cells.bit_length()
@@ -244,7 +246,8 @@ def _box_mean(values: np.ndarray, weight: np.ndarray, radius: int, bound: int) -
     n = tot & ((1 << bits) - 1)
     tot >>= bits
     tot -= n * bound
-    out = values.astype(np.float32)
+    out = (values.astype(np.float32) if empty is None
+           else np.full(values.shape, empty, np.float32))
     # Sums and counts are exact in float32 (well under 2**24), so this is the correctly
     # rounded mean.
     np.divide(tot.astype(np.float32), n.astype(np.float32), out=out, where=n > 0)
@@ -680,7 +683,7 @@ class LabelFreeSegmenter:
                 # mean of the interior pixels around them and have no say themselves.
                 pure = _interior(veg, m - r)
                 if r > 0:
-                    like = _pure_mean(level, pure, r)[_inner(min(r, m))]
+                    like = _box_mean(level, pure, r, 255, empty=0)[_inner(min(r, m))]
                 else:
                     like = np.where(pure, level, np.uint8(0)).astype(np.float32)
                 like /= np.float32(255)
@@ -753,22 +756,6 @@ def _inner(margin: int) -> tuple[slice, slice]:
 
 
 _EIGHT = np.ones((3, 3), bool)
-
-
-def _pure_mean(level: np.ndarray, pure: np.ndarray, radius: int) -> np.ndarray:
-    """Mean uint8 ``level`` of the ``pure`` pixels in a square window (0 where there are none).
-
-    Exact integer sums like :func:`_box_mean`, but level sum and pixel count share one int32
-    (count in the low 8 bits), so one :func:`box_sum` pass serves both.
-    """
-    if (2 * radius + 1) ** 2 > 255:
-        raise ValueError(f"radius {radius} too large for the packed window sum")
-    packed = np.where(pure, (level.astype(np.int32) << 8) | 1, 0).astype(np.int32)
-    tot = box_sum(packed, radius)
-    n = (tot & 0xFF).astype(np.float32)
-    out = np.zeros(tot.shape, np.float32)
-    np.divide((tot >> 8).astype(np.float32), n, out=out, where=n > 0)
-    return out
 
 
 def _interior(veg: np.ndarray, margin: int) -> np.ndarray:

@@ -645,14 +645,14 @@ def _read_shared(
     stamp = (st.st_mtime_ns, st.st_size)
     ch, cw = _cache_block_shape(survey.path, stamp)
     idx = [survey.roles.as_dict()[r] for r in roles]
-    alpha = survey.roles.get("alpha") if survey.mask_source == "alpha" else None
-    bands = [*idx, alpha] if alpha is not None else idx
-    if ch * cw * len(bands) * np.dtype(survey.dtype).itemsize > CACHE_BLOCK_MAX_BYTES:
+    # A cache block holds the bands and a one-byte validity mask per pixel.
+    if ch * cw * (len(idx) * np.dtype(survey.dtype).itemsize + 1) > CACHE_BLOCK_MAX_BYTES:
         return None
+    source = (survey.path, stamp, tuple(idx), survey.mask_source)  # + block row and column
     r0, c0 = int(window.row_off), int(window.col_off)
     h, w = int(window.height), int(window.width)
     raw = np.empty((len(idx), h, w), survey.dtype)
-    valid = np.ones((h, w), bool)
+    valid = np.empty((h, w), bool)
     ds: rasterio.DatasetReader | None = None
     try:
         for by in range(r0 // ch, (r0 + h - 1) // ch + 1):
@@ -665,30 +665,23 @@ def _read_shared(
                     with _read_errors(survey, block):
                         if ds is None:
                             ds = rasterio.open(survey.path)
-                        data = ds.read(bands, window=block)
-                        if survey.mask_source == "gdal":
-                            return data, ds.read_masks(1, window=block) > 0
-                        return (data,)
+                        return ds.read(idx, window=block), _read_valid(ds, survey, block)
 
-                got = _TILE_BLOCKS.get((survey.path, stamp, tuple(bands), survey.mask_source,
-                                        by, bx), load)
+                got = _TILE_BLOCKS.get((*source, by, bx), load)
                 # Intersection of the block with the window, in both frames.
                 y0, y1 = max(r0, by * ch), min(r0 + h, by * ch + ch)
                 x0, x1 = max(c0, bx * cw), min(c0 + w, bx * cw + cw)
                 dst = (slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0))
                 src = (slice(y0 - by * ch, y1 - by * ch), slice(x0 - bx * cw, x1 - bx * cw))
-                raw[(slice(None), *dst)] = got[0][(slice(0, len(idx)), *src)]
-                if alpha is not None:
-                    valid[dst] = got[0][(-1, *src)] > 0
-                elif len(got) > 1:
-                    valid[dst] = got[1][src]
+                raw[(slice(None), *dst)] = got[0][(slice(None), *src)]
+                valid[dst] = got[1][src]
     finally:
         if ds is not None:
             ds.close()
     if needed_from is not None:
         row, col = needed_from
         _TILE_BLOCKS.drop(
-            (survey.path, stamp, tuple(bands), survey.mask_source, by, bx)
+            (*source, by, bx)
             for by in range(r0 // ch, row // ch)
             for bx in range(c0 // cw, col // cw)
         )

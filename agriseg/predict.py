@@ -24,6 +24,7 @@ import dask
 import numpy as np
 from distributed import Client, LocalCluster, as_completed
 
+from agriseg import heap
 from agriseg.classes import ClassSchema
 from agriseg.errors import AgrisegError, ClusterError, OutputError, ResumeError
 from agriseg.grid import Tile, TilePlan
@@ -259,8 +260,10 @@ def dask_client(
 # MALLOC_TRIM_THRESHOLD_=64 KiB, which also freezes glibc's mmap threshold at 128 KiB: every
 # such array is then a fresh mmap whose pages the kernel zeroes and faults in again, which cost
 # the label-free model ~30 % of its time (measured: 0.38 s -> 0.26 s per 1024 px tile). Keeping
-# arrays up to 64 MiB on the heap and trimming only above 256 MiB reuses the pages.
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20}
+# arrays up to 64 MiB on the heap and trimming only above 256 MiB reuses the pages. Few arenas:
+# see agriseg.heap.
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 64 * 2**20, "MALLOC_TRIM_THRESHOLD_": 256 * 2**20,
+                     "MALLOC_ARENA_MAX": heap.ARENA_MAX}
 
 
 GPU_WORKER_THREADS = 8

@@ -23,7 +23,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from agriseg import __version__
+from agriseg import __version__, heap
 from agriseg.classes import ClassSchema
 from agriseg.config import RunConfig
 from agriseg.errors import AgrisegError, ConfigError, OutputError, RasterError
@@ -156,15 +156,7 @@ def _release_tile_memory() -> None:
         neural.release_runners()
     clear_tile_cache()
     gc.collect()
-    _trim_heap()
-
-
-def _trim_heap() -> None:
-    """Return the heap's free pages to the system (glibc keeps them otherwise)."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):  # glibc only
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    heap.trim()
 
 
 def _model_overhead(segmenter: Segmenter, plan: TilePlan) -> float:
@@ -234,6 +226,8 @@ def _process(
     on_plan: Callable[[TilePlan, int], None] | None,
 ) -> SurveyResult:
     t_start = time.perf_counter()
+    # Before the tile threads start: their arenas are created on first use.
+    heap.limit_arenas()
     timings: dict[str, float] = {}
     unknown = set(config.skip) - {name for name, _ in POST_STEPS}
     if unknown:
@@ -358,19 +352,22 @@ def _process(
             ctx.outputs[spec.name] = Path(f"{spec.name}.tif")
     # GDAL's overview builders and COG copies free ~0.5 GB of buffers (268 MP) that glibc
     # would otherwise keep through the post-processing steps.
-    _trim_heap()
+    heap.trim()
     timings["finalize_s"] = time.perf_counter() - t
 
-    try:
-        for name, step in POST_STEPS:
-            if name in config.skip:
-                log.info("skipping %s (--skip)", name)
-                continue
-            t = time.perf_counter()
+    for name, step in POST_STEPS:
+        if name in config.skip:
+            log.info("skipping %s (--skip)", name)
+            continue
+        t = time.perf_counter()
+        try:
             step(ctx)
-            timings[f"{name}_s"] = time.perf_counter() - t
-    finally:
-        shutdown_pool()  # the zones/fields worker processes are idle from here on
+        finally:
+            # A step's forked workers keep their heap and GDAL block cache while idle; the
+            # next step forks fresh ones in milliseconds.
+            shutdown_pool()
+            heap.trim()
+        timings[f"{name}_s"] = time.perf_counter() - t
 
     counts = class_counts(work / "classes.tif", schema, writer.class_values)
     timings["total_s"] = time.perf_counter() - t_start

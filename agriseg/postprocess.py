@@ -127,7 +127,7 @@ def report_step(ctx: SurveyContext) -> None:
     notes = list(ctx.manifest.get("fields", {}).get("notes", []))
     notes += [str(w) for w in ctx.prepared.warnings]
     indices = [n.split("/", 1)[1] for n in ctx.outputs if n.startswith("indices/")]
-    write_report(work / "report.html", ctx.survey.path, ctx.survey.roles.as_dict(),
+    write_report(work / "report.html", ctx.survey, ctx.survey.roles.as_dict(),
                  work / "classes.tif", ctx.schema, summary, zones, params, indices, notes,
                  has_fields=ctx.config.fields is not None)
     ctx.outputs["report"] = Path("report.html")

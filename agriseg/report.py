@@ -27,6 +27,7 @@ from rasterio.windows import Window, from_bounds
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
+from agriseg.raster import SurveyRaster, read_overview
 
 log = logging.getLogger(__name__)
 
@@ -79,29 +80,39 @@ def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
 
 
-def _rgb_bands(roles: Mapping[str, int], count: int) -> list[int]:
+def _rgb_roles(roles: Mapping[str, int]) -> list[str]:
+    """Band roles drawn as red, green and blue."""
     if all(r in roles for r in ("red", "green", "blue")):
-        return [roles["red"], roles["green"], roles["blue"]]
-    spectral = [i for r, i in roles.items() if r != "alpha"] or [1]
+        return ["red", "green", "blue"]
+    spectral = [r for r in roles if r != "alpha"]
     return (spectral * 3)[:3] if len(spectral) < 3 else spectral[:3]
 
 
 def _read_image(
-    path: str, roles: Mapping[str, int], window: Window | None, shape: tuple[int, int]
+    survey: str | SurveyRaster, roles: Mapping[str, int], window: Window | None,
+    shape: tuple[int, int]
 ) -> np.ndarray:
     """RGBA float image of ``window`` decimated to ``shape``, 2-98 % stretched."""
-    with rasterio.open(path) as ds:
-        bands = _rgb_bands(roles, ds.count)
-        data = ds.read(bands, window=window, out_shape=(3, *shape),
-                       resampling=Resampling.average).astype(np.float32)
-        if "alpha" in roles:
-            valid = ds.read(roles["alpha"], window=window, out_shape=shape,
-                            resampling=Resampling.nearest) > 0
-        else:
-            valid = ds.read_masks(bands[0], window=window, out_shape=shape,
-                                  resampling=Resampling.nearest) > 0
-    valid &= np.isfinite(data).all(axis=0)
-    rgba = np.zeros((*shape, 4), np.float32)
+    names = _rgb_roles(roles)
+    if isinstance(survey, SurveyRaster) and window is None:
+        # The whole survey: the run's cached overview (read once for the model's prepare and
+        # the quick-look) has the detail; GDAL's decimated read of a file without overviews
+        # decodes every block again (1 GP: 10-30 s, and a block cache as big as allowed).
+        data, valid, _ = read_overview(survey, tuple(names), max(shape))
+    else:
+        path = survey.path if isinstance(survey, SurveyRaster) else survey
+        with rasterio.open(path) as ds:
+            bands = [roles[r] for r in names] if names else [1]
+            data = ds.read(bands, window=window, out_shape=(3, *shape),
+                           resampling=Resampling.average).astype(np.float32)
+            if "alpha" in roles:
+                valid = ds.read(roles["alpha"], window=window, out_shape=shape,
+                                resampling=Resampling.nearest) > 0
+            else:
+                valid = ds.read_masks(bands[0], window=window, out_shape=shape,
+                                      resampling=Resampling.nearest) > 0
+        valid &= np.isfinite(data).all(axis=0)
+    rgba = np.zeros((*valid.shape, 4), np.float32)
     if valid.any():
         lo, hi = np.percentile(data[:, valid], [2, 98], axis=1)
         for i in range(3):
@@ -134,7 +145,7 @@ def _legend(schema: ClassSchema) -> list[Patch]:
     return [Patch(color=_rgb01(c.color), label=c.name) for c in schema.classes]
 
 
-def _overview(survey_path: str, roles: Mapping[str, int], classes_tif: Path,
+def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif: Path,
               schema: ClassSchema, fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None,
               show_fields: bool) -> str:
     with rasterio.open(classes_tif) as ds:
@@ -142,7 +153,7 @@ def _overview(survey_path: str, roles: Mapping[str, int], classes_tif: Path,
         left, bottom, right, top = ds.bounds
     shape = _shape_for(h, w, 1100)
     extent = (left, right, bottom, top)
-    img = _read_image(survey_path, roles, None, shape)
+    img = _read_image(survey, roles, None, shape)
     cls = _read_classes(classes_tif, schema, None, shape)
     # Wide surveys stack image over classes; tall ones sit side by side.
     if w >= h:
@@ -175,7 +186,7 @@ def _overview(survey_path: str, roles: Mapping[str, int], classes_tif: Path,
     return _png(fig)
 
 
-def _field_map(survey_path: str, roles: Mapping[str, int], classes_tif: Path,
+def _field_map(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif: Path,
                schema: ClassSchema, geom: Any, zones: gpd.GeoDataFrame | None) -> str | None:
     with rasterio.open(classes_tif) as ds:
         minx, miny, maxx, maxy = geom.bounds
@@ -187,7 +198,7 @@ def _field_map(survey_path: str, roles: Mapping[str, int], classes_tif: Path,
         b = ds.window_bounds(win)
     shape = _shape_for(win.height, win.width, 260)
     extent = (b[0], b[2], b[1], b[3])
-    img = _read_image(survey_path, roles, win, shape)
+    img = _read_image(survey, roles, win, shape)
     cls = _read_classes(classes_tif, schema, win, shape)
     tall = win.height > win.width
     fig, axes = _subplots(1, 2, figsize=(4, 3.2) if tall else (4, 2.2))
@@ -294,7 +305,7 @@ def _table(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str:
 
 def write_report(
     path: str | os.PathLike[str],
-    survey_path: str,
+    survey: str | SurveyRaster,
     roles: Mapping[str, int],
     classes_tif: Path,
     schema: ClassSchema,
@@ -310,7 +321,9 @@ def write_report(
 
     Args:
         path: the HTML file to write.
-        survey_path: the input image (for the picture underneath the maps).
+        survey: the input image (for the picture underneath the maps): its path, or the run's
+            :class:`~agriseg.raster.SurveyRaster`, whose cached overview then gives the
+            whole-survey map without decoding the image again.
         roles: band roles of the input (``{"red": 1, ...}``).
         classes_tif: class raster.
         schema: class schema.
@@ -327,6 +340,7 @@ def write_report(
     """
     t0 = time.perf_counter()
     path = Path(path)
+    path_of = survey.path if isinstance(survey, SurveyRaster) else survey
     n_zones = 0 if zones is None else len(zones)
     valid_ha = float(summary["valid_ha"].sum())
     cards = [
@@ -338,7 +352,7 @@ def write_report(
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
-        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(os.path.basename(survey_path))}"
+        f"<header><h1>{html.escape(title)}</h1><p>{html.escape(os.path.basename(path_of))}"
         f" · {time.strftime('%Y-%m-%d %H:%M')}</p></header><main>",
         "<div class='cards'>" + "".join(
             f"<div class='card'>{html.escape(k)}<b>{html.escape(v)}</b></div>" for k, v in cards
@@ -348,7 +362,7 @@ def write_report(
         parts.append("<ul>" + "".join(f"<li class='note'>{html.escape(n)}</li>" for n in notes)
                      + "</ul>")
     parts.append("<h2>Overview</h2>")
-    parts.append(_img(_overview(survey_path, roles, classes_tif, schema, summary, zones,
+    parts.append(_img(_overview(survey, roles, classes_tif, schema, summary, zones,
                                 has_fields), "overview map"))
     parts.append("<h2>Fields</h2><p>Ranked by health score: rank 1 needs attention first.</p>")
     parts.append(_table(summary, index_names))
@@ -366,7 +380,7 @@ def write_report(
                          "first; fields outside the raster have no map).</p>")
         parts.append("<div class='grid'>")
         for _, r in shown.iterrows():
-            uri = _field_map(survey_path, roles, classes_tif, schema, r.geometry, zones)
+            uri = _field_map(survey, roles, classes_tif, schema, r.geometry, zones)
             if uri is None:
                 continue
             parts.append(

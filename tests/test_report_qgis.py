@@ -30,7 +30,8 @@ from agriseg.qgis import (
     zone_ids_qml,
     zones_qml,
 )
-from agriseg.report import write_report
+from agriseg.raster import open_survey
+from agriseg.report import _read_image, write_report
 from agriseg.survey import process_survey
 from agriseg.vectorize import ZoneParams, vectorize_zones, write_zones
 from tests.conftest import write_rgba
@@ -174,6 +175,20 @@ def test_report_renders_in_chromium(outputs: dict[str, object], tmp_path: Path) 
     subprocess.run([str(TOOLS / "screenshot.sh"), str(html), str(png), "1280", "2400"],
                    check=True, timeout=180)
     assert _not_blank(png) > 10
+
+
+def test_whole_survey_map_from_the_cached_overview(outputs: dict[str, object]) -> None:
+    # The run hands the report its SurveyRaster: the whole-survey map then comes from the
+    # overview read for the model's prepare, and must match a fresh GDAL read.
+    survey = open_survey(str(outputs["image"]))
+    roles = survey.roles.as_dict()
+    shape = survey.grid.shape_yx
+    fresh = _read_image(str(outputs["image"]), roles, None, shape)
+    cached = _read_image(survey, roles, None, shape)
+    assert cached.shape == fresh.shape
+    np.testing.assert_array_equal(cached[..., 3], fresh[..., 3])
+    shown = fresh[..., 3] > 0  # colours under nodata are transparent either way
+    np.testing.assert_allclose(cached[shown], fresh[shown], atol=1e-5)
 
 
 def test_run_writes_every_output(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:

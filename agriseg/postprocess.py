@@ -69,10 +69,14 @@ def zones_step(ctx: SurveyContext) -> None:
         log.info("zones: no at-risk patch of %s m2 or more; no zone files written",
                  ctx.config.min_zone_area)
     else:
+        import rasterio
+
         from agriseg.output import OutputSpec, finalize_cog
 
+        with rasterio.open(work / "zones.work.tif") as ds:
+            dtype = ds.dtypes[0]  # uint16 or uint32, by the number of zones
         finalize_cog(work / "zones.work.tif", ids_tif,
-                     OutputSpec("zone_ids", "uint32", 0, "NEAREST", "zone id"))
+                     OutputSpec("zone_ids", dtype, 0, "NEAREST", "zone id"), sparse=True)
         (work / "zones.work.tif").unlink(missing_ok=True)
         ids_tif.with_suffix(".qml").write_text(
             zone_ids_qml(dict(zip(zones["zone_id"], zones["class"], strict=True)), ctx.schema))

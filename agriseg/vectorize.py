@@ -323,7 +323,8 @@ def vectorize_zones(
             ``mean_confidence``.
         fields: field polygons in the raster CRS with a ``field_id`` column; each zone gets
             the id of the field holding its centroid (or its representative point).
-        zone_raster: where to write a uint32 tiled GeoTIFF of zone ids (0 = no zone).
+        zone_raster: where to write a tiled GeoTIFF of zone ids (0 = no zone): uint16, or
+            uint32 beyond 65 535 zones.
         workers: worker processes for the per-chunk work besides this one (0 = none);
             default :func:`agriseg.pool.post_workers`. The result does not depend on it.
 
@@ -474,10 +475,12 @@ def _write_zone_raster(
     with rasterio.open(classes_tif) as src:
         prof = src.profile
         wins = list(chunk_windows(src.height, src.width, chunk))
-    # A working file (finalize_cog recompresses it): ZSTD level 1 encodes uint32 ids
-    # several times faster than DEFLATE; without a predictor, as ids are mostly runs of
-    # zeros and constants: 67 MP in 0.16 s instead of 0.23 s, and smaller.
-    prof.update(dtype="uint32", nodata=0, count=1, compress="zstd", zstd_level=1,
+    # A working file (finalize_cog recompresses it): ZSTD level 1 encodes ids several times
+    # faster than DEFLATE; without a predictor, as ids are mostly runs of zeros and
+    # constants: 67 MP in 0.16 s instead of 0.23 s, and smaller. uint16 while the ids fit:
+    # the COG copy then moves half the bytes (1 GP: 4 GB of mostly zeros as uint32).
+    dtype = np.uint16 if label_zone.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+    prof.update(dtype=np.dtype(dtype).name, nodata=0, count=1, compress="zstd", zstd_level=1,
                 tiled=True, sparse_ok=True, BIGTIFF="IF_SAFER")
     prof.pop("photometric", None)
     prof.pop("predictor", None)
@@ -492,7 +495,7 @@ def _write_zone_raster(
                 if not label_zone[base + 1:bases[i + 1] + 1].any():
                     continue
                 idx, rows = read_spill(_spill_path(spill_dir, i))
-                out = np.zeros((int(win.height), int(win.width)), np.uint32)
+                out = np.zeros((int(win.height), int(win.width)), dtype)
                 out.ravel()[idx] = label_zone[rows.astype(np.int64) + base]
                 dst.write(out, 1, window=win)
             dst.set_band_description(1, "zone id (0 = no zone); see zone_id in zones.gpkg")

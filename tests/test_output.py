@@ -76,3 +76,19 @@ def test_odd_sizes_get_overviews_that_cover_the_whole_raster(
 ])
 def test_overview_factors_follow_the_cog_driver(w: int, h: int, factors: list[int]) -> None:
     assert cog_overview_factors(w, h) == factors
+
+
+def test_sparse_cog_leaves_empty_blocks_out_and_reads_back_the_same(tmp_path: Path) -> None:
+    data = np.zeros((1024, 1536), np.uint16)
+    data[600:700, 900:1000] = 7  # one patch: every other 512 px block holds only nodata
+    src = _working(tmp_path / "z.work.tif", data, 0)
+    spec = OutputSpec("zone_ids", "uint16", 0, "NEAREST", "zone id")
+    dense = finalize_cog(src, tmp_path / "dense.tif", spec)
+    sparse = finalize_cog(_working(tmp_path / "z2.work.tif", data, 0), tmp_path / "sparse.tif",
+                          spec, sparse=True)
+    with rasterio.open(sparse) as ds:
+        assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+        np.testing.assert_array_equal(ds.read(1), data)
+        assert ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) in (None, "", "0")
+    with rasterio.open(dense) as ds:
+        assert ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) not in (None, "", "0")

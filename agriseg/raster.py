@@ -594,9 +594,8 @@ def _read_errors(survey: SurveyRaster, window: Window) -> Iterator[None]:
 
 # Tiles of one process read through a shared cache of decoded blocks (see agriseg.blocks).
 # Tiles drop the blocks no later tile needs (see _read_shared), so what stays is about two rows
-# of cache blocks across the raster (the overlap one tile row leaves to the next) and the
-# tiles in flight: ~60 MiB for an 8192 px wide RGBA raster, ~180 MiB at 32 768 px. Wider
-# rasters still share blocks between neighbours in a row.
+# of cache blocks across a swath of tiles (the overlap one tile row leaves to the next; swaths
+# are ~8192 px wide, see agriseg.grid.plan_tiles) and the tiles in flight: ~60 MiB for RGBA.
 TILE_CACHE_BYTES = 192 * 2**20
 # Cache blocks are the file's blocks grouped to at least this side, so a tile needs few reads.
 CACHE_BLOCK_SIDE = 512
@@ -624,7 +623,7 @@ def _read_shared(
     survey: SurveyRaster,
     roles: tuple[str, ...],
     window: Window,
-    needed_from: tuple[int, int] | None = None,
+    needed_from: tuple[int | None, int | None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`read_window` through the shared block cache; None where it does not apply.
 
@@ -633,10 +632,12 @@ def _read_shared(
         roles: band roles to read, in this order.
         window: the window (inside the raster).
         needed_from: ``(row, col)`` where the read windows of the tiles after this one start
-            (next tile row, next tile in the row). Blocks wholly above and left of it are
-            dropped once read: tiles run in row-major order, so nothing asks for them again
-            (a tile that does decodes them anew), and the cache then holds about two rows of
-            blocks across the raster rather than every block of the last few tile rows.
+            (next tile row, next tile in the row; None: no next tile row, no next tile in this
+            row of the swath). Blocks wholly above and left of it are dropped once read: tiles run
+            row-major in each swath (see :func:`agriseg.grid.plan_tiles`), so nothing asks for
+            them again (a tile that does decodes them anew), and the cache then holds about
+            two rows of blocks across the swath rather than every block of the last few tile
+            rows.
     """
     try:
         st = os.stat(survey.path)
@@ -680,10 +681,10 @@ def _read_shared(
             ds.close()
     if needed_from is not None:
         row, col = needed_from
+        r_end = (r0 + h - 1) // ch + 1 if row is None else row // ch
+        c_end = (c0 + w - 1) // cw + 1 if col is None else col // cw
         _TILE_BLOCKS.drop(
-            (*source, by, bx)
-            for by in range(r0 // ch, row // ch)
-            for bx in range(c0 // cw, col // cw)
+            (*source, by, bx) for by in range(r0 // ch, r_end) for bx in range(c0 // cw, c_end)
         )
     return _scaled(raw, valid, survey)
 
@@ -719,8 +720,12 @@ def read_tile(
         pixels take reflected values and validity so edge tiles match a whole-raster run.
     """
     halo = int(tile.core.row_off - tile.read.row_off) + tile.pad[0]
-    needed_from = (int(tile.core.row_off + tile.core.height) - halo,
-                   int(tile.core.col_off + tile.core.width) - halo)
+    # The last tile of a row in its swath: the blocks it shares with the next swath are
+    # decoded again there rather than held through the whole swath. No tile row below: no
+    # later tile of the swath reads these rows.
+    bottom = int(tile.core.row_off + tile.core.height)
+    needed_from = (None if bottom >= survey.grid.height else bottom - halo,
+                   None if tile.swath_end else int(tile.core.col_off + tile.core.width) - halo)
     shared = _read_shared(survey, roles, tile.read, needed_from) if ds is None else None
     data, valid = shared or read_window(survey, roles, tile.read, ds)
     top, bottom, left, right = tile.pad

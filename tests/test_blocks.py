@@ -132,6 +132,24 @@ def test_tiles_in_row_major_order_decode_each_block_once_and_keep_two_rows(
     raster.clear_tile_cache()
 
 
+def test_swaths_hold_blocks_for_their_width_only(tmp_path: Path) -> None:
+    rgb = np.random.default_rng(6).integers(0, 255, (3, 1024, 4096), dtype=np.uint8)
+    survey = open_survey(write_rgba(tmp_path / "wide.tif", rgb, block=256))
+    raster.clear_tile_cache()
+    cache = raster._TILE_BLOCKS
+    block_bytes = 512 * 512 * 4
+    peak = 0
+    for tile in plan_tiles(survey.grid, 256, 40, swath_px=1024):  # 4 swaths of 4 tiles
+        read_tile(survey, survey.roles.spectral, tile)
+        peak = max(peak, cache.nbytes)
+    # 2 x 8 cache blocks; at each of the 3 swath borders the halos reach into one block
+    # column on either side, which both swaths decode.
+    assert 16 <= cache.misses <= 16 + 3 * 2 * 2
+    # About two rows of a swath's blocks (3 across with its neighbour's edge), not of all 8.
+    assert peak <= 8 * block_bytes
+    raster.clear_tile_cache()
+
+
 def test_dropped_entries_free_their_bytes() -> None:
     cache = BlockCache(10**6)
     for key in ("a", "b"):

@@ -79,3 +79,27 @@ def test_auto_tile_size_bounds_the_halo_overhead(halo: int) -> None:
     assert ((size + 2 * halo) / size) ** 2 <= 1.35 or size == 2048
     if size > 1024:
         assert ((size - 512 + 2 * halo) / (size - 512)) ** 2 > 1.35
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    h=st.integers(1, 600),
+    w=st.integers(1, 2000),
+    tile=st.sampled_from([16, 64, 128]),
+    swath_px=st.integers(1, 900),
+)
+def test_swaths_are_column_groups_run_one_after_the_other(
+    h: int, w: int, tile: int, swath_px: int
+) -> None:
+    plan = plan_tiles(Grid((h, w), **GRID), tile, 8, swath_px=swath_px)
+    per = max(1, -(-swath_px // tile))  # most tile columns a swath may have
+    order = [(t.swath, t.index_yx[0], t.index_yx[1]) for t in plan]
+    assert order == sorted(order)  # swath by swath, row-major inside
+    for sw in {t.swath for t in plan}:
+        cols = sorted({t.index_yx[1] for t in plan if t.swath == sw})
+        assert cols == list(range(cols[0], cols[-1] + 1)) and len(cols) <= per
+        for t in plan:
+            if t.swath == sw:
+                assert t.swath_end == (t.index_yx[1] == cols[-1])
+    if w <= swath_px:
+        assert {t.swath for t in plan} == {0}

@@ -113,41 +113,43 @@ def test_tiles_read_through_the_cache_equal_direct_reads(
     raster.clear_tile_cache()
 
 
+BLOCK_BYTES = 512 * 512 * 4  # one RGBA cache block
+
+
+def _read_every_tile(path: Path, shape_hw: tuple[int, int], tile: int,
+                     swath_px: int) -> tuple[int, int]:
+    """Read a random RGBA raster's tiles in plan order: (cache misses, peak cache bytes)."""
+    rgb = np.random.default_rng(5).integers(0, 255, (3, *shape_hw), dtype=np.uint8)
+    survey = open_survey(write_rgba(path, rgb, block=256))
+    raster.clear_tile_cache()
+    cache = raster._TILE_BLOCKS
+    peak = 0
+    for t in plan_tiles(survey.grid, tile, 40, swath_px=swath_px):
+        read_tile(survey, survey.roles.spectral, t)
+        peak = max(peak, cache.nbytes)
+    misses = cache.misses
+    raster.clear_tile_cache()
+    return misses, peak
+
+
 def test_tiles_in_row_major_order_decode_each_block_once_and_keep_two_rows(
     tmp_path: Path,
 ) -> None:
-    rgb = np.random.default_rng(5).integers(0, 255, (3, 2048, 2048), dtype=np.uint8)
-    survey = open_survey(write_rgba(tmp_path / "big.tif", rgb, block=256))
-    raster.clear_tile_cache()
-    cache = raster._TILE_BLOCKS
-    block_bytes = 512 * 512 * 4
-    peak = 0
-    for tile in plan_tiles(survey.grid, 384, 40):
-        read_tile(survey, survey.roles.spectral, tile)
-        peak = max(peak, cache.nbytes)
-    assert cache.misses == 4 * 4  # each 512 px cache block decoded once
+    misses, peak = _read_every_tile(tmp_path / "big.tif", (2048, 2048), 384, swath_px=2048)
+    assert misses == 4 * 4  # each 512 px cache block decoded once
     # Blocks no later tile needs are dropped: at most two rows of four blocks and the
     # blocks of the tile being read stay, not all sixteen.
-    assert peak <= 10 * block_bytes
-    raster.clear_tile_cache()
+    assert peak <= 10 * BLOCK_BYTES
 
 
 def test_swaths_hold_blocks_for_their_width_only(tmp_path: Path) -> None:
-    rgb = np.random.default_rng(6).integers(0, 255, (3, 1024, 4096), dtype=np.uint8)
-    survey = open_survey(write_rgba(tmp_path / "wide.tif", rgb, block=256))
-    raster.clear_tile_cache()
-    cache = raster._TILE_BLOCKS
-    block_bytes = 512 * 512 * 4
-    peak = 0
-    for tile in plan_tiles(survey.grid, 256, 40, swath_px=1024):  # 4 swaths of 4 tiles
-        read_tile(survey, survey.roles.spectral, tile)
-        peak = max(peak, cache.nbytes)
+    # 4 swaths of 4 tiles of 256 px.
+    misses, peak = _read_every_tile(tmp_path / "wide.tif", (1024, 4096), 256, swath_px=1024)
     # 2 x 8 cache blocks; at each of the 3 swath borders the halos reach into one block
     # column on either side, which both swaths decode.
-    assert 16 <= cache.misses <= 16 + 3 * 2 * 2
+    assert 16 <= misses <= 16 + 3 * 2 * 2
     # About two rows of a swath's blocks (3 across with its neighbour's edge), not of all 8.
-    assert peak <= 8 * block_bytes
-    raster.clear_tile_cache()
+    assert peak <= 8 * BLOCK_BYTES
 
 
 def test_dropped_entries_free_their_bytes() -> None:

@@ -47,6 +47,7 @@ from rasterio.windows import Window
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from agriseg import heap
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError, RasterError
 from agriseg.grid import Grid, on_earth
@@ -199,6 +200,13 @@ def _edge_pairs(a_lab: np.ndarray, a_val: np.ndarray, b_lab: np.ndarray,
     return np.unique(np.stack([a_lab[m], b_lab[m]], axis=1), axis=0)
 
 
+# The chunks this process labels and traces itself leave freed native heap (GEOS, cc3d, GDAL)
+# that glibc keeps: over the 256 chunks of a 1 GP mask ~40 MB more at the peak than with a
+# trim every 8 chunks. A trim after every chunk saved a little more but cost ~20 % of the
+# scan (pages faulted in again).
+TRIM_EVERY = 8
+
+
 def _scan(job: ScanTask, chunk: int, workers: int | None, spill_dir: str | None) -> _Scan:
     """One pass over the mask: label patches, count their pixels, trace the big ones.
 
@@ -244,6 +252,8 @@ def _scan(job: ScanTask, chunk: int, workers: int | None, spill_dir: str | None)
             zip(wins, ordered_map(scan_chunk, tasks, workers), strict=True)):
         bases[i_chunk] = base
         dropped += cs.dropped
+        if i_chunk % TRIM_EVERY == TRIM_EVERY - 1:
+            heap.trim()
         n = len(cs.value) - 1
         if n == 0:
             top_lab[c0:c0 + w] = 0

@@ -196,6 +196,9 @@ def process_survey(
 ) -> SurveyResult:
     """Run a survey end to end.
 
+    Side effect: glibc's malloc arenas of this process are capped at two from here on (see
+    :mod:`agriseg.heap`): memory no longer creeps up through long runs, and tiles run faster.
+
     Args:
         config: the validated run configuration.
         progress: called as tiles finish: ``(tiles_done, tiles_total, pixels_done)``.

@@ -314,3 +314,14 @@ def test_survey_on_gpu_matches_cpu(tmp_path: Path, rgba_tif: Path) -> None:
         agree = float((masks[key] == cpu)[valid].mean())
         # bf16 autocast moves near-tie pixels only
         assert agree > 0.99, f"{key}: {agree:.4f} of pixels agree with ONNX on CPU"
+
+
+@pytest.mark.parametrize("k", [2, 4, 5])
+def test_reduce_scores_is_argmax_with_ties_to_the_lowest_class(k: int) -> None:
+    from agriseg.models.base import reduce_scores
+
+    # Coarse values make ties common.
+    scores = np.random.default_rng(k).integers(0, 5, (k, 64, 80)).astype(np.float32) / 4
+    classes, conf = reduce_scores(scores)
+    np.testing.assert_array_equal(classes, scores.argmax(0))
+    np.testing.assert_array_equal(conf, np.rint(scores.max(0) * 100).astype(np.uint8))

@@ -124,12 +124,14 @@ def reduce_scores(scores: Sequence[np.ndarray] | np.ndarray) -> tuple[np.ndarray
     Ties go to the lowest class id, as with ``argmax``.
     """
     # A running maximum over the few class planes: np.argmax along a strided first axis
-    # costs ~4x more.
+    # costs ~4x more. Where plane k beats every earlier one, k is also the largest id so far,
+    # so a maximum with k * better sets it without a masked store (a 1536 px label-free tile:
+    # 8.0 vs 11.0 ms; 7.6 vs 15.3 ms where classes alternate more).
     best = np.array(scores[0], np.float32)
     classes = np.zeros(best.shape, np.uint8)
     for k in range(1, len(scores)):
-        better = scores[k] > best
-        classes[better] = k
+        better = np.greater(scores[k], best)
+        np.maximum(classes, better.view(np.uint8) * np.uint8(k), out=classes)
         np.maximum(best, scores[k], out=best)
     best *= 100
     return classes, np.rint(best, out=best).astype(np.uint8)

@@ -98,7 +98,13 @@ def _read_image(
         # The whole survey: the run's cached overview (read once for the model's prepare and
         # the quick-look) has the detail; GDAL's decimated read of a file without overviews
         # decodes every block again (1 GP: 10-30 s, and a block cache as big as allowed).
-        data, valid, _ = read_overview(survey, tuple(names), max(shape))
+        data, valid, _ = read_overview(survey, tuple(names))
+        if valid.shape[0] > shape[0] or valid.shape[1] > shape[1]:
+            # Sampled to the map's size, not block-averaged: an integer reduction of the
+            # overview could leave the map coarser than asked.
+            ys = ((np.arange(shape[0]) + 0.5) * valid.shape[0] / shape[0]).astype(np.intp)
+            xs = ((np.arange(shape[1]) + 0.5) * valid.shape[1] / shape[1]).astype(np.intp)
+            data, valid = data[:, ys[:, None], xs], valid[ys[:, None], xs]
     else:
         path = survey.path if isinstance(survey, SurveyRaster) else survey
         with rasterio.open(path) as ds:

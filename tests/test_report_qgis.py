@@ -189,6 +189,9 @@ def test_whole_survey_map_from_the_cached_overview(outputs: dict[str, object]) -
     np.testing.assert_array_equal(cached[..., 3], fresh[..., 3])
     shown = fresh[..., 3] > 0  # colours under nodata are transparent either way
     np.testing.assert_allclose(cached[shown], fresh[shown], atol=1e-5)
+    # A smaller map gets exactly the size asked for, as from GDAL.
+    half = (shape[0] // 2, shape[1] // 3)
+    assert _read_image(survey, roles, None, half).shape == (*half, 4)
 
 
 def test_run_writes_every_output(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:

@@ -632,12 +632,12 @@ def _read_shared(
         roles: band roles to read, in this order.
         window: the window (inside the raster).
         needed_from: ``(row, col)`` where the read windows of the tiles after this one start
-            (next tile row, next tile in the row; None: no next tile row, no next tile in this
-            row of the swath). Blocks wholly above and left of it are dropped once read: tiles run
-            row-major in each swath (see :func:`agriseg.grid.plan_tiles`), so nothing asks for
-            them again (a tile that does decodes them anew), and the cache then holds about
-            two rows of blocks across the swath rather than every block of the last few tile
-            rows.
+            (next tile row, next tile in the row; None: no next tile row, no next tile in
+            this row of the swath). Blocks wholly above and left of it are dropped once read:
+            tiles run row-major in each swath (see :func:`agriseg.grid.plan_tiles`), so
+            nothing asks for them again (a tile that does decodes them anew), and the cache
+            then holds about two rows of blocks across the swath rather than every block of
+            the last few tile rows.
     """
     try:
         st = os.stat(survey.path)
@@ -723,8 +723,8 @@ def read_tile(
     # The last tile of a row in its swath: the blocks it shares with the next swath are
     # decoded again there rather than held through the whole swath. No tile row below: no
     # later tile of the swath reads these rows.
-    bottom = int(tile.core.row_off + tile.core.height)
-    needed_from = (None if bottom >= survey.grid.height else bottom - halo,
+    core_end = int(tile.core.row_off + tile.core.height)
+    needed_from = (None if core_end >= survey.grid.height else core_end - halo,
                    None if tile.swath_end else int(tile.core.col_off + tile.core.width) - halo)
     shared = _read_shared(survey, roles, tile.read, needed_from) if ds is None else None
     data, valid = shared or read_window(survey, roles, tile.read, ds)
@@ -831,6 +831,11 @@ def _gdal_decimates_fast(ds: rasterio.DatasetReader, band: int, shape: tuple[int
     return bool(ds.overviews(band)) or shape == (ds.height, ds.width)
 
 
+def sample_positions(size: int, count: int) -> np.ndarray:
+    """Indices of ``count`` nearest-neighbour samples of ``size`` cells (each cell's centre)."""
+    return np.minimum(((np.arange(count) + 0.5) * size / count).astype(np.int64), size - 1)
+
+
 def _sampled_read(path: str, indexes: list[int], shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour decimated read that decodes each block once, on two threads.
 
@@ -847,10 +852,7 @@ def _sampled_read(path: str, indexes: list[int], shape: tuple[int, int]) -> np.n
     # Column windows keep each read under the budget however wide the raster is.
     per_col = strip * len(indexes) * np.dtype(dtype).itemsize
     span = max(block_w, (SAMPLED_READ_BYTES // per_col) // block_w * block_w)
-    rows = np.minimum(((np.arange(shape[0]) + 0.5) * height / shape[0]).astype(np.int64),
-                      height - 1)
-    cols = np.minimum(((np.arange(shape[1]) + 0.5) * width / shape[1]).astype(np.int64),
-                      width - 1)
+    rows, cols = sample_positions(height, shape[0]), sample_positions(width, shape[1])
     out = np.zeros((len(indexes), *shape), dtype)
     starts = [r for r in range(0, height, strip) if ((rows >= r) & (rows < r + strip)).any()]
 

@@ -27,7 +27,7 @@ from rasterio.windows import Window, from_bounds
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
-from agriseg.raster import SurveyRaster, read_overview
+from agriseg.raster import SurveyRaster, read_overview, sample_positions
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,8 @@ def _read_image(
         if valid.shape[0] > shape[0] or valid.shape[1] > shape[1]:
             # Sampled to the map's size, not block-averaged: an integer reduction of the
             # overview could leave the map coarser than asked.
-            ys = ((np.arange(shape[0]) + 0.5) * valid.shape[0] / shape[0]).astype(np.intp)
-            xs = ((np.arange(shape[1]) + 0.5) * valid.shape[1] / shape[1]).astype(np.intp)
+            ys = sample_positions(valid.shape[0], shape[0])
+            xs = sample_positions(valid.shape[1], shape[1])
             data, valid = data[:, ys[:, None], xs], valid[ys[:, None], xs]
     else:
         path = survey.path if isinstance(survey, SurveyRaster) else survey

@@ -1,7 +1,9 @@
-"""COG finalisation: overviews built on the working file match what GDAL's COG driver makes."""
+"""Working files and COG finalisation: the background tile writer, and overviews built on the
+working file match what GDAL's COG driver makes."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,8 +11,12 @@ import pytest
 import rasterio
 import rasterio.shutil
 from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
 
-from agriseg.output import OutputSpec, cog_overview_factors, finalize_cog
+from agriseg.errors import OutputError
+from agriseg.grid import Grid, TilePlan, plan_tiles
+from agriseg.output import OutputSpec, TileWriter, cog_overview_factors, finalize_cog
 
 
 def _working(path: Path, data: np.ndarray, nodata: float) -> Path:
@@ -92,3 +98,43 @@ def test_sparse_cog_leaves_empty_blocks_out_and_reads_back_the_same(tmp_path: Pa
         assert ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) in (None, "", "0")
     with rasterio.open(dense) as ds:
         assert ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1) not in (None, "", "0")
+
+
+def _writer(tmp_path: Path) -> tuple[TileWriter, TilePlan]:
+    grid = Grid((96, 160), Affine(0.02, 0, 5e5, 0, -0.02, 5e6), CRS.from_epsg(32615))
+    plan = plan_tiles(grid, 32, 4)
+    specs = [OutputSpec("classes", "uint8", 255, "NEAREST", "class"),
+             OutputSpec("confidence", "uint8", 255, "NEAREST", "confidence")]
+    return TileWriter(plan, specs, tmp_path), plan
+
+
+def test_tile_writer_writes_every_tile_in_the_background_and_counts_classes(
+    tmp_path: Path,
+) -> None:
+    writer, plan = _writer(tmp_path)
+    expected = np.zeros((96, 160), np.uint8)
+    for i, tile in enumerate(plan):
+        h, w = int(tile.core.height), int(tile.core.width)
+        classes = np.full((h, w), i % 5, np.uint8)
+        expected[tile.core.toslices()] = classes
+        # every other tile comes with the worker's own counts
+        counts = np.bincount(classes.ravel(), minlength=256) if i % 2 else None
+        writer.write(tile, {"classes": classes, "confidence": classes + 50}, counts)
+        if i == len(plan) // 2:
+            writer.sync()  # mid-run checkpoint: queued writes land before the files reopen
+    writer.close()
+    with rasterio.open(writer.path("classes")) as a, rasterio.open(writer.path("confidence")) as b:
+        np.testing.assert_array_equal(a.read(1), expected)
+        np.testing.assert_array_equal(b.read(1), expected + 50)
+    assert writer.class_values is not None
+    np.testing.assert_array_equal(writer.class_values, np.bincount(expected.ravel(), minlength=256))
+
+
+def test_a_failed_background_write_is_reported_once_the_writes_are_done(tmp_path: Path) -> None:
+    writer, plan = _writer(tmp_path)
+    tile = next(iter(plan))
+    outside = dataclasses.replace(tile, core=Window(500, 500, 32, 32))
+    writer.write(outside, {"classes": np.zeros((32, 32), np.uint8)})
+    with pytest.raises(OutputError, match="writing tile"):
+        writer.close()
+    assert not writer._open  # the files were closed all the same

@@ -49,6 +49,9 @@ class TileResult:
     tile: Tile
     arrays: dict[str, np.ndarray]
     seconds: float
+    # Pixels per value of arrays["classes"], counted on the worker (in parallel, rather than
+    # by the single writer).
+    class_counts: np.ndarray | None = None
 
 
 def scores_to_outputs(
@@ -103,7 +106,8 @@ def segment_tile(
         values = compute_index(name, core_px, roles)
         values[~core_valid] = np.nan
         arrays[f"indices/{name}"] = values
-    return TileResult(tile, arrays, time.perf_counter() - t0)
+    counts = np.bincount(classes.ravel(), minlength=256)
+    return TileResult(tile, arrays, time.perf_counter() - t0, counts)
 
 
 def _index_roles(index_names: Sequence[str]) -> list[str]:
@@ -194,9 +198,11 @@ def dask_client(
 
     Local CPU workers are threads of this process unless ``processes``. With
     ``resources={"GPU": 1}`` (a model that runs on CUDA) the local cluster gets one worker
-    process per GPU (``workers`` overrides), each with :func:`gpu_worker_threads` threads and
-    one unit of the resource per thread: dask-cuda's LocalCUDACluster when installed (it pins
-    each worker to its device), else a LocalCluster whose workers pick their device by name.
+    per GPU (``workers`` overrides), each with :func:`gpu_worker_threads` threads and one unit
+    of the resource per thread. One GPU: a worker of threads in this process unless
+    ``processes``. Several: one process each, dask-cuda's LocalCUDACluster when installed (it
+    pins each worker to its device), else a LocalCluster whose workers pick their device by
+    name.
 
     Raises:
         ClusterError: the scheduler cannot be reached in ``timeout`` seconds.
@@ -224,21 +230,26 @@ def dask_client(
     cluster_cls: Any = LocalCluster
     if resources and "GPU" in resources:
         gpus = workers or _cuda_device_count()
-        kwargs.update(n_workers=gpus)
-        try:
-            from dask_cuda import LocalCUDACluster
-
-            cluster_cls = LocalCUDACluster
-        except ImportError:
-            kwargs.update(processes=True)
         # Several tiles in flight per GPU: while one runs on the device the others are read,
         # decoded and copied (one H200 with 16 cores: 67 MP/s of tiles with 4 threads, 82-98
-        # with 8).
-        # The worker offers one GPU "slot" per thread, so GPU tasks do not queue behind each
-        # other on the worker's single GPU resource.
+        # with 8). The worker offers one GPU "slot" per thread, so GPU tasks do not queue
+        # behind each other on the worker's single GPU resource.
         threads = threads_per_worker or gpu_worker_threads(cores, gpus)
-        kwargs.update(threads_per_worker=threads,
+        kwargs.update(n_workers=gpus, threads_per_worker=threads,
                       resources={k: v * threads for k, v in resources.items()})
+        if gpus == 1 and not processes:
+            # Threads of this process: no worker process to start, no second PyTorch import,
+            # CUDA context and model, and the client warms the model up while the cluster
+            # starts (agriseg.survey). A worker process took 12-16 s to its first tile on an
+            # H200.
+            kwargs.update(processes=False, worker_dashboard_address="127.0.0.1:0")
+        else:
+            try:
+                from dask_cuda import LocalCUDACluster
+
+                cluster_cls = LocalCUDACluster
+            except ImportError:
+                kwargs.update(processes=True)
     else:
         threads = threads_per_worker or 1
         kwargs.update(n_workers=workers or max(1, cores // threads), processes=processes,
@@ -381,7 +392,7 @@ def run_tiles(
                 pending.add(submit(tile, n_try))
                 continue
             by_key.pop(fut.key, None)
-            writer.write(res.tile, res.arrays)
+            writer.write(res.tile, res.arrays, res.class_counts)
             fut.release()
             task_seconds += res.seconds
             unsynced.append(res.tile.key)
@@ -410,6 +421,36 @@ def run_tiles(
         if stream_s > 0 and done_px > first[1]:
             figures["stream_mp_s"] = (done_px - first[1]) / 1e6 / stream_s
     return figures
+
+
+def warm_up_workers(client: Client, segmenter: Segmenter, tile_size: int) -> float | None:
+    """Have every worker that will run tiles load the model first (``warm_up``, if any).
+
+    Runs before the tiles, so the first tiles do not queue behind the model load (and on a
+    GPU behind cuDNN's autotuning) all at once. A failure is left to the tiles to report.
+
+    Returns:
+        Seconds it took; None when the segmenter has nothing to warm up.
+    """
+    warm = getattr(segmenter, "warm_up", None)
+    if warm is None:
+        return None
+    resources = task_resources(client, segmenter)
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    futures = [
+        client.submit(warm, tile_size, workers=[addr], allow_other_workers=False,
+                      resources=resources, pure=False, key=f"warm-up-{addr}-{id(segmenter)}")
+        for addr, info in workers.items()
+        if not resources
+        or all(info.get("resources", {}).get(k, 0) >= v for k, v in resources.items())
+    ]
+    t = time.perf_counter()
+    for fut in futures:
+        try:
+            fut.result()
+        except Exception as exc:  # the tiles raise it again, with their error handling
+            log.debug("model warm-up failed: %s: %s", type(exc).__name__, exc)
+    return time.perf_counter() - t
 
 
 def task_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | None:

@@ -42,6 +42,7 @@ from agriseg.predict import (
     dask_client,
     input_identity,
     run_tiles,
+    warm_up_workers,
 )
 from agriseg.qgis import write_class_qml, write_ramp_qml
 from agriseg.raster import (
@@ -238,9 +239,17 @@ def _process(
             f"cannot skip {', '.join(sorted(unknown))}: no such step; valid steps: "
             f"{', '.join(name for name, _ in POST_STEPS)}"
         )
-    if config.gsd is None:
-        survey = open_survey(config.input, config.bands)
-    segmenter = load_segmenter(config.model, config.engine)
+    # A learned model's check imports PyTorch and builds the model (~5 s on a GPU machine);
+    # meanwhile the whole-survey overview that every run reads is read (GDAL releases the GIL).
+    loader = ThreadPoolExecutor(1, thread_name_prefix="agriseg-load")
+    try:
+        loading = loader.submit(load_segmenter, config.model, config.engine)
+        if config.gsd is None:
+            survey = open_survey(config.input, config.bands)
+            read_overview(survey, survey.roles.spectral[:1])
+        segmenter = loading.result()
+    finally:
+        loader.shutdown(wait=False)
     out = Path(config.out)
     work = _prepare_out_dir(out, config.overwrite)
     if config.gsd is not None:
@@ -294,8 +303,6 @@ def _process(
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
     local = not (config.scheduler or config.scheduler_file)
     resources = getattr(segmenter, "resources", None)
-    layout = ("existing cluster" if not local else "local GPU processes" if resources
-              else "local processes" if config.processes else "local threads")
     nthreads: dict[str, int] = {}
     t = time.perf_counter()
     try:
@@ -311,14 +318,20 @@ def _process(
             if not local:
                 check_workers_see(client, survey.path)
             nthreads = client.nthreads()
+            layout = ("existing cluster" if not local else
+                      f"local {'GPU ' if resources else ''}"
+                      f"{'processes' if client.cluster.processes else 'threads'}")
             dashboard = getattr(client, "dashboard_link", None)
             if dashboard:
                 log.info("Dask dashboard: %s", dashboard)
+            warm_s = warm_up_workers(client, segmenter, plan.tile_size)
+            if warm_s is not None:
+                timings["warm_up_s"] = warm_s
             timings.update(
                 run_tiles(client, survey, plan, tiles, segmenter, prepared, writer, checkpoint,
                           index_names, progress, sync_seconds=config.checkpoint_seconds)
             )
-            if layout != "local threads":
+            if not layout.endswith("threads"):
                 # Workers in other processes (those of an existing cluster live on) would
                 # otherwise keep this survey's last decoded blocks (at most
                 # raster.TILE_CACHE_BYTES each). Housekeeping only: every tile is written

@@ -272,7 +272,11 @@ def run_gpu(a: argparse.Namespace) -> None:
     for layout in a.layouts.split(",") if a.layouts else [""]:
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             cmd = run_command(src, Path(tmp) / "o", bundle, "torch", a.tile_size)
-            workers, _, threads = layout.partition("x")
+            if layout.endswith("p"):  # worker processes instead of threads of the run
+                conf = Path(tmp) / "processes.yaml"
+                conf.write_text("processes: true\n")
+                cmd += ["--config", str(conf)]
+            workers, _, threads = layout.removesuffix("p").partition("x")
             if workers:
                 cmd += ["--workers", workers]
             if threads:
@@ -311,7 +315,8 @@ def main() -> None:
                     help="cuda: PyTorch on the GPU [auto: cuda when PyTorch sees one]")
     ap.add_argument("--layouts", default="",
                     help="GPU: comma-separated WORKERSxTHREADS local layouts, one run each, "
-                    "e.g. 1x16,2x8 (empty parts: the run's default) [the run's default]")
+                    "e.g. 1x16,2x8 (empty parts: the run's default; a trailing p: worker "
+                    "processes, e.g. x8p) [the run's default]")
     ap.add_argument("--limit", type=float, default=None,
                     help="GPU: device-only MP/s measured before; skips the model-only and "
                     "read figures")

@@ -286,30 +286,40 @@ def test_survey_with_bundle_is_seamless(tmp_path: Path, rgba_tif: Path, schedule
     assert differ <= 0.002 * valid.sum(), f"{differ} pixels differ between tilings"
     m = runs[64].manifest["model"]
     assert m["kind"] == "learned" and m["prepared"]["engine"] == "auto"
+    # the workers loaded the model before the first tile
+    assert runs[64].manifest["timings_s"]["warm_up_s"] > 0
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_survey_on_gpu_matches_cpu(tmp_path: Path, rgba_tif: Path) -> None:
-    """The local GPU worker layout runs tiles on CUDA (bf16) and agrees with ONNX on CPU."""
+    """Both local GPU worker layouts run tiles on CUDA (bf16) and agree with ONNX on CPU."""
     bundle = _trained_bundle(tmp_path / "toy.safetensors")
     masks, plans = {}, {}
-    for engine, tile in (("onnx", 512), ("torch", 512), ("torch", 64)):
-        cfg = build_run_config(input=rgba_tif, out=tmp_path / f"{engine}{tile}",
+    for engine, tile, processes in (("onnx", 512, False), ("torch", 512, False),
+                                    ("torch", 64, False), ("torch", 64, True)):
+        cfg = build_run_config(input=rgba_tif, out=tmp_path / f"{engine}{tile}{processes}",
                                model=str(bundle), engine=engine, tile_size=tile, indices=False,
+                               processes=processes,
                                skip=("quicklook", "zones", "fields", "report", "project"))
         res = process_survey(cfg)
-        plans[engine, tile] = res.manifest["plan"]
+        plans[engine, tile, processes] = res.manifest["plan"]
+        assert "warm_up_s" in res.manifest["timings_s"]
         with rasterio.open(res.outputs["classes"]) as ds:
-            masks[engine, tile] = ds.read(1)
-    assert plans["onnx", 512]["workers"] == "local threads"
-    gpu_plan = plans["torch", 64]
-    assert gpu_plan["workers"] == "local GPU processes"
-    assert gpu_plan["worker_count"] == torch.cuda.device_count()
-    assert gpu_plan["worker_threads"] >= 2 * gpu_plan["worker_count"]
-    cpu = masks["onnx", 512]
+            masks[engine, tile, processes] = ds.read(1)
+    assert plans["onnx", 512, False]["workers"] == "local threads"
+    # One GPU: a worker of threads in this process; `processes: true` or several GPUs: one
+    # worker process per GPU.
+    gpus = torch.cuda.device_count()
+    for processes in (False, True):
+        gpu_plan = plans["torch", 64, processes]
+        layout = "processes" if processes or gpus > 1 else "threads"
+        assert gpu_plan["workers"] == f"local GPU {layout}"
+        assert gpu_plan["worker_count"] == gpus
+        assert gpu_plan["worker_threads"] >= 2 * gpu_plan["worker_count"]
+    cpu = masks["onnx", 512, False]
     valid = cpu != 255
-    for key in (("torch", 512), ("torch", 64)):
+    for key in (("torch", 512, False), ("torch", 64, False), ("torch", 64, True)):
         assert ((masks[key] == 255) == ~valid).all()
         agree = float((masks[key] == cpu)[valid].mean())
         # bf16 autocast moves near-tie pixels only

@@ -37,7 +37,7 @@ from agriseg.grid import TilePlan
 @click.option("--halo", type=int, help="Context pixels around each tile [the model's margin].")
 @click.option("--workers", type=int, help="Local workers (threads of this process; "
               "processes with `processes: true` in --config) [CPU cores; with a model on "
-              "GPU: one worker process per GPU].")
+              "GPU: one worker per GPU, a process each when there are several].")
 @click.option("--threads-per-worker", type=int, help="Threads per local worker [1; per GPU "
               "worker: the cores shared among the GPUs, at most 8, so tiles are read while "
               "the GPU works].")

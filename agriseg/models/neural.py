@@ -496,6 +496,18 @@ class NeuralSegmenter:
         return Prepared(NeuralParams(self.margin), halo=self.margin, info=info,
                         warnings=tuple(warnings), tile_multiple=multiple)
 
+    def warm_up(self, tile_size: int) -> None:
+        """Load the model into this process before the first tile asks for it.
+
+        On a GPU also run one batch of a full tile's shape: that creates the CUDA context and
+        lets cuDNN's autotuner pick that shape's kernels once, before the worker's threads
+        all start a first tile at the same time.
+        """
+        runner = get_runner(self.path, self.engine, self.meta)
+        if _on_gpu(runner):
+            side = _block_layout(tile_size, self.margin, gpu=True)[0] + 2 * self.margin
+            runner.classes(np.zeros((1, len(self.roles), side, side), np.float32))
+
     def _normalise(self, pixels: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.meta.mean, np.float32)[None, :, None, None]
         std = np.asarray(self.meta.std, np.float32)[None, :, None, None]

@@ -238,10 +238,9 @@ def dask_client(
         kwargs.update(n_workers=gpus, threads_per_worker=threads,
                       resources={k: v * threads for k, v in resources.items()})
         if gpus == 1 and not processes:
-            # Threads of this process: no worker process to start, no second PyTorch import,
-            # CUDA context and model, and the client warms the model up while the cluster
-            # starts (agriseg.survey). A worker process took 12-16 s to its first tile on an
-            # H200.
+            # Threads of this process: no worker process to start, and no second PyTorch
+            # import, CUDA context and model. On an H200 a worker process took 11 s to load
+            # and warm up the model (warm_up_workers), the threads 1.4-3 s.
             kwargs.update(processes=False, worker_dashboard_address="127.0.0.1:0")
         else:
             try:

@@ -10,7 +10,12 @@
 #         segmentation_models_pytorch
 # (the run needs no geopandas/pyogrio/shapely/pyproj: post-processing is skipped).
 # 1. the `gpu`-marked tests (local GPU worker layout, CUDA against ONNX Runtime on CPU);
-# 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS.
+# 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS
+#    (a trailing p: worker processes). NO_TESTS=1 skips 1; LIMIT=MP/s skips the model-only
+#    and read figures. The host settings the tile threads share are environment variables,
+#    e.g. for an A/B in one call:
+#        for a in 2 16; do MALLOC_ARENA_MAX=$a NO_TESTS=1 LIMIT=481 LAYOUTS=x8 \
+#            bash benchmarks/gpu.sh; done        (GDAL_CACHEMAX=512 likewise)
 set -uo pipefail
 out=${1:-${OUT:-/tmp/agriseg-gpu}}
 mkdir -p "$out"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import numpy as np
+import pytest
 
 from agriseg import heap
 from agriseg.predict import WORKER_MALLOC_ENV
@@ -27,3 +28,11 @@ def test_limit_arenas_and_trim_are_safe_with_threads() -> None:
 
 def test_worker_processes_get_the_arena_limit() -> None:
     assert WORKER_MALLOC_ENV["MALLOC_ARENA_MAX"] == heap.ARENA_MAX
+
+
+def test_the_environment_sets_the_arena_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert heap._arena_max() == 8
+    for bad in ("", "0", "many"):
+        monkeypatch.setenv("MALLOC_ARENA_MAX", bad)
+        assert heap._arena_max() == 2

@@ -440,8 +440,7 @@ def warm_up_workers(client: Client, segmenter: Segmenter, tile_size: int) -> flo
         client.submit(warm, tile_size, workers=[addr], allow_other_workers=False,
                       resources=resources, pure=False, key=f"warm-up-{addr}-{id(segmenter)}")
         for addr, info in workers.items()
-        if not resources
-        or all(info.get("resources", {}).get(k, 0) >= v for k, v in resources.items())
+        if not resources or _offers(info, resources)
     ]
     t = time.perf_counter()
     for fut in futures:
@@ -463,11 +462,16 @@ def task_resources(client: Client, segmenter: Segmenter) -> dict[str, float] | N
     if not wanted:
         return None
     workers = client.scheduler_info(n_workers=-1).get("workers", {}).values()
-    offered = [w.get("resources", {}) for w in workers]
-    if any(all(r.get(k, 0) >= v for k, v in wanted.items()) for r in offered):
+    if any(_offers(w, wanted) for w in workers):
         return wanted
     log.warning("no worker offers %s; running model tasks on any worker", wanted)
     return None
+
+
+def _offers(worker_info: dict[str, Any], wanted: dict[str, float]) -> bool:
+    """Whether a worker (its ``scheduler_info`` entry) offers every resource in ``wanted``."""
+    offered = worker_info.get("resources", {})
+    return all(offered.get(k, 0) >= v for k, v in wanted.items())
 
 
 def _sync(writer: TileWriter, checkpoint: Checkpoint, unsynced: list[str]) -> None:

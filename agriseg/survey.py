@@ -197,8 +197,9 @@ def process_survey(
 ) -> SurveyResult:
     """Run a survey end to end.
 
-    Side effect: glibc's malloc arenas of this process are capped at two from here on (see
-    :mod:`agriseg.heap`): memory no longer creeps up through long runs, and tiles run faster.
+    Side effect: glibc's malloc arenas of this process are capped from here on, at two unless
+    ``MALLOC_ARENA_MAX`` says otherwise (see :mod:`agriseg.heap`): memory no longer creeps up
+    through long runs, and tiles run faster.
 
     Args:
         config: the validated run configuration.

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -102,3 +103,32 @@ def test_local_cluster_listens_on_loopback_only(processes: bool) -> None:
                      for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
         assert listening == {"127.0.0.1"}
         assert client.dashboard_link.startswith("http://127.0.0.1:")
+
+
+class _ResourceModel:
+    """A segmenter stand-in that asks for a GPU slot and records its warm-ups."""
+
+    resources: ClassVar[dict[str, float]] = {"GPU": 1}
+    # On the class: the task gets a copy of the instance, even on a worker thread.
+    warmed: ClassVar[list[int]] = []
+
+    def warm_up(self, tile_size: int) -> None:
+        type(self).warmed.append(tile_size)
+
+
+@pytest.mark.parametrize("offered", [{"GPU": 2}, None])
+def test_model_tasks_ask_for_a_resource_only_where_a_worker_offers_it(
+    offered: dict[str, float] | None,
+) -> None:
+    from distributed import Client, LocalCluster
+
+    from agriseg.predict import task_resources, warm_up_workers
+
+    model = _ResourceModel()
+    _ResourceModel.warmed.clear()
+    with LocalCluster(n_workers=1, processes=False, threads_per_worker=1, resources=offered,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        assert task_resources(client, model) == (model.resources if offered else None)
+        # warmed on the worker that offers the slot, or on any worker when none does
+        assert warm_up_workers(client, model, 256) is not None
+    assert _ResourceModel.warmed == [256]

@@ -347,8 +347,6 @@ def run_tiles(
         return {"task_seconds": 0.0, "tiles_run": 0}
     nthreads = sum(client.nthreads().values()) or 1
     limit = max_in_flight or 2 * nthreads + 2
-    [seg_f] = client.scatter([segmenter], broadcast=True, hash=False)
-    [params_f] = client.scatter([prepared.params], broadcast=True, hash=False)
     queue = iter(todo)
     task_seconds = 0.0
 
@@ -358,8 +356,12 @@ def run_tiles(
     attempts: dict[str, int] = {}
 
     def submit(tile: Tile, attempt: int = 0) -> Any:
+        # The model and its parameters travel with each task, like the survey (under a KB
+        # each), rather than scattered once: Dask's active memory manager keeps a single copy
+        # of scattered data, broadcast or not, and a worker lost with it failed every later
+        # tile of the run ("lost dependencies").
         fut = client.submit(
-            segment_tile, survey, tile, seg_f, params_f, index_names,
+            segment_tile, survey, tile, segmenter, prepared.params, index_names,
             key=f"segment-{tile.key}-{id(writer)}-{attempt}", retries=2, pure=False,
             resources=resources,
         )

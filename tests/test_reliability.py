@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import rasterio
@@ -154,7 +155,11 @@ def test_sigkill_subprocess_then_resume(
 
 
 def test_worker_killed_mid_run(big_tif: Path, tmp_path: Path) -> None:
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
+    # Dask's active memory manager, run often, drops every extra copy of data that no waiting
+    # task needs before the kill (it runs every 2 s by default, so this was a race).
+    amm = {"distributed.scheduler.active-memory-manager.interval": "50ms"}
+    with dask.config.set(amm), LocalCluster(n_workers=2, threads_per_worker=1,
+                                            dashboard_address=None) as cluster:
         killed: list[int] = []
 
         def progress(done: int, total: int, px: int) -> None:

@@ -15,6 +15,7 @@ from affine import Affine
 
 from agriseg.config import build_run_config
 from agriseg.errors import BandError
+from agriseg.models import rows as rows_mod
 from agriseg.models.base import TileContext, reduce_scores
 from agriseg.models.labelfree import LabelFreeConfig, LabelFreeParams, LabelFreeSegmenter
 from agriseg.models.rows import along_row_support, estimate_rows
@@ -66,6 +67,65 @@ def test_along_row_support_is_translation_exact(angle: float) -> None:
         assert np.array_equal(sub[r:-r, r:-r], whole[r0 : r0 + 50, c0 : c0 + 50])
     # on the rows the support is high, between them low
     assert whole[veg & valid].mean() > 0.6 > whole[~veg & valid].mean()
+
+
+def _support_reference(veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int,
+                       angle: float, half: int) -> np.ndarray:
+    """Vegetation share on each pixel's digital row line, walked pixel by pixel."""
+    a = rows_mod._image_angle(angle)
+    dx, dy = math.cos(a), math.sin(a)
+    h, w = veg.shape
+    steep = abs(dy) > abs(dx)
+    slope = dx / dy if steep else dy / dx
+    out = np.zeros((h, w), np.float32)
+    for i in range(h):
+        for j in range(w):
+            # Along the major axis m, the minor coordinate drifts by round(slope * absolute m).
+            m, n, off_m = (i, j, row_off) if steep else (j, i, col_off)
+            base = n - round(slope * (m + off_m))
+            v = c = 0
+            for mm in range(max(m - half, 0), min(m + half, (h if steep else w) - 1) + 1):
+                nn = base + round(slope * (mm + off_m))
+                yy, xx = (mm, nn) if steep else (nn, mm)
+                if 0 <= yy < h and 0 <= xx < w and valid[yy, xx]:
+                    c += 1
+                    v += int(veg[yy, xx])
+            out[i, j] = np.float32(v) / np.float32(max(c, 1))
+    return out
+
+
+@pytest.mark.parametrize(("angle", "half"), [(12.0, 5), (-63.0, 6), (30.0, 130)])
+def test_along_row_support_matches_a_pixel_walk(angle: float, half: int) -> None:
+    """Both packings (byte counts under 256 pixels a segment, 16-bit counts above) give the
+    shares of a direct walk along each digital line."""
+    rng = np.random.default_rng(3)
+    veg = rng.random((37, 41)) > 0.6
+    valid = rng.random((37, 41)) > 0.1
+    got = along_row_support(veg, valid, 500, 700, angle, half)
+    assert np.array_equal(got, _support_reference(veg, valid, 500, 700, angle, half))
+
+
+@pytest.mark.parametrize(("radius", "bound", "empty"), [(0, 255, 0.0), (2, 10000, None),
+                                                        (4, 255, -1.0), (8, 10000, None)])
+def test_box_mean_is_the_exact_window_mean(radius: int, bound: int, empty: float | None) -> None:
+    from scipy import ndimage
+
+    from agriseg.models.labelfree import _box_mean
+
+    rng = np.random.default_rng(radius)
+    values = rng.integers(-bound if empty is None else 0, bound + 1, (45, 38)).astype(np.int32)
+    weight = rng.random((45, 38)) > 0.7
+    ones = np.ones(2 * radius + 1)
+
+    def sums(a: np.ndarray) -> np.ndarray:
+        return ndimage.correlate1d(ndimage.correlate1d(a.astype(np.int64), ones, axis=0,
+                                                       mode="constant"), ones, axis=1,
+                                   mode="constant")
+
+    tot, n = sums(values * weight), sums(weight)
+    want = np.where(n > 0, tot.astype(np.float32) / np.maximum(n, 1).astype(np.float32),
+                    values.astype(np.float32) if empty is None else np.float32(empty))
+    assert np.array_equal(_box_mean(values, weight, radius, bound, empty), want)
 
 
 def test_row_probability_hysteresis_is_translation_exact() -> None:

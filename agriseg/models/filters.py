@@ -32,17 +32,31 @@ def box_sum(a: np.ndarray, radius: int) -> np.ndarray:
 
 
 def max_filter(a: np.ndarray, radius: int) -> np.ndarray:
-    """Maximum over the ``(2r+1)^2`` window, edges repeated (``maximum_filter``, "nearest")."""
-    h, w = a.shape
-    r = radius
-    pad = np.pad(a, r, mode="edge")
-    rows = pad[0:h].copy()
-    for k in range(1, 2 * r + 1):
-        np.maximum(rows, pad[k:k + h], out=rows)
-    out = rows[:, 0:w].copy()
-    for k in range(1, 2 * r + 1):
-        np.maximum(out, rows[:, k:k + w], out=out)
-    return out
+    """Maximum over the ``(2r+1)^2`` window, edges repeated (``maximum_filter``, "nearest").
+
+    Per axis, maxima over windows of 1, 2, 4, ... pixels, each from two of the previous
+    (maximum is idempotent, so two overlapping power-of-two windows cover any length):
+    ``log2(2r+1) + 1`` passes instead of ``2r``.
+    """
+    pad = np.pad(a, radius, mode="edge")
+    return _max_along(_max_along(pad, 2 * radius + 1, 0), 2 * radius + 1, 1)
+
+
+def _max_along(a: np.ndarray, length: int, axis: int) -> np.ndarray:
+    """Maxima of ``length`` consecutive pixels along ``axis`` ("valid" mode)."""
+    n = a.shape[axis] - length + 1
+    cur, width = a, 1
+    while 2 * width <= length:
+        m = cur.shape[axis] - width
+        cur = np.maximum(_along(cur, 0, m, axis), _along(cur, width, m, axis))
+        width *= 2
+    if width == length:
+        return _along(cur, 0, n, axis) if cur is not a else _along(cur, 0, n, axis).copy()
+    return np.maximum(_along(cur, 0, n, axis), _along(cur, length - width, n, axis))
+
+
+def _along(a: np.ndarray, start: int, size: int, axis: int) -> np.ndarray:
+    return a[start:start + size] if axis == 0 else a[:, start:start + size]
 
 
 def grow_within(seed: np.ndarray, mask: np.ndarray, steps: int) -> np.ndarray:

@@ -52,7 +52,6 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 from rasterio.windows import Window
 from scipy import ndimage
 from skimage.filters import threshold_otsu
@@ -229,29 +228,27 @@ def _box_mean(
 
     Direct (non-running) sums of integers: scipy's ``uniform_filter`` keeps a running float
     sum whose rounding depends on where a line starts, which would make tiles and
-    whole-raster runs differ in the last bit; integer sums of shifted slices do not. Values
-    (within ``-bound..bound``) and the pixel count share one integer, count in the low bits,
-    so one :func:`box_sum` pass serves both. Pixels with no weight in their window get
-    ``empty``, or keep their own value when it is None.
+    whole-raster runs differ in the last bit; integer sums of shifted slices do not. The
+    weighted values (within ``-bound..bound``) and the pixel counts are summed apart, the
+    counts as bytes while a window holds under 256 pixels (a quarter of the memory traffic
+    of one packed integer, and no packing passes). Pixels with no weight in their window
+    get ``empty``, or keep their own value when it is None.
     """
     cells = (2 * radius + 1) ** 2
-    bits = cells.bit_length()
-    wide = np.int32 if 2 * bound * cells << bits < 2**31 else np.int64
-    packed: npt.NDArray[np.signedinteger[Any]] = values.astype(wide)
-    packed += bound
-    packed <<= bits
-    packed |= 1
-    packed *= weight
-    tot = box_sum(packed, radius)
-    n = tot & ((1 << bits) - 1)
-    tot >>= bits
-    tot -= n * bound
-    out = (values.astype(np.float32) if empty is None
-           else np.full(values.shape, empty, np.float32))
+    wide = np.int32 if bound * cells < 2**31 else np.int64
+    weighted = np.multiply(values, weight, dtype=wide)
+    tot = box_sum(weighted, radius).astype(np.float32)
+    n = box_sum(weight.view(np.uint8) if cells < 256 else weight.astype(np.int32), radius)
+    n_f = n.astype(np.float32)
     # Sums and counts are exact in float32 (well under 2**24), so this is the correctly
-    # rounded mean.
-    np.divide(tot.astype(np.float32), n.astype(np.float32), out=out, where=n > 0)
-    return out
+    # rounded mean; where the count is 0 the sum is 0 too, and 0 / 1 keeps it 0.
+    np.maximum(n_f, 1, out=n_f)
+    tot /= n_f
+    if empty is None:
+        return np.where(n > 0, tot, values.astype(np.float32))
+    if empty != 0:
+        tot[n == 0] = empty
+    return tot
 
 
 @dataclass
@@ -269,12 +266,37 @@ class LabelFreeSegmenter:
         self, pixels: np.ndarray, dark_eps: float
     ) -> tuple[np.ndarray, np.ndarray, str, str]:
         """Vegetation index ``(..., H, W)`` and health features ``(..., K, H, W)``."""
+        vi, index = self._index(pixels, dark_eps)
+        health, names = self._health(pixels, dark_eps)
+        return vi, health, index, names
+
+    def _index(self, pixels: np.ndarray, dark_eps: float) -> tuple[np.ndarray, str]:
+        """Vegetation index ``(..., H, W)``: NDVI with NIR, else excess green chromaticity."""
         ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
         eps = np.float32(dark_eps)
         if "nir" in ch:
             nir, red = ch["nir"], ch["red"]
-            vi = (nir - red) / (nir + red + eps)
-            feats, names = [vi], ["ndvi"]
+            return (nir - red) / (nir + red + eps), "ndvi"
+        r, g, b = ch["red"], ch["green"], ch["blue"]
+        # (2g - r - b) / (r + g + b + eps), evaluated in that order in place: the same bits
+        # with two temporaries instead of six. eps damps the chroma of near-black pixels
+        # (shadow, sensor noise).
+        total = r + g
+        total += b
+        total += eps
+        vi = g * np.float32(2)
+        vi -= r
+        vi -= b
+        vi /= total
+        return vi, "exg"
+
+    def _health(self, pixels: np.ndarray, dark_eps: float) -> tuple[np.ndarray, str]:
+        """Health features ``(..., K, H, W)`` and their names joined by ``+``."""
+        ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
+        eps = np.float32(dark_eps)
+        if "nir" in ch:
+            nir, red = ch["nir"], ch["red"]
+            feats, names = [(nir - red) / (nir + red + eps)], ["ndvi"]
             if "rededge" in ch:
                 # NDRE tracks chlorophyll in dense canopy but also rises in leaf shade (NIR
                 # scatters within the canopy more than red edge); NDVI tracks the visible
@@ -285,12 +307,13 @@ class LabelFreeSegmenter:
                 g = ch["green"]
                 feats.append((g - red) / (g + red + eps))
                 names.append("ngrdi")
-            return vi, np.stack(feats, axis=-3), "ndvi", "+".join(names)
-        r, g, b = ch["red"], ch["green"], ch["blue"]
-        # eps in the denominator damps the chroma of near-black pixels (shadow, sensor noise).
-        vi = (2 * g - r - b) / (r + g + b + eps)
-        health = (g - r) / (g + r + eps)
-        return vi, health[..., None, :, :], "exg", "ngrdi"
+            return np.stack(feats, axis=-3), "+".join(names)
+        r, g = ch["red"], ch["green"]
+        health = g - r
+        total = g + r
+        total += eps
+        health /= total
+        return health[..., None, :, :], "ngrdi"
 
     # ------------------------------------------------------------------ prepare
 
@@ -601,8 +624,11 @@ class LabelFreeSegmenter:
     def _smooth_health(health: np.ndarray, pure: np.ndarray, radius: int) -> np.ndarray:
         out = np.empty(health.shape, np.float32)
         for k in range(health.shape[0]):
-            q = np.rint(np.clip(health[k], -1, 1) * 10000).astype(np.int32)
-            out[k] = _box_mean(q, pure, radius, 10000) / np.float32(10000)
+            q = np.clip(health[k], -1, 1)
+            q *= np.float32(10000)
+            np.rint(q, out=q)
+            np.divide(_box_mean(q.astype(np.int32), pure, radius, 10000), np.float32(10000),
+                      out=out[k])
         return out
 
     # ------------------------------------------------------------------ predict
@@ -656,7 +682,7 @@ class LabelFreeSegmenter:
         # window it must fill for the core (core + its own reach), so the halo is not
         # processed again and again; the crops are exact (see _row_probability).
         core = _inner(m)
-        vi, health, _, _ = self._features(pixels, p.dark_eps)
+        vi, _ = self._index(pixels, p.dark_eps)
         ok = _without_rim(valid, p.rim_px)
         like: np.ndarray | None = None
         z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
@@ -676,12 +702,17 @@ class LabelFreeSegmenter:
             if p.appearance is not None:
                 r = p.appearance_px
                 near = _inner(max(m - r, 0))
-                level = app.weed_likeness(pixels[(slice(None), *near)], p.dark_eps,
-                                          p.appearance)
                 # The table knows plant interiors only (it was fitted on them): a leaf
                 # margin mixed with soil looks like nothing in it, so margins take the
                 # mean of the interior pixels around them and have no say themselves.
+                # Only interior pixels are looked up (a fifth to a half of a tile).
                 pure = _interior(veg, m - r)
+                at = np.flatnonzero(pure)
+                window = pixels[(slice(None), *near)]
+                level = np.zeros(pure.shape, np.uint8)
+                level.ravel()[at] = app.weed_likeness(
+                    np.stack([np.take(b, at) for b in window])[:, None, :], p.dark_eps,
+                    p.appearance)[0]
                 if r > 0:
                     like = _box_mean(level, pure, r, 255, empty=0)[_inner(min(r, m))]
                 else:
@@ -690,7 +721,9 @@ class LabelFreeSegmenter:
         else:
             p_row = np.ones(p_veg.shape, np.float32)
         near = _inner(max(m - p.health_px, 0))
-        hs = self._smooth_health(health[(slice(None), *near)],
+        # Health only where the core's window reaches, not over the whole halo.
+        health, _ = self._health(pixels[(slice(None), *near)], p.dark_eps)
+        hs = self._smooth_health(health,
                                  ((vi >= p.veg_threshold + p.veg_softness / 2) & ok)[near],
                                  p.health_px)[(slice(None), *_inner(min(p.health_px, m)))]
         z = np.zeros(p_veg.shape, np.float32)

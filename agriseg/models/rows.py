@@ -212,14 +212,19 @@ def along_row_support(
     """
     a = _image_angle(angle_deg)
     dx, dy = math.cos(a), math.sin(a)
-    # Packing: vegetation count in the low 16 bits, valid count above, one cumsum for both.
-    packed = veg.astype(np.int32) & valid
-    packed += valid.astype(np.int32) << 16
+    # Packing: vegetation count in the low half, valid count in the high half, one running sum
+    # for both. While a segment has under 256 pixels both counts fit a byte, so the sums are
+    # uint16: half the memory traffic of 32-bit sums, and the shares come from one lookup.
+    small = 2 * half_length_px + 1 < 256
+    dtype, shift = (np.uint16, 8) if small else (np.uint32, 16)
+    packed = np.left_shift(valid, shift, dtype=dtype)
+    packed |= veg & valid
+    share = _share_small if small else _share
     if abs(dy) > abs(dx):
-        return _share(_line_sums(packed, row_off, dx / dy, half_length_px))
+        return share(_line_sums(packed, row_off, dx / dy, half_length_px))
     # Lines closer to the x axis: the same sums on the transpose, where they run down rows.
     sums = _line_sums(np.ascontiguousarray(packed.T), col_off, dy / dx, half_length_px)
-    return np.ascontiguousarray(_share(sums).T)
+    return np.ascontiguousarray(share(sums).T)
 
 
 def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int) -> np.ndarray:
@@ -229,7 +234,9 @@ def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int) -> n
     whole at its line offset in a sheared array: pixels of one digital line then share a
     column, and one running sum down the rows gives every window as a difference of two
     rows. Whole-row slices keep every step a contiguous numpy pass (a flat-index scatter and
-    gather of the same shear cost ~3x more).
+    gather of the same shear cost ~3x more). The running sums are unsigned and may wrap
+    around: a window is a difference of two of them, exact modulo the dtype's range, which
+    holds any window's true sum.
     """
     n, m = packed.shape
     i_abs = np.arange(major_off, major_off + n, dtype=np.float64)
@@ -237,14 +244,14 @@ def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int) -> n
     shift = np.rint(slope * i_abs).astype(np.int64)
     span = int(shift.max() - shift.min())
     starts = (shift.max() - shift).tolist()
-    csum = np.zeros((n, m + span), np.int32)
+    csum = np.zeros((n, m + span), packed.dtype)
     s = starts[0]
     csum[0, s : s + m] = packed[0]
     for i in range(1, n):
         s = starts[i]
         csum[i] = csum[i - 1]
         csum[i, s : s + m] += packed[i]
-    out = np.empty((n, m), np.int32)
+    out = np.empty((n, m), packed.dtype)
     for i in range(n):
         s = starts[i]
         hi, lo = min(i + half, n - 1), i - half - 1
@@ -256,9 +263,26 @@ def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int) -> n
 
 
 def _share(packed_sum: np.ndarray) -> np.ndarray:
+    """Vegetation over valid count of 16-bit halves, float32 (0 where nothing is valid)."""
     veg = (packed_sum & 0xFFFF).astype(np.float32)
     n = (packed_sum >> 16).astype(np.float32)
     # Where no pixel is valid the vegetation count is 0 too, so 0 / 1 gives the 0 wanted.
     np.maximum(n, 1, out=n)
     veg /= n
     return veg
+
+
+def _share_small(packed_sum: np.ndarray) -> np.ndarray:
+    """:func:`_share` of byte halves, through a table of every packed value."""
+    return np.take(_SHARE_TABLE, packed_sum)
+
+
+def _share_table() -> np.ndarray:
+    v = np.arange(1 << 16, dtype=np.uint32)
+    veg = (v & 0xFF).astype(np.float32)
+    # The same float32 division as _share, so both paths give the same bits.
+    veg /= np.maximum((v >> 8).astype(np.float32), 1)
+    return veg
+
+
+_SHARE_TABLE = _share_table()

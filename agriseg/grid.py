@@ -211,20 +211,36 @@ def block_size_for(tile_size: int) -> int:
     )
 
 
-def auto_tile_size(halo: int, base: int = 1024, step: int = 512, largest: int = 2048,
+#: Padded tile edge (core + both halos) above which a tile's per-pixel work slowed down on the
+#: 2-core reference VM (AMD EPYC, 32 MiB L3 shared by both workers): label-free tiles with a
+#: 120 px halo, 268 MP, cost 15.1 s per padded MP at 1520 px and 18.7 at 1776 px (1.24x);
+#: their planes no longer stay in the cache between passes. See benchmarks/RESULTS.md.
+CACHE_PADDED_PX = 1536
+LARGE_TILE_COST = 1.25
+
+
+def auto_tile_size(halo: int, base: int = 1024, step: int = 256, largest: int = 2048,
                    max_overhead: float = 1.35, multiple: int = 1) -> int:
     """Default core tile edge for a model's halo.
 
-    ``base`` pixels, grown by ``step`` up to ``largest`` while the halo would make the model
-    read more than ``max_overhead`` pixels per output pixel. Wide halos (the label-free
-    model's along-row support reaches ~2 m) would otherwise re-read and re-decode half the
-    raster; bigger tiles cost worker memory and a longer tail at the end of a run, so the
-    growth stops at ``largest``. The result is then rounded up to ``multiple`` (a model's
-    block interior, see :attr:`agriseg.models.base.Prepared.tile_multiple`) and to 16.
+    ``base`` pixels while the halo makes the model read at most ``max_overhead`` pixels per
+    output pixel. Wider halos (the label-free model's along-row support reaches ~2 m) would
+    re-read and re-decode much of the raster, so the size is then the one of ``base``,
+    ``base + step``, ... ``largest`` with the least modelled cost per output pixel: the
+    overhead, times :data:`LARGE_TILE_COST` where the padded tile is wider than
+    :data:`CACHE_PADDED_PX` (bigger tiles also cost worker memory and a longer tail at the
+    end of a run). The result is then rounded up to ``multiple`` (a model's block interior,
+    see :attr:`agriseg.models.base.Prepared.tile_multiple`) and to 16.
     """
+    def overhead(size: int) -> float:
+        return ((size + 2 * halo) / size) ** 2
+
+    def cost(size: int) -> float:
+        return overhead(size) * (LARGE_TILE_COST if size + 2 * halo > CACHE_PADDED_PX else 1.0)
+
     size = base
-    while size < largest and ((size + 2 * halo) / size) ** 2 > max_overhead:
-        size += step
+    if overhead(base) > max_overhead:
+        size = min(range(base, largest + 1, step), key=cost)  # the smallest of equal costs
     multiple = math.lcm(max(int(multiple), 1), 16)
     return -(-size // multiple) * multiple
 

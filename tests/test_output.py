@@ -138,3 +138,74 @@ def test_a_failed_background_write_is_reported_once_the_writes_are_done(tmp_path
     with pytest.raises(OutputError, match="writing tile"):
         writer.close()
     assert not writer._open  # the files were closed all the same
+
+
+@pytest.mark.parametrize("shape", [(512, 768), (301, 259)])
+def test_first_overview_level_is_exact_2x2_cells(shape: tuple[int, int]) -> None:
+    """halve() equals GDAL's own first level where the sizes are even; on odd sizes every
+    output pixel is still the mean of (or the first pixel in) its own 2 x 2 cell."""
+    from rasterio.enums import Resampling
+
+    from agriseg.output import halve
+
+    rng = np.random.default_rng(0)
+    ints = rng.integers(0, 101, shape).astype(np.uint8)
+    ints[: shape[0] // 3, : shape[1] // 4] = 255
+    floats = rng.random(shape, dtype=np.float32)
+    floats[ints == 255] = np.nan
+    h2, w2 = -(-shape[0] // 2), -(-shape[1] // 2)
+    for data, nodata in ((ints, 255.0), (floats, float("nan"))):
+        for resampling in ("NEAREST", "AVERAGE"):
+            got = halve(data, nodata, resampling)
+            assert got.shape == (h2, w2) and got.dtype == data.dtype
+            if shape[0] % 2 == 0 and shape[1] % 2 == 0:
+                mem = rasterio.MemoryFile()
+                with mem.open(driver="GTiff", width=shape[1], height=shape[0], count=1,
+                              dtype=data.dtype, nodata=nodata, crs="EPSG:32615",
+                              transform=Affine(0.02, 0, 5e5, 0, -0.02, 5e6)) as ds:
+                    ds.write(data, 1)
+                    ds.build_overviews([2], Resampling[resampling.lower()])
+                with mem.open(overview_level=0) as ov:
+                    np.testing.assert_array_equal(got, ov.read(1))
+            else:
+                # The ragged last cell of an odd raster is its one pixel.
+                assert got[-1, -1] == data[-1, -1] or np.isnan(got[-1, -1])
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_tile_writer_makes_the_first_overview_level(tmp_path: Path, resume: bool) -> None:
+    """The working files get a .ovr with the first level as the tiles arrive; the finished
+    COG has every level, and equals the COG driver's own (even sizes), also when a run is
+    resumed halfway."""
+    grid = Grid((1280, 1536), Affine(0.02, 0, 5e5, 0, -0.02, 5e6), CRS.from_epsg(32615))
+    plan = plan_tiles(grid, 256, 8)
+    specs = [OutputSpec("classes", "uint8", 255, "NEAREST", "class"),
+             OutputSpec("confidence", "uint8", 255, "AVERAGE", "confidence")]
+    rng = np.random.default_rng(1)
+    full = {s.name: rng.integers(0, 101, (1280, 1536)).astype(np.uint8) for s in specs}
+    full["confidence"][:300, :200] = 255
+    writer = TileWriter(plan, specs, tmp_path)
+    tiles = list(plan)
+    for i, tile in enumerate(tiles):
+        writer.write(tile, {n: a[tile.core.toslices()] for n, a in full.items()})
+        if resume and i == len(tiles) // 2:
+            writer.sync()
+            writer.close()
+            writer = TileWriter(plan, specs, tmp_path, resume=True)
+    writer.close()
+    for spec in specs:
+        src = writer.path(spec.name)
+        assert src.with_name(src.name + ".ovr").exists()
+        reference = tmp_path / f"{spec.name}.reference.tif"
+        rasterio.shutil.copy(_working(tmp_path / f"{spec.name}.plain.tif", full[spec.name],
+                                      255), reference, driver="COG", COMPRESS="DEFLATE",
+                             BLOCKSIZE="512", OVERVIEW_RESAMPLING=spec.resampling)
+        ours = finalize_cog(src, tmp_path / f"{spec.name}.tif", spec)
+        with rasterio.open(reference) as a, rasterio.open(ours) as b:
+            assert b.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert b.overviews(1) == a.overviews(1) == cog_overview_factors(1536, 1280)
+            np.testing.assert_array_equal(a.read(1), b.read(1))
+        for level in range(2):
+            with rasterio.open(reference, overview_level=level) as oa, \
+                    rasterio.open(ours, overview_level=level) as ob:
+                np.testing.assert_array_equal(oa.read(1), ob.read(1))

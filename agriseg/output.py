@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -102,12 +101,7 @@ def halve(arr: np.ndarray, nodata: float, resampling: str) -> np.ndarray:
         arr = pad
     cells = [arr[i::2, j::2] for i in (0, 1) for j in (0, 1)]
     if arr.dtype.kind == "f":
-        stack = np.stack(cells)
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN cells give NaN
-            out = (np.nanmean(stack, axis=0, dtype=np.float64) if np.isnan(nodata)
-                   else _masked_mean(stack, nodata))
-        return out.astype(arr.dtype)
+        return _masked_mean(np.stack(cells), nodata).astype(arr.dtype)
     # Integers: the sum of all four, less nodata times the nodata count, in 16-bit for bytes
     # (a few strided passes; the writer thread shares the cores with the workers).
     wide: type[np.integer[Any]] = np.uint16 if arr.dtype.itemsize == 1 else np.int64
@@ -133,7 +127,8 @@ def halve(arr: np.ndarray, nodata: float, resampling: str) -> np.ndarray:
 
 
 def _masked_mean(stack: np.ndarray, nodata: float) -> np.ndarray:
-    valid = stack != nodata
+    """Mean over axis 0 of the values that are not ``nodata`` (NaN too), in float64."""
+    valid = ~np.isnan(stack) if np.isnan(nodata) else stack != nodata
     n = valid.sum(axis=0)
     out = np.where(valid, stack, 0).sum(axis=0, dtype=np.float64) / np.maximum(n, 1)
     out[n == 0] = nodata

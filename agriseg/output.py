@@ -91,6 +91,9 @@ def halve(arr: np.ndarray, nodata: float, resampling: str) -> np.ndarray:
     ``NEAREST`` keeps the even rows and columns; ``AVERAGE`` is the mean of the valid pixels
     of each 2 x 2 cell (integers rounded half up, as GDAL rounds), nodata where none is valid.
     Cores start on even pixels (tile sizes are multiples of 32), so tiles halve independently.
+    On odd sizes the last cell is partial (its pixels' own mean), where GDAL's builder would
+    resample the whole row by ``width / ceil(width / 2)``: less than a pixel apart at the far
+    edge of the overview.
     """
     if resampling == "NEAREST":
         return np.ascontiguousarray(arr[::2, ::2])
@@ -302,11 +305,11 @@ class TileWriter:
                 pool.shutdown()
             self._threads.clear()
             errors = []
-            for name, ds in [*self._open.items(), *self._half.items()]:
+            for ds in [*self._open.values(), *self._half.values()]:
                 try:
                     ds.close()
                 except RasterioError as exc:
-                    errors.append(f"{self.path(name)}: {exc}")
+                    errors.append(f"{ds.name}: {exc}")
             self._open.clear()
             self._half.clear()
             if errors:

@@ -166,7 +166,14 @@ def test_first_overview_level_is_exact_2x2_cells(shape: tuple[int, int]) -> None
                     ds.write(data, 1)
                     ds.build_overviews([2], Resampling[resampling.lower()])
                 with mem.open(overview_level=0) as ov:
-                    np.testing.assert_array_equal(got, ov.read(1))
+                    if data.dtype.kind == "f":  # float32 sums, not GDAL's float64 ones
+                        np.testing.assert_allclose(got, ov.read(1), rtol=1e-6)
+                        full = np.nan_to_num(data, nan=0.5)
+                        np.testing.assert_allclose(halve(full, nodata, resampling),
+                                                   halve(full.astype(np.float64), nodata,
+                                                         resampling), rtol=1e-6)
+                    else:
+                        np.testing.assert_array_equal(got, ov.read(1))
             else:
                 # The ragged last cell of an odd raster is its one pixel.
                 assert got[-1, -1] == data[-1, -1] or np.isnan(got[-1, -1])

@@ -209,7 +209,8 @@ def process_survey(
     Args:
         config: the validated run configuration.
         progress: called as tiles finish: ``(tiles_done, tiles_total, pixels_done)``.
-        on_plan: called once the plan is known, with the number of tiles that hold data.
+        on_plan: called once the plan is known, with the number of tiles to run (those that
+            hold data, or all of them where the tiles make the overview).
 
     Returns:
         Output paths and the manifest.

@@ -86,9 +86,9 @@ def segment_tile(
     for a whole-raster read). A core without valid pixels skips the model: it is nodata.
     """
     t0 = time.perf_counter()
-    roles = tuple(dict.fromkeys((*segmenter.roles, *_index_roles(index_names))))
+    roles = tile_roles(segmenter, index_names)
     pixels, valid = read_tile(survey, roles, tile)
-    # dict.fromkeys keeps order, so the model's channels come first.
+    # The model's channels come first.
     model_px = pixels[: len(segmenter.roles)]
     ys, xs = tile.core_in_padded
     core_valid = valid[ys, xs]
@@ -130,6 +130,7 @@ def segment_tile(
 
 def tile_roles(segmenter: Segmenter, index_names: Sequence[str]) -> tuple[str, ...]:
     """The bands a tile task reads: the model's, then those the index rasters add."""
+    # dict.fromkeys keeps order, so the model's channels come first.
     return tuple(dict.fromkeys((*segmenter.roles, *_index_roles(index_names))))
 
 

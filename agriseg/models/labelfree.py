@@ -267,7 +267,7 @@ class LabelFreeSegmenter:
     ) -> tuple[np.ndarray, np.ndarray, str, str]:
         """Vegetation index ``(..., H, W)`` and health features ``(..., K, H, W)``."""
         vi, index = self._index(pixels, dark_eps)
-        health, names = self._health(pixels, dark_eps)
+        health, names = self._health(pixels, dark_eps, vi)
         return vi, health, index, names
 
     def _index(self, pixels: np.ndarray, dark_eps: float) -> tuple[np.ndarray, str]:
@@ -290,13 +290,18 @@ class LabelFreeSegmenter:
         vi /= total
         return vi, "exg"
 
-    def _health(self, pixels: np.ndarray, dark_eps: float) -> tuple[np.ndarray, str]:
-        """Health features ``(..., K, H, W)`` and their names joined by ``+``."""
+    def _health(
+        self, pixels: np.ndarray, dark_eps: float, vi: np.ndarray
+    ) -> tuple[np.ndarray, str]:
+        """Health features ``(..., K, H, W)`` and their names joined by ``+``.
+
+        ``vi`` is :meth:`_index` of the same pixels: with NIR it is the NDVI feature.
+        """
         ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
         eps = np.float32(dark_eps)
         if "nir" in ch:
             nir, red = ch["nir"], ch["red"]
-            feats, names = [(nir - red) / (nir + red + eps)], ["ndvi"]
+            feats, names = [vi], ["ndvi"]
             if "rededge" in ch:
                 # NDRE tracks chlorophyll in dense canopy but also rises in leaf shade (NIR
                 # scatters within the canopy more than red edge); NDVI tracks the visible
@@ -728,7 +733,7 @@ class LabelFreeSegmenter:
             p_row = np.ones(p_veg.shape, np.float32)
         near = _inner(max(m - p.health_px, 0))
         # Health only where the core's window reaches, not over the whole halo.
-        health, _ = self._health(pixels[(slice(None), *near)], p.dark_eps)
+        health, _ = self._health(pixels[(slice(None), *near)], p.dark_eps, vi[near])
         hs = self._smooth_health(health,
                                  ((vi >= p.veg_threshold + p.veg_softness / 2) & ok)[near],
                                  p.health_px)[(slice(None), *_inner(min(p.health_px, m)))]

@@ -793,7 +793,7 @@ class OverviewCut:
 
     def take(self, core_px: np.ndarray, core_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The samples of a tile core's scaled pixels ``(C, h, w)`` and validity."""
-        return (core_px[np.ix_(np.asarray(self.bands), self.local_rows, self.local_cols)],
+        return (core_px[np.ix_(self.bands, self.local_rows, self.local_cols)],
                 core_valid[np.ix_(self.local_rows, self.local_cols)])
 
 

@@ -31,7 +31,7 @@ from agriseg.grid import Tile, TilePlan
 from agriseg.indices import compute_index
 from agriseg.models.base import Prepared, Segmenter, TileContext, reduce_scores
 from agriseg.output import TileWriter
-from agriseg.raster import OverviewCut, SurveyRaster, TileOverview, read_tile
+from agriseg.raster import SurveyRaster, read_tile
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,6 @@ class TileResult:
     # Pixels per value of arrays["classes"], counted on the worker (in parallel, rather than
     # by the single writer).
     class_counts: np.ndarray | None = None
-    # The run's overview samples inside the core (see raster.TileOverview).
-    overview: tuple[OverviewCut, np.ndarray, np.ndarray] | None = None
 
 
 def scores_to_outputs(
@@ -78,36 +76,20 @@ def segment_tile(
     segmenter: Segmenter,
     params: Any,
     index_names: tuple[str, ...] = (),
-    overview: OverviewCut | None = None,
 ) -> TileResult:
-    """Read, segment and crop one tile (runs on a worker).
-
-    ``overview``: the run's overview samples to return from the core (the tiles then stand in
-    for a whole-raster read). A core without valid pixels skips the model: it is nodata.
-    """
+    """Read, segment and crop one tile (runs on a worker)."""
     t0 = time.perf_counter()
-    roles = tile_roles(segmenter, index_names)
+    roles = tuple(dict.fromkeys((*segmenter.roles, *_index_roles(index_names))))
     pixels, valid = read_tile(survey, roles, tile)
-    # The model's channels come first.
+    # dict.fromkeys keeps order, so the model's channels come first.
     model_px = pixels[: len(segmenter.roles)]
     ys, xs = tile.core_in_padded
-    core_valid = valid[ys, xs]
-    samples = None if overview is None else (overview, *overview.take(pixels[:, ys, xs],
-                                                                      core_valid))
-    nodata = segmenter.schema.nodata
-    if not core_valid.any():
-        shape = core_valid.shape
-        empty: dict[str, np.ndarray] = {"classes": np.full(shape, nodata, np.uint8),
-                                        "confidence": np.full(shape, 255, np.uint8)}
-        for name in index_names:
-            empty[f"indices/{name}"] = np.full(shape, np.nan, np.float32)
-        counts = np.zeros(256, np.int64)
-        counts[nodata] = core_valid.size
-        return TileResult(tile, empty, time.perf_counter() - t0, counts, samples)
     ctx = TileContext(
         int(tile.core.row_off) - ys.start, int(tile.core.col_off) - xs.start, survey.grid.gsd_m,
         margin=min(ys.start, xs.start, model_px.shape[1] - ys.stop, model_px.shape[2] - xs.stop),
     )
+    core_valid = valid[ys, xs]
+    nodata = segmenter.schema.nodata
     # Models that can reduce their scores where they run (PyTorch on a GPU) return classes
     # and confidence directly; the others return probabilities.
     reduce = getattr(segmenter, "predict_classes", None)
@@ -125,13 +107,7 @@ def segment_tile(
         values[~core_valid] = np.nan
         arrays[f"indices/{name}"] = values
     counts = np.bincount(classes.ravel(), minlength=256)
-    return TileResult(tile, arrays, time.perf_counter() - t0, counts, samples)
-
-
-def tile_roles(segmenter: Segmenter, index_names: Sequence[str]) -> tuple[str, ...]:
-    """The bands a tile task reads: the model's, then those the index rasters add."""
-    # dict.fromkeys keeps order, so the model's channels come first.
-    return tuple(dict.fromkeys((*segmenter.roles, *_index_roles(index_names))))
+    return TileResult(tile, arrays, time.perf_counter() - t0, counts)
 
 
 def _index_roles(index_names: Sequence[str]) -> list[str]:
@@ -347,11 +323,8 @@ def run_tiles(
     progress: Progress | None = None,
     max_in_flight: int | None = None,
     sync_seconds: float = 15.0,
-    overview: TileOverview | None = None,
 ) -> dict[str, float]:
     """Segment ``tiles`` on the cluster and write their cores as they complete.
-
-    ``overview`` collects the tiles' overview samples as they arrive.
 
     Returns:
         Timing figures: seconds in tasks, tiles run, seconds to the first finished tile
@@ -389,7 +362,6 @@ def run_tiles(
         # tile of the run ("lost dependencies").
         fut = client.submit(
             segment_tile, survey, tile, segmenter, prepared.params, index_names,
-            None if overview is None else overview.cut(tile.core),
             key=f"segment-{tile.key}-{id(writer)}-{attempt}", retries=2, pure=False,
             resources=resources,
         )
@@ -422,8 +394,6 @@ def run_tiles(
                 continue
             by_key.pop(fut.key, None)
             writer.write(res.tile, res.arrays, res.class_counts)
-            if overview is not None and res.overview is not None:
-                overview.put(*res.overview)
             fut.release()
             task_seconds += res.seconds
             unsynced.append(res.tile.key)

@@ -747,111 +747,6 @@ SAMPLED_READ_BYTES = 64 * 2**20
 _OVERVIEWS: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, float]] = {}
 
 
-def _overview_key(survey: SurveyRaster) -> tuple[object, ...]:
-    try:
-        stamp: int | None = os.stat(survey.path).st_mtime_ns
-    except OSError:
-        stamp = None
-    return (survey.path, stamp, survey.roles.spectral, survey.mask_source, survey.scale)
-
-
-def overview_is_cheap(survey: SurveyRaster) -> bool:
-    """Whether :func:`read_overview` costs little: read already, small raster, or overviews.
-
-    Otherwise it decodes every block of the file once (~8 s for a 1 GP deflate RGBA GeoTIFF
-    on two cores), which the tiles then decode again.
-    """
-    if _overview_key(survey) in _OVERVIEWS:
-        return True
-    shape = _decimated_shape(survey.grid.height, survey.grid.width, OVERVIEW_SIDE)
-    if shape == survey.grid.shape_yx:
-        return True
-    try:
-        with rasterio.open(survey.path) as ds:
-            return bool(ds.overviews(survey.roles.as_dict()[survey.roles.spectral[0]]))
-    except RasterioError:
-        return True  # let the read itself report what is wrong
-
-
-@dataclass(frozen=True, slots=True)
-class OverviewCut:
-    """The overview samples inside one tile's core (sent with the tile task, a few KB).
-
-    Attributes:
-        rows: overview rows ``(start, stop)`` whose sample rows lie in the core.
-        cols: overview columns ``(start, stop)`` likewise.
-        local_rows: those sample rows, relative to the core's first row.
-        local_cols: those sample columns, relative to the core's first column.
-        bands: positions of the survey's spectral bands among the tile's bands.
-    """
-
-    rows: tuple[int, int]
-    cols: tuple[int, int]
-    local_rows: np.ndarray
-    local_cols: np.ndarray
-    bands: tuple[int, ...]
-
-    def take(self, core_px: np.ndarray, core_valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The samples of a tile core's scaled pixels ``(C, h, w)`` and validity."""
-        return (core_px[np.ix_(self.bands, self.local_rows, self.local_cols)],
-                core_valid[np.ix_(self.local_rows, self.local_cols)])
-
-
-class TileOverview:
-    """The whole-survey overview, filled from the tiles' own reads instead of a separate read.
-
-    Where the file has no overviews, :func:`read_overview` decodes every block once before
-    the tiles, and the tiles decode them all again. The tiles read every pixel of their cores
-    anyway, so each also returns the overview's nearest-neighbour samples inside its core (the
-    same positions and scaling as :func:`read_overview`); once every tile has reported, the
-    overview is installed where :func:`read_overview` finds it.
-    """
-
-    def __init__(self, survey: SurveyRaster, roles: tuple[str, ...]) -> None:
-        self.survey = survey
-        self.bands = tuple(roles.index(b) for b in survey.roles.spectral)
-        h, w = survey.grid.shape_yx
-        shape = _decimated_shape(h, w, OVERVIEW_SIDE)
-        self.rows, self.cols = sample_positions(h, shape[0]), sample_positions(w, shape[1])
-        self.data = np.zeros((len(self.bands), *shape), np.float32)
-        self.valid = np.zeros(shape, bool)
-        self._filled = np.zeros(shape, bool)
-
-    @classmethod
-    def for_run(cls, survey: SurveyRaster, roles: tuple[str, ...]) -> TileOverview | None:
-        """A tile-filled overview, or None where the tiles cannot or need not fill it."""
-        if overview_is_cheap(survey) or not set(survey.roles.spectral) <= set(roles):
-            return None
-        return cls(survey, roles)
-
-    def cut(self, core: Window) -> OverviewCut:
-        """What a tile with this core samples."""
-        r0, c0 = int(core.row_off), int(core.col_off)
-        i0, i1 = np.searchsorted(self.rows, [r0, r0 + int(core.height)])
-        j0, j1 = np.searchsorted(self.cols, [c0, c0 + int(core.width)])
-        return OverviewCut((int(i0), int(i1)), (int(j0), int(j1)), self.rows[i0:i1] - r0,
-                           self.cols[j0:j1] - c0, self.bands)
-
-    def put(self, cut: OverviewCut, data: np.ndarray, valid: np.ndarray) -> None:
-        """Store one tile's samples."""
-        rows, cols = slice(*cut.rows), slice(*cut.cols)
-        self.data[:, rows, cols] = data
-        self.valid[rows, cols] = valid
-        self._filled[rows, cols] = True
-
-    def install(self) -> bool:
-        """Make this the survey's overview if every sample was filled; False otherwise.
-
-        A resumed run's earlier tiles did not report, so its overview stays unfilled.
-        """
-        if not self._filled.all():
-            return False
-        factor = self.survey.grid.width / self.valid.shape[1]
-        _OVERVIEWS.clear()
-        _OVERVIEWS[_overview_key(self.survey)] = (self.data, self.valid, factor)
-        return True
-
-
 def read_overview(
     survey: SurveyRaster, roles: tuple[str, ...], max_side: int = OVERVIEW_SIDE
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -868,7 +763,11 @@ def read_overview(
         data, valid, factor = _read_overview(survey, roles, max_side)
         return data, valid, factor
     bands = survey.roles.spectral
-    key = _overview_key(survey)
+    try:
+        stamp = os.stat(survey.path).st_mtime_ns
+    except OSError:
+        stamp = None
+    key = (survey.path, stamp, bands, survey.mask_source, survey.scale)
     if key not in _OVERVIEWS:
         _OVERVIEWS.clear()  # one survey at a time: bounded memory in long-lived processes
         _OVERVIEWS[key] = _read_overview(survey, bands, OVERVIEW_SIDE)

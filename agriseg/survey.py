@@ -42,17 +42,14 @@ from agriseg.predict import (
     dask_client,
     input_identity,
     run_tiles,
-    tile_roles,
     warm_up_workers,
 )
 from agriseg.qgis import write_class_qml, write_ramp_qml
 from agriseg.raster import (
     SurveyRaster,
-    TileOverview,
     clear_tile_cache,
     image_vrt,
     open_survey,
-    overview_is_cheap,
     read_overview,
     tile_has_data,
 )
@@ -60,8 +57,6 @@ from agriseg.raster import (
 log = logging.getLogger(__name__)
 
 WORK_DIR = ".agriseg-work"
-_ALL_NODATA = ("{path}: every pixel is nodata (alpha 0, nodata value or mask); check that the "
-               "right file was given, or fix its nodata/alpha with gdal_edit.py")
 MANIFEST = "run.json"
 #: The input image on its image-plane grid, in the output folder (runs with ``--gsd``).
 IMAGE_VRT = "image.vrt"
@@ -209,8 +204,7 @@ def process_survey(
     Args:
         config: the validated run configuration.
         progress: called as tiles finish: ``(tiles_done, tiles_total, pixels_done)``.
-        on_plan: called once the plan is known, with the number of tiles to run (those that
-            hold data, or all of them where the tiles make the overview).
+        on_plan: called once the plan is known, with the number of tiles that hold data.
 
     Returns:
         Output paths and the manifest.
@@ -253,8 +247,7 @@ def _process(
         loading = loader.submit(load_segmenter, config.model, config.engine)
         if config.gsd is None:
             survey = open_survey(config.input, config.bands)
-            if overview_is_cheap(survey):
-                read_overview(survey, survey.roles.spectral[:1])
+            read_overview(survey, survey.roles.spectral[:1])
         segmenter = loading.result()
     finally:
         loader.shutdown(wait=False)
@@ -278,20 +271,13 @@ def _process(
     halo = config.halo if config.halo is not None else prepared.halo
     tile_size = config.tile_size or auto_tile_size(halo, multiple=prepared.tile_multiple)
     plan = plan_tiles(survey.grid, tile_size, halo)
-    index_names = tuple(available_indices(survey.roles.spectral)) if config.indices else ()
-    # Where the file has no overviews, the tiles make the run's overview from their own reads
-    # rather than a whole-file read before them (1 GP: ~8 s); tiles without data then find
-    # out for themselves. Not on a resumed run: its earlier tiles would not report.
-    resuming = config.resume and (work / "checkpoint.json").exists()
-    tile_overview = None if resuming else TileOverview.for_run(
-        survey, tile_roles(segmenter, index_names))
-    if tile_overview is not None:
-        tiles = list(plan)
-    else:
-        _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)
-        tiles = [t for t in plan if tile_has_data(ov_valid, factor, t)]
+    _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)
+    tiles = [t for t in plan if tile_has_data(ov_valid, factor, t)]
     if not tiles:
-        raise RasterError(_ALL_NODATA.format(path=survey.path))
+        raise RasterError(
+            f"{survey.path}: every pixel is nodata (alpha 0, nodata value or mask); check "
+            "that the right file was given, or fix its nodata/alpha with gdal_edit.py"
+        )
     model_px = _model_overhead(segmenter, plan)
     log.info(
         "plan: %d tile(s) of %d px + %d px halo, %d hold data (%.1f MP), %.2f model px per "
@@ -301,6 +287,7 @@ def _process(
     if on_plan:
         on_plan(plan, len(tiles))
     schema = segmenter.schema
+    index_names = tuple(available_indices(survey.roles.spectral)) if config.indices else ()
     specs = _output_specs(schema, index_names)
     input_id = input_identity(survey.path)
     identity = {
@@ -343,8 +330,7 @@ def _process(
                 timings["warm_up_s"] = warm_s
             timings.update(
                 run_tiles(client, survey, plan, tiles, segmenter, prepared, writer, checkpoint,
-                          index_names, progress, sync_seconds=config.checkpoint_seconds,
-                          overview=tile_overview)
+                          index_names, progress, sync_seconds=config.checkpoint_seconds)
             )
             if not layout.endswith("threads"):
                 # Workers in other processes (those of an existing cluster live on) would
@@ -359,8 +345,6 @@ def _process(
         writer.close()
         _release_tile_memory()
     timings["segment_s"] = time.perf_counter() - t
-    if tile_overview is not None and tile_overview.install() and not tile_overview.valid.any():
-        raise RasterError(_ALL_NODATA.format(path=survey.path))
 
     t = time.perf_counter()
     ctx = SurveyContext(config, survey, segmenter, prepared, plan, schema, out, work,

@@ -13,9 +13,8 @@ from click.testing import CliRunner
 from agriseg.classes import DEFAULT_CLASSES
 from agriseg.cli import main
 from agriseg.config import build_run_config
-from agriseg.grid import plan_tiles
 from agriseg.survey import process_survey
-from tests.conftest import LAMBERTON, write_rgba
+from tests.conftest import LAMBERTON
 
 
 def _run(src: Path, out: Path, scheduler: str, **kw: object):
@@ -226,43 +225,3 @@ def test_cli_skip_steps(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
     assert not (out / "report.html").exists() and not (out / "project.qgs").exists()
     assert json.loads((out / "run.json").read_text())["parameters"]["skip"] == [
         "zones", "report", "project"]
-
-
-def test_tiles_make_the_overview_of_a_raster_without_overviews(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A raster with no overviews, wider than the overview: the tiles return the overview's
-    samples (no whole-file read before them), tiles without data skip the model, and the
-    overview the report and quick-look use equals a whole-file read of it."""
-    import agriseg.raster as raster_mod
-    from agriseg.synth import FieldSpec, make_field
-
-    field = make_field(FieldSpec(size=1024, seed=3, nodata_border=False))
-    rgb = np.tile(field.image, (1, 3, 3))[:, :2600, :2400]
-    valid = np.ones(rgb.shape[1:], bool)
-    valid[:1100, :1300] = False  # whole tiles of nodata
-    valid[2000:2100, 100:400] = False
-    src = write_rgba(tmp_path / "big.tif", rgb, valid, block=256)
-    survey = raster_mod.open_survey(src)
-    raster_mod._OVERVIEWS.clear()
-    assert not raster_mod.overview_is_cheap(survey)
-    cfg = build_run_config(input=src, out=tmp_path / "out", tile_size=512, workers=1,
-                           indices=False, skip=("zones", "fields", "report", "project"))
-    whole_file_read = raster_mod._read_overview
-
-    def no_whole_file_read(*args: object) -> None:
-        raise AssertionError("the run read the whole file for its overview")
-
-    monkeypatch.setattr(raster_mod, "_read_overview", no_whole_file_read)
-    res = process_survey(cfg)
-    monkeypatch.setattr(raster_mod, "_read_overview", whole_file_read)
-    assert res.manifest["timings_s"]["tiles_run"] == len(plan_tiles(survey.grid, 512,
-                                                                     res.manifest["plan"]["halo"]))
-    (_key, (data, ov_valid, factor)), = raster_mod._OVERVIEWS.items()
-    want = whole_file_read(survey, survey.roles.spectral, raster_mod.OVERVIEW_SIDE)
-    np.testing.assert_array_equal(ov_valid, want[1])
-    np.testing.assert_array_equal(data, want[0])
-    assert factor == want[2]
-    with rasterio.open(tmp_path / "out" / "classes.tif") as ds:
-        classes = ds.read(1)
-    assert (classes[~valid] == 255).all() and (classes[valid] != 255).all()

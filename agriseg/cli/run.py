@@ -143,13 +143,9 @@ class _LogProgress:
 
     def start(self, plan: TilePlan, n: int) -> None:
         mp = plan.grid.width * plan.grid.height / 1e6
-        # Without an overview to judge them by, every tile is scheduled and tiles without data
-        # find out when read: then only the count is known.
-        which = (f"{n} tiles" if n == len(plan) else f"{n} of {len(plan)} tiles")
         click.echo(
-            f"{which} of {plan.tile_size} px{' hold data' if n < len(plan) else ''} "
-            f"({mp:.1f} MP raster, halo {plan.halo} px, {plan.read_overhead:.2f} px read per "
-            "output px)",
+            f"{n} of {len(plan)} tiles of {plan.tile_size} px hold data ({mp:.1f} MP raster, "
+            f"halo {plan.halo} px, {plan.read_overhead:.2f} px read per output px)",
             err=True,
         )
 

@@ -451,27 +451,21 @@ class LabelFreeSegmenter:
         """Read up to ``sample_windows`` full-resolution windows spread over the valid area."""
         import rasterio
 
-        from agriseg.raster import overview_is_cheap, read_overview, read_window
+        from agriseg.raster import read_overview, read_window
 
         h, w = survey.grid.shape_yx
         side = self.config.sample_side_px
         wh, ww = min(side, h), min(side, w)
-        n = self.config.sample_windows
-        starts = [(r0, c0) for r0 in _starts(h, wh) for c0 in _starts(w, ww)]
-        if not overview_is_cheap(survey):
-            # No overview to judge the windows by, and making one would decode the whole
-            # file (the tiles make it instead): read windows spread over the raster and keep
-            # those at least half valid. On a fully valid raster these are the windows the
-            # overview would have chosen.
-            return _spread_valid_windows(survey, self.roles, starts, wh, ww, n)
         _, ov_valid, factor = read_overview(survey, self.roles[:1])
         cands: list[tuple[float, int, int]] = []
-        for r0, c0 in starts:
-            r_a, c_a = int(r0 / factor), int(c0 / factor)
-            sub = ov_valid[r_a: max(int((r0 + wh) / factor), r_a + 1),
-                           c_a: max(int((c0 + ww) / factor), c_a + 1)]
-            cands.append((float(sub.mean()) if sub.size else 0.0, r0, c0))
+        for r0 in _starts(h, wh):
+            for c0 in _starts(w, ww):
+                r_a, c_a = int(r0 / factor), int(c0 / factor)
+                sub = ov_valid[r_a: max(int((r0 + wh) / factor), r_a + 1),
+                               c_a: max(int((c0 + ww) / factor), c_a + 1)]
+                cands.append((float(sub.mean()) if sub.size else 0.0, r0, c0))
         good = [c for c in cands if c[0] >= 0.5] or sorted(cands, reverse=True)[:1]
+        n = self.config.sample_windows
         if len(good) > n:
             pick = np.linspace(0, len(good) - 1, n).round().astype(int)
             good = [good[i] for i in pick]
@@ -819,38 +813,6 @@ def _interior(veg: np.ndarray, margin: int) -> np.ndarray:
     b[1:] &= a[:-1]
     b[:-1] &= a[1:]
     return b[_inner(extra)]
-
-
-def _spread_valid_windows(
-    survey: SurveyRaster, roles: tuple[str, ...], starts: list[tuple[int, int]], wh: int,
-    ww: int, n: int,
-) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
-    """Up to ``n`` windows at least half valid, read in a spread order (at most ``8 n``)."""
-    import rasterio
-
-    from agriseg.raster import read_window
-
-    seen: set[int] = set()
-    out: list[tuple[np.ndarray, np.ndarray, int, int]] = []
-    best: tuple[float, tuple[np.ndarray, np.ndarray, int, int]] | None = None
-    with rasterio.open(survey.path) as ds:
-        k = n
-        while len(out) < n and len(seen) < min(len(starts), 8 * n):
-            for i in np.linspace(0, len(starts) - 1, min(k, len(starts))).round().astype(int):
-                if int(i) in seen or len(out) >= n or len(seen) >= 8 * n:
-                    continue
-                seen.add(int(i))
-                r0, c0 = starts[int(i)]
-                data, valid = read_window(survey, roles, Window(c0, r0, ww, wh), ds)
-                share = float(valid.mean()) if valid.size else 0.0
-                if share >= 0.5:
-                    out.append((data, valid, r0, c0))
-                elif best is None or share > best[0]:
-                    best = (share, (data, valid, r0, c0))
-            k *= 2
-    # Raster order, as the overview's choice would give them.
-    out.sort(key=lambda o: (o[2], o[3]))
-    return out or ([best[1]] if best is not None else [])
 
 
 def _starts(n: int, side: int) -> list[int]:

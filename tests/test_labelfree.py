@@ -187,6 +187,56 @@ def test_nodata_rim_is_soil_not_vegetation() -> None:
     assert (cls[:, :8] == 1).all() and (cls[:, 8:10] == 0).all()
 
 
+def test_health_shrinkage_spares_stray_pixels_not_lesions() -> None:
+    """A window mean of few pure pixels is shrunk toward the norm; a lesion keeps its score.
+
+    RGB health is (g - r) / (g + r); the norm is 0.5 (healthy green), one spread 0.05, so a
+    chlorotic pixel (g = r) sits 10 spreads below it. Two pixels of it beside one faint
+    healthy pixel stand alone in soil; a 6 x 6 lesion sits in a healthy crop stand.
+    """
+    from agriseg.models.labelfree import _shrink
+
+    n = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    assert np.array_equal(_shrink(n, 2.0), n.astype(np.float32) / (n + np.float32(2.0)))
+    assert np.array_equal(_shrink(n.astype(np.int32), 2.0), _shrink(n, 2.0))
+
+    px = np.zeros((1, 3, 40, 40), np.float32)
+    px[0, :, :, :] = np.array([0.4, 0.35, 0.3], np.float32)[:, None, None]  # soil
+    px[0, :, 20:36, 4:36] = np.array([0.1, 0.3, 0.1], np.float32)[:, None, None]  # crop
+    px[0, :, 24:30, 12:18] = np.array([0.3, 0.3, 0.05], np.float32)[:, None, None]  # lesion
+    px[0, :, 5, 10:12] = np.array([0.3, 0.3, 0.05], np.float32)[:, None]  # stray pixels
+    px[0, :, 5, 12] = np.array([0.1, 0.3, 0.1], np.float32)
+    valid = np.ones((1, 40, 40), bool)
+    common = dict(
+        index="exg", veg_threshold=0.05, veg_softness=0.02, dark_eps=0.01, rows=False,
+        row_angle_deg=0.0, row_half_px=0, leaf_px=0, row_threshold=0.0, row_softness=0.01,
+        attach_px=0, attached_threshold=0.0, health="ngrdi", health_centre=(0.5,),
+        health_spread=(0.05,), health_px=2, disease_sensitivity=5.0,
+    )
+    seg = LabelFreeSegmenter()
+    ctx = [TileContext(0, 0, 0.02)]
+    plain = seg.predict(px, valid, LabelFreeParams(**common), ctx)[0].argmax(0)
+    shrunk = seg.predict(px, valid, LabelFreeParams(**common, health_prior_px=2.0),
+                         ctx)[0].argmax(0)
+    assert (plain[5, 10:12] == 3).all()  # without the prior, two stray pixels are "disease"
+    assert (shrunk[5, 10:12] != 3).all()
+    assert (shrunk[25:29, 13:17] == 3).all() and (plain[25:29, 13:17] == 3).all()
+
+
+@pytest.mark.parametrize("sensitivity", [0.5, 1.0, 3.0, 5.0])
+def test_shrinking_candidates_only_gives_the_same_disease_probability(
+    sensitivity: float,
+) -> None:
+    from agriseg.models.labelfree import _ramp, _shrink, _shrink_z
+
+    rng = np.random.default_rng(7)
+    z = rng.normal(0, 4, (50, 60)).astype(np.float32)
+    n = rng.integers(0, 122, (70, 80)).astype(np.uint8)[10:60, 10:70]  # a strided view
+    want = _ramp(z * _shrink(n, 2.0) - np.float32(sensitivity))
+    _shrink_z(z, n, 2.0, sensitivity)
+    assert np.array_equal(_ramp(z - np.float32(sensitivity)), want)
+
+
 def test_margin_skips_work_without_changing_the_core(tmp_path: Path) -> None:
     """Scores inside the core are the same whether or not the model may skip the halo."""
     spec = FieldSpec(shape_yx=(260, 300), seed=5, row_angle_deg=20.0, row_spacing_m=0.6)
@@ -278,7 +328,7 @@ def test_accuracy_on_synthetic_fields(tmp_path: Path, multispectral: bool) -> No
     assert info["rows"]["spacing_m"] == pytest.approx(0.76, rel=0.03)
     soil, crop, weed, disease = _truth_iou(pred, field.truth)
     assert soil >= 0.95 and crop >= 0.88
-    assert weed >= 0.25 and disease >= 0.35
+    assert weed >= 0.25 and disease >= 0.5
 
 
 def test_real_maricopa_rows_are_crop() -> None:

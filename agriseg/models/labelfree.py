@@ -33,6 +33,10 @@ tile the same way.
    averaged over nearby pure-vegetation pixels so mixed leaf-edge pixels do not count, lies more
    than ``disease_sensitivity`` robust standard deviations below the field's crop median (the
    mean of the features' z-scores), the spread being taken from the healthy (upper) half.
+   A window mean of few pure pixels is weak evidence, so the z-score is shrunk toward the
+   field's norm by ``n / (n + health_prior_px)`` for ``n`` pure pixels in the window (the
+   empirical-Bayes estimate of a local mean): stray leaf edges, weed leaves and single odd
+   pixels no longer read as disease spots, while a lesion on a leaf keeps its full score.
    Relative, not absolute: cameras differ in white balance, and a uniformly senescent field is
    the norm of that field, not all disease.
 
@@ -104,6 +108,11 @@ class LabelFreeConfig:
         disease_sensitivity: robust z-score below the healthy crop median that marks disease
             (lower: more disease).
         health_window_m: side of the window over which the health feature is averaged.
+        health_prior_px: how many pixels' worth of weight the field's healthy norm has against
+            the pure-vegetation pixels of that window: the window's z-score is scaled by
+            ``n / (n + health_prior_px)`` (0: off). Measured on the synthetic fields (12 in
+            the benchmark table, 8 held out): 1-3.5 all raise disease IoU by 0.03-0.08; 8
+            starts to lose real lesions, 15 most of them.
         exg_fixed: fallback ExG threshold when the histogram is not two-class.
         ndvi_fixed: fallback NDVI threshold.
         exg_range: plausible range of an ExG threshold.
@@ -150,6 +159,7 @@ class LabelFreeConfig:
     row_attach_spacings: float = 0.1
     disease_sensitivity: float = 5.0
     health_window_m: float = 0.1
+    health_prior_px: float = 2.0
     exg_fixed: float = 0.1
     ndvi_fixed: float = 0.35
     exg_range: tuple[float, float] = (0.02, 0.35)
@@ -177,6 +187,10 @@ class LabelFreeConfig:
             )
         if not 0 < self.row_support < 1:
             raise ConfigError(f"labelfree: row_support must be in (0, 1), got {self.row_support}")
+        if self.health_prior_px < 0:
+            raise ConfigError(
+                f"labelfree: health_prior_px must be >= 0, got {self.health_prior_px}"
+            )
         if self.disease_sensitivity <= 0:
             raise ConfigError(
                 f"labelfree: disease_sensitivity must be > 0, got {self.disease_sensitivity}"
@@ -204,6 +218,7 @@ class LabelFreeParams:
     health_spread: tuple[float, ...]
     health_px: int
     disease_sensitivity: float
+    health_prior_px: float = 0.0
     appearance: AppearanceTable | None = None
     appearance_px: int = 0
     rim_px: int = 0
@@ -224,6 +239,13 @@ def _ramp(z: np.ndarray) -> np.ndarray:
 def _box_mean(
     values: np.ndarray, weight: np.ndarray, radius: int, bound: int, empty: float | None = None
 ) -> np.ndarray:
+    """:func:`_box_mean_count` without the counts."""
+    return _box_mean_count(values, weight, radius, bound, empty)[0]
+
+
+def _box_mean_count(
+    values: np.ndarray, weight: np.ndarray, radius: int, bound: int, empty: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean of integer ``values`` over ``weight`` pixels in a square window, exactly.
 
     Direct (non-running) sums of integers: scipy's ``uniform_filter`` keeps a running float
@@ -233,6 +255,9 @@ def _box_mean(
     counts as bytes while a window holds under 256 pixels (a quarter of the memory traffic
     of one packed integer, and no packing passes). Pixels with no weight in their window
     get ``empty``, or keep their own value when it is None.
+
+    Returns:
+        The means (float32) and the number of ``weight`` pixels in each window.
     """
     cells = (2 * radius + 1) ** 2
     wide = np.int32 if bound * cells < 2**31 else np.int64
@@ -245,10 +270,10 @@ def _box_mean(
     np.maximum(n_f, 1, out=n_f)
     tot /= n_f
     if empty is None:
-        return np.where(n > 0, tot, values.astype(np.float32))
+        return np.where(n > 0, tot, values.astype(np.float32)), n
     if empty != 0:
         tot[n == 0] = empty
-    return tot
+    return tot, n
 
 
 @dataclass
@@ -384,7 +409,9 @@ class LabelFreeSegmenter:
         info.update(health_centre=[round(c, 4) for c in centre],
                     health_spread=[round(sd, 4) for sd in spread],
                     disease_sensitivity=cfg.disease_sensitivity,
-                    disease_rule=f"mean of [{zs}] > {cfg.disease_sensitivity}")
+                    disease_rule=f"mean of [{zs}] x n / (n + {cfg.health_prior_px:g}) > "
+                                 f"{cfg.disease_sensitivity} (n: pure vegetation pixels within "
+                                 f"{health_px} px)")
         params = LabelFreeParams(
             index=index, veg_threshold=thr, veg_softness=soft, dark_eps=dark_eps,
             rows=rows is not None, row_angle_deg=rows.angle_deg if rows else 0.0,
@@ -392,6 +419,7 @@ class LabelFreeSegmenter:
             attach_px=attach, attached_threshold=att_thr,
             health=health_name, health_centre=centre, health_spread=spread, health_px=health_px,
             disease_sensitivity=cfg.disease_sensitivity, rim_px=cfg.nodata_rim_px,
+            health_prior_px=cfg.health_prior_px,
         )
         if rows is not None:
             if cfg.appearance:
@@ -614,7 +642,7 @@ class LabelFreeSegmenter:
         vals = []
         k = feats[0][1].shape[0] if feats else 1
         for i, (f, m) in enumerate(zip(feats, vegs, strict=True)):
-            hs = self._smooth_health(f[1], f[0] >= thr + soft / 2, radius)
+            hs, _ = self._smooth_health(f[1], f[0] >= thr + soft / 2, radius)
             crop = m & (supports[i] >= row_thr) if supports else m
             vals.append(hs[:, crop])
         v = np.concatenate(vals, axis=1) if vals else np.zeros((k, 0), np.float32)
@@ -626,15 +654,19 @@ class LabelFreeSegmenter:
         return tuple(float(c) for c in p50), tuple(float(sd) for sd in spread)
 
     @staticmethod
-    def _smooth_health(health: np.ndarray, pure: np.ndarray, radius: int) -> np.ndarray:
+    def _smooth_health(
+        health: np.ndarray, pure: np.ndarray, radius: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Window means of the health features over ``pure`` pixels, and their counts."""
         out = np.empty(health.shape, np.float32)
+        n = np.zeros(pure.shape, np.uint8)
         for k in range(health.shape[0]):
             q = np.clip(health[k], -1, 1)
             q *= np.float32(10000)
             np.rint(q, out=q)
-            np.divide(_box_mean(q.astype(np.int32), pure, radius, 10000), np.float32(10000),
-                      out=out[k])
-        return out
+            mean, n = _box_mean_count(q.astype(np.int32), pure, radius, 10000)
+            np.divide(mean, np.float32(10000), out=out[k])
+        return out, n
 
     # ------------------------------------------------------------------ predict
 
@@ -728,13 +760,16 @@ class LabelFreeSegmenter:
         near = _inner(max(m - p.health_px, 0))
         # Health only where the core's window reaches, not over the whole halo.
         health, _ = self._health(pixels[(slice(None), *near)], p.dark_eps, vi[near])
-        hs = self._smooth_health(health,
-                                 ((vi >= p.veg_threshold + p.veg_softness / 2) & ok)[near],
-                                 p.health_px)[(slice(None), *_inner(min(p.health_px, m)))]
+        hs, n_pure = self._smooth_health(
+            health, ((vi >= p.veg_threshold + p.veg_softness / 2) & ok)[near], p.health_px)
+        hs = hs[(slice(None), *_inner(min(p.health_px, m)))]
         z = np.zeros(p_veg.shape, np.float32)
         for k, (c, sd) in enumerate(zip(p.health_centre, p.health_spread, strict=True)):
             z += (np.float32(c) - hs[k]) / np.float32(sd)
         z /= np.float32(len(p.health_centre))
+        if p.health_prior_px > 0:
+            _shrink_z(z, n_pure[_inner(min(p.health_px, m))], p.health_prior_px,
+                      p.disease_sensitivity)
         p_dis = _ramp(z - np.float32(p.disease_sensitivity))
         plant_row = p_veg * p_row
         soil = np.subtract(1, p_veg, dtype=np.float32)
@@ -775,6 +810,30 @@ class LabelFreeSegmenter:
         """Name, roles and configuration for run.json."""
         return {"name": self.name, "kind": "rule", "roles": list(self.roles),
                 "config": asdict(self.config)}
+
+
+def _shrink(n: np.ndarray, prior: float) -> np.ndarray:
+    """``n / (n + prior)`` in float32; by table lookup for byte counts (one pass, not three)."""
+    k = np.float32(prior)
+    if n.dtype == np.uint8:
+        c = np.arange(256, dtype=np.float32)
+        return np.take(c / (c + k), n)
+    n_f = n.astype(np.float32)
+    return n_f / (n_f + k)
+
+
+def _shrink_z(z: np.ndarray, n: np.ndarray, prior: float, sensitivity: float) -> None:
+    """Scale the health z-scores ``z`` (contiguous, in place) by ``n / (n + prior)``.
+
+    Where ``sensitivity >= 1`` only the candidates are scaled: shrinking toward 0 cannot lift
+    a z-score at or below ``sensitivity - 1``, where the disease ramp is 0, above it, so the
+    disease probability is the same as scaling every pixel (a tenth of the pixels, or fewer).
+    """
+    if sensitivity >= 1:
+        at = np.flatnonzero(z > np.float32(sensitivity - 1))
+        z.ravel()[at] *= _shrink(np.take(n, at), prior)
+    else:
+        z *= _shrink(n, prior)
 
 
 def _without_rim(valid: np.ndarray, rim_px: int) -> np.ndarray:

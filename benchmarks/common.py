@@ -108,6 +108,8 @@ class PeakRSS:
         self.interval = interval
         self.peak = 0
         self.peak_pss = 0
+        # (monotonic seconds, summed PSS) of every sample, for timelines.
+        self.samples: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -124,6 +126,7 @@ class PeakRSS:
                         pss += getattr(info, "pss", info.rss)
                 self.peak = max(self.peak, total)
                 self.peak_pss = max(self.peak_pss, pss)
+                self.samples.append((time.monotonic(), pss))
             except psutil.Error:
                 return
             time.sleep(self.interval)
@@ -143,16 +146,48 @@ def run_measured(cmd: list[str]) -> tuple[float, int, str]:
     return dt, mem.peak, err
 
 
-def run_measured_memory(cmd: list[str]) -> tuple[float, PeakRSS, str]:
-    """Run a command; return (seconds, its process tree's memory sampler, stderr tail)."""
+def run_measured_memory(
+    cmd: list[str], lines: list[tuple[float, str]] | None = None
+) -> tuple[float, PeakRSS, str]:
+    """Run a command; return (seconds, its process tree's memory sampler, stderr tail).
+
+    ``lines`` collects its stderr lines with their monotonic arrival times (for
+    :func:`peak_phases`).
+    """
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    got: list[tuple[float, str]] = [] if lines is None else lines
     with PeakRSS(proc.pid) as mem:
-        _, err = proc.communicate()
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            got.append((time.monotonic(), line.rstrip()))
+        proc.wait()
     dt = time.perf_counter() - t0
+    err = "\n".join(text for _, text in got)
     if proc.returncode:
         raise RuntimeError(f"{cmd} failed:\n{err[-2000:]}")
     return dt, mem, err[-500:]
+
+
+def peak_phases(mem: PeakRSS, lines: list[tuple[float, str]]) -> list[tuple[str, int]]:
+    """Peak PSS between consecutive stage lines of a run's log (tile progress lines merged).
+
+    Returns:
+        (stage line, peak bytes) in order; the stage is the last log line before the samples.
+    """
+    stages = [(t, text) for t, text in lines if not text.startswith(("tiles ", "estimate:"))]
+    out: list[tuple[str, int]] = []
+    for t, pss in mem.samples:
+        label = "start"
+        for ts, text in stages:
+            if ts > t:
+                break
+            label = text
+        if out and out[-1][0] == label:
+            out[-1] = (label, max(out[-1][1], pss))
+        else:
+            out.append((label, pss))
+    return out
 
 
 def read_rate_mp_s(path: Path, bands: list[int] | None = None) -> float:
@@ -172,5 +207,5 @@ def mp(n_px: float) -> str:
     return f"{n_px / 1e6:.0f} MP"
 
 
-__all__ = ["CACHE", "PeakRSS", "git_commit", "machine", "mp", "np", "read_rate_mp_s",
+__all__ = ["CACHE", "PeakRSS", "git_commit", "machine", "mp", "np", "peak_phases", "read_rate_mp_s",
            "run_measured", "run_measured_memory", "synthetic_rgb", "vrt_mosaic"]

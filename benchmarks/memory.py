@@ -16,7 +16,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import git_commit, machine, run_measured_memory, synthetic_rgb, vrt_mosaic
+from common import (
+    git_commit,
+    machine,
+    peak_phases,
+    run_measured_memory,
+    synthetic_rgb,
+    vrt_mosaic,
+)
 
 
 def main() -> None:
@@ -25,6 +32,8 @@ def main() -> None:
     ap.add_argument("--sizes", default="1,2,4", help="mosaic factors (n x n copies of 67 MP)")
     ap.add_argument("--tile", type=int, default=8192, help="edge of the base raster")
     ap.add_argument("--tile-size", type=int, default=1024)
+    ap.add_argument("--phases", action="store_true",
+                    help="also print the peak PSS during each stage of each run")
     a = ap.parse_args()
     base = synthetic_rgb(a.tile)
     print(f"# memory benchmark, commit {git_commit()}, {machine()}")
@@ -40,11 +49,15 @@ def main() -> None:
                    "--no-indices", "--overwrite"]
             if a.model:
                 cmd += ["--model", a.model]
-            dt, mem, _ = run_measured_memory(cmd)
+            lines: list[tuple[float, str]] = []
+            dt, mem, _ = run_measured_memory(cmd, lines)
             peak = mem.peak_pss
             first = first or peak
             print(f"{n}x{n:<8} {mpx:8.0f} {dt:8.1f} {mpx / dt:7.2f} {peak / 1e9:12.2f} "
                   f"{peak / first:9.2f} {mem.peak / 1e9:16.2f}")
+            if a.phases:
+                for stage, pss in peak_phases(mem, lines):
+                    print(f"    {pss / 1e9:5.2f} GB  after: {stage[:100]}")
             sys.stdout.flush()
 
 

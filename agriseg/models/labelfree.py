@@ -771,8 +771,7 @@ class LabelFreeSegmenter:
             z += (np.float32(c) - hs[k]) / np.float32(sd)
         z /= np.float32(len(p.health_centre))
         if p.health_prior_px > 0:
-            _shrink_z(z, n_pure[_inner(min(p.health_px, m))], p.health_prior_px,
-                      p.disease_sensitivity)
+            _shrink(z, n_pure[_inner(min(p.health_px, m))], p.health_prior_px)
         p_dis = _ramp(z - np.float32(p.disease_sensitivity))
         plant_row = p_veg * p_row
         soil = np.subtract(1, p_veg, dtype=np.float32)
@@ -815,28 +814,17 @@ class LabelFreeSegmenter:
                 "config": asdict(self.config)}
 
 
-def _shrink(n: np.ndarray, prior: float) -> np.ndarray:
-    """``n / (n + prior)`` in float32; by table lookup for byte counts (one pass, not three)."""
-    k = np.float32(prior)
-    if n.dtype == np.uint8:
-        c = np.arange(256, dtype=np.float32)
-        return np.take(c / (c + k), n)
-    n_f = n.astype(np.float32)
-    return n_f / (n_f + k)
+def _shrink(z: np.ndarray, n: np.ndarray, prior: float) -> None:
+    """Scale the health z-scores ``z`` in place by ``n / (n + prior)``.
 
-
-def _shrink_z(z: np.ndarray, n: np.ndarray, prior: float, sensitivity: float) -> None:
-    """Scale the health z-scores ``z`` (contiguous, in place) by ``n / (n + prior)``.
-
-    Where ``sensitivity >= 1`` only the candidates are scaled: shrinking toward 0 cannot lift
-    a z-score at or below ``sensitivity - 1``, where the disease ramp is 0, above it, so the
-    disease probability is the same as scaling every pixel (a tenth of the pixels, or fewer).
+    Every pixel, in four float32 passes (~1.5 ms per 1280 px tile): scaling only the pixels
+    that could still reach the disease ramp gathered half of them (soil far from plants has
+    a large z-score too) and took 15 ms per tile in the run.
     """
-    if sensitivity >= 1:
-        at = np.flatnonzero(z > np.float32(sensitivity - 1))
-        z.ravel()[at] *= _shrink(np.take(n, at), prior)
-    else:
-        z *= _shrink(n, prior)
+    n_f = n.astype(np.float32)
+    d = n_f + np.float32(prior)
+    np.divide(n_f, d, out=n_f)
+    z *= n_f
 
 
 def _without_rim(valid: np.ndarray, rim_px: int) -> np.ndarray:

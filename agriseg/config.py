@@ -29,6 +29,11 @@ class RunConfig(BaseModel):
     fields: Path | None = Field(None, description="field polygons (GeoPackage/Shapefile/GeoJSON)")
     field_id: str | None = Field(None, description="id column of the fields layer")
     model: str | None = Field(None, description="registered model name or bundle path")
+    model_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="settings of the model's own configuration, e.g. {disease_sensitivity: 4} "
+        "for the label-free model (any LabelFreeConfig field; other models take none)",
+    )
     engine: Literal["auto", "torch", "onnx"] = Field(
         "auto", description="learned-model engine: auto (ONNX Runtime on CPU, PyTorch on GPU)"
     )

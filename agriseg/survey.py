@@ -244,7 +244,8 @@ def _process(
     # meanwhile the whole-survey overview that every run reads is read (GDAL releases the GIL).
     loader = ThreadPoolExecutor(1, thread_name_prefix="agriseg-load")
     try:
-        loading = loader.submit(load_segmenter, config.model, config.engine)
+        loading = loader.submit(load_segmenter, config.model, config.engine,
+                                config.model_options)
         if config.gsd is None:
             survey = open_survey(config.input, config.bands)
             read_overview(survey, survey.roles.spectral[:1])

@@ -225,3 +225,40 @@ def test_cli_skip_steps(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
     assert not (out / "report.html").exists() and not (out / "project.qgs").exists()
     assert json.loads((out / "run.json").read_text())["parameters"]["skip"] == [
         "zones", "report", "project"]
+
+
+def test_cli_model_options(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    """`--model-option` and `model_options:` set the label-free model's configuration; bad
+    names, values and models are refused before any output is written."""
+    out = tmp_path / "m"
+    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler, "--no-progress",
+            "--skip", "zones,fields,report,project", "--no-indices"]
+    config = tmp_path / "run.yaml"
+    config.write_text("model_options:\n  disease_sensitivity: 3\n  row_support: 0.5\n")
+    r = CliRunner().invoke(main, [*base, "--config", str(config), "--model-option",
+                                  "row_support=0.45", "--model-option", "appearance=false",
+                                  "--model-option", "exg_range=[0.03, 0.3]"])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "run.json").read_text())
+    used = manifest["model"]["config"]
+    assert used["disease_sensitivity"] == 3.0 and used["row_support"] == 0.45
+    assert used["appearance"] is False and used["exg_range"] == [0.03, 0.3]
+    assert manifest["parameters"]["model_options"]["row_support"] == 0.45
+    for option, needle in [("row_suport=0.5", "valid options: min_row_spacing_m"),
+                           ("disease_sensitivity=high", "must be a number"),
+                           ("appearance=1", "must be true or false"),
+                           ("sample_windows=2.5", "must be a whole number"),
+                           ("exg_range=0.1", "a list of 2 numbers"),
+                           ("disease_sensitivity=-1", "must be > 0"),
+                           ("no_equals_sign", "expected NAME=VALUE")]:
+        bad = tmp_path / option.split("=")[0]
+        r = CliRunner().invoke(main, [*base[:3], str(bad), *base[4:], "--model-option", option])
+        assert r.exit_code == 2, (option, r.output)
+        assert needle in r.output and "Traceback" not in r.output, (option, r.output)
+        assert not (bad / "run.json").exists()
+    r = CliRunner().invoke(main, [*base[:3], str(tmp_path / "it"), *base[4:], "--model",
+                                  "index-threshold", "--model-option", "row_support=0.5"])
+    assert r.exit_code == 2 and "takes no model options" in r.output, r.output
+    r = CliRunner().invoke(main, ["models"])
+    assert r.exit_code == 0 and "disease_sensitivity=5.0" in r.output
+    assert "robust z-score below the healthy crop median" in r.output

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import textwrap
+
 import click
 
 
@@ -14,3 +17,32 @@ def models() -> None:
     for name, desc in available_models().items():
         mark = " (default)" if name == DEFAULT_MODEL else ""
         click.echo(f"{name:<20} {desc}{mark}")
+    from dataclasses import fields
+
+    from agriseg.models.labelfree import LabelFreeConfig
+
+    defaults = LabelFreeConfig()
+    docs = _attribute_docs(LabelFreeConfig.__doc__ or "")
+    click.echo("\nlabelfree options (agriseg run --model-option NAME=VALUE), with defaults:")
+    for f in fields(LabelFreeConfig):
+        click.echo(f"  {f.name}={getattr(defaults, f.name)!r}")
+        if f.name in docs:
+            click.echo(textwrap.fill(docs[f.name], width=96, initial_indent=" " * 6,
+                                     subsequent_indent=" " * 6))
+
+
+def _attribute_docs(doc: str) -> dict[str, str]:
+    """``name: text`` entries of a Google-style ``Attributes:`` section, unwrapped."""
+    out: dict[str, str] = {}
+    lines = doc.split("Attributes:", 1)[-1].splitlines()
+    name = None
+    for line in lines:
+        m = re.match(r"^ {8}(\w+): (.*)$", line)
+        if m:
+            name = m.group(1)
+            out[name] = m.group(2).strip()
+        elif name and line.startswith(" " * 12):
+            out[name] += " " + line.strip()
+        elif line.strip():
+            name = None
+    return out

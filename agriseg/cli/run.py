@@ -23,6 +23,10 @@ from agriseg.grid import TilePlan
               help="Field polygons (GeoPackage, Shapefile, GeoJSON; any CRS).")
 @click.option("--field-id", help="Id column of --fields (default: first unique column).")
 @click.option("--model", "-m", help="Registered model name (see `agriseg models`) or bundle path.")
+@click.option("--model-option", "model_option", multiple=True, metavar="NAME=VALUE",
+              help="Set an option of the model (repeatable), e.g. disease_sensitivity=4 or "
+              "row_support=0.5 for the label-free model; the names are LabelFreeConfig's "
+              "fields, listed by `agriseg models`. Overrides `model_options:` of --config.")
 @click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]),
               help="Engine for learned models [auto: ONNX Runtime on CPU, PyTorch on GPU].")
 @click.option("--bands",
@@ -85,6 +89,10 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         values["indices"] = False
     if opts.pop("no_resume"):
         values["resume"] = False
+    model_option = opts.pop("model_option")
+    if model_option:
+        values["model_options"] = {**values.get("model_options", {}),
+                                   **_model_options(model_option)}
     skip = opts.pop("skip")
     if skip:
         values["skip"] = tuple(x.strip() for s in skip for x in s.split(",") if x.strip())
@@ -125,6 +133,22 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         click.echo(f"Open in QGIS: qgis {qgs}")
     else:
         click.echo(f"Open in QGIS: drag {result.out_dir / 'classes.tif'} into the map")
+
+
+def _model_options(items: tuple[str, ...]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs, each value read as a YAML scalar or list (4, 0.5, true, [1, 2])."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--model-option")
+        try:
+            out[name.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise click.BadParameter(f"{item!r}: {exc}", param_hint="--model-option") from exc
+    return out
 
 
 def _terminate(signum: int, frame: object) -> None:

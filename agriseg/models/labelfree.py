@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -198,6 +199,51 @@ class LabelFreeConfig:
             raise ConfigError(
                 f"labelfree: disease_sensitivity must be > 0, got {self.disease_sensitivity}"
             )
+
+
+def labelfree_config(options: Mapping[str, Any]) -> LabelFreeConfig:
+    """A :class:`LabelFreeConfig` with ``options`` replacing its defaults.
+
+    The options come from a run config (``model_options:``) or ``--model-option``. Values
+    are checked against each field's default: numbers for numbers (an integer where the
+    default is one), true/false for switches, lists of numbers of the same length for ranges.
+
+    Raises:
+        ConfigError: an unknown name (the message lists the valid ones) or a wrong value.
+    """
+    defaults = LabelFreeConfig()
+    names = [f.name for f in fields(LabelFreeConfig)]
+    values: dict[str, Any] = {}
+    for key, value in options.items():
+        if key not in names:
+            raise ConfigError(f"labelfree: unknown model option {key!r}; valid options: "
+                              f"{', '.join(names)}")
+        default = getattr(defaults, key)
+        values[key] = _option_value(key, value, default)
+    return LabelFreeConfig(**values)
+
+
+def _option_value(key: str, value: Any, default: Any) -> Any:
+    """``value`` as the type of ``default``, or ConfigError saying what was expected."""
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"labelfree: model option {key} must be {expected} (default "
+                           f"{default!r}), got {value!r}")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong("true or false")
+        return value
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(default):
+            raise wrong(f"a list of {len(default)} numbers")
+        return tuple(_option_value(key, v, d) for v, d in zip(value, default, strict=True))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise wrong("a number")
+    if isinstance(default, int):
+        if value != int(value):
+            raise wrong("a whole number")
+        return int(value)
+    return float(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from agriseg.errors import ModelError
+from agriseg.errors import ConfigError, ModelError
 from agriseg.models.base import Segmenter
 
 
@@ -23,10 +24,10 @@ def _shipped_bundle(filename: str) -> Segmenter:
     return load_bundle_segmenter(path)
 
 
-def _labelfree() -> Segmenter:
-    from agriseg.models.labelfree import LabelFreeSegmenter
+def _labelfree(options: Mapping[str, Any]) -> Segmenter:
+    from agriseg.models.labelfree import LabelFreeSegmenter, labelfree_config
 
-    return LabelFreeSegmenter()
+    return LabelFreeSegmenter(labelfree_config(options))
 
 
 def _index_threshold() -> Segmenter:
@@ -39,7 +40,7 @@ def _index_threshold() -> Segmenter:
 _REGISTRY: dict[str, tuple[Callable[[], Segmenter], str]] = {
     "index-threshold": (_index_threshold, "soil/crop from ExG or NDVI, one Otsu threshold"),
     "labelfree": (
-        _labelfree,
+        lambda: _labelfree({}),
         "label-free soil/crop/weed/disease: index threshold, crop rows, colour departures",
     ),
     "unet-default": (
@@ -60,18 +61,38 @@ def available_models() -> dict[str, str]:
     return {k: v[1] for k, v in sorted(_REGISTRY.items())}
 
 
-def load_segmenter(name_or_path: str | None = None, engine: str = "auto") -> Segmenter:
+#: Models that take options (``--model-option``): name -> factory from the options.
+_CONFIGURABLE: dict[str, Callable[[Mapping[str, Any]], Segmenter]] = {"labelfree": _labelfree}
+
+
+def load_segmenter(
+    name_or_path: str | None = None, engine: str = "auto",
+    options: Mapping[str, Any] | None = None,
+) -> Segmenter:
     """Resolve a registered name or a model bundle path to a segmenter.
 
     Args:
         name_or_path: registered name or bundle path (default: :data:`DEFAULT_MODEL`).
         engine: inference engine of learned models (``auto``, ``torch``, ``onnx``); rule-based
             models ignore it.
+        options: settings of the model's own configuration (the label-free model's
+            :class:`~agriseg.models.labelfree.LabelFreeConfig` fields); other models take
+            none.
 
     Raises:
         ModelError: unknown name and no such file (the message lists the valid names).
+        ConfigError: options the model does not take, or invalid values.
     """
     key = name_or_path or DEFAULT_MODEL
+    if options:
+        if key not in _CONFIGURABLE:
+            raise ConfigError(
+                f"model {key!r} takes no model options (got {', '.join(options)}); only "
+                f"{', '.join(_CONFIGURABLE)} does"
+            )
+        return _CONFIGURABLE[key](options)
+    if key in _CONFIGURABLE:
+        return _CONFIGURABLE[key]({})
     if key in _REGISTRY:
         seg = _REGISTRY[key][0]()
         if engine != "auto" and hasattr(seg, "engine"):

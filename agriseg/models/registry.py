@@ -91,8 +91,6 @@ def load_segmenter(
                 f"{', '.join(_CONFIGURABLE)} does"
             )
         return _CONFIGURABLE[key](options)
-    if key in _CONFIGURABLE:
-        return _CONFIGURABLE[key]({})
     if key in _REGISTRY:
         seg = _REGISTRY[key][0]()
         if engine != "auto" and hasattr(seg, "engine"):

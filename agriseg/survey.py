@@ -246,6 +246,10 @@ def _process(
     try:
         loading = loader.submit(load_segmenter, config.model, config.engine,
                                 config.model_options)
+        if config.model_options:
+            # Only rule-based models take options and they load at once: a bad option is
+            # reported now rather than after the overview read (seconds on a big survey).
+            loading.result()
         if config.gsd is None:
             survey = open_survey(config.input, config.bands)
             read_overview(survey, survey.roles.spectral[:1])

@@ -458,9 +458,11 @@ class LabelFreeSegmenter:
         info.update(health_centre=[round(c, 4) for c in centre],
                     health_spread=[round(sd, 4) for sd in spread],
                     disease_sensitivity=cfg.disease_sensitivity,
-                    disease_rule=f"mean of [{zs}] x n / (n + {cfg.health_prior_px:g}) > "
-                                 f"{cfg.disease_sensitivity} (n: pure vegetation pixels within "
-                                 f"{health_px} px)")
+                    disease_rule=(
+                        f"mean of [{zs}] > {cfg.disease_sensitivity}" if cfg.health_prior_px <= 0
+                        else f"mean of [{zs}] x n / (n + {cfg.health_prior_px:g}) > "
+                             f"{cfg.disease_sensitivity} (n: pure vegetation pixels within "
+                             f"{health_px} px)"))
         params = LabelFreeParams(
             index=index, veg_threshold=thr, veg_softness=soft, dark_eps=dark_eps,
             rows=rows is not None, row_angle_deg=rows.angle_deg if rows else 0.0,

@@ -292,8 +292,15 @@ def _box_mean(
     return _box_mean_count(values, weight, radius, bound, empty)[0]
 
 
+def _window_counts(weight: np.ndarray, radius: int) -> np.ndarray:
+    """Number of ``weight`` pixels in each ``(2r+1)^2`` window (bytes below 256 cells)."""
+    small = (2 * radius + 1) ** 2 < 256
+    return box_sum(weight.view(np.uint8) if small else weight.astype(np.int32), radius)
+
+
 def _box_mean_count(
-    values: np.ndarray, weight: np.ndarray, radius: int, bound: int, empty: float | None = None
+    values: np.ndarray, weight: np.ndarray, radius: int, bound: int, empty: float | None = None,
+    counts: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean of integer ``values`` over ``weight`` pixels in a square window, exactly.
 
@@ -303,7 +310,9 @@ def _box_mean_count(
     weighted values (within ``-bound..bound``) and the pixel counts are summed apart, the
     counts as bytes while a window holds under 256 pixels (a quarter of the memory traffic
     of one packed integer, and no packing passes). Pixels with no weight in their window
-    get ``empty``, or keep their own value when it is None.
+    get ``empty``, or keep their own value when it is None. ``counts``: the
+    :func:`_window_counts` of ``weight`` when the caller has them (several features over the
+    same pixels).
 
     Returns:
         The means (float32) and the number of ``weight`` pixels in each window.
@@ -312,7 +321,7 @@ def _box_mean_count(
     wide = np.int32 if bound * cells < 2**31 else np.int64
     weighted = np.multiply(values, weight, dtype=wide)
     tot = box_sum(weighted, radius).astype(np.float32)
-    n = box_sum(weight.view(np.uint8) if cells < 256 else weight.astype(np.int32), radius)
+    n = _window_counts(weight, radius) if counts is None else counts
     n_f = n.astype(np.float32)
     # Sums and counts are exact in float32 (well under 2**24), so this is the correctly
     # rounded mean; where the count is 0 the sum is 0 too, and 0 / 1 keeps it 0.
@@ -710,12 +719,12 @@ class LabelFreeSegmenter:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Window means of the health features over ``pure`` pixels, and their counts."""
         out = np.empty(health.shape, np.float32)
-        n = np.zeros(pure.shape, np.uint8)
+        n = _window_counts(pure, radius)  # the same for every feature: summed once
         for k in range(health.shape[0]):
             q = np.clip(health[k], -1, 1)
             q *= np.float32(10000)
             np.rint(q, out=q)
-            mean, n = _box_mean_count(q.astype(np.int32), pure, radius, 10000)
+            mean, _ = _box_mean_count(q.astype(np.int32), pure, radius, 10000, counts=n)
             np.divide(mean, np.float32(10000), out=out[k])
         return out, n
 

@@ -246,6 +246,11 @@ def test_predict_classes_matches_probabilities(tmp_path: Path) -> None:
         assert np.array_equal(tiny[0][0], want[0])
 
 
+def _read1(path: str | Path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read(1)
+
+
 def _trained_bundle(path: Path) -> Path:
     """A tiny U-Net briefly trained to call the toy field's green rows crop."""
     from tests.conftest import toy_field
@@ -274,16 +279,19 @@ def test_survey_with_bundle_is_seamless(tmp_path: Path, rgba_tif: Path, schedule
         cfg = build_run_config(input=rgba_tif, out=tmp_path / f"o{tile}", model=str(bundle),
                                tile_size=tile, indices=False, scheduler=scheduler)
         runs[tile] = process_survey(cfg)
-    with rasterio.open(runs[512].outputs["classes"]) as a, \
-            rasterio.open(runs[64].outputs["classes"]) as b:
-        whole, tiled = a.read(1), b.read(1)
+    (whole, tiled), (conf_whole, conf_tiled) = (
+        [_read1(runs[t].outputs[name]) for t in (512, 64)] for name in ("classes", "confidence"))
     valid = whole != 255
     assert ((tiled == 255) == ~valid).all()
     share = np.bincount(whole[valid], minlength=4) / valid.sum()
     assert 0.05 < share[1] < 0.95, "the trained toy model finds the green rows"
-    differ = int((whole != tiled).sum())
-    # halo + centre crop: tile borders change only a negligible number of pixels
-    assert differ <= 0.002 * valid.sum(), f"{differ} pixels differ between tilings"
+    differ = whole != tiled
+    # Halo + centre crop: tile borders change only a negligible number of pixels, and only
+    # near-ties (the toy U-Net sees further than the 32 px halo, so 64 px tiles shift its
+    # scores a little; how many ties flip varies with the CPU's float kernels).
+    assert differ.sum() <= 0.004 * valid.sum(), f"{differ.sum()} pixels differ between tilings"
+    sure = differ & (conf_whole >= 70) & (conf_tiled >= 70)
+    assert sure.sum() <= 0.0002 * valid.sum(), f"{sure.sum()} confident pixels differ"
     m = runs[64].manifest["model"]
     assert m["kind"] == "learned" and m["prepared"]["engine"] == "auto"
     # the workers loaded the model before the first tile

@@ -12,7 +12,8 @@
 # 1. the `gpu`-marked tests (local GPU worker layout, CUDA against ONNX Runtime on CPU);
 # 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS
 #    (a trailing p: worker processes). NO_TESTS=1 skips 1; LIMIT=MP/s skips the model-only
-#    and read figures. The host settings the tile threads share are environment variables,
+#    and read figures; RUNNER_THREADS=1,8 adds the model call from that many threads at once
+#    with and without CUDA graphs (AGRISEG_CUDA_GRAPHS=0 turns them off in the runs). The host settings the tile threads share are environment variables,
 #    e.g. for an A/B in one call:
 #        for a in 2 16; do MALLOC_ARENA_MAX=$a NO_TESTS=1 LIMIT=481 LAYOUTS=x8 \
 #            bash benchmarks/gpu.sh; done        (GDAL_CACHEMAX=512 likewise)
@@ -33,4 +34,5 @@ torch.cuda.is_available(), 'rasterio', rasterio.__version__, rasterio.__gdal_ver
     -m "gpu or not slow" -k "gpu or predict_classes or pickles" 2>&1 \
     | tee "$out/pytest.log" | tail -15
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/throughput.py --size "${SIZE:-32768}" \
-    --layouts "${LAYOUTS:-1x8,1x16}" ${LIMIT:+--limit $LIMIT} 2>&1 | tee "$out/throughput.log"
+    --layouts "${LAYOUTS:-1x8,1x16}" ${LIMIT:+--limit $LIMIT} \
+    ${RUNNER_THREADS:+--runner-threads $RUNNER_THREADS} 2>&1 | tee "$out/throughput.log"

@@ -165,6 +165,42 @@ def gpu_model_only(bundle: Path, side: int, batch: int, seconds: float = 5.0
     return rates[0], rates[1]
 
 
+def gpu_runner_threads(bundle: Path, side: int, threads: int, graphs: bool,
+                       seconds: float = 5.0) -> float:
+    """MP/s of the tile tasks' reducing call (host float32 in, uint8 classes and confidence
+    out) from ``threads`` threads at once, with or without CUDA graphs.
+
+    Eager PyTorch gives up and takes back the GIL at each of a forward pass's few hundred
+    operator calls; this shows what that costs when several threads share one GPU.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from agriseg.models.bundle import load_bundle_segmenter
+    from agriseg.models.neural import get_runner
+
+    seg = load_bundle_segmenter(bundle, "torch")
+    runner = get_runner(seg.path, "torch", seg.meta)
+    runner.use_graphs = graphs
+    host = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
+    for _ in range(3):
+        runner.classes(host)
+    torch.cuda.synchronize()
+    calls = [0] * threads
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            runner.classes(host)
+            calls[i] += 1
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(loop, range(threads)))
+    return sum(calls) * side * side / 1e6 / (time.perf_counter() - t0)
+
+
 class GpuSampler:
     """nvidia-smi's GPU utilisation and memory, sampled every 200 ms while in the block."""
 
@@ -269,6 +305,11 @@ def run_gpu(a: argparse.Namespace) -> None:
                   f"device, {run:8.1f} MP/s through the runner (host copies + softmax)",
                   flush=True)
             limit = max(limit, dev)
+    for threads in (int(t) for t in a.runner_threads.split(",") if t):
+        for graphs in (False, True):
+            rate = gpu_runner_threads(bundle, min(2112, a.size), threads, graphs)
+            print(f"runner.classes, 1 x {min(2112, a.size)} px, {threads:>2} thread(s), CUDA "
+                  f"graphs {'on ' if graphs else 'off'}: {rate:8.1f} MP/s", flush=True)
     for layout in a.layouts.split(",") if a.layouts else [""]:
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             cmd = run_command(src, Path(tmp) / "o", bundle, "torch", a.tile_size)
@@ -317,6 +358,9 @@ def main() -> None:
                     help="GPU: comma-separated WORKERSxTHREADS local layouts, one run each, "
                     "e.g. 1x16,2x8 (empty parts: the run's default; a trailing p: worker "
                     "processes, e.g. x8p) [the run's default]")
+    ap.add_argument("--runner-threads", default="",
+                    help="GPU: also time the tile tasks' model call from these numbers of "
+                         "threads at once, with and without CUDA graphs (e.g. 1,8)")
     ap.add_argument("--limit", type=float, default=None,
                     help="GPU: device-only MP/s measured before; skips the model-only and "
                     "read figures")

@@ -60,6 +60,9 @@ MAX_BLOCK = 2048
 CPU_BLOCK_INPUT = 704
 # Input pixels per model call (bounds activation memory when small blocks are batched).
 MAX_BATCH_PIXELS = 4 * 1024 * 1024
+# Batch shapes given a CUDA graph each (a survey has a handful: full tiles, the last row and
+# column); further shapes run eagerly. Each graph keeps its activations on the GPU.
+MAX_CUDA_GRAPHS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,15 @@ def torch_threads() -> int:
 # --------------------------------------------------------------------------- runners
 
 
+@dataclass(frozen=True, slots=True)
+class _Graph:
+    """A captured CUDA graph with its static input and output tensors."""
+
+    graph: Any
+    input: Any
+    output: Any
+
+
 class _TorchRunner:
     """Probabilities, or classes and confidence, from PyTorch (GPU with autocast)."""
 
@@ -128,6 +140,11 @@ class _TorchRunner:
             # autotuner picks each shape's fastest kernels once.
             torch.backends.cudnn.benchmark = True
         self.engine = f"torch-{self.device.type}"
+        # CUDA graphs of the reducing forward pass, one per batch shape (None: capture failed).
+        self._graphs: dict[tuple[int, ...], _Graph | None] = {}
+        self._graph_lock = threading.Lock()
+        self.use_graphs = self.device.type == "cuda" and os.environ.get(
+            "AGRISEG_CUDA_GRAPHS", "1") != "0"
 
     def _stream(self) -> Any:
         """A CUDA stream per worker thread, so one tile's copies overlap another's model."""
@@ -140,7 +157,7 @@ class _TorchRunner:
             stream = self._local.stream = torch.cuda.Stream(self.device)
         return torch.cuda.stream(stream)
 
-    def _probs(self, batch: np.ndarray, normalise: bool) -> Any:
+    def _to_device(self, batch: np.ndarray) -> Any:
         import torch
 
         x = torch.from_numpy(batch)
@@ -148,19 +165,70 @@ class _TorchRunner:
             # Through PyTorch's caching pinned-memory pool: the copy to the GPU runs as DMA on
             # this thread's stream, and the pool reuses the block once that copy is done.
             x = x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def _forward(self, x: Any, normalise: bool) -> Any:
+        """Softmax probabilities of device tensor ``x`` (float32 NCHW)."""
+        import torch
+
         if normalise:
             x = (x - self.mean) / self.std
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+        # No autocast weight cache: a CUDA graph must cast the weights inside its capture.
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
+                            cache_enabled=False):
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1)
+
+    def _reduce(self, x: Any) -> Any:
+        """Class ids and confidence percent, uint8 ``(B, 2, H, W)`` on the device."""
+        import torch
+
+        best, ids = self._forward(x, normalise=True).max(dim=1)
+        conf = torch.round(best * 100).to(torch.uint8)
+        return torch.stack((ids.to(torch.uint8), conf), dim=1)
+
+    def _graph(self, shape: tuple[int, ...]) -> _Graph | None:
+        """The CUDA graph of :meth:`_reduce` for inputs of ``shape``, captured on first use.
+
+        Eager PyTorch makes a few hundred Python calls per forward pass, each of which gives
+        up and takes back the GIL; with a worker's other threads reading and decoding tiles,
+        those hand-overs, not the GPU, set the pace. A graph replays the whole pass in one
+        call. Called with ``_graph_lock`` held.
+        """
+        import torch
+
+        if shape in self._graphs:
+            return self._graphs[shape]
+        graph: _Graph | None = None
+        if len(self._graphs) < MAX_CUDA_GRAPHS:
+            try:
+                static_in = torch.zeros(shape, dtype=torch.float32, device=self.device)
+                # Warm-up passes on a side stream before the capture (cuDNN's autotuner runs
+                # here, outside the graph), as torch.cuda.graphs asks.
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(2):
+                        self._reduce(static_in)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                g = torch.cuda.CUDAGraph()
+                # thread_local: the other worker threads may keep using CUDA meanwhile.
+                with torch.cuda.graph(g, capture_error_mode="thread_local"):
+                    static_out = self._reduce(static_in)
+                graph = _Graph(g, static_in, static_out)
+            except RuntimeError as exc:
+                log.warning("CUDA graph capture failed for input shape %s (%s); running that "
+                            "shape without a graph", shape, exc)
+        self._graphs[shape] = graph
+        return graph
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities ``(B, K, H, W)`` of normalised float32 inputs."""
         import torch
 
         with self._stream(), torch.inference_mode():
-            return self._probs(batch, normalise=False).cpu().numpy()
+            return self._forward(self._to_device(batch), normalise=False).cpu().numpy()
 
     def classes(self, batch: np.ndarray) -> np.ndarray:
         """Class ids and confidence percent, uint8 ``(B, 2, H, W)``, of raw 0..1 inputs.
@@ -171,9 +239,17 @@ class _TorchRunner:
         import torch
 
         with self._stream(), torch.inference_mode():
-            best, ids = self._probs(batch, normalise=True).max(dim=1)
-            conf = torch.round(best * 100).to(torch.uint8)
-            return torch.stack((ids.to(torch.uint8), conf), dim=1).cpu().numpy()
+            x = self._to_device(batch)
+            if self.use_graphs:
+                # One graph's buffers serve one batch at a time; the GPU runs a tile in a few
+                # ms, so threads queueing here wait little.
+                with self._graph_lock:
+                    graph = self._graph(tuple(x.shape))
+                    if graph is not None:
+                        graph.input.copy_(x)
+                        graph.graph.replay()
+                        return graph.output.cpu().numpy()
+            return self._reduce(x).cpu().numpy()
 
 
 class _OnnxRunner:

@@ -106,8 +106,23 @@ def segment_tile(
         values = compute_index(name, core_px, roles)
         values[~core_valid] = np.nan
         arrays[f"indices/{name}"] = values
-    counts = np.bincount(classes.ravel(), minlength=256)
+    counts = value_counts(classes, (*(c.value for c in segmenter.schema.classes), nodata))
     return TileResult(tile, arrays, time.perf_counter() - t0, counts)
+
+
+def value_counts(values: np.ndarray, expected: Sequence[int]) -> np.ndarray:
+    """Pixels per value (length 256) of a uint8 array whose values should be ``expected``.
+
+    One comparison per expected value instead of ``np.bincount``, which widens the array to
+    int64 and holds the GIL throughout: 8 ms per 4 MP tile on one core against 1.3 ms, and
+    on a GPU host the worker threads queued behind it. Unexpected values fall back to it.
+    """
+    counts = np.zeros(256, np.int64)
+    for v in expected:
+        counts[v] = np.count_nonzero(values == v)
+    if counts.sum() != values.size:
+        counts = np.bincount(values.ravel(), minlength=256)
+    return counts
 
 
 def _index_roles(index_names: Sequence[str]) -> list[str]:
@@ -258,7 +273,10 @@ def dask_client(
             # told otherwise (worker processes bind to the cluster's host, 127.0.0.1).
             kwargs["worker_dashboard_address"] = "127.0.0.1:0"
     host = dashboard.rsplit(":", 1)[0]
-    settings = dict(_worker_malloc_env())
+    settings: dict[str, Any] = dict(_worker_malloc_env())
+    # Dask's statistical profiler walks every thread's stack each 10 ms holding the GIL, which
+    # worker threads running tiles need (the dashboard's profile page stays empty).
+    settings["distributed.worker.profile.enabled"] = False
     if host not in ("", "0.0.0.0"):
         # The printed link otherwise names the machine's address, where nothing listens.
         settings["distributed.dashboard.link"] = f"http://{host}:{{port}}/status"

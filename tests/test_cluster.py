@@ -103,6 +103,10 @@ def test_local_cluster_listens_on_loopback_only(processes: bool) -> None:
                      for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
         assert listening == {"127.0.0.1"}
         assert client.dashboard_link.startswith("http://127.0.0.1:")
+        if not processes:
+            # Dask's stack-sampling profiler would take the GIL the tile threads need.
+            workers = list(client.cluster.workers.values())
+            assert workers and all("profile" not in w.periodic_callbacks for w in workers)
 
 
 class _ResourceModel:

@@ -343,3 +343,17 @@ def test_reduce_scores_is_argmax_with_ties_to_the_lowest_class(k: int) -> None:
     classes, conf = reduce_scores(scores)
     np.testing.assert_array_equal(classes, scores.argmax(0))
     np.testing.assert_array_equal(conf, np.rint(scores.max(0) * 100).astype(np.uint8))
+
+
+def test_value_counts_match_bincount() -> None:
+    from agriseg.predict import value_counts
+
+    rng = np.random.default_rng(0)
+    classes = rng.integers(0, 4, (37, 53)).astype(np.uint8)
+    classes[:5] = 255
+    want = np.bincount(classes.ravel(), minlength=256)
+    assert np.array_equal(value_counts(classes, (0, 1, 2, 3, 255)), want)
+    # a value outside the expected ones is still counted
+    classes[0, 0] = 9
+    assert np.array_equal(value_counts(classes, (0, 1, 2, 3, 255)),
+                          np.bincount(classes.ravel(), minlength=256))

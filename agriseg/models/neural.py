@@ -656,8 +656,9 @@ class NeuralSegmenter:
         per_call = max(1, MAX_BATCH_PIXELS // ((by + 2 * m) * (bx + 2 * m))) if gpu else 1
         for start in range(0, len(jobs), per_call):
             chunk = jobs[start : start + per_call]
-            batch = np.stack([x[i, :, y : y + by + 2 * m, xx : xx + bx + 2 * m]
-                              for i, y, xx in chunk])
+            views = [x[i, :, y : y + by + 2 * m, xx : xx + bx + 2 * m] for i, y, xx in chunk]
+            # A block that is a whole input (a GPU's usual case: one tile) is not copied.
+            batch = np.ascontiguousarray(views[0][None]) if len(views) == 1 else np.stack(views)
             res = call(batch)
             for (i, y, xx), p in zip(chunk, res, strict=True):
                 hh, ww = min(by, ih - y), min(bx, iw - xx)

@@ -623,7 +623,7 @@ def _read_shared(
     survey: SurveyRaster,
     roles: tuple[str, ...],
     window: Window,
-    needed_from: tuple[int | None, int | None] | None = None,
+    needed_from: tuple[int | None, int, bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`read_window` through the shared block cache; None where it does not apply.
 
@@ -631,13 +631,16 @@ def _read_shared(
         survey: the raster.
         roles: band roles to read, in this order.
         window: the window (inside the raster).
-        needed_from: ``(row, col)`` where the read windows of the tiles after this one start
-            (next tile row, next tile in the row; None: no next tile row, no next tile in
-            this row of the swath). Blocks wholly above and left of it are dropped once read:
-            tiles run row-major in each swath (see :func:`agriseg.grid.plan_tiles`), so
-            nothing asks for them again (a tile that does decodes them anew), and the cache
-            then holds about two rows of blocks across the swath rather than every block of
-            the last few tile rows.
+        needed_from: ``(row, col, swath_end)``: where the read windows of the tiles after
+            this one start (next tile row, None if there is none; next tile in the row or
+            the next swath), and whether this is the last tile of its row in the swath.
+            Blocks wholly above and left of it are dropped once read: tiles run row-major
+            in each swath (see :func:`agriseg.grid.plan_tiles`), so no later tile asks for
+            them (an earlier one still running loads them uncached), and the cache then
+            holds about two rows of blocks across the swath rather than every block of the
+            last few tile rows. The last tile of a row in its swath also drops the blocks it
+            shares with the next swath, which decodes them again rather than the cache
+            holding them through the whole swath.
     """
     try:
         st = os.stat(survey.path)
@@ -680,12 +683,14 @@ def _read_shared(
         if ds is not None:
             ds.close()
     if needed_from is not None:
-        row, col = needed_from
-        r_end = (r0 + h - 1) // ch + 1 if row is None else row // ch
-        c_end = (c0 + w - 1) // cw + 1 if col is None else col // cw
-        _TILE_BLOCKS.drop(
-            (*source, by, bx) for by in range(r0 // ch, r_end) for bx in range(c0 // cw, c_end)
-        )
+        row, col, swath_end = needed_from
+        rows = range(r0 // ch, (r0 + h - 1) // ch + 1 if row is None else row // ch)
+        _TILE_BLOCKS.drop((*source, by, bx) for by in rows for bx in range(c0 // cw, col // cw))
+        if swath_end:
+            # Not retired: the next swath asks for them again and shares them among its tiles.
+            _TILE_BLOCKS.drop(((*source, by, bx) for by in rows
+                               for bx in range(col // cw, (c0 + w - 1) // cw + 1)),
+                              retire=False)
     return _scaled(raw, valid, survey)
 
 
@@ -725,7 +730,7 @@ def read_tile(
     # later tile of the swath reads these rows.
     core_end = int(tile.core.row_off + tile.core.height)
     needed_from = (None if core_end >= survey.grid.height else core_end - halo,
-                   None if tile.swath_end else int(tile.core.col_off + tile.core.width) - halo)
+                   int(tile.core.col_off + tile.core.width) - halo, tile.swath_end)
     shared = _read_shared(survey, roles, tile.read, needed_from) if ds is None else None
     data, valid = shared or read_window(survey, roles, tile.read, ds)
     top, bottom, left, right = tile.pad

@@ -350,6 +350,7 @@ def _process(
         writer.close()
         _release_tile_memory()
     timings["segment_s"] = time.perf_counter() - t
+    log.info("%d tile(s) segmented and written in %.1f s", len(tiles), timings["segment_s"])
 
     t = time.perf_counter()
     ctx = SurveyContext(config, survey, segmenter, prepared, plan, schema, out, work,

@@ -127,6 +127,8 @@ def _read_every_tile(path: Path, shape_hw: tuple[int, int], tile: int,
     for t in plan_tiles(survey.grid, tile, 40, swath_px=swath_px):
         read_tile(survey, survey.roles.spectral, t)
         peak = max(peak, cache.nbytes)
+    # In plan order no tile asks for a block an earlier tile dropped as no longer needed.
+    assert cache.retired_loads == 0
     misses = cache.misses
     raster.clear_tile_cache()
     return misses, peak
@@ -161,3 +163,35 @@ def test_dropped_entries_free_their_bytes() -> None:
     reloaded: list[str] = []
     cache.get("a", lambda: (reloaded.append("a"), np.zeros(100))[1:])
     assert reloaded == ["a"]
+
+
+def test_a_dropped_key_asked_for_late_is_loaded_but_not_kept() -> None:
+    # Tiles finish out of order: a later tile may drop a block an earlier one still reads.
+    cache = BlockCache(10**6)
+    cache.get("a", lambda: (np.zeros(100),))
+    cache.drop(["a"])
+    loads: list[str] = []
+    for _ in range(2):
+        cache.get("a", lambda: (loads.append("a"), np.zeros(100))[1:])
+    assert loads == ["a", "a"] and cache.nbytes == 0 and cache.retired_loads == 2
+    cache.clear()  # a new survey: the key may be cached again
+    cache.get("a", lambda: (np.zeros(100),))
+    assert cache.nbytes == 800
+
+
+def test_a_key_dropped_while_loading_is_not_kept() -> None:
+    cache = BlockCache(10**6)
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> tuple[np.ndarray, ...]:
+        started.set()
+        release.wait(5)
+        return (np.zeros(100),)
+
+    worker = threading.Thread(target=cache.get, args=("a", slow))
+    worker.start()
+    started.wait(5)
+    cache.drop(["a"])
+    release.set()
+    worker.join(5)
+    assert cache.nbytes == 0

@@ -22,6 +22,10 @@ import numpy as np
 
 Blocks = tuple[np.ndarray, ...]
 
+RETIRED_KEYS = 16384
+"""Dropped keys a cache remembers (see :meth:`BlockCache.drop`): the drops of the last few
+thousand tiles (a 1280 px tile drops about six 512 px blocks)."""
+
 
 class BlockCache:
     """Least-recently-used arrays up to ``max_bytes``, each loaded once however many ask.
@@ -41,7 +45,10 @@ class BlockCache:
         # workers finish them out of order) may still ask for one: it is loaded for that
         # caller and not kept, else it would stay until evicted. On a 1 GP run such blocks
         # filled the cache towards its cap and the process grew by ~0.1 GB over the tiles.
-        self._retired: set[Hashable] = set()
+        # Only the latest RETIRED_KEYS are remembered (insertion-ordered dict as an ordered
+        # set): a late tile lags its successors by a few tiles, and the set must not grow
+        # with the raster.
+        self._retired: dict[Hashable, None] = {}
         self.retired_loads = 0
         self.hits = 0
         self.misses = 0
@@ -106,11 +113,13 @@ class BlockCache:
         with self._lock:
             for key in keys:
                 if retire:
-                    self._retired.add(key)
+                    self._retired[key] = None
                 size = self._sizes.pop(key, None)
                 if size is not None:
                     del self._entries[key]
                     self._bytes -= size
+            while len(self._retired) > RETIRED_KEYS:
+                del self._retired[next(iter(self._retired))]
 
     def clear(self) -> None:
         """Drop every loaded entry (loads in progress finish for their callers only)."""

@@ -383,8 +383,10 @@ def overview_file(path: Path) -> Path:
     return path.with_name(path.name + ".ovr")
 
 
-def _build_overviews(src: Path, spec: OutputSpec) -> bool:
+def _build_overviews(src: Path, spec: OutputSpec, threads: str = "ALL_CPUS") -> bool:
     """Add the COG's overviews to the working file ``src`` itself; False if none are due.
+
+    ``threads`` is GDAL_NUM_THREADS for the build.
 
     The COG driver would build them in a temporary file of its own, compressed with the
     final codec: 9-11 s for a 1 GP class mask here, against 2.5 s for GDAL's overview
@@ -408,7 +410,7 @@ def _build_overviews(src: Path, spec: OutputSpec) -> bool:
     with _OVERVIEW_LOCK, rasterio.Env(
         COMPRESS_OVERVIEW="NONE" if floating else "PACKBITS",
         GDAL_TIFF_OVR_BLOCKSIZE=COG_BLOCK,
-        GDAL_NUM_THREADS="ALL_CPUS",
+        GDAL_NUM_THREADS=threads,
     ), rasterio.open(src, "r+") as ds:
         ds.build_overviews(factors, Resampling[spec.resampling.lower()])
     return True
@@ -440,7 +442,10 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
     codec = ({"COMPRESS": "LERC_ZSTD", "MAX_Z_ERROR": str(FLOAT_MAX_ERROR), "LEVEL": "1"}
              if floating else {"COMPRESS": "DEFLATE", "LEVEL": "1", "PREDICTOR": "NO"})
     try:
-        built = _build_overviews(src, spec)
+        # Mostly empty rasters (zone ids) on one thread: GDAL's threaded overview builder
+        # holds whole-width chunks per thread, which for a 1 GP zone raster cost 0.08 GB more
+        # at the peak for no gain in time (4.0-4.1 s against 3.8-4.6 s for the whole COG).
+        built = _build_overviews(src, spec, "1" if sparse else "ALL_CPUS")
         rasterio.shutil.copy(
             src,
             tmp,

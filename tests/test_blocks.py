@@ -195,3 +195,15 @@ def test_a_key_dropped_while_loading_is_not_kept() -> None:
     release.set()
     worker.join(5)
     assert cache.nbytes == 0
+
+
+def test_only_the_latest_dropped_keys_are_remembered(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agriseg import blocks
+
+    monkeypatch.setattr(blocks, "RETIRED_KEYS", 3)
+    cache = BlockCache(10**6)
+    cache.drop(["a", "b", "c", "d"])
+    for key in ("a", "d"):
+        cache.get(key, lambda: (np.zeros(100),))
+    # "a" was forgotten and is cached again; "d" is still retired
+    assert cache.nbytes == 800 and cache.retired_loads == 1

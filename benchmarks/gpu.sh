@@ -13,8 +13,9 @@
 # 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS
 #    (a trailing p: worker processes). NO_TESTS=1 skips 1; LIMIT=MP/s skips the model-only
 #    and read figures; RUNNER_THREADS=1,8 adds the model call from that many threads at once
-#    with and without CUDA graphs (AGRISEG_CUDA_GRAPHS=0 turns them off in the runs). The host settings the tile threads share are environment variables,
-#    e.g. for an A/B in one call:
+#    with and without CUDA graphs (AGRISEG_CUDA_GRAPHS=0 turns them off in the runs). The
+#    host settings the tile threads share are environment variables, e.g. for an A/B in one
+#    call:
 #        for a in 2 16; do MALLOC_ARENA_MAX=$a NO_TESTS=1 LIMIT=481 LAYOUTS=x8 \
 #            bash benchmarks/gpu.sh; done        (GDAL_CACHEMAX=512 likewise)
 set -uo pipefail

@@ -42,9 +42,10 @@ class BlockCache:
         self._sizes: dict[Hashable, int] = {}
         self._bytes = 0
         # Keys dropped as no longer needed. A tile that runs late (tiles overlap, and the
-        # workers finish them out of order) may still ask for one: it is loaded for that
-        # caller and not kept, else it would stay until evicted. On a 1 GP run such blocks
-        # filled the cache towards its cap and the process grew by ~0.1 GB over the tiles.
+        # workers finish them out of order) may still ask for one: it is loaded for the
+        # callers asking at that time and not kept, else it would stay until evicted. On a
+        # 1 GP run such blocks filled the cache towards its cap and the process grew by
+        # ~0.1 GB over the tiles.
         # Only the latest RETIRED_KEYS are remembered (insertion-ordered dict as an ordered
         # set): a late tile lags its successors by a few tiles, and the set must not grow
         # with the raster.
@@ -61,18 +62,19 @@ class BlockCache:
         """
         with self._lock:
             fut = self._entries.get(key)
-            owner = fut is None and key not in self._retired
-            if fut is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-            elif owner:
+            owner = fut is None
+            if fut is None:
+                # A retired key is loaded once for the callers asking meanwhile, then
+                # forgotten (below).
                 fut = Future()
                 self._entries[key] = fut
-                self.misses += 1
+                if key in self._retired:
+                    self.retired_loads += 1
+                else:
+                    self.misses += 1
             else:
-                self.retired_loads += 1
-        if fut is None:  # retired
-            return load()
+                self._entries.move_to_end(key)
+                self.hits += 1
         if not owner:
             return fut.result()
         try:
@@ -86,7 +88,7 @@ class BlockCache:
         size = sum(a.nbytes for a in value)
         with self._lock:
             if self._entries.get(key) is fut:
-                if key in self._retired:  # dropped while it loaded
+                if key in self._retired:  # retired, or dropped while it loaded
                     del self._entries[key]
                 else:
                     self._sizes[key] = size

@@ -207,3 +207,27 @@ def test_only_the_latest_dropped_keys_are_remembered(monkeypatch: pytest.MonkeyP
         cache.get(key, lambda: (np.zeros(100),))
     # "a" was forgotten and is cached again; "d" is still retired
     assert cache.nbytes == 800 and cache.retired_loads == 1
+
+
+def test_late_callers_of_a_retired_key_share_one_load() -> None:
+    cache = BlockCache(10**6)
+    cache.drop(["a"])
+    started, release = threading.Event(), threading.Event()
+    loads: list[str] = []
+
+    def slow() -> tuple[np.ndarray, ...]:
+        loads.append("a")
+        started.set()
+        release.wait(5)
+        return (np.zeros(100),)
+
+    first = threading.Thread(target=cache.get, args=("a", slow))
+    first.start()
+    started.wait(5)
+    second = threading.Thread(target=cache.get, args=("a", slow))
+    second.start()
+    time.sleep(0.05)  # the second caller now waits for the first's load
+    release.set()
+    first.join(5)
+    second.join(5)
+    assert loads == ["a"] and cache.nbytes == 0 and cache.retired_loads == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -179,15 +180,24 @@ def test_a_dropped_key_asked_for_late_is_loaded_but_not_kept() -> None:
     assert cache.nbytes == 800
 
 
-def test_a_key_dropped_while_loading_is_not_kept() -> None:
-    cache = BlockCache(10**6)
+def _gated_load() -> tuple[Callable[[], tuple[np.ndarray, ...]], threading.Event,
+                           threading.Event, list[str]]:
+    """``(load, started, release, loads)``: a load that waits for ``release`` once begun."""
     started, release = threading.Event(), threading.Event()
+    loads: list[str] = []
 
-    def slow() -> tuple[np.ndarray, ...]:
+    def load() -> tuple[np.ndarray, ...]:
+        loads.append("load")
         started.set()
         release.wait(5)
         return (np.zeros(100),)
 
+    return load, started, release, loads
+
+
+def test_a_key_dropped_while_loading_is_not_kept() -> None:
+    cache = BlockCache(10**6)
+    slow, started, release, _ = _gated_load()
     worker = threading.Thread(target=cache.get, args=("a", slow))
     worker.start()
     started.wait(5)
@@ -212,15 +222,7 @@ def test_only_the_latest_dropped_keys_are_remembered(monkeypatch: pytest.MonkeyP
 def test_late_callers_of_a_retired_key_share_one_load() -> None:
     cache = BlockCache(10**6)
     cache.drop(["a"])
-    started, release = threading.Event(), threading.Event()
-    loads: list[str] = []
-
-    def slow() -> tuple[np.ndarray, ...]:
-        loads.append("a")
-        started.set()
-        release.wait(5)
-        return (np.zeros(100),)
-
+    slow, started, release, loads = _gated_load()
     first = threading.Thread(target=cache.get, args=("a", slow))
     first.start()
     started.wait(5)
@@ -230,4 +232,4 @@ def test_late_callers_of_a_retired_key_share_one_load() -> None:
     release.set()
     first.join(5)
     second.join(5)
-    assert loads == ["a"] and cache.nbytes == 0 and cache.retired_loads == 1
+    assert loads == ["load"] and cache.nbytes == 0 and cache.retired_loads == 1

@@ -78,6 +78,16 @@ def test_every_arch_builds_and_overfits(arch: str) -> None:
     assert acc > 0.85, f"{arch} reached only {acc:.2f} pixel accuracy on a memorisable set"
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("encoder", ["tiny", "small"])
+def test_every_arch_takes_multispectral_input(arch: str, encoder: str) -> None:
+    # smp builds registered encoders for RGB and then resets their input channels: the light
+    # encoders once ignored that and failed on 5-band data at the first training step.
+    model = build_model(make_spec(arch, encoder, 5, 4)).eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 5, 64, 64)).shape == (1, 4, 64, 64)
+
+
 def test_unknown_names_list_choices() -> None:
     with pytest.raises(ConfigError, match="valid choices: unet, unetplusplus"):
         make_spec("transformer9000")

@@ -87,7 +87,18 @@ class _LightEncoder(nn.Module):
         return min(self._output_stride, 2**self._depth)
 
     def set_in_channels(self, in_channels: int, pretrained: bool = False) -> None:
-        """Built with the right input channels already; kept for smp compatibility."""
+        """Rebuild the first convolution for ``in_channels`` bands.
+
+        smp's ``get_encoder`` constructs registered encoders with their default (RGB) input
+        and then calls this, so a multispectral model depends on it.
+        """
+        if in_channels == self._in_channels:
+            return
+        first = self.stages[0][0]
+        self.stages[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=first.stride,
+                                      padding=first.padding, dilation=first.dilation, bias=False)
+        self._in_channels = in_channels
+        self._out_channels[0] = in_channels
 
     def _dilate(self, output_stride: int) -> None:
         # Stages deeper than output_stride keep resolution and dilate instead (DeepLabV3+).

@@ -94,9 +94,10 @@ class _LightEncoder(nn.Module):
         """
         if in_channels == self._in_channels:
             return
-        first = self.stages[0][0]
-        self.stages[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=first.stride,
-                                      padding=first.padding, dilation=first.dilation, bias=False)
+        stage = cast("nn.Sequential", self.stages[0])
+        first = cast("nn.Conv2d", stage[0])
+        stage[0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=first.stride,
+                             padding=first.padding, dilation=first.dilation, bias=False)
         self._in_channels = in_channels
         self._out_channels[0] = in_channels
 

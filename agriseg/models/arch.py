@@ -96,8 +96,8 @@ class _LightEncoder(nn.Module):
             return
         stage = cast("nn.Sequential", self.stages[0])
         first = cast("nn.Conv2d", stage[0])
-        stage[0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=first.stride,
-                             padding=first.padding, dilation=first.dilation, bias=False)
+        # The first stage is never dilated (stride 2 <= any output stride).
+        stage[0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=2, padding=1, bias=False)
         self._in_channels = in_channels
         self._out_channels[0] = in_channels
 

@@ -52,11 +52,12 @@ ONNX_OPSET = 17
 ONNX_TOLERANCE = 1e-4
 # Largest sub-patch interior side; bigger tiles are split and the pieces batched.
 MAX_BLOCK = 2048
-# Largest model input side on CPU. ONNX Runtime's U-Net resnet18 slows per pixel once inputs
-# pass ~700 px (2 cores, quiet, interleaved runs: 0.72 MP/s at 576 px, 0.71 at 704, 0.65 at
-# 768, 0.57 at 1088: activations leave the caches); with the 32 px margin the output rate
-# peaks at 576-704 px inputs (0.57-0.59 MP/s, vs 0.51 at 1088). GPUs prefer big inputs and
-# use MAX_BLOCK.
+# Largest model input side on CPU: it bounds each engine thread's activation memory (U-Net
+# resnet18 on ONNX Runtime: +194 MB per call at 704 px, +415 MB at 1088). With one engine
+# thread per core the rate per pixel is flat from 704 to 1344 px, so bigger inputs only save
+# margin: 1088 px ran a 67 MP survey 5 % faster for +0.45 GB peak (benchmarks/RESULTS.md).
+# (Two engine threads in one process did slow on big inputs: 0.71 MP/s at 704, 0.57 at 1088.)
+# GPUs prefer big inputs and use MAX_BLOCK.
 CPU_BLOCK_INPUT = 704
 # Input pixels per model call (bounds activation memory when small blocks are batched).
 MAX_BATCH_PIXELS = 4 * 1024 * 1024

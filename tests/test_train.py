@@ -162,3 +162,14 @@ def test_training_improves_iou(tmp_path: Path) -> None:
     result = train(load_train_config(cfg_path))
     mious = [h.val.miou for h in result.history]
     assert max(mious[-2:]) > mious[0] + 0.05, mious
+
+
+def test_multispectral_model_trains_on_multispectral_synthetic_fields(tmp_path: Path) -> None:
+    bands = ["red", "green", "blue", "rededge", "nir"]
+    cfg_path = _write_cfg(tmp_path / "ms.yaml", out="run", bands=bands, epochs=1,
+                          model={"arch": "unet", "encoder": "small"},
+                          synthetic={"count": 1, "size": 128, "seed": 60})
+    result = train(load_train_config(cfg_path))
+    meta, _ = read_bundle(result.bundle)
+    assert list(meta.roles) == bands
+    assert meta.arch.in_channels == 5

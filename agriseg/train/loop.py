@@ -94,12 +94,14 @@ def _identity(cfg: TrainConfig) -> str:
 
 
 def _synthetic_pairs(cfg: TrainConfig) -> list[tuple[Path, Path]]:
-    from agriseg.synth import FieldSpec, write_field
+    from agriseg.synth import ROLES_RGB, FieldSpec, write_field
 
     s = cfg.synthetic
     if s is None or not s.count:
         return []
-    folder = cfg.out / "synthetic"
+    # A model of red edge or NIR bands gets multispectral fields (they carry all five roles).
+    ms = not set(cfg.bands) <= set(ROLES_RGB)
+    folder = cfg.out / ("synthetic-ms" if ms else "synthetic")
     folder.mkdir(parents=True, exist_ok=True)
     lo, hi = min(s.gsd), max(s.gsd)
     pairs = []
@@ -108,7 +110,8 @@ def _synthetic_pairs(cfg: TrainConfig) -> list[tuple[Path, Path]]:
         gsd = lo if s.count == 1 else lo * (hi / lo) ** (i / (s.count - 1))
         img, truth = folder / f"field-{seed}.tif", folder / f"field-{seed}-truth.tif"
         if not (img.exists() and truth.exists()):
-            write_field(FieldSpec(size=s.size, seed=seed, gsd=round(gsd, 4)), img, truth)
+            write_field(FieldSpec(size=s.size, seed=seed, gsd=round(gsd, 4), multispectral=ms),
+                        img, truth)
         pairs.append((img, truth))
     return pairs
 

@@ -53,6 +53,15 @@ def test_estimate_rows_none_when_unresolvable() -> None:
     assert estimate_rows(masks, gsd_m=0.5, min_spacing_m=0.2, max_spacing_m=1.5) is None
 
 
+@pytest.mark.parametrize("angle", [0.0, 33.0, -70.0])
+def test_row_regularity_sees_its_own_rows_only(angle: float) -> None:
+    mask = _stripes(384, 384, angle, 30.0, 9.0)
+    own = rows_mod.row_regularity(mask, 0.025, angle + 0.7, 0.75 * 1.01)  # a close estimate
+    across = rows_mod.row_regularity(mask, 0.025, angle + 90.0, 0.75)
+    assert own > 0.4 and across < 0.1 * own
+    assert rows_mod.angle_difference(angle, angle + 178.0) == pytest.approx(2.0)
+
+
 @pytest.mark.parametrize("angle", [7.0, 52.0, -80.0])
 def test_along_row_support_is_translation_exact(angle: float) -> None:
     rng = np.random.default_rng(1)
@@ -414,3 +423,44 @@ def test_quicklook_on_real_sample(tmp_path: Path) -> None:
             dst.write(np.where(ds.read(4) > 0, 1, 255).astype("uint8"), 1)
     out = write_quicklook(survey, cls, tmp_path / "q.png", max_side=400)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _two_fields(tmp_path: Path, size: int) -> tuple[Path, np.ndarray]:
+    """Two synthetic fields side by side, rows east-west on the left, north-south on the right."""
+    from agriseg.synth import make_field
+
+    a = make_field(FieldSpec(size=size, seed=1, row_angle_deg=0.0, row_spacing_m=0.76))
+    b = make_field(FieldSpec(size=size, seed=2, row_angle_deg=90.0, row_spacing_m=0.76))
+    path = write_rgba(tmp_path / "two.tif", np.concatenate([a.image, b.image], axis=2),
+                      np.concatenate([a.valid, b.valid], axis=1), block=128)
+    return path, np.concatenate([a.truth, b.truth], axis=1)
+
+
+def test_fields_with_different_row_directions_each_use_their_own(tmp_path: Path) -> None:
+    path, truth = _two_fields(tmp_path, 640)
+    pred, info = _run_model(path)
+    angles = sorted(abs(o["angle_deg"]) for o in info["rows"]["orientations"])
+    assert angles[0] < 2 and abs(angles[1] - 90) < 2
+    for half in (slice(0, 640), slice(640, 1280)):
+        soil, crop, weed, _ = _truth_iou(pred[:, half], truth[:, half])
+        # With the right field's direction everywhere, the left field's weeds became crop
+        # (weed IoU 0.07) and at 1024 px its crop became weed (crop IoU 0.42).
+        assert soil > 0.95 and crop > 0.9 and weed > 0.3
+
+
+def test_row_directions_tiled_equal_untiled(tmp_path: Path, scheduler: str) -> None:
+    path, _ = _two_fields(tmp_path, 384)
+    outs = {}
+    for ts in (1024, 160):
+        cfg = build_run_config(input=path, out=tmp_path / f"o{ts}", model="labelfree",
+                               scheduler=scheduler, tile_size=ts, indices=False,
+                               skip=("quicklook", "zones", "fields", "report", "project"))
+        res = process_survey(cfg)
+        with rasterio.open(res.outputs["classes"]) as a, rasterio.open(
+            res.outputs["confidence"]
+        ) as b:
+            outs[ts] = (a.read(1), b.read(1))
+    rows = json.loads((tmp_path / "o160" / "run.json").read_text())["model"]["prepared"]["rows"]
+    assert len(rows["orientations"]) == 2
+    assert np.array_equal(outs[160][0], outs[1024][0])
+    assert np.array_equal(outs[160][1], outs[1024][1])

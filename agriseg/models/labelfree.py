@@ -70,8 +70,10 @@ from agriseg.models.filters import box_sum, grow_within, max_filter
 from agriseg.models.rows import (
     RowEstimate,
     along_row_support,
+    angle_difference,
     estimate_rows,
     major_axis_steps,
+    row_regularity,
     support_reach,
 )
 
@@ -109,6 +111,14 @@ class LabelFreeConfig:
             and 0.01-0.08 points less weed on the real samples. Below 0.2 nothing changes.
         row_attach_spacings: how far (geodesically, through vegetation) that attachment reaches
             from the row, in row spacings.
+        orientation_min_deg: a survey may hold fields whose rows run in other directions. A
+            sample window whose own rows run at least this many degrees from the survey's main
+            direction adds a direction, and the part of the survey nearest to it uses that
+            direction (0: one direction for the whole survey).
+        orientation_max_share: ... but only where the main direction's row regularity in that
+            window is at most this share of its own direction's, i.e. the main rows are
+            absent there. Breeding plots (alleys across the rows) and senesced fields show
+            secondary peaks while the main rows are still plain in the same window.
         disease_sensitivity: robust z-score below the healthy crop median that marks disease
             (lower: more disease).
         health_window_m: side of the window over which the health feature is averaged.
@@ -161,6 +171,8 @@ class LabelFreeConfig:
     row_support: float = 0.6
     row_attached_support: float = 0.2
     row_attach_spacings: float = 0.1
+    orientation_min_deg: float = 5.0
+    orientation_max_share: float = 0.35
     disease_sensitivity: float = 5.0
     health_window_m: float = 0.1
     health_prior_px: float = 2.0
@@ -246,6 +258,87 @@ def _option_value(key: str, value: Any, default: Any) -> Any:
     return float(value)
 
 
+#: Side (raster pixels) of the cells of the row-direction map of a survey with several.
+ORIENTATION_CELL_PX = 256
+#: Smallest side of the parts of a sample window whose rows are estimated one by one.
+ORIENTATION_PART_PX = 256
+#: Sample parts that must agree on a row direction other than the main one to add it.
+ORIENTATION_MIN_PARTS = 2
+#: Side of the cells in which a tile decides the row direction from its own vegetation.
+DECISION_CELL_PX = 64
+#: Vegetation pixels a decision cell needs to decide; with fewer it keeps the map's direction.
+DECISION_MIN_VEG = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RowOrientations:
+    """Row directions of a survey whose fields differ, and which applies where.
+
+    Attributes:
+        angles: row directions in degrees (see :class:`~agriseg.models.rows.RowEstimate`);
+            the first is the survey's main direction.
+        halves: along-row half length of each, in major-axis steps.
+        shape: cells of the direction map (rows, columns).
+        cells: the map, row-major uint8 direction indices (bytes: small, hashable), one per
+            :data:`ORIENTATION_CELL_PX` square of the raster; each cell takes the direction
+            of the nearest sample window that showed rows. Tiles refine it per
+            :data:`DECISION_CELL_PX` square from their own vegetation.
+    """
+
+    angles: tuple[float, ...]
+    halves: tuple[int, ...]
+    shape: tuple[int, int]
+    cells: bytes
+
+    def at(self, row_off: int, col_off: int, h: int, w: int) -> np.ndarray:
+        """The map's direction index of every pixel of an ``(h, w)`` array at that offset."""
+        grid = np.frombuffer(self.cells, np.uint8).reshape(self.shape)
+        r = np.clip(np.arange(row_off, row_off + h) // ORIENTATION_CELL_PX, 0, self.shape[0] - 1)
+        c = np.clip(np.arange(col_off, col_off + w) // ORIENTATION_CELL_PX, 0, self.shape[1] - 1)
+        return grid[r[:, None], c[None, :]]
+
+
+def oriented_support(
+    veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int, angle_deg: float,
+    half: int, orientations: RowOrientations | None,
+) -> np.ndarray:
+    """:func:`~agriseg.models.rows.along_row_support` in each pixel's row direction.
+
+    With one direction for the survey (``orientations`` None) that is ``angle_deg``. Else the
+    support is computed in every direction, and each :data:`DECISION_CELL_PX` cell (absolute
+    raster cells) keeps the direction in which its vegetation has the highest mean support:
+    on a field's rows that is the rows' direction by far (a line across rows sees their
+    cover, one along them the row). Cells with little vegetation keep the map's direction.
+    A cell's choice depends only on its own pixels' support, so tiles whose halo holds the
+    cell and the support's reach around it equal the whole raster bit for bit.
+    """
+    if orientations is None:
+        return along_row_support(veg, valid, row_off, col_off, angle_deg, half)
+    h, w = veg.shape
+    sup = [along_row_support(veg, valid, row_off, col_off, a, hh)
+           for a, hh in zip(orientations.angles, orientations.halves, strict=True)]
+    c = DECISION_CELL_PX
+    r_cell = (np.arange(row_off, row_off + h) // c) - (row_off // c)
+    c_cell = (np.arange(col_off, col_off + w) // c) - (col_off // c)
+    n_r, n_c = int(r_cell[-1]) + 1, int(c_cell[-1]) + 1
+    ids = (r_cell[:, None] * n_c + c_cell[None, :]).ravel()
+    v = (veg & valid).ravel()
+    n = np.bincount(ids[v], minlength=n_r * n_c)
+    means = np.stack([np.bincount(ids[v], weights=s.ravel()[v], minlength=n_r * n_c)
+                      for s in sup])
+    best = np.argmax(means, axis=0).astype(np.uint8)
+    # The map's direction at each cell's first pixel (cells nest in the map's cells).
+    first_r = np.minimum(np.arange(n_r) * c - (row_off % c), h - 1).clip(0)
+    first_c = np.minimum(np.arange(n_c) * c - (col_off % c), w - 1).clip(0)
+    prior = orientations.at(row_off, col_off, h, w)[first_r[:, None], first_c[None, :]].ravel()
+    choice = np.where(n >= DECISION_MIN_VEG, best, prior)
+    idx = choice[ids].reshape(h, w)
+    out = sup[0]
+    for k in range(1, len(sup)):
+        np.copyto(out, sup[k], where=idx == k)
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class LabelFreeParams:
     """Survey-wide parameters handed to every tile (small and picklable)."""
@@ -271,6 +364,7 @@ class LabelFreeParams:
     appearance: AppearanceTable | None = None
     appearance_px: int = 0
     rim_px: int = 0
+    orientations: RowOrientations | None = None
 
 
 def _ramp(z: np.ndarray) -> np.ndarray:
@@ -442,13 +536,16 @@ class LabelFreeSegmenter:
         row_half = leaf = attach = 0
         row_thr = row_soft = att_thr = typical = 0.0
         supports: list[np.ndarray] = []
+        orients: RowOrientations | None = None
         if rows is not None:
             reach = min(max(cfg.row_reach_spacings * rows.spacing_m, cfg.row_reach_min_m),
                         cfg.row_reach_max_m)
             row_half = max(2, major_axis_steps(rows.angle_deg, reach / gsd))
             leaf = max(0, round(cfg.leaf_reach_spacings * rows.spacing_m / gsd))
+            orients = self._orientations(windows, vegs, rows, gsd, reach, survey, info)
             for (_, v, r0, c0), m in zip(windows, vegs, strict=True):
-                supports.append(self._support(m, v, r0, c0, rows.angle_deg, row_half, leaf))
+                supports.append(self._support(m, v, r0, c0, rows.angle_deg, row_half, leaf,
+                                              orients))
             s_veg = np.concatenate([s[m] for s, m in zip(supports, vegs, strict=True)])
             typical = float(np.median(s_veg)) if s_veg.size else 0.0
             row_thr = max(cfg.row_support * typical, 0.02)
@@ -479,7 +576,7 @@ class LabelFreeSegmenter:
             attach_px=attach, attached_threshold=att_thr,
             health=health_name, health_centre=centre, health_spread=spread, health_px=health_px,
             disease_sensitivity=cfg.disease_sensitivity, rim_px=cfg.nodata_rim_px,
-            health_prior_px=cfg.health_prior_px,
+            health_prior_px=cfg.health_prior_px, orientations=orients,
         )
         if rows is not None:
             if cfg.appearance:
@@ -492,7 +589,12 @@ class LabelFreeSegmenter:
                 info["appearance"] = {"used": False, "reason": "disabled in the configuration"}
         halo = leaf + health_px + 1 + cfg.nodata_rim_px
         if rows is not None:
-            halo += support_reach(row_half) + attach
+            halves = orients.halves if orients is not None else (row_half,)
+            halo += support_reach(max(halves)) + attach
+            if orients is not None:
+                # A pixel's direction comes from its decision cell: the whole cell must be
+                # inside every tile that uses the pixel.
+                halo += DECISION_CELL_PX
         halo = max(halo, params.appearance_px)
         info["halo_px"] = halo
         # Warnings are returned, not logged: the caller reports them once, at warning level.
@@ -679,12 +781,93 @@ class LabelFreeSegmenter:
                  est.angle_deg, est.spacing_m, est.contrast)
         return est
 
+    def _orientations(
+        self,
+        windows: list[tuple[np.ndarray, np.ndarray, int, int]],
+        vegs: list[np.ndarray],
+        rows: RowEstimate,
+        gsd: float,
+        reach_m: float,
+        survey: SurveyRaster,
+        info: dict[str, Any],
+    ) -> RowOrientations | None:
+        """Row directions of fields that differ from the survey's main one (None: one only).
+
+        Each sample window is cut into parts of at least :data:`ORIENTATION_PART_PX` (a
+        window may straddle two fields) and each part's own rows are estimated. A part whose
+        rows run at least ``orientation_min_deg`` from a known direction adds its direction if
+        the main rows are absent there (their :func:`~agriseg.models.rows.row_regularity` at
+        most ``orientation_max_share`` of the part's own); otherwise it votes for the nearest
+        known direction. A direction needs :data:`ORIENTATION_MIN_PARTS` parts. Every map cell
+        then takes the direction of the nearest part that voted.
+        """
+        cfg = self.config
+        if cfg.orientation_min_deg <= 0:
+            return None
+        parts: list[tuple[np.ndarray, int, int]] = []
+        for (_, _, r0, c0), m in zip(windows, vegs, strict=True):
+            ny, nx = (max(1, n // ORIENTATION_PART_PX) for n in m.shape)
+            for ry in np.array_split(np.arange(m.shape[0]), ny):
+                for rx in np.array_split(np.arange(m.shape[1]), nx):
+                    parts.append((m[ry[0]:ry[-1] + 1, rx[0]:rx[-1] + 1], r0 + int(ry[0]),
+                                  c0 + int(rx[0])))
+        if len(parts) < 2:
+            return None
+        f = max(1, int(0.025 // gsd))
+        angles = [rows.angle_deg]
+        member: list[int | None] = []
+        for m, _, _ in parts:
+            vote: int | None = None
+            est = None
+            if m.sum() >= max(200, 0.005 * m.size):
+                mask = _decimate(m, f)
+                est = estimate_rows([mask], gsd * f, cfg.min_row_spacing_m, cfg.max_row_spacing_m)
+            if est is not None and est.contrast >= cfg.min_row_contrast:
+                near = min(range(len(angles)),
+                           key=lambda i: angle_difference(est.angle_deg, angles[i]))
+                vote = near
+                if near == 0 and angle_difference(est.angle_deg, angles[0]) >= \
+                        cfg.orientation_min_deg:
+                    binary = mask > 0.5
+                    own = row_regularity(binary, gsd * f, est.angle_deg, est.spacing_m)
+                    main = row_regularity(binary, gsd * f, rows.angle_deg, rows.spacing_m)
+                    if own > 0 and main <= cfg.orientation_max_share * own:
+                        angles.append(est.angle_deg)
+                        vote = len(angles) - 1
+            member.append(vote)
+        # One part alone is not a field: plot alleys and stray remnants make such peaks.
+        keep = [0] + [k for k in range(1, len(angles)) if member.count(k) >= ORIENTATION_MIN_PARTS]
+        if len(keep) == 1:
+            return None
+        angles = [angles[k] for k in keep]
+        member = [keep.index(k) if k in keep else None for k in member]
+        voters = [(r0 + m.shape[0] / 2, c0 + m.shape[1] / 2, k) for (m, r0, c0), k in
+                  zip(parts, member, strict=True) if k is not None]
+        wy, wx, wk = (np.asarray(v, np.float64) for v in zip(*voters, strict=True))
+        h, w = survey.grid.shape_yx
+        shape = (-(-h // ORIENTATION_CELL_PX), -(-w // ORIENTATION_CELL_PX))
+        cy = (np.arange(shape[0]) + 0.5) * ORIENTATION_CELL_PX
+        cx = (np.arange(shape[1]) + 0.5) * ORIENTATION_CELL_PX
+        dist = (cy[:, None, None] - wy) ** 2 + (cx[None, :, None] - wx) ** 2
+        grid = wk.astype(np.uint8)[np.argmin(dist, axis=2)]
+        halves = tuple(max(2, major_axis_steps(a, reach_m / gsd)) for a in angles)
+        share = np.bincount(grid.ravel(), minlength=len(angles)) / grid.size
+        info["rows"]["orientations"] = [
+            {"angle_deg": round(a, 2), "window_parts": member.count(i),
+             "share": round(float(sh), 3)}
+            for i, (a, sh) in enumerate(zip(angles, share, strict=True))]
+        log.info("%s: %d row directions (%s); each part of the survey uses the one of its "
+                 "nearest sample", survey.path, len(angles),
+                 ", ".join(f"{a:.1f} deg on {sh:.0%}" for a, sh in zip(angles, share,
+                                                                     strict=True)))
+        return RowOrientations(tuple(angles), halves, shape, grid.tobytes())
+
     @staticmethod
     def _support(
         veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int, angle: float,
-        half: int, leaf: int,
+        half: int, leaf: int, orients: RowOrientations | None = None,
     ) -> np.ndarray:
-        s = along_row_support(veg, valid, row_off, col_off, angle, half)
+        s = oriented_support(veg, valid, row_off, col_off, angle, half, orients)
         if leaf > 0:
             s = max_filter(s, leaf)
         return s
@@ -787,8 +970,8 @@ class LabelFreeSegmenter:
         p_veg[~ok[core]] = 0  # nodata and its blended rim: soil (nodata is masked later)
         if p.rows:
             veg = (vi > p.veg_threshold) & ok
-            s = along_row_support(veg, ok, ctx.row_off, ctx.col_off,
-                                  p.row_angle_deg, p.row_half_px)
+            s = oriented_support(veg, ok, ctx.row_off, ctx.col_off, p.row_angle_deg,
+                                 p.row_half_px, p.orientations)
             grown = _inner(max(m - p.attach_px, 0))
             leafy = _inner(max(m - p.attach_px - p.leaf_px, 0))
             s = s[leafy]

@@ -172,6 +172,43 @@ def _row_width(
     return float((profile >= half).sum() / bins * spacing)
 
 
+
+def row_regularity(mask: np.ndarray, gsd_m: float, angle_deg: float, spacing_m: float) -> float:
+    """How strongly ``mask``'s vegetation follows rows at ``angle_deg`` and ``spacing_m``.
+
+    The magnitude of the first Fourier coefficient of the vegetation pixels' positions across
+    the rows (a projection-profile periodogram at one frequency), per pixel: about 0.4-0.6 for
+    narrow regular rows, lower for wide canopies, near 0 for rows in another direction or no
+    rows. The best value within +-2 degrees and +-3 % spacing is taken, so that a slightly
+    different estimate of the same rows still scores.
+
+    Args:
+        mask: 2D boolean vegetation mask at ``gsd_m``.
+        gsd_m: its pixel size in metres.
+        angle_deg: row direction (see :class:`RowEstimate`).
+        spacing_m: row spacing in metres.
+    """
+    yy, xx = np.nonzero(mask)
+    if yy.size < 50 or spacing_m <= 0:
+        return 0.0
+    if yy.size > 20000:
+        keep = np.random.default_rng(0).choice(yy.size, 20000, replace=False)
+        yy, xx = yy[keep], xx[keep]
+    y, x = yy * gsd_m, xx * gsd_m
+    normal = _image_angle(angle_deg) + math.pi / 2
+    best = 0.0
+    for a in normal + np.radians(np.linspace(-2.0, 2.0, 9)):
+        proj = x * math.cos(a) + y * math.sin(a)
+        for sp in spacing_m * np.linspace(0.97, 1.03, 7):
+            best = max(best, float(abs(np.exp(-2j * np.pi / sp * proj).sum())) / yy.size)
+    return best
+
+
+def angle_difference(a_deg: float, b_deg: float) -> float:
+    """Smallest angle between two line directions, degrees (0..90)."""
+    d = abs(a_deg - b_deg) % 180.0
+    return min(d, 180.0 - d)
+
 def major_axis_steps(angle_deg: float, length_px: float) -> int:
     """Steps along the major axis that cover ``length_px`` along a line at ``angle_deg``."""
     a = _image_angle(angle_deg)

@@ -111,14 +111,15 @@ class LabelFreeConfig:
             and 0.01-0.08 points less weed on the real samples. Below 0.2 nothing changes.
         row_attach_spacings: how far (geodesically, through vegetation) that attachment reaches
             from the row, in row spacings.
-        orientation_min_deg: a survey may hold fields whose rows run in other directions. A
-            sample window whose own rows run at least this many degrees from the survey's main
-            direction adds a direction, and the part of the survey nearest to it uses that
-            direction (0: one direction for the whole survey).
-        orientation_max_share: ... but only where the main direction's row regularity in that
-            window is at most this share of its own direction's, i.e. the main rows are
-            absent there. Breeding plots (alleys across the rows) and senesced fields show
-            secondary peaks while the main rows are still plain in the same window.
+        orientation_min_deg: a survey may hold fields whose rows run in other directions.
+            Parts of the sample windows whose own rows run at least this many degrees from
+            the survey's main direction add a direction (two parts must agree), and every
+            64 px cell then uses the direction its vegetation supports best (0: one direction
+            for the whole survey).
+        orientation_max_share: ... but only parts where the main direction's row regularity
+            is at most this share of their own, i.e. the main rows are absent there.
+            Breeding plots (alleys across the rows) and senesced fields show secondary peaks
+            while the main rows are still plain in the same part.
         disease_sensitivity: robust z-score below the healthy crop median that marks disease
             (lower: more disease).
         health_window_m: side of the window over which the health feature is averaged.

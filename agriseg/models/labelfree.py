@@ -291,11 +291,11 @@ class RowOrientations:
     shape: tuple[int, int]
     cells: bytes
 
-    def at(self, row_off: int, col_off: int, h: int, w: int) -> np.ndarray:
-        """The map's direction index of every pixel of an ``(h, w)`` array at that offset."""
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The map's direction index at absolute raster ``rows`` x ``cols`` (a 2D grid)."""
         grid = np.frombuffer(self.cells, np.uint8).reshape(self.shape)
-        r = np.clip(np.arange(row_off, row_off + h) // ORIENTATION_CELL_PX, 0, self.shape[0] - 1)
-        c = np.clip(np.arange(col_off, col_off + w) // ORIENTATION_CELL_PX, 0, self.shape[1] - 1)
+        r = np.clip(rows // ORIENTATION_CELL_PX, 0, self.shape[0] - 1)
+        c = np.clip(cols // ORIENTATION_CELL_PX, 0, self.shape[1] - 1)
         return grid[r[:, None], c[None, :]]
 
 
@@ -328,10 +328,9 @@ def oriented_support(
     means = np.stack([np.bincount(ids[v], weights=s.ravel()[v], minlength=n_r * n_c)
                       for s in sup])
     best = np.argmax(means, axis=0).astype(np.uint8)
-    # The map's direction at each cell's first pixel (cells nest in the map's cells).
-    first_r = np.minimum(np.arange(n_r) * c - (row_off % c), h - 1).clip(0)
-    first_c = np.minimum(np.arange(n_c) * c - (col_off % c), w - 1).clip(0)
-    prior = orientations.at(row_off, col_off, h, w)[first_r[:, None], first_c[None, :]].ravel()
+    # The map's direction of each decision cell (they nest in the map's cells).
+    prior = orientations.at((np.arange(n_r) + row_off // c) * c,
+                            (np.arange(n_c) + col_off // c) * c).ravel()
     choice = np.where(n >= DECISION_MIN_VEG, best, prior)
     idx = choice[ids].reshape(h, w)
     out = sup[0]

@@ -464,3 +464,20 @@ def test_row_directions_tiled_equal_untiled(tmp_path: Path, scheduler: str) -> N
     assert len(rows["orientations"]) == 2
     assert np.array_equal(outs[160][0], outs[1024][0])
     assert np.array_equal(outs[160][1], outs[1024][1])
+
+
+def test_direction_probes_find_a_field_the_sample_windows_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agriseg.models import labelfree
+
+    path, _ = _two_fields(tmp_path, 640)
+    survey = open_survey(path)
+    one_window = LabelFreeConfig(sample_windows=1)  # it lies over the left field
+    assert "orientations" not in LabelFreeSegmenter(
+        replace(one_window, orientation_probes=0)).prepare(survey).info["rows"]
+    # Probes come one per ~13 MP of raster; this one is 0.8 MP, so make them denser.
+    monkeypatch.setattr(labelfree, "PROBE_AREA_PX", 256 * 256 * 4)
+    prep = LabelFreeSegmenter(one_window).prepare(survey)
+    angles = sorted(abs(o["angle_deg"]) for o in prep.info["rows"]["orientations"])
+    assert angles[0] < 2 and abs(angles[1] - 90) < 2

@@ -120,6 +120,8 @@ class LabelFreeConfig:
             is at most this share of their own, i.e. the main rows are absent there.
             Breeding plots (alleys across the rows) and senesced fields show secondary peaks
             while the main rows are still plain in the same part.
+        orientation_probes: at most this many extra 256 px windows (one per ~13 MP of raster)
+            look for other row directions where the sample windows do not reach.
         disease_sensitivity: robust z-score below the healthy crop median that marks disease
             (lower: more disease).
         health_window_m: side of the window over which the health feature is averaged.
@@ -174,6 +176,7 @@ class LabelFreeConfig:
     row_attach_spacings: float = 0.1
     orientation_min_deg: float = 5.0
     orientation_max_share: float = 0.35
+    orientation_probes: int = 48
     disease_sensitivity: float = 5.0
     health_window_m: float = 0.1
     health_prior_px: float = 2.0
@@ -263,6 +266,8 @@ def _option_value(key: str, value: Any, default: Any) -> Any:
 ORIENTATION_CELL_PX = 256
 #: Smallest side of the parts of a sample window whose rows are estimated one by one.
 ORIENTATION_PART_PX = 256
+#: Raster pixels per extra direction probe (one 256 px window per ~13 MP).
+PROBE_AREA_PX = 200 * 256 * 256
 #: Sample parts that must agree on a row direction other than the main one to add it.
 ORIENTATION_MIN_PARTS = 2
 #: Side of the cells in which a tile decides the row direction from its own vegetation.
@@ -542,7 +547,8 @@ class LabelFreeSegmenter:
                         cfg.row_reach_max_m)
             row_half = max(2, major_axis_steps(rows.angle_deg, reach / gsd))
             leaf = max(0, round(cfg.leaf_reach_spacings * rows.spacing_m / gsd))
-            orients = self._orientations(windows, vegs, rows, gsd, reach, survey, info)
+            probes = self._probes(survey, windows, thr, dark_eps)
+            orients = self._orientations(windows, vegs, probes, rows, gsd, reach, survey, info)
             for (_, v, r0, c0), m in zip(windows, vegs, strict=True):
                 supports.append(self._support(m, v, r0, c0, rows.angle_deg, row_half, leaf,
                                               orients))
@@ -650,10 +656,7 @@ class LabelFreeSegmenter:
         cands: list[tuple[float, int, int]] = []
         for r0 in _starts(h, wh):
             for c0 in _starts(w, ww):
-                r_a, c_a = int(r0 / factor), int(c0 / factor)
-                sub = ov_valid[r_a: max(int((r0 + wh) / factor), r_a + 1),
-                               c_a: max(int((c0 + ww) / factor), c_a + 1)]
-                cands.append((float(sub.mean()) if sub.size else 0.0, r0, c0))
+                cands.append((_valid_share(ov_valid, factor, r0, c0, wh, ww), r0, c0))
         good = [c for c in cands if c[0] >= 0.5] or sorted(cands, reverse=True)[:1]
         n = self.config.sample_windows
         if len(good) > n:
@@ -781,10 +784,55 @@ class LabelFreeSegmenter:
                  est.angle_deg, est.spacing_m, est.contrast)
         return est
 
+    def _probes(
+        self,
+        survey: SurveyRaster,
+        windows: list[tuple[np.ndarray, np.ndarray, int, int]],
+        thr: float,
+        dark_eps: float,
+    ) -> list[tuple[np.ndarray, int, int]]:
+        """Vegetation masks of small extra windows that only look for row directions.
+
+        The sample windows cover a large survey thinly (9 x 768 px of a 1 GP survey: 0.5 %),
+        so a field with other rows may hold none. One :data:`ORIENTATION_PART_PX` window per
+        :data:`PROBE_AREA_PX` pixels of raster (at most ``orientation_probes``), spread over
+        the valid area away from the sample windows, is read one at a time (a few MB).
+        """
+        import rasterio
+
+        from agriseg.raster import read_overview, read_window
+
+        cfg = self.config
+        h, w = survey.grid.shape_yx
+        side = ORIENTATION_PART_PX
+        n = min(cfg.orientation_probes, (h * w) // PROBE_AREA_PX)
+        if n <= 0 or min(h, w) < side:
+            return []
+        _, ov_valid, factor = read_overview(survey, self.roles[:1])
+        taken = [(r0, c0, r0 + v.shape[0], c0 + v.shape[1]) for _, v, r0, c0 in windows]
+        cands = []
+        for r0 in _starts(h, side):
+            for c0 in _starts(w, side):
+                if any(r0 < r1 and c0 < c1 and r0 + side > ra and c0 + side > ca
+                       for ra, ca, r1, c1 in taken):
+                    continue
+                if _valid_share(ov_valid, factor, r0, c0, side, side) >= 0.9:
+                    cands.append((r0, c0))
+        if len(cands) > n:
+            cands = [cands[i] for i in np.linspace(0, len(cands) - 1, n).round().astype(int)]
+        out = []
+        with rasterio.open(survey.path) as ds:
+            for r0, c0 in cands:
+                pix, valid = read_window(survey, self.roles, Window(c0, r0, side, side), ds)
+                vi, _ = self._index(pix, dark_eps)
+                out.append(((vi > thr) & _without_rim(valid, cfg.nodata_rim_px), r0, c0))
+        return out
+
     def _orientations(
         self,
         windows: list[tuple[np.ndarray, np.ndarray, int, int]],
         vegs: list[np.ndarray],
+        probes: list[tuple[np.ndarray, int, int]],
         rows: RowEstimate,
         gsd: float,
         reach_m: float,
@@ -811,6 +859,7 @@ class LabelFreeSegmenter:
                 for rx in np.array_split(np.arange(m.shape[1]), nx):
                     parts.append((m[ry[0]:ry[-1] + 1, rx[0]:rx[-1] + 1], r0 + int(ry[0]),
                                   c0 + int(rx[0])))
+        parts += probes
         if len(parts) < 2:
             return None
         f = max(1, int(0.025 // gsd))
@@ -1103,6 +1152,16 @@ def _interior(veg: np.ndarray, margin: int) -> np.ndarray:
     b[1:] &= a[:-1]
     b[:-1] &= a[1:]
     return b[_inner(extra)]
+
+
+def _valid_share(
+    ov_valid: np.ndarray, factor: float, r0: int, c0: int, h: int, w: int
+) -> float:
+    """Share of valid overview cells under the full-resolution window ``(r0, c0, h, w)``."""
+    r_a, c_a = int(r0 / factor), int(c0 / factor)
+    sub = ov_valid[r_a: max(int((r0 + h) / factor), r_a + 1),
+                   c_a: max(int((c0 + w) / factor), c_a + 1)]
+    return float(sub.mean()) if sub.size else 0.0
 
 
 def _starts(n: int, side: int) -> list[int]:

@@ -330,9 +330,11 @@ def oriented_support(
     ids = (r_cell[:, None] * n_c + c_cell[None, :]).ravel()
     v = (veg & valid).ravel()
     n = np.bincount(ids[v], minlength=n_r * n_c)
-    means = np.stack([np.bincount(ids[v], weights=s.ravel()[v], minlength=n_r * n_c)
-                      for s in sup])
-    best = np.argmax(means, axis=0).astype(np.uint8)
+    # Sums over the same pixels compare as means do; each cell's pixels are added in the same
+    # (row-major) order in any tile, so the sums and the choice are exact.
+    sums = np.stack([np.bincount(ids[v], weights=s.ravel()[v], minlength=n_r * n_c)
+                     for s in sup])
+    best = np.argmax(sums, axis=0).astype(np.uint8)
     # The map's direction of each decision cell (they nest in the map's cells).
     prior = orientations.at((np.arange(n_r) + row_off // c) * c,
                             (np.arange(n_c) + col_off // c) * c).ravel()

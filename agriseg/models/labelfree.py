@@ -270,6 +270,8 @@ ORIENTATION_PART_PX = 256
 PROBE_AREA_PX = 200 * 256 * 256
 #: Sample parts that must agree on a row direction other than the main one to add it.
 ORIENTATION_MIN_PARTS = 2
+#: Most row directions a survey uses (the main one included).
+MAX_ORIENTATIONS = 4
 #: Side of the cells in which a tile decides the row direction from its own vegetation.
 DECISION_CELL_PX = 64
 #: Vegetation pixels a decision cell needs to decide; with fewer it keeps the map's direction.
@@ -848,8 +850,9 @@ class LabelFreeSegmenter:
         rows run at least ``orientation_min_deg`` from a known direction adds its direction if
         the main rows are absent there (their :func:`~agriseg.models.rows.row_regularity` at
         most ``orientation_max_share`` of the part's own); otherwise it votes for the nearest
-        known direction. A direction needs :data:`ORIENTATION_MIN_PARTS` parts. Every map cell
-        then takes the direction of the nearest part that voted.
+        known direction. A direction needs :data:`ORIENTATION_MIN_PARTS` parts; at most
+        :data:`MAX_ORIENTATIONS` are kept. Every map cell then takes the direction of the
+        nearest part that voted.
         """
         cfg = self.config
         if cfg.orientation_min_deg <= 0:
@@ -886,8 +889,10 @@ class LabelFreeSegmenter:
                         angles.append(est.angle_deg)
                         vote = len(angles) - 1
             member.append(vote)
-        # One part alone is not a field: plot alleys and stray remnants make such peaks.
-        keep = [0] + [k for k in range(1, len(angles)) if member.count(k) >= ORIENTATION_MIN_PARTS]
+        # One part alone is not a field: plot alleys and stray remnants make such peaks. Each
+        # direction costs every tile a support pass, so curving rows keep the best-voted few.
+        extra = [k for k in range(1, len(angles)) if member.count(k) >= ORIENTATION_MIN_PARTS]
+        keep = [0, *sorted(sorted(extra, key=member.count, reverse=True)[:MAX_ORIENTATIONS - 1])]
         if len(keep) == 1:
             return None
         angles = [angles[k] for k in keep]

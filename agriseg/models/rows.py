@@ -12,6 +12,11 @@ Two halves:
   raster coordinates (each column shifted by ``round(tan(angle) * absolute_col)``) and summed
   with integer cumulative sums, so a tile computes bit-for-bit what a whole-raster run
   computes for the same pixel: tiled output equals untiled output.
+
+A survey across fields whose rows run in different directions carries a
+:class:`RowOrientations`; :func:`oriented_support` then gives each pixel the support in its
+own field's direction (:func:`row_regularity` tells a real second direction from a secondary
+peak of the main rows).
 """
 
 from __future__ import annotations
@@ -323,3 +328,81 @@ def _share_table() -> np.ndarray:
 
 
 _SHARE_TABLE = _share_table()
+
+
+#: Side (raster pixels) of the cells of the row-direction map of a survey with several.
+ORIENTATION_CELL_PX = 256
+#: Side of the cells in which a tile decides the row direction from its own vegetation.
+DECISION_CELL_PX = 64
+#: Vegetation pixels a decision cell needs to decide; with fewer it keeps the map's direction.
+DECISION_MIN_VEG = 100
+
+
+@dataclass(frozen=True, slots=True)
+class RowOrientations:
+    """Row directions of a survey whose fields differ, and which applies where.
+
+    Attributes:
+        angles: row directions in degrees (see :class:`~agriseg.models.rows.RowEstimate`);
+            the first is the survey's main direction.
+        halves: along-row half length of each, in major-axis steps.
+        shape: cells of the direction map (rows, columns).
+        cells: the map, row-major uint8 direction indices (bytes: small, hashable), one per
+            :data:`ORIENTATION_CELL_PX` square of the raster; each cell takes the direction
+            of the nearest sample window that showed rows. Tiles refine it per
+            :data:`DECISION_CELL_PX` square from their own vegetation.
+    """
+
+    angles: tuple[float, ...]
+    halves: tuple[int, ...]
+    shape: tuple[int, int]
+    cells: bytes
+
+    def at(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """The map's direction index at absolute raster ``rows`` x ``cols`` (a 2D grid)."""
+        grid = np.frombuffer(self.cells, np.uint8).reshape(self.shape)
+        r = np.clip(rows // ORIENTATION_CELL_PX, 0, self.shape[0] - 1)
+        c = np.clip(cols // ORIENTATION_CELL_PX, 0, self.shape[1] - 1)
+        return grid[r[:, None], c[None, :]]
+
+
+def oriented_support(
+    veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int, angle_deg: float,
+    half: int, orientations: RowOrientations | None,
+) -> np.ndarray:
+    """:func:`~agriseg.models.rows.along_row_support` in each pixel's row direction.
+
+    With one direction for the survey (``orientations`` None) that is ``angle_deg``. Else the
+    support is computed in every direction, and each :data:`DECISION_CELL_PX` cell (absolute
+    raster cells) keeps the direction in which its vegetation has the highest mean support:
+    on a field's rows that is the rows' direction by far (a line across rows sees their
+    cover, one along them the row). Cells with little vegetation keep the map's direction.
+    A cell's choice depends only on its own pixels' support, so tiles whose halo holds the
+    cell and the support's reach around it equal the whole raster bit for bit.
+    """
+    if orientations is None:
+        return along_row_support(veg, valid, row_off, col_off, angle_deg, half)
+    h, w = veg.shape
+    sup = [along_row_support(veg, valid, row_off, col_off, a, hh)
+           for a, hh in zip(orientations.angles, orientations.halves, strict=True)]
+    c = DECISION_CELL_PX
+    r_cell = (np.arange(row_off, row_off + h) // c) - (row_off // c)
+    c_cell = (np.arange(col_off, col_off + w) // c) - (col_off // c)
+    n_r, n_c = int(r_cell[-1]) + 1, int(c_cell[-1]) + 1
+    ids = (r_cell[:, None] * n_c + c_cell[None, :]).ravel()
+    v = (veg & valid).ravel()
+    n = np.bincount(ids[v], minlength=n_r * n_c)
+    # Sums over the same pixels compare as means do; each cell's pixels are added in the same
+    # (row-major) order in any tile, so the sums and the choice are exact.
+    sums = np.stack([np.bincount(ids[v], weights=s.ravel()[v], minlength=n_r * n_c)
+                     for s in sup])
+    best = np.argmax(sums, axis=0).astype(np.uint8)
+    # The map's direction of each decision cell (they nest in the map's cells).
+    prior = orientations.at((np.arange(n_r) + row_off // c) * c,
+                            (np.arange(n_c) + col_off // c) * c).ravel()
+    choice = np.where(n >= DECISION_MIN_VEG, best, prior)
+    idx = choice[ids].reshape(h, w)
+    out = sup[0]
+    for k in range(1, len(sup)):
+        np.copyto(out, sup[k], where=idx == k)
+    return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from agriseg.grid import on_earth
 from agriseg.indices import INDICES
@@ -117,6 +117,17 @@ def fields_step(ctx: SurveyContext) -> None:
     }
 
 
+def rows_text(rows: dict[str, Any]) -> str:
+    """One line on the crop rows a model found (``prepared.info["rows"]``) for the report."""
+    if not rows.get("detected"):
+        return f"not found ({rows.get('reason', 'no row pattern')}): weeds not separated from crop"
+    text = f"{rows['angle_deg']:.1f} deg from east, {rows['spacing_m']:.2f} m apart"
+    extra = rows.get("orientations", [])[1:]
+    if extra:
+        text += "; other fields: " + ", ".join(
+            f"{o['angle_deg']:.1f} deg on {o['share']:.0%} of the survey" for o in extra)
+    return text
+
 def report_step(ctx: SurveyContext) -> None:
     """``report.html``: one offline file with maps, table, charts and parameters."""
     import geopandas as gpd
@@ -132,6 +143,9 @@ def report_step(ctx: SurveyContext) -> None:
     params["raster_px"] = f"{ctx.survey.grid.width} x {ctx.survey.grid.height}"
     crs = ctx.survey.grid.crs
     params["crs"] = crs.to_string() if on_earth(crs) else "none: image coordinates (--gsd)"
+    rows = ctx.prepared.info.get("rows")
+    if isinstance(rows, dict):
+        params["crop rows"] = rows_text(rows)
     notes = list(ctx.manifest.get("fields", {}).get("notes", []))
     notes += [str(w) for w in ctx.prepared.warnings]
     indices = [n.split("/", 1)[1] for n in ctx.outputs if n.startswith("indices/")]

@@ -218,3 +218,14 @@ def test_run_writes_every_output(rgba_tif: Path, tmp_path: Path, scheduler: str)
     assert "../field.tif" in qgs and "./classes.tif" in qgs
     if _has_qgis():
         _qgis_check([res.out_dir], tmp_path / "run.png")
+
+
+def test_report_line_on_crop_rows() -> None:
+    from agriseg.postprocess import rows_text
+
+    two = {"detected": True, "angle_deg": 90.0, "spacing_m": 0.7611,
+           "orientations": [{"angle_deg": 90.0, "share": 0.6}, {"angle_deg": 0.51, "share": 0.4}]}
+    assert rows_text(two) == ("90.0 deg from east, 0.76 m apart; other fields: 0.5 deg on 40% "
+                              "of the survey")
+    assert rows_text({"detected": False, "reason": "GSD too coarse"}).startswith(
+        "not found (GSD too coarse)")

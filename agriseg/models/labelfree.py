@@ -796,6 +796,7 @@ class LabelFreeSegmenter:
             return None
         f = max(1, int(0.025 // gsd))
         angles = [rows.angle_deg]
+        spacings = [rows.spacing_m]
         member: list[int | None] = []
         for m, _, _ in parts:
             vote: int | None = None
@@ -814,6 +815,7 @@ class LabelFreeSegmenter:
                     main = row_regularity(binary, gsd * f, rows.angle_deg, rows.spacing_m)
                     if own > 0 and main <= cfg.orientation_max_share * own:
                         angles.append(est.angle_deg)
+                        spacings.append(est.spacing_m)
                         vote = len(angles) - 1
             member.append(vote)
         # One part alone is not a field: plot alleys and stray remnants make such peaks. Each
@@ -823,6 +825,7 @@ class LabelFreeSegmenter:
         if len(keep) == 1:
             return None
         angles = [angles[k] for k in keep]
+        spacings = [spacings[k] for k in keep]
         member = [keep.index(k) if k in keep else None for k in member]
         voters = [(r0 + m.shape[0] / 2, c0 + m.shape[1] / 2, k) for (m, r0, c0), k in
                   zip(parts, member, strict=True) if k is not None]
@@ -833,10 +836,16 @@ class LabelFreeSegmenter:
         cx = (np.arange(shape[1]) + 0.5) * ORIENTATION_CELL_PX
         dist = (cy[:, None, None] - wy) ** 2 + (cx[None, :, None] - wx) ** 2
         grid = wk.astype(np.uint8)[np.argmin(dist, axis=2)]
-        halves = tuple(max(2, major_axis_steps(a, reach_m / gsd)) for a in angles)
+        # The main direction's reach as computed for the survey; others from their own
+        # spacing (a field of narrow rows beside one of wide rows).
+        reaches = [reach_m] + [min(max(cfg.row_reach_spacings * sp, cfg.row_reach_min_m),
+                                   cfg.row_reach_max_m) for sp in spacings[1:]]
+        halves = tuple(max(2, major_axis_steps(a, r / gsd))
+                       for a, r in zip(angles, reaches, strict=True))
         share = np.bincount(grid.ravel(), minlength=len(angles)) / grid.size
         info["rows"]["orientations"] = [
-            {"angle_deg": round(a, 2), "window_parts": member.count(i),
+            {"angle_deg": round(a, 2), "spacing_m": round(spacings[i], 4),
+             "window_parts": member.count(i),
              "share": round(float(sh), 3)}
             for i, (a, sh) in enumerate(zip(angles, share, strict=True))]
         log.info("%s: %d row directions (%s); each part of the survey uses the one of its "

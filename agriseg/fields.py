@@ -48,7 +48,6 @@ from agriseg.vectorize import (
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True)
 class FieldSet:
     """Field polygons ready for zonal statistics.

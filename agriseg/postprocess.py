@@ -128,6 +128,7 @@ def rows_text(rows: dict[str, Any]) -> str:
             f"{o['angle_deg']:.1f} deg on {o['share']:.0%} of the survey" for o in extra)
     return text
 
+
 def report_step(ctx: SurveyContext) -> None:
     """``report.html``: one offline file with maps, table, charts and parameters."""
     import geopandas as gpd

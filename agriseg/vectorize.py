@@ -542,8 +542,6 @@ def _assign_fields(zones: gpd.GeoDataFrame, fields: gpd.GeoDataFrame | None) -> 
     return hit["field_id"].astype(object).where(hit["field_id"].notna(), None)
 
 
-
-
 def write_zones(
     zones: gpd.GeoDataFrame, path: str | os.PathLike[str], layer: str = "zones"
 ) -> Path:

@@ -177,7 +177,6 @@ def _row_width(
     return float((profile >= half).sum() / bins * spacing)
 
 
-
 def row_regularity(mask: np.ndarray, gsd_m: float, angle_deg: float, spacing_m: float) -> float:
     """How strongly ``mask``'s vegetation follows rows at ``angle_deg`` and ``spacing_m``.
 
@@ -213,6 +212,7 @@ def angle_difference(a_deg: float, b_deg: float) -> float:
     """Smallest angle between two line directions, degrees (0..90)."""
     d = abs(a_deg - b_deg) % 180.0
     return min(d, 180.0 - d)
+
 
 def major_axis_steps(angle_deg: float, length_px: float) -> int:
     """Steps along the major axis that cover ``length_px`` along a line at ``angle_deg``."""

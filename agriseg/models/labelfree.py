@@ -66,7 +66,7 @@ from agriseg.errors import ConfigError
 from agriseg.models import appearance as app
 from agriseg.models.appearance import AppearanceTable
 from agriseg.models.base import Prepared, TileContext, reduce_scores
-from agriseg.models.filters import box_sum, grow_within, max_filter
+from agriseg.models.filters import box_sum, grow_within
 from agriseg.models.rows import (
     DECISION_CELL_PX,
     ORIENTATION_CELL_PX,
@@ -479,7 +479,8 @@ class LabelFreeSegmenter:
             row_half = max(2, major_axis_steps(rows.angle_deg, reach / gsd))
             leaf = max(0, round(cfg.leaf_reach_spacings * rows.spacing_m / gsd))
             probes = self._probes(survey, windows, thr, dark_eps)
-            orients = self._orientations(windows, vegs, probes, rows, gsd, reach, survey, info)
+            orients = self._orientations(windows, vegs, probes, rows, gsd, reach, leaf, survey,
+                                         info)
             for (_, v, r0, c0), m in zip(windows, vegs, strict=True):
                 supports.append(self._support(m, v, r0, c0, rows.angle_deg, row_half, leaf,
                                               orients))
@@ -524,7 +525,8 @@ class LabelFreeSegmenter:
                 info["appearance"]["radius_m"] = round(params.appearance_px * gsd, 3)
             else:
                 info["appearance"] = {"used": False, "reason": "disabled in the configuration"}
-        halo = leaf + health_px + 1 + cfg.nodata_rim_px
+        halo = max(orients.leaves if orients is not None else (leaf,)) + health_px + 1 + \
+            cfg.nodata_rim_px
         if rows is not None:
             halves = orients.halves if orients is not None else (row_half,)
             halo += support_reach(max(halves)) + attach
@@ -767,6 +769,7 @@ class LabelFreeSegmenter:
         rows: RowEstimate,
         gsd: float,
         reach_m: float,
+        leaf: int,
         survey: SurveyRaster,
         info: dict[str, Any],
     ) -> RowOrientations | None:
@@ -842,6 +845,8 @@ class LabelFreeSegmenter:
                                    cfg.row_reach_max_m) for sp in spacings[1:]]
         halves = tuple(max(2, major_axis_steps(a, r / gsd))
                        for a, r in zip(angles, reaches, strict=True))
+        leaves = (leaf, *(max(0, round(cfg.leaf_reach_spacings * sp / gsd))
+                          for sp in spacings[1:]))
         share = np.bincount(grid.ravel(), minlength=len(angles)) / grid.size
         info["rows"]["orientations"] = [
             {"angle_deg": round(a, 2), "spacing_m": round(spacings[i], 4),
@@ -852,17 +857,14 @@ class LabelFreeSegmenter:
                  "nearest sample", survey.path, len(angles),
                  ", ".join(f"{a:.1f} deg on {sh:.0%}" for a, sh in zip(angles, share,
                                                                      strict=True)))
-        return RowOrientations(tuple(angles), halves, shape, grid.tobytes())
+        return RowOrientations(tuple(angles), halves, leaves, shape, grid.tobytes())
 
     @staticmethod
     def _support(
         veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int, angle: float,
         half: int, leaf: int, orients: RowOrientations | None = None,
     ) -> np.ndarray:
-        s = oriented_support(veg, valid, row_off, col_off, angle, half, orients)
-        if leaf > 0:
-            s = max_filter(s, leaf)
-        return s
+        return oriented_support(veg, valid, row_off, col_off, angle, half, orients, leaf)
 
     def _health_stats(
         self,
@@ -962,14 +964,9 @@ class LabelFreeSegmenter:
         p_veg[~ok[core]] = 0  # nodata and its blended rim: soil (nodata is masked later)
         if p.rows:
             veg = (vi > p.veg_threshold) & ok
-            s = oriented_support(veg, ok, ctx.row_off, ctx.col_off, p.row_angle_deg,
-                                 p.row_half_px, p.orientations)
             grown = _inner(max(m - p.attach_px, 0))
-            leafy = _inner(max(m - p.attach_px - p.leaf_px, 0))
-            s = s[leafy]
-            if p.leaf_px > 0:
-                s = max_filter(s, p.leaf_px)
-            s = s[_inner(min(p.leaf_px, max(m - p.attach_px, 0)))]
+            s = oriented_support(veg, ok, ctx.row_off, ctx.col_off, p.row_angle_deg,
+                                 p.row_half_px, p.orientations, p.leaf_px)[grown]
             p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
             if p.appearance is not None:
                 r = p.appearance_px

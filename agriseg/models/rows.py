@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from agriseg.models.filters import max_filter
+
 
 @dataclass(frozen=True, slots=True)
 class RowEstimate:
@@ -346,6 +348,7 @@ class RowOrientations:
         angles: row directions in degrees (see :class:`~agriseg.models.rows.RowEstimate`);
             the first is the survey's main direction.
         halves: along-row half length of each, in major-axis steps.
+        leaves: leaf reach (dilation across the rows) of each, in pixels.
         shape: cells of the direction map (rows, columns).
         cells: the map, row-major uint8 direction indices (bytes: small, hashable), one per
             :data:`ORIENTATION_CELL_PX` square of the raster; each cell takes the direction
@@ -355,6 +358,7 @@ class RowOrientations:
 
     angles: tuple[float, ...]
     halves: tuple[int, ...]
+    leaves: tuple[int, ...]
     shape: tuple[int, int]
     cells: bytes
 
@@ -368,20 +372,24 @@ class RowOrientations:
 
 def oriented_support(
     veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int, angle_deg: float,
-    half: int, orientations: RowOrientations | None,
+    half: int, orientations: RowOrientations | None, leaf: int = 0,
 ) -> np.ndarray:
-    """:func:`~agriseg.models.rows.along_row_support` in each pixel's row direction.
+    """:func:`along_row_support` in each pixel's row direction, dilated by the leaf reach.
 
-    With one direction for the survey (``orientations`` None) that is ``angle_deg``. Else the
-    support is computed in every direction, and each :data:`DECISION_CELL_PX` cell (absolute
-    raster cells) keeps the direction in which its vegetation has the highest mean support:
-    on a field's rows that is the rows' direction by far (a line across rows sees their
-    cover, one along them the row). Cells with little vegetation keep the map's direction.
-    A cell's choice depends only on its own pixels' support, so tiles whose halo holds the
-    cell and the support's reach around it equal the whole raster bit for bit.
+    The dilation is a maximum filter across the rows: leaves stick out of the row line. With
+    one direction for the survey (``orientations`` None) that is ``angle_deg`` and the reach
+    ``leaf``; values within ``leaf`` of the array border are incomplete. Else the support is
+    computed in every direction, and each :data:`DECISION_CELL_PX` cell (absolute raster
+    cells) keeps the direction in which its vegetation has the highest mean support: on a
+    field's rows that is the rows' direction by far (a line across rows sees their cover, one
+    along them the row). Cells with little vegetation keep the map's direction, and each
+    direction has its own leaf reach. A cell's choice depends only on its own pixels' support,
+    so tiles whose halo holds the cell and the support's reach around it equal the whole
+    raster bit for bit.
     """
     if orientations is None:
-        return along_row_support(veg, valid, row_off, col_off, angle_deg, half)
+        s = along_row_support(veg, valid, row_off, col_off, angle_deg, half)
+        return max_filter(s, leaf) if leaf > 0 else s
     h, w = veg.shape
     sup = [along_row_support(veg, valid, row_off, col_off, a, hh)
            for a, hh in zip(orientations.angles, orientations.halves, strict=True)]
@@ -405,4 +413,9 @@ def oriented_support(
     out = sup[0]
     for k in range(1, len(sup)):
         np.copyto(out, sup[k], where=idx == k)
-    return out
+    # Each direction's own leaf reach: a field of narrow rows beside one of wide rows.
+    dilated = {r: max_filter(out, r) if r > 0 else out for r in set(orientations.leaves)}
+    res = dilated[orientations.leaves[0]].copy()
+    for k in range(1, len(sup)):
+        np.copyto(res, dilated[orientations.leaves[k]], where=idx == k)
+    return res

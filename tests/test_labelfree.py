@@ -18,7 +18,7 @@ from agriseg.errors import BandError
 from agriseg.models import rows as rows_mod
 from agriseg.models.base import TileContext, reduce_scores
 from agriseg.models.labelfree import LabelFreeConfig, LabelFreeParams, LabelFreeSegmenter
-from agriseg.models.rows import along_row_support, estimate_rows
+from agriseg.models.rows import along_row_support, estimate_rows, oriented_support
 from agriseg.quicklook import write_quicklook
 from agriseg.raster import open_survey
 from agriseg.survey import process_survey
@@ -153,8 +153,8 @@ def test_row_probability_hysteresis_is_translation_exact() -> None:
     )
 
     def prob(r0: int, c0: int, h: int, w: int) -> np.ndarray:
-        s = LabelFreeSegmenter._support(veg[r0:r0 + h, c0:c0 + w], valid[r0:r0 + h, c0:c0 + w],
-                                        r0, c0, 0.0, 25, 1)
+        s = oriented_support(veg[r0:r0 + h, c0:c0 + w], valid[r0:r0 + h, c0:c0 + w],
+                             r0, c0, 0.0, 25, None, 1)
         return LabelFreeSegmenter._row_probability(s, veg[r0:r0 + h, c0:c0 + w], p)
 
     whole = prob(0, 0, 220, 200)

@@ -474,16 +474,12 @@ class LabelFreeSegmenter:
         supports: list[np.ndarray] = []
         orients: RowOrientations | None = None
         if rows is not None:
-            reach = min(max(cfg.row_reach_spacings * rows.spacing_m, cfg.row_reach_min_m),
-                        cfg.row_reach_max_m)
-            row_half = max(2, major_axis_steps(rows.angle_deg, reach / gsd))
-            leaf = max(0, round(cfg.leaf_reach_spacings * rows.spacing_m / gsd))
+            row_half, leaf = _row_steps(cfg, rows.angle_deg, rows.spacing_m, gsd)
             probes = self._probes(survey, windows, thr, dark_eps)
-            orients = self._orientations(windows, vegs, probes, rows, gsd, reach, leaf, survey,
-                                         info)
+            orients = self._orientations(windows, vegs, probes, rows, gsd, survey, info)
             for (_, v, r0, c0), m in zip(windows, vegs, strict=True):
-                supports.append(self._support(m, v, r0, c0, rows.angle_deg, row_half, leaf,
-                                              orients))
+                supports.append(oriented_support(m, v, r0, c0, rows.angle_deg, row_half,
+                                                 orients, leaf))
             s_veg = np.concatenate([s[m] for s, m in zip(supports, vegs, strict=True)])
             typical = float(np.median(s_veg)) if s_veg.size else 0.0
             row_thr = max(cfg.row_support * typical, 0.02)
@@ -689,8 +685,7 @@ class LabelFreeSegmenter:
                             "be looked for; weeds are not separated from crop")
             info["rows"] = {"detected": False, "reason": "no vegetation"}
             return None
-        # Rows need ~2.5 cm pixels at most; coarser work is faster and just as good.
-        f = max(1, int(0.025 // gsd))
+        f = _row_decimation(gsd)
         masks = [_decimate(m, f) for m in vegs]
         shapes = {m.shape for m in masks}
         if len(shapes) > 1:
@@ -768,8 +763,6 @@ class LabelFreeSegmenter:
         probes: list[tuple[np.ndarray, int, int]],
         rows: RowEstimate,
         gsd: float,
-        reach_m: float,
-        leaf: int,
         survey: SurveyRaster,
         info: dict[str, Any],
     ) -> RowOrientations | None:
@@ -797,7 +790,7 @@ class LabelFreeSegmenter:
         parts += probes
         if len(parts) < 2:
             return None
-        f = max(1, int(0.025 // gsd))
+        f = _row_decimation(gsd)
         angles = [rows.angle_deg]
         spacings = [rows.spacing_m]
         member: list[int | None] = []
@@ -839,14 +832,10 @@ class LabelFreeSegmenter:
         cx = (np.arange(shape[1]) + 0.5) * ORIENTATION_CELL_PX
         dist = (cy[:, None, None] - wy) ** 2 + (cx[None, :, None] - wx) ** 2
         grid = wk.astype(np.uint8)[np.argmin(dist, axis=2)]
-        # The main direction's reach as computed for the survey; others from their own
-        # spacing (a field of narrow rows beside one of wide rows).
-        reaches = [reach_m] + [min(max(cfg.row_reach_spacings * sp, cfg.row_reach_min_m),
-                                   cfg.row_reach_max_m) for sp in spacings[1:]]
-        halves = tuple(max(2, major_axis_steps(a, r / gsd))
-                       for a, r in zip(angles, reaches, strict=True))
-        leaves = (leaf, *(max(0, round(cfg.leaf_reach_spacings * sp / gsd))
-                          for sp in spacings[1:]))
+        # Each direction's along-row and leaf reaches from its own spacing (a field of narrow
+        # rows beside one of wide rows).
+        halves, leaves = zip(*(_row_steps(cfg, a, sp, gsd)
+                               for a, sp in zip(angles, spacings, strict=True)), strict=True)
         share = np.bincount(grid.ravel(), minlength=len(angles)) / grid.size
         info["rows"]["orientations"] = [
             {"angle_deg": round(a, 2), "spacing_m": round(spacings[i], 4),
@@ -857,14 +846,8 @@ class LabelFreeSegmenter:
                  "nearest sample", survey.path, len(angles),
                  ", ".join(f"{a:.1f} deg on {sh:.0%}" for a, sh in zip(angles, share,
                                                                      strict=True)))
-        return RowOrientations(tuple(angles), halves, leaves, shape, grid.tobytes())
-
-    @staticmethod
-    def _support(
-        veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int, angle: float,
-        half: int, leaf: int, orients: RowOrientations | None = None,
-    ) -> np.ndarray:
-        return oriented_support(veg, valid, row_off, col_off, angle, half, orients, leaf)
+        return RowOrientations(tuple(angles), tuple(halves), tuple(leaves), shape,
+                               grid.tobytes())
 
     def _health_stats(
         self,
@@ -1092,6 +1075,27 @@ def _interior(veg: np.ndarray, margin: int) -> np.ndarray:
     b[1:] &= a[:-1]
     b[:-1] &= a[1:]
     return b[_inner(extra)]
+
+
+def _row_steps(cfg: LabelFreeConfig, angle_deg: float, spacing_m: float,
+               gsd: float) -> tuple[int, int]:
+    """Along-row half length (major-axis steps) and leaf reach (px) of a row direction.
+
+    For rows ``spacing_m`` apart at ``angle_deg``; the half length covers
+    ``row_reach_spacings`` spacings within the configured bounds.
+    """
+    reach = min(max(cfg.row_reach_spacings * spacing_m, cfg.row_reach_min_m),
+                cfg.row_reach_max_m)
+    return (max(2, major_axis_steps(angle_deg, reach / gsd)),
+            max(0, round(cfg.leaf_reach_spacings * spacing_m / gsd)))
+
+
+def _row_decimation(gsd: float) -> int:
+    """Integer factor that brings the vegetation mask to ~2.5 cm pixels for row estimates.
+
+    Rows need ~2.5 cm pixels at most; coarser work is faster and just as good.
+    """
+    return max(1, int(0.025 // gsd))
 
 
 def _valid_share(

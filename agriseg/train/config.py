@@ -151,12 +151,14 @@ class TrainConfig(_Strict):
             raise ValueError(f"patch_size must be a multiple of 32, got {self.patch_size}")
         if not self.data and not (self.synthetic and self.synthetic.count):
             raise ValueError("no training data: give `data:` pairs and/or `synthetic:` fields")
-        synth_roles = ("red", "green", "blue", "rededge", "nir")
-        if self.synthetic and self.synthetic.count and not set(self.bands) <= set(synth_roles):
-            raise ValueError(
-                f"synthetic fields have the bands {', '.join(synth_roles)} (multispectral when "
-                f"the model reads red edge or NIR); bands {self.bands} are not all among them"
-            )
+        if self.synthetic and self.synthetic.count:
+            from agriseg.synth import ROLES_MS
+
+            if not set(self.bands) <= set(ROLES_MS):
+                raise ValueError(
+                    f"synthetic fields have the bands {', '.join(ROLES_MS)} (multispectral when "
+                    f"the model reads red edge or NIR); bands {self.bands} are not all among them"
+                )
         return self
 
     # Deliberately shadows pydantic's deprecated v1 ``BaseModel.schema()`` classmethod.

@@ -143,6 +143,8 @@ class SurveyRaster:
         mask_source: how validity is decided: ``alpha`` (band ``roles.alpha``), ``gdal``
             (GDAL's mask: nodata or per-dataset mask), ``black`` (pixels 0 in every band
             read: an orthomosaic's undeclared fill) or ``none`` (every pixel valid).
+        roles_from: how the roles were found (``--bands``, band descriptions, colour
+            interpretation or the band order convention, with any physics checks).
     """
 
     path: str
@@ -153,6 +155,7 @@ class SurveyRaster:
     nodata: float | None
     scale: float
     mask_source: str
+    roles_from: str = ""
 
     def require(self, roles: tuple[str, ...], who: str = "the model") -> None:
         """Raise a clear :class:`BandError` unless all ``roles`` are available.
@@ -178,6 +181,7 @@ class SurveyRaster:
             "count": self.count,
             "dtype": self.dtype,
             "roles": self.roles.as_dict(),
+            "roles_from": self.roles_from,
             "nodata": self.nodata,
             "scale": self.scale,
             "mask_source": self.mask_source,
@@ -247,8 +251,52 @@ def _detect_roles(
         roles = {"red": 1, "green": 2, "blue": 3}
         if n >= 4:
             roles["nir"] = 4
-        return roles, f"band order convention for {n} bands (R,G,B{',NIR' if n >= 4 else ''})"
+        how = f"band order convention for {n} bands (R,G,B{',NIR' if n >= 4 else ''})"
+        if ds.dtypes[0] != "uint8" and n >= 4:
+            # Untagged multispectral exports: five bands get the camera-layout check of tagged
+            # ones; other layouts are only checked, since no single order is common to them.
+            roles, notes = _reflectance_order(ds, roles, sample)
+            doubt = None if notes else _convention_doubt(ds, sample)
+            if notes:
+                how += ", " + "; ".join(notes) + " (override with --bands)"
+            elif doubt:
+                how += f", doubtful: {doubt}"
+                log.warning(
+                    "%s: band roles guessed from the band order R,G,B,NIR, but %s; name the "
+                    "bands with --bands, e.g. --bands blue=1,green=2,red=3,nir=4 (PlanetScope) "
+                    "or --bands green=1,red=2,rededge=3,nir=4 (Parrot Sequoia)", ds.name, doubt)
+        return roles, how
     return {}, "nothing (fewer than 3 bands and no descriptions)"
+
+
+def _band_medians(
+    ds: rasterio.DatasetReader, sample: Callable[[], np.ndarray]
+) -> dict[int, float] | None:
+    """Median of every band over the sample's valid pixels (None when too few are valid)."""
+    data = sample().astype(np.float64)
+    ok = np.isfinite(data).all(axis=0)
+    if ds.nodata is not None:
+        ok &= ~(data == ds.nodata).any(axis=0)
+    if ok.sum() < 100:
+        return None
+    return {i: float(np.median(data[i - 1][ok])) for i in range(1, ds.count + 1)}
+
+
+def _convention_doubt(ds: rasterio.DatasetReader, sample: Callable[[], np.ndarray]) -> str | None:
+    """Why an untagged multispectral raster does not look like R,G,B,NIR, if it does not.
+
+    Surface reflectance of soil and vegetation alike is lowest in blue and highest in NIR. Two
+    four-band layouts break the convention: PlanetScope's B,G,R,NIR and Parrot Sequoia's
+    G,R,RE,NIR; both put a band brighter than band 1 in third place.
+    """
+    med = _band_medians(ds, sample)
+    if med is None:
+        return None
+    if med[3] > 1.1 * med[1]:
+        return "band 3 (taken as blue) is brighter than band 1 (taken as red)"
+    if med[4] < max(med[1], med[2], med[3]):
+        return "band 4 (taken as NIR) is darker than a visible band"
+    return None
 
 
 def _reflectance_order(
@@ -270,14 +318,10 @@ def _reflectance_order(
         # Not the five-band camera layout: top-of-atmosphere reflectance (haze) can make blue
         # brighter than red over dense canopy, so the tags are trusted as they are.
         return roles, []
-    data = sample().astype(np.float64)
-    ok = np.isfinite(data).all(axis=0)
-    if ds.nodata is not None:
-        ok &= ~(data == ds.nodata).any(axis=0)
-    if ok.sum() < 100:
+    med = _band_medians(ds, sample)
+    if med is None:
         return roles, []
     roles, notes = dict(roles), list[str]()
-    med = {i: float(np.median(data[i - 1][ok])) for i in range(1, ds.count + 1)}
     if med[roles["red"]] < 0.9 * med[roles["blue"]]:
         roles["red"], roles["blue"] = roles["blue"], roles["red"]
         notes.append(f"red and blue swapped (band {roles['blue']} is darker than band "
@@ -515,7 +559,8 @@ def _describe(
         p, grid.width, grid.height, len(spectral), dtype, roles.as_dict(), how, mask_source,
         scale, grid.gsd_m,
     )
-    return SurveyRaster(p, grid, int(ds.count), str(dtype), roles, nodata, scale, mask_source)
+    return SurveyRaster(p, grid, int(ds.count), str(dtype), roles, nodata, scale, mask_source,
+                        how)
 
 
 def _black_fill_share(bands: np.ndarray) -> float | None:

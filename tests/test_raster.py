@@ -47,12 +47,12 @@ def test_overview_is_read_once_and_reduced(tmp_path: Path) -> None:
     assert big_valid[:, 20:].all() and not big_valid[:, :20].any()
 
 
-def _five_band(path: Path, means: list[float], tags: list[ColorInterp]) -> Path:
+def _reflectance(path: Path, means: list[float], tags: list[ColorInterp]) -> Path:
     """A float32 reflectance raster in UTM 15N whose band ``i`` scatters around ``means[i]``."""
     rng = np.random.default_rng(1)
     data = np.stack([m + 0.01 * rng.random((60, 80)) for m in means]).astype(np.float32)
     data[:, :5, :5] = -10000  # nodata corner, left out of the medians
-    with rasterio.open(path, "w", driver="GTiff", width=80, height=60, count=5,
+    with rasterio.open(path, "w", driver="GTiff", width=80, height=60, count=len(means),
                        dtype="float32", crs="EPSG:32615", nodata=-10000,
                        transform=Affine(0.03, 0, 720000, 0, -0.03, 4300000)) as dst:
         dst.write(data)
@@ -67,16 +67,47 @@ RGB_TAGS = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.un
 def test_five_band_camera_order_is_checked_against_reflectance(tmp_path: Path) -> None:
     # Stored B,G,R,RE,NIR but tagged R,G,B (the Danforth sample's export): blue is darkest,
     # NIR brightest, whatever the tags say.
-    path = _five_band(tmp_path / "bgr.tif", [0.03, 0.08, 0.06, 0.10, 0.30], RGB_TAGS)
+    path = _reflectance(tmp_path / "bgr.tif", [0.03, 0.08, 0.06, 0.10, 0.30], RGB_TAGS)
     survey = open_survey(path)
     assert survey.roles.as_dict() == {"red": 3, "green": 2, "blue": 1, "nir": 5, "rededge": 4}
 
 
 def test_consistent_five_band_tags_are_kept(tmp_path: Path) -> None:
     # R,G,B,NIR,RE (MicaSense RedEdge order after R/B tags): nothing to swap, NIR is band 4.
-    path = _five_band(tmp_path / "rgb.tif", [0.06, 0.08, 0.03, 0.30, 0.10], RGB_TAGS)
+    path = _reflectance(tmp_path / "rgb.tif", [0.06, 0.08, 0.03, 0.30, 0.10], RGB_TAGS)
     survey = open_survey(path)
     assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4, "rededge": 5}
+
+
+UNTAGGED = [ColorInterp.gray] + [ColorInterp.undefined] * 4
+
+
+def test_untagged_five_bands_follow_reflectance(tmp_path: Path) -> None:
+    # A MicaSense RedEdge export (B,G,R,NIR,RE) without any tags: not R,G,B,NIR + a spare.
+    path = _reflectance(tmp_path / "micasense.tif", [0.03, 0.08, 0.06, 0.30, 0.10], UNTAGGED)
+    survey = open_survey(path)
+    assert survey.roles.as_dict() == {"red": 3, "green": 2, "blue": 1, "nir": 4, "rededge": 5}
+    assert survey.to_dict()["roles_from"].startswith("band order convention for 5 bands")
+
+
+@pytest.mark.parametrize(("means", "doubt"), [
+    ([0.06, 0.08, 0.03, 0.30], None),  # R,G,B,NIR: the convention fits
+    ([0.03, 0.08, 0.06, 0.30], "band 3 (taken as blue) is brighter"),  # PlanetScope B,G,R,NIR
+    ([0.08, 0.06, 0.10, 0.30], "band 3 (taken as blue) is brighter"),  # Sequoia G,R,RE,NIR
+    ([0.06, 0.30, 0.03, 0.08], "band 4 (taken as NIR) is darker"),  # R,NIR,B,G, say
+])
+def test_untagged_four_bands_are_checked_not_reordered(
+    tmp_path: Path, means: list[float], doubt: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _reflectance(tmp_path / "four.tif", means, UNTAGGED[:4])
+    with caplog.at_level("WARNING", logger="agriseg.raster"):
+        survey = open_survey(path)
+    assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4}
+    how = survey.to_dict()["roles_from"]
+    if doubt is None:
+        assert "doubtful" not in how and not caplog.records
+    else:
+        assert doubt in how and doubt in caplog.text and "--bands" in caplog.text
 
 
 def _rgb(path: Path, rgb: np.ndarray, **extra: object) -> Path:

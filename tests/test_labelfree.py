@@ -327,7 +327,8 @@ def test_accuracy_on_synthetic_fields(tmp_path: Path, multispectral: bool) -> No
     assert info["rows"]["spacing_m"] == pytest.approx(0.76, rel=0.03)
     soil, crop, weed, disease = _truth_iou(pred, field.truth)
     assert soil >= 0.95 and crop >= 0.88
-    assert weed >= 0.25 and disease >= 0.5
+    # Measured 0.467 RGB, 0.610 multispectral (0.552 before blue joined the colour table).
+    assert weed >= (0.57 if multispectral else 0.4) and disease >= 0.5
 
 
 def test_real_maricopa_rows_are_crop() -> None:

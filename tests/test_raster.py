@@ -12,6 +12,7 @@ from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 import agriseg.raster as raster
+from agriseg.errors import BandError
 from agriseg.raster import open_survey, read_overview
 from tests.conftest import write_rgba
 
@@ -169,3 +170,9 @@ def test_undeclared_zero_fill_in_float_reflectance(tmp_path: Path) -> None:
     assert s.mask_source == "black"
     _, valid = raster.read_window(s, s.roles.spectral, Window(0, 0, 120, 120))
     assert not valid[:, :20].any() and valid[:, 20:].all()
+
+
+def test_single_band_product_is_refused_with_what_to_run(tmp_path: Path) -> None:
+    ndvi = _reflectance(tmp_path / "ndvi.tif", [0.4], [ColorInterp.gray])
+    with pytest.raises(BandError, match=r"single-band product .* orthomosaic"):
+        open_survey(ndvi)

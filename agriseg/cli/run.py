@@ -130,7 +130,7 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         click.echo(f"  {name:<18} {path}")
     qgs = result.out_dir / "project.qgs"
     if qgs.exists():
-        click.echo(f"Open in QGIS: qgis {qgs}")
+        click.echo(f"Open in QGIS: qgis {shlex.quote(str(qgs))}")
     else:
         click.echo(f"Open in QGIS: drag {result.out_dir / 'classes.tif'} into the map")
 

@@ -6,7 +6,8 @@ Those pseudo-labels are good enough to learn what this survey's crop and weeds *
 appearance then finds weeds where geometry cannot.
 
 The classifier is a likelihood-ratio lookup table on quantised per-pixel colour: the first two
-chromatic coordinates (band / sum of bands) and, optionally, the brightness (sum of bands; one
+chromatic coordinates (band / sum of every band given, so a band that is not an axis still
+shapes them: blue in multispectral surveys) and, optionally, the brightness (sum of bands; one
 cell by default, since the shaded side of a crop row is as dark as a dark weed). Two smoothed
 histograms (confident row vegetation, isolated inter-row vegetation) are fitted on half of the
 sample pixels, and the other half sets and checks the operating point:

@@ -188,7 +188,7 @@ def test_cli_image_without_georeferencing(rgba_tif: Path, tmp_path: Path,
     Image.fromarray(rgb[1]).save(tmp_path / "gray.png")
     r = CliRunner().invoke(main, ["run", str(tmp_path / "gray.png"), "--out",
                                   str(tmp_path / "gr"), "--gsd", "0.01"])
-    assert r.exit_code == 2 and f"{tmp_path / 'gray.png'}: cannot tell" in r.output, r.output
+    assert r.exit_code == 2 and f"{tmp_path / 'gray.png'}: has 1 band(s)" in r.output, r.output
     # a georeferenced raster keeps its CRS: --gsd is refused
     r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "g"),
                                   "--gsd", "0.01"])

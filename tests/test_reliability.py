@@ -328,7 +328,7 @@ def _write(path: Path, data: np.ndarray | None = None, **kw: object) -> Path:
         ("tiny", "at least 8x8"),
         ("allnodata", "every pixel is nodata"),
         ("truncated", "truncated or corrupt"),
-        ("onebands", "cannot tell which band is which"),
+        ("onebands", "a single-band product"),
         ("onebands_red", "needs band roles"),
         ("sparse", "every pixel is nodata"),
     ],

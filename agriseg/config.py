@@ -64,6 +64,10 @@ class RunConfig(BaseModel):
     scheduler: str | None = Field(None, description="address of an existing Dask scheduler")
     scheduler_file: Path | None = Field(None, description="scheduler file of an existing cluster")
     indices: bool = Field(True, description="write vegetation index rasters")
+    probabilities: tuple[str, ...] = Field(
+        (), description="classes whose probability rasters (percent) to write, e.g. "
+        "[weed, disease], or [all]",
+    )
     min_zone_area: float = Field(0.25, ge=0, description="smallest at-risk zone kept, m2")
     scheduler_timeout: float = Field(10.0, gt=0, description="seconds to reach a scheduler")
     checkpoint_seconds: float = Field(

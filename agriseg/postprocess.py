@@ -177,7 +177,11 @@ def project_step(ctx: SurveyContext) -> None:
     layers.append(ProjectLayer(out["confidence"], "confidence", ramp_qml(0, 100, "confidence"),
                                visible=False))
     for name, rel in sorted(out.items()):
-        if name.startswith("indices/"):
+        if name.startswith("probability/"):
+            layers.append(ProjectLayer(rel, f"{name.split('/', 1)[1]} probability (%)",
+                                       ramp_qml(0, 100, "confidence"), visible=False,
+                                       group="class probabilities"))
+        elif name.startswith("indices/"):
             d = INDICES[name.split("/", 1)[1]]
             layers.append(ProjectLayer(rel, d.name.upper(), ramp_qml(d.vmin, d.vmax),
                                        visible=False, group="vegetation indices"))

@@ -76,8 +76,13 @@ def segment_tile(
     segmenter: Segmenter,
     params: Any,
     index_names: tuple[str, ...] = (),
+    probabilities: tuple[tuple[str, int], ...] = (),
 ) -> TileResult:
-    """Read, segment and crop one tile (runs on a worker)."""
+    """Read, segment and crop one tile (runs on a worker).
+
+    ``probabilities`` names the classes (with their score plane) whose probability, in
+    percent, is returned as ``probability/<name>`` beside the classes and confidence.
+    """
     t0 = time.perf_counter()
     roles = tuple(dict.fromkeys((*segmenter.roles, *_index_roles(index_names))))
     pixels, valid = read_tile(survey, roles, tile)
@@ -92,15 +97,21 @@ def segment_tile(
     nodata = segmenter.schema.nodata
     # Models that can reduce their scores where they run (PyTorch on a GPU) return classes
     # and confidence directly; the others return probabilities.
-    reduce = getattr(segmenter, "predict_classes", None)
+    reduce = None if probabilities else getattr(segmenter, "predict_classes", None)
     reduced = reduce(model_px[None], valid[None], params, [ctx]) if reduce else None
+    arrays: dict[str, np.ndarray] = {}
     if reduced is not None:
         classes, conf = (np.ascontiguousarray(a[0][ys, xs]) for a in reduced)
         classes, conf = _mask_nodata(classes, conf, core_valid, nodata)
     else:
-        scores = segmenter.predict(model_px[None], valid[None], params, [ctx])[0]
-        classes, conf = scores_to_outputs(scores[:, ys, xs], core_valid, nodata)
-    arrays: dict[str, np.ndarray] = {"classes": classes, "confidence": conf}
+        scores = segmenter.predict(model_px[None], valid[None], params, [ctx])[0][:, ys, xs]
+        classes, conf = scores_to_outputs(scores, core_valid, nodata)
+        for name, plane in probabilities:
+            percent = np.clip(scores[plane], 0, 1) * np.float32(100)
+            prob = np.rint(percent, out=percent).astype(np.uint8)
+            prob[~core_valid] = 255
+            arrays[f"probability/{name}"] = prob
+    arrays = {"classes": classes, "confidence": conf, **arrays}
     core_px = pixels[:, ys, xs]
     for name in index_names:
         values = compute_index(name, core_px, roles)
@@ -341,6 +352,7 @@ def run_tiles(
     progress: Progress | None = None,
     max_in_flight: int | None = None,
     sync_seconds: float = 15.0,
+    probabilities: tuple[tuple[str, int], ...] = (),
 ) -> dict[str, float]:
     """Segment ``tiles`` on the cluster and write their cores as they complete.
 
@@ -379,7 +391,7 @@ def run_tiles(
         # of scattered data, broadcast or not, and a worker lost with it failed every later
         # tile of the run ("lost dependencies").
         fut = client.submit(
-            segment_tile, survey, tile, segmenter, prepared.params, index_names,
+            segment_tile, survey, tile, segmenter, prepared.params, index_names, probabilities,
             key=f"segment-{tile.key}-{id(writer)}-{attempt}", retries=2, pure=False,
             resources=resources,
         )

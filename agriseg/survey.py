@@ -173,7 +173,28 @@ def _model_overhead(segmenter: Segmenter, plan: TilePlan) -> float:
     return seen / max(1, plan.grid.height * plan.grid.width)
 
 
-def _output_specs(schema: ClassSchema, index_names: tuple[str, ...]) -> list[OutputSpec]:
+def _probability_planes(
+    requested: tuple[str, ...], schema: ClassSchema
+) -> tuple[tuple[str, int], ...]:
+    """Requested class names (or ``all``) with their score plane, in the schema's order.
+
+    Raises:
+        ConfigError: a name the model's schema does not have, with the valid names.
+    """
+    names = [c.name for c in schema.classes]
+    wanted = set(names) if "all" in requested else set(requested)
+    unknown = sorted(wanted - set(names))
+    if unknown:
+        raise ConfigError(
+            f"--probabilities: unknown class(es) {', '.join(unknown)}; this model's classes are "
+            f"{', '.join(names)} (or all)"
+        )
+    return tuple((n, k) for k, n in enumerate(names) if n in wanted)
+
+
+def _output_specs(
+    schema: ClassSchema, index_names: tuple[str, ...], probability_names: tuple[str, ...] = ()
+) -> list[OutputSpec]:
     specs = [
         # NEAREST overviews, GDAL's default for paletted rasters: they keep each class's share
         # when zoomed out, where MODE drops every weed patch smaller than half an overview
@@ -182,6 +203,11 @@ def _output_specs(schema: ClassSchema, index_names: tuple[str, ...]) -> list[Out
             f"{c.value}={c.name}" for c in schema.classes) + f", {schema.nodata}=nodata)"),
         OutputSpec("confidence", "uint8", 255, "AVERAGE",
                    "confidence of the chosen class, percent 0-100 (255 = nodata)"),
+    ]
+    specs += [
+        OutputSpec(f"probability/{n}", "uint8", 255, "AVERAGE",
+                   f"probability of {n}, percent 0-100 (255 = nodata)")
+        for n in probability_names
     ]
     specs += [
         OutputSpec(f"indices/{n}", "float32", float("nan"), "AVERAGE", INDICES[n].description)
@@ -256,6 +282,7 @@ def _process(
         segmenter = loading.result()
     finally:
         loader.shutdown(wait=False)
+    planes = _probability_planes(config.probabilities, segmenter.schema)
     out = Path(config.out)
     work = _prepare_out_dir(out, config.overwrite)
     if config.gsd is not None:
@@ -293,7 +320,7 @@ def _process(
         on_plan(plan, len(tiles))
     schema = segmenter.schema
     index_names = tuple(available_indices(survey.roles.spectral)) if config.indices else ()
-    specs = _output_specs(schema, index_names)
+    specs = _output_specs(schema, index_names, tuple(n for n, _ in planes))
     input_id = input_identity(survey.path)
     identity = {
         **input_id,
@@ -303,6 +330,7 @@ def _process(
         "halo": plan.halo,
         "bands": survey.roles.as_dict(),
         "indices": list(index_names),
+        "probabilities": [n for n, _ in planes],
         "agriseg": __version__,
     }
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
@@ -335,7 +363,8 @@ def _process(
                 timings["warm_up_s"] = warm_s
             timings.update(
                 run_tiles(client, survey, plan, tiles, segmenter, prepared, writer, checkpoint,
-                          index_names, progress, sync_seconds=config.checkpoint_seconds)
+                          index_names, progress, sync_seconds=config.checkpoint_seconds,
+                          probabilities=planes)
             )
             if not layout.endswith("threads"):
                 # Workers in other processes (those of an existing cluster live on) would
@@ -362,7 +391,7 @@ def _process(
         finalize_cog(writer.path(spec.name), dst, spec, schema if spec.name == "classes" else None)
         if spec.name == "classes":
             write_class_qml(dst, schema)
-        elif spec.name == "confidence":
+        elif spec.name == "confidence" or spec.name.startswith("probability/"):
             write_ramp_qml(dst, 0, 100, "confidence")
         else:
             d = INDICES[spec.name.split("/")[-1]]

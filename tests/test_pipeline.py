@@ -262,3 +262,36 @@ def test_cli_model_options(rgba_tif: Path, tmp_path: Path, scheduler: str) -> No
     r = CliRunner().invoke(main, ["models"])
     assert r.exit_code == 0 and "disease_sensitivity=5.0" in r.output
     assert "robust z-score below the healthy crop median" in r.output
+
+
+def test_cli_probability_rasters(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    """`--probabilities` writes one percent raster per named class, consistent with the
+    class mask and confidence, the same whatever the tiling, and listed in the project."""
+    base = ["run", str(rgba_tif), "--scheduler", scheduler, "--no-progress", "--no-indices",
+            "--skip", "quicklook,zones,fields,report"]
+    r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "bad"),
+                                  "--probabilities", "weed,wheat"])
+    assert r.exit_code == 2 and "wheat" in r.output and "soil, crop, weed, disease" in r.output
+    assert not (tmp_path / "bad").exists()
+    runs = {}
+    for tile in ("512", "64"):
+        out = tmp_path / f"t{tile}"
+        r = CliRunner().invoke(main, [*base, "--out", str(out), "--tile-size", tile,
+                                      "--probabilities", "weed,disease"])
+        assert r.exit_code == 0, r.output
+        runs[tile] = out
+    out = runs["512"]
+    classes, conf = _read(out / "classes.tif"), _read(out / "confidence.tif")
+    weed = _read(out / "probability" / "weed.tif")
+    assert (out / "probability" / "weed.qml").exists()
+    assert not (out / "probability" / "soil.tif").exists()
+    assert np.array_equal(weed == 255, classes == DEFAULT_CLASSES.nodata)
+    is_weed = classes == 2
+    assert is_weed.any() and np.array_equal(weed[is_weed], conf[is_weed])
+    assert weed[classes < 255].max() <= 100
+    for name in ("weed", "disease"):
+        assert np.array_equal(_read(out / "probability" / f"{name}.tif"),
+                              _read(runs["64"] / "probability" / f"{name}.tif"))
+    assert "weed probability (%)" in (out / "project.qgs").read_text()
+    manifest = json.loads((out / "run.json").read_text())
+    assert manifest["parameters"]["probabilities"] == ["weed", "disease"]

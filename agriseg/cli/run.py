@@ -53,6 +53,10 @@ from agriseg.grid import TilePlan
 @click.option("--checkpoint-seconds", type=float,
               help="How often finished tiles are flushed and recorded for resume [15].")
 @click.option("--no-indices", is_flag=True, default=None, help="Skip vegetation index rasters.")
+@click.option("--probabilities", "probability_classes", metavar="CLASSES",
+              help="Also write probability/<class>.tif (percent 0-100, COG + .qml) for these "
+                   "classes, comma-separated, e.g. weed,disease, or all: thresholds of your "
+                   "own in QGIS (a stricter weed map for spraying) [none].")
 @click.option("--skip", multiple=True,
               help="Leave out a post-processing step (repeatable): quicklook, zones, fields, "
                    "report, project.")
@@ -72,7 +76,8 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     INPUT is any GDAL-readable georeferenced raster: RGB, RGBA (alpha = nodata) or
     multispectral (NIR / red edge), uint8, uint16 or float; an image without a CRS runs with
     --gsd. Outputs in --out: classes.tif
-    (COG + .qml), confidence.tif, indices/*.tif and run.json; with the full pipeline also
+    (COG + .qml), confidence.tif, indices/*.tif, probability/*.tif with --probabilities and
+    run.json; with the full pipeline also
     zones.gpkg, fields.gpkg/.csv, report.html and project.qgs.
 
     An interrupted run resumes when the same command is run again.
@@ -93,6 +98,9 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     if model_option:
         values["model_options"] = {**values.get("model_options", {}),
                                    **_model_options(model_option)}
+    classes = opts.pop("probability_classes")
+    if classes:
+        values["probabilities"] = tuple(x.strip() for x in classes.split(",") if x.strip())
     skip = opts.pop("skip")
     if skip:
         values["skip"] = tuple(x.strip() for s in skip for x in s.split(",") if x.strip())
@@ -127,7 +135,7 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         f"{m['timings_s']['total_s']} s. Outputs in {result.out_dir}/"
     )
     for name, path in sorted(result.outputs.items()):
-        click.echo(f"  {name:<18} {path}")
+        click.echo(f"  {name:<20} {path}")
     qgs = result.out_dir / "project.qgs"
     if qgs.exists():
         click.echo(f"Open in QGIS: qgis {shlex.quote(str(qgs))}")

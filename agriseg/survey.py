@@ -27,7 +27,7 @@ from agriseg import __version__, heap
 from agriseg.classes import ClassSchema
 from agriseg.config import RunConfig
 from agriseg.errors import AgrisegError, ConfigError, OutputError, RasterError
-from agriseg.grid import TilePlan, auto_tile_size, plan_tiles
+from agriseg.grid import Tile, TilePlan, auto_tile_size, plan_tiles
 from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
 from agriseg.models.base import Prepared, Segmenter
@@ -335,46 +335,11 @@ def _process(
     }
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
-    local = not (config.scheduler or config.scheduler_file)
-    resources = getattr(segmenter, "resources", None)
-    nthreads: dict[str, int] = {}
     t = time.perf_counter()
     try:
-        with dask_client(
-            config.scheduler,
-            str(config.scheduler_file) if config.scheduler_file else None,
-            config.workers,
-            config.threads_per_worker,
-            config.processes,
-            timeout=config.scheduler_timeout,
-            resources=resources,
-        ) as client:
-            if not local:
-                check_workers_see(client, survey.path)
-            nthreads = client.nthreads()
-            layout = ("existing cluster" if not local else
-                      f"local {'GPU ' if resources else ''}"
-                      f"{'processes' if client.cluster.processes else 'threads'}")
-            dashboard = getattr(client, "dashboard_link", None)
-            if dashboard:
-                log.info("Dask dashboard: %s", dashboard)
-            warm_s = warm_up_workers(client, segmenter, plan.tile_size)
-            if warm_s is not None:
-                timings["warm_up_s"] = warm_s
-            timings.update(
-                run_tiles(client, survey, plan, tiles, segmenter, prepared, writer, checkpoint,
-                          index_names, progress, sync_seconds=config.checkpoint_seconds,
-                          probabilities=planes)
-            )
-            if not layout.endswith("threads"):
-                # Workers in other processes (those of an existing cluster live on) would
-                # otherwise keep this survey's last decoded blocks (at most
-                # raster.TILE_CACHE_BYTES each). Housekeeping only: every tile is written
-                # by now, so a worker that cannot run it must not fail the survey.
-                try:
-                    client.run(clear_tile_cache)
-                except Exception as exc:  # any worker-side failure
-                    log.debug("could not clear the workers' block caches: %s", exc)
+        layout, nthreads = _segment_on_cluster(
+            config, survey, plan, tiles, segmenter, prepared, writer, checkpoint, index_names,
+            planes, progress, timings)
     finally:
         writer.close()
         _release_tile_memory()
@@ -385,41 +350,13 @@ def _process(
     ctx = SurveyContext(config, survey, segmenter, prepared, plan, schema, out, work,
                         timings=timings)
 
-    def finalize(spec: OutputSpec) -> None:
-        dst = work / f"{spec.name}.tif"
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        finalize_cog(writer.path(spec.name), dst, spec, schema if spec.name == "classes" else None)
-        if spec.name == "classes":
-            write_class_qml(dst, schema)
-        elif spec.name == "confidence" or spec.name.startswith("probability/"):
-            write_ramp_qml(dst, 0, 100, "confidence")
-        else:
-            d = INDICES[spec.name.split("/")[-1]]
-            write_ramp_qml(dst, d.vmin, d.vmax, "vegetation")
-
-    # Two COGs at a time: overview building is single-threaded in GDAL, which releases the
-    # GIL, so both cores are used.
-    with ThreadPoolExecutor(2) as pool:
-        for spec, _ in zip(specs, pool.map(finalize, specs), strict=True):
-            ctx.outputs[spec.name] = Path(f"{spec.name}.tif")
+    _finalize_outputs(specs, writer, ctx)
     # GDAL's overview builders and COG copies free ~0.5 GB of buffers (268 MP) that glibc
     # would otherwise keep through the post-processing steps.
     heap.trim()
     timings["finalize_s"] = time.perf_counter() - t
 
-    for name, step in POST_STEPS:
-        if name in config.skip:
-            log.info("skipping %s (--skip)", name)
-            continue
-        t = time.perf_counter()
-        try:
-            step(ctx)
-        finally:
-            # A step's forked workers keep their heap and GDAL block cache while idle; the
-            # next step forks fresh ones in milliseconds.
-            shutdown_pool()
-            heap.trim()
-        timings[f"{name}_s"] = time.perf_counter() - t
+    _run_post_steps(ctx, config.skip, timings)
 
     counts = class_counts(work / "classes.tif", schema, writer.class_values)
     timings["total_s"] = time.perf_counter() - t_start
@@ -460,6 +397,105 @@ def _process(
     log.info("done in %.1f s: %s", timings["total_s"], out)
     return SurveyResult(out, final, manifest)
 
+
+
+def _segment_on_cluster(
+    config: RunConfig,
+    survey: SurveyRaster,
+    plan: TilePlan,
+    tiles: list[Tile],
+    segmenter: Segmenter,
+    prepared: Prepared,
+    writer: TileWriter,
+    checkpoint: Checkpoint,
+    index_names: tuple[str, ...],
+    planes: tuple[tuple[str, int], ...],
+    progress: Progress | None,
+    timings: dict[str, float],
+) -> tuple[str, dict[str, int]]:
+    """Run every tile on the configured Dask cluster into ``writer``.
+
+    Returns:
+        The worker layout (for run.json) and the threads of each worker.
+    """
+    local = not (config.scheduler or config.scheduler_file)
+    resources = getattr(segmenter, "resources", None)
+    with dask_client(
+        config.scheduler,
+        str(config.scheduler_file) if config.scheduler_file else None,
+        config.workers,
+        config.threads_per_worker,
+        config.processes,
+        timeout=config.scheduler_timeout,
+        resources=resources,
+    ) as client:
+        if not local:
+            check_workers_see(client, survey.path)
+        nthreads = client.nthreads()
+        layout = ("existing cluster" if not local else
+                  f"local {'GPU ' if resources else ''}"
+                  f"{'processes' if client.cluster.processes else 'threads'}")
+        dashboard = getattr(client, "dashboard_link", None)
+        if dashboard:
+            log.info("Dask dashboard: %s", dashboard)
+        warm_s = warm_up_workers(client, segmenter, plan.tile_size)
+        if warm_s is not None:
+            timings["warm_up_s"] = warm_s
+        timings.update(
+            run_tiles(client, survey, plan, tiles, segmenter, prepared, writer, checkpoint,
+                      index_names, progress, sync_seconds=config.checkpoint_seconds,
+                      probabilities=planes)
+        )
+        if not layout.endswith("threads"):
+            # Workers in other processes (those of an existing cluster live on) would
+            # otherwise keep this survey's last decoded blocks (at most
+            # raster.TILE_CACHE_BYTES each). Housekeeping only: every tile is written
+            # by now, so a worker that cannot run it must not fail the survey.
+            try:
+                client.run(clear_tile_cache)
+            except Exception as exc:  # any worker-side failure
+                log.debug("could not clear the workers' block caches: %s", exc)
+    return layout, nthreads
+
+
+def _finalize_outputs(specs: list[OutputSpec], writer: TileWriter, ctx: SurveyContext) -> None:
+    """Turn the writer's working files into styled COGs in the work folder."""
+    work, schema = ctx.work_dir, ctx.schema
+
+    def finalize(spec: OutputSpec) -> None:
+        dst = work / f"{spec.name}.tif"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        finalize_cog(writer.path(spec.name), dst, spec, schema if spec.name == "classes" else None)
+        if spec.name == "classes":
+            write_class_qml(dst, schema)
+        elif spec.name == "confidence" or spec.name.startswith("probability/"):
+            write_ramp_qml(dst, 0, 100, "confidence")
+        else:
+            d = INDICES[spec.name.split("/")[-1]]
+            write_ramp_qml(dst, d.vmin, d.vmax, "vegetation")
+
+    # Two COGs at a time: overview building is single-threaded in GDAL, which releases the
+    # GIL, so both cores are used.
+    with ThreadPoolExecutor(2) as pool:
+        for spec, _ in zip(specs, pool.map(finalize, specs), strict=True):
+            ctx.outputs[spec.name] = Path(f"{spec.name}.tif")
+
+
+def _run_post_steps(ctx: SurveyContext, skip: tuple[str, ...], timings: dict[str, float]) -> None:
+    """Zones, field summaries, quick look, report and project, minus ``skip``, timed."""
+    for name, step in POST_STEPS:
+        if name in skip:
+            log.info("skipping %s (--skip)", name)
+            continue
+        t = time.perf_counter()
+        try:
+            step(ctx)
+        finally:
+            # A step's forked workers keep their heap and GDAL block cache while idle; the
+            # next step forks fresh ones in milliseconds.
+            shutdown_pool()
+            heap.trim()
+        timings[f"{name}_s"] = time.perf_counter() - t
 
 def _move_into_place(ctx: SurveyContext) -> dict[str, Path]:
     """Rename finished files (and their sidecars) from the working folder into ``out``."""

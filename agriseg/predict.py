@@ -92,6 +92,7 @@ def segment_tile(
     ctx = TileContext(
         int(tile.core.row_off) - ys.start, int(tile.core.col_off) - xs.start, survey.grid.gsd_m,
         margin=min(ys.start, xs.start, model_px.shape[1] - ys.stop, model_px.shape[2] - xs.stop),
+        raster_shape=survey.grid.shape_yx,
     )
     core_valid = valid[ys, xs]
     nodata = segmenter.schema.nodata

@@ -43,7 +43,7 @@ def segment_file(path: Path, config: LabelFreeConfig | None = None) -> tuple[np.
     data = np.pad(data, ((0, 0), (p, p), (p, p)), mode="symmetric")
     valid_p = np.pad(valid, p, mode="symmetric")
     scores = seg.predict(data[None], valid_p[None], prep.params,
-                         [TileContext(-p, -p, survey.grid.gsd_m)])[0]
+                         [TileContext(-p, -p, survey.grid.gsd_m, raster_shape=(h, w))])[0]
     classes = scores[:, p:p + h, p:p + w].argmax(0).astype(np.uint8)
     classes[~valid] = 255
     return classes, {**prep.info, "warnings": list(prep.warnings)}

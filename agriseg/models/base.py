@@ -34,12 +34,25 @@ class TileContext:
         margin: pixels on each side of the padded array that the caller discards (the halo).
             A model may leave its scores there at zero and skip the work; 0 means every
             pixel is used.
+        raster_shape: ``(height, width)`` of the raster, when known. Pixels of the array
+            outside it are edge padding (the raster reflected), which a model that follows
+            lines across the image should not take for more field.
     """
 
     row_off: int
     col_off: int
     gsd_m: float
     margin: int = 0
+    raster_shape: tuple[int, int] | None = None
+
+    def inside(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """Bool ``shape`` array, True on raster pixels (None without ``raster_shape``)."""
+        if self.raster_shape is None:
+            return None
+        rows = np.arange(self.row_off, self.row_off + shape[0])
+        cols = np.arange(self.col_off, self.col_off + shape[1])
+        return (((rows >= 0) & (rows < self.raster_shape[0]))[:, None]
+                & ((cols >= 0) & (cols < self.raster_shape[1]))[None, :])
 
 
 @dataclass(frozen=True, slots=True)

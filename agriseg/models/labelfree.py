@@ -950,8 +950,12 @@ class LabelFreeSegmenter:
         if p.rows:
             veg = (vi > p.veg_threshold) & ok
             grown = _inner(max(m - p.attach_px, 0))
-            s = oriented_support(veg, ok, ctx.row_off, ctx.col_off, p.row_angle_deg,
-                                 p.row_half_px, p.orientations, p.leaf_px)[grown]
+            # A row line leaving the raster continues into the reflected edge padding, where
+            # rows at an angle run the other way: only the raster's own pixels count.
+            inside = ctx.inside(veg.shape)
+            s = oriented_support(veg, ok if inside is None else ok & inside, ctx.row_off,
+                                 ctx.col_off, p.row_angle_deg, p.row_half_px, p.orientations,
+                                 p.leaf_px)[grown]
             p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
             if p.appearance is not None:
                 r = p.appearance_px

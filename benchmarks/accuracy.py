@@ -7,6 +7,7 @@ model's halo, as the tiled pipeline does), then scored against its truth.
 
     .venv/bin/python benchmarks/accuracy.py            # full table (~1-2 min)
     .venv/bin/python benchmarks/accuracy.py --quick    # 4 fields
+    .venv/bin/python benchmarks/accuracy.py --held-out # seeds 101-104, never tuned on
     .venv/bin/python benchmarks/accuracy.py --set veg_mix=0.5   # a LabelFreeConfig variant
 """
 
@@ -60,6 +61,16 @@ def iou(conf: np.ndarray) -> np.ndarray:
         return tp / (conf.sum(0) + conf.sum(1) - tp)
 
 
+HELD_OUT_SEEDS = (101, 102, 103, 104)
+
+
+def held_out_specs(size: int) -> list[tuple[str, FieldSpec]]:
+    """Fields never looked at while choosing defaults: the generator's own random angle,
+    spacing, weed and disease layout for each seed, in RGB and multispectral."""
+    return [(f"h{seed} {'MS' if ms else 'RGB'}", FieldSpec(size=size, seed=seed, multispectral=ms))
+            for seed in HELD_OUT_SEEDS for ms in (False, True)]
+
+
 def specs(quick: bool, size: int) -> list[tuple[str, FieldSpec]]:
     out = []
     grid = [
@@ -83,6 +94,9 @@ def specs(quick: bool, size: int) -> list[tuple[str, FieldSpec]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="4 fields instead of 12")
+    ap.add_argument("--held-out", action="store_true",
+                    help=f"the 8 held-out fields (seeds {', '.join(map(str, HELD_OUT_SEEDS))}, "
+                         "random angles and spacings) instead of the benchmark's 12")
     ap.add_argument("--size", type=int, default=1024, help="field edge in pixels [1024]")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="override a LabelFreeConfig field (repeatable)")
@@ -93,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| field | {' | '.join(NAMES)} | rows found | s |")
     print("|---|" + "---|" * (len(NAMES) + 2))
     with tempfile.TemporaryDirectory() as tmp:
-        for name, spec in specs(args.quick, args.size):
+        fields = held_out_specs(args.size) if args.held_out else specs(args.quick, args.size)
+        for name, spec in fields:
             img, tru = Path(tmp) / "f.tif", Path(tmp) / "t.tif"
             field = write_field(spec, img, tru)
             t = time.perf_counter()

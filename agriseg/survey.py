@@ -124,9 +124,11 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
         except (OSError, ValueError):
             old = {}
         for rel in old.values():
-            p = out / rel
-            if p.is_file():
-                p.unlink()
+            # Sidecars too: a style left beside a raster this run does not write would
+            # outlive it (a zone_ids.qml with no zone_ids.tif).
+            for p in (out / rel, *_sidecars(out / rel)):
+                if p.is_file():
+                    p.unlink()
         (out / MANIFEST).unlink()
     if overwrite and work.exists():
         shutil.rmtree(work)
@@ -497,6 +499,11 @@ def _run_post_steps(ctx: SurveyContext, skip: tuple[str, ...], timings: dict[str
             heap.trim()
         timings[f"{name}_s"] = time.perf_counter() - t
 
+def _sidecars(path: Path) -> tuple[Path, Path]:
+    """The QGIS style and GDAL auxiliary files that travel with an output file."""
+    return path.with_suffix(".qml"), path.with_name(path.name + ".aux.xml")
+
+
 def _move_into_place(ctx: SurveyContext) -> dict[str, Path]:
     """Rename finished files (and their sidecars) from the working folder into ``out``."""
     final: dict[str, Path] = {}
@@ -504,7 +511,7 @@ def _move_into_place(ctx: SurveyContext) -> dict[str, Path]:
         src = ctx.work_dir / rel
         dst = ctx.out_dir / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
-        for sidecar in (src.with_suffix(".qml"), src.with_name(src.name + ".aux.xml")):
+        for sidecar in _sidecars(src):
             if sidecar.exists():
                 os.replace(sidecar, dst.parent / sidecar.name)
         os.replace(src, dst)

@@ -295,3 +295,19 @@ def test_cli_probability_rasters(rgba_tif: Path, tmp_path: Path, scheduler: str)
     assert "weed probability (%)" in (out / "project.qgs").read_text()
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["parameters"]["probabilities"] == ["weed", "disease"]
+
+
+def test_overwrite_leaves_nothing_of_the_old_run(rgba_tif: Path, tmp_path: Path,
+                                                 scheduler: str) -> None:
+    """--overwrite removes the old run's outputs with their styles, not only the rasters."""
+    out = tmp_path / "o"
+    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
+            "--model", "index-threshold", "--no-progress", "--skip",
+            "quicklook,zones,fields,report,project"]
+    assert CliRunner().invoke(main, base).exit_code == 0
+    assert (out / "indices" / "exg.qml").exists()
+    r = CliRunner().invoke(main, [*base, "--no-indices", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    left = sorted(p.name for p in (out / "indices").glob("*")) if (out / "indices").exists() else []
+    assert left == []
+    assert (out / "classes.qml").exists() and (out / "classes.tif.aux.xml").exists()

@@ -129,6 +129,22 @@ def rows_text(rows: dict[str, Any]) -> str:
     return text
 
 
+def vegetation_text(info: dict[str, Any]) -> str | None:
+    """One line on a model's vegetation rule (``prepared.info``) for the report, if it has one."""
+    if "veg_threshold" not in info:
+        return None
+    text = (f"{str(info.get('index', 'index')).upper()} > {info['veg_threshold']:.3f} "
+            f"({info.get('veg_threshold_method', 'threshold')})")
+    green = info.get("green_path")
+    if isinstance(green, dict) and green.get("used"):
+        text += f"; or (G-R)/(G+R) > {green['ngrdi_threshold']:.3f} where G > B"
+    table = info.get("appearance")
+    if isinstance(table, dict):
+        text += ("; crop/weed colour table used" if table.get("used")
+                 else f"; no crop/weed colour table ({table.get('reason', 'not used')})")
+    return text
+
+
 def report_step(ctx: SurveyContext) -> None:
     """``report.html``: one offline file with maps, table, charts and parameters."""
     import geopandas as gpd
@@ -144,6 +160,9 @@ def report_step(ctx: SurveyContext) -> None:
     params["raster_px"] = f"{ctx.survey.grid.width} x {ctx.survey.grid.height}"
     crs = ctx.survey.grid.crs
     params["crs"] = crs.to_string() if on_earth(crs) else "none: image coordinates (--gsd)"
+    vegetation = vegetation_text(ctx.prepared.info)
+    if vegetation:
+        params["vegetation"] = vegetation
     rows = ctx.prepared.info.get("rows")
     if isinstance(rows, dict):
         params["crop rows"] = rows_text(rows)

@@ -148,8 +148,9 @@ class LabelFreeConfig:
             soil mode, at least ``ngrdi_min``) where green exceeds blue. Glaucous and grass
             leaves reflect blue, which lowers ExG, so their soil-mixed margins fall under the
             ExG threshold; grey or bluish gravel (green <= blue) and reddish soil (G < R) stay
-            soil. Such pixels are vegetation but never count as pure vegetation, so the health
-            and colour statistics still learn from ExG vegetation only.
+            soil. Such pixels are vegetation but never count as pure vegetation, so the
+            healthy-crop statistics still learn from ExG vegetation only (the colour table
+            does see the interiors of such leaves).
         ngrdi_min: lowest (G-R)/(G+R) threshold of the green path.
         veg_mix: and at least this share of the way from the soil mode to the typical
             pixels above that (75th percentile), so blurred leaf margins stay soil.
@@ -307,7 +308,7 @@ class GreenPath:
 
         The level is :data:`GREEN_PATH_CAP` softnesses above the ExG threshold: vegetation,
         but under the pure-vegetation level (half a softness), so these pixels never feed the
-        health and colour statistics. (G-R)/(G+R) > t is tested as G - R > t (G + R + eps),
+        healthy-crop statistics. (G-R)/(G+R) > t is tested as G - R > t (G + R + eps),
         without a division.
         """
         t = np.float32(self.ngrdi_threshold)

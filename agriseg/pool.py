@@ -16,6 +16,12 @@ the workers only read rasters and run numpy, scipy, rasterio and shapely on thei
 (no logging, no Dask). The pool is created on first use and kept for the rest of the process
 (zones and summaries share it); set ``AGRISEG_POST_WORKERS=0`` to run everything in the
 calling process.
+
+A lock copied in its held state still happens (a worker hung once in the test suite inside
+PROJ's SQLite mutex, at its first ``rasterio.open``), so nothing waits on a worker unbounded:
+a chunk that takes far longer on a worker than any chunk took in the calling process gets
+the workers killed and is computed here, and stopping the pool kills workers that do not
+exit.
 """
 
 from __future__ import annotations
@@ -25,9 +31,11 @@ import logging
 import multiprocessing
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar, cast
 
@@ -38,6 +46,13 @@ R = TypeVar("R")
 
 _pool: ProcessPoolExecutor | None = None
 _pool_workers = 0
+
+#: A worker's chunk is presumed stuck after this many seconds ...
+STUCK_MIN_S = 300.0
+#: ... or this many times the slowest chunk computed in the calling process, if longer.
+STUCK_FACTOR = 20.0
+#: Seconds idle workers get to exit when the pool stops, before they are killed.
+STOP_GRACE_S = 10.0
 
 
 def post_workers() -> int:
@@ -77,12 +92,25 @@ def worker_pids() -> list[int]:
     return [int(pid) for pid in procs]
 
 
-def shutdown_pool() -> None:
-    """Stop the shared pool's processes (a later :func:`get_pool` starts new ones)."""
+def shutdown_pool(grace_s: float | None = None) -> None:
+    """Stop the shared pool's processes (a later :func:`get_pool` starts new ones).
+
+    Workers still alive ``grace_s`` seconds later (default :data:`STOP_GRACE_S`; idle ones
+    exit at once) are killed: a worker stuck on a copied lock would never exit.
+    """
     global _pool
-    if _pool is not None:
-        _pool.shutdown(wait=True, cancel_futures=True)
-        _pool = None
+    pool, _pool = _pool, None
+    if pool is None:
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + (STOP_GRACE_S if grace_s is None else grace_s)
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            log.warning("a post-processing worker (pid %s) did not stop; killing it", proc.pid)
+            proc.kill()
+            proc.join(5)
 
 
 atexit.register(shutdown_pool)
@@ -110,17 +138,29 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T],
     limit = 4 * (n + 1)
     # (item, its future, or None with the result computed here)
     queue: deque[tuple[T, Future[R] | None, R | None]] = deque()
+    slowest = [0.0]  # seconds of the slowest chunk computed here
+
+    def here(item: T) -> R:
+        t = time.monotonic()
+        value = fn(item)
+        slowest[0] = max(slowest[0], time.monotonic() - t)
+        return value
 
     def head() -> R:
         item, fut, value = queue.popleft()
         if fut is None:
             return value  # type: ignore[return-value]  # computed here: fn's result
         try:
-            return fut.result()
+            return fut.result(timeout=max(STUCK_MIN_S, STUCK_FACTOR * slowest[0]))
         except BrokenProcessPool:
             log.warning("post-processing worker died; computing its chunk in this process")
             shutdown_pool()
-            return fn(item)
+            return here(item)
+        except FutureTimeout:
+            log.warning("a post-processing worker seems stuck; stopping the workers and "
+                        "computing the rest in this process")
+            shutdown_pool(grace_s=0.0)
+            return here(item)
 
     it = iter(items)
     end = object()
@@ -137,7 +177,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T],
             except BrokenProcessPool:
                 log.warning("post-processing workers died; continuing in this process")
                 shutdown_pool()
-        queue.append((item, fut, None) if fut is not None else (item, None, fn(item)))
+        queue.append((item, fut, None) if fut is not None else (item, None, here(item)))
         while queue and (queue[0][1] is None or queue[0][1].done() or len(queue) >= limit):
             yield head()
     while queue:

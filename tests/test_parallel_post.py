@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import geopandas as gpd
@@ -43,6 +45,37 @@ def _square(x: int) -> int:
 @pytest.mark.parametrize("workers", [1, 2])
 def test_ordered_map_keeps_order(workers: int) -> None:
     assert list(ordered_map(_square, range(40), workers)) == [i * i for i in range(40)]
+
+
+_PARENT = os.getpid()
+
+
+def _square_or_hang(x: int) -> int:
+    """Squares in the calling process; hangs in a forked worker (a lock copied held)."""
+    if os.getpid() != _PARENT:
+        time.sleep(3600)
+    return x * x
+
+
+def test_stuck_worker_is_killed_and_its_chunks_computed_here(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agriseg.pool as pool
+
+    monkeypatch.setattr(pool, "STUCK_MIN_S", 1.0)
+    t = time.monotonic()
+    assert list(ordered_map(_square_or_hang, range(6), 1)) == [i * i for i in range(6)]
+    assert time.monotonic() - t < 30
+    assert pool.worker_pids() == []  # the stuck worker was killed with its pool
+    # Stopping a pool whose worker never returns does not wait for it either.
+    stuck = pool.get_pool(1)
+    assert stuck is not None
+    stuck.submit(_square_or_hang, 3)
+    time.sleep(0.5)
+    procs = list(stuck._processes.values())
+    t = time.monotonic()
+    pool.shutdown_pool(grace_s=0.5)
+    assert time.monotonic() - t < 10 and not any(p.is_alive() for p in procs)
 
 
 def test_post_workers_env(monkeypatch: pytest.MonkeyPatch) -> None:

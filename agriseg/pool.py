@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as wait_for
 from typing import TypeVar, cast
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,12 @@ def shutdown_pool(grace_s: float | None = None) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
     deadline = time.monotonic() + (STOP_GRACE_S if grace_s is None else grace_s)
     for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-        if proc.is_alive():
+        # The sentinel, not join/is_alive: the pool's own manager thread reaps its workers,
+        # and a process reaped by another thread can look alive to this one.
+        if not wait_for([proc.sentinel], max(0.0, deadline - time.monotonic())):
             log.warning("a post-processing worker (pid %s) did not stop; killing it", proc.pid)
             proc.kill()
-            proc.join(5)
+            wait_for([proc.sentinel], 5)
 
 
 atexit.register(shutdown_pool)

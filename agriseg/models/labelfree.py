@@ -533,10 +533,12 @@ class LabelFreeSegmenter:
                     veg_threshold_method=how)
         green = None
         if index == "exg" and how.startswith("soil mode"):
-            green, info["green_path"] = self._green_path(pix, val, dark_eps, thr, soft)
+            # RGB's health feature is (G-R)/(G+R), the green path's own index.
+            green, info["green_path"] = self._green_path([f[1][0] for f in feats], val, thr,
+                                                         soft)
             if green is not None:
-                feats = [(self._index(p, dark_eps, green)[0], *f[1:])
-                         for p, f in zip(pix, feats, strict=True)]
+                for p, f in zip(pix, feats, strict=True):
+                    green.lift(f[0], p[0], p[1], p[2], np.float32(dark_eps))  # RGB order
         vegs = [(f[0] > thr) & v for f, v in zip(feats, val, strict=True)]
         n_veg = int(sum(int(m.sum()) for m in vegs))
         n_valid = int(sum(int(v.sum()) for v in val))
@@ -731,16 +733,16 @@ class LabelFreeSegmenter:
         return fixed, 0.05, "fixed (" + why + ")"
 
     def _green_path(
-        self, pix: list[np.ndarray], val: list[np.ndarray], dark_eps: float, thr: float,
-        soft: float,
+        self, ngrdi: list[np.ndarray], val: list[np.ndarray], thr: float, soft: float,
     ) -> tuple[GreenPath | None, dict[str, Any]]:
-        """The green path's (G-R)/(G+R) threshold from the sample windows' soil mode."""
+        """The green path's (G-R)/(G+R) threshold from the sample windows' soil mode.
+
+        ``ngrdi`` holds each window's (G-R)/(G+R), ``val`` its valid pixels.
+        """
         cfg = self.config
         if not cfg.green_path:
             return None, {"used": False, "reason": "disabled in the configuration"}
-        eps = np.float32(dark_eps)
-        values = np.concatenate([((p[1] - p[0]) / (p[1] + p[0] + eps))[v]
-                                 for p, v in zip(pix, val, strict=True)])
+        values = np.concatenate([n[v] for n, v in zip(ngrdi, val, strict=True)])
         values = values[np.isfinite(values)]
         if values.size < 100:
             return None, {"used": False, "reason": "too few valid pixels"}

@@ -400,7 +400,6 @@ def _process(
     return SurveyResult(out, final, manifest)
 
 
-
 def _segment_on_cluster(
     config: RunConfig,
     survey: SurveyRaster,
@@ -498,6 +497,7 @@ def _run_post_steps(ctx: SurveyContext, skip: tuple[str, ...], timings: dict[str
             shutdown_pool()
             heap.trim()
         timings[f"{name}_s"] = time.perf_counter() - t
+
 
 def _sidecars(path: Path) -> tuple[Path, Path]:
     """The QGIS style and GDAL auxiliary files that travel with an output file."""

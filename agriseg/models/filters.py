@@ -42,17 +42,28 @@ def max_filter(a: np.ndarray, radius: int) -> np.ndarray:
     return _max_along(_max_along(pad, 2 * radius + 1, 0), 2 * radius + 1, 1)
 
 
-def _max_along(a: np.ndarray, length: int, axis: int) -> np.ndarray:
-    """Maxima of ``length`` consecutive pixels along ``axis`` ("valid" mode)."""
+def or_filter(a: np.ndarray, radius: int) -> np.ndarray:
+    """Bitwise OR over the ``(2r+1)^2`` window of an integer array, edges repeated.
+
+    Several binary masks packed as bits of one byte dilate in one pass (like
+    :func:`max_filter`: OR is idempotent too).
+    """
+    pad = np.pad(a, radius, mode="edge")
+    n = 2 * radius + 1
+    return _max_along(_max_along(pad, n, 0, np.bitwise_or), n, 1, np.bitwise_or)
+
+
+def _max_along(a: np.ndarray, length: int, axis: int, op: np.ufunc = np.maximum) -> np.ndarray:
+    """Maxima (or idempotent ``op``) of ``length`` consecutive pixels along ``axis`` (valid)."""
     n = a.shape[axis] - length + 1
     cur, width = a, 1
     while 2 * width <= length:
         m = cur.shape[axis] - width
-        cur = np.maximum(_along(cur, 0, m, axis), _along(cur, width, m, axis))
+        cur = op(_along(cur, 0, m, axis), _along(cur, width, m, axis))
         width *= 2
     if width == length:
         return _along(cur, 0, n, axis) if cur is not a else _along(cur, 0, n, axis).copy()
-    return np.maximum(_along(cur, 0, n, axis), _along(cur, length - width, n, axis))
+    return op(_along(cur, 0, n, axis), _along(cur, length - width, n, axis))
 
 
 def _along(a: np.ndarray, start: int, size: int, axis: int) -> np.ndarray:

@@ -30,6 +30,9 @@ tile the same way.
    looks like the inter-row weeds becomes weed, which finds weeds in and against the rows.
    Used only where held-out sample pixels show that colour separates the two, and never
    relabelling more than ``appearance_max_loss`` of held-out row vegetation.
+   **Borders** (:mod:`agriseg.models.boundary`): where crop and weed touch, the pixels near
+   the border join the class whose local mean colour they are clearly nearer to, since the
+   row geometry draws that border only roughly.
 3. **Disease / stress.** Crop whose health feature (RGB: normalised green-red difference, which
    drops with chlorosis and necrosis; multispectral: NDRE and NDVI, or NDVI without red edge),
    averaged over nearby pure-vegetation pixels so mixed leaf-edge pixels do not count, lies more
@@ -46,7 +49,8 @@ Probabilities: each decision has a linear ramp around its threshold (``p = 0.5``
 threshold, 1 one softness away), and class scores are the tree's joint probabilities:
 ``soil = 1 - p_veg``, ``weed = p_veg (1 - p_row)``, ``crop = p_veg p_row (1 - p_dis)``,
 ``disease = p_veg p_row p_dis``; then the weed-likeness of the colour moves that share of the
-crop score to weed (disease keeps its score: discoloured crop can look like a weed species).
+crop score to weed (disease keeps its score: discoloured crop can look like a weed species),
+and the pixels the border competition moves swap their crop and weed scores.
 All neighbourhood sums are integer, so tiles match a whole-raster run bit for bit.
 """
 
@@ -63,11 +67,12 @@ from rasterio.windows import Window
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from agriseg.classes import DEFAULT_CLASSES, ClassSchema
+from agriseg.classes import CROP, DEFAULT_CLASSES, WEED, ClassSchema
 from agriseg.errors import ConfigError
 from agriseg.models import appearance as app
 from agriseg.models.appearance import AppearanceTable
 from agriseg.models.base import Prepared, TileContext, reduce_scores
+from agriseg.models.boundary import MAX_RADIUS_PX, BoundaryParams, settle
 from agriseg.models.filters import box_sum, grow_within
 from agriseg.models.rows import (
     DECISION_CELL_PX,
@@ -172,6 +177,17 @@ class LabelFreeConfig:
         appearance_radius_m: the table's weed-likeness is averaged over the vegetation within
             this distance (a square window), so that single pixels of a crop leaf with an odd
             colour stay crop while a weed plant, a patch of such pixels, becomes weed.
+        boundary: settle the borders where crop and weed touch by local colour (see
+            :mod:`agriseg.models.boundary`): a pixel within ``boundary_band_m`` of the other
+            class joins the class whose mean colour within ``boundary_radius_m`` it is clearly
+            nearer to. Only with rows (without them there is no weed to compete).
+        boundary_band_m: how near the other class a pixel must be to be in question.
+        boundary_radius_m: half side of the window of the class means (at most
+            ``boundary.MAX_RADIUS_PX`` pixels).
+        boundary_margin: share of the way past the midpoint between the two means a pixel
+            must lie to change class.
+        boundary_offset: the colour is the bands over their sum plus this share of the
+            survey's median vegetation band sum (brightness still counts for dark pixels).
         nodata_rim_px: valid pixels this close to nodata are treated as soil: clipped or
             warped orthomosaics blend their edge pixels with the fill colour (dark, with a
             shifted chroma that reads as vegetation), which made a false weed strip along the
@@ -213,6 +229,11 @@ class LabelFreeConfig:
     appearance_min_recall: float = 0.2
     appearance_min_pixels: int = 200
     appearance_radius_m: float = 0.04
+    boundary: bool = True
+    boundary_band_m: float = 0.04
+    boundary_radius_m: float = 0.16
+    boundary_margin: float = 0.1
+    boundary_offset: float = 0.6
     nodata_rim_px: int = 2
 
     def __post_init__(self) -> None:
@@ -360,6 +381,7 @@ class LabelFreeParams:
     rim_px: int = 0
     orientations: RowOrientations | None = None
     green: GreenPath | None = None
+    boundary: BoundaryParams | None = None
 
 
 def _ramp(z: np.ndarray) -> np.ndarray:
@@ -597,6 +619,8 @@ class LabelFreeSegmenter:
                 info["appearance"]["radius_m"] = round(params.appearance_px * gsd, 3)
             else:
                 info["appearance"] = {"used": False, "reason": "disabled in the configuration"}
+            if cfg.boundary:
+                params = replace(params, boundary=self._boundary(pix, vegs, gsd, info))
         halo = max(orients.leaves if orients is not None else (leaf,)) + health_px + 1 + \
             cfg.nodata_rim_px
         if rows is not None:
@@ -607,6 +631,9 @@ class LabelFreeSegmenter:
                 # inside every tile that uses the pixel.
                 halo += DECISION_CELL_PX
         halo = max(halo, params.appearance_px)
+        if params.boundary is not None:
+            # The border competition needs the classes over its own reach around the core.
+            halo += params.boundary.reach
         info["halo_px"] = halo
         # Warnings are returned, not logged: the caller reports them once, at warning level.
         return Prepared(params, halo=halo, info=info, warnings=tuple(warnings))
@@ -647,6 +674,22 @@ class LabelFreeSegmenter:
         info["features"] = [f for f, n in zip(names, cfg.appearance_bins, strict=True) if n > 1]
         log.info("appearance table: %s", info)
         return table, info
+
+    def _boundary(self, pix: list[np.ndarray], vegs: list[np.ndarray], gsd: float,
+                  info: dict[str, Any]) -> BoundaryParams:
+        """Settings of the crop / weed border competition at this survey's GSD."""
+        cfg = self.config
+        sums = np.concatenate([p.sum(axis=0, dtype=np.float32)[m]
+                               for p, m in zip(pix, vegs, strict=True)])
+        typical = float(np.median(sums)) if sums.size else 1.0
+        b = BoundaryParams(band_px=max(1, round(cfg.boundary_band_m / gsd)),
+                           radius_px=min(max(2, round(cfg.boundary_radius_m / gsd)),
+                                         MAX_RADIUS_PX),
+                           margin=cfg.boundary_margin, offset=cfg.boundary_offset * typical)
+        info["boundary"] = {"band_m": round(b.band_px * gsd, 3),
+                            "radius_m": round(b.radius_px * gsd, 3), "margin": b.margin,
+                            "offset": round(b.offset, 5)}
+        return b
 
     def _sample(self, survey: SurveyRaster) -> list[tuple[np.ndarray, np.ndarray, int, int]]:
         """Read up to ``sample_windows`` full-resolution windows spread over the valid area."""
@@ -1019,7 +1062,8 @@ class LabelFreeSegmenter:
         conf = np.zeros((n, h, w), np.uint8)
         for i in range(n):
             core = _inner(contexts[i].margin)
-            c, p = reduce_scores(self._core_scores(pixels[i], valid[i], params, contexts[i]))
+            scores, reduced = self._core(pixels[i], valid[i], params, contexts[i])
+            c, p = reduced if reduced is not None else reduce_scores(scores)
             classes[(i, *core)] = c
             conf[(i, *core)] = p
         return classes, conf
@@ -1028,7 +1072,39 @@ class LabelFreeSegmenter:
         self, pixels: np.ndarray, valid: np.ndarray, params: Any, ctx: TileContext
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Soil, crop, weed and disease probabilities of one tile's core (inside its margin)."""
-        p: LabelFreeParams = params
+        return self._core(pixels, valid, params, ctx)[0]
+
+    def _core(
+        self, pixels: np.ndarray, valid: np.ndarray, p: LabelFreeParams, ctx: TileContext
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+               tuple[np.ndarray, np.ndarray] | None]:
+        """The core's four probability planes, and its classes and confidence when known."""
+        b = p.boundary
+        if b is None:
+            return self._rule_scores(pixels, valid, p, ctx), None
+        # The rules' scores over the core and the competition's reach around it; then the
+        # border pixels the competition moves swap their crop and weed scores, which moves
+        # the class and keeps the confidence.
+        m = ctx.margin
+        wide = max(m - b.reach, 0)
+        soil, crop, weed, disease = self._rule_scores(pixels, valid, p, replace(ctx,
+                                                                              margin=wide))
+        classes, conf = reduce_scores((soil, crop, weed, disease))
+        to_weed, to_crop = settle(classes, pixels[(slice(None), *_inner(wide))], b)
+        for moved, gain, lose, cls in ((to_weed, weed, crop, WEED), (to_crop, crop, weed, CROP)):
+            hi = np.maximum(crop.flat[moved], weed.flat[moved])
+            lo = np.minimum(crop.flat[moved], weed.flat[moved])
+            # A tie went to crop (the lower class id): the loser steps just below.
+            gain.flat[moved] = hi
+            lose.flat[moved] = np.where(lo < hi, lo, np.nextafter(lo, np.float32(-1)))
+            classes.flat[moved] = cls
+        core = _inner(m - wide)
+        return (soil[core], crop[core], weed[core], disease[core]), (classes[core], conf[core])
+
+    def _rule_scores(
+        self, pixels: np.ndarray, valid: np.ndarray, p: LabelFreeParams, ctx: TileContext
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The rules' probabilities of one tile's core (see the module docstring)."""
         m = ctx.margin
         # Only the along-row support needs the whole halo. Each later step works on the
         # window it must fill for the core (core + its own reach), so the halo is not

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from agriseg.classes import CROP, SOIL, WEED
-from agriseg.models.boundary import BoundaryParams, settle
+from agriseg.models.boundary import BoundaryParams, absorb_specks, settle
 from agriseg.models.filters import or_filter
 
 PARAMS = BoundaryParams(band_px=2, radius_px=6, margin=0.1, offset=0.6)
@@ -89,3 +89,31 @@ def test_or_filter_dilates_every_bit(shape: tuple[int, int], radius: int, seed: 
     for bit in (1, 2):
         want = ndimage.maximum_filter(bits & bit, size=2 * radius + 1, mode="nearest")
         assert np.array_equal(got & bit, want)
+
+
+def test_small_weed_fragments_stuck_to_crop_become_crop() -> None:
+    classes = np.full((30, 40), SOIL, np.uint8)
+    classes[:, :10] = CROP
+    classes[5:7, 10] = WEED  # 2 px against the row: a cut-off leaf tip
+    classes[12:14, 20:22] = WEED  # 4 px on soil: a seedling, stays
+    classes[20:26, 10:16] = WEED  # 36 px against the row: a weed, stays
+    got = np.sort(absorb_specks(classes, 4))
+    assert np.array_equal(got, np.sort(np.ravel_multi_index(([5, 6], [10, 10]), classes.shape)))
+    assert absorb_specks(np.full((5, 5), CROP, np.uint8), 4).size == 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), r0=st.integers(0, 30), c0=st.integers(0, 30))
+def test_speck_windows_match_the_whole_array(seed: int, r0: int, c0: int) -> None:
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(np.array([SOIL, CROP, WEED], np.uint8), (120, 110), p=[0.5, 0.3, 0.2])
+    max_px, side = 4, 50
+    def moved(c: np.ndarray) -> np.ndarray:
+        out = np.zeros(c.shape, bool)
+        out.flat[absorb_specks(c, max_px)] = True
+        return out
+    whole = moved(classes)
+    k = max_px + 1
+    win = (slice(r0, r0 + side + 2 * k), slice(c0, c0 + side + 2 * k))
+    assert np.array_equal(moved(classes[win])[k:-k, k:-k], whole[win][k:-k, k:-k])
+    assert whole.any()

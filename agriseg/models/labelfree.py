@@ -72,7 +72,7 @@ from agriseg.errors import ConfigError
 from agriseg.models import appearance as app
 from agriseg.models.appearance import AppearanceTable
 from agriseg.models.base import Prepared, TileContext, reduce_scores
-from agriseg.models.boundary import MAX_RADIUS_PX, BoundaryParams, settle
+from agriseg.models.boundary import MAX_RADIUS_PX, BoundaryParams, absorb_specks, settle
 from agriseg.models.filters import box_sum, grow_within
 from agriseg.models.rows import (
     DECISION_CELL_PX,
@@ -188,6 +188,9 @@ class LabelFreeConfig:
             must lie to change class.
         boundary_offset: the colour is the bands over their sum plus this share of the
             survey's median vegetation band sum (brightness still counts for dark pixels).
+        speck_max_m2: after the border competition, weed fragments of at most this area that
+            touch crop become crop (leaf tips the row geometry cut off; 16 cm^2 is 4 pixels
+            at 2 cm, at most ``SPECK_MAX_PX``; 0: off). Only with ``boundary``.
         nodata_rim_px: valid pixels this close to nodata are treated as soil: clipped or
             warped orthomosaics blend their edge pixels with the fill colour (dark, with a
             shifted chroma that reads as vegetation), which made a false weed strip along the
@@ -234,6 +237,7 @@ class LabelFreeConfig:
     boundary_radius_m: float = 0.16
     boundary_margin: float = 0.1
     boundary_offset: float = 0.6
+    speck_max_m2: float = 0.0016
     nodata_rim_px: int = 2
 
     def __post_init__(self) -> None:
@@ -303,6 +307,8 @@ def _option_value(key: str, value: Any, default: Any) -> Any:
 ORIENTATION_PART_PX = 256
 #: Raster pixels per extra direction probe (one 256 px window per ~13 MP).
 PROBE_AREA_PX = 200 * 256 * 256
+#: Largest weed fragment (pixels) the speck rule absorbs, whatever the GSD: it widens the halo.
+SPECK_MAX_PX = 32
 #: Sample parts that must agree on a row direction other than the main one to add it.
 ORIENTATION_MIN_PARTS = 2
 #: Most row directions a survey uses (the main one included).
@@ -382,6 +388,7 @@ class LabelFreeParams:
     orientations: RowOrientations | None = None
     green: GreenPath | None = None
     boundary: BoundaryParams | None = None
+    speck_px: int = 0
 
 
 def _ramp(z: np.ndarray) -> np.ndarray:
@@ -620,7 +627,10 @@ class LabelFreeSegmenter:
             else:
                 info["appearance"] = {"used": False, "reason": "disabled in the configuration"}
             if cfg.boundary:
-                params = replace(params, boundary=self._boundary(pix, vegs, gsd, info))
+                speck = min(SPECK_MAX_PX, round(cfg.speck_max_m2 / gsd**2))
+                params = replace(params, boundary=self._boundary(pix, vegs, gsd, info),
+                                 speck_px=speck)
+                info["boundary"]["speck_max_m2"] = round(speck * gsd**2, 6)
         halo = max(orients.leaves if orients is not None else (leaf,)) + health_px + 1 + \
             cfg.nodata_rim_px
         if rows is not None:
@@ -632,8 +642,9 @@ class LabelFreeSegmenter:
                 halo += DECISION_CELL_PX
         halo = max(halo, params.appearance_px)
         if params.boundary is not None:
-            # The border competition needs the classes over its own reach around the core.
-            halo += params.boundary.reach
+            # The border competition needs the classes over its own reach around the core,
+            # and the speck rule the competition's classes over a speck's reach.
+            halo += params.boundary.reach + (params.speck_px + 1 if params.speck_px else 0)
         info["halo_px"] = halo
         # Warnings are returned, not logged: the caller reports them once, at warning level.
         return Prepared(params, halo=halo, info=info, warnings=tuple(warnings))
@@ -1086,18 +1097,15 @@ class LabelFreeSegmenter:
         # border pixels the competition moves swap their crop and weed scores, which moves
         # the class and keeps the confidence.
         m = ctx.margin
-        wide = max(m - b.reach, 0)
+        speck = p.speck_px + 1 if p.speck_px > 0 else 0
+        wide = max(m - b.reach - speck, 0)
         soil, crop, weed, disease = self._rule_scores(pixels, valid, p, replace(ctx,
                                                                               margin=wide))
         classes, conf = reduce_scores((soil, crop, weed, disease))
         to_weed, to_crop = settle(classes, pixels[(slice(None), *_inner(wide))], b)
-        for moved, gain, lose, cls in ((to_weed, weed, crop, WEED), (to_crop, crop, weed, CROP)):
-            hi = np.maximum(crop.flat[moved], weed.flat[moved])
-            lo = np.minimum(crop.flat[moved], weed.flat[moved])
-            # A tie went to crop (the lower class id): the loser steps just below.
-            gain.flat[moved] = hi
-            lose.flat[moved] = np.where(lo < hi, lo, np.nextafter(lo, np.float32(-1)))
-            classes.flat[moved] = cls
+        _move(to_weed, to_crop, classes, crop, weed)
+        if p.speck_px > 0:
+            _move(np.zeros(0, np.intp), absorb_specks(classes, p.speck_px), classes, crop, weed)
         core = _inner(m - wide)
         return (soil[core], crop[core], weed[core], disease[core]), (classes[core], conf[core])
 
@@ -1199,6 +1207,22 @@ class LabelFreeSegmenter:
         """Name, roles and configuration for run.json."""
         return {"name": self.name, "kind": "rule", "roles": list(self.roles),
                 "config": asdict(self.config)}
+
+
+def _move(to_weed: np.ndarray, to_crop: np.ndarray, classes: np.ndarray, crop: np.ndarray,
+          weed: np.ndarray) -> None:
+    """Move pixels (flat indices) between crop and weed: classes, and scores swapped.
+
+    The moved pixel's best score stays its best, now under the other class, so the
+    confidence is kept.
+    """
+    for moved, gain, lose, cls in ((to_weed, weed, crop, WEED), (to_crop, crop, weed, CROP)):
+        hi = np.maximum(crop.flat[moved], weed.flat[moved])
+        lo = np.minimum(crop.flat[moved], weed.flat[moved])
+        # A tie went to crop (the lower class id): the loser steps just below.
+        gain.flat[moved] = hi
+        lose.flat[moved] = np.where(lo < hi, lo, np.nextafter(lo, np.float32(-1)))
+        classes.flat[moved] = cls
 
 
 def _soil_mode(values: np.ndarray) -> tuple[np.ndarray, float, float]:

@@ -82,31 +82,39 @@ def _levels(cells: int) -> int:
     return (2**16 - 1) // cells
 
 
-def _integral(plane: np.ndarray) -> np.ndarray:
-    """Integral image of a ``uint32`` plane with a zero first row and column, wrapping.
+def _integral(ii: np.ndarray) -> np.ndarray:
+    """Integral image, in place, of the ``uint32`` values in ``ii[1:, 1:]``; wrapping.
 
-    Along rows with ``cumsum``, down the columns one row add at a time: numpy's ``cumsum``
-    along the first axis is twice as slow as the row loop on a tile.
+    Row 0 and column 0 are zero. Along rows with ``cumsum``, down the columns one row add at
+    a time: numpy's ``cumsum`` along the first axis is twice as slow as the row loop here.
     """
-    h, w = plane.shape
-    ii = np.zeros((h + 1, w + 1), np.uint32)
-    ii[1:, 1:] = plane
     np.cumsum(ii, axis=1, dtype=np.uint32, out=ii)
-    for i in range(2, h + 1):
+    for i in range(2, ii.shape[0]):
         ii[i] += ii[i - 1]
     return ii
 
 
-def _window_sums(ii: np.ndarray, ys: np.ndarray, xs: np.ndarray, r: int) -> np.ndarray:
-    """Sums over the ``(2r+1)^2`` windows at ``(ys, xs)`` (clipped) from :func:`_integral`.
+def _corners(shape: tuple[int, int], ys: np.ndarray, xs: np.ndarray, r: int) -> np.ndarray:
+    """Flat indices ``(4, n)`` of the corners of the windows at ``(ys, xs)``, clipped.
+
+    Into the ``(h + 1, w + 1)`` integral image of an ``(h, w)`` array; windows of
+    ``(2r+1)^2`` pixels.
+    """
+    h, w = shape
+    y0, y1 = np.clip(ys - r, 0, h), np.clip(ys + r + 1, 0, h)
+    x0, x1 = np.clip(xs - r, 0, w), np.clip(xs + r + 1, 0, w)
+    stride = w + 1
+    return np.stack([y1 * stride + x1, y0 * stride + x1, y1 * stride + x0, y0 * stride + x0])
+
+
+def _window_sums(ii: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    """Window sums from an integral image and :func:`_corners`.
 
     A window's true sum is below ``2**32``, so the difference of its four corners, computed
     in the same wrapping arithmetic as the integral image, is exact.
     """
-    h, w = ii.shape[0] - 1, ii.shape[1] - 1
-    y0, y1 = np.clip(ys - r, 0, h), np.clip(ys + r + 1, 0, h)
-    x0, x1 = np.clip(xs - r, 0, w), np.clip(xs + r + 1, 0, w)
-    return ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+    a, b, c, d = np.take(ii, corners)
+    return a - b - c + d
 
 
 def _split(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,12 +175,16 @@ def _compete(was_crop: np.ndarray, ys: np.ndarray, xs: np.ndarray, ref: np.ndarr
     """Which of the pixels in question at ``(ys, xs)`` of a strip change class (indices)."""
     empty = np.zeros(0, np.intp)
     cells = (2 * r + 1) ** 2
-    n_crop, n_weed = _split(_window_sums(_integral(ref), ys, xs, r))
+    h, w = ref.shape
+    ii = np.zeros((h + 1, w + 1), np.uint32)
+    ii[1:, 1:] = ref
+    corners = _corners((h, w), ys, xs, r)
+    n_crop, n_weed = _split(_window_sums(_integral(ii), corners))
     keep = np.flatnonzero(np.minimum(n_crop, n_weed) >= max(1.0, p.min_share * cells))
     if keep.size == 0:
         return empty, empty
-    ys, xs, n_crop, n_weed = ys[keep], xs[keep], n_crop[keep], n_weed[keep]
-    at = ys * ref.shape[1] + xs
+    corners, n_crop, n_weed = corners[:, keep], n_crop[keep], n_weed[keep]
+    at = ys[keep] * w + xs[keep]
     levels = np.float32(_levels(cells))
     scale = pixels.sum(axis=0, dtype=np.float32)
     scale += np.float32(p.offset)
@@ -181,12 +193,12 @@ def _compete(was_crop: np.ndarray, ys: np.ndarray, xs: np.ndarray, ref: np.ndarr
     axis2 = np.zeros(keep.size, np.float32)
     q = np.empty(scale.shape, np.float32)
     for band in pixels:
-        np.multiply(band, scale, out=q)
-        q += np.float32(0.5)  # rounds on truncation below; np.rint costs twice the rest
-        qi = q.astype(np.uint32)
-        own = qi.ravel()[at].astype(np.float32)
-        qi *= ref
-        mc, mw = _split(_window_sums(_integral(qi), ys, xs, r))
+        # Truncated, not rounded: every value and mean shifts alike, and np.rint would cost
+        # twice the rest of this loop.
+        qi = np.multiply(band, scale, out=q).astype(np.uint32)
+        own = np.take(qi, at).astype(np.float32)
+        np.multiply(qi, ref, out=ii[1:, 1:])
+        mc, mw = _split(_window_sums(_integral(ii), corners))
         mc /= n_crop
         mw /= n_weed
         d = mw - mc
@@ -216,7 +228,16 @@ def absorb_specks(classes: np.ndarray, max_px: int) -> np.ndarray:
     at = np.flatnonzero(weed)
     ids = labels.ravel()[at]
     size = np.bincount(ids, minlength=n + 1)
+    # Crop among the 8 neighbours of each weed pixel (weed is sparse: gathers, not a filter).
+    h, w = classes.shape
+    y, x = np.divmod(at, w)
+    touching = np.zeros(at.size, bool)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy or dx:
+                yy, xx = y + dy, x + dx
+                inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+                touching |= inside & (classes[yy.clip(0, h - 1), xx.clip(0, w - 1)] == CROP)
     touches = np.zeros(n + 1, bool)
-    near_crop = or_filter((classes == CROP).view(np.uint8), 1)
-    touches[ids[near_crop.ravel()[at] > 0]] = True
+    touches[ids[touching]] = True
     return at[((size <= max_px) & touches)[ids]]

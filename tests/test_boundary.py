@@ -11,7 +11,7 @@ from agriseg.classes import CROP, SOIL, WEED
 from agriseg.models.boundary import BoundaryParams, absorb_specks, settle
 from agriseg.models.filters import or_filter
 
-PARAMS = BoundaryParams(band_px=2, radius_px=6, margin=0.1, offset=0.6)
+PARAMS = BoundaryParams(band_px=2, cell_px=4, margin=0.1, offset=0.6)
 CROP_RGB = (0.30, 0.55, 0.20)
 WEED_RGB = (0.45, 0.60, 0.15)  # yellow-green, like a pigweed beside the crop
 
@@ -34,8 +34,9 @@ def _scene(weed_rgb: tuple[float, float, float], shift: int) -> tuple[np.ndarray
     return truth, classes, pixels
 
 
-def _apply(classes: np.ndarray, pixels: np.ndarray, p: BoundaryParams = PARAMS) -> np.ndarray:
-    to_weed, to_crop = settle(classes, pixels, p)
+def _apply(classes: np.ndarray, pixels: np.ndarray,
+           origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    to_weed, to_crop = settle(classes, pixels, PARAMS, origin)
     out = classes.copy()
     out.flat[to_weed] = WEED
     out.flat[to_crop] = CROP
@@ -65,7 +66,8 @@ def test_nothing_to_compete_without_both_classes() -> None:
 @given(seed=st.integers(0, 2**16), r0=st.integers(0, 40), c0=st.integers(0, 40))
 def test_windows_match_the_whole_array(seed: int, r0: int, c0: int) -> None:
     """A window with the competition's reach around its core moves exactly what the whole
-    array moves there (tiles stay bit-identical), strips and clipping included."""
+    array moves there (tiles stay bit-identical): the cells and samples sit on the raster's
+    grid wherever the window starts."""
     rng = np.random.default_rng(seed)
     blobs = ndimage.uniform_filter(rng.random((300, 200)), 9)
     classes = np.digitize(blobs, np.quantile(blobs, [0.3, 0.65, 0.97])).astype(np.uint8)
@@ -74,7 +76,7 @@ def test_windows_match_the_whole_array(seed: int, r0: int, c0: int) -> None:
     whole = _apply(classes, pixels)
     reach, side = PARAMS.reach, 150
     win = (slice(r0, r0 + side + 2 * reach), slice(c0, c0 + side + 2 * reach))
-    part = _apply(classes[win], pixels[(slice(None), *win)])
+    part = _apply(classes[win], pixels[(slice(None), *win)], (r0, c0))
     core = (slice(reach, -reach), slice(reach, -reach))
     assert np.array_equal(part[core], whole[win][core])
     assert (whole != classes).any()

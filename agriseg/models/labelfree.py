@@ -72,7 +72,7 @@ from agriseg.errors import ConfigError
 from agriseg.models import appearance as app
 from agriseg.models.appearance import AppearanceTable
 from agriseg.models.base import Prepared, TileContext, reduce_scores
-from agriseg.models.boundary import MAX_RADIUS_PX, BoundaryParams, absorb_specks, settle
+from agriseg.models.boundary import MAX_CELL_PX, BoundaryParams, absorb_specks, settle
 from agriseg.models.filters import box_sum, grow_within
 from agriseg.models.rows import (
     DECISION_CELL_PX,
@@ -179,11 +179,11 @@ class LabelFreeConfig:
             colour stay crop while a weed plant, a patch of such pixels, becomes weed.
         boundary: settle the borders where crop and weed touch by local colour (see
             :mod:`agriseg.models.boundary`): a pixel within ``boundary_band_m`` of the other
-            class joins the class whose mean colour within ``boundary_radius_m`` it is clearly
-            nearer to. Only with rows (without them there is no weed to compete).
+            class joins the class whose mean colour around it (the 3 x 3 cells of
+            ``boundary_cell_m`` around its own) it is clearly nearer to. Only with rows
+            (without them there is no weed to compete).
         boundary_band_m: how near the other class a pixel must be to be in question.
-        boundary_radius_m: half side of the window of the class means (at most
-            ``boundary.MAX_RADIUS_PX`` pixels).
+        boundary_cell_m: side of those cells (at most ``boundary.MAX_CELL_PX`` pixels).
         boundary_margin: share of the way past the midpoint between the two means a pixel
             must lie to change class.
         boundary_offset: the colour is the bands over their sum plus this share of the
@@ -234,7 +234,7 @@ class LabelFreeConfig:
     appearance_radius_m: float = 0.04
     boundary: bool = True
     boundary_band_m: float = 0.04
-    boundary_radius_m: float = 0.16
+    boundary_cell_m: float = 0.16
     boundary_margin: float = 0.1
     boundary_offset: float = 0.6
     speck_max_m2: float = 0.0016
@@ -694,11 +694,10 @@ class LabelFreeSegmenter:
                                for p, m in zip(pix, vegs, strict=True)])
         typical = float(np.median(sums)) if sums.size else 1.0
         b = BoundaryParams(band_px=max(1, round(cfg.boundary_band_m / gsd)),
-                           radius_px=min(max(2, round(cfg.boundary_radius_m / gsd)),
-                                         MAX_RADIUS_PX),
+                           cell_px=min(max(2, round(cfg.boundary_cell_m / gsd)), MAX_CELL_PX),
                            margin=cfg.boundary_margin, offset=cfg.boundary_offset * typical)
         info["boundary"] = {"band_m": round(b.band_px * gsd, 3),
-                            "radius_m": round(b.radius_px * gsd, 3), "margin": b.margin,
+                            "cell_m": round(b.cell_px * gsd, 3), "margin": b.margin,
                             "offset": round(b.offset, 5)}
         return b
 
@@ -1102,7 +1101,8 @@ class LabelFreeSegmenter:
         soil, crop, weed, disease = self._rule_scores(pixels, valid, p, replace(ctx,
                                                                               margin=wide))
         classes, conf = reduce_scores((soil, crop, weed, disease))
-        to_weed, to_crop = settle(classes, pixels[(slice(None), *_inner(wide))], b)
+        to_weed, to_crop = settle(classes, pixels[(slice(None), *_inner(wide))], b,
+                                  (ctx.row_off + wide, ctx.col_off + wide))
         _move(to_weed, to_crop, classes, crop, weed)
         if p.speck_px > 0:
             _move(np.zeros(0, np.intp), absorb_specks(classes, p.speck_px), classes, crop, weed)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from scipy import ndimage
 
 from agriseg.classes import CROP, SOIL, WEED
-from agriseg.models.boundary import BoundaryParams, absorb_specks, settle
+from agriseg.models.boundary import BoundaryParams, fragments, settle
 from agriseg.models.filters import or_filter
 
 PARAMS = BoundaryParams(band_px=2, cell_px=4, margin=0.1, offset=0.6)
@@ -99,20 +99,35 @@ def test_small_weed_fragments_stuck_to_crop_become_crop() -> None:
     classes[5:7, 10] = WEED  # 2 px against the row: a cut-off leaf tip
     classes[12:14, 20:22] = WEED  # 4 px on soil: a seedling, stays
     classes[20:26, 10:16] = WEED  # 36 px against the row: a weed, stays
-    got = np.sort(absorb_specks(classes, 4))
+    got = np.sort(fragments(classes, WEED, CROP, 4, 0.0))
     assert np.array_equal(got, np.sort(np.ravel_multi_index(([5, 6], [10, 10]), classes.shape)))
-    assert absorb_specks(np.full((5, 5), CROP, np.uint8), 4).size == 0
+    assert fragments(np.full((5, 5), CROP, np.uint8), WEED, CROP, 4, 0.0).size == 0
+
+
+def test_small_crop_pieces_inside_a_weed_become_weed() -> None:
+    classes = np.full((30, 40), SOIL, np.uint8)
+    classes[5:15, 5:15] = WEED
+    classes[8:10, 8:11] = CROP  # 6 px inside the weed patch: part of the weed plant
+    classes[20:22, 20:23] = CROP  # a 6 px seedling on soil, touching a weed on one side
+    classes[20:22, 23] = WEED
+    inside = np.zeros(classes.shape, bool)
+    inside[8:10, 8:11] = True
+    assert np.array_equal(np.sort(fragments(classes, CROP, WEED, 16, 0.5)),
+                          np.flatnonzero(inside))
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 2**16), r0=st.integers(0, 30), c0=st.integers(0, 30))
-def test_speck_windows_match_the_whole_array(seed: int, r0: int, c0: int) -> None:
+@given(seed=st.integers(0, 2**16), r0=st.integers(0, 30), c0=st.integers(0, 30),
+       crop_pieces=st.booleans())
+def test_fragment_windows_match_the_whole_array(seed: int, r0: int, c0: int,
+                                                crop_pieces: bool) -> None:
     rng = np.random.default_rng(seed)
     classes = rng.choice(np.array([SOIL, CROP, WEED], np.uint8), (120, 110), p=[0.5, 0.3, 0.2])
     max_px, side = 4, 50
+    cls, other, share = (CROP, WEED, 0.5) if crop_pieces else (WEED, CROP, 0.0)
     def moved(c: np.ndarray) -> np.ndarray:
         out = np.zeros(c.shape, bool)
-        out.flat[absorb_specks(c, max_px)] = True
+        out.flat[fragments(c, cls, other, max_px, share)] = True
         return out
     whole = moved(classes)
     k = max_px + 1

@@ -258,15 +258,18 @@ def test_margin_skips_work_without_changing_the_core(tmp_path: Path) -> None:
     assert np.array_equal(want[0], full[:, m:-m, m:-m].argmax(0))
 
 
-def test_appearance_table_tiles_match_the_whole_raster(tmp_path: Path) -> None:
+@pytest.mark.parametrize("island_m2", [0.0, 0.0064])
+def test_appearance_table_tiles_match_the_whole_raster(tmp_path: Path, island_m2: float) -> None:
     """With the colour table in use, windows with their halo (and with the margin skipped)
-    score their core exactly as the whole raster does."""
+    score their core exactly as the whole raster does (border rules on, the optional island
+    rule too)."""
     spec = FieldSpec(shape_yx=(300, 340), seed=3, row_angle_deg=35.0, row_spacing_m=0.6,
                      weed_density=3.0)
     write_field(spec, tmp_path / "f.tif", tmp_path / "t.tif")
     # A small field: the stricter attachment of earlier defaults leaves it enough isolated
     # inter-row plants to teach the table (what is tested here is tiling, not the defaults).
-    seg = LabelFreeSegmenter(LabelFreeConfig(appearance_min_pixels=50, row_attached_support=0.4))
+    seg = LabelFreeSegmenter(LabelFreeConfig(appearance_min_pixels=50, row_attached_support=0.4,
+                                             island_max_m2=island_m2))
     prep = seg.prepare(open_survey(tmp_path / "f.tif"))
     assert prep.info["appearance"]["used"], prep.info["appearance"]
     assert prep.params.appearance is not None and prep.params.appearance_px > 0

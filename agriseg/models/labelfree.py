@@ -265,6 +265,25 @@ class LabelFreeConfig:
             raise ConfigError(
                 f"labelfree: disease_sensitivity must be > 0, got {self.disease_sensitivity}"
             )
+        if self.boundary_band_m <= 0 or self.boundary_cell_m <= 0:
+            raise ConfigError(
+                f"labelfree: boundary_band_m and boundary_cell_m must be > 0, got "
+                f"{self.boundary_band_m}, {self.boundary_cell_m} (boundary=false turns the "
+                f"border competition off)"
+            )
+        if not 0 <= self.boundary_margin < 0.5:
+            raise ConfigError(
+                f"labelfree: boundary_margin must be in [0, 0.5), got {self.boundary_margin}"
+            )
+        if self.speck_max_m2 < 0 or self.island_max_m2 < 0:
+            raise ConfigError(
+                f"labelfree: speck_max_m2 and island_max_m2 must be >= 0 (0: off), got "
+                f"{self.speck_max_m2}, {self.island_max_m2}"
+            )
+        if not 0 < self.island_weed_share <= 1:
+            raise ConfigError(
+                f"labelfree: island_weed_share must be in (0, 1], got {self.island_weed_share}"
+            )
 
 
 def labelfree_config(options: Mapping[str, Any]) -> LabelFreeConfig:

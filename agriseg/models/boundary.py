@@ -47,12 +47,13 @@ class BoundaryParams:
 
     Attributes:
         band_px: pixels this close to the other class are in question.
-        cell_px: side of the cells whose 3 x 3 block around a pixel gives the class means.
+        cell_px: side of the cells whose 3 x 3 block around a pixel gives the class means;
+            a multiple of :data:`SAMPLE_STEP`, at most :data:`MAX_CELL_PX`.
         margin: share of the axis between the two means a pixel must pass beyond the
             midpoint to change class.
         offset: added to each pixel's band sum before dividing (scaled units; a share of the
             survey's typical vegetation brightness).
-        min_share: fewest pixels of each class in the block, as a share of its pixels.
+        min_share: fewest samples of each class in the block, as a share of its samples.
         min_separation: the two means must be at least this far apart (colour units, ~1 %
             of the band sum) to pull anything.
     """
@@ -64,6 +65,11 @@ class BoundaryParams:
     min_share: float = 0.02
     min_separation: float = 0.01
 
+    def __post_init__(self) -> None:
+        if not (0 < self.cell_px <= MAX_CELL_PX and self.cell_px % SAMPLE_STEP == 0):
+            raise ValueError(f"cell_px must be a multiple of {SAMPLE_STEP} up to "
+                             f"{MAX_CELL_PX}, got {self.cell_px}")
+
     @property
     def reach(self) -> int:
         """How far from a pixel its outcome looks: classes within this many pixels."""
@@ -71,7 +77,7 @@ class BoundaryParams:
 
 
 #: Largest cell side: the two classes' sums share one 32-bit word (16 bits each), so a
-#: block's pixels times the colour levels must stay under 2**16 (113 levels at 8 px).
+#: block's samples times the colour levels must stay under 2**16 (455 levels at 8 px).
 MAX_CELL_PX = 8
 #: The class means sample every this many rows and columns of the raster.
 SAMPLE_STEP = 2
@@ -165,7 +171,7 @@ def settle(classes: np.ndarray, pixels: np.ndarray, p: BoundaryParams,
     ref = np.zeros(crop[sub].shape, np.uint32)
     ref[crop[sub] & ~near_weed[sub]] = 1
     ref[weed[sub] & ~near_crop[sub]] = 1 << 16
-    cell = max(1, min(p.cell_px, MAX_CELL_PX) // step)
+    cell = p.cell_px // step
     sub_origin = ((origin[0] + r0) // step, (origin[1] + c0) // step)
     ys, xs = np.divmod(at, classes.shape[1])
     # The cell of each pixel in question, counted from the sampled window's first cell.

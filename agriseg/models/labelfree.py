@@ -72,7 +72,13 @@ from agriseg.errors import ConfigError
 from agriseg.models import appearance as app
 from agriseg.models.appearance import AppearanceTable
 from agriseg.models.base import Prepared, TileContext, reduce_scores
-from agriseg.models.boundary import MAX_CELL_PX, BoundaryParams, fragments, settle
+from agriseg.models.boundary import (
+    MAX_CELL_PX,
+    SAMPLE_STEP,
+    BoundaryParams,
+    fragments,
+    settle,
+)
 from agriseg.models.filters import box_sum, grow_within
 from agriseg.models.rows import (
     DECISION_CELL_PX,
@@ -728,8 +734,11 @@ class LabelFreeSegmenter:
         sums = np.concatenate([p.sum(axis=0, dtype=np.float32)[m]
                                for p, m in zip(pix, vegs, strict=True)])
         typical = float(np.median(sums)) if sums.size else 1.0
-        b = BoundaryParams(band_px=max(1, round(cfg.boundary_band_m / gsd)),
-                           cell_px=min(max(2, round(cfg.boundary_cell_m / gsd)), MAX_CELL_PX),
+        # Cells hold whole samples (SAMPLE_STEP apart), so run.json and the halo see the
+        # cell the competition really uses.
+        cell = SAMPLE_STEP * max(1, min(round(cfg.boundary_cell_m / gsd), MAX_CELL_PX)
+                                 // SAMPLE_STEP)
+        b = BoundaryParams(band_px=max(1, round(cfg.boundary_band_m / gsd)), cell_px=cell,
                            margin=cfg.boundary_margin, offset=cfg.boundary_offset * typical)
         info["boundary"] = {"band_m": round(b.band_px * gsd, 3),
                             "cell_m": round(b.cell_px * gsd, 3), "margin": b.margin,

@@ -35,7 +35,8 @@ class RunConfig(BaseModel):
         "for the label-free model (any LabelFreeConfig field; other models take none)",
     )
     engine: Literal["auto", "torch", "onnx"] = Field(
-        "auto", description="learned-model engine: auto (ONNX Runtime on CPU, PyTorch on GPU)"
+        "auto", description="learned-model engine: auto (PyTorch on a GPU or on a CPU with "
+        "native bf16, ONNX Runtime on other CPUs)"
     )
     bands: str | None = Field(None, description="band roles, e.g. red=1,green=2,blue=3,nir=4")
     gsd: float | None = Field(

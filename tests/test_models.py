@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +20,13 @@ from agriseg.cli import main
 from agriseg.config import build_run_config
 from agriseg.errors import BandError, ConfigError, ModelError
 from agriseg.models import load_segmenter
-from agriseg.models.arch import ARCHITECTURES, build_model, count_parameters, make_spec
+from agriseg.models.arch import (
+    ARCHITECTURES,
+    build_model,
+    count_parameters,
+    full_precision_stem,
+    make_spec,
+)
 from agriseg.models.bundle import (
     BundleMeta,
     bundle_digest,
@@ -29,14 +37,40 @@ from agriseg.models.bundle import (
 from agriseg.models.neural import (
     NeuralParams,
     NeuralSegmenter,
+    cpu_bf16_native,
     cuda_possible,
     export_onnx,
+    get_runner,
     onnx_cache_path,
+    uses_onnx,
 )
 from agriseg.raster import open_survey
 from agriseg.survey import process_survey
 
 ROLES = ("red", "green", "blue")
+
+
+@pytest.fixture
+def cpu_fp32(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """PyTorch on CPU in float32, whatever the CPU offers."""
+    monkeypatch.setenv("AGRISEG_CPU_BF16", "0")
+    cpu_bf16_native.cache_clear()
+    yield
+    cpu_bf16_native.cache_clear()
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """PyTorch on CPU in bf16 (emulated, slowly, where the CPU has no native bf16)."""
+    monkeypatch.setenv("AGRISEG_CPU_BF16", "1")
+    cpu_bf16_native.cache_clear()
+    yield
+    cpu_bf16_native.cache_clear()
+
+
+def _mixed_precision() -> bool:
+    """Whether PyTorch runs bf16 here (a GPU, or a CPU with native bf16)."""
+    return cuda_possible() or cpu_bf16_native()
 
 
 def _tiny_bundle(path: Path, arch: str = "unet", seed: int = 0, **meta_kw: object) -> Path:
@@ -164,7 +198,7 @@ def test_unknown_version_and_mismatch_refused(tmp_path: Path) -> None:
         load_segmenter(str(folder))
 
 
-def test_onnx_matches_torch_and_is_cached(tmp_path: Path) -> None:
+def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> None:
     bundle = _tiny_bundle(tmp_path / "m.safetensors", seed=3)
     x = np.random.default_rng(0).random((2, 3, 150, 130), np.float32)
     meta, _ = read_bundle(bundle)
@@ -199,7 +233,10 @@ def test_cached_onnx_runs_without_importing_torch(tmp_path: Path) -> None:
         "assert abs(float(p.sum(1).mean()) - 1) < 1e-5\n"
         "print('torch' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # A CPU with native bf16 runs `auto` through PyTorch; this test is about the other CPUs.
+    env = {**os.environ, "AGRISEG_CPU_BF16": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
@@ -242,7 +279,7 @@ def test_predict_classes_matches_probabilities(tmp_path: Path) -> None:
     assert reduced is not None
     for i in range(2):
         want = scores_to_outputs(probs[i], valid[i])
-        if cuda_possible():  # bf16 on a GPU: near-ties may flip
+        if _mixed_precision():  # bf16: near-ties may flip
             assert (reduced[0][i] == want[0]).mean() > 0.99
         else:
             assert np.array_equal(reduced[0][i], want[0])
@@ -250,10 +287,52 @@ def test_predict_classes_matches_probabilities(tmp_path: Path) -> None:
     # smaller than its own context ring: reflect-padded, same shapes out
     tiny = seg.predict_classes(pixels[:, :, :40, :50], valid[:, :40, :50], NeuralParams(32), [])
     assert tiny is not None and tiny[0].shape == tiny[1].shape == (2, 40, 50)
-    if not cuda_possible():
+    if not _mixed_precision():
         want = scores_to_outputs(seg.predict(pixels[:1, :, :40, :50], valid[:1, :40, :50],
                                              NeuralParams(32), [])[0], valid[0, :40, :50])
         assert np.array_equal(tiny[0][0], want[0])
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_full_precision_stem_wraps_the_first_convolution(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(make_spec(arch, "tiny", 3, 4)).eval()
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    assert first.in_channels == 3
+    keys = set(model.state_dict())
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        want = model(x)
+        full_precision_stem(full_precision_stem(model))  # idempotent
+        wrapped = [m for m in model.modules() if type(m).__name__ == "_FullPrecision"]
+        assert len(wrapped) == 1 and next(wrapped[0].children()) is first
+        assert {k.replace("layer.", "") for k in model.state_dict()} == keys
+        torch.testing.assert_close(model(x), want)  # same float32 result outside autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(x).shape == want.shape
+
+
+def test_cpu_bf16_runs_torch_close_to_float32(tmp_path: Path, cpu_bf16: None) -> None:
+    """On a CPU with native bf16, `auto` runs PyTorch in bf16 with its first layer in float32."""
+    from tests.conftest import toy_field
+
+    bundle = _trained_bundle(tmp_path / "toy.safetensors")
+    seg = load_segmenter(str(bundle))
+    assert uses_onnx("onnx")
+    if not cuda_possible():
+        assert not uses_onnx("auto")
+    rgb, _ = toy_field(192, 256, seed=5)
+    pixels = (rgb.astype(np.float32) / 255)[None]
+    valid = np.ones((1, 192, 256), bool)
+    mixed = seg.predict_classes(pixels, valid, NeuralParams(32), [])
+    runner = get_runner(seg.path, seg.engine, seg.meta)
+    assert runner.amp is torch.bfloat16
+    assert sum(type(m).__name__ == "_FullPrecision" for m in runner.model.modules()) == 1
+    full = load_segmenter(str(bundle), engine="onnx").predict(pixels, valid, NeuralParams(32), [])
+    assert mixed is not None
+    agree = float((mixed[0] == full.argmax(1)).mean())
+    assert agree > 0.99, f"bf16 agrees with float32 on {agree:.4f} of pixels"
+    assert np.abs(mixed[1].astype(int) - np.round(full.max(1) * 100)).max() <= 10
 
 
 def _read1(path: str | Path) -> np.ndarray:

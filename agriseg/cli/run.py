@@ -28,7 +28,10 @@ from agriseg.grid import TilePlan
               "row_support=0.5 for the label-free model; the names are LabelFreeConfig's "
               "fields, listed by `agriseg models`. Overrides `model_options:` of --config.")
 @click.option("--engine", type=click.Choice(["auto", "torch", "onnx"]),
-              help="Engine for learned models [auto: ONNX Runtime on CPU, PyTorch on GPU].")
+              help="Engine for learned models. torch: bf16 where the hardware computes it "
+              "natively (GPUs; CPUs with AVX512-BF16 or AMX), the first layer in float32; onnx: "
+              "ONNX Runtime, float32, on CPU [auto: torch on a GPU or a CPU with native bf16, "
+              "onnx elsewhere].")
 @click.option("--bands",
               help="Band roles when the file does not say, e.g. red=3,green=2,blue=1,nir=4.")
 @click.option("--gsd", type=float,

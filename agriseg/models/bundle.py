@@ -369,14 +369,14 @@ def load_bundle_segmenter(path: str | os.PathLike[str], engine: str = "auto") ->
     Raises:
         ModelError: the bundle is unsafe, corrupt or inconsistent.
     """
-    from agriseg.models.neural import NeuralSegmenter, cuda_possible, onnx_cache_path
+    from agriseg.models.neural import NeuralSegmenter, onnx_cache_path, uses_onnx
 
     # Checked here so a bad bundle fails before any Dask work starts. An ONNX export of these
-    # exact bytes (same digest) was verified against PyTorch when it was made, so with one in
-    # the cache and no GPU the weights need no second check, and PyTorch no import.
+    # exact bytes (same digest) was verified against PyTorch when it was made, so when ONNX
+    # Runtime will run it and the export is cached the weights need no second check, and
+    # PyTorch no import.
     meta = read_bundle_meta(path)
-    cached = engine != "torch" and not cuda_possible() and \
-        onnx_cache_path(path, bundle_digest(path)).exists()
+    cached = uses_onnx(engine) and onnx_cache_path(path, bundle_digest(path)).exists()
     if not cached:
         meta, _ = load_bundle_model(path)
     return NeuralSegmenter(str(Path(path).resolve()), meta, engine=engine)

@@ -1,13 +1,14 @@
-"""Learned segmenters: a model bundle run through ONNX Runtime (CPU) or PyTorch (GPU).
+"""Learned segmenters: a model bundle run through ONNX Runtime or PyTorch.
 
 The :class:`NeuralSegmenter` that travels to Dask workers holds only the bundle path and its
 small metadata; each worker process loads the network once (module-level cache keyed by path,
-mtime and engine) and reuses it for every tile. On CPU the bundle is exported to ONNX once,
-cached beside it (or in the user cache when the bundle folder is read-only), checked against
-the PyTorch outputs, and run with ONNX Runtime, which is ~1.4x faster than eager PyTorch here.
-PyTorch runs on GPU (bf16/fp16 autocast, channels_last, pinned host memory) and is the fallback
-for architectures ONNX cannot express with dynamic shapes (PSPNet's adaptive pooling, SegNet's
-unpooling).
+mtime and engine) and reuses it for every tile. PyTorch runs on GPU (bf16/fp16 autocast,
+channels_last, pinned host memory) and on CPUs that compute bf16 natively (AVX512-BF16, AMX),
+where bf16 is about twice as fast as float32. On other CPUs the bundle is exported to ONNX
+once, cached beside it (or in the user cache when the bundle folder is read-only), checked
+against the PyTorch outputs, and run with ONNX Runtime, which is ~1.4x faster than eager
+float32 PyTorch; PyTorch is the fallback for architectures ONNX cannot express with dynamic
+shapes (PSPNet's adaptive pooling, SegNet's unpooling).
 
 Seamless tiles: the outer ``margin`` pixels of every array handed to :meth:`predict` are
 context only (the pipeline's halo). The interior is cut into sub-patches whose sides are
@@ -20,6 +21,7 @@ receptive field beyond the margin and float noise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -124,14 +126,23 @@ class _Graph:
 
 
 class _TorchRunner:
-    """Probabilities, or classes and confidence, from PyTorch (GPU with autocast)."""
+    """Probabilities, or classes and confidence, from PyTorch.
+
+    Mixed precision where the hardware computes it natively: bf16 (or fp16) autocast on a
+    GPU, bf16 on a CPU with AVX512-BF16 or AMX (:func:`cpu_bf16_native`); float32 otherwise.
+    The first convolution stays float32 (:func:`~agriseg.models.arch.full_precision_stem`).
+    """
 
     def __init__(self, model: nn.Module, device: str, meta: BundleMeta) -> None:
         import torch
 
+        from agriseg.models.arch import full_precision_stem
+
         self.device = torch.device(device)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.amp: Any = None
+        if self.device.type == "cpu" and cpu_bf16_native():
+            self.amp = torch.bfloat16
         self.mean = torch.tensor(meta.mean, dtype=torch.float32, device=self.device)[:, None, None]
         self.std = torch.tensor(meta.std, dtype=torch.float32, device=self.device)[:, None, None]
         self._local = threading.local()
@@ -140,6 +151,8 @@ class _TorchRunner:
             # Tiles come in a handful of shapes (full, last row, last column): cuDNN's
             # autotuner picks each shape's fastest kernels once.
             torch.backends.cudnn.benchmark = True
+        if self.amp is not None:
+            full_precision_stem(self.model)
         self.engine = f"torch-{self.device.type}"
         # CUDA graphs of the reducing forward pass, one per batch shape (None: capture failed).
         self._graphs: dict[tuple[int, ...], _Graph | None] = {}
@@ -390,6 +403,51 @@ def _cached_onnx(bundle: str) -> Path:
     return export_onnx(bundle, path)[0]
 
 
+@functools.cache
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), known without PyTorch.
+
+    There PyTorch's oneDNN kernels run a U-Net resnet18 in bf16 about twice as fast as ONNX
+    Runtime in float32 (benchmarks/RESULTS.md); elsewhere bf16 is emulated and slower than
+    float32. ``AGRISEG_CPU_BF16=0`` (or ``1``) overrides the detection.
+    """
+    env = os.environ.get("AGRISEG_CPU_BF16")
+    if env in ("0", "1"):
+        return env == "1"
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[-1].split()))
+    except OSError:
+        pass
+    return False
+
+
+def uses_onnx(engine: str) -> bool:
+    """Whether ``engine`` runs through ONNX Runtime here, known without importing PyTorch.
+
+    ``auto`` picks the fastest engine of the machine: PyTorch on a GPU or on a CPU with native
+    bf16, ONNX Runtime (float32) on other CPUs. (A GPU that may exist but that PyTorch cannot
+    use still ends on ONNX Runtime: :func:`_make_runner` decides that on the worker.)
+    """
+    return engine == "onnx" or (engine == "auto" and not cuda_possible()
+                                and not cpu_bf16_native())
+
+
+def runs_as(engine: str) -> str:
+    """What ``engine`` runs as on machines like this one (for run.json and logs)."""
+    if uses_onnx(engine):
+        return "ONNX Runtime, float32"
+    if cuda_possible():
+        return "PyTorch; on a GPU bf16 or fp16 autocast, first layer float32"
+    if cpu_bf16_native():
+        return "PyTorch on CPU, bf16, first layer float32"
+    return "PyTorch on CPU, float32"
+
+
 def cuda_possible() -> bool:
     """Whether a CUDA device may exist, known without importing PyTorch.
 
@@ -412,7 +470,7 @@ def cuda_available() -> bool:
 def _make_runner(path: str, engine: str, meta: BundleMeta) -> Any:
     threads = torch_threads()
     cuda = engine != "onnx" and cuda_available()
-    if engine == "onnx" or (engine == "auto" and not cuda):
+    if engine == "onnx" or (engine == "auto" and not cuda and not cpu_bf16_native()):
         try:
             # No PyTorch import on this path when the export is cached: ~3 s and ~300 MB
             # less per worker.
@@ -514,7 +572,7 @@ class NeuralSegmenter:
     Attributes:
         path: absolute bundle path (weights load lazily, once per worker process).
         meta: bundle metadata (small; travels with the segmenter).
-        engine: ``auto`` (ONNX Runtime on CPU, PyTorch on GPU), ``onnx`` or ``torch``.
+        engine: ``auto`` (:func:`uses_onnx`), ``onnx`` or ``torch``.
     """
 
     path: str
@@ -563,8 +621,9 @@ class NeuralSegmenter:
                 f"the model {self.name!r} was trained on; expect poor results (resample the "
                 "survey with gdalwarp -tr, or train on data at this GSD)"
             )
-        info = {"bundle": self.path, "engine": self.engine, "margin": self.margin,
-                "arch": self.meta.arch.arch, "encoder": self.meta.arch.encoder}
+        info = {"bundle": self.path, "engine": self.engine, "runs_as": runs_as(self.engine),
+                "margin": self.margin, "arch": self.meta.arch.arch,
+                "encoder": self.meta.arch.encoder}
         # On CPU a tile runs as blocks of at most CPU_BLOCK_INPUT px; tiles that are whole
         # numbers of full blocks waste no margin on a short last block (1024 px tiles run
         # 2 x 2 inputs of 576 px, 1.27 model px per output px; 1280 px tiles 2 x 2 of 704,

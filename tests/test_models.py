@@ -24,6 +24,7 @@ from agriseg.models.arch import (
     ARCHITECTURES,
     build_model,
     count_parameters,
+    fold_batch_norms,
     full_precision_stem,
     make_spec,
 )
@@ -310,6 +311,24 @@ def test_full_precision_stem_wraps_the_first_convolution(arch: str) -> None:
         torch.testing.assert_close(model(x), want)  # same float32 result outside autocast
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(x).shape == want.shape
+
+
+@pytest.mark.parametrize("arch", ["unet", "fpn", "segnet"])
+def test_fold_batch_norms_keeps_the_outputs(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(make_spec(arch, "tiny", 3, 4)).eval()
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)  # stats a trained model would have
+        bn.running_var.uniform_(0.5, 2.0)
+    folded = fold_batch_norms(model, 3)
+    norms = [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    if arch == "fpn":  # fx cannot trace smp's FPN: the model comes back as it was
+        assert folded is model
+    else:
+        assert folded is not model and not norms
+    x = torch.rand(2, 3, 96, 160)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_cpu_bf16_runs_torch_close_to_float32(tmp_path: Path, cpu_bf16: None) -> None:

@@ -24,7 +24,8 @@ from agriseg.errors import ConfigError
 from agriseg.models.spec import SIZE_MULTIPLE, ArchSpec
 
 __all__ = ["ARCHITECTURES", "SIZE_MULTIPLE", "ArchSpec", "build_model", "count_parameters",
-           "create_model", "encoder_names", "full_precision_stem", "make_spec"]
+           "create_model", "encoder_names", "fold_batch_norms", "full_precision_stem",
+           "make_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -399,6 +400,32 @@ def full_precision_stem(model: nn.Module) -> nn.Module:
 
     wrap(model)
     return model
+
+
+def fold_batch_norms(model: nn.Module, in_channels: int) -> nn.Module:
+    """A copy of an eval-mode model with each batch norm folded into the convolution before it.
+
+    Inference only. On CPU, where nothing fuses eager PyTorch's operators, this drops a
+    read and write of every normalised activation map (U-Net resnet18 in bf16: ~8 % faster,
+    benchmarks/RESULTS.md). torch.fx traces the model; architectures it cannot trace (smp's
+    FPN, PSPNet, DeepLabV3+ and U-Net++ branch on tensor shapes) come back unchanged, as does a
+    folded copy that does not reproduce the original on a check input.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        folded = fuse(model, inplace=False)
+    except Exception as exc:  # fx raises several unrelated types on code it cannot trace
+        log.debug("batch norms not folded (%s: %s)", type(exc).__name__, exc)
+        return model
+    side = 2 * SIZE_MULTIPLE
+    x = torch.rand(1, in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        same = torch.allclose(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    if not same:
+        log.debug("batch norms not folded: the folded model differs from the original")
+        return model
+    return folded
 
 
 def count_parameters(model: nn.Module) -> int:

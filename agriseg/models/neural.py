@@ -136,9 +136,12 @@ class _TorchRunner:
     def __init__(self, model: nn.Module, device: str, meta: BundleMeta) -> None:
         import torch
 
-        from agriseg.models.arch import full_precision_stem
+        from agriseg.models.arch import fold_batch_norms, full_precision_stem
 
         self.device = torch.device(device)
+        model = model.eval()
+        if self.device.type == "cpu":
+            model = fold_batch_norms(model, meta.arch.in_channels)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.amp: Any = None
         if self.device.type == "cpu" and cpu_bf16_native():

@@ -208,9 +208,13 @@ def test_cli_bad_bands(rgba_tif: Path, tmp_path: Path) -> None:
 
 
 def test_cli_help_everywhere() -> None:
-    for cmd in ([], ["run"], ["synth"], ["evaluate"], ["models"]):
+    for cmd in ([], ["run"], ["synth"], ["evaluate"], ["models"], ["prescription"], ["export"]):
         r = CliRunner().invoke(main, [*cmd, "--help"])
         assert r.exit_code == 0 and "Usage" in r.output
+        # click's no-rewrap marker is the \b character; a raw docstring prints it literally
+        assert "\\b" not in r.output, r.output
+    r = CliRunner().invoke(main, ["--help"])
+    assert "\n      agriseg run survey.tif --fields fields.gpkg --out results/\n" in r.output
 
 
 def test_cli_skip_steps(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:

@@ -41,7 +41,7 @@ class AgrisegGroup(click.Group):
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
 def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
-    r"""Aerial agriculture field analysis: crop / weed / disease / soil maps from orthomosaics.
+    """Aerial agriculture field analysis: crop / weed / disease / soil maps from orthomosaics.
 
     \b
     Typical night run:

@@ -27,7 +27,7 @@ import click
               help="Output .shp or .gpkg [DIR/prescription.shp].")
 def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: float,
                  base_rate: float, column: str, crs: str, out: Path | None) -> None:
-    r"""Write a prescription map (Shapefile/GeoPackage with a numeric rate) from run DIR.
+    """Write a prescription map (Shapefile/GeoPackage with a numeric rate) from run DIR.
 
     \b
     Grid cells:  agriseg prescription out/ --rate weed=2.5,disease=1 --grid 10

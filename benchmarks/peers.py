@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-from common import CACHE, git_commit, machine, run_measured, synthetic_rgb
+from common import CACHE, git_commit, machine, run_measured_memory, synthetic_rgb
 from rasterio.enums import ColorInterp
 from throughput import make_bundle
 
@@ -165,17 +165,20 @@ def environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def measured(cmd: list[str]) -> tuple[float, int, float]:
+def measured(cmd: list[str]) -> tuple[float, int, float, int]:
     """``run_measured`` plus the CPU seconds (user + system) the process tree used.
 
     CPU seconds depend less on what else the machine runs than wall time does; they count
-    every descendant its parent waited for (Dask workers included).
+    every descendant its parent waited for (Dask workers included). Returns (seconds, peak
+    summed RSS, CPU seconds, peak summed PSS): RSS counts the pages a forked child shares
+    with its parent twice (agriseg's post-processing workers are forked), PSS once, as the
+    kernel and a cgroup memory limit do.
     """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    dt, peak, _ = run_measured(cmd)
+    dt, mem, _ = run_measured_memory(cmd)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return dt, peak, cpu
+    return dt, mem.peak, cpu, mem.peak_pss
 
 
 def post_seconds(run_json: Path) -> float:
@@ -229,12 +232,12 @@ def main() -> None:
           f"{a.patch_size}, stride {a.patch_size // 2}; agriseg tile {a.tile_size or 'auto'}, "
           f"layouts {a.workers}")
     print(f"{'tool':<14} {'engine':<8} {'seconds':>8} {'MP/s':>7} {'peak RSS GB':>12} "
-          f"{'CPU s':>8} {'CPU s/MP':>9}")
-    rows: dict[str, tuple[float, int, float]] = {}
+          f"{'PSS GB':>7} {'CPU s':>8} {'CPU s/MP':>9}")
+    rows: dict[str, tuple[float, int, float, int]] = {}
 
-    def row(tool: str, engine: str, dt: float, peak: int, cpu: float) -> None:
+    def row(tool: str, engine: str, dt: float, peak: int, cpu: float, pss: int) -> None:
         print(f"{tool:<14} {engine:<8} {dt:8.1f} {mpx / dt:7.3f} {peak / 1e9:12.2f} "
-              f"{cpu:8.1f} {cpu / mpx:9.1f}", flush=True)
+              f"{pss / 1e9:7.2f} {cpu:8.1f} {cpu / mpx:9.1f}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="agriseg-peers-") as tmp:
         gi_dir = Path(tmp) / "geo-inference"
@@ -264,19 +267,20 @@ def main() -> None:
                 rows[name] = measured(cmd)
             outs[name] = out / "classes.tif"
             row("agriseg", name, *rows[name])
-            dt, peak, cpu = rows[name]
+            dt, peak, cpu, pss = rows[name]
             mask_dt = dt - post_seconds(out / "run.json")
-            rows[f"{name} mask"] = (mask_dt, peak, cpu)
+            rows[f"{name} mask"] = (mask_dt, peak, cpu, pss)
             print(f"{'  mask only':<14} {name:<8} {mask_dt:8.1f} {mpx / mask_dt:7.3f} "
                   "(wall less agriseg's post-processing steps)", flush=True)
 
-        gi_dt, gi_peak, gi_cpu = rows["geo-inference"]
+        gi_dt, gi_peak, gi_cpu, gi_pss = rows["geo-inference"]
         for name in outs:
-            dt, peak, cpu = rows[name]
+            dt, peak, cpu, pss = rows[name]
             mask_dt = rows[f"{name} mask"][0]
             print(f"speedup={gi_dt / dt:.1f}x (agriseg {name} / geo-inference MP/s, whole "
                   f"runs; mask only {gi_dt / mask_dt:.1f}x; by CPU seconds "
-                  f"{gi_cpu / cpu:.1f}x), peak RSS {peak / gi_peak:.2f}x of geo-inference's; "
+                  f"{gi_cpu / cpu:.1f}x), peak RSS {peak / gi_peak:.2f}x and PSS "
+                  f"{pss / gi_pss:.2f}x of geo-inference's; "
                   f"class agreement {agreement(outs[name], masks[0]):.1%}")
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     Typical night run:
         agriseg run survey.tif --fields fields.gpkg --out results/
     then open results/project.qgs in QGIS.
-    """
+    """  # noqa: D301 (click's no-rewrap marker is the \b character)
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     level = logging.WARNING if quiet else (logging.INFO if verbose < 2 else logging.DEBUG)

@@ -32,7 +32,7 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
     \b
     Grid cells:  agriseg prescription out/ --rate weed=2.5,disease=1 --grid 10
     Per zone:    agriseg prescription out/ --rate weed=2.5 --out rx.gpkg
-    """
+    """  # noqa: D301 (click's no-rewrap marker is the \b character)
     from agriseg.classes import DEFAULT_CLASSES, ClassSchema
     from agriseg.errors import ConfigError, InputError
     from agriseg.prescription import (

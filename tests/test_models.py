@@ -22,6 +22,7 @@ from agriseg.errors import BandError, ConfigError, ModelError
 from agriseg.models import load_segmenter
 from agriseg.models.arch import (
     ARCHITECTURES,
+    Float32Conv2d,
     build_model,
     count_parameters,
     fold_batch_norms,
@@ -295,22 +296,25 @@ def test_predict_classes_matches_probabilities(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_full_precision_stem_wraps_the_first_convolution(arch: str) -> None:
+def test_full_precision_stem_keeps_the_first_convolution_in_float32(arch: str) -> None:
     torch.manual_seed(0)
     model = build_model(make_spec(arch, "tiny", 3, 4)).eval()
     first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     assert first.in_channels == 3
-    keys = set(model.state_dict())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.rand(1, 3, 64, 64)
+    seen: list[torch.dtype] = []
     with torch.inference_mode():
         want = model(x)
         full_precision_stem(full_precision_stem(model))  # idempotent
-        wrapped = [m for m in model.modules() if type(m).__name__ == "_FullPrecision"]
-        assert len(wrapped) == 1 and next(wrapped[0].children()) is first
-        assert {k.replace("layer.", "") for k in model.state_dict()} == keys
+        swapped = [m for m in model.modules() if isinstance(m, Float32Conv2d)]
+        assert swapped == [first]
+        assert model.state_dict().keys() == state.keys()  # bundles save as before
         torch.testing.assert_close(model(x), want)  # same float32 result outside autocast
+        first.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(x).shape == want.shape
+    assert seen[-1] == torch.float32
 
 
 @pytest.mark.parametrize("arch", ["unet", "fpn", "segnet"])
@@ -346,7 +350,7 @@ def test_cpu_bf16_runs_torch_close_to_float32(tmp_path: Path, cpu_bf16: None) ->
     mixed = seg.predict_classes(pixels, valid, NeuralParams(32), [])
     runner = get_runner(seg.path, seg.engine, seg.meta)
     assert runner.amp is torch.bfloat16
-    assert sum(type(m).__name__ == "_FullPrecision" for m in runner.model.modules()) == 1
+    assert sum(isinstance(m, Float32Conv2d) for m in runner.model.modules()) == 1
     full = load_segmenter(str(bundle), engine="onnx").predict(pixels, valid, NeuralParams(32), [])
     assert mixed is not None
     agree = float((mixed[0] == full.argmax(1)).mean())

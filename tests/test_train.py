@@ -89,6 +89,28 @@ def test_cli_train_resume_and_export(tmp_path: Path, pair: tuple[Path, Path]) ->
     assert r.exit_code == 2 and "different training configuration" in r.output
 
 
+def test_cpu_training_saves_plain_weights(tmp_path: Path, pair: tuple[Path, Path],
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Training runs channels-last in float32 on CPU (even where bf16 is native); the bundle
+    holds the plain architecture's weights, contiguous."""
+    import logging
+
+    import torch
+
+    from agriseg.models.arch import build_model
+
+    img, truth = pair
+    cfg = _write_cfg(tmp_path / "t.yaml", out="run", epochs=1, device="cpu",
+                     data=[{"image": str(img), "labels": str(truth)}])
+    with caplog.at_level(logging.INFO, logger="agriseg.train.loop"):
+        result = train(load_train_config(cfg))
+    assert "cpu, float32" in caplog.text
+    meta, state = read_bundle(result.bundle)
+    model = build_model(meta.arch)
+    model.load_state_dict(state)  # strict: the same keys as an untouched model
+    assert all(v.is_contiguous() and torch.isfinite(v).all() for v in state.values())
+
+
 def test_train_on_images_without_georeferencing(tmp_path: Path,
                                                 pair: tuple[Path, Path]) -> None:
     """A labelled dataset of PNG tiles (no CRS) trains with ``gsd`` per image."""

@@ -23,9 +23,9 @@ from torch import nn
 from agriseg.errors import ConfigError
 from agriseg.models.spec import SIZE_MULTIPLE, ArchSpec
 
-__all__ = ["ARCHITECTURES", "SIZE_MULTIPLE", "ArchSpec", "build_model", "count_parameters",
-           "create_model", "encoder_names", "fold_batch_norms", "full_precision_stem",
-           "make_spec"]
+__all__ = ["ARCHITECTURES", "SIZE_MULTIPLE", "ArchSpec", "Float32Conv2d", "build_model",
+           "count_parameters", "create_model", "encoder_names", "fold_batch_norms",
+           "full_precision_stem", "make_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -362,16 +362,13 @@ def create_model(
     return build_model(make_spec(arch, encoder, in_channels, classes, depth, **options))
 
 
-class _FullPrecision(nn.Module):
-    """Runs the wrapped layer in float32 even inside an autocast region."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
+class Float32Conv2d(nn.Conv2d):
+    """A convolution that runs in float32 even inside an autocast region."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """As :class:`torch.nn.Conv2d`, in float32."""
         with torch.autocast(x.device.type, enabled=False):
-            return cast(torch.Tensor, self.layer(x.float()))
+            return cast(torch.Tensor, super().forward(x.float()))
 
 
 def full_precision_stem(model: nn.Module) -> nn.Module:
@@ -382,23 +379,15 @@ def full_precision_stem(model: nn.Module) -> nn.Module:
     lose those contrasts. With the whole default U-Net in bf16 the class map agreed with
     float32 on 83-99 % of the real samples' pixels; with its first convolution in float32 on
     99.6-99.95 % (benchmarks/RESULTS.md). The layer is a small share of the work.
+
     The first convolution is the first in definition order, depth first (every architecture
-    here defines its encoder before its decoder). Returns the same module, changed in place
-    (idempotent); never save the wrapped module (its state-dict keys change).
+    here defines its encoder before its decoder); it becomes a :class:`Float32Conv2d` in
+    place, so parameters, state-dict keys and saved bundles stay as they were. Returns the
+    same module (idempotent).
     """
-
-    def wrap(parent: nn.Module) -> bool:
-        for name, child in parent.named_children():
-            if isinstance(child, _FullPrecision):
-                return True
-            if isinstance(child, nn.Conv2d):
-                setattr(parent, name, _FullPrecision(child))
-                return True
-            if wrap(child):
-                return True
-        return False
-
-    wrap(model)
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is not None and type(first) is nn.Conv2d:
+        first.__class__ = Float32Conv2d
     return model
 
 

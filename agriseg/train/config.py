@@ -141,7 +141,7 @@ class TrainConfig(_Strict):
     halo: int = Field(32, ge=0, le=1024, description="receptive margin stored in the bundle")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = Field(True, description="mixed precision on GPU")
+    amp: bool = Field(True, description="mixed precision (bf16 or fp16) on GPU")
     threads: int | None = Field(None, ge=1, le=256, description="CPU threads [all cores]")
     scheduler: str | None = Field(None, description="Dask scheduler for pseudo-labelling runs")
 

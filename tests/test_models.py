@@ -52,22 +52,23 @@ from agriseg.survey import process_survey
 ROLES = ("red", "green", "blue")
 
 
-@pytest.fixture
-def cpu_fp32(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """PyTorch on CPU in float32, whatever the CPU offers."""
-    monkeypatch.setenv("AGRISEG_CPU_BF16", "0")
+def _cpu_bf16_forced(monkeypatch: pytest.MonkeyPatch, on: bool) -> Iterator[None]:
+    monkeypatch.setenv("AGRISEG_CPU_BF16", "1" if on else "0")
     cpu_bf16_native.cache_clear()
     yield
     cpu_bf16_native.cache_clear()
+
+
+@pytest.fixture
+def cpu_fp32(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """PyTorch on CPU in float32, whatever the CPU offers."""
+    yield from _cpu_bf16_forced(monkeypatch, on=False)
 
 
 @pytest.fixture
 def cpu_bf16(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """PyTorch on CPU in bf16 (emulated, slowly, where the CPU has no native bf16)."""
-    monkeypatch.setenv("AGRISEG_CPU_BF16", "1")
-    cpu_bf16_native.cache_clear()
-    yield
-    cpu_bf16_native.cache_clear()
+    yield from _cpu_bf16_forced(monkeypatch, on=True)
 
 
 def _mixed_precision() -> bool:

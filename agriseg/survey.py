@@ -302,6 +302,8 @@ def _process(
     timings["prepare_s"] = time.perf_counter() - t
     for w in prepared.warnings:
         log.warning("%s", w)
+    runs_as = prepared.info.get("runs_as")
+    log.info("model: %s%s", segmenter.name, f" ({runs_as})" if runs_as else "")
     halo = config.halo if config.halo is not None else prepared.halo
     tile_size = config.tile_size or auto_tile_size(halo, multiple=prepared.tile_multiple)
     plan = plan_tiles(survey.grid, tile_size, halo)

@@ -44,6 +44,7 @@ from agriseg.models.neural import (
     export_onnx,
     get_runner,
     onnx_cache_path,
+    runs_as,
     uses_onnx,
 )
 from agriseg.raster import open_survey
@@ -407,6 +408,8 @@ def test_survey_with_bundle_is_seamless(tmp_path: Path, rgba_tif: Path, schedule
     assert sure.sum() <= 0.0002 * valid.sum(), f"{sure.sum()} confident pixels differ"
     m = runs[64].manifest["model"]
     assert m["kind"] == "learned" and m["prepared"]["engine"] == "auto"
+    assert m["prepared"]["runs_as"] == runs_as("auto")  # also logged: "model: toy (...)"
+    assert runs_as("auto").startswith("PyTorch" if _mixed_precision() else "ONNX Runtime")
     # the workers loaded the model before the first tile
     assert runs[64].manifest["timings_s"]["warm_up_s"] > 0
 

@@ -268,6 +268,7 @@ def test_cli_model_options(rgba_tif: Path, tmp_path: Path, scheduler: str) -> No
     r = CliRunner().invoke(main, ["models"])
     assert r.exit_code == 0 and "disease_sensitivity=5.0" in r.output
     assert "robust z-score below the healthy crop median" in r.output
+    assert "  onnx   ONNX Runtime, float32" in r.output  # what each engine runs as here
 
 
 def test_cli_probability_rasters(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:

@@ -12,11 +12,15 @@ import click
 def models() -> None:
     """List models usable with ``agriseg run --model NAME`` (bundle paths work too)."""
     from agriseg.models import available_models
+    from agriseg.models.neural import runs_as
     from agriseg.models.registry import DEFAULT_MODEL
 
     for name, desc in available_models().items():
         mark = " (default)" if name == DEFAULT_MODEL else ""
         click.echo(f"{name:<20} {desc}{mark}")
+    click.echo("\nlearned models (bundles) on this machine, by --engine:")
+    for engine in ("auto", "onnx", "torch"):
+        click.echo(f"  {engine:<6} {runs_as(engine)}")
     from dataclasses import fields
 
     from agriseg.models.labelfree import LabelFreeConfig

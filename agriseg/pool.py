@@ -17,6 +17,16 @@ the workers only read rasters and run numpy, scipy, rasterio and shapely on thei
 (zones and summaries share it); set ``AGRISEG_POST_WORKERS=0`` to run everything in the
 calling process.
 
+A process that imported PyTorch (a learned model ran its tiles here) is the exception: it
+carries ~0.3 GB of anonymous pages and ~0.2 GB of touched library pages, which every forked
+worker maps and counts in its own RSS (the pages are shared, so physical memory does not
+grow, but the process tree's summed RSS did, by the parent's whole size). There, when the
+caller allowed it (:func:`allow_fork_server`; the CLI does), workers start from
+multiprocessing's fork server instead: a fresh interpreter that imported only the
+post-processing modules, forked in milliseconds per worker after its one start. Library
+callers keep plain fork: the fork server re-imports the caller's main script in each worker,
+which would re-run a script without a ``__main__`` guard.
+
 A lock copied in its held state still happens (a worker hung once in the test suite inside
 PROJ's SQLite mutex, at its first ``rasterio.open``), so nothing waits on a worker unbounded:
 a chunk that takes far longer on a worker than any chunk took in the calling process gets
@@ -47,6 +57,10 @@ R = TypeVar("R")
 
 _pool: ProcessPoolExecutor | None = None
 _pool_workers = 0
+_fork_server_allowed = False
+#: What the fork server imports once, before forking workers: the modules whose chunk
+#: functions the pools run (their imports pull numpy, scipy, rasterio and shapely).
+FORK_SERVER_PRELOAD = ("agriseg.vectorize", "agriseg.fields")
 
 #: A worker's chunk is presumed stuck after this many seconds ...
 STUCK_MIN_S = 300.0
@@ -70,6 +84,24 @@ def post_workers() -> int:
     return max(0, cores - 1)
 
 
+def allow_fork_server(allowed: bool = True) -> None:
+    """Let pools started from a process that imported PyTorch use the fork server.
+
+    Only for a caller whose main module is safe to import again in each worker (the CLI's
+    entry points are; a script without a ``__main__`` guard is not).
+    """
+    global _fork_server_allowed
+    _fork_server_allowed = allowed
+
+
+def start_method() -> str:
+    """How the next pool starts its workers: ``fork``, or ``forkserver`` (see module doc)."""
+    if (_fork_server_allowed and "torch" in sys.modules
+            and "forkserver" in multiprocessing.get_all_start_methods()):
+        return "forkserver"
+    return "fork"
+
+
 def get_pool(workers: int) -> ProcessPoolExecutor | None:
     """The shared pool with ``workers`` processes (``None`` for 0), started on first use."""
     global _pool, _pool_workers
@@ -78,7 +110,12 @@ def get_pool(workers: int) -> ProcessPoolExecutor | None:
     if _pool is not None and _pool_workers == workers:
         return _pool
     shutdown_pool()
-    ctx = multiprocessing.get_context("fork")
+    method = start_method()
+    ctx = multiprocessing.get_context(method)
+    if method == "forkserver":
+        # Takes effect when the server starts (the first such pool); it then serves the
+        # process's later pools too.
+        ctx.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
     _pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
     _pool_workers = workers
     return _pool

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Iterator
 from multiprocessing.connection import wait as wait_for
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import shapely
 from affine import Affine
 from scipy import ndimage
 
+from agriseg import pool
 from agriseg.classes import DEFAULT_CLASSES, DISEASE, WEED
 from agriseg.fields import FieldSet, summarize_fields, whole_raster_field
 from agriseg.pool import ordered_map, post_workers
@@ -87,8 +90,37 @@ def test_post_workers_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert post_workers() == 3
 
 
+@pytest.fixture(params=["fork", "forkserver"])
+def start_method(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Pools whose workers are forked from this process, or from the fork server (what the
+    CLI uses once PyTorch is imported)."""
+    if request.param == "forkserver":
+        import torch  # noqa: F401  (the trigger: a process that imported PyTorch)
+
+        pool.allow_fork_server()
+    pool.shutdown_pool()
+    try:
+        assert pool.start_method() == request.param
+        yield request.param
+    finally:
+        pool.allow_fork_server(False)
+        pool.shutdown_pool()
+
+
+def _has_torch(_: int) -> bool:
+    return "torch" in sys.modules
+
+
+def test_fork_server_workers_do_not_carry_pytorch(start_method: str) -> None:
+    import torch  # noqa: F401
+
+    workers = pool.get_pool(1)
+    assert workers is not None
+    assert workers.submit(_has_torch, 0).result(timeout=120) is (start_method == "fork")
+
+
 @pytest.mark.parametrize("geographic", [False, True])
-def test_parallel_zones_equal_serial(tmp_path: Path, geographic: bool) -> None:
+def test_parallel_zones_equal_serial(tmp_path: Path, geographic: bool, start_method: str) -> None:
     cls = _noisy_mask()
     kw = {"transform": GEO_T, "crs": "EPSG:4326"} if geographic else {}
     src = write_mask(tmp_path / "c.tif", cls, block=32, **kw)
@@ -109,7 +141,7 @@ def test_parallel_zones_equal_serial(tmp_path: Path, geographic: bool) -> None:
     np.testing.assert_array_equal(r0, r2)
 
 
-def test_parallel_field_summaries_equal_serial(tmp_path: Path) -> None:
+def test_parallel_field_summaries_equal_serial(tmp_path: Path, start_method: str) -> None:
     cls = _noisy_mask(400, 360)
     src = write_mask(tmp_path / "classes.tif", cls, block=32,
                      transform=Affine(0.05, 0, 500000.0, 0, -0.05, 4900000.0))

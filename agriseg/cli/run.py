@@ -87,6 +87,7 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     """
     import distributed  # noqa: F401  (imported first so its logging setup can be quietened)
 
+    from agriseg import pool
     from agriseg.cli import quiet_third_party
     from agriseg.survey import process_survey
 
@@ -118,6 +119,8 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     show = sys.stderr.isatty() if progress is None else progress
     bar = _ProgressBar() if show else _LogProgress()
     previous = signal.signal(signal.SIGTERM, _terminate)
+    # This command's main module is safe to import again in post-processing workers.
+    pool.allow_fork_server()
     try:
         result = process_survey(cfg, progress=bar.update, on_plan=bar.start)
     except KeyboardInterrupt:
@@ -132,6 +135,7 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     finally:
         bar.stop()
         signal.signal(signal.SIGTERM, previous)
+        pool.allow_fork_server(False)
     m = result.manifest
     click.echo(
         f"Done: {m['plan']['tiles_with_data']} tiles, {m['throughput_mp_s']} MP/s, "

@@ -152,7 +152,7 @@ def gpu_model_only(bundle: Path, side: int, batch: int, seconds: float = 5.0
 
     def device_only() -> None:
         with torch.inference_mode(), torch.autocast(
-            runner.device.type, dtype=runner.amp, enabled=runner.amp is not None
+            runner.device.type, dtype=runner.amp, enabled=runner.autocast
         ):
             runner.model(dev)
 

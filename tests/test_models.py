@@ -23,6 +23,7 @@ from agriseg.models import load_segmenter
 from agriseg.models.arch import (
     ARCHITECTURES,
     Float32Conv2d,
+    bfloat16_model,
     build_model,
     count_parameters,
     fold_batch_norms,
@@ -319,6 +320,45 @@ def test_full_precision_stem_keeps_the_first_convolution_in_float32(arch: str) -
     assert seen[-1] == torch.float32
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_bfloat16_model_keeps_the_first_convolution_float32(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(make_spec(arch, "tiny", 3, 4)).eval()
+    x = torch.rand(1, 3, 64, 96)
+    with torch.inference_mode():
+        want = model(x).softmax(1)
+        got = bfloat16_model(model, 3)
+        assert got is model  # every architecture here feeds its input to the first conv only
+        first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert isinstance(first, Float32Conv2d) and first.weight.dtype == torch.float32
+        others = [p for m in model.modules() if m is not first
+                  for p in m.parameters(recurse=False)]
+        assert others and all(p.dtype == torch.bfloat16 for p in others)
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert float((out.float().softmax(1) - want).abs().max()) < 0.1
+
+
+class _TwoInputConvs(torch.nn.Module):
+    """Feeds its input to a second convolution too: bf16 weights would meet float32 there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) + self.b(x)
+
+
+def test_bfloat16_model_gives_up_when_the_input_goes_elsewhere() -> None:
+    model = _TwoInputConvs().eval()
+    assert bfloat16_model(model, 3) is None
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 64, 64)).dtype == torch.float32
+
+
 @pytest.mark.parametrize("arch", ["unet", "fpn", "segnet"])
 def test_fold_batch_norms_keeps_the_outputs(arch: str) -> None:
     torch.manual_seed(0)
@@ -351,7 +391,7 @@ def test_cpu_bf16_runs_torch_close_to_float32(tmp_path: Path, cpu_bf16: None) ->
     valid = np.ones((1, 192, 256), bool)
     mixed = seg.predict_classes(pixels, valid, NeuralParams(32), [])
     runner = get_runner(seg.path, seg.engine, seg.meta)
-    assert runner.amp is torch.bfloat16
+    assert runner.amp is torch.bfloat16 and not runner.autocast  # bf16 weights, no autocast
     assert sum(isinstance(m, Float32Conv2d) for m in runner.model.modules()) == 1
     full = load_segmenter(str(bundle), engine="onnx").predict(pixels, valid, NeuralParams(32), [])
     assert mixed is not None

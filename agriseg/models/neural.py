@@ -129,32 +129,40 @@ class _TorchRunner:
     """Probabilities, or classes and confidence, from PyTorch.
 
     Mixed precision where the hardware computes it natively: bf16 (or fp16) autocast on a
-    GPU, bf16 on a CPU with AVX512-BF16 or AMX (:func:`cpu_bf16_native`); float32 otherwise.
-    The first convolution stays float32 (:func:`~agriseg.models.arch.full_precision_stem`).
+    GPU; on a CPU with AVX512-BF16 or AMX (:func:`cpu_bf16_native`) bf16 weights
+    (:func:`~agriseg.models.arch.bfloat16_model`, autocast for architectures that cannot
+    take them); float32 otherwise. The first convolution stays float32
+    (:func:`~agriseg.models.arch.full_precision_stem`).
     """
 
     def __init__(self, model: nn.Module, device: str, meta: BundleMeta) -> None:
         import torch
 
-        from agriseg.models.arch import fold_batch_norms, full_precision_stem
+        from agriseg.models.arch import bfloat16_model, fold_batch_norms, full_precision_stem
 
         self.device = torch.device(device)
         model = model.eval()
+        # amp: the compute dtype below float32 (None: float32); autocast: whether it comes
+        # from autocast (GPU) or from bf16 weights (CPU, see bfloat16_model).
+        self.amp: Any = None
+        self.autocast = False
         if self.device.type == "cpu":
             model = fold_batch_norms(model, meta.arch.in_channels)
+            if cpu_bf16_native():
+                self.amp = torch.bfloat16
+                bf16 = bfloat16_model(model, meta.arch.in_channels)
+                self.autocast = bf16 is None
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
-        self.amp: Any = None
-        if self.device.type == "cpu" and cpu_bf16_native():
-            self.amp = torch.bfloat16
         self.mean = torch.tensor(meta.mean, dtype=torch.float32, device=self.device)[:, None, None]
         self.std = torch.tensor(meta.std, dtype=torch.float32, device=self.device)[:, None, None]
         self._local = threading.local()
         if self.device.type == "cuda":
             self.amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.autocast = True
             # Tiles come in a handful of shapes (full, last row, last column): cuDNN's
             # autotuner picks each shape's fastest kernels once.
             torch.backends.cudnn.benchmark = True
-        if self.amp is not None:
+        if self.autocast:
             full_precision_stem(self.model)
         self.engine = f"torch-{self.device.type}"
         # CUDA graphs of the reducing forward pass, one per batch shape (None: capture failed).
@@ -192,7 +200,7 @@ class _TorchRunner:
             x = (x - self.mean) / self.std
         x = x.contiguous(memory_format=torch.channels_last)
         # No autocast weight cache: a CUDA graph must cast the weights inside its capture.
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None,
+        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.autocast,
                             cache_enabled=False):
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1)

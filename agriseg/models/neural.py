@@ -150,8 +150,7 @@ class _TorchRunner:
             model = fold_batch_norms(model, meta.arch.in_channels)
             if cpu_bf16_native():
                 self.amp = torch.bfloat16
-                bf16 = bfloat16_model(model, meta.arch.in_channels)
-                self.autocast = bf16 is None
+                self.autocast = not bfloat16_model(model, meta.arch.in_channels)
         self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
         self.mean = torch.tensor(meta.mean, dtype=torch.float32, device=self.device)[:, None, None]
         self.std = torch.tensor(meta.std, dtype=torch.float32, device=self.device)[:, None, None]
@@ -437,15 +436,18 @@ def cpu_bf16_native() -> bool:
     return False
 
 
-def uses_onnx(engine: str) -> bool:
-    """Whether ``engine`` runs through ONNX Runtime here, known without importing PyTorch.
+def uses_onnx(engine: str, cuda: bool | None = None) -> bool:
+    """Whether ``engine`` runs through ONNX Runtime here.
 
     ``auto`` picks the fastest engine of the machine: PyTorch on a GPU or on a CPU with native
-    bf16, ONNX Runtime (float32) on other CPUs. (A GPU that may exist but that PyTorch cannot
-    use still ends on ONNX Runtime: :func:`_make_runner` decides that on the worker.)
+    bf16, ONNX Runtime (float32) on other CPUs. ``cuda``: whether PyTorch sees a GPU, where
+    that is known (:func:`_make_runner`, on the worker); by default whether one may exist,
+    known without importing PyTorch (a GPU PyTorch cannot use then still ends on ONNX
+    Runtime, decided on the worker).
     """
-    return engine == "onnx" or (engine == "auto" and not cuda_possible()
-                                and not cpu_bf16_native())
+    if cuda is None:
+        cuda = cuda_possible()
+    return engine == "onnx" or (engine == "auto" and not cuda and not cpu_bf16_native())
 
 
 def runs_as(engine: str) -> str:
@@ -481,7 +483,7 @@ def cuda_available() -> bool:
 def _make_runner(path: str, engine: str, meta: BundleMeta) -> Any:
     threads = torch_threads()
     cuda = engine != "onnx" and cuda_available()
-    if engine == "onnx" or (engine == "auto" and not cuda and not cpu_bf16_native()):
+    if uses_onnx(engine, cuda):
         try:
             # No PyTorch import on this path when the export is cached: ~3 s and ~300 MB
             # less per worker.

@@ -284,6 +284,9 @@ def _process(
         segmenter = loading.result()
     finally:
         loader.shutdown(wait=False)
+    with_halo = getattr(segmenter, "with_halo", None)
+    if config.halo is not None and with_halo is not None:
+        segmenter = with_halo(config.halo)
     planes = _probability_planes(config.probabilities, segmenter.schema)
     out = Path(config.out)
     work = _prepare_out_dir(out, config.overwrite)

@@ -48,12 +48,13 @@ from common import (
 
 
 def run_command(src: Path, out: Path, bundle: Path, engine: str,
-                tile_size: int | None) -> list[str]:
+                tile_size: int | None, halo: int | None = None) -> list[str]:
     """`agriseg run` to the class mask only (no indices, no post-processing steps)."""
     cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out", str(out),
            "--model", str(bundle), "--engine", engine, "--no-indices", "--no-progress",
            "--skip", "quicklook,zones,fields,report,project"]
-    return cmd + (["--tile-size", str(tile_size)] if tile_size else [])
+    cmd += ["--tile-size", str(tile_size)] if tile_size else []
+    return cmd + (["--halo", str(halo)] if halo is not None else [])
 
 
 def make_bundle(arch: str, encoder: str) -> Path:
@@ -347,6 +348,9 @@ def main() -> None:
                     help="core tile of the run [the run's default on CPU: 1280 = 2 x 640 px "
                     "blocks, 704 px model inputs with the 32 px margin, 1.21 model px per "
                     "output px]")
+    ap.add_argument("--halo", type=int, default=32,
+                    help="context of every model input (`agriseg run --halo`) [32, the "
+                    "bundle's; 16 feeds 1.10 instead of 1.21 model px per output px]")
     ap.add_argument("--engines", default="onnx,torch")
     ap.add_argument("--workers", type=int, default=None,
                     help="local workers of the run [the run's default: one per core, one "
@@ -374,7 +378,7 @@ def main() -> None:
         from agriseg.grid import auto_tile_size
         from agriseg.models.neural import _block_interior
 
-        a.tile_size = auto_tile_size(32, multiple=_block_interior(32, gpu=False))
+        a.tile_size = auto_tile_size(a.halo, multiple=_block_interior(a.halo, gpu=False))
     src = synthetic_rgb(a.size)
     bundle = make_bundle(a.arch, a.encoder)
     mpx = a.size * a.size / 1e6
@@ -386,7 +390,7 @@ def main() -> None:
     limits: dict[str, float] = {}
     cores = os.cpu_count() or 2
     for engine in a.engines.split(","):
-        for side in dict.fromkeys((512, 576, pipeline_input_side(a.tile_size))):
+        for side in dict.fromkeys((512, 576, pipeline_input_side(a.tile_size, a.halo))):
             os.environ["AGRISEG_THREADS"] = str(cores)
             mps = model_only(bundle, engine, side)
             print(f"model-only {engine:<6} {side:>4} px {mps:8.2f} MP/s (1 process x {cores} "
@@ -401,7 +405,8 @@ def main() -> None:
     best = max(limits, key=limits.__getitem__)
     results = {"io_mp_s": io, "model_only_mp_s": limits, "engine": best}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = run_command(src, Path(tmp) / "o", bundle, best, a.tile_size)
+        cmd = run_command(src, Path(tmp) / "o", bundle, best, a.tile_size,
+                          a.halo if a.halo != 32 else None)
         if a.workers:
             cmd += ["--workers", str(a.workers), "--threads-per-worker", "1"]
             # One worker owning every core: the engine's intra-op threads do the parallel work.
@@ -419,13 +424,13 @@ def main() -> None:
     e2e_total = mpx / (dt - post)
     print(f"post-processing          {post:8.1f} s (zones, fields, report; not in the ratio)")
     ratio = e2e_total / limits[best]
-    side = pipeline_input_side(a.tile_size)
-    n_blocks = -(-a.tile_size // (side - 64))
+    side = pipeline_input_side(a.tile_size, a.halo)
+    n_blocks = -(-a.tile_size // (side - 2 * a.halo))
     overhead = (n_blocks * side / a.tile_size) ** 2
     print(f"end-to-end agriseg run  {e2e_total:8.2f} MP/s (wall, incl. start-up and COG "
           f"finalisation; tiles only: {e2e_segment:.2f} MP/s), peak RSS {peak / 1e9:.2f} GB")
     print(f"margin overhead         {overhead:8.3f} model px per output px ({n_blocks} x "
-          f"{n_blocks} inputs of {side} px per {a.tile_size} px tile)")
+          f"{n_blocks} inputs of {side} px per {a.tile_size} px tile, halo {a.halo} px)")
     print(f"ratio={ratio:.2f} (end-to-end / model-only {best}); tiles-only "
           f"ratio={e2e_segment / limits[best]:.2f}; load average {os.getloadavg()[0]:.2f}")
     results.update(e2e_mp_s=e2e_total, e2e_tiles_mp_s=e2e_segment, ratio=ratio,

@@ -19,6 +19,7 @@ from agriseg.classes import DEFAULT_CLASSES
 from agriseg.cli import main
 from agriseg.config import build_run_config
 from agriseg.errors import BandError, ConfigError, ModelError
+from agriseg.grid import auto_tile_size, block_size_for
 from agriseg.models import load_segmenter
 from agriseg.models.arch import (
     ARCHITECTURES,
@@ -38,12 +39,15 @@ from agriseg.models.bundle import (
     save_bundle,
 )
 from agriseg.models.neural import (
+    CPU_BLOCK_INPUT,
     NeuralParams,
     NeuralSegmenter,
+    _block_interior,
     cpu_bf16_native,
     cuda_possible,
     export_onnx,
     get_runner,
+    load_neural,
     onnx_cache_path,
     runs_as,
     uses_onnx,
@@ -429,12 +433,13 @@ def _trained_bundle(path: Path) -> Path:
 def test_survey_with_bundle_is_seamless(tmp_path: Path, rgba_tif: Path, scheduler: str) -> None:
     bundle = _trained_bundle(tmp_path / "toy.safetensors")
     runs = {}
-    for tile in (512, 64):
-        cfg = build_run_config(input=rgba_tif, out=tmp_path / f"o{tile}", model=str(bundle),
-                               tile_size=tile, indices=False, scheduler=scheduler)
-        runs[tile] = process_survey(cfg)
+    for name, tile, halo in (("whole", 512, None), ("tiled", 64, None), ("narrow", 64, 16)):
+        cfg = build_run_config(input=rgba_tif, out=tmp_path / name, model=str(bundle),
+                               tile_size=tile, halo=halo, indices=False, scheduler=scheduler)
+        runs[name] = process_survey(cfg)
     (whole, tiled), (conf_whole, conf_tiled) = (
-        [_read1(runs[t].outputs[name]) for t in (512, 64)] for name in ("classes", "confidence"))
+        [_read1(runs[r].outputs[name]) for r in ("whole", "tiled")]
+        for name in ("classes", "confidence"))
     valid = whole != 255
     assert ((tiled == 255) == ~valid).all()
     share = np.bincount(whole[valid], minlength=4) / valid.sum()
@@ -446,12 +451,35 @@ def test_survey_with_bundle_is_seamless(tmp_path: Path, rgba_tif: Path, schedule
     assert differ.sum() <= 0.004 * valid.sum(), f"{differ.sum()} pixels differ between tilings"
     sure = differ & (conf_whole >= 70) & (conf_tiled >= 70)
     assert sure.sum() <= 0.0002 * valid.sum(), f"{sure.sum()} confident pixels differ"
-    m = runs[64].manifest["model"]
+    # --halo 16: every model input gets 16 px of context instead of the bundle's 32 (fewer
+    # model pixels, more near-ties flip next to block borders, still no confident ones)
+    plans = {r: runs[r].manifest["plan"] for r in ("tiled", "narrow")}
+    assert (plans["narrow"]["halo"], plans["tiled"]["halo"]) == (16, 32)
+    assert (plans["narrow"]["model_pixels_per_output_pixel"]
+            < plans["tiled"]["model_pixels_per_output_pixel"])
+    differ = whole != _read1(runs["narrow"].outputs["classes"])
+    assert differ.sum() <= 0.01 * valid.sum(), f"{differ.sum()} pixels differ at halo 16"
+    m = runs["tiled"].manifest["model"]
     assert m["kind"] == "learned" and m["prepared"]["engine"] == "auto"
     assert m["prepared"]["runs_as"] == runs_as("auto")  # also logged: "model: toy (...)"
     assert runs_as("auto").startswith("PyTorch" if _mixed_precision() else "ONNX Runtime")
     # the workers loaded the model before the first tile
-    assert runs[64].manifest["timings_s"]["warm_up_s"] > 0
+    assert runs["tiled"].manifest["timings_s"]["warm_up_s"] > 0
+
+
+def test_halo_of_learned_model(tmp_path: Path) -> None:
+    seg = load_neural(_tiny_bundle(tmp_path / "t.safetensors"))
+    assert seg.margin == 32 and seg.with_halo(16).margin == 16 and seg.with_halo(0).margin == 0
+    with pytest.raises(ConfigError, match=r"--halo 20: .* use 16 or 32 \(this model's default: 32"):
+        seg.with_halo(20)
+    with pytest.raises(ConfigError, match="use 0 or 16"):
+        seg.with_halo(-4)
+    # CPU blocks stay within CPU_BLOCK_INPUT with their context, and the default tiles they
+    # make keep the output GeoTIFF blocks large (64 px blocks made the COG copy 2.5x slower)
+    for halo in (0, 16, 32):
+        interior = _block_interior(halo, gpu=False)
+        tile = auto_tile_size(halo, multiple=interior)
+        assert interior + 2 * halo <= CPU_BLOCK_INPUT and block_size_for(tile) >= 128
 
 
 @pytest.mark.gpu

@@ -129,6 +129,11 @@ class Segmenter(Protocol):
 # from ``predict``'s probabilities), or None when it cannot. Learned models on a GPU use it to
 # reduce the scores on the device and copy back 2 bytes per pixel instead of 4 x K; the
 # label-free model to skip building the float planes. On the CPU both reduce as below.
+# And
+#     with_halo(halo) -> Segmenter
+# when the run's ``--halo`` is the context the model itself must use (learned models feed
+# each block that much context; segmenters without it read their context from
+# ``TileContext.margin``).
 
 
 def reduce_scores(scores: Sequence[np.ndarray] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -47,7 +47,11 @@ class RunConfig(BaseModel):
         None, ge=16, le=16384,
         description="core tile edge in pixels; default: 1024, larger when the halo is wide",
     )
-    halo: int | None = Field(None, ge=0, le=4096, description="halo; default: the model's")
+    halo: int | None = Field(
+        None, ge=0, le=4096,
+        description="context pixels around each tile, and for learned models around each "
+        "model input (a multiple of 16); default: the model's",
+    )
     workers: int | None = Field(None, ge=1, le=1024, description="local workers")
     threads_per_worker: int | None = Field(
         None, ge=1, le=256,

@@ -29,6 +29,7 @@ from agriseg.models.arch import (
     count_parameters,
     fold_batch_norms,
     full_precision_stem,
+    ieee_float32_convolutions,
     make_spec,
 )
 from agriseg.models.bundle import (
@@ -324,6 +325,17 @@ def test_full_precision_stem_keeps_the_first_convolution_in_float32(arch: str) -
     assert seen[-1] == torch.float32
 
 
+def test_ieee_float32_convolutions() -> None:
+    """The GPU runner's float32 stem is not computed in TF32 (cuDNN's default)."""
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    try:
+        ieee_float32_convolutions()
+        assert conv.fp32_precision == "ieee"
+    finally:
+        conv.fp32_precision = before
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_bfloat16_model_keeps_the_first_convolution_float32(arch: str) -> None:
     torch.manual_seed(0)
@@ -516,6 +528,8 @@ def test_survey_on_gpu_matches_cpu(tmp_path: Path, rgba_tif: Path) -> None:
         agree = float((masks[key] == cpu)[valid].mean())
         # bf16 autocast moves near-tie pixels only
         assert agree > 0.99, f"{key}: {agree:.4f} of pixels agree with ONNX on CPU"
+    # the runners of this process (worker threads) compute the float32 stem without TF32
+    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
 
 
 @pytest.mark.parametrize("k", [2, 4, 5])

@@ -138,7 +138,12 @@ class _TorchRunner:
     def __init__(self, model: nn.Module, device: str, meta: BundleMeta) -> None:
         import torch
 
-        from agriseg.models.arch import bfloat16_model, fold_batch_norms, full_precision_stem
+        from agriseg.models.arch import (
+            bfloat16_model,
+            fold_batch_norms,
+            full_precision_stem,
+            ieee_float32_convolutions,
+        )
 
         self.device = torch.device(device)
         model = model.eval()
@@ -161,6 +166,7 @@ class _TorchRunner:
             # Tiles come in a handful of shapes (full, last row, last column): cuDNN's
             # autotuner picks each shape's fastest kernels once.
             torch.backends.cudnn.benchmark = True
+            ieee_float32_convolutions()
         if self.autocast:
             full_precision_stem(self.model)
         self.engine = f"torch-{self.device.type}"

@@ -32,6 +32,7 @@ from agriseg.models.arch import (
     ieee_float32_convolutions,
     make_spec,
 )
+from agriseg.models.base import TileContext
 from agriseg.models.bundle import (
     BundleMeta,
     bundle_digest,
@@ -323,6 +324,30 @@ def test_full_precision_stem_keeps_the_first_convolution_in_float32(arch: str) -
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(x).shape == want.shape
     assert seen[-1] == torch.float32
+
+
+def test_blocks_without_valid_pixels_are_not_run(tmp_path: Path) -> None:
+    seg = load_neural(_tiny_bundle(tmp_path / "t.safetensors"), engine="torch")
+    runner = get_runner(seg.path, seg.engine, seg.meta)
+    m, side = seg.margin, 2 * _block_interior(seg.margin, gpu=False)
+    x = np.random.default_rng(0).random((1, 3, side + 2 * m, side + 2 * m), dtype=np.float32)
+    valid = np.zeros((1, side + 2 * m, side + 2 * m), bool)
+    valid[0, m + 5 : m + 9, m + 7 : m + 11] = True  # data in the first of 2 x 2 blocks only
+    shapes: list[tuple[int, ...]] = []
+
+    def call(batch: np.ndarray) -> np.ndarray:
+        shapes.append(batch.shape)
+        return runner.classes(batch)
+
+    ctx = [TileContext(0, 0, 0.02, margin=m)]
+    every = seg._run_blocks(x, m, call, False, 2, np.uint8, ctx)
+    assert len(shapes) == 4
+    shapes.clear()
+    some = seg._run_blocks(x, m, call, False, 2, np.uint8, ctx, valid)
+    assert len(shapes) == 1
+    first = (slice(None), slice(None), slice(m, m + side // 2), slice(m, m + side // 2))
+    assert np.array_equal(some[first], every[first])
+    assert not some[:, :, m + side // 2 :].any()
 
 
 def test_ieee_float32_convolutions() -> None:

@@ -715,7 +715,7 @@ class NeuralSegmenter:
         m = params.margin if isinstance(params, NeuralParams) else self.margin
         x = self._normalise(pixels.astype(np.float32, copy=False))
         return self._run_blocks(x, m, runner, _on_gpu(runner), len(self.schema), np.float32,
-                                contexts)
+                                contexts, valid)
 
     def predict_classes(
         self,
@@ -734,7 +734,7 @@ class NeuralSegmenter:
             return None
         m = params.margin if isinstance(params, NeuralParams) else self.margin
         out = self._run_blocks(pixels.astype(np.float32, copy=False), m, runner.classes,
-                               _on_gpu(runner), 2, np.uint8, contexts)
+                               _on_gpu(runner), 2, np.uint8, contexts, valid)
         return out[:, 0], out[:, 1]
 
     def _run_blocks(
@@ -746,11 +746,14 @@ class NeuralSegmenter:
         channels: int,
         dtype: type[np.generic],
         contexts: list[TileContext],
+        valid: np.ndarray | None = None,
     ) -> np.ndarray:
         """Run ``call`` on the blocks of ``x`` and assemble its ``(N, channels, H, W)`` output.
 
         The outer ``m`` pixels of ``x`` are context only. Each block is read with ``m`` px of
-        context and centre-cropped; blocks are batched on a GPU.
+        context and centre-cropped; blocks are batched on a GPU. Blocks whose interior holds
+        no valid pixel (``valid``, ``(N, H, W)``) are not run: their output stays zero, and
+        the caller writes nodata there.
         """
         n, _, h, w = x.shape
         if m and (h <= 2 * m or w <= 2 * m):
@@ -764,7 +767,10 @@ class NeuralSegmenter:
         if need_h > h or need_w > w:
             x = np.pad(x, ((0, 0), (0, 0), (0, need_h - h), (0, need_w - w)), mode="symmetric")
         out = np.zeros((n, channels, h, w), dtype)
-        jobs = [(i, y, xx) for i in range(n) for y in ys for xx in xs]
+        # Orthomosaics have nodata around the flown area: the tiles along its edge skip the
+        # blocks that lie wholly outside it.
+        jobs = [(i, y, xx) for i in range(n) for y in ys for xx in xs
+                if valid is None or valid[i, m + y : m + y + by, m + xx : m + xx + bx].any()]
         # Batches feed a GPU; on CPU they only add activation memory (ONNX Runtime, 512 px
         # inputs: 0.70 MP/s one at a time, 0.63-0.66 in fours, and 4 GB peak in sixteens).
         per_call = max(1, MAX_BATCH_PIXELS // ((by + 2 * m) * (bx + 2 * m))) if gpu else 1

@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--halos", default="0,16,32,64")
     ap.add_argument("--tile-size", type=int, default=256)
     a = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)  # e.g. the NAIP tile's GSD warning, once per run
+    logging.getLogger("agriseg").setLevel(logging.ERROR)  # the NAIP tile's GSD warning, per run
     from agriseg.models import load_segmenter
 
     seg = load_segmenter(a.model, "onnx")

@@ -350,15 +350,26 @@ def test_blocks_without_valid_pixels_are_not_run(tmp_path: Path) -> None:
     assert not some[:, :, m + side // 2 :].any()
 
 
+def _cudnn_float32_is_ieee() -> bool:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # PyTorch >= 2.9
+        return bool(conv.fp32_precision == "ieee")
+    return not torch.backends.cudnn.allow_tf32
+
+
 def test_ieee_float32_convolutions() -> None:
     """The GPU runner's float32 stem is not computed in TF32 (cuDNN's default)."""
-    conv = torch.backends.cudnn.conv
-    before = conv.fp32_precision
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    new_api = conv is not None and hasattr(conv, "fp32_precision")
+    before = conv.fp32_precision if new_api else torch.backends.cudnn.allow_tf32
     try:
         ieee_float32_convolutions()
-        assert conv.fp32_precision == "ieee"
+        assert _cudnn_float32_is_ieee()
     finally:
-        conv.fp32_precision = before
+        if new_api:
+            conv.fp32_precision = before
+        else:
+            torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -554,7 +565,7 @@ def test_survey_on_gpu_matches_cpu(tmp_path: Path, rgba_tif: Path) -> None:
         # bf16 autocast moves near-tie pixels only
         assert agree > 0.99, f"{key}: {agree:.4f} of pixels agree with ONNX on CPU"
     # the runners of this process (worker threads) compute the float32 stem without TF32
-    assert torch.backends.cudnn.conv.fp32_precision == "ieee"
+    assert _cudnn_float32_is_ieee()
 
 
 @pytest.mark.parametrize("k", [2, 4, 5])

@@ -48,13 +48,12 @@ from common import (
 
 
 def run_command(src: Path, out: Path, bundle: Path, engine: str,
-                tile_size: int | None, halo: int | None = None) -> list[str]:
+                tile_size: int | None, halo: int) -> list[str]:
     """`agriseg run` to the class mask only (no indices, no post-processing steps)."""
     cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out", str(out),
            "--model", str(bundle), "--engine", engine, "--no-indices", "--no-progress",
-           "--skip", "quicklook,zones,fields,report,project"]
-    cmd += ["--tile-size", str(tile_size)] if tile_size else []
-    return cmd + (["--halo", str(halo)] if halo is not None else [])
+           "--skip", "quicklook,zones,fields,report,project", "--halo", str(halo)]
+    return cmd + (["--tile-size", str(tile_size)] if tile_size else [])
 
 
 def make_bundle(arch: str, encoder: str) -> Path:
@@ -313,7 +312,7 @@ def run_gpu(a: argparse.Namespace) -> None:
                   f"graphs {'on ' if graphs else 'off'}: {rate:8.1f} MP/s", flush=True)
     for layout in a.layouts.split(",") if a.layouts else [""]:
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
-            cmd = run_command(src, Path(tmp) / "o", bundle, "torch", a.tile_size)
+            cmd = run_command(src, Path(tmp) / "o", bundle, "torch", a.tile_size, a.halo)
             if layout.endswith("p"):  # worker processes instead of threads of the run
                 conf = Path(tmp) / "processes.yaml"
                 conf.write_text("processes: true\n")
@@ -405,8 +404,7 @@ def main() -> None:
     best = max(limits, key=limits.__getitem__)
     results = {"io_mp_s": io, "model_only_mp_s": limits, "engine": best}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = run_command(src, Path(tmp) / "o", bundle, best, a.tile_size,
-                          a.halo if a.halo != 32 else None)
+        cmd = run_command(src, Path(tmp) / "o", bundle, best, a.tile_size, a.halo)
         if a.workers:
             cmd += ["--workers", str(a.workers), "--threads-per-worker", "1"]
             # One worker owning every core: the engine's intra-op threads do the parallel work.

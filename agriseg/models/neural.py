@@ -632,8 +632,10 @@ class NeuralSegmenter:
     @property
     def margin(self) -> int:
         """Context ring in pixels: :attr:`halo`, or the bundle's rounded up to 32 px."""
-        if self.halo is not None:
-            return self.halo
+        return self.halo if self.halo is not None else self._bundle_margin
+
+    @property
+    def _bundle_margin(self) -> int:
         return _ceil_to(max(self.meta.halo, 0), SIZE_MULTIPLE)
 
     def with_halo(self, halo: int) -> NeuralSegmenter:
@@ -655,7 +657,7 @@ class NeuralSegmenter:
             raise ConfigError(
                 f"--halo {halo}: a learned model takes its context in multiples of {step} px "
                 f"(its inputs must stay multiples of {SIZE_MULTIPLE} px); use {lo} or "
-                f"{lo + step} (this model's default: {replace(self, halo=None).margin})"
+                f"{lo + step} (this model's default: {self._bundle_margin})"
             )
         return replace(self, halo=halo)
 

@@ -711,27 +711,39 @@ def _read_shared(
     raw = np.empty((len(idx), h, w), survey.dtype)
     valid = np.empty((h, w), bool)
     ds: rasterio.DatasetReader | None = None
+
+    def overlap(by: int, bx: int) -> tuple[slice, slice, slice, slice]:
+        """The block's intersection with the window: rows, cols in the window, then in it."""
+        y0, y1 = max(r0, by * ch), min(r0 + h, by * ch + ch)
+        x0, x1 = max(c0, bx * cw), min(c0 + w, bx * cw + cw)
+        return (slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0),
+                slice(y0 - by * ch, y1 - by * ch), slice(x0 - bx * cw, x1 - bx * cw))
+
+    def load(block: Window) -> tuple[np.ndarray, ...]:
+        nonlocal ds
+        with _read_errors(survey, block):
+            if ds is None:
+                ds = rasterio.open(survey.path)
+            return ds.read(idx, window=block), _read_valid(ds, survey, block)
+
+    cells = [(by, bx) for by in range(r0 // ch, (r0 + h - 1) // ch + 1)
+             for bx in range(c0 // cw, (c0 + w - 1) // cw + 1)]
+
+    def area(cell: tuple[int, int]) -> int:
+        ys, xs = overlap(*cell)[:2]
+        return (ys.stop - ys.start) * (xs.stop - xs.start)
+
+    # The blocks mostly inside the window first: the halo's blocks, mostly outside it, are
+    # the neighbouring tiles' own, which their threads may have decoded by then.
+    cells.sort(key=area, reverse=True)
+    items = [((*source, by, bx), functools.partial(load, Window(
+        bx * cw, by * ch, min(cw, survey.grid.width - bx * cw),
+        min(ch, survey.grid.height - by * ch)))) for by, bx in cells]
     try:
-        for by in range(r0 // ch, (r0 + h - 1) // ch + 1):
-            for bx in range(c0 // cw, (c0 + w - 1) // cw + 1):
-                block = Window(bx * cw, by * ch, min(cw, survey.grid.width - bx * cw),
-                               min(ch, survey.grid.height - by * ch))
-
-                def load(block: Window = block) -> tuple[np.ndarray, ...]:
-                    nonlocal ds
-                    with _read_errors(survey, block):
-                        if ds is None:
-                            ds = rasterio.open(survey.path)
-                        return ds.read(idx, window=block), _read_valid(ds, survey, block)
-
-                got = _TILE_BLOCKS.get((*source, by, bx), load)
-                # Intersection of the block with the window, in both frames.
-                y0, y1 = max(r0, by * ch), min(r0 + h, by * ch + ch)
-                x0, x1 = max(c0, bx * cw), min(c0 + w, bx * cw + cw)
-                dst = (slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0))
-                src = (slice(y0 - by * ch, y1 - by * ch), slice(x0 - bx * cw, x1 - bx * cw))
-                raw[(slice(None), *dst)] = got[0][(slice(None), *src)]
-                valid[dst] = got[1][src]
+        for key, got in _TILE_BLOCKS.get_many(items):
+            dy, dx, sy, sx = overlap(*key[-2:])
+            raw[:, dy, dx] = got[0][:, sy, sx]
+            valid[dy, dx] = got[1][sy, sx]
     finally:
         if ds is not None:
             ds.close()

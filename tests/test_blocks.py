@@ -39,6 +39,34 @@ def test_cache_loads_each_key_once_while_threads_wait() -> None:
     assert (cache.hits, cache.misses) == (3, 1)
 
 
+def test_get_many_loads_free_keys_before_waiting_for_others() -> None:
+    cache = BlockCache(10**6)
+    started, release = threading.Event(), threading.Event()
+
+    def slow() -> tuple[np.ndarray, ...]:
+        started.set()
+        release.wait(5)
+        return (np.zeros(1),)
+
+    other = threading.Thread(target=lambda: cache.get("shared", slow))
+    other.start()
+    started.wait(5)
+    order: list[str] = []
+
+    def own() -> tuple[np.ndarray, ...]:
+        order.append("own loaded")
+        return (np.ones(1),)
+
+    got = cache.get_many([("shared", lambda: pytest.fail("loaded twice")), ("own", own)])
+    key, value = next(got)  # "shared" is being loaded elsewhere: "own" comes first
+    assert (key, order, value[0][0]) == ("own", ["own loaded"], 1)
+    release.set()
+    key, value = next(got)
+    assert (key, value[0][0]) == ("shared", 0)
+    other.join()
+    assert cache.deferred == 1 and (cache.hits, cache.misses) == (1, 2)
+
+
 def test_cache_evicts_least_recently_used_by_bytes() -> None:
     cache = BlockCache(2 * 800)  # two arrays of 100 float64
     for key in ("a", "b"):

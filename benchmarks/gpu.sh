@@ -13,7 +13,9 @@
 # 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS
 #    (a trailing p: worker processes). NO_TESTS=1 skips 1; LIMIT=MP/s skips the model-only
 #    and read figures; RUNNER_THREADS=1,8 adds the model call from that many threads at once
-#    with and without CUDA graphs (AGRISEG_CUDA_GRAPHS=0 turns them off in the runs). The
+#    with and without CUDA graphs (AGRISEG_CUDA_GRAPHS=0 turns them off in the runs); WRAP
+#    prefixes the runs' command (a profiler: WRAP="/tmp/site/bin/py-spy record -r 40 --idle
+#    -f speedscope -o $OUT/spy.json --"). The
 #    host settings the tile threads share are environment variables, e.g. for an A/B in one
 #    call:
 #        for a in 2 16; do MALLOC_ARENA_MAX=$a NO_TESTS=1 LIMIT=481 LAYOUTS=x8 \
@@ -21,12 +23,20 @@
 set -uo pipefail
 out=${1:-${OUT:-/tmp/agriseg-gpu}}
 mkdir -p "$out"
-if [ -d .whl ]; then
+if [ -d .whl ] && [ ! -d /tmp/site/rasterio ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site:$PWD
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 AGRISEG_BENCH_CACHE=${AGRISEG_BENCH_CACHE:-/tmp/agriseg-bench}
+# The lent machines' Python packages carry no bytecode and none is written beside them, so
+# every process compiled PyTorch's and SymPy's sources again: 7.5 s of a 41 s 1 GP run under
+# py-spy (2026-11-27). An installed package has its bytecode (pip and conda compile it), so
+# the runs get theirs from a cache folder, filled once here.
+unset PYTHONDONTWRITEBYTECODE
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/pycache}
+python3 -c "import torch, segmentation_models_pytorch, distributed, rasterio, agriseg.cli"
 nvidia-smi -L; ls /dev/nvidia* | head -3; nproc
 python3 -c "import torch, rasterio, distributed; print('torch', torch.__version__, \
 torch.cuda.is_available(), 'rasterio', rasterio.__version__, rasterio.__gdal_version__, \
@@ -36,4 +46,5 @@ torch.cuda.is_available(), 'rasterio', rasterio.__version__, rasterio.__gdal_ver
     | tee "$out/pytest.log" | tail -15
 timeout "${BENCH_TIMEOUT:-330}" python3 benchmarks/throughput.py --size "${SIZE:-32768}" \
     --layouts "${LAYOUTS:-1x8,1x16}" ${LIMIT:+--limit $LIMIT} \
-    ${RUNNER_THREADS:+--runner-threads $RUNNER_THREADS} 2>&1 | tee "$out/throughput.log"
+    ${RUNNER_THREADS:+--runner-threads $RUNNER_THREADS} ${WRAP:+--wrap "$WRAP"} 2>&1 \
+    | tee "$out/throughput.log"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -313,6 +314,8 @@ def run_gpu(a: argparse.Namespace) -> None:
     for layout in a.layouts.split(",") if a.layouts else [""]:
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             cmd = run_command(src, Path(tmp) / "o", bundle, "torch", a.tile_size, a.halo)
+            if a.wrap:
+                cmd = [*shlex.split(a.wrap), *cmd]
             if layout.endswith("p"):  # worker processes instead of threads of the run
                 conf = Path(tmp) / "processes.yaml"
                 conf.write_text("processes: true\n")
@@ -364,6 +367,9 @@ def main() -> None:
     ap.add_argument("--runner-threads", default="",
                     help="GPU: also time the tile tasks' model call from these numbers of "
                          "threads at once, with and without CUDA graphs (e.g. 1,8)")
+    ap.add_argument("--wrap", default="",
+                    help="GPU: a command prefix for the end-to-end runs, e.g. a profiler: "
+                    "'py-spy record -r 40 --idle -f speedscope -o spy.json --'")
     ap.add_argument("--limit", type=float, default=None,
                     help="GPU: device-only MP/s measured before; skips the model-only and "
                     "read figures")

@@ -4,10 +4,12 @@
 #     bash benchmarks/gpu.sh [OUT_DIR]
 # The wheels (Python 3.12 there, nothing to download from it) were fetched here with
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl \
+#         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #         rasterio==1.4.3 affine cligj click-plugins dask distributed tornado tblib zict \
 #         partd locket pydantic pydantic_core annotated-types typing-inspection \
-#         segmentation_models_pytorch
+#         segmentation_models_pytorch py-spy
+# and carried (`carry: [".whl"]`; 30 MB).
 # (the run needs no geopandas/pyogrio/shapely/pyproj: post-processing is skipped).
 # 1. the `gpu`-marked tests (local GPU worker layout, CUDA against ONNX Runtime on CPU);
 # 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS
@@ -26,8 +28,8 @@ mkdir -p "$out"
 if [ -d .whl ] && [ ! -d /tmp/site/rasterio ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
 fi
+# Once installed, later calls on the same machine (and copies of the tree) reuse them.
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD
 export PYTHONUNBUFFERED=1 AGRISEG_BENCH_CACHE=${AGRISEG_BENCH_CACHE:-/tmp/agriseg-bench}
 # The lent machines' Python packages carry no bytecode and none is written beside them, so

@@ -30,6 +30,9 @@ def main() -> None:
     ap.add_argument("--tile-size", type=int, default=2048, help="core tile [2048, GPU runs']")
     ap.add_argument("--halo", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3, help="reads of the whole mosaic per count")
+    ap.add_argument("--source", type=Path, default=None,
+                    help="read this raster instead of the mosaic (e.g. one GeoTIFF of the "
+                    "same pixels, to see what the VRT costs)")
     ap.add_argument("--root", type=Path, default=None,
                     help="import agriseg from this folder [the installed one]")
     a = ap.parse_args()
@@ -41,7 +44,8 @@ def main() -> None:
     from agriseg import raster
     from agriseg.grid import plan_tiles
 
-    src = vrt_mosaic(synthetic_rgb(4096), a.size // 4096, CACHE / f"mosaic_{a.size}.vrt")
+    src = a.source or vrt_mosaic(synthetic_rgb(4096), a.size // 4096,
+                                 CACHE / f"mosaic_{a.size}.vrt")
     survey = raster.open_survey(str(src))
     roles = survey.roles.spectral[:3]
     # As agriseg.predict.run_tiles submits them: swath by swath, largest tiles first.

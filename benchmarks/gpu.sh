@@ -6,10 +6,12 @@
 #     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 #         --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
-#         rasterio==1.4.3 affine cligj click-plugins dask distributed tornado tblib zict \
+#         rasterio==1.4.4 affine cligj click-plugins dask distributed tornado tblib zict \
 #         partd locket pydantic pydantic_core annotated-types typing-inspection \
 #         segmentation_models_pytorch py-spy
-# and carried (`carry: [".whl"]`; 30 MB).
+# and carried (`carry: [".whl"]`; 30 MB). rasterio 1.4.4, as a pip install gets it today: its
+# wheels bundle GDAL 3.10 with libdeflate; 1.4.3's (GDAL 3.9, zlib: "DEFLATE_SUBCODEC_LIBDEFLATE
+# unsupported in this build"), carried until 2026-11-27, read tiles 1.5x slower here.
 # (the run needs no geopandas/pyogrio/shapely/pyproj: post-processing is skipped).
 # 1. the `gpu`-marked tests (local GPU worker layout, CUDA against ONNX Runtime on CPU);
 # 2. benchmarks/throughput.py on a 1 GP mosaic, local GPU worker layouts WORKERSxTHREADS

@@ -64,7 +64,8 @@ class BlockCache:
         A caller that asks while another thread loads the same key waits for that load.
         An exception from ``load`` reaches every waiting caller and nothing is kept.
         """
-        return next(self.get_many([(key, load)]))[1]
+        fut, owner = self._claim(key)
+        return self._load(key, fut, load) if owner else fut.result()
 
     def get_many(
         self, items: Iterable[tuple[K, Callable[[], Blocks]]]

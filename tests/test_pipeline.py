@@ -107,6 +107,24 @@ def test_cli_run_on_real_sample(tmp_path: Path, scheduler: str) -> None:
     assert r2.exit_code == 2 and "--overwrite" in r2.output
 
 
+def test_shipped_model_on_real_sample(tmp_path: Path, scheduler: str) -> None:
+    """`--model unet-default` (the bundled weights) through both CPU engines."""
+    maps = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / engine
+        r = CliRunner().invoke(main, ["run", str(LAMBERTON), "--out", str(out), "--scheduler",
+                                      scheduler, "--model", "unet-default", "--engine", engine,
+                                      "--skip", "zones,fields,report,project", "--no-progress"])
+        assert r.exit_code == 0, r.output
+        assert json.loads((out / "run.json").read_text())["model"]["name"] == "unet-default"
+        maps[engine] = _read(out / "classes.tif")
+    valid = maps["torch"] != 255
+    share = np.bincount(maps["torch"][valid], minlength=4) / valid.sum()
+    assert 0.05 < share[1] < 0.95  # real canopy and real soil both found
+    # bf16 (where the CPU computes it) or float32 PyTorch against float32 ONNX Runtime
+    assert (maps["torch"] == maps["onnx"]).mean() > 0.99
+
+
 @pytest.mark.parametrize(
     ("make", "needle"),
     [
@@ -229,6 +247,17 @@ def test_cli_skip_steps(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
     assert not (out / "report.html").exists() and not (out / "project.qgs").exists()
     assert json.loads((out / "run.json").read_text())["parameters"]["skip"] == [
         "zones", "report", "project"]
+
+
+def test_cli_progress_bar(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    """The terminal's progress bar (rich) runs through a multi-tile survey to its end."""
+    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "p"),
+                                  "--scheduler", scheduler, "--model", "index-threshold",
+                                  "--tile-size", "128", "--skip", "zones,fields,report,project",
+                                  "--progress"])
+    assert r.exit_code == 0, r.output
+    n = json.loads((tmp_path / "p" / "run.json").read_text())["timings_s"]["tiles_run"]
+    assert n > 1 and f"{n}/{n}" in r.output and "MP/s" in r.output
 
 
 def test_cli_model_options(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:

@@ -139,6 +139,27 @@ def test_undeclared_black_fill_is_nodata(tmp_path: Path) -> None:
     assert open_survey(_rgb(tmp_path / "declared.tif", rgb, nodata=0)).mask_source == "gdal"
 
 
+def test_unflagged_validity_band_is_alpha_not_nir(tmp_path: Path) -> None:
+    """Drone RGB + a fourth 0/255 band without the alpha flag: a validity mask, not NIR."""
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(40, 200, (3, 200, 200), dtype=np.uint8)
+    yy, xx = np.mgrid[0:200, 0:200]
+    valid = (xx + yy) >= 60
+    band4 = np.where(valid, 255, 0).astype(np.uint8)[None]
+    path = _rgb(tmp_path / "rgbv.tif", rgb)
+    with rasterio.open(path) as src:
+        profile = {**src.profile, "count": 4, "photometric": "MINISBLACK"}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.concatenate([rgb, band4]))
+    with rasterio.open(path) as ds:
+        assert ColorInterp.alpha not in ds.colorinterp  # nothing flags band 4
+    s = open_survey(path)
+    assert s.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "alpha": 4}
+    assert s.mask_source == "alpha"
+    _, got = raster.read_window(s, s.roles.spectral, Window(0, 0, 200, 200))
+    assert (got == valid).all()
+
+
 def test_image_vrt_places_an_unreferenced_image(tmp_path: Path) -> None:
     """--gsd: the image on a metric image plane; rewritten only when it changes (resume)."""
     import os

@@ -77,6 +77,21 @@ def test_interrupt_then_resume_is_identical(big_tif: Path, tmp_path: Path, sched
     assert res.manifest["class_pixels"] == ref.manifest["class_pixels"]
 
 
+def test_unreadable_checkpoint_starts_over(big_tif: Path, tmp_path: Path, scheduler: str,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    ref = process_survey(_cfg(big_tif, tmp_path / "ref", scheduler))
+    cfg = _cfg(big_tif, tmp_path / "run", scheduler, checkpoint_seconds=0)
+    with pytest.raises(KeyboardInterrupt):
+        process_survey(cfg, progress=_interrupt_after(20))
+    (tmp_path / "run" / ".agriseg-work" / "checkpoint.json").write_text('{"identity": {"inp')
+    seen: list[int] = []
+    with caplog.at_level("WARNING", logger="agriseg.predict"):
+        res = process_survey(cfg, progress=lambda d, t, p: seen.append(d))
+    assert "unreadable checkpoint, starting over" in caplog.text
+    assert seen[0] < 20  # every tile again
+    _same_outputs(ref.out_dir, res.out_dir)
+
+
 def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, scheduler: str) -> None:
     cfg = _cfg(big_tif, tmp_path / "run", scheduler, checkpoint_seconds=0)
     with pytest.raises(KeyboardInterrupt):

@@ -56,6 +56,7 @@ from agriseg.models.neural import (
 )
 from agriseg.raster import open_survey
 from agriseg.survey import process_survey
+from tests.conftest import LAMBERTON
 
 ROLES = ("red", "green", "blue")
 
@@ -191,6 +192,45 @@ def test_truncated_and_corrupt_refused(tmp_path: Path) -> None:
     cut.write_bytes(data[:5])
     with pytest.raises(ModelError, match="truncated"):
         read_bundle(cut)
+
+
+def test_foreign_and_broken_bundles_refused(tmp_path: Path) -> None:
+    """Files users mistake for bundles get one clear line each, never a deep traceback."""
+    from safetensors.torch import save_file
+
+    plain = tmp_path / "hub.safetensors"  # e.g. weights downloaded from a model hub
+    save_file({"w": torch.zeros(2)}, str(plain))
+    folder = _tiny_bundle(tmp_path / "b")
+    meta = json.loads((folder / "metadata.json").read_text())
+    lacking = tmp_path / "lacking"
+    lacking.mkdir()
+    (lacking / "weights.safetensors").write_bytes((folder / "weights.safetensors").read_bytes())
+    header = tmp_path / "header.safetensors"
+    header.write_bytes((12).to_bytes(8, "little") + b"{not json!!}")
+    cases = {
+        plain: "without agriseg metadata",
+        lacking: "lacks metadata.json",
+        tmp_path / "nowhere.safetensors": "no such file",
+        header: "corrupt safetensors header",
+    }
+    for path, needle in cases.items():
+        with pytest.raises(ModelError, match=needle):
+            load_segmenter(str(path))
+    for bad, needle in [({**meta, "format": "other-tool"}, "not an agriseg model bundle"),
+                        ({**meta, "normalization": {**meta["normalization"],
+                                                    "std": [0.2, 0.0, 0.15]}},
+                         "std must be positive")]:
+        (folder / "metadata.json").write_text(json.dumps(bad))
+        with pytest.raises((ModelError, ConfigError), match=needle):
+            load_segmenter(str(folder))
+    (folder / "metadata.json").write_text("{")
+    with pytest.raises(ModelError, match="unreadable bundle metadata"):
+        load_segmenter(str(folder))
+    r = CliRunner().invoke(main, ["run", str(LAMBERTON), "--out", str(tmp_path / "o"),
+                                  "--model", str(plain)])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith(f"Error: {plain}: ") and "save_bundle" in last
 
 
 def test_unknown_version_and_mismatch_refused(tmp_path: Path) -> None:

@@ -28,6 +28,9 @@ class RunConfig(BaseModel):
     out: Path = Field(description="output folder")
     fields: Path | None = Field(None, description="field polygons (GeoPackage/Shapefile/GeoJSON)")
     field_id: str | None = Field(None, description="id column of the fields layer")
+    fields_layer: str | None = Field(
+        None, description="layer of the fields file (default: its only or first polygon layer)"
+    )
     model: str | None = Field(None, description="registered model name or bundle path")
     model_options: dict[str, Any] = Field(
         default_factory=dict,

@@ -57,12 +57,14 @@ class FieldSet:
         id_column: the source column the ids came from (``"(row number)"`` when none).
         source: the file read, or ``"(whole raster)"``.
         notes: what was repaired, dropped or found outside the raster, for logs and report.
+        layer: the layer of ``source`` read (None for the whole raster).
     """
 
     fields: gpd.GeoDataFrame
     id_column: str
     source: str
     notes: tuple[str, ...] = ()
+    layer: str | None = None
 
 
 def _polygonal(geom: shapely.Geometry) -> shapely.Geometry | None:
@@ -100,26 +102,68 @@ def _pick_id_column(df: pd.DataFrame, requested: str | None, path: str) -> str |
     return None
 
 
-def read_fields(path: str | os.PathLike[str], grid: Grid, field_id: str | None = None) -> FieldSet:
+def _pick_layer(path: str, layer: str | None) -> str:
+    """The layer of ``path`` to read: ``layer``, else its only or first polygon layer.
+
+    GeoPackages made in QGIS often hold several layers (fields, tracks, sample points), and
+    OGR's default, the first one, may not be the fields.
+    """
+    import pyogrio
+
+    try:
+        layers = [(str(name), str(kind or "")) for name, kind in pyogrio.list_layers(path)]
+    except Exception as exc:  # pyogrio raises DataSourceError and friends
+        raise VectorError(
+            f"{path}: not a readable vector file ({exc}); give a GeoPackage, Shapefile or "
+            "GeoJSON"
+        ) from exc
+    names = [name for name, _ in layers]
+    if layer is not None:
+        if layer not in names:
+            raise VectorError(
+                f"{path}: has no layer {layer!r}; its layers: {', '.join(names) or '(none)'}"
+            )
+        return layer
+    if not layers:
+        raise VectorError(f"{path}: holds no layers; give a file with field polygons")
+    polygons = [name for name, kind in layers if "polygon" in kind.lower()]
+    chosen = (polygons or names)[0]
+    if len(layers) > 1:
+        log.warning(
+            "%s: holds %d layers (%s); reading %r as the fields; name another with "
+            "--fields-layer", path, len(layers), ", ".join(names), chosen,
+        )
+    return chosen
+
+
+def read_fields(
+    path: str | os.PathLike[str],
+    grid: Grid,
+    field_id: str | None = None,
+    layer: str | None = None,
+) -> FieldSet:
     """Read field polygons and put them on the raster's grid.
 
     Args:
-        path: GeoPackage, Shapefile, GeoJSON (first layer), any CRS.
+        path: GeoPackage, Shapefile, GeoJSON, any CRS.
         grid: the raster grid (its CRS is the target CRS).
         field_id: id column; default the first column with unique non-empty values, else the
             row number (1-based).
+        layer: the layer to read; default the file's only layer, or its first polygon layer
+            (with a warning naming the others).
 
     Returns:
         The fields with a status per field and notes on repairs and coverage.
 
     Raises:
-        VectorError: unreadable file, no CRS, no polygons, bad id column.
+        VectorError: unreadable file, no such layer, no CRS, no polygons, bad id column.
     """
     p = os.fspath(path)
     if not os.path.exists(p):
         raise VectorError(f"{p}: fields file not found; check the --fields path")
+    chosen = _pick_layer(p, layer)
     try:
-        df = gpd.read_file(p, engine="pyogrio")
+        df = gpd.read_file(p, layer=chosen, engine="pyogrio")
     except Exception as exc:  # pyogrio raises DataSourceError, DataLayerError, ...
         raise VectorError(
             f"{p}: not a readable vector file ({exc}); give a GeoPackage, Shapefile or GeoJSON"
@@ -191,7 +235,7 @@ def read_fields(path: str | os.PathLike[str], grid: Grid, field_id: str | None =
         {"field_id": ids[keep].to_numpy(), "status": st},
         geometry=gpd.GeoSeries(geoms[keep], crs=grid.crs), crs=grid.crs,
     ).reset_index(drop=True)
-    return FieldSet(fields, col or "(row number)", p, tuple(notes))
+    return FieldSet(fields, col or "(row number)", p, tuple(notes), chosen)
 
 
 def whole_raster_field(grid: Grid) -> FieldSet:

@@ -40,9 +40,12 @@ log = logging.getLogger(__name__)
 def _fieldset(ctx: SurveyContext) -> FieldSet:
     from agriseg.fields import read_fields, whole_raster_field
 
+    if ctx.fieldset is not None:  # read and checked before the tiles
+        return ctx.fieldset
     if ctx.config.fields is None:
         return whole_raster_field(ctx.survey.grid)
-    return read_fields(ctx.config.fields, ctx.survey.grid, ctx.config.field_id)
+    return read_fields(ctx.config.fields, ctx.survey.grid, ctx.config.field_id,
+                       ctx.config.fields_layer)
 
 
 def _read_zones(work: Path) -> gpd.GeoDataFrame | None:
@@ -110,7 +113,8 @@ def fields_step(ctx: SurveyContext) -> None:
     ctx.outputs["fields"] = Path("fields.gpkg")
     ctx.outputs["fields_csv"] = Path("fields.csv")
     ctx.manifest["fields"] = {
-        "source": fs.source, "id_column": fs.id_column, "count": len(summary),
+        "source": fs.source, "layer": fs.layer, "id_column": fs.id_column,
+        "count": len(summary),
         "notes": list(fs.notes),
         "median_health_score": None if summary["health_score"].isna().all()
         else round(float(summary["health_score"].median()), 2),

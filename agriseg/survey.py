@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agriseg import __version__, heap
 from agriseg.classes import ClassSchema
@@ -54,6 +54,9 @@ from agriseg.raster import (
     tile_has_data,
 )
 
+if TYPE_CHECKING:
+    from agriseg.fields import FieldSet
+
 log = logging.getLogger(__name__)
 
 WORK_DIR = ".agriseg-work"
@@ -77,6 +80,8 @@ class SurveyContext:
     outputs: dict[str, Path] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: ``--fields``, read before the tiles (None without it or when no step uses it).
+    fieldset: FieldSet | None = None
 
 
 PostStep = Callable[[SurveyContext], None]
@@ -278,9 +283,11 @@ def _process(
             # Only rule-based models take options and they load at once: a bad option is
             # reported now rather than after the overview read (seconds on a big survey).
             loading.result()
+        fieldset = None
         if config.gsd is None:
             survey = open_survey(config.input, config.bands)
             read_overview(survey, survey.roles.spectral[:1])
+            fieldset = _read_fields_first(config, survey)
         segmenter = loading.result()
     finally:
         loader.shutdown(wait=False)
@@ -298,6 +305,7 @@ def _process(
             survey = open_survey(vrt, config.bands)
         except AgrisegError as exc:  # name the user's file, not our wrapper
             raise type(exc)(str(exc).replace(vrt, str(config.input))) from exc
+        fieldset = _read_fields_first(config, survey)
 
     t = time.perf_counter()
     prepared = segmenter.prepare(survey)
@@ -355,7 +363,7 @@ def _process(
 
     t = time.perf_counter()
     ctx = SurveyContext(config, survey, segmenter, prepared, plan, schema, out, work,
-                        timings=timings)
+                        timings=timings, fieldset=fieldset)
 
     _finalize_outputs(specs, writer, ctx)
     # GDAL's overview builders and COG copies free ~0.5 GB of buffers (268 MP) that glibc
@@ -403,6 +411,19 @@ def _process(
     shutil.rmtree(work, ignore_errors=True)
     log.info("done in %.1f s: %s", timings["total_s"], out)
     return SurveyResult(out, final, manifest)
+
+
+def _read_fields_first(config: RunConfig, survey: SurveyRaster) -> FieldSet | None:
+    """``--fields``, read and checked before the tiles.
+
+    A wrong file (unreadable, no CRS, no overlap, a missing id column or layer) then fails the
+    run in seconds, not after a night of segmentation.
+    """
+    if config.fields is None or {"zones", "fields"} <= set(config.skip):
+        return None
+    from agriseg.fields import read_fields
+
+    return read_fields(config.fields, survey.grid, config.field_id, config.fields_layer)
 
 
 def _segment_on_cluster(

@@ -208,7 +208,29 @@ def test_fields_hostile_cases_via_cli(tmp_path: Path) -> None:
                                       *extra])
         assert r.exit_code == 2, r.output
         assert needle in r.output and str(path) in r.output and "Traceback" not in r.output
-        assert not (out / "run.json").exists()
+        assert not out.exists()  # refused before the tiles, not after a night of them
+
+
+def test_layer_of_a_multi_layer_geopackage(tmp_path: Path,
+                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A GeoPackage from QGIS often holds more than the fields: the polygons, or the named one."""
+    grid = Grid((400, 360), T, rasterio.crs.CRS.from_epsg(32615))
+    path = tmp_path / "project.gpkg"
+    x0, y0 = 500000.0, 4900000.0
+    gpd.GeoDataFrame({"n": [1]}, geometry=[shapely.Point(x0 + 3, y0 - 3)], crs=32615).to_file(
+        path, layer="samples", engine="pyogrio")
+    for layer, names in (("fields", ["a", "b"]), ("zones", ["z"])):
+        boxes = [shapely.box(x0 + 1 + 5 * i, y0 - 6, x0 + 4 + 5 * i, y0 - 1)
+                 for i in range(len(names))]
+        gpd.GeoDataFrame({"name": names}, geometry=boxes, crs=32615).to_file(
+            path, layer=layer, engine="pyogrio")
+    with caplog.at_level("WARNING", logger="agriseg.fields"):
+        fs = read_fields(path, grid)
+    assert fs.layer == "fields" and list(fs.fields["field_id"]) == ["a", "b"]
+    assert "samples, fields, zones" in caplog.text and "--fields-layer" in caplog.text
+    assert list(read_fields(path, grid, layer="zones").fields["field_id"]) == ["z"]
+    with pytest.raises(VectorError, match="no layer 'plots'; its layers: samples, fields, zones"):
+        read_fields(path, grid, layer="plots")
 
 
 def test_invalid_geometry_repaired_and_reported(tmp_path: Path) -> None:

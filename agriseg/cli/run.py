@@ -22,6 +22,8 @@ from agriseg.grid import TilePlan
 @click.option("--fields", type=click.Path(dir_okay=False, path_type=Path),
               help="Field polygons (GeoPackage, Shapefile, GeoJSON; any CRS).")
 @click.option("--field-id", help="Id column of --fields (default: first unique column).")
+@click.option("--fields-layer", help="Layer of --fields, for a GeoPackage holding several "
+              "(default: its first polygon layer, with a warning naming the others).")
 @click.option("--model", "-m", help="Registered model name (see `agriseg models`) or bundle path.")
 @click.option("--model-option", "model_option", multiple=True, metavar="NAME=VALUE",
               help="Set an option of the model (repeatable), e.g. disease_sensitivity=4 or "

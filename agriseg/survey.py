@@ -31,7 +31,7 @@ from agriseg.grid import Tile, TilePlan, auto_tile_size, plan_tiles
 from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
 from agriseg.models.base import Prepared, Segmenter
-from agriseg.output import OutputSpec, TileWriter, finalize_cog
+from agriseg.output import OutputSpec, TileWriter, disk_estimate, finalize_cog
 from agriseg.pool import shutdown_pool
 from agriseg.postprocess import POSTPROCESS_STEPS
 from agriseg.predict import (
@@ -349,6 +349,8 @@ def _process(
         "agriseg": __version__,
     }
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
+    _check_disk(work, specs, sum(t.core.width * t.core.height for t in tiles),
+                bool(checkpoint.done))
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
     t = time.perf_counter()
     try:
@@ -411,6 +413,33 @@ def _process(
     shutil.rmtree(work, ignore_errors=True)
     log.info("done in %.1f s: %s", timings["total_s"], out)
     return SurveyResult(out, final, manifest)
+
+
+def _check_disk(work: Path, specs: list[OutputSpec], pixels: int, resuming: bool) -> None:
+    """Warn before the tiles when the output folder's disk looks too small for the run.
+
+    Only a warning: the estimate is an upper bound, and a run that does fill the disk stops
+    with a clear error and resumes when rerun.
+    """
+    need = disk_estimate(specs, pixels)
+    if resuming:  # what earlier attempts wrote is already taken from the free space
+        need -= sum(f.stat().st_blocks * 512 for f in work.rglob("*") if f.is_file())
+    free = shutil.disk_usage(work).free
+    log.info("disk: at most %s for working files and outputs, %s free", _size(max(need, 0)),
+             _size(free))
+    if need > free:
+        floats = [s for s in specs if s.name.startswith("indices/")]
+        hint = (f", pass --no-indices (the index rasters take "
+                f"{_size(disk_estimate(floats, pixels))} of it)" if floats else "")
+        log.warning(
+            "%s: this run may need up to %s of disk for its working files and outputs but %s "
+            "are free; free space%s, or choose another --out. A run that fills the disk stops "
+            "with an error and resumes when rerun", work.parent, _size(need), _size(free), hint,
+        )
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def _read_fields_first(config: RunConfig, survey: SurveyRaster) -> FieldSet | None:

@@ -20,10 +20,12 @@ from affine import Affine
 from click.testing import CliRunner
 from distributed import Client, LocalCluster
 
+from agriseg.classes import DEFAULT_CLASSES
 from agriseg.cli import main
 from agriseg.config import build_run_config
 from agriseg.errors import ResumeError
-from agriseg.survey import process_survey
+from agriseg.output import disk_estimate
+from agriseg.survey import _output_specs, process_survey
 from tests.conftest import toy_field, write_rgba
 
 AGRISEG = [sys.executable, "-m", "agriseg"]
@@ -280,6 +282,34 @@ def test_disk_full_is_a_clear_error(big_tif: Path, tmp_path: Path) -> None:
     assert last.startswith("Error:") and "disk" in last, r.stderr
     assert "Traceback" not in r.stderr
     assert not (out / "run.json").exists() and not (out / "classes.tif").exists()
+
+
+def test_small_disk_warned_before_the_tiles(big_tif: Path, tmp_path: Path, scheduler: str,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A disk that looks too small is named before the tiles start.
+
+    Only a warning: the estimate is an upper bound, and a full disk stops with its own error
+    and resumes.
+    """
+    import shutil
+
+    real = shutil.disk_usage
+
+    def small(path: object) -> object:
+        return real(path)._replace(free=200_000)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("agriseg.survey.shutil.disk_usage", small)
+    seen: list[int] = []
+    with caplog.at_level("WARNING", logger="agriseg.survey"):
+        res = process_survey(_cfg(big_tif, tmp_path / "run", scheduler),
+                             progress=lambda d, t, p: seen.append(len(caplog.records)))
+    warning = next(r.message for r in caplog.records if "of disk" in r.message)
+    assert "0 MB are free" in warning and "--no-indices" in warning and "--out" in warning
+    assert seen and seen[0] >= 1  # logged before the first tile finished
+    written = sum(f.stat().st_size for f in res.out_dir.rglob("*.tif"))
+    specs = _output_specs(DEFAULT_CLASSES, ("exg", "vari", "gli"))
+    assert disk_estimate(specs, 640 * 576) > written
 
 
 def test_scheduler_unreachable(rgba_tif: Path, tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
+import pyproj
 import rasterio
 import shapely
 from rasterio.windows import Window
@@ -181,8 +182,24 @@ def read_fields(
     notes: list[str] = []
     if col is None:
         notes.append(f"{p}: no column with unique values; fields are numbered 1..{len(df)}")
-    geoms = df.geometry.to_crs(grid.crs).to_numpy() if df.crs != grid.crs else (
-        df.geometry.to_numpy())
+    if df.crs != grid.crs and not (on_earth(df.crs) and on_earth(grid.crs)):
+        # No transformation joins a local CRS (an image run with --gsd) to a map CRS.
+        raise VectorError(
+            f"{p}: its fields ({df.crs.name}) cannot be placed on the raster "
+            f"({pyproj.CRS.from_wkt(grid.crs.to_wkt()).name}): "
+            "an image without georeferencing has no map coordinates. Drop --fields (the whole "
+            "image is summarised as one field), draw the fields on this run's classes.tif "
+            "instead, or georeference the image first (gdal_translate -a_srs ... -a_ullr ...)"
+        )
+    try:
+        geoms = df.geometry.to_crs(grid.crs).to_numpy() if df.crs != grid.crs else (
+            df.geometry.to_numpy())
+    except Exception as exc:  # pyproj.exceptions.ProjError and friends
+        raise VectorError(
+            f"{p}: cannot reproject the fields from {df.crs.to_string()} to the raster's "
+            f"{grid.crs.to_string()} ({exc}); check both CRSs, or reproject the fields with "
+            "ogr2ogr -t_srs first"
+        ) from exc
     # Fields far outside the raster's CRS area (lon/lat nonsense, wrong CRS) reproject to
     # inf/NaN; GEOS cannot repair those, so they count as features without a polygon.
     xy, owner = shapely.get_coordinates(geoms, return_index=True)

@@ -176,6 +176,23 @@ def test_bad_fields_files(tmp_path: Path) -> None:
     assert fs.id_column == "(row number)" and list(fs.fields["field_id"]) == ["1", "2"]
 
 
+def test_fields_on_an_image_without_georeferencing(tmp_path: Path) -> None:
+    """A --gsd run's image plane: map fields are refused clearly, fields drawn on it work."""
+    from agriseg.grid import IMAGE_CRS
+
+    grid = Grid((400, 360), Affine(0.05, 0, 0, 0, -0.05, 0), IMAGE_CRS)
+    utm = gpd.GeoDataFrame({"n": [1]}, geometry=[shapely.box(500001, 4899990, 500005, 4899999)],
+                           crs=32615)
+    utm.to_file(tmp_path / "utm.gpkg")
+    with pytest.raises(VectorError, match=r"no map coordinates.*Drop --fields"):
+        read_fields(tmp_path / "utm.gpkg", grid)
+    local = gpd.GeoDataFrame({"n": ["a"]}, geometry=[shapely.box(1, -10, 10, -1)],
+                             crs=IMAGE_CRS.to_wkt())
+    local.to_file(tmp_path / "local.gpkg")
+    fs = read_fields(tmp_path / "local.gpkg", grid)
+    assert list(fs.fields["field_id"]) == ["a"] and list(fs.fields["status"]) == ["ok"]
+
+
 def test_hist_quantiles() -> None:
     rng = np.random.default_rng(0)
     v = rng.normal(0.2, 0.1, 10000)

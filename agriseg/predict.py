@@ -210,6 +210,23 @@ class Checkpoint:
 # --------------------------------------------------------------------------- cluster
 
 
+def _wait_for_file(path: str, timeout: float) -> None:
+    """Wait up to ``timeout`` s for a scheduler file to appear.
+
+    A job script may start the scheduler beside agriseg; ``Client`` itself waits for a missing
+    file forever (a mistyped path hung the run).
+    """
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            raise ClusterError(
+                f"{path}: scheduler file not found after {timeout:.0f} s; start the scheduler "
+                f"with `dask scheduler --scheduler-file {path}` (on storage this machine sees), "
+                "check the path, or leave --scheduler-file out to use a local cluster"
+            )
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def dask_client(
     scheduler: str | None = None,
@@ -235,6 +252,8 @@ def dask_client(
         ClusterError: the scheduler cannot be reached in ``timeout`` seconds.
     """
     if scheduler or scheduler_file:
+        if scheduler_file and not scheduler:
+            _wait_for_file(scheduler_file, timeout)
         try:
             client = Client(scheduler, scheduler_file=scheduler_file, timeout=timeout)
         except (OSError, TimeoutError, ValueError) as exc:

@@ -328,6 +328,16 @@ def test_scheduler_unreachable(rgba_tif: Path, tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 60
 
 
+def test_scheduler_file_missing(rgba_tif: Path, tmp_path: Path) -> None:
+    """A mistyped --scheduler-file fails after --scheduler-timeout (Client waits forever)."""
+    t0 = time.monotonic()
+    missing = tmp_path / "nope" / "scheduler.json"
+    code, out = _cli("run", str(rgba_tif), "--out", str(tmp_path / "o"), "--scheduler-file",
+                     str(missing), "--scheduler-timeout", "1")
+    assert code == 2 and "scheduler file not found after 1 s" in out and str(missing) in out
+    assert time.monotonic() - t0 < 60
+
+
 def test_workers_cannot_see_input(scheduler: str) -> None:
     from agriseg.errors import ClusterError
     from agriseg.predict import check_workers_see

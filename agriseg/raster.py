@@ -464,6 +464,16 @@ def _describe(
     ds: rasterio.DatasetReader, p: str, bands: str | BandRoles | None
 ) -> SurveyRaster:
     """Validate an open dataset and describe it (see :func:`open_survey`)."""
+    if ds.driver == "VRT":
+        # GDAL opens a VRT whose sources are gone and fails only when it reads them.
+        missing = [f for f in ds.files[1:]
+                   if not f.startswith(("/vsi", "http")) and not os.path.exists(f)]
+        if missing:
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise RasterError(
+                f"{p}: the VRT's source file(s) {', '.join(missing[:3])}{more} do not exist; "
+                "put them back where the VRT expects them, or rebuild it (gdalbuildvrt)"
+            )
     if ds.count == 0 or ds.width < MIN_SIDE or ds.height < MIN_SIDE:
         raise RasterError(
             f"{p}: raster is {ds.width}x{ds.height} px with {ds.count} band(s); at least "

@@ -16,6 +16,7 @@ import dask
 import numpy as np
 import pytest
 import rasterio
+import rasterio.shutil
 from affine import Affine
 from click.testing import CliRunner
 from distributed import Client, LocalCluster
@@ -386,6 +387,7 @@ def _write(path: Path, data: np.ndarray | None = None, **kw: object) -> Path:
         ("onebands", "a single-band product"),
         ("onebands_red", "needs band roles"),
         ("sparse", "every pixel is nodata"),
+        ("vrt", "source file(s)"),
     ],
 )
 def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
@@ -424,6 +426,11 @@ def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
         )
         with rasterio.open(src, "w", **prof):
             pass  # nothing written: a huge, all-nodata, tiny file
+    elif kind == "vrt":  # a mosaic whose tiles were moved away
+        tile = _write(tmp_path / "tile.tif")
+        src = tmp_path / "mosaic.vrt"
+        rasterio.shutil.copy(tile, src, driver="VRT")
+        tile.unlink()
     extra = ["--bands", "red=1"] if kind == "onebands_red" else []
     code, out = _cli("run", str(src), "--out", str(tmp_path / "o"), "--no-progress", *extra)
     assert code == 2, out

@@ -169,6 +169,11 @@ def read_fields(
         raise VectorError(
             f"{p}: not a readable vector file ({exc}); give a GeoPackage, Shapefile or GeoJSON"
         ) from exc
+    if not isinstance(df, gpd.GeoDataFrame):  # e.g. a CSV: pyogrio gives a plain table
+        raise VectorError(
+            f"{p}: layer {chosen!r} is a table without geometries; give the field polygons "
+            "(GeoPackage, Shapefile, GeoJSON)"
+        )
     if df.empty:
         raise VectorError(f"{p}: holds no features; give a file with field polygons")
     if df.crs is None:

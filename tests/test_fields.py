@@ -163,6 +163,9 @@ def test_bad_fields_files(tmp_path: Path) -> None:
         read_fields(bad, grid)
     with pytest.raises(VectorError, match="not found"):
         read_fields(tmp_path / "missing.gpkg", grid)
+    (tmp_path / "plots.csv").write_text("id,name\n1,a\n")
+    with pytest.raises(VectorError, match="table without geometries"):
+        read_fields(tmp_path / "plots.csv", grid)
     pts = gpd.GeoDataFrame({"a": [1]}, geometry=[shapely.Point(500000, 4900000)], crs=32615)
     pts.to_file(tmp_path / "pts.gpkg")
     with pytest.raises(VectorError, match="no polygon"):

@@ -166,6 +166,11 @@ def test_config_errors_are_clear(tmp_path: Path, pair: tuple[Path, Path]) -> Non
         {"image": str(img), "polygons": str(polys), "class_column": "kind"}])
     r = CliRunner().invoke(main, ["train", str(bad)])
     assert r.exit_code == 2 and "no column 'kind'" in r.output and "class" in r.output
+    bad = _write_cfg(tmp_path / "e.yaml", out="r", data=[
+        {"image": str(img), "labels": "moved.tif"}])
+    r = CliRunner().invoke(main, ["train", str(bad)])
+    assert r.exit_code == 2 and "label raster not found" in r.output
+    assert str(tmp_path / "moved.tif") in r.output and "Traceback" not in r.output
 
 
 def test_help() -> None:

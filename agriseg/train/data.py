@@ -63,8 +63,15 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
     """Labels of a raster on ``survey_grid``; on the image plane only the size must agree."""
     import rasterio
 
-    with no_georef_warning():
-        ds = rasterio.open(path)
+    try:
+        with no_georef_warning():
+            ds = rasterio.open(path)
+    except rasterio.errors.RasterioError as exc:
+        what = "not found" if not Path(path).exists() else f"not a readable raster ({exc})"
+        raise InputError(
+            f"{path}: label raster {what}; check `labels:` in the training config (paths are "
+            "relative to the config file)"
+        ) from exc
     with ds:
         if image_plane and ds.shape == survey_grid.shape_yx:
             pass  # a label image of an image without a CRS: pixel for pixel

@@ -16,7 +16,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = ".agriseg-work"
 MANIFEST = "run.json"
+#: Lock file a run holds in its output folder (see ``_run_lock``).
+LOCK_FILE = ".agriseg.lock"
 #: The input image on its image-plane grid, in the output folder (runs with ``--gsd``).
 IMAGE_VRT = "image.vrt"
 
@@ -111,6 +113,58 @@ class SurveyResult:
     out_dir: Path
     outputs: dict[str, Path]
     manifest: dict[str, Any]
+
+
+@contextlib.contextmanager
+def _run_lock(out: Path) -> Iterator[Path | None]:
+    """Hold an exclusive lock on the output folder for the run; yields the lock file.
+
+    Two runs into one folder (a cron job's rerun that finds the first still going, a command
+    started twice) would write the same working files. The kernel drops the lock when its
+    process ends, however it ends, so a rerun after a crash resumes. Without ``flock``
+    (Windows, some network file systems) runs are not guarded.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield None
+        return
+    if out.exists() and not out.is_dir():
+        yield None  # _prepare_out_dir says what is wrong
+        return
+    path = out / LOCK_FILE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+    except OSError:
+        yield None  # _prepare_out_dir says what is wrong
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "unknown process"
+            raise OutputError(
+                f"{out}: another agriseg run is writing there ({holder}); wait for it to "
+                "finish (rerunning the same command then resumes or reports it done), or "
+                "choose another --out"
+            ) from None
+        except OSError as exc:
+            log.debug("%s: no lock (%s); concurrent runs are not guarded", path, exc)
+            yield None
+            return
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {platform.node()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        try:
+            yield path
+        finally:
+            # Removed while still held, so no run can be starting on it meanwhile; a run
+            # killed outright leaves it, harmless (only the lock on it counts).
+            path.unlink(missing_ok=True)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
@@ -246,7 +300,8 @@ def process_survey(
         AgrisegError: any user-facing problem, with a message that says what to do.
     """
     try:
-        return _process(config, progress, on_plan)
+        with contextlib.ExitStack() as run_scope:
+            return _process(config, progress, on_plan, run_scope)
     except AgrisegError:
         raise
     except OSError as exc:
@@ -262,6 +317,7 @@ def _process(
     config: RunConfig,
     progress: Progress | None,
     on_plan: Callable[[TilePlan, int], None] | None,
+    run_scope: contextlib.ExitStack,
 ) -> SurveyResult:
     t_start = time.perf_counter()
     # Before the tile threads start: their arenas are created on first use.
@@ -296,6 +352,7 @@ def _process(
         segmenter = with_halo(config.halo)
     planes = _probability_planes(config.probabilities, segmenter.schema)
     out = Path(config.out)
+    run_scope.enter_context(_run_lock(out))
     work = _prepare_out_dir(out, config.overwrite)
     if config.gsd is not None:
         # Workers, report and QGIS project all read the image through this VRT, which

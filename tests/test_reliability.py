@@ -313,6 +313,29 @@ def test_small_disk_warned_before_the_tiles(big_tif: Path, tmp_path: Path, sched
     assert disk_estimate(specs, 640 * 576) > written
 
 
+def test_second_run_into_the_same_folder_is_refused(rgba_tif: Path, tmp_path: Path,
+                                                    scheduler: str) -> None:
+    """A cron rerun that finds the first run still writing must not write beside it."""
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    with open(out / ".agriseg.lock", "a+") as held:  # what a running agriseg holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on farm-pc, started 2026-11-27 20:00:00\n")
+        held.flush()
+        r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(out), "--scheduler",
+                                      scheduler, "--model", FAST, "--no-progress"])
+        assert r.exit_code == 2 and "another agriseg run is writing there" in r.output
+        assert "pid 4242 on farm-pc" in r.output and "Traceback" not in r.output
+        assert sorted(p.name for p in out.iterdir()) == [".agriseg.lock"]
+    # released (the holder ended): the run goes ahead and leaves no lock behind
+    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(out), "--scheduler",
+                                  scheduler, "--model", FAST, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert not (out / ".agriseg.lock").exists() and (out / "run.json").exists()
+
+
 def test_scheduler_unreachable(rgba_tif: Path, tmp_path: Path) -> None:
     t0 = time.monotonic()
     code, out = _cli(

@@ -104,7 +104,16 @@ class BandRoles:
                     f"cannot parse band role {part!r} in --bands {spec!r}; "
                     "expected ROLE=INDEX pairs like red=1,green=2,blue=3,nir=4"
                 )
-            mapping[m.group(1).lower().replace("-", "").replace("_", "")] = int(m.group(2))
+            role, band = m.group(1).lower().replace("-", "").replace("_", ""), int(m.group(2))
+            if role in mapping:
+                raise BandError(f"--bands {spec!r} gives {role} twice; give each role once")
+            taken = [r for r, b in mapping.items() if b == band]
+            if taken:
+                raise BandError(
+                    f"--bands {spec!r} gives band {band} to both {taken[0]} and {role}; each "
+                    "band has one role (gdalinfo lists the bands and their descriptions)"
+                )
+            mapping[role] = band
         if not mapping:
             raise BandError(f"--bands {spec!r} names no band; e.g. red=1,green=2,blue=3")
         return cls.from_mapping(mapping)

@@ -223,6 +223,11 @@ def test_cli_bad_bands(rgba_tif: Path, tmp_path: Path) -> None:
         ["run", str(rgba_tif), "--out", str(tmp_path / "o"), "--bands", "red=1,green=2,blue=9"],
     )
     assert r.exit_code == 2 and "blue=9" in r.output
+    for spec, needle in (("red=1,green=1,blue=3", "band 1 to both red and green"),
+                         ("red=1,red=2,blue=3", "gives red twice")):
+        r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "o"),
+                                      "--bands", spec])
+        assert r.exit_code == 2 and needle in r.output
 
 
 def test_cli_help_everywhere() -> None:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from agriseg.classes import ClassSchema
-from agriseg.errors import ConfigError, ModelError
+from agriseg.errors import ConfigError, ModelError, OutputError
 from agriseg.models.base import Prepared, TileContext
 from agriseg.models.bundle import BundleMeta, bundle_digest, bundle_files, load_bundle_model
 from agriseg.models.spec import SIZE_MULTIPLE
@@ -363,12 +363,18 @@ def export_onnx(
     meta, model = load_bundle_model(bundle)
     digest = bundle_digest(bundle)
     dst = Path(out) if out else onnx_cache_path(bundle, digest)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     wrapped = _with_softmax(model)
     side = _ceil_to(check_size, SIZE_MULTIPLE)
     x = torch.rand(2, meta.arch.in_channels, side, side + SIZE_MULTIPLE,
                    generator=torch.Generator().manual_seed(0))
-    fd, tmp_name = tempfile.mkstemp(suffix=".onnx.partial", dir=dst.parent)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(suffix=".onnx.partial", dir=dst.parent)
+    except OSError as exc:  # OutputError is an OSError: the run's fallback still catches it
+        raise OutputError(
+            f"{dst}: cannot write the ONNX file there ({exc.strerror or exc}); choose a "
+            "writable path"
+        ) from exc
     os.close(fd)
     tmp = Path(tmp_name)
     try:

@@ -147,11 +147,13 @@ class SurveyRaster:
         count: number of bands.
         dtype: numpy dtype name of the bands.
         roles: spectral band roles.
-        nodata: declared nodata value, if any.
+        nodata: declared nodata value, or the undeclared fill found (``mask_source`` fill).
         scale: multiply raw values by this to get reflectance-like 0..1 values.
         mask_source: how validity is decided: ``alpha`` (band ``roles.alpha``), ``gdal``
             (GDAL's mask: nodata or per-dataset mask), ``black`` (pixels 0 in every band
-            read: an orthomosaic's undeclared fill) or ``none`` (every pixel valid).
+            read: an orthomosaic's undeclared fill), ``fill`` (an undeclared large negative
+            fill such as -10000 in every band, kept in ``nodata``) or ``none`` (every pixel
+            valid).
         roles_from: how the roles were found (``--bands``, band descriptions, colour
             interpretation or the band order convention, with any physics checks).
     """
@@ -578,8 +580,17 @@ def _describe(
                 "along its edges: taken as nodata (set a nodata value or an alpha band to "
                 "say otherwise)", p, 100 * share,
             )
-    scale = _choose_scale(ds, spectral, alpha, sample)
     nodata = ds.nodata
+    if mask_source == "none" and dtype.kind in "fi":
+        fill = _negative_fill(sample()[[i - 1 for i in spectral]])
+        if fill is not None:
+            nodata, mask_source = fill, "fill"
+            log.info(
+                "%s: declares no nodata, but its edges hold %g in every band: taken as "
+                "nodata (set the nodata value, e.g. gdal_edit.py -a_nodata %g, to say so)",
+                p, fill, fill,
+            )
+    scale = _choose_scale(ds, spectral, alpha, sample)
     roles = BandRoles.from_mapping(mapping)
     log.info(
         "%s: %dx%d px, %d band(s) %s, roles %s (from %s), mask from %s, scale %.6g, GSD %.3g m",
@@ -605,6 +616,24 @@ def _black_fill_share(bands: np.ndarray) -> float | None:
     edge = np.concatenate([black[0], black[-1], black[:, 0], black[:, -1]])
     share = float(black.mean())
     return share if share >= 0.005 and edge.mean() >= 0.02 else None
+
+
+def _negative_fill(bands: np.ndarray) -> float | None:
+    """The fill value of an undeclared large negative fill (-9999, -10000, -32768), else None.
+
+    Reflectance and DEM-style exports fill the area outside the flight with such a value in
+    every band; no imagery measures it. Taken as fill on the same evidence as black fill (see
+    :func:`_black_fill_share`): at least 2 % of the edge and 0.5 % of the raster.
+
+    Args:
+        bands: decimated spectral bands ``(C, H, W)``.
+    """
+    fill = (bands <= -9999).all(axis=0) & (bands == bands[:1]).all(axis=0)
+    edge = np.concatenate([fill[0], fill[-1], fill[:, 0], fill[:, -1]])
+    if fill.mean() < 0.005 or edge.mean() < 0.02:
+        return None
+    values, counts = np.unique(bands[0][fill], return_counts=True)
+    return float(values[np.argmax(counts)])
 
 
 def _read_valid(

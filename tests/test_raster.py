@@ -193,6 +193,22 @@ def test_undeclared_zero_fill_in_float_reflectance(tmp_path: Path) -> None:
     assert not valid[:, :20].any() and valid[:, 20:].all()
 
 
+@pytest.mark.parametrize(("dtype", "fill"), [("float32", -10000.0), ("int16", -32768.0)])
+def test_undeclared_negative_fill_is_nodata(tmp_path: Path, dtype: str, fill: float) -> None:
+    """Reflectance exports fill outside the flight with -10000 (int16 DNs: -32768)."""
+    refl = np.full((3, 120, 120), 0.2 if dtype == "float32" else 2000, dtype)
+    refl[:, :, :20] = fill
+    refl[0, 60, 60] = fill  # one band at the fill value: invalid, as with a declared nodata
+    s = open_survey(_rgb(tmp_path / "refl.tif", refl), "red=1,green=2,blue=3")
+    assert (s.mask_source, s.nodata) == ("fill", fill)
+    _, valid = raster.read_window(s, s.roles.spectral, Window(0, 0, 120, 120))
+    assert not valid[:, :20].any() and valid[:, 20:].sum() == 120 * 100 - 1
+    inside = np.full((3, 120, 120), 0.2, np.float32)
+    inside[:, 50:60, 50:60] = -10000.0  # not along the edges: left alone
+    assert open_survey(_rgb(tmp_path / "inside.tif", inside),
+                       "red=1,green=2,blue=3").mask_source == "none"
+
+
 def test_single_band_product_is_refused_with_what_to_run(tmp_path: Path) -> None:
     ndvi = _reflectance(tmp_path / "ndvi.tif", [0.4], [ColorInterp.gray])
     with pytest.raises(BandError, match=r"single-band product .* orthomosaic"):

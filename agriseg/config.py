@@ -7,6 +7,7 @@ passes silently.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -114,6 +115,34 @@ def build_run_config(source: str = "options", **values: Any) -> RunConfig:
         return RunConfig(**values)
     except ValidationError as exc:
         raise ConfigError(_format_validation(exc, source)) from exc
+
+
+def load_run_yaml(path: str | Path) -> dict[str, Any]:
+    """A run config's mapping, its relative paths made relative to the YAML file.
+
+    As in training configs, so a config and the files beside it work from any folder (cron,
+    systemd and cluster jobs start elsewhere). Options given on the command line stay
+    relative to the current folder.
+
+    Raises:
+        ConfigError: unreadable file, YAML error or not a mapping.
+    """
+    values = load_yaml(path)
+    base = Path(path).resolve().parent
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            return os.path.normpath(base / value)
+        return value
+
+    for key in ("input", "out", "fields", "scheduler_file"):
+        if key in values:
+            values[key] = fix(values[key])
+    model = values.get("model")
+    # A bundle path, not a registered name (those have neither a separator nor a suffix).
+    if isinstance(model, str) and ("/" in model or model.endswith(".safetensors")):
+        values["model"] = fix(model)
+    return values
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -25,6 +25,36 @@ def test_workflow_scripts_parse(path: Path) -> None:
     ast.parse(path.read_text())
 
 
+def test_run_config_paths_are_relative_to_it(rgba_tif: Path, tmp_path: Path,
+                                            scheduler: str) -> None:
+    """As in training configs: a config and the files beside it work from any folder."""
+    import json
+    import shutil
+
+    from click.testing import CliRunner
+
+    from agriseg.cli import main
+    from agriseg.config import load_run_yaml
+
+    job = tmp_path / "job"
+    job.mkdir()
+    shutil.copy(rgba_tif, job / "survey.tif")
+    cfg = job / "run.yaml"
+    cfg.write_text("version: 1\ninput: survey.tif\nout: results\nmodel: index-threshold\n"
+                   "skip: [zones, fields, report, project]\n")
+    values = load_run_yaml(cfg)
+    assert values["input"] == str(job / "survey.tif") and values["model"] == "index-threshold"
+    r = CliRunner().invoke(main, ["run", "--config", str(cfg), "--scheduler", scheduler,
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((job / "results" / "run.json").read_text())["input"]["path"] == str(
+        job / "survey.tif")
+    # the demo config names the samples from the workflows folder
+    demo = load_run_yaml(WORKFLOWS / "demo.yaml")
+    assert Path(demo["input"]).exists() and Path(demo["fields"]).exists()
+    assert demo["out"] == str(REPO / "out" / "demo")
+
+
 def test_unknown_key_is_rejected_with_its_name(tmp_path: Path) -> None:
     from agriseg.errors import ConfigError
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from agriseg.config import build_run_config, load_yaml
+from agriseg.config import build_run_config, load_run_yaml
 from agriseg.grid import TilePlan
 
 
@@ -99,7 +99,7 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
 
     quiet_third_party((ctx.obj or {}).get("verbose", 0))
 
-    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    values: dict[str, Any] = load_run_yaml(config_file) if config_file else {}
     if opts.pop("no_indices"):
         values["indices"] = False
     if opts.pop("no_resume"):

@@ -165,6 +165,12 @@ def test_prescription_cli(tmp_path: Path) -> None:
     rx = gpd.read_file(run / "prescription.shp")
     assert rx.crs.to_epsg() == 4326 and len(rx) == 4
     assert sorted(rx["RATE"]) == [0, 0, 0, 2.5]
+    again = ["prescription", str(run), "--rate", "weed=3", "--grid", "10"]
+    r = CliRunner().invoke(main, again)
+    assert r.exit_code == 2 and "--overwrite" in r.output
+    assert sorted(gpd.read_file(run / "prescription.shp")["RATE"]) == [0, 0, 0, 2.5]
+    assert CliRunner().invoke(main, [*again, "--overwrite"]).exit_code == 0
+    assert sorted(gpd.read_file(run / "prescription.shp")["RATE"]) == [0, 0, 0, 3.0]
     r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weed=2.5,disease=1",
                                   "--out", str(tmp_path / "zones_rx.gpkg")])
     assert r.exit_code == 0, r.output

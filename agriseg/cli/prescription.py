@@ -25,8 +25,10 @@ import click
               help="CRS of the output; terminals usually expect WGS 84 lon/lat.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .shp or .gpkg [DIR/prescription.shp].")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: float,
-                 base_rate: float, column: str, crs: str, out: Path | None) -> None:
+                 base_rate: float, column: str, crs: str, out: Path | None,
+                 overwrite: bool) -> None:
     """Write a prescription map (Shapefile/GeoPackage with a numeric rate) from run DIR.
 
     \b
@@ -34,7 +36,7 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
     Per zone:    agriseg prescription out/ --rate weed=2.5 --out rx.gpkg
     """  # noqa: D301 (click's no-rewrap marker is the \b character)
     from agriseg.classes import DEFAULT_CLASSES, ClassSchema
-    from agriseg.errors import ConfigError, InputError
+    from agriseg.errors import ConfigError, InputError, OutputError
     from agriseg.prescription import (
         Prescription,
         grid_prescription,
@@ -55,6 +57,9 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
                           "truncate; use a shorter name or --out FILE.gpkg")
     rx = Prescription(parse_rates(rates, schema), grid_m, min_share / 100, base_rate, column)
     out = out or run_dir / "prescription.shp"
+    if out.exists() and not overwrite:
+        # A sprayer map already handed to a terminal must not change under its name unasked.
+        raise OutputError(f"{out}: exists; use --overwrite to replace it or --out another file")
     if grid_m is not None:
         gdf = grid_prescription(classes, schema, rx)
     else:

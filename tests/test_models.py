@@ -264,6 +264,8 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> Non
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x.onnx").exists() and "max |onnx - torch|" in r.output
+    r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(tmp_path / "x.onnx")])
+    assert r.exit_code == 2 and "--overwrite" in r.output
     (tmp_path / "afile").write_text("")
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o",
                                   str(tmp_path / "afile" / "x.onnx")])

@@ -13,13 +13,18 @@ import click
               help="Write an ONNX model (input: normalised pixels N,C,H,W; output: probabilities).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="ONNX file to write [beside the bundle, where `agriseg run` caches it].")
-def export(bundle: Path, as_onnx: bool, out: Path | None) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def export(bundle: Path, as_onnx: bool, out: Path | None, overwrite: bool) -> None:
     """Export BUNDLE to ONNX and verify it against the PyTorch outputs.
 
     Input normalisation (mean/std per band) is not part of the graph; it is in the bundle's
     metadata (`normalization`). H and W must be multiples of 32.
     """
+    from agriseg.errors import OutputError
     from agriseg.models.neural import ONNX_TOLERANCE, export_onnx
+
+    if out is not None and out.exists() and not overwrite:
+        raise OutputError(f"{out}: exists; use --overwrite to replace it")
 
     path, diff = export_onnx(bundle, out)
     click.echo(f"wrote {path} (max |onnx - torch| = {diff:.2e}, tolerance {ONNX_TOLERANCE:g})")

@@ -77,6 +77,9 @@ def test_cli_train_resume_and_export(tmp_path: Path, pair: tuple[Path, Path]) ->
     assert [d["source"] for d in meta.training["images"]] == ["raster labels", "polygons"]
     assert meta.gsd_range_m == (0.02, 0.02)
 
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])  # a rerun, by mistake
+    assert r.exit_code == 2 and "--resume continues it, --overwrite starts over" in r.output
+    assert json.loads((run / "history.json").read_text()) == hist
     r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--epochs", "3", "--no-progress"])
     assert r.exit_code == 0, r.output
     hist2 = json.loads((run / "history.json").read_text())

@@ -12,6 +12,8 @@ import click
 @click.command()
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint after an interruption.")
+@click.option("--overwrite", is_flag=True,
+              help="Start over in an `out:` folder that holds an earlier training.")
 @click.option("--epochs", type=int, help="Override `epochs` (may grow on --resume).")
 @click.option("--pseudo-labels", "pseudo", multiple=True,
               type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -24,9 +26,9 @@ import click
 @click.option("--scheduler", help="Dask scheduler address for the pseudo-labelling runs.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [on when stderr is a terminal].")
-def train(config: Path, resume: bool, epochs: int | None, pseudo: tuple[Path, ...],
-          pseudo_model: str, min_confidence: float, scheduler: str | None,
-          progress: bool | None) -> None:
+def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
+          pseudo: tuple[Path, ...], pseudo_model: str, min_confidence: float,
+          scheduler: str | None, progress: bool | None) -> None:
     """Train a segmentation model from CONFIG (YAML; see workflows/train-default.yaml).
 
     Writes the best model as a bundle (default OUT/model.safetensors), the resume
@@ -49,6 +51,15 @@ def train(config: Path, resume: bool, epochs: int | None, pseudo: tuple[Path, ..
             for p in pseudo
         )]
     cfg = build_train_config(str(config), **values)
+    history = cfg.out / "history.json"
+    if history.exists() and not (resume or overwrite):
+        # Hours of training (and its best bundle) must not be replaced by a command rerun.
+        from agriseg.errors import OutputError
+
+        raise OutputError(
+            f"{cfg.out}: holds an earlier training (its history.json); --resume continues it, "
+            "--overwrite starts over, or set another `out:` in the config"
+        )
     show = sys.stderr.isatty() if progress is None else progress
 
     def on_epoch(r: EpochResult) -> None:

@@ -288,7 +288,8 @@ def _fmt(v: Any, f: str) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     try:
-        return f.format(v)
+        # Escaped whatever it is: field ids come from the user's file and may hold markup.
+        return html.escape(f.format(v))
     except (ValueError, TypeError):
         return html.escape(str(v))
 

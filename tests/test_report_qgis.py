@@ -177,6 +177,20 @@ def test_report_renders_in_chromium(outputs: dict[str, object], tmp_path: Path) 
     assert _not_blank(png) > 10
 
 
+def test_report_escapes_field_ids(outputs: dict[str, object]) -> None:
+    """Field ids come from the user's file: markup in them must stay text in the report."""
+    out = outputs["out"]
+    assert isinstance(out, Path)
+    summary = outputs["summary"].copy()  # type: ignore[attr-defined]
+    summary["field_id"] = ["<script>alert(1)</script>", 'Feld "Süd" & Nord']
+    page = write_report(out / "report.html", str(outputs["image"]), {"red": 1, "green": 2,
+                        "blue": 3, "alpha": 4}, out / "classes.tif", DEFAULT_CLASSES,
+                        summary, outputs["zones"], {"tile_size": 1024}, ("exg",), ())
+    text = page.read_text()
+    assert "<script" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "Feld &quot;Süd&quot; &amp; Nord" in text
+
+
 def test_whole_survey_map_from_the_cached_overview(outputs: dict[str, object]) -> None:
     # The run hands the report its SurveyRaster: the whole-survey map then comes from the
     # overview read for the model's prepare, and must match a fresh GDAL read.

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,14 @@ def _open(path: str) -> rasterio.DatasetReader:
         with no_georef_warning():
             return rasterio.open(path)
     except RasterioError as exc:
+        if zipfile.is_zipfile(path):
+            # Orthomosaics are often delivered zipped; GDAL reads one only by its inner name.
+            with zipfile.ZipFile(path) as z:
+                inner = [n for n in z.namelist() if n.lower().endswith((".tif", ".tiff"))]
+            raise RasterError(
+                f"{path}: is a ZIP archive{' holding ' + ', '.join(inner[:3]) if inner else ''}"
+                f"; unzip it (unzip {os.path.basename(path)}) and give the raster inside"
+            ) from exc
         raise RasterError(
             f"{path}: not a readable raster ({exc}); give a GeoTIFF, COG or VRT that "
             "gdalinfo can open"

@@ -411,6 +411,7 @@ def _write(path: Path, data: np.ndarray | None = None, **kw: object) -> Path:
         ("onebands_red", "needs band roles"),
         ("sparse", "every pixel is nodata"),
         ("vrt", "source file(s)"),
+        ("zip", "is a ZIP archive holding tile.tif; unzip it"),
     ],
 )
 def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
@@ -449,6 +450,13 @@ def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
         )
         with rasterio.open(src, "w", **prof):
             pass  # nothing written: a huge, all-nodata, tiny file
+    elif kind == "zip":  # an orthomosaic as delivered
+        import zipfile
+
+        tile = _write(tmp_path / "tile.tif")
+        src = tmp_path / "delivery.zip"
+        with zipfile.ZipFile(src, "w") as z:
+            z.write(tile, "tile.tif")
     elif kind == "vrt":  # a mosaic whose tiles were moved away
         tile = _write(tmp_path / "tile.tif")
         src = tmp_path / "mosaic.vrt"

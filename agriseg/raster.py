@@ -621,9 +621,13 @@ def _black_fill_share(bands: np.ndarray) -> float | None:
     Args:
         bands: decimated spectral bands ``(C, H, W)``.
     """
-    black = np.asarray(~bands.any(axis=0))
-    edge = np.concatenate([black[0], black[-1], black[:, 0], black[:, -1]])
-    share = float(black.mean())
+    return _edge_fill_share(np.asarray(~bands.any(axis=0)))
+
+
+def _edge_fill_share(fill: np.ndarray) -> float | None:
+    """Share of ``fill`` pixels if they cover >= 2 % of the edge and 0.5 % of the raster."""
+    edge = np.concatenate([fill[0], fill[-1], fill[:, 0], fill[:, -1]])
+    share = float(fill.mean())
     return share if share >= 0.005 and edge.mean() >= 0.02 else None
 
 
@@ -638,8 +642,7 @@ def _negative_fill(bands: np.ndarray) -> float | None:
         bands: decimated spectral bands ``(C, H, W)``.
     """
     fill = (bands <= -9999).all(axis=0) & (bands == bands[:1]).all(axis=0)
-    edge = np.concatenate([fill[0], fill[-1], fill[:, 0], fill[:, -1]])
-    if fill.mean() < 0.005 or edge.mean() < 0.02:
+    if _edge_fill_share(fill) is None:
         return None
     values, counts = np.unique(bands[0][fill], return_counts=True)
     return float(values[np.argmax(counts)])
@@ -783,22 +786,22 @@ def _read_shared(
                 ds = rasterio.open(survey.path)
             return ds.read(idx, window=block), _read_valid(ds, survey, block)
 
-    cells = [(by, bx) for by in range(r0 // ch, (r0 + h - 1) // ch + 1)
-             for bx in range(c0 // cw, (c0 + w - 1) // cw + 1)]
+    spans = {(by, bx): overlap(by, bx) for by in range(r0 // ch, (r0 + h - 1) // ch + 1)
+             for bx in range(c0 // cw, (c0 + w - 1) // cw + 1)}
 
     def area(cell: tuple[int, int]) -> int:
-        ys, xs = overlap(*cell)[:2]
+        ys, xs = spans[cell][:2]
         return (ys.stop - ys.start) * (xs.stop - xs.start)
 
     # The blocks mostly inside the window first: the halo's blocks, mostly outside it, are
     # the neighbouring tiles' own, which their threads may have decoded by then.
-    cells.sort(key=area, reverse=True)
     items = [((*source, by, bx), functools.partial(load, Window(
         bx * cw, by * ch, min(cw, survey.grid.width - bx * cw),
-        min(ch, survey.grid.height - by * ch)))) for by, bx in cells]
+        min(ch, survey.grid.height - by * ch))))
+        for by, bx in sorted(spans, key=area, reverse=True)]
     try:
         for key, got in _TILE_BLOCKS.get_many(items):
-            dy, dx, sy, sx = overlap(*key[-2:])
+            dy, dx, sy, sx = spans[key[-2:]]
             raw[:, dy, dx] = got[0][:, sy, sx]
             valid[dy, dx] = got[1][sy, sx]
     finally:

@@ -187,7 +187,8 @@ def read_fields(
     notes: list[str] = []
     if col is None:
         notes.append(f"{p}: no column with unique values; fields are numbered 1..{len(df)}")
-    if df.crs != grid.crs and not (on_earth(df.crs) and on_earth(grid.crs)):
+    same_crs = df.crs == grid.crs
+    if not same_crs and not (on_earth(df.crs) and on_earth(grid.crs)):
         # No transformation joins a local CRS (an image run with --gsd) to a map CRS.
         raise VectorError(
             f"{p}: its fields ({df.crs.name}) cannot be placed on the raster "
@@ -197,8 +198,7 @@ def read_fields(
             "instead, or georeference the image first (gdal_translate -a_srs ... -a_ullr ...)"
         )
     try:
-        geoms = df.geometry.to_crs(grid.crs).to_numpy() if df.crs != grid.crs else (
-            df.geometry.to_numpy())
+        geoms = df.geometry.to_numpy() if same_crs else df.geometry.to_crs(grid.crs).to_numpy()
     except Exception as exc:  # pyproj.exceptions.ProjError and friends
         raise VectorError(
             f"{p}: cannot reproject the fields from {df.crs.to_string()} to the raster's "

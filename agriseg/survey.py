@@ -116,8 +116,8 @@ class SurveyResult:
 
 
 @contextlib.contextmanager
-def _run_lock(out: Path) -> Iterator[Path | None]:
-    """Hold an exclusive lock on the output folder for the run; yields the lock file.
+def _run_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder for the run.
 
     Two runs into one folder (a cron job's rerun that finds the first still going, a command
     started twice) would write the same working files. The kernel drops the lock when its
@@ -127,17 +127,17 @@ def _run_lock(out: Path) -> Iterator[Path | None]:
     try:
         import fcntl
     except ImportError:
-        yield None
+        yield
         return
     if out.exists() and not out.is_dir():
-        yield None  # _prepare_out_dir says what is wrong
+        yield  # _prepare_out_dir says what is wrong
         return
     path = out / LOCK_FILE
     try:
         out.mkdir(parents=True, exist_ok=True)
         fh = open(path, "a+")  # noqa: SIM115 - held open for the whole run
     except OSError:
-        yield None  # _prepare_out_dir says what is wrong
+        yield  # _prepare_out_dir says what is wrong
         return
     with fh:
         try:
@@ -152,7 +152,7 @@ def _run_lock(out: Path) -> Iterator[Path | None]:
             ) from None
         except OSError as exc:
             log.debug("%s: no lock (%s); concurrent runs are not guarded", path, exc)
-            yield None
+            yield
             return
         fh.seek(0)
         fh.truncate()
@@ -160,7 +160,7 @@ def _run_lock(out: Path) -> Iterator[Path | None]:
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
         try:
-            yield path
+            yield
         finally:
             # Removed while still held, so no run can be starting on it meanwhile; a run
             # killed outright leaves it, harmless (only the lock on it counts).
@@ -383,10 +383,10 @@ def _process(
             "that the right file was given, or fix its nodata/alpha with gdal_edit.py"
         )
     model_px = _model_overhead(segmenter, plan)
+    data_px = sum(t.core.width * t.core.height for t in tiles)
     log.info(
         "plan: %d tile(s) of %d px + %d px halo, %d hold data (%.1f MP), %.2f model px per "
-        "output px", len(plan), plan.tile_size, plan.halo, len(tiles),
-        sum(t.core.width * t.core.height for t in tiles) / 1e6, model_px,
+        "output px", len(plan), plan.tile_size, plan.halo, len(tiles), data_px / 1e6, model_px,
     )
     if on_plan:
         on_plan(plan, len(tiles))
@@ -406,8 +406,7 @@ def _process(
         "agriseg": __version__,
     }
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
-    _check_disk(work, specs, sum(t.core.width * t.core.height for t in tiles),
-                bool(checkpoint.done))
+    _check_disk(work, specs, data_px, bool(checkpoint.done))
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
     t = time.perf_counter()
     try:

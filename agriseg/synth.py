@@ -106,6 +106,10 @@ _VEG_AMBIENT = 0.35
 _BLOCK_PX = 1 << 18
 
 
+MAX_PIXELS = 8192 * 8192
+"""Largest synthetic field: ~4.7 GB of memory while it is built (1.2 GB at 4096 x 4096)."""
+
+
 @dataclass(frozen=True, slots=True)
 class FieldSpec:
     """What to synthesise.
@@ -145,6 +149,12 @@ class FieldSpec:
         h, w = self.shape
         if h < 16 or w < 16:
             raise ConfigError(f"synthetic field must be at least 16x16 pixels, got {h}x{w}")
+        if h * w > MAX_PIXELS:
+            raise ConfigError(
+                f"synthetic field of {h}x{w} pixels is too large: it is built in memory "
+                f"(~70 bytes per pixel), so at most {MAX_PIXELS // 8192}x8192; for a bigger test "
+                "raster, mosaic several fields (gdalbuildvrt), as benchmarks/throughput.py does"
+            )
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
         if not 0.002 <= self.gsd <= 0.5:
@@ -1327,8 +1337,15 @@ def write_field(
     from rasterio.enums import ColorInterp
     from rasterio.errors import RasterioError
 
-    field = make_field(spec)
     image_path, truth_path = Path(image_path), Path(truth_path)
+    if image_path.resolve() == truth_path.resolve():
+        raise OutputError(f"{image_path}: the image and its truth need two different files")
+    for p in (image_path, truth_path):
+        if p.suffix.lower() not in (".tif", ".tiff"):
+            raise OutputError(f"{p}: synthetic fields are written as GeoTIFF; name it .tif")
+        if not p.parent.is_dir():
+            raise OutputError(f"{p}: folder {p.parent} does not exist; create it first")
+    field = make_field(spec)
     h, w = spec.shape
     common = {
         "driver": "GTiff",

@@ -183,3 +183,22 @@ def test_cli(tmp_path: Path) -> None:
     assert out.exists() and tru.exists()
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 2 and "exists" in res.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["same.tif", "--truth", "same.tif"], "two different files"),
+    (["f.png", "--truth", "t.tif"], "name it .tif"),
+    (["nodir/f.tif", "--truth", "t.tif"], "does not exist"),
+    (["f.tif", "--truth", "t.tif", "--size", "100000"], "too large"),
+])
+def test_cli_refuses_bad_outputs_before_building(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str
+) -> None:
+    from agriseg.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    size = [] if "--size" in args else ["--size", "64"]
+    res = CliRunner().invoke(main, ["synth", *args, *size])
+    assert res.exit_code != 0 and message in res.output, res.output
+    assert "Traceback" not in res.output
+    assert list(tmp_path.iterdir()) == []  # nothing half-written under any name

@@ -120,12 +120,16 @@ def parse_truth_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dic
     out: dict[int, int] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         value, _, name = part.partition("=")
-        if not value.strip().isdigit() or name.strip() not in names:
+        try:
+            number = int(value)  # label rasters may use negative values (int16 -1)
+        except ValueError:
+            number = None
+        if number is None or name.strip() not in names:
             raise ConfigError(
-                f"--truth-classes {part!r}: expected VALUE=CLASS with CLASS one of "
-                f"{', '.join(names)}, e.g. 0=soil,1=crop,2=weed"
+                f"--truth-classes {part!r}: expected VALUE=CLASS with VALUE an integer and "
+                f"CLASS one of {', '.join(names)}, e.g. 0=soil,1=crop,2=weed"
             )
-        out[int(value)] = names[name.strip()]
+        out[number] = names[name.strip()]
     return out
 
 
@@ -143,10 +147,39 @@ def _mapped(truth: np.ndarray, mapping: dict[int, int] | None, k: int, nodata: i
         listed = np.isin(truth, list(mapping))
         unknown.update(int(v) for v in np.unique(truth[~listed])[:20])
         return out
-    bad = (truth >= k) & (truth != nodata)
+    return _checked(truth, k, nodata, unknown)
+
+
+def _checked(arr: np.ndarray, k: int, nodata: int, unknown: set[int]) -> np.ndarray:
+    """``arr`` as it is; its values that are neither classes nor ``nodata`` go to ``unknown``."""
+    bad = ((arr < 0) | (arr >= k)) & (arr != nodata)
     if bad.any():
-        unknown.update(int(v) for v in np.unique(truth[bad])[:20])
-    return truth
+        unknown.update(int(v) for v in np.unique(arr[bad])[:20])
+    return arr
+
+
+def _check_class_raster(path: str | Path, ds: rasterio.DatasetReader, role: str) -> None:
+    """Refuse what cannot be a class raster: several bands, non-integer values."""
+    if ds.count != 1:
+        raise InputError(
+            f"{path}: has {ds.count} bands; the {role} must be a single-band raster of class "
+            "values (as `agriseg run` writes classes.tif). Is it the image, or colour-coded "
+            "labels? Convert colours to class values first"
+        )
+    if np.dtype(ds.dtypes[0]).kind not in "iu":
+        raise InputError(
+            f"{path}: holds {ds.dtypes[0]} values; the {role} must hold integer class values "
+            "(0=soil, 1=crop, 2=weed, 3=disease, 255=unlabelled)"
+        )
+
+
+def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
+                     schema: ClassSchema) -> str:
+    """A ``--truth-classes`` value naming what is known and each unknown value."""
+    names = {c.value: c.name for c in schema.classes} | {schema.nodata: "ignore"}
+    known = mapping if mapping else {c.value: c.value for c in schema.classes}
+    pairs = [f"{v}={names[c]}" for v, c in known.items()]
+    return ",".join(pairs + [f"{v}=ignore" for v in unknown if v not in known])
 
 
 def evaluate_rasters(
@@ -189,21 +222,40 @@ def evaluate_rasters(
                     "resample the truth onto the prediction grid first (gdalwarp -r near "
                     "-te/-tr/-t_srs)"
                 )
+            _check_class_raster(pred_path, p, "prediction")
+            _check_class_raster(truth_path, t, "truth")
             k = len(schema)
+            mapping = truth_classes
+            if mapping and t.nodata is not None and int(t.nodata) not in mapping:
+                # The truth's own nodata value is unlabelled unless the mapping says otherwise.
+                mapping = {**mapping, int(t.nodata): schema.nodata}
             total = np.zeros((k, k), np.int64)
             unknown: set[int] = set()
+            unknown_pred: set[int] = set()
             for _, window in p.block_windows(1):
-                truth = _mapped(t.read(1, window=window), truth_classes, k, schema.nodata,
-                                unknown)
-                total += confusion(truth, p.read(1, window=window), k, schema.nodata)
+                truth = _mapped(t.read(1, window=window), mapping, k, schema.nodata, unknown)
+                pred = p.read(1, window=window)
+                if p.nodata is not None and int(p.nodata) != schema.nodata:
+                    pred = np.where(pred == p.nodata, schema.nodata, pred)
+                pred = _checked(pred, k, schema.nodata, unknown_pred)
+                if not (unknown or unknown_pred):
+                    total += confusion(truth, pred, k, schema.nodata)
     except rasterio.errors.RasterioError as exc:
         raise RasterError(f"cannot read {pred_path} or {truth_path}: {exc}") from exc
+    classes = ", ".join(f"{c.value}={c.name}" for c in schema.classes)
+    if unknown_pred:
+        raise InputError(
+            f"{pred_path}: holds values {sorted(unknown_pred)[:20]} that are not classes "
+            f"({classes}, {schema.nodata}=nodata); the prediction must be a class raster of "
+            "agriseg's classes (as `agriseg run` writes classes.tif)"
+        )
     if unknown:
         vals = sorted(unknown)[:20]
-        classes = ", ".join(f"{c.value}={c.name}" for c in schema.classes)
         raise InputError(
             f"{truth_path}: holds values {vals} that are not classes ({classes}, "
-            f"{schema.nodata}=unlabelled); say what they are with --truth-classes, e.g. "
-            f"--truth-classes 0=soil,1=crop,2=weed,{vals[0]}=ignore"
+            f"{schema.nodata}=unlabelled); say what each value is with --truth-classes "
+            "VALUE=CLASS,... (CLASS one of "
+            f"{', '.join([*schema.names, 'ignore'])}), e.g. --truth-classes "
+            f"{_example_mapping(truth_classes, vals, schema)}"
         )
     return Scores(total, schema.names)

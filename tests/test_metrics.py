@@ -1,0 +1,56 @@
+"""Accuracy against truth rasters: what evaluate_rasters refuses and how it maps truths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from agriseg.errors import ConfigError, InputError
+from agriseg.metrics import evaluate_rasters, parse_truth_classes
+
+CLASSES = np.array([[0, 1, 2, 3], [0, 1, 2, 255]], np.uint8)
+
+
+def _tif(path: Path, data: np.ndarray, nodata: float | None = None) -> Path:
+    bands = data if data.ndim == 3 else data[None]
+    with rasterio.open(path, "w", driver="GTiff", width=bands.shape[2], height=bands.shape[1],
+                       count=bands.shape[0], dtype=bands.dtype, crs="EPSG:32615",
+                       nodata=nodata, transform=Affine(0.1, 0, 5e5, 0, -0.1, 5e6)) as dst:
+        dst.write(bands)
+    return path
+
+
+def test_refuses_what_is_not_a_class_raster(tmp_path: Path) -> None:
+    truth = _tif(tmp_path / "t.tif", CLASSES, nodata=255)
+    image = _tif(tmp_path / "rgb.tif", np.stack([CLASSES] * 3))
+    with pytest.raises(InputError, match="has 3 bands; the prediction must be a single-band"):
+        evaluate_rasters(image, truth)
+    with pytest.raises(InputError, match="has 3 bands; the truth"):
+        evaluate_rasters(truth, image)
+    floats = _tif(tmp_path / "f.tif", CLASSES.astype(np.float32) + 0.5)
+    with pytest.raises(InputError, match="holds float32 values"):
+        evaluate_rasters(floats, truth)
+    odd = _tif(tmp_path / "odd.tif", (CLASSES.astype(np.int16) - 1))  # -1 .. 254
+    with pytest.raises(InputError, match=r"odd.tif: holds values \[-1, 254\]"):
+        evaluate_rasters(odd, truth)  # was a ValueError from deep inside numpy
+
+
+def test_truth_with_negative_codes_and_its_own_nodata(tmp_path: Path) -> None:
+    pred = _tif(tmp_path / "p.tif", CLASSES, nodata=255)
+    # Coded -1 = soil, 0 = crop, 1 = weed, 2 = disease; nodata -9999 in the corner.
+    coded = np.where(CLASSES == 255, -9999, CLASSES.astype(np.int16) - 1).astype(np.int16)
+    truth = _tif(tmp_path / "t.tif", coded, nodata=-9999)
+    with pytest.raises(InputError) as err:
+        evaluate_rasters(pred, truth)
+    # The example names each unknown value once (it used to repeat a known one).
+    assert "e.g. --truth-classes 0=soil,1=crop,2=weed,3=disease,-9999=ignore,-1=ignore" \
+        in str(err.value)
+    mapping = parse_truth_classes("-1=soil,0=crop,1=weed,2=disease")
+    scores = evaluate_rasters(pred, truth, truth_classes=mapping)
+    assert scores.accuracy == 1.0 and scores.confusion.sum() == 7  # the nodata pixel ignored
+    with pytest.raises(ConfigError, match="VALUE an integer"):
+        parse_truth_classes("x=soil")

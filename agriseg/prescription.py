@@ -46,6 +46,51 @@ class Prescription:
     base_rate: float = 0.0
     column: str = "RATE"
 
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.rates]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"--rate names {', '.join(twice)} more than once; give each "
+                              "class one rate")
+        for label, value in [*self.rates, ("--base-rate", self.base_rate)]:
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{label}={value}: a rate must be a finite number >= 0 "
+                                  "(product units per hectare)")
+        if self.grid_m is not None and not (math.isfinite(self.grid_m) and self.grid_m > 0):
+            raise ConfigError(f"--grid {self.grid_m}: give the cell edge in metres, e.g. 10")
+        if not 0.0 <= self.min_share <= 1.0:
+            raise ConfigError(f"--min-share {self.min_share * 100:g}: give a percentage "
+                              "0..100")
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.column):
+            raise ConfigError(f"--column {self.column!r}: use letters, digits and _, starting "
+                              "with a letter (e.g. RATE)")
+        if self.column.lower() in _TAKEN or self.column.lower().endswith("_pct"):
+            raise ConfigError(f"--column {self.column!r} is taken (the prescription has "
+                              "zone_id, class, area_m2, cell_id and *_pct columns; GDAL keeps "
+                              "fid and geometry); choose another name, e.g. RATE")
+
+
+# Columns the prescriptions have besides the rate, and names GDAL keeps for itself; fields
+# of Shapefiles and GeoPackages match case-insensitively.
+_TAKEN = frozenset({"cell_id", "zone_id", "class", "area_m2", "fid", "geometry", "geom",
+                    "ogc_fid"})
+
+
+def check_crs(crs: str) -> None:
+    """Refuse an output CRS that PROJ does not know, before any work.
+
+    Raises:
+        ConfigError: the CRS is unknown.
+    """
+    from pyproj import CRS
+    from pyproj.exceptions import CRSError
+
+    try:
+        CRS.from_user_input(crs)
+    except CRSError as exc:
+        raise ConfigError(f"--crs {crs!r}: not a CRS PROJ knows ({exc}); give an EPSG code, "
+                          "e.g. EPSG:4326 (WGS 84 lon/lat) or the UTM zone's") from exc
+
 
 def parse_rates(spec: str, schema: ClassSchema) -> tuple[tuple[str, float], ...]:
     """Parse ``"weed=2.5,disease=1"`` into ``(("weed", 2.5), ("disease", 1.0))``.
@@ -55,14 +100,18 @@ def parse_rates(spec: str, schema: ClassSchema) -> tuple[tuple[str, float], ...]
     """
     out: list[tuple[str, float]] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
-        m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?\d+)?)", part)
-        if not m:
+        m = re.fullmatch(r"([A-Za-z_][\w-]*)\s*=\s*(\S+)", part)
+        try:
+            value = float(m.group(2)) if m else None
+        except ValueError:
+            value = None
+        if m is None or value is None:
             raise ConfigError(
                 f"cannot parse rate {part!r} in --rate {spec!r}; expected CLASS=NUMBER pairs "
                 "like weed=2.5,disease=1.0"
             )
         schema.value_of(m.group(1))  # raises with the valid names
-        out.append((m.group(1), float(m.group(2))))
+        out.append((m.group(1), value))  # range checked by Prescription
     if not out:
         raise ConfigError(f"--rate {spec!r} names no class; e.g. --rate weed=2.5,disease=1.0")
     return tuple(out)

@@ -181,6 +181,33 @@ def test_prescription_cli(tmp_path: Path) -> None:
     assert r.exit_code == 0 and "--grid" in r.output
 
 
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--rate", "weed=-2"], "finite number >= 0"),
+    (["--rate", "weed=nan"], "finite number >= 0"),
+    (["--rate", "weed=2,weed=3"], "more than once"),
+    (["--rate", "weed=2", "--base-rate", "-1"], "--base-rate=-1.0"),
+    (["--rate", "weed=2", "--min-share", "200"], "percentage 0..100"),
+    (["--rate", "weed=2", "--grid", "-5"], "cell edge in metres"),
+    (["--rate", "weed=2", "--column", ""], "starting with a letter"),
+    (["--rate", "weed=2", "--column", "Class"], "is taken"),  # collided with zones' class
+    (["--rate", "weed=2", "--column", "fid"], "is taken"),  # GDAL's error before
+    (["--rate", "weed=2", "--crs", "EPSG:99999"], "not a CRS PROJ knows"),  # pyproj traceback
+])
+def test_prescription_cli_refuses_bad_options(tmp_path: Path, args: list[str],
+                                              needle: str) -> None:
+    from click.testing import CliRunner
+
+    from agriseg.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_mask(run / "classes.tif", np.ones((40, 40), np.uint8))
+    r = CliRunner().invoke(main, ["prescription", str(run), "--out",
+                                  str(tmp_path / "rx.gpkg"), *args])
+    assert r.exit_code == 2 and needle in r.output, r.output
+    assert "Traceback" not in r.output and not (tmp_path / "rx.gpkg").exists()
+
 def test_chunked_labels_match_whole_array_reference(tmp_path: Path) -> None:
     """The chunked scan (labels joined across chunk borders) gives the zones of one big label.
 

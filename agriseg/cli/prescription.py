@@ -39,6 +39,7 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
     from agriseg.errors import ConfigError, InputError, OutputError
     from agriseg.prescription import (
         Prescription,
+        check_crs,
         grid_prescription,
         parse_rates,
         write_prescription,
@@ -56,6 +57,7 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
         raise ConfigError(f"--column {column!r} is longer than 10 characters, which Shapefiles "
                           "truncate; use a shorter name or --out FILE.gpkg")
     rx = Prescription(parse_rates(rates, schema), grid_m, min_share / 100, base_rate, column)
+    check_crs(crs)
     out = out or run_dir / "prescription.shp"
     if out.exists() and not overwrite:
         # A sprayer map already handed to a terminal must not change under its name unasked.

@@ -152,7 +152,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         ConfigError: unreadable file, YAML error or not a mapping.
     """
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file ({exc}); a config is YAML text, see "
+                          "workflows/ for examples") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read YAML config ({exc})") from exc
     if not isinstance(data, dict):

@@ -64,6 +64,22 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path: Path) -> None:
         build_run_config("x.yaml", input="a.tif", out="o", tile_size=500)
 
 
+
+@pytest.mark.parametrize(("text", "needle"), [
+    (b"tile_size: [1,2\n", "cannot read YAML config"),
+    (b"- a\n- b\n", "must be a YAML mapping"),
+    (b"", "must be a YAML mapping"),
+    (b"!!python/object/apply:os.system [echo x]\n", "cannot read YAML config"),  # safe load
+    (bytes(range(250, 256)) * 4, "not a text file"),  # was a UnicodeDecodeError traceback
+])
+def test_unreadable_configs_say_why(tmp_path: Path, text: bytes, needle: str) -> None:
+    from agriseg.errors import ConfigError
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError, match=needle):
+        load_yaml(path)
+
 def test_labelled_dataset_script(tmp_path: Path, scheduler: str) -> None:
     """The dataset workflow runs each PNG tile with --gsd and pools the scores."""
     import os

@@ -7,7 +7,9 @@ passes silently.
 
 from __future__ import annotations
 
+import difflib
 import os
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,12 +99,44 @@ class RunConfig(BaseModel):
         return v
 
 
-def _format_validation(exc: ValidationError, source: str) -> str:
+def format_validation(exc: ValidationError, source: str, model: type[BaseModel],
+                      what: str = "configuration") -> str:
+    """Every invalid key of ``exc`` and why; unknown keys get the valid ones (and a guess)."""
     parts = []
     for err in exc.errors():
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        parts.append(f"{loc}: {err['msg']}")
-    return f"{source}: invalid configuration: " + "; ".join(parts)
+        msg = err["msg"]
+        keys = _keys_at(model, err["loc"][:-1]) if err["type"] == "extra_forbidden" else None
+        if keys:
+            near = difflib.get_close_matches(str(err["loc"][-1]), keys, n=1)
+            msg = ("unknown key" + (f"; did you mean {near[0]}?" if near else "")
+                   + f" (valid here: {', '.join(keys)})")
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: invalid {what}: " + "; ".join(parts)
+
+
+def _keys_at(model: type[BaseModel], path: tuple[int | str, ...]) -> list[str] | None:
+    """The keys of the (nested) model at ``path`` of a validation error, if it is one."""
+    cls: type[BaseModel] | None = model
+    for part in path:
+        if isinstance(part, int):  # an item of a list
+            continue
+        field = cls.model_fields.get(part) if cls is not None else None
+        cls = _model_in(field.annotation) if field is not None else None
+        if cls is None:
+            return None
+    return list(cls.model_fields) if cls is not None else None
+
+
+def _model_in(tp: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (``X``, ``X | None``, ``list[X]``)."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def build_run_config(source: str = "options", **values: Any) -> RunConfig:
@@ -114,7 +148,7 @@ def build_run_config(source: str = "options", **values: Any) -> RunConfig:
     try:
         return RunConfig(**values)
     except ValidationError as exc:
-        raise ConfigError(_format_validation(exc, source)) from exc
+        raise ConfigError(format_validation(exc, source, RunConfig)) from exc
 
 
 def load_run_yaml(path: str | Path) -> dict[str, Any]:

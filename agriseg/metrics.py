@@ -158,8 +158,12 @@ def _checked(arr: np.ndarray, k: int, nodata: int, unknown: set[int]) -> np.ndar
     return arr
 
 
-def _check_class_raster(path: str | Path, ds: rasterio.DatasetReader, role: str) -> None:
-    """Refuse what cannot be a class raster: several bands, non-integer values."""
+def check_class_raster(path: str | Path, ds: rasterio.DatasetReader, role: str) -> None:
+    """Refuse what cannot be a class raster: several bands, non-integer values.
+
+    Raises:
+        InputError: naming ``path`` as the ``role`` ("prediction", "truth", ...).
+    """
     if ds.count != 1:
         raise InputError(
             f"{path}: has {ds.count} bands; the {role} must be a single-band raster of class "
@@ -222,8 +226,8 @@ def evaluate_rasters(
                     "resample the truth onto the prediction grid first (gdalwarp -r near "
                     "-te/-tr/-t_srs)"
                 )
-            _check_class_raster(pred_path, p, "prediction")
-            _check_class_raster(truth_path, t, "truth")
+            check_class_raster(pred_path, p, "prediction")
+            check_class_raster(truth_path, t, "truth")
             k = len(schema)
             mapping = truth_classes
             if mapping and t.nodata is not None and int(t.nodata) not in mapping:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import geopandas as gpd
+import numpy as np
 import pytest
 import rasterio
 import yaml
@@ -174,6 +175,26 @@ def test_config_errors_are_clear(tmp_path: Path, pair: tuple[Path, Path]) -> Non
     r = CliRunner().invoke(main, ["train", str(bad)])
     assert r.exit_code == 2 and "label raster not found" in r.output
     assert str(tmp_path / "moved.tif") in r.output and "Traceback" not in r.output
+    # an unknown key names the valid ones, with a guess
+    bad = _write_cfg(tmp_path / "f.yaml", out="r", data=[{"image": str(img), "label": "x"}])
+    r = CliRunner().invoke(main, ["train", str(bad)])
+    assert r.exit_code == 2 and "data.0.label: unknown key; did you mean labels?" in r.output
+    # the image itself, float labels, negative labels (wrapped round to classes in uint8)
+    with rasterio.open(truth) as ds:
+        profile, classes = ds.profile, ds.read(1)
+    profile.pop("photometric", None)
+    floats = tmp_path / "floats.tif"
+    with rasterio.open(floats, "w", **{**profile, "dtype": "float32", "nodata": None}) as dst:
+        dst.write(classes.astype(np.float32), 1)
+    negative = tmp_path / "negative.tif"
+    with rasterio.open(negative, "w", **{**profile, "dtype": "int16", "nodata": None}) as dst:
+        dst.write(np.where(classes == 1, -3, classes.astype(np.int16)), 1)
+    for labels, needle in ((img, "has 4 bands"), (floats, "holds float32 values"),
+                           (negative, "label values [-3]")):
+        bad = _write_cfg(tmp_path / "g.yaml", out="r", data=[
+            {"image": str(img), "labels": str(labels)}])
+        r = CliRunner().invoke(main, ["train", str(bad)])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
 
 
 def test_help() -> None:

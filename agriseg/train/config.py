@@ -23,7 +23,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema, SegClass
-from agriseg.config import load_yaml
+from agriseg.config import format_validation, load_yaml
 from agriseg.errors import ConfigError
 
 TRAIN_CONFIG_VERSION: Final = 1
@@ -211,11 +211,9 @@ def build_train_config(source: str = "options", **values: Any) -> TrainConfig:
     try:
         return TrainConfig(**values)
     except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-            parts.append(f"{loc}: {err['msg']}")
-        raise ConfigError(f"{source}: invalid training configuration: " + "; ".join(parts)) from exc
+        raise ConfigError(
+            format_validation(exc, source, TrainConfig, "training configuration")
+        ) from exc
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:

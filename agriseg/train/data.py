@@ -25,6 +25,7 @@ from rasterio.windows import Window
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, GridMismatchError, InputError, VectorError
 from agriseg.grid import Grid
+from agriseg.metrics import check_class_raster
 from agriseg.raster import image_vrt, no_georef_warning, open_survey, read_window
 from agriseg.train.augment import augment_patch
 from agriseg.train.config import AugmentSection
@@ -81,12 +82,14 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
                 "differ); warp it onto the image first: gdalwarp -r near -te <image bounds> "
                 "-tr <image pixel size> -t_srs <image CRS>, or give labels as polygons"
             )
+        check_class_raster(path, ds, "label raster")
         labels = ds.read(1)
         nodata = ds.nodata
     out = labels.astype(np.int64)
     if nodata is not None:
         out[labels == nodata] = IGNORE
-    bad = np.unique(out[(out >= k) & (out != IGNORE)])
+    # Negative values too: they wrapped round to other classes in uint8.
+    bad = np.unique(out[((out < 0) | (out >= k)) & (out != IGNORE)])
     if bad.size:
         raise InputError(
             f"{path}: label values {bad[:10].tolist()} are not classes 0..{k - 1} "

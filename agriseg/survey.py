@@ -221,6 +221,19 @@ def _release_tile_memory() -> None:
     heap.trim()
 
 
+def _refuse_empty(survey: SurveyRaster, force: bool = False) -> None:
+    """Refuse a survey without a valid pixel (read from its overview), before any work.
+
+    Raises:
+        RasterError: every pixel is nodata (always, with ``force``).
+    """
+    if force or not read_overview(survey, survey.roles.spectral[:1])[1].any():
+        raise RasterError(
+            f"{survey.path}: every pixel is nodata (alpha 0, nodata value or mask); check "
+            "that the right file was given, or fix its nodata/alpha with gdal_edit.py"
+        )
+
+
 def _model_overhead(segmenter: Segmenter, plan: TilePlan) -> float:
     """Model input pixels per output pixel.
 
@@ -342,7 +355,7 @@ def _process(
         fieldset = None
         if config.gsd is None:
             survey = open_survey(config.input, config.bands)
-            read_overview(survey, survey.roles.spectral[:1])
+            _refuse_empty(survey)
             fieldset = _read_fields_first(config, survey)
         segmenter = loading.result()
     finally:
@@ -350,6 +363,8 @@ def _process(
     with_halo = getattr(segmenter, "with_halo", None)
     if config.halo is not None and with_halo is not None:
         segmenter = with_halo(config.halo)
+    if config.gsd is None:  # bands the model needs: refused before the output folder exists
+        survey.require(segmenter.roles, f"model {segmenter.name!r}")
     planes = _probability_planes(config.probabilities, segmenter.schema)
     out = Path(config.out)
     run_scope.enter_context(_run_lock(out))
@@ -362,6 +377,7 @@ def _process(
             survey = open_survey(vrt, config.bands)
         except AgrisegError as exc:  # name the user's file, not our wrapper
             raise type(exc)(str(exc).replace(vrt, str(config.input))) from exc
+        _refuse_empty(survey)
         fieldset = _read_fields_first(config, survey)
 
     t = time.perf_counter()
@@ -378,10 +394,7 @@ def _process(
     _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)
     tiles = [t for t in plan if tile_has_data(ov_valid, factor, t)]
     if not tiles:
-        raise RasterError(
-            f"{survey.path}: every pixel is nodata (alpha 0, nodata value or mask); check "
-            "that the right file was given, or fix its nodata/alpha with gdal_edit.py"
-        )
+        _refuse_empty(survey, force=True)
     model_px = _model_overhead(segmenter, plan)
     data_px = sum(t.core.width * t.core.height for t in tiles)
     log.info(

@@ -469,6 +469,9 @@ def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
     assert "Traceback" not in out
     assert not (tmp_path / "o" / "run.json").exists()
     assert not (tmp_path / "o" / "classes.tif").exists()
+    if kind != "truncated":  # found while reading the tiles
+        assert not (tmp_path / "o").exists()  # refused before any work, the model's too
+        assert "no vegetation" not in out
 
 
 def test_geographic_crs_works(tmp_path: Path, scheduler: str) -> None:

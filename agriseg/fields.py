@@ -236,7 +236,10 @@ def read_fields(
         )
     box = shapely.box(*grid.bounds)
     keep = ~bad
-    inside = shapely.within(geoms[keep], box)
+    # Half a pixel of slack: a field drawn to the raster's edge in another CRS comes back a
+    # hair outside it after reprojection, and was flagged "partly outside" for that.
+    slack = abs(grid.transform.a) / 2
+    inside = shapely.within(geoms[keep], box.buffer(slack, join_style="mitre"))
     touches = shapely.intersects(geoms[keep], box)
     if not touches.any():
         raise VectorError(

@@ -11,6 +11,7 @@ import pytest
 import rasterio
 import shapely
 from affine import Affine
+from rasterio.crs import CRS
 from shapely import affinity
 
 from agriseg.classes import DEFAULT_CLASSES
@@ -116,6 +117,19 @@ def test_class_areas_match_truth(tmp_path: Path) -> None:
     back = pd.read_csv(c)
     assert len(back) == 6 and "health_score" in back and len(gpd.read_file(g)) == 6
 
+
+def test_fields_drawn_to_the_raster_edge_in_another_crs_are_inside(tmp_path: Path) -> None:
+    """Reprojection puts such a field a hair outside the raster: not "partly outside"."""
+    grid = Grid((400, 600), T, CRS.from_epsg(32615))
+    x0, y0, x1, y1 = grid.bounds
+    halves = gpd.GeoDataFrame({"name": ["W", "E", "P"]}, crs=32615, geometry=[
+        shapely.box(x0, y0, (x0 + x1) / 2, y1), shapely.box((x0 + x1) / 2, y0, x1, y1),
+        shapely.box(x1 - 5, y0, x1 + 0.5, y1)])  # P: 10 pixels past the edge
+    path = tmp_path / "f.geojson"
+    halves.to_crs(4326).to_file(path)
+    st = dict(zip(*read_fields(path, grid).fields[["field_id", "status"]].T.to_numpy(),
+                  strict=True))
+    assert st == {"W": "ok", "E": "ok", "P": "partly outside raster"}
 
 def test_crs_mismatch_and_id_column(tmp_path: Path) -> None:
     with rasterio.open(LAMBERTON) as ds:

@@ -509,7 +509,11 @@ def write_fields(summary: gpd.GeoDataFrame, gpkg: str | os.PathLike[str],
     tmp_g.unlink(missing_ok=True)
     try:
         summary.to_file(tmp_g, layer="fields", driver="GPKG", engine="pyogrio")
-        pd.DataFrame(summary.drop(columns="geometry")).to_csv(tmp_c, index=False)
+        # UTF-8 with a byte-order mark: Excel, where agronomists open it, reads a CSV
+        # without one in the system's code page (field names like "Südfeld" garbled);
+        # QGIS, pandas and LibreOffice read it either way.
+        pd.DataFrame(summary.drop(columns="geometry")).to_csv(tmp_c, index=False,
+                                                              encoding="utf-8-sig")
     except Exception as exc:  # pyogrio and pandas raise several types for I/O failures
         tmp_g.unlink(missing_ok=True)
         tmp_c.unlink(missing_ok=True)

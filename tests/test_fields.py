@@ -116,6 +116,7 @@ def test_class_areas_match_truth(tmp_path: Path) -> None:
     g, c = write_fields(s.reset_index(), tmp_path / "fields.gpkg", tmp_path / "fields.csv")
     back = pd.read_csv(c)
     assert len(back) == 6 and "health_score" in back and len(gpd.read_file(g)) == 6
+    assert c.read_bytes().startswith(b"\xef\xbb\xbffield_id,")  # Excel reads it as UTF-8
 
 
 def test_fields_drawn_to_the_raster_edge_in_another_crs_are_inside(tmp_path: Path) -> None:

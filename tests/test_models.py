@@ -260,7 +260,12 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> Non
     assert outs["onnx"].shape == (2, 4, 150, 130)
     np.testing.assert_allclose(outs["onnx"].sum(1), 1.0, atol=1e-5)
     assert np.abs(outs["onnx"] - outs["torch"]).max() < 1e-4
-    assert list(tmp_path.glob("m-*.onnx")), "the ONNX export is cached beside the bundle"
+    (cached,) = tmp_path.glob("m-*.onnx")  # the ONNX export is cached beside the bundle
+    umask = os.umask(0o022)
+    os.umask(umask)
+    # as readable as any file written here: workers of other users read a shared bundle's
+    assert cached.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert not list(tmp_path.glob(".*partial"))
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x.onnx").exists() and "max |onnx - torch|" in r.output

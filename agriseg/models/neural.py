@@ -25,8 +25,8 @@ import functools
 import logging
 import math
 import os
+import secrets
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -367,16 +367,18 @@ def export_onnx(
     side = _ceil_to(check_size, SIZE_MULTIPLE)
     x = torch.rand(2, meta.arch.in_channels, side, side + SIZE_MULTIPLE,
                    generator=torch.Generator().manual_seed(0))
+    # A private temporary name (two workers may export at once), created with the usual
+    # permissions: mkstemp's 0600 left the cache beside a shared bundle unreadable to workers
+    # running as other users.
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(suffix=".onnx.partial", dir=dst.parent)
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     except OSError as exc:  # OutputError is an OSError: the run's fallback still catches it
         raise OutputError(
             f"{dst}: cannot write the ONNX file there ({exc.strerror or exc}); choose a "
             "writable path"
         ) from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
     try:
         try:
             with warnings.catch_warnings():

@@ -606,11 +606,22 @@ def _finalize_outputs(specs: list[OutputSpec], writer: TileWriter, ctx: SurveyCo
             ctx.outputs[spec.name] = Path(f"{spec.name}.tif")
 
 
+# Post-processing steps that read another step's output.
+_STEP_NEEDS = {"report": "fields"}
+
+
 def _run_post_steps(ctx: SurveyContext, skip: tuple[str, ...], timings: dict[str, float]) -> None:
     """Zones, field summaries, quick look, report and project, minus ``skip``, timed."""
+    skipped = set(skip)
     for name, step in POST_STEPS:
-        if name in skip:
+        if name in skipped:
             log.info("skipping %s (--skip)", name)
+            continue
+        needs = _STEP_NEEDS.get(name)
+        if needs in skipped:
+            log.warning("skipping %s too: it is built from the %s step's output (--skip %s)",
+                        name, needs, needs)
+            skipped.add(name)
             continue
         t = time.perf_counter()
         try:

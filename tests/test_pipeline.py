@@ -250,8 +250,15 @@ def test_cli_skip_steps(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
     assert r.exit_code == 0, r.output
     assert (out / "classes.tif").exists() and (out / "fields.gpkg").exists()
     assert not (out / "report.html").exists() and not (out / "project.qgs").exists()
+    r = CliRunner().invoke(main, ["prescription", str(out), "--rate", "weed=1"])
+    assert r.exit_code == 2 and "skipped the zones step" in r.output, r.output
     assert json.loads((out / "run.json").read_text())["parameters"]["skip"] == [
         "zones", "report", "project"]
+    # the report is built from the field summaries: skipping those skips it (was a traceback)
+    r = CliRunner().invoke(main, [*base, "--skip", "fields", "--out", str(tmp_path / "f")])
+    assert r.exit_code == 0 and "skipping report too" in r.output, r.output
+    assert not (tmp_path / "f" / "report.html").exists()
+    assert (tmp_path / "f" / "project.qgs").exists()
 
 
 def test_cli_progress_bar(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -50,9 +51,10 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
         raise InputError(f"{run_dir}: no classes.tif; give the --out folder of `agriseg run`")
     schema = DEFAULT_CLASSES
     manifest = run_dir / "run.json"
+    run_info: dict[str, Any] = {}
     if manifest.exists():
-        schema = ClassSchema.from_dict(json.loads(manifest.read_text()).get(
-            "schema", DEFAULT_CLASSES.to_dict()))
+        run_info = json.loads(manifest.read_text())
+        schema = ClassSchema.from_dict(run_info.get("schema", DEFAULT_CLASSES.to_dict()))
     if len(column) > 10 and (out is None or out.suffix.lower() == ".shp"):
         raise ConfigError(f"--column {column!r} is longer than 10 characters, which Shapefiles "
                           "truncate; use a shorter name or --out FILE.gpkg")
@@ -69,9 +71,11 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
 
         zones = run_dir / "zones.gpkg"
         if not zones.exists():
+            skipped = "zones" in run_info.get("parameters", {}).get("skip", [])
+            why = ("the run skipped the zones step (--skip zones): rerun without it, or"
+                   if skipped else "the run found no at-risk zones:")
             raise InputError(
-                f"{zones}: not found (the run found no at-risk zones); use --grid METRES for a "
-                "grid prescription"
+                f"{zones}: not found; {why} use --grid METRES for a grid prescription"
             )
         gdf = zone_prescription(zones, rx)
     write_prescription(gdf, out, crs)

@@ -642,3 +642,15 @@ def test_value_counts_match_bincount() -> None:
     classes[0, 0] = 9
     assert np.array_equal(value_counts(classes, (0, 1, 2, 3, 255)),
                           np.bincount(classes.ravel(), minlength=256))
+
+
+def test_engine_on_a_rule_based_model_is_said_to_do_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING"):
+        seg = load_segmenter("labelfree", "onnx")
+    assert seg.name == "labelfree" and "runs no neural network" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_segmenter("index-threshold")
+    assert not caplog.text

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from agriseg.errors import ConfigError, ModelError
 from agriseg.models.base import Segmenter
+
+log = logging.getLogger(__name__)
 
 
 def _shipped_bundle(filename: str) -> Segmenter:
@@ -90,11 +93,18 @@ def load_segmenter(
                 f"model {key!r} takes no model options (got {', '.join(options)}); only "
                 f"{', '.join(_CONFIGURABLE)} does"
             )
-        return _CONFIGURABLE[key](options)
-    if key in _REGISTRY:
+        seg = _CONFIGURABLE[key](options)
+    elif key in _REGISTRY:
         seg = _REGISTRY[key][0]()
+    else:
+        seg = None
+    if seg is not None:
         if engine != "auto" and hasattr(seg, "engine"):
             seg.engine = engine
+        elif engine != "auto":
+            log.warning("--engine %s: model %r runs no neural network, so no engine; "
+                        "the engine applies to learned models (unet-default, bundles)",
+                        engine, key)
         return seg
     if os.path.exists(key):
         try:

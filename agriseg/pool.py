@@ -27,11 +27,14 @@ post-processing modules, forked in milliseconds per worker after its one start. 
 callers keep plain fork: the fork server re-imports the caller's main script in each worker,
 which would re-run a script without a ``__main__`` guard.
 
-A lock copied in its held state still happens (a worker hung once in the test suite inside
-PROJ's SQLite mutex, at its first ``rasterio.open``), so nothing waits on a worker unbounded:
-a chunk that takes far longer on a worker than any chunk took in the calling process gets
-the workers killed and is computed here, and stopping the pool kills workers that do not
-exit.
+A lock copied in its held state still happens: a worker hung twice in the test suite inside
+PROJ's SQLite mutex, at its first ``rasterio.open``. GDAL gives each thread its own PROJ
+context (and SQLite connection), and a forked worker's main thread inherits the forking
+thread's, which another thread of the parent may have been using at that instant (a CRS
+object made in one thread is freed in whichever thread drops it). So workers run the chunks
+in a thread of their own, with a fresh context. And nothing waits on a worker unbounded: a
+chunk that takes far longer on a worker than any chunk took in the calling process gets the
+workers killed and is computed here, and stopping the pool kills workers that do not exit.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as wait_for
@@ -154,6 +157,19 @@ def shutdown_pool(grace_s: float | None = None) -> None:
 
 atexit.register(shutdown_pool)
 
+# A worker's own thread for its chunks (see the module doc), made on its first chunk.
+_chunk_thread: ThreadPoolExecutor | None = None
+_chunk_thread_pid = 0
+
+
+def _in_chunk_thread(fn: Callable[[T], R], item: T) -> R:
+    """``fn(item)`` in this worker's chunk thread (not the main thread forked from the caller)."""
+    global _chunk_thread, _chunk_thread_pid
+    if _chunk_thread is None or _chunk_thread_pid != os.getpid():
+        _chunk_thread = ThreadPoolExecutor(1, thread_name_prefix="agriseg-chunk")
+        _chunk_thread_pid = os.getpid()
+    return _chunk_thread.submit(fn, item).result()
+
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T],
                 workers: int | None = None) -> Iterator[R]:
@@ -212,7 +228,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T],
         fut = None
         if pool is not None and busy < (n if nxt is end else ahead):
             try:
-                fut = pool.submit(fn, item)
+                fut = pool.submit(_in_chunk_thread, fn, item)
             except BrokenProcessPool:
                 log.warning("post-processing workers died; continuing in this process")
                 shutdown_pool()

@@ -20,6 +20,21 @@ LAMBERTON_PLOTS_SMALL = SAMPLES / "lamberton_soybean_uav" / "lamberton_plots_sma
 UTM15 = "EPSG:32615"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _short_stuck_worker_timeout() -> Iterator[None]:
+    """Give up on a stuck post-processing worker after 30 s instead of 300 s.
+
+    Test chunks take milliseconds; a forked worker stuck on a lock copied in its held state
+    (rare, see agriseg.pool) then costs CI half a minute, not five (it did once, 2026-11-27).
+    """
+    from agriseg import pool
+
+    old = pool.STUCK_MIN_S
+    pool.STUCK_MIN_S = 30.0
+    yield
+    pool.STUCK_MIN_S = old
+
+
 def write_rgba(
     path: Path,
     rgb: np.ndarray,

@@ -91,6 +91,22 @@ class RunConfig(BaseModel):
     overwrite: bool = False
     resume: bool = True
 
+    @field_validator("skip", "probabilities", mode="before")
+    @classmethod
+    def _names_from_text(cls, v: Any) -> Any:
+        # `skip: zones` or `probabilities: weed,disease` in YAML, as on the command line.
+        if isinstance(v, str):
+            return tuple(x.strip() for x in v.split(",") if x.strip())
+        return v
+
+    @field_validator("bands", mode="before")
+    @classmethod
+    def _bands_from_mapping(cls, v: Any) -> Any:
+        # `bands: {red: 3, green: 2, blue: 1}` in YAML, for the command line's red=3,...
+        if isinstance(v, dict):
+            return ",".join(f"{role}={band}" for role, band in v.items())
+        return v
+
     @field_validator("tile_size")
     @classmethod
     def _tile_multiple_of_16(cls, v: int | None) -> int | None:

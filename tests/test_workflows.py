@@ -64,6 +64,14 @@ def test_unknown_key_is_rejected_with_its_name(tmp_path: Path) -> None:
         build_run_config("x.yaml", input="a.tif", out="o", tile_size=500)
 
 
+def test_yaml_shorthands_as_on_the_command_line() -> None:
+    """`skip: zones`, `probabilities: weed,disease` and `bands:` as a mapping."""
+    cfg = build_run_config("x.yaml", input="a.tif", out="o", skip="zones, report",
+                           probabilities="weed", bands={"red": 3, "green": 2, "blue": 1})
+    assert cfg.skip == ("zones", "report") and cfg.probabilities == ("weed",)
+    assert cfg.bands == "red=3,green=2,blue=1"
+
+
 
 @pytest.mark.parametrize(("text", "needle"), [
     (b"tile_size: [1,2\n", "cannot read YAML config"),

@@ -11,9 +11,11 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pytest
+import rasterio
 import shapely
 from PIL import Image
 from rasterio.crs import CRS
+from rasterio.windows import Window
 
 from agriseg.classes import DEFAULT_CLASSES, DISEASE, WEED
 from agriseg.config import build_run_config
@@ -207,6 +209,28 @@ def test_whole_survey_map_from_the_cached_overview(outputs: dict[str, object]) -
     half = (shape[0] // 2, shape[1] // 3)
     assert _read_image(survey, roles, None, half).shape == (*half, 4)
 
+
+def test_field_window_mean_equals_the_area_mean_of_valid_pixels(tmp_path: Path) -> None:
+    """The field maps' own averaged read (files without overviews): strips, ragged cells."""
+    from agriseg.report import _window_mean
+    from tests.conftest import toy_field
+
+    rgb, valid = toy_field(700, 530)
+    path = write_rgba(tmp_path / "f.tif", rgb, valid, block=64)  # strips of four block rows
+    win, shape = Window(37, 11, 480, 650), (47, 31)
+    with rasterio.open(path) as ds:
+        mean, ok = _window_mean(ds, [1, 2, 3], 4, win, shape)
+    px = rgb[:, 11:661, 37:517].astype(np.float64)
+    v = valid[11:661, 37:517]
+    rows = np.arange(shape[0] + 1) * 650 // shape[0]
+    cols = np.arange(shape[1] + 1) * 480 // shape[1]
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            cell = (slice(rows[i], rows[i + 1]), slice(cols[j], cols[j + 1]))
+            assert ok[i, j] == v[cell].any()
+            if ok[i, j]:
+                want = px[(slice(None), *cell)][:, v[cell]].mean(axis=1)
+                np.testing.assert_allclose(mean[:, i, j], want, rtol=1e-6)
 
 def test_run_writes_every_output(rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
     x0, y0 = 500000.0, 4900000.0

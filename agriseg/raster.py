@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import re
-import threading
 import warnings
 import zipfile
 from collections.abc import Callable, Iterator
@@ -719,63 +718,9 @@ CACHE_BLOCK_MAX_BYTES = 8 * 2**20
 _TILE_BLOCKS = BlockCache(TILE_CACHE_BYTES)
 
 
-class _OpenRasters:
-    """Open datasets of input rasters, lent to one tile's reads at a time.
-
-    A tile used to open the raster for its own reads: 5-7 ms for a GeoTIFF or a VRT mosaic
-    here, and 6 % of a GPU run's tile-thread samples at 4.3 GP (a 256-source VRT), against
-    ~90 ms of reading per 2048 px tile. GDAL datasets are not thread-safe, so each is lent
-    to one thread at a time; there are at most as many as tiles read at once.
-    """
-
-    def __init__(self) -> None:
-        self._free: dict[tuple[str, tuple[int, int]], list[rasterio.DatasetReader]] = {}
-        self._lock = threading.Lock()
-        self._generation = 0
-
-    def borrow(self, path: str, stamp: tuple[int, int]) -> rasterio.DatasetReader:
-        """An open dataset of ``path`` (as it was at ``stamp``); give it back when done."""
-        with self._lock:
-            free = self._free.get((path, stamp))
-            if free:
-                return free.pop()
-            # The file was rewritten since (another stamp): its old handles are stale.
-            stale = [k for k in self._free if k[0] == path]
-            old = [ds for k in stale for ds in self._free.pop(k)]
-        for ds in old:
-            ds.close()
-        return rasterio.open(path)
-
-    def give_back(self, path: str, stamp: tuple[int, int], ds: rasterio.DatasetReader,
-                  generation: int) -> None:
-        """Return ``ds`` (borrowed at ``generation``) for the next tile."""
-        with self._lock:
-            if generation == self._generation:
-                self._free.setdefault((path, stamp), []).append(ds)
-                return
-        ds.close()  # lent before a clear(): nobody keeps it
-
-    @property
-    def generation(self) -> int:
-        return self._generation
-
-    def clear(self) -> None:
-        """Close every dataset not lent; those lent now are closed when given back."""
-        with self._lock:
-            self._generation += 1
-            old = [ds for free in self._free.values() for ds in free]
-            self._free.clear()
-        for ds in old:
-            ds.close()
-
-
-_OPEN_RASTERS = _OpenRasters()
-
-
 def clear_tile_cache() -> None:
-    """Free the decoded blocks that tiles of this process shared, and close their rasters."""
+    """Free the decoded blocks that tiles of this process shared."""
     _TILE_BLOCKS.clear()
-    _OPEN_RASTERS.clear()
 
 
 @functools.lru_cache(maxsize=8)
@@ -834,19 +779,12 @@ def _read_shared(
         return (slice(y0 - r0, y1 - r0), slice(x0 - c0, x1 - c0),
                 slice(y0 - by * ch, y1 - by * ch), slice(x0 - bx * cw, x1 - bx * cw))
 
-    generation = _OPEN_RASTERS.generation
-    failed = False
-
     def load(block: Window) -> tuple[np.ndarray, ...]:
-        nonlocal ds, failed
+        nonlocal ds
         with _read_errors(survey, block):
-            try:
-                if ds is None:
-                    ds = _OPEN_RASTERS.borrow(survey.path, stamp)
-                return ds.read(idx, window=block), _read_valid(ds, survey, block)
-            except RasterioError:
-                failed = True
-                raise
+            if ds is None:
+                ds = rasterio.open(survey.path)
+            return ds.read(idx, window=block), _read_valid(ds, survey, block)
 
     spans = {(by, bx): overlap(by, bx) for by in range(r0 // ch, (r0 + h - 1) // ch + 1)
              for bx in range(c0 // cw, (c0 + w - 1) // cw + 1)}
@@ -868,10 +806,7 @@ def _read_shared(
             valid[dy, dx] = got[1][sy, sx]
     finally:
         if ds is not None:
-            if failed:  # a dataset that failed a read is not lent again
-                ds.close()
-            else:
-                _OPEN_RASTERS.give_back(survey.path, stamp, ds, generation)
+            ds.close()
     if needed_from is not None:
         row, col, swath_end = needed_from
         rows = range(r0 // ch, (r0 + h - 1) // ch + 1 if row is None else row // ch)

@@ -261,31 +261,3 @@ def test_late_callers_of_a_retired_key_share_one_load() -> None:
     first.join(5)
     second.join(5)
     assert loads == ["load"] and cache.nbytes == 0 and cache.retired_loads == 1
-
-
-def test_tiles_reuse_open_rasters_and_see_a_rewritten_file(tmp_path: Path) -> None:
-    """Tiles borrow one open dataset in turn; a rewritten file is opened again, not stale."""
-    raster.clear_tile_cache()
-    path = tmp_path / "f.tif"
-    rgb = np.random.default_rng(1).integers(1, 255, (3, 600, 600), dtype=np.uint8)
-    survey = open_survey(write_rgba(path, rgb, block=256))
-    tiles = list(plan_tiles(survey.grid, 256, 40))
-    for t in tiles:
-        read_tile(survey, survey.roles.spectral, t)
-    pool = raster._OPEN_RASTERS
-    (first,) = [ds for free in pool._free.values() for ds in free]  # one thread, one dataset
-
-    raster._TILE_BLOCKS.clear()  # decoded blocks gone: the next tile reads the file again
-    rgb2 = 255 - rgb
-    write_rgba(path, rgb2, block=256)
-    survey2 = open_survey(path)
-    pixels, _ = read_tile(survey2, survey2.roles.spectral, tiles[0])
-    direct, _ = read_window(survey2, survey2.roles.spectral, tiles[0].read)
-    top, _, left, _ = tiles[0].pad
-    np.testing.assert_array_equal(
-        pixels[:, top:top + direct.shape[1], left:left + direct.shape[2]], direct)
-    assert first.closed  # the stale dataset of the old file
-    (second,) = [ds for free in pool._free.values() for ds in free]
-    assert not second.closed
-    raster.clear_tile_cache()
-    assert second.closed and not pool._free

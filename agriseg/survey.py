@@ -363,8 +363,6 @@ def _process(
     with_halo = getattr(segmenter, "with_halo", None)
     if config.halo is not None and with_halo is not None:
         segmenter = with_halo(config.halo)
-    if config.gsd is None:  # bands the model needs: refused before the output folder exists
-        survey.require(segmenter.roles, f"model {segmenter.name!r}")
     planes = _probability_planes(config.probabilities, segmenter.schema)
     out = Path(config.out)
     run_scope.enter_context(_run_lock(out))

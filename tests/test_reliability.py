@@ -469,7 +469,9 @@ def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
     assert "Traceback" not in out
     assert not (tmp_path / "o" / "run.json").exists()
     assert not (tmp_path / "o" / "classes.tif").exists()
-    if kind != "truncated":  # found while reading the tiles
+    # Found while reading the tiles, and once the model has settled its bands (it may read
+    # red + NIR or RGB, whichever the survey has).
+    if kind not in ("truncated", "onebands_red"):
         assert not (tmp_path / "o").exists()  # refused before any work, the model's too
         assert "no vegetation" not in out
 
@@ -491,3 +493,21 @@ def test_geographic_crs_works(tmp_path: Path, scheduler: str) -> None:
     # 2e-7 deg is ~2.2 cm north-south, ~1.6 cm east-west at 44 N: ~3.6 cm2 per pixel
     per_px = area["crop"] / px["crop"]
     assert 2.5e-4 < per_px < 4.5e-4
+
+
+def test_red_and_nir_only_runs_with_the_default_model(tmp_path: Path, scheduler: str) -> None:
+    """A two-band red + NIR stack: the label-free model settles on NDVI in its prepare (an
+    early check against its RGB default refused it, 2026-11-27)."""
+    rgb, valid = toy_field(96, 96)
+    red = np.where(valid, rgb[0].astype(np.uint16) * 10 + 100, 0)
+    nir = np.where(valid, np.where(rgb[1] > rgb[0], 4000, 1800), 0).astype(np.uint16)
+    src = tmp_path / "rn.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=96, height=96, count=2, dtype="uint16",
+                       crs="EPSG:32615", nodata=0,
+                       transform=Affine(0.02, 0, 5e5, 0, -0.02, 4.9e6)) as dst:
+        dst.write(np.stack([red, nir]))
+    code, out = _cli("run", str(src), "--out", str(tmp_path / "o"), "--bands", "red=1,nir=2",
+                     "--scheduler", scheduler, "--no-progress", "--skip", "report,project")
+    assert code == 0, out
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert run["model"]["roles"][:2] == ["red", "nir"] and "indices/ndvi" in run["outputs"]

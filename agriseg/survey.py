@@ -203,6 +203,14 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
     return work
 
 
+def _remove_empty_dirs(*dirs: Path | None) -> None:
+    """Remove each of ``dirs`` that exists and is empty, in order (never anything else)."""
+    for d in dirs:
+        if d is not None:
+            with contextlib.suppress(OSError):  # not empty, or not there
+                d.rmdir()
+
+
 def _release_tile_memory() -> None:
     """Give back what the tiles held before post-processing starts (and forks its workers).
 
@@ -365,6 +373,10 @@ def _process(
         segmenter = with_halo(config.halo)
     planes = _probability_planes(config.probabilities, segmenter.schema)
     out = Path(config.out)
+    # Registered before the lock, so it runs after the lock file is gone: a run refused
+    # before it wrote anything (the model's prepare found the bands missing) leaves no
+    # empty folders behind.
+    run_scope.callback(_remove_empty_dirs, out / WORK_DIR, None if out.exists() else out)
     run_scope.enter_context(_run_lock(out))
     work = _prepare_out_dir(out, config.overwrite)
     if config.gsd is not None:

@@ -152,10 +152,17 @@ def _mapped(truth: np.ndarray, mapping: dict[int, int] | None, k: int, nodata: i
 
 def _checked(arr: np.ndarray, k: int, nodata: int, unknown: set[int]) -> np.ndarray:
     """``arr`` as it is; its values that are neither classes nor ``nodata`` go to ``unknown``."""
-    bad = ((arr < 0) | (arr >= k)) & (arr != nodata)
-    if bad.any():
-        unknown.update(int(v) for v in np.unique(arr[bad])[:20])
+    unknown.update(int(v) for v in non_class_values(arr, k, nodata)[:20])
     return arr
+
+
+def non_class_values(arr: np.ndarray, k: int, nodata: int) -> np.ndarray:
+    """The distinct values of ``arr`` (sorted) that are neither classes ``0..k-1`` nor ``nodata``.
+
+    Negative values too: in a uint8 copy they would wrap round to other classes.
+    """
+    bad = ((arr < 0) | (arr >= k)) & (arr != nodata)
+    return np.unique(arr[bad]) if bad.any() else arr[:0].ravel()
 
 
 def check_class_raster(path: str | Path, ds: rasterio.DatasetReader, role: str) -> None:

@@ -229,17 +229,21 @@ def _release_tile_memory() -> None:
     heap.trim()
 
 
-def _refuse_empty(survey: SurveyRaster, force: bool = False) -> None:
+def _refuse_empty(survey: SurveyRaster) -> None:
     """Refuse a survey without a valid pixel (read from its overview), before any work.
 
     Raises:
-        RasterError: every pixel is nodata (always, with ``force``).
+        RasterError: every pixel is nodata.
     """
-    if force or not read_overview(survey, survey.roles.spectral[:1])[1].any():
-        raise RasterError(
-            f"{survey.path}: every pixel is nodata (alpha 0, nodata value or mask); check "
-            "that the right file was given, or fix its nodata/alpha with gdal_edit.py"
-        )
+    if not read_overview(survey, survey.roles.spectral[:1])[1].any():
+        raise _all_nodata(survey)
+
+
+def _all_nodata(survey: SurveyRaster) -> RasterError:
+    return RasterError(
+        f"{survey.path}: every pixel is nodata (alpha 0, nodata value or mask); check "
+        "that the right file was given, or fix its nodata/alpha with gdal_edit.py"
+    )
 
 
 def _model_overhead(segmenter: Segmenter, plan: TilePlan) -> float:
@@ -404,7 +408,7 @@ def _process(
     _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)
     tiles = [t for t in plan if tile_has_data(ov_valid, factor, t)]
     if not tiles:
-        _refuse_empty(survey, force=True)
+        raise _all_nodata(survey)
     model_px = _model_overhead(segmenter, plan)
     data_px = sum(t.core.width * t.core.height for t in tiles)
     log.info(

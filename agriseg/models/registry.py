@@ -96,23 +96,20 @@ def load_segmenter(
         seg = _CONFIGURABLE[key](options)
     elif key in _REGISTRY:
         seg = _REGISTRY[key][0]()
-    else:
-        seg = None
-    if seg is not None:
-        if engine != "auto" and hasattr(seg, "engine"):
-            seg.engine = engine
-        elif engine != "auto":
-            log.warning("--engine %s: model %r runs no neural network, so no engine; "
-                        "the engine applies to learned models (unet-default, bundles)",
-                        engine, key)
-        return seg
-    if os.path.exists(key):
+    elif os.path.exists(key):
         try:
             from agriseg.models.bundle import load_bundle_segmenter
         except ImportError as exc:
             raise ModelError(f"{key}: model bundles are not supported in this build") from exc
         return load_bundle_segmenter(key, engine)
-    raise ModelError(
-        f"unknown model {key!r}: not a registered name and no such file; valid names: "
-        f"{', '.join(available_models())} (or give the path of a model bundle)"
-    )
+    else:
+        raise ModelError(
+            f"unknown model {key!r}: not a registered name and no such file; valid names: "
+            f"{', '.join(available_models())} (or give the path of a model bundle)"
+        )
+    if engine != "auto" and hasattr(seg, "engine"):
+        seg.engine = engine
+    elif engine != "auto":
+        log.warning("--engine %s: model %r runs no neural network, so no engine; the engine "
+                    "applies to learned models (unet-default, bundles)", engine, key)
+    return seg

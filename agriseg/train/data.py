@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, GridMismatchError, InputError, VectorError
 from agriseg.grid import Grid
-from agriseg.metrics import check_class_raster
+from agriseg.metrics import check_class_raster, non_class_values
 from agriseg.raster import image_vrt, no_georef_warning, open_survey, read_window
 from agriseg.train.augment import augment_patch
 from agriseg.train.config import AugmentSection
@@ -88,8 +88,7 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
     out = labels.astype(np.int64)
     if nodata is not None:
         out[labels == nodata] = IGNORE
-    # Negative values too: they wrapped round to other classes in uint8.
-    bad = np.unique(out[((out < 0) | (out >= k)) & (out != IGNORE)])
+    bad = non_class_values(out, k, IGNORE)
     if bad.size:
         raise InputError(
             f"{path}: label values {bad[:10].tolist()} are not classes 0..{k - 1} "

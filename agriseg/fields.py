@@ -48,6 +48,9 @@ from agriseg.vectorize import (
 
 log = logging.getLogger(__name__)
 
+#: ``status`` of a field that overlaps the raster but holds no valid pixel.
+NO_PIXELS = "no valid pixels"
+
 
 @dataclass(frozen=True, slots=True)
 class FieldSet:
@@ -449,6 +452,9 @@ def _table(
         geo_area = geo_area * grid.crs.linear_units_factor[1] ** 2
     valid = area[:, :k].sum(axis=1)
     out = pd.DataFrame({"field_id": fields["field_id"], "status": fields["status"]})
+    # A field inside the raster can still hold no valid pixel (over nodata, or smaller than
+    # a pixel): "ok" beside empty statistics would read as a healthy field with no data.
+    out.loc[(valid == 0) & out["status"].isin(("ok", "repaired")), "status"] = NO_PIXELS
     out["area_ha"] = geo_area.to_numpy() / 1e4
     out["covered_pct"] = np.clip(_share(valid, geo_area.to_numpy()) * 100, 0, 100)
     out["valid_ha"] = valid / 1e4

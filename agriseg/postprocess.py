@@ -98,7 +98,7 @@ def zones_step(ctx: SurveyContext) -> None:
 
 def fields_step(ctx: SurveyContext) -> None:
     """``fields.gpkg`` (styled by health) and ``fields.csv``."""
-    from agriseg.fields import summarize_fields, write_fields
+    from agriseg.fields import NO_PIXELS, summarize_fields, write_fields
 
     fs = _fieldset(ctx)
     for note in fs.notes:
@@ -108,6 +108,13 @@ def fields_step(ctx: SurveyContext) -> None:
     indices = {name.split("/", 1)[1]: work / rel for name, rel in ctx.outputs.items()
                if name.startswith("indices/")}
     summary = summarize_fields(fs, work / "classes.tif", ctx.schema, indices, zones)
+    notes = list(fs.notes)
+    empty = summary["field_id"][summary["status"] == NO_PIXELS].tolist()
+    if empty:
+        notes.append(
+            f"{fs.source}: {len(empty)} field(s) hold no valid pixel (over the survey's "
+            f"nodata, or smaller than a pixel): {', '.join(empty[:10])}")
+        log.warning("%s", notes[-1])
     write_fields(summary, work / "fields.gpkg", work / "fields.csv")
     write_gpkg_style(work / "fields.gpkg", "fields", fields_qml())
     ctx.outputs["fields"] = Path("fields.gpkg")
@@ -115,7 +122,7 @@ def fields_step(ctx: SurveyContext) -> None:
     ctx.manifest["fields"] = {
         "source": fs.source, "layer": fs.layer, "id_column": fs.id_column,
         "count": len(summary),
-        "notes": list(fs.notes),
+        "notes": notes,
         "median_health_score": None if summary["health_score"].isna().all()
         else round(float(summary["health_score"].median()), 2),
     }

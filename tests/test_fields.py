@@ -119,6 +119,22 @@ def test_class_areas_match_truth(tmp_path: Path) -> None:
     assert c.read_bytes().startswith(b"\xef\xbb\xbffield_id,")  # Excel reads it as UTF-8
 
 
+def test_fields_without_valid_pixels_are_flagged(tmp_path: Path) -> None:
+    *_, src, _ = _field_raster(tmp_path)
+    x0, y0 = 500000.0, 4900000.0
+    g = gpd.GeoDataFrame(
+        {"name": ["nodata", "speck", "plot"]},
+        geometry=[shapely.box(x0 + 2, y0 - 1.2, x0 + 6, y0 - 0.2),  # in the nodata rows
+                  shapely.box(x0 + 10.001, y0 - 10.011, x0 + 10.011, y0 - 10.001),  # < 1 px
+                  shapely.box(x0 + 8, y0 - 19, x0 + 16, y0 - 8)], crs=32615)
+    g.to_file(tmp_path / "f.gpkg", engine="pyogrio")
+    with rasterio.open(src) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    s = summarize_fields(read_fields(tmp_path / "f.gpkg", grid), src, DEFAULT_CLASSES)
+    st = dict(zip(s["field_id"], s["status"], strict=True))
+    assert st == {"nodata": "no valid pixels", "speck": "no valid pixels", "plot": "ok"}
+
+
 def test_fields_drawn_to_the_raster_edge_in_another_crs_are_inside(tmp_path: Path) -> None:
     """Reprojection puts such a field a hair outside the raster: not "partly outside"."""
     grid = Grid((400, 600), T, CRS.from_epsg(32615))

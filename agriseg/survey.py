@@ -203,6 +203,41 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
     return work
 
 
+#: Files a run writes in its output folder, besides those in :data:`OUTPUT_FOLDERS`.
+OUTPUT_NAMES = frozenset({
+    MANIFEST, IMAGE_VRT, LOCK_FILE, "classes.tif", "confidence.tif", "zone_ids.tif",
+    "zones.gpkg", "fields.gpkg", "fields.csv", "quicklook.png", "report.html", "project.qgs",
+})
+#: Folders of the output folder that the run writes into (or, for the work folder, removes).
+OUTPUT_FOLDERS = frozenset({WORK_DIR, "indices", "probability"})
+
+
+def _refuse_inputs_among_outputs(config: RunConfig) -> None:
+    """Refuse a run whose outputs would replace its own input files.
+
+    ``agriseg run classes.tif --fields fields.gpkg --out .`` would write over the survey and
+    the field polygons it reads (and ``--overwrite`` would delete them), so an input inside
+    ``--out`` under a name the run writes is refused before any work.
+
+    Raises:
+        OutputError: naming the input and the output that would replace it.
+    """
+    out = Path(config.out).resolve()
+    for what, path in (("survey", config.input), ("fields", config.fields)):
+        if path is None or str(path).startswith("/vsi"):
+            continue
+        try:
+            rel = Path(path).resolve().relative_to(out)
+        except ValueError:
+            continue  # not inside --out
+        if rel.parts[0] in OUTPUT_FOLDERS or str(rel) in OUTPUT_NAMES:
+            raise OutputError(
+                f"{path}: the {what} file lies in --out {config.out} under a name the run "
+                f"writes ({rel}), so its outputs would replace it; choose another --out, "
+                "e.g. --out results/"
+            )
+
+
 def _remove_empty_dirs(*dirs: Path | None) -> None:
     """Remove each of ``dirs`` that exists and is empty, in order (never anything else)."""
     for d in dirs:
@@ -354,6 +389,7 @@ def _process(
             f"cannot skip {', '.join(sorted(unknown))}: no such step; valid steps: "
             f"{', '.join(name for name, _ in POST_STEPS)}"
         )
+    _refuse_inputs_among_outputs(config)
     # A learned model's check imports PyTorch and builds the model (~5 s on a GPU machine);
     # meanwhile the whole-survey overview that every run reads is read (GDAL releases the GIL).
     loader = ThreadPoolExecutor(1, thread_name_prefix="agriseg-load")

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -334,6 +335,26 @@ def test_second_run_into_the_same_folder_is_refused(rgba_tif: Path, tmp_path: Pa
                                   scheduler, "--model", FAST, "--no-progress"])
     assert r.exit_code == 0, r.output
     assert not (out / ".agriseg.lock").exists() and (out / "run.json").exists()
+
+
+def test_inputs_that_outputs_would_replace_are_refused(rgba_tif: Path, tmp_path: Path) -> None:
+    """``--out .`` beside a survey named classes.tif or fields named fields.gpkg."""
+    out = tmp_path / "farm"
+    (out / "indices").mkdir(parents=True)
+    shutil.copy(rgba_tif, out / "classes.tif")
+    shutil.copy(rgba_tif, out / "indices" / "ndvi.tif")
+    shutil.copy(rgba_tif, out / "ortho.tif")
+    fields = out / "fields.gpkg"
+    fields.write_bytes(b"the user's field polygons")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for args in (["classes.tif"], ["indices/ndvi.tif"], ["ortho.tif", "--fields", "fields.gpkg"]):
+        args[0] = str(out / args[0])
+        if len(args) > 1:
+            args[2] = str(out / args[2])
+        code, text = _cli("run", *args, "--out", str(out), "--overwrite", "--no-progress")
+        assert code == 2 and "under a name the run writes" in text, text
+        assert "choose another --out" in text and "Traceback" not in text
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_scheduler_unreachable(rgba_tif: Path, tmp_path: Path) -> None:

@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 NO_PIXELS = "no valid pixels"
 
 
+def some_ids(ids: list[str], most: int = 10) -> str:
+    """The first ``most`` field ids, comma-separated, and how many more there are."""
+    more = f" and {len(ids) - most} more" if len(ids) > most else ""
+    return ", ".join(ids[:most]) + more
+
+
 @dataclass(frozen=True, slots=True)
 class FieldSet:
     """Field polygons ready for zonal statistics.
@@ -223,7 +229,7 @@ def read_fields(
         status[invalid] = "repaired"
         notes.append(
             f"{p}: repaired {int(invalid.sum())} invalid geometry(ies) (fields "
-            f"{', '.join(ids[invalid].tolist()[:10])})"
+            f"{some_ids(ids[invalid].tolist())})"
         )
     geoms = np.array([_polygonal(g) for g in geoms], dtype=object)
     bad = np.array([g is None for g in geoms])
@@ -235,7 +241,7 @@ def read_fields(
     if bad.any():
         notes.append(
             f"{p}: skipped {int(bad.sum())} feature(s) without a polygon "
-            f"({', '.join(ids[bad].tolist()[:10])})"
+            f"({some_ids(ids[bad].tolist())})"
         )
     box = shapely.box(*grid.bounds)
     keep = ~bad
@@ -257,7 +263,7 @@ def read_fields(
         n = int((st == label).sum())
         if n:
             notes.append(
-                f"{p}: {n} field(s) {label} ({', '.join(ids[keep][st == label].tolist()[:10])})"
+                f"{p}: {n} field(s) {label} ({some_ids(ids[keep][st == label].tolist())})"
             )
     fields = gpd.GeoDataFrame(
         {"field_id": ids[keep].to_numpy(), "status": st},

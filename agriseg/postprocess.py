@@ -98,7 +98,7 @@ def zones_step(ctx: SurveyContext) -> None:
 
 def fields_step(ctx: SurveyContext) -> None:
     """``fields.gpkg`` (styled by health) and ``fields.csv``."""
-    from agriseg.fields import NO_PIXELS, summarize_fields, write_fields
+    from agriseg.fields import NO_PIXELS, some_ids, summarize_fields, write_fields
 
     fs = _fieldset(ctx)
     for note in fs.notes:
@@ -113,7 +113,7 @@ def fields_step(ctx: SurveyContext) -> None:
     if empty:
         notes.append(
             f"{fs.source}: {len(empty)} field(s) hold no valid pixel (over the survey's "
-            f"nodata, or smaller than a pixel): {', '.join(empty[:10])}")
+            f"nodata, or smaller than a pixel): {some_ids(empty)}")
         log.warning("%s", notes[-1])
     write_fields(summary, work / "fields.gpkg", work / "fields.csv")
     write_gpkg_style(work / "fields.gpkg", "fields", fields_qml())

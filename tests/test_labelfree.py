@@ -419,6 +419,26 @@ def test_satellite_gsd_falls_back_without_rows(tmp_path: Path) -> None:
     assert set(np.unique(pred)) <= {0, 1, 3}  # no weeds without rows
 
 
+def test_water_is_left_out_of_the_ndvi_threshold(tmp_path: Path) -> None:
+    """A 10 m scene of green fields, bare fields and a river (the FTW Sentinel-2 sample)."""
+    rng = np.random.default_rng(0)
+    # red, green, blue, NIR reflectance; NDVI -0.43 / 0.30 / 0.85
+    water, bare, green = ([0.05, 0.06, 0.05, 0.02], [0.15, 0.13, 0.10, 0.28],
+                          [0.03, 0.07, 0.03, 0.37])
+    cover = np.zeros((120, 120), int)
+    cover[:, 50:] = 2
+    cover[:30] = 0  # the river
+    cover[30:, :50] = 1
+    img = np.array([water, bare, green])[cover].transpose(2, 0, 1)
+    img = (img + rng.normal(0, 0.006, img.shape)).clip(0.001) * 10000
+    src = _write(tmp_path / "s2.tif", img, "uint16", gsd=10.0)
+    pred, info = _run_model(src)
+    assert 0.35 < info["veg_threshold"] < 0.8, info["veg_threshold_method"]
+    assert "water below ndvi" in info["veg_threshold_method"]
+    assert (pred[cover == 1] == 0).mean() > 0.99  # bare fields are soil, not crop
+    assert (pred[cover == 2] == 1).mean() > 0.99
+
+
 def test_quicklook_on_real_sample(tmp_path: Path) -> None:
     survey = open_survey(LAMBERTON)
     cls = tmp_path / "c.tif"

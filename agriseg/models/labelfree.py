@@ -9,8 +9,9 @@ tile the same way.
    is a tight histogram mode, so where the mode is soil-like the threshold is that mode plus
    ``soil_sigmas`` robust standard deviations, raised to ``veg_mix`` of the way to typical
    vegetation (blurred leaf margins stay soil). Where vegetation is the mode (closed canopy):
-   Otsu's threshold if the histogram is two-class (Ashman's D >= 2, plausible range), else a
-   fixed literature threshold, with a warning. RGB with a soil mode also has a *green path*
+   Otsu's threshold if the histogram is two-class (Ashman's D >= 2, plausible range; with
+   NIR, three-class Otsu's upper one when the lowest class is water), else a fixed literature
+   threshold, with a warning. RGB with a soil mode also has a *green path*
    (:class:`GreenPath`): (G-R)/(G+R) over its own soil-mode threshold where green exceeds
    blue, for glaucous and grass leaves whose blue lowers ExG.
 2. **Crop vs weed** (the idea of Bah et al. 2018, unsupervised labelling for weeds in line
@@ -65,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from rasterio.windows import Window
 from scipy import ndimage
-from skimage.filters import threshold_otsu
+from skimage.filters import threshold_multiotsu, threshold_otsu
 
 from agriseg.classes import CROP, DEFAULT_CLASSES, WEED, ClassSchema
 from agriseg.errors import ConfigError
@@ -808,15 +809,28 @@ class LabelFreeSegmenter:
                                     f"pixels above the {index} threshold {t:.3f})")
                 return t, max((t - mode) / 3, 0.01), (
                     f"soil mode {mode:.3f}, soil sigma {sigma:.4f}")
-        t = float(threshold_otsu(v, nbins=512))
-        a, b = v[v <= t], v[v > t]
-        share = b.size / v.size
-        d = 0.0
-        if a.size > 1 and b.size > 1:
-            d = math.sqrt(2) * abs(b.mean() - a.mean()) / math.sqrt(a.var() + b.var() + 1e-12)
-        if d >= 2.0 and 0.005 <= share <= 0.995 and lo <= t <= hi:
-            soft = max(0.25 * float(b.mean() - a.mean()), 0.01)
-            return t, soft, f"otsu (Ashman D {d:.2f}, vegetation {share:.1%})"
+        # Two-class Otsu, after three-class Otsu's upper threshold where the lowest class is
+        # water (NDVI: NIR darker than red, which no soil or plant is). With water, bare soil
+        # and vegetation in one scene (fields along a river, prairie ponds), two classes
+        # split water from the rest and call bare fields and villages vegetation.
+        candidates = [(float(threshold_otsu(v, nbins=512)), -math.inf)]
+        if index == "ndvi" and np.unique(v[:: max(1, v.size // 4096)]).size >= 3:
+            t_water, t_veg = threshold_multiotsu(v, classes=3, nbins=256)
+            water = v[v <= t_water]
+            if water.size >= 0.005 * v.size and water.mean() < 0:
+                candidates.insert(0, (float(t_veg), float(t_water)))
+        for t, floor in candidates:
+            a, b = v[(v > floor) & (v <= t)], v[v > t]
+            share = b.size / v.size
+            d = 0.0
+            if a.size > 1 and b.size > 1:
+                d = math.sqrt(2) * abs(b.mean() - a.mean()) / math.sqrt(
+                    a.var() + b.var() + 1e-12)
+            if d >= 2.0 and 0.005 <= share <= 0.995 and lo <= t <= hi:
+                soft = max(0.25 * float(b.mean() - a.mean()), 0.01)
+                water_note = "" if floor == -math.inf else (
+                    f", water below {index} {floor:.3f} ({(v <= floor).mean():.1%}) left out")
+                return t, soft, f"otsu (Ashman D {d:.2f}, vegetation {share:.1%}{water_note})"
         share_fixed = float((values > fixed).mean())
         why = (f"Otsu threshold {t:.3f} outside the plausible range {lo}..{hi}"
                if not lo <= t <= hi else

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 
 def _display_rgb(survey: SurveyRaster, max_side: int) -> tuple[np.ndarray, str]:
-    """Decimated true colour (or NIR false colour without RGB), stretched 2-98 %."""
+    """Decimated true colour (or NIR false colour without RGB), stretched 1-99.5 %."""
     if survey.roles.has("red", "green", "blue"):
         roles, label = ("red", "green", "blue"), "image (RGB)"
     elif survey.roles.has("nir", "red", "green"):
@@ -29,14 +29,28 @@ def _display_rgb(survey: SurveyRaster, max_side: int) -> tuple[np.ndarray, str]:
     else:
         roles, label = (survey.roles.spectral[0],) * 3, f"image ({survey.roles.spectral[0]})"
     data, valid, _ = read_overview(survey, roles, max_side)
-    rgb = np.zeros((*valid.shape, 4), np.float32)
-    if valid.any():
-        # One stretch for all bands keeps the colour balance (yellow leaves stay yellow).
-        lo, hi = np.percentile(data[:, valid], [1, 99.5])
-        span = hi - lo if hi > lo else 1.0
-        rgb[..., :3] = np.clip((data - lo) / span, 0, 1).transpose(1, 2, 0)
-    rgb[..., 3] = valid
-    return rgb, label
+    return to_rgba(data, valid, colour_stretch(data, valid)), label
+
+
+def colour_stretch(data: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    """Display range of ``data`` (bands, rows, cols): its valid values' 1 and 99.5 percentiles.
+
+    One range for all bands keeps the colour balance: a stretch per band turns beige soil
+    lavender and yellow leaves green.
+    """
+    if not valid.any():
+        return 0.0, 1.0
+    lo, hi = np.percentile(data[:, valid], [1, 99.5])
+    return float(lo), float(hi) if hi > lo else float(lo) + 1.0
+
+
+def to_rgba(data: np.ndarray, valid: np.ndarray, stretch: tuple[float, float]) -> np.ndarray:
+    """RGBA float image (rows, cols, 4) of three bands through ``stretch``; alpha = valid."""
+    lo, hi = stretch
+    rgba = np.zeros((*valid.shape, 4), np.float32)
+    rgba[..., :3] = np.clip((data[:3] - lo) / (hi - lo), 0, 1).transpose(1, 2, 0)
+    rgba[..., 3] = valid
+    return rgba
 
 
 def write_quicklook(

@@ -28,6 +28,7 @@ from rasterio.windows import Window, from_bounds
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
+from agriseg.quicklook import colour_stretch, to_rgba
 from agriseg.raster import SurveyRaster, read_overview, sample_positions
 
 log = logging.getLogger(__name__)
@@ -93,9 +94,13 @@ def _rgb_roles(roles: Mapping[str, int]) -> list[str]:
 
 def _read_image(
     survey: str | SurveyRaster, roles: Mapping[str, int], window: Window | None,
-    shape: tuple[int, int]
-) -> np.ndarray:
-    """RGBA float image of ``window`` decimated to ``shape``, 2-98 % stretched."""
+    shape: tuple[int, int], stretch: tuple[float, float] | None = None,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """RGBA float image of ``window`` decimated to ``shape``, and its display range.
+
+    ``stretch`` (the survey's, so the field maps' colours compare) or else the image's own
+    :func:`~agriseg.quicklook.colour_stretch`.
+    """
     names = _rgb_roles(roles)
     if isinstance(survey, SurveyRaster) and window is None:
         # The whole survey: the run's cached overview (read once for the model's prepare and
@@ -124,13 +129,10 @@ def _read_image(
                     valid = ds.read_masks(bands[0], window=window, out_shape=shape,
                                           resampling=Resampling.nearest) > 0
         valid &= np.isfinite(data).all(axis=0)
-    rgba = np.zeros((*valid.shape, 4), np.float32)
-    if valid.any():
-        lo, hi = np.percentile(data[:, valid], [2, 98], axis=1)
-        for i in range(3):
-            rgba[..., i] = np.clip((data[i] - lo[i]) / max(hi[i] - lo[i], 1e-9), 0, 1)
-    rgba[..., 3] = valid
-    return rgba
+        if isinstance(survey, SurveyRaster):  # in the overview's units, for its stretch
+            data *= np.float32(survey.scale)
+    stretch = stretch or colour_stretch(data, valid)
+    return to_rgba(data, valid, stretch), stretch
 
 
 def _window_mean(ds: rasterio.DatasetReader, bands: list[int], alpha: int | None,
@@ -199,13 +201,13 @@ def _legend(schema: ClassSchema) -> list[Patch]:
 
 def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif: Path,
               schema: ClassSchema, fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None,
-              show_fields: bool) -> str:
+              show_fields: bool) -> tuple[str, tuple[float, float]]:
     with rasterio.open(classes_tif) as ds:
         h, w = ds.shape
         left, bottom, right, top = ds.bounds
     shape = _shape_for(h, w, 1100)
     extent = (left, right, bottom, top)
-    img = _read_image(survey, roles, None, shape)
+    img, stretch = _read_image(survey, roles, None, shape)
     cls = _read_classes(classes_tif, schema, None, shape)
     # Wide surveys stack image over classes; tall ones sit side by side.
     if w >= h:
@@ -235,11 +237,12 @@ def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif:
                                                     label="zone")],
                    loc="lower right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
-    return _png(fig)
+    return _png(fig), stretch
 
 
 def _field_map(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif: Path,
-               schema: ClassSchema, geom: Any, zones: gpd.GeoDataFrame | None) -> str | None:
+               schema: ClassSchema, geom: Any, zones: gpd.GeoDataFrame | None,
+               stretch: tuple[float, float]) -> str | None:
     with rasterio.open(classes_tif) as ds:
         minx, miny, maxx, maxy = geom.bounds
         pad = 0.05 * max(maxx - minx, maxy - miny)
@@ -250,7 +253,7 @@ def _field_map(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif
         b = ds.window_bounds(win)
     shape = _shape_for(win.height, win.width, 260)
     extent = (b[0], b[2], b[1], b[3])
-    img = _read_image(survey, roles, win, shape)
+    img, _ = _read_image(survey, roles, win, shape, stretch)
     cls = _read_classes(classes_tif, schema, win, shape)
     tall = win.height > win.width
     fig, axes = _subplots(1, 2, figsize=(4, 3.2) if tall else (4, 2.2))
@@ -415,8 +418,9 @@ def write_report(
         parts.append("<ul>" + "".join(f"<li class='note'>{html.escape(n)}</li>" for n in notes)
                      + "</ul>")
     parts.append("<h2>Overview</h2>")
-    parts.append(_img(_overview(survey, roles, classes_tif, schema, summary, zones,
-                                has_fields), "overview map"))
+    overview, stretch = _overview(survey, roles, classes_tif, schema, summary, zones,
+                                  has_fields)
+    parts.append(_img(overview, "overview map"))
     parts.append("<h2>Fields</h2><p>Ranked by health score: rank 1 needs attention first.</p>")
     parts.append(_table(summary, index_names))
     parts.append("<h3>Health score</h3><pre>" + html.escape(HEALTH_FORMULA) + "</pre>")
@@ -437,7 +441,7 @@ def write_report(
         # figures are pyplot-free (see _subplots).
         with ThreadPoolExecutor(min(FIELD_MAP_THREADS, os.cpu_count() or 1)) as pool:
             uris = list(pool.map(lambda r: _field_map(survey, roles, classes_tif, schema,
-                                                      r.geometry, zones), rows))
+                                                      r.geometry, zones, stretch), rows))
         for r, uri in zip(rows, uris, strict=True):
             if uri is None:
                 continue

@@ -32,6 +32,7 @@ from agriseg.qgis import (
     zone_ids_qml,
     zones_qml,
 )
+from agriseg.quicklook import colour_stretch, to_rgba
 from agriseg.raster import open_survey
 from agriseg.report import _read_image, write_report
 from agriseg.survey import process_survey
@@ -199,15 +200,32 @@ def test_whole_survey_map_from_the_cached_overview(outputs: dict[str, object]) -
     survey = open_survey(str(outputs["image"]))
     roles = survey.roles.as_dict()
     shape = survey.grid.shape_yx
-    fresh = _read_image(str(outputs["image"]), roles, None, shape)
-    cached = _read_image(survey, roles, None, shape)
+    fresh, _ = _read_image(str(outputs["image"]), roles, None, shape)
+    cached, stretch = _read_image(survey, roles, None, shape)
     assert cached.shape == fresh.shape
     np.testing.assert_array_equal(cached[..., 3], fresh[..., 3])
     shown = fresh[..., 3] > 0  # colours under nodata are transparent either way
     np.testing.assert_allclose(cached[shown], fresh[shown], atol=1e-5)
+    # A field map drawn with the survey's stretch shows its pixels in the overview's colours
+    # (a stretch per band, or per field, changed them: beige soil came out lavender).
+    window = Window(0, 0, shape[1], shape[0])
+    field, same = _read_image(survey, roles, window, shape, stretch)
+    assert same == stretch
+    np.testing.assert_allclose(field[shown], cached[shown], atol=1e-5)
     # A smaller map gets exactly the size asked for, as from GDAL.
     half = (shape[0] // 2, shape[1] // 3)
-    assert _read_image(survey, roles, None, half).shape == (*half, 4)
+    assert _read_image(survey, roles, None, half)[0].shape == (*half, 4)
+
+
+def test_one_stretch_keeps_the_colour_balance() -> None:
+    beige = np.array([200.0, 180.0, 150.0])
+    leaf = np.array([60.0, 120.0, 40.0])
+    data = np.stack([np.full((4, 4), c) for c in beige])
+    data[:, :2] = leaf[:, None, None]
+    valid = np.ones((4, 4), bool)
+    rgba = to_rgba(data, valid, colour_stretch(data, valid))
+    soil = rgba[3, 0, :3]
+    assert soil[0] > soil[1] > soil[2]  # still beige: red > green > blue
 
 
 def test_field_window_mean_equals_the_area_mean_of_valid_pixels(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from agriseg.grid import on_earth
 from agriseg.indices import INDICES
@@ -25,6 +25,8 @@ from agriseg.qgis import (
     zone_ids_qml,
     zones_qml,
 )
+from agriseg.quicklook import colour_stretch, display_roles
+from agriseg.raster import read_overview
 
 # geopandas, the zone/field modules and matplotlib (report) are imported inside the steps:
 # they cost ~1.1 s of start-up that a run skipping these steps should not pay.
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     import geopandas as gpd
 
     from agriseg.fields import FieldSet
+    from agriseg.raster import SurveyRaster
     from agriseg.survey import PostStep, SurveyContext
 
 log = logging.getLogger(__name__)
@@ -188,10 +191,6 @@ def report_step(ctx: SurveyContext) -> None:
 
 def project_step(ctx: SurveyContext) -> None:
     """``project.qgs``: every output with relative paths and embedded styles."""
-    roles = ctx.survey.roles.as_dict()
-    bands = [roles.get(r) for r in ("red", "green", "blue")]
-    spectral = [i for r, i in roles.items() if r != "alpha"] or [1]
-    r, g, b = (cast("list[int]", bands) if all(bands) else (spectral * 3)[:3])
     layers: list[ProjectLayer] = []
     out = ctx.outputs
     if "zones" in out:
@@ -216,12 +215,26 @@ def project_step(ctx: SurveyContext) -> None:
             layers.append(ProjectLayer(rel, d.name.upper(), ramp_qml(d.vmin, d.vmax),
                                        visible=False, group="vegetation indices"))
     layers.append(ProjectLayer(Path(ctx.survey.path), "input image",
-                               rgb_qml(int(r), int(g), int(b), roles.get("alpha", -1))))
+                               _image_qml(ctx.survey)))
     grid = ctx.survey.grid
     write_project(ctx.work_dir / "project.qgs", layers, grid.crs.to_wkt(),
                   grid.crs.to_string(), grid.bounds, title=f"agriseg: {Path(ctx.survey.path).name}",
                   geographic=grid.crs.is_geographic, home=ctx.out_dir)
     ctx.outputs["project"] = Path("project.qgs")
+
+
+def _image_qml(survey: SurveyRaster) -> str:
+    """The input image's style: as it is when 8-bit, else with the quick look's stretch."""
+    roles = survey.roles.as_dict()
+    names = display_roles(roles)
+    stretch = None
+    if survey.dtype != "uint8":
+        data, valid, _ = read_overview(survey, names)
+        lo, hi = colour_stretch(data, valid)
+        stretch = (lo / survey.scale, hi / survey.scale)
+    fill = {"black": 0.0, "fill": survey.nodata}.get(survey.mask_source)
+    r, g, b = (roles[n] for n in names)
+    return rgb_qml(r, g, b, roles.get("alpha", -1), stretch, fill)
 
 
 POSTPROCESS_STEPS: list[tuple[str, PostStep]] = [

@@ -228,19 +228,42 @@ def zone_ids_qml(zone_classes: dict[int, str], schema: ClassSchema) -> str:
     return _paletted_qml(entries)
 
 
-def rgb_qml(red: int, green: int, blue: int, alpha: int = -1) -> str:
-    """Multiband colour style for the input image (alpha band -1 = none)."""
+def rgb_qml(red: int, green: int, blue: int, alpha: int = -1,
+            stretch: tuple[float, float] | None = None, fill: float | None = None) -> str:
+    """Multiband colour style for the input image.
+
+    Args:
+        red: band drawn as red.
+        green: band drawn as green.
+        blue: band drawn as blue.
+        alpha: alpha band, -1 for none.
+        stretch: one display range (raw values) for all three bands, which keeps the colour
+            balance; ``None`` shows the values as they are (8-bit imagery). Without it QGIS
+            draws 16-bit and float bands modulo 256 (noise).
+        fill: a value that is nodata in every band without being declared (an orthomosaic's
+            black fill): drawn transparent.
+    """
+    transparency = "      <rasterTransparency/>\n" if fill is None else (
+        "      <rasterTransparency><threeValuePixelList>"
+        f'<pixelListEntry red="{fill:g}" green="{fill:g}" blue="{fill:g}" '
+        'percentTransparent="100"/></threeValuePixelList></rasterTransparency>\n')
+    limits = "CumulativeCut" if stretch is None else "None"
+    enhancement = "" if stretch is None else "".join(
+        f"      <{c}ContrastEnhancement><minValue>{stretch[0]:.6g}</minValue><maxValue>"
+        f"{stretch[1]:.6g}</maxValue><algorithm>StretchToMinimumMaximum</algorithm>"
+        f"</{c}ContrastEnhancement>\n" for c in ("red", "green", "blue"))
     return (
         _QML_HEAD
         + "  <pipe>\n"
         f'    <rasterrenderer type="multibandcolor" opacity="1" alphaBand="{alpha}" '
         f'redBand="{red}" greenBand="{green}" blueBand="{blue}" nodataColor="">\n'
-        "      <rasterTransparency/>\n"
-        "      <minMaxOrigin><limits>CumulativeCut</limits><extent>WholeRaster</extent>"
+        + transparency
+        + f"      <minMaxOrigin><limits>{limits}</limits><extent>WholeRaster</extent>"
         "<statAccuracy>Estimated</statAccuracy><cumulativeCutLower>0.02</cumulativeCutLower>"
         "<cumulativeCutUpper>0.98</cumulativeCutUpper><stdDevFactor>2</stdDevFactor>"
         "</minMaxOrigin>\n"
-        "    </rasterrenderer>\n"
+        + enhancement
+        + "    </rasterrenderer>\n"
         '    <rasterresampler maxOversampling="2"/>\n'
         "  </pipe>\n"
         "  <blendMode>0</blendMode>\n"

@@ -7,6 +7,7 @@ GDAL overviews used when present), so a quick look of a multi-gigapixel survey c
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +23,24 @@ log = logging.getLogger(__name__)
 
 def _display_rgb(survey: SurveyRaster, max_side: int) -> tuple[np.ndarray, str]:
     """Decimated true colour (or NIR false colour without RGB), stretched 1-99.5 %."""
-    if survey.roles.has("red", "green", "blue"):
-        roles, label = ("red", "green", "blue"), "image (RGB)"
-    elif survey.roles.has("nir", "red", "green"):
-        roles, label = ("nir", "red", "green"), "image (NIR-R-G false colour)"
-    else:
-        roles, label = (survey.roles.spectral[0],) * 3, f"image ({survey.roles.spectral[0]})"
+    roles = display_roles(survey.roles.as_dict())
+    label = ("image (RGB)" if roles == ("red", "green", "blue") else
+             "image (NIR-R-G false colour)" if roles[0] == "nir" else f"image ({roles[0]})")
     data, valid, _ = read_overview(survey, roles, max_side)
     return to_rgba(data, valid, colour_stretch(data, valid)), label
+
+
+def display_roles(roles: Mapping[str, int]) -> tuple[str, str, str]:
+    """Band roles drawn as red, green and blue.
+
+    True colour, else NIR-R-G false colour, else the first spectral band in grey.
+    """
+    if all(r in roles for r in ("red", "green", "blue")):
+        return ("red", "green", "blue")
+    if all(r in roles for r in ("nir", "red", "green")):
+        return ("nir", "red", "green")
+    first = next(r for r in roles if r != "alpha")
+    return (first, first, first)
 
 
 def colour_stretch(data: np.ndarray, valid: np.ndarray) -> tuple[float, float]:

@@ -28,7 +28,7 @@ from rasterio.windows import Window, from_bounds
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
-from agriseg.quicklook import colour_stretch, to_rgba
+from agriseg.quicklook import colour_stretch, display_roles, to_rgba
 from agriseg.raster import SurveyRaster, read_overview, sample_positions
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,6 @@ def _img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
 
 
-def _rgb_roles(roles: Mapping[str, int]) -> list[str]:
-    """Band roles drawn as red, green and blue."""
-    if all(r in roles for r in ("red", "green", "blue")):
-        return ["red", "green", "blue"]
-    spectral = [r for r in roles if r != "alpha"]
-    return (spectral * 3)[:3] if len(spectral) < 3 else spectral[:3]
-
-
 def _read_image(
     survey: str | SurveyRaster, roles: Mapping[str, int], window: Window | None,
     shape: tuple[int, int], stretch: tuple[float, float] | None = None,
@@ -101,12 +93,12 @@ def _read_image(
     ``stretch`` (the survey's, so the field maps' colours compare) or else the image's own
     :func:`~agriseg.quicklook.colour_stretch`.
     """
-    names = _rgb_roles(roles)
+    names = display_roles(roles)
     if isinstance(survey, SurveyRaster) and window is None:
         # The whole survey: the run's cached overview (read once for the model's prepare and
         # the quick-look) has the detail; GDAL's decimated read of a file without overviews
         # decodes every block again (1 GP: 10-30 s, and a block cache as big as allowed).
-        data, valid, _ = read_overview(survey, tuple(names))
+        data, valid, _ = read_overview(survey, names)
         if valid.shape[0] > shape[0] or valid.shape[1] > shape[1]:
             # Sampled to the map's size, not block-averaged: an integer reduction of the
             # overview could leave the map coarser than asked.
@@ -115,7 +107,7 @@ def _read_image(
             data, valid = data[:, ys[:, None], xs], valid[ys[:, None], xs]
     else:
         path = survey.path if isinstance(survey, SurveyRaster) else survey
-        bands = [roles[r] for r in names] if names else [1]
+        bands = [roles[r] for r in names]
         with rasterio.open(path) as ds:
             if window is not None and not ds.overviews(bands[0]):
                 data, valid = _window_mean(ds, bands, roles.get("alpha"), window, shape)

@@ -37,7 +37,7 @@ from agriseg.raster import open_survey
 from agriseg.report import _read_image, write_report
 from agriseg.survey import process_survey
 from agriseg.vectorize import ZoneParams, vectorize_zones, write_zones
-from tests.conftest import write_rgba
+from tests.conftest import toy_field, write_rgba
 from tests.test_vectorize import UTM_T, write_mask
 
 TOOLS = Path("/work/shared/tools")
@@ -297,3 +297,26 @@ def test_report_line_on_the_vegetation_rule() -> None:
         "EXG > 0.107 (soil mode 0.010); or (G-R)/(G+R) > 0.020 where G > B; no crop/weed "
         "colour table (too few pseudo-labelled pixels)")
     assert vegetation_text({"threshold": 0.3}) is None  # a model without such a rule
+
+
+def test_project_shows_16_bit_imagery_in_colour(tmp_path: Path, scheduler: str) -> None:
+    """QGIS draws 16-bit bands without a contrast enhancement modulo 256: noise."""
+    rgb, valid = toy_field(96, 96)
+    raw = (rgb * 40).astype(np.uint16)  # reflectance x 10000, like a multispectral export
+    raw[:, ~valid] = 0  # an orthomosaic's undeclared black fill
+    src = tmp_path / "u16.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=96, height=96, count=3, dtype="uint16",
+                       crs="EPSG:32615", transform=UTM_T) as dst:
+        dst.write(raw)
+    cfg = build_run_config(input=src, out=tmp_path / "o", scheduler=scheduler,
+                           skip=["zones", "fields", "report", "quicklook"])
+    qgs = process_survey(cfg).outputs["project"].read_text()
+    image = qgs[qgs.index('name="input image"'):]
+    lo, hi = np.percentile(raw[:, valid], [1, 99.5])
+    for band in ("red", "green", "blue"):  # one range for all three: the colours stay
+        entry = (f"<{band}ContrastEnhancement><minValue>{lo:.6g}</minValue><maxValue>"
+                 f"{hi:.6g}</maxValue>")
+        assert entry in image, image[:2000]
+    assert 'pixelListEntry red="0" green="0" blue="0" percentTransparent="100"' in image
+    if _has_qgis():
+        assert "0 failed" in _qgis_check([tmp_path / "o" / "project.qgs"], tmp_path / "p.png")

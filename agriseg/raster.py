@@ -55,6 +55,7 @@ _DESCRIPTION_ROLES: dict[str, str] = {
     "near-infrared": "nir",
     "b08": "nir",
     "b8": "nir",
+    "b8a": "nir",  # Sentinel-2's narrow NIR; B08 comes first in band order when both exist
     "rededge": "rededge",
     "red edge": "rededge",
     "red-edge": "rededge",
@@ -233,6 +234,31 @@ def _open(path: str) -> rasterio.DatasetReader:
         ) from exc
 
 
+#: Centre wavelengths (nm) of each role, for band descriptions that give only a wavelength.
+_WAVELENGTH_ROLES = ((400, 500, "blue"), (500, 600, "green"), (600, 690, "red"),
+                     (690, 760, "rededge"), (760, 1000, "nir"))
+
+
+def _description_role(desc: str) -> str | None:
+    """The role a band description names, if any.
+
+    "Red", "B04", "NIR" or, as multispectral cameras name their bands, "Red edge-717",
+    "NIR (842 nm)", "Band 3 (560nm)".
+    """
+    key = desc.strip().lower()
+    role = _DESCRIPTION_ROLES.get(key) or _DESCRIPTION_ROLES.get(key.replace(" ", ""))
+    if role:
+        return role
+    words = re.sub(r"\d+(\.\d+)?\s*(nm)?|[^a-z ]", " ", key).split()
+    words = [w for w in words if w != "band"]
+    if len("".join(words)) >= 2:  # named ("Coastal 443", "LWIR" name none of the roles)
+        return _DESCRIPTION_ROLES.get(" ".join(words)) or _DESCRIPTION_ROLES.get("".join(words))
+    # A letter left over ("B" of Sentinel-2's "B1") names nothing; a wavelength may.
+    nm = [float(m) for m in re.findall(r"(\d{3}(?:\.\d+)?)\s*(?:nm)?", key)]
+    hits = {r for lo, hi, r in _WAVELENGTH_ROLES for v in nm if lo <= v < hi}
+    return hits.pop() if len(hits) == 1 else None
+
+
 def _detect_roles(
     ds: rasterio.DatasetReader, sample: Callable[[], np.ndarray]
 ) -> tuple[dict[str, int], str]:
@@ -242,11 +268,9 @@ def _detect_roles(
     """
     roles: dict[str, int] = {}
     for i, desc in enumerate(ds.descriptions, start=1):
-        if desc:
-            key = desc.strip().lower()
-            role = _DESCRIPTION_ROLES.get(key) or _DESCRIPTION_ROLES.get(key.replace(" ", ""))
-            if role and role not in roles:
-                roles[role] = i
+        role = _description_role(desc) if desc else None
+        if role and role not in roles:
+            roles[role] = i
     if roles.keys() >= {"red", "green"}:
         return roles, "band descriptions"
     roles = {}

@@ -91,6 +91,28 @@ def test_untagged_five_bands_follow_reflectance(tmp_path: Path) -> None:
     assert survey.to_dict()["roles_from"].startswith("band order convention for 5 bands")
 
 
+@pytest.mark.parametrize(("descriptions", "roles"), [
+    # MicaSense Dual / Metashape style: names with wavelengths, in B,G,R,RE,NIR order
+    (["Blue-444", "Green-531", "Red-650", "Red edge-717", "NIR-842"],
+     {"blue": 1, "green": 2, "red": 3, "rededge": 4, "nir": 5}),
+    (["Band 1 (475 nm)", "Band 2 (560 nm)", "Band 3 (668 nm)", "Band 4 (717 nm)",
+      "Band 5 (842 nm)"], {"blue": 1, "green": 2, "red": 3, "rededge": 4, "nir": 5}),
+    # Sentinel-2 names: the coastal band B1 is no blue, B8A no red edge
+    (["B1", "B2", "B3", "B4", "B8A"], {"blue": 2, "green": 3, "red": 4, "nir": 5}),
+    (["Coastal 443", "Blue", "Green", "Red", "NIR"],
+     {"blue": 2, "green": 3, "red": 4, "nir": 5}),
+])
+def test_band_descriptions_with_wavelengths(tmp_path: Path, descriptions: list[str],
+                                            roles: dict[str, int]) -> None:
+    path = _reflectance(tmp_path / "ms.tif", [0.03, 0.08, 0.06, 0.10, 0.30], UNTAGGED)
+    with rasterio.open(path, "r+") as ds:
+        for i, d in enumerate(descriptions, start=1):
+            ds.set_band_description(i, d)
+    survey = open_survey(path)
+    assert survey.roles.as_dict() == roles
+    assert survey.to_dict()["roles_from"] == "band descriptions"
+
+
 @pytest.mark.parametrize(("means", "doubt"), [
     ([0.06, 0.08, 0.03, 0.30], None),  # R,G,B,NIR: the convention fits
     ([0.03, 0.08, 0.06, 0.30], "band 3 (taken as blue) is brighter"),  # PlanetScope B,G,R,NIR

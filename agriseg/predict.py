@@ -211,20 +211,35 @@ class Checkpoint:
 
 
 def _wait_for_file(path: str, timeout: float) -> None:
-    """Wait up to ``timeout`` s for a scheduler file to appear.
+    """Wait up to ``timeout`` s for a scheduler file to appear and name an address.
 
     A job script may start the scheduler beside agriseg; ``Client`` itself waits for a missing
-    file forever (a mistyped path hung the run).
+    file forever (a mistyped path hung the run), and fails an assertion on one that holds no
+    address (a file of something else, one still being written).
     """
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while (address := _scheduler_address(path)) is None:
         if time.monotonic() >= deadline:
+            what = ("not found" if not os.path.exists(path) else
+                    "holds no scheduler address (it is not a Dask scheduler file)")
             raise ClusterError(
-                f"{path}: scheduler file not found after {timeout:.0f} s; start the scheduler "
+                f"{path}: scheduler file {what} after {timeout:.0f} s; start the scheduler "
                 f"with `dask scheduler --scheduler-file {path}` (on storage this machine sees), "
                 "check the path, or leave --scheduler-file out to use a local cluster"
             )
         time.sleep(0.2)
+    log.debug("scheduler file %s: %s", path, address)
+
+
+def _scheduler_address(path: str) -> str | None:
+    """The ``address`` a scheduler file holds, or None (missing, unreadable, not one)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    address = info.get("address") if isinstance(info, dict) else None
+    return address if isinstance(address, str) and address else None
 
 
 @contextlib.contextmanager

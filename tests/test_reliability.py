@@ -381,6 +381,13 @@ def test_scheduler_file_missing(rgba_tif: Path, tmp_path: Path) -> None:
                      str(missing), "--scheduler-timeout", "1")
     assert code == 2 and "scheduler file not found after 1 s" in out and str(missing) in out
     assert time.monotonic() - t0 < 60
+    # a file that is not a scheduler file (distributed failed an assertion on it)
+    for i, text in enumerate(("garbage", "", "[1]", '{"address": 5}')):
+        bad = tmp_path / f"s{i}.json"
+        bad.write_text(text)
+        code, out = _cli("run", str(rgba_tif), "--out", str(tmp_path / "o"),
+                         "--scheduler-file", str(bad), "--scheduler-timeout", "0.5")
+        assert code == 2 and "holds no scheduler address" in out and "Traceback" not in out
 
 
 def test_workers_cannot_see_input(scheduler: str) -> None:

@@ -24,7 +24,9 @@ CONFIG_VERSION: Literal[1] = 1
 class RunConfig(BaseModel):
     """Everything one ``agriseg run`` needs."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are refused as such ("nan" passed every bound check or failed one
+    # with a misleading message).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: Literal[1] = CONFIG_VERSION
     input: Path = Field(description="survey raster (GeoTIFF, COG or VRT)")

@@ -195,6 +195,18 @@ def test_config_errors_are_clear(tmp_path: Path, pair: tuple[Path, Path]) -> Non
             {"image": str(img), "labels": str(labels)}])
         r = CliRunner().invoke(main, ["train", str(bad)])
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+    # tracebacks before: an empty or NaN GSD range, `out:` naming a file, --pseudo-labels
+    # with `data: null` (and a mapping where the list goes: named, not lost in the flag's list)
+    for extra, args, needle in (
+        ({"synthetic": {"count": 1, "gsd": []}}, [], "synthetic.gsd: List should have at least"),
+        ({"synthetic": {"count": 1, "gsd": [float("nan")]}}, [], "Input should be a finite"),
+        ({"out": str(img), "synthetic": {"count": 1}}, [], "exists and is not a folder"),
+        ({"data": {"image": str(img), "labels": str(truth)}}, ["--pseudo-labels", str(img)],
+         "data: Input should be a valid list"),
+    ):
+        bad = _write_cfg(tmp_path / "h.yaml", **{"out": str(tmp_path / "r"), **extra})
+        r = CliRunner().invoke(main, ["train", str(bad), *args])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
 
 
 def test_help() -> None:

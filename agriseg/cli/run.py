@@ -107,8 +107,10 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         values["resume"] = False
     model_option = opts.pop("model_option")
     if model_option:
-        values["model_options"] = {**values.get("model_options", {}),
-                                   **_model_options(model_option)}
+        base = values.get("model_options") or {}
+        # Not a mapping (a list in the YAML): left for the config check to name.
+        values["model_options"] = ({**base, **_model_options(model_option)}
+                                   if isinstance(base, dict) else base)
     classes = opts.pop("probability_classes")
     if classes:
         values["probabilities"] = tuple(x.strip() for x in classes.split(",") if x.strip())

@@ -45,8 +45,9 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
         values["epochs"] = epochs
     if scheduler:
         values["scheduler"] = scheduler
-    if pseudo:
-        values["data"] = [*values.get("data", []), *(
+    data = values.get("data")
+    if pseudo and isinstance(data, list | None):  # anything else: for the config check to name
+        values["data"] = [*(data or []), *(
             {"image": str(p), "pseudo": {"model": pseudo_model, "min_confidence": min_confidence}}
             for p in pseudo
         )]

@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -30,7 +30,9 @@ TRAIN_CONFIG_VERSION: Final = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and infinity are refused as such ("nan" passed every bound check or failed one
+    # with a misleading message).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(_Strict):
@@ -86,7 +88,9 @@ class SyntheticSection(_Strict):
     count: int = Field(4, ge=0, le=1000)
     size: int = Field(512, ge=64, le=8192)
     seed: int = Field(1000, description="first seed; field i uses seed + i")
-    gsd: list[float] = Field(default_factory=lambda: [0.01, 0.03], description="GSD range, m")
+    gsd: list[Annotated[float, Field(gt=0, le=10)]] = Field(
+        default_factory=lambda: [0.01, 0.03], min_length=1, max_length=2,
+        description="GSD range, m: [low, high], or [one]")
 
 
 class AugmentSection(_Strict):

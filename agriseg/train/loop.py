@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from agriseg import __version__
-from agriseg.errors import ModelError, ResumeError
+from agriseg.errors import ModelError, OutputError, ResumeError
 from agriseg.metrics import Scores, confusion
 from agriseg.models.arch import (
     SIZE_MULTIPLE,
@@ -319,7 +319,14 @@ def train(
     """
     t_start = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; set `out:` in the training "
+                          "config to a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the training folder ({exc.strerror or exc}); "
+                          "set `out:` in the training config to a writable folder") from exc
     ckpt_dir = out / CHECKPOINT_DIR
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -306,6 +306,10 @@ def test_cli_model_options(rgba_tif: Path, tmp_path: Path, scheduler: str) -> No
     r = CliRunner().invoke(main, [*base[:3], str(tmp_path / "it"), *base[4:], "--model",
                                   "index-threshold", "--model-option", "row_support=0.5"])
     assert r.exit_code == 2 and "takes no model options" in r.output, r.output
+    config.write_text("model_options: [1, 2]\n")  # a list: named, not a TypeError
+    r = CliRunner().invoke(main, [*base[:3], str(tmp_path / "l"), *base[4:], "--config",
+                                  str(config), "--model-option", "row_support=0.5"])
+    assert r.exit_code == 2 and "model_options: Input should be a valid dict" in r.output
     r = CliRunner().invoke(main, ["models"])
     assert r.exit_code == 0 and "disease_sensitivity=5.0" in r.output
     assert "robust z-score below the healthy crop median" in r.output

@@ -108,6 +108,8 @@ _BLOCK_PX = 1 << 18
 
 MAX_PIXELS = 8192 * 8192
 """Largest synthetic field: ~4.7 GB of memory while it is built (1.2 GB at 4096 x 4096)."""
+#: Largest weed / disease density multiplier (x1: the default field; x3 is a weedy one).
+MAX_DENSITY = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,14 +159,23 @@ class FieldSpec:
             )
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        numbers = {"gsd": self.gsd, "row_angle_deg": self.row_angle_deg,
+                   "row_spacing_m": self.row_spacing_m, "crop_cover": self.crop_cover,
+                   "weed_density": self.weed_density, "disease_density": self.disease_density,
+                   "origin_xy": self.origin_xy[0], "origin_xy ": self.origin_xy[1]}
+        for name, value in numbers.items():
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name.strip()} must be a finite number, got {value}")
         if not 0.002 <= self.gsd <= 0.5:
             raise ConfigError(f"gsd must be 0.002..0.5 m per pixel, got {self.gsd}")
         if self.row_spacing_m is not None and not 0.1 <= self.row_spacing_m <= 5.0:
             raise ConfigError(f"row_spacing_m must be 0.1..5 m, got {self.row_spacing_m}")
         if not 0.0 < self.crop_cover <= 0.95:
             raise ConfigError(f"crop_cover must be in (0, 0.95], got {self.crop_cover}")
-        if self.weed_density < 0 or self.disease_density < 0:
-            raise ConfigError("weed_density and disease_density must be >= 0")
+        if not (0 <= self.weed_density <= MAX_DENSITY and 0 <= self.disease_density <= MAX_DENSITY):
+            # Each unit is a few plants or patches per square metre: 1e9 filled memory.
+            raise ConfigError(f"weed_density and disease_density must be 0..{MAX_DENSITY:g}, "
+                              f"got {self.weed_density:g} and {self.disease_density:g}")
         try:
             crs = CRS.from_user_input(self.crs)
         except Exception as exc:  # rasterio raises several types for bad input

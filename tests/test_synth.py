@@ -118,6 +118,13 @@ def test_spec_validation() -> None:
         FieldSpec(gsd=0)
     with pytest.raises(ConfigError):
         FieldSpec(crs="EPSG:4326")
+    # NaN and infinity failed deep inside numpy; a huge density filled memory
+    for bad in ({"row_angle_deg": math.nan}, {"row_angle_deg": math.inf},
+                {"weed_density": math.nan}, {"origin_xy": (math.nan, 0.0)}):
+        with pytest.raises(ConfigError, match="must be a finite number"):
+            FieldSpec(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"must be 0\.\.100"):
+        FieldSpec(disease_density=1e9)
 
 
 def test_write_rgb_georeferenced(tmp_path: Path) -> None:

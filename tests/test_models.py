@@ -275,6 +275,14 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> Non
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o",
                                   str(tmp_path / "afile" / "x.onnx")])
     assert r.exit_code == 2 and "cannot write the ONNX file there" in r.output
+    r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o",
+                                  str(tmp_path / "nope" / "x.onnx")])
+    assert r.exit_code == 2 and "folder does not exist" in r.output
+    before = bundle.read_bytes()  # --overwrite must not replace the bundle by its export
+    r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(bundle),
+                                  "--overwrite"])
+    assert r.exit_code == 2 and "is the bundle being exported" in r.output
+    assert bundle.read_bytes() == before
 
 
 @pytest.mark.skipif(cuda_possible(), reason="a GPU may be present: PyTorch is then needed")

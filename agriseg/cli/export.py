@@ -23,8 +23,17 @@ def export(bundle: Path, as_onnx: bool, out: Path | None, overwrite: bool) -> No
     from agriseg.errors import OutputError
     from agriseg.models.neural import ONNX_TOLERANCE, export_onnx
 
-    if out is not None and out.exists() and not overwrite:
-        raise OutputError(f"{out}: exists; use --overwrite to replace it")
+    if out is not None:
+        src = bundle.resolve()
+        own = {p.resolve() for p in src.iterdir()} if src.is_dir() else {src}
+        if out.resolve() in own:  # --overwrite would replace the bundle with its export
+            raise OutputError(f"{out}: is the bundle being exported; write the ONNX model "
+                              "elsewhere, e.g. --out model.onnx")
+        if not out.resolve().parent.exists():
+            raise OutputError(f"{out.parent}: folder does not exist; create it or choose "
+                              "another --out")
+        if out.exists() and not overwrite:
+            raise OutputError(f"{out}: exists; use --overwrite to replace it")
 
     path, diff = export_onnx(bundle, out)
     click.echo(f"wrote {path} (max |onnx - torch| = {diff:.2e}, tolerance {ONNX_TOLERANCE:g})")

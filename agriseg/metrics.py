@@ -129,6 +129,12 @@ def parse_truth_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dic
                 f"--truth-classes {part!r}: expected VALUE=CLASS with VALUE an integer and "
                 f"CLASS one of {', '.join(names)}, e.g. 0=soil,1=crop,2=weed"
             )
+        if number in out:  # the last pair won silently: a typo moved a class's truth
+            raise ConfigError(f"--truth-classes: value {number} is given twice; give each "
+                              "truth value once")
+        if not -(2**31) <= number < 2**32:
+            raise ConfigError(f"--truth-classes {part!r}: {number} is no value a label raster "
+                              "can hold (32-bit integers at most)")
         out[number] = names[name.strip()]
     return out
 

@@ -54,3 +54,7 @@ def test_truth_with_negative_codes_and_its_own_nodata(tmp_path: Path) -> None:
     assert scores.accuracy == 1.0 and scores.confusion.sum() == 7  # the nodata pixel ignored
     with pytest.raises(ConfigError, match="VALUE an integer"):
         parse_truth_classes("x=soil")
+    with pytest.raises(ConfigError, match="value 0 is given twice"):
+        parse_truth_classes("0=soil,0=crop,1=crop")  # the last pair won, silently
+    with pytest.raises(ConfigError, match="no value a label raster can hold"):
+        parse_truth_classes("99999999999999999999999=soil")

@@ -548,6 +548,11 @@ def _describe(
             f"{p}: rotated or sheared geotransform is not supported; warp it north-up "
             "first: gdalwarp -r near IN OUT"
         )
+    if t.e > 0 or t.a < 0:  # maps, report and fields assume rows run south, columns east
+        how = "south-up: rows run north" if t.e > 0 else "columns run west"
+        raise RasterError(
+            f"{p}: the grid is flipped ({how}); warp it north-up first: gdalwarp -r near IN OUT"
+        )
     grid = Grid((ds.height, ds.width), t, ds.crs)
     # Role checks and the scale choice share one decimated read of every band, made only if
     # one of them needs it (8-bit rasters and explicit --bands mostly do not).

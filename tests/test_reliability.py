@@ -431,6 +431,7 @@ def _write(path: Path, data: np.ndarray | None = None, **kw: object) -> Path:
     [
         ("identity", "no geotransform"),
         ("rotated", "rotated or sheared"),
+        ("southup", "the grid is flipped (south-up"),
         ("complex", "complex data type"),
         ("tiny", "at least 8x8"),
         ("allnodata", "every pixel is nodata"),
@@ -451,6 +452,8 @@ def test_bad_rasters(tmp_path: Path, kind: str, needle: str) -> None:
         src = src2
     elif kind == "rotated":
         _write(src, transform=Affine(0.02, 0.01, 5e5, 0.01, -0.02, 4.9e6))
+    elif kind == "southup":  # the report's field maps failed deep in rasterio
+        _write(src, transform=Affine(0.02, 0, 5e5, 0, 0.02, 4.9e6))
     elif kind == "complex":
         _write(src, dtype="complex64", count=1)
     elif kind == "tiny":

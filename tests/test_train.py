@@ -207,6 +207,28 @@ def test_config_errors_are_clear(tmp_path: Path, pair: tuple[Path, Path]) -> Non
         bad = _write_cfg(tmp_path / "h.yaml", **{"out": str(tmp_path / "r"), **extra})
         r = CliRunner().invoke(main, ["train", str(bad), *args])
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+    # labels that cannot teach anything say why (all said "label more area" before)
+    far = gpd.read_file(polys).to_crs(3857)
+    far["geometry"] = far.translate(5000, 0)
+    far.to_file(tmp_path / "far.gpkg")
+    fractional = gpd.read_file(polys)
+    fractional["class"] = [0.0, 1.7, 2.0]  # int() made 1.7 crop, silently
+    fractional.to_file(tmp_path / "frac.gpkg")
+    with rasterio.open(img) as ds:
+        profile, data = ds.profile, ds.read()
+    data[-1] = 0  # alpha 0 everywhere: no valid pixel under the labels
+    with rasterio.open(tmp_path / "empty.tif", "w", **profile) as dst:
+        dst.write(data)
+    for entry, needle in (
+        ({"image": str(img), "polygons": str(tmp_path / "far.gpkg")},
+         "none of the 3 labelled polygon(s) covers a pixel centre"),
+        ({"image": str(img), "polygons": str(tmp_path / "frac.gpkg")}, "holds 1.7, not a class"),
+        ({"image": str(tmp_path / "empty.tif"), "labels": str(truth)},
+         "every labelled pixel lies on the image's nodata"),
+    ):
+        bad = _write_cfg(tmp_path / "i.yaml", out=str(tmp_path / "r"), data=[entry])
+        r = CliRunner().invoke(main, ["train", str(bad)])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
 
 
 def test_help() -> None:

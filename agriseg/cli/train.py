@@ -84,7 +84,9 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
             result = run_training(cfg, resume=resume, on_step=on_step, on_epoch=on_epoch)
     else:
         result = run_training(cfg, resume=resume, on_epoch=on_epoch)
-    click.echo(f"Best epoch {result.best_epoch} (score {result.best_score:.4f}); model bundle: "
-               f"{result.bundle}")
+    # The score is the validation mIoU, or minus the training loss without validation pixels.
+    score = (f"validation mIoU {result.best_score:.4f}" if result.best_score >= 0 else
+             f"training loss {-result.best_score:.4f}, no validation pixels")
+    click.echo(f"Best epoch {result.best_epoch} ({score}); model bundle: {result.bundle}")
     click.echo(f"Curves: {result.out / 'curves.png'}")
     click.echo(f"Use it: agriseg run SURVEY.tif --model {result.bundle} --out results/")

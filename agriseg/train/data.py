@@ -131,6 +131,9 @@ def rasterize_polygons(
             except ConfigError as exc:
                 raise VectorError(f"{path}: column {column!r}: {exc}") from exc
         else:
+            if isinstance(raw, float) and not raw.is_integer():  # int() truncated 1.7 to 1
+                raise VectorError(f"{path}: column {column!r} holds {raw}, not a class value; "
+                                  f"valid values 0..{len(schema) - 1} ({', '.join(schema.names)})")
             value = int(raw)
             if not 0 <= value < len(schema):
                 raise VectorError(
@@ -141,10 +144,18 @@ def rasterize_polygons(
     h, w = grid.shape_yx  # type: ignore[attr-defined]
     if not shapes:
         raise VectorError(f"{path}: no labelled polygons (column {column!r} is empty)")
-    return rasterize(
+    burnt = rasterize(
         shapes, out_shape=(h, w), transform=grid.transform, fill=IGNORE,  # type: ignore[attr-defined]
         dtype="uint8",
     )
+    if (burnt == IGNORE).all():
+        crs = gdf.crs.to_string()
+        raise VectorError(
+            f"{path}: none of the {len(shapes)} labelled polygon(s) covers a pixel centre of the "
+            f"image (polygons' bounds {tuple(round(b, 2) for b in gdf.total_bounds)} in {crs}); "
+            "check that they belong to this image and that their CRS is right (a GeoJSON "
+            "without one is read as lon/lat, EPSG:4326)")
+    return burnt
 
 
 def block_split(shape: tuple[int, int], block: int, fraction: float, seed: int) -> np.ndarray:
@@ -193,7 +204,13 @@ def load_pair(
         labels, survey.grid, len(schema), image_plane=gsd is not None
     )
     lab = lab.copy()
+    labelled = lab != IGNORE
     lab[~valid] = IGNORE
+    if not (lab != IGNORE).any():
+        # Named here: the sampler could only say that no pixel was labelled at all.
+        why = ("every labelled pixel lies on the image's nodata (alpha 0, nodata value)"
+               if labelled.any() else "the labels hold no class pixel")
+        raise InputError(f"{image}: {why}; check that the labels belong to this image")
     val = block_split((h, w), val_block, val_fraction, seed)
     return LabelledImage(Path(image).name, pixels, lab, val, survey.grid.gsd_m)
 

@@ -385,6 +385,11 @@ def train(
     log.info("training %s/%s (%d parameters) on %d image(s), %d validation block(s), %s, %s",
              spec.arch, spec.encoder, count_parameters(model), len(images), len(windows),
              device, str(amp_dtype).removeprefix("torch.") if amp else "float32")
+    if not windows and cfg.validation.fraction > 0:
+        log.warning("no validation block holds labelled pixels (blocks of %d px; the images or "
+                    "their labelled areas are smaller): the best epoch is the one of lowest "
+                    "training loss; lower validation.block_size to validate",
+                    cfg.validation.block_size)
 
     total = cfg.epochs * cfg.steps_per_epoch
     gsds = [im.gsd_m for im in images]

@@ -141,6 +141,14 @@ def test_cli_bad_input(tmp_path: Path, make, needle: str) -> None:
     assert not (tmp_path / "o" / "run.json").exists()
 
 
+def test_cli_empty_paths(rgba_tif: Path, tmp_path: Path) -> None:
+    """An empty --out became "." (outputs in the current folder); an empty INPUT, the folder."""
+    for args, where in (([str(rgba_tif), "--out", ""], "--out"), (["", "--out", "o"], "INPUT"),
+                        ([str(rgba_tif), "--out", "o", "--fields", " "], "--fields")):
+        r = CliRunner().invoke(main, ["run", *args])
+        assert r.exit_code == 2 and where in r.output and "is empty; give a path" in r.output
+
+
 def test_cli_no_crs(tmp_path: Path) -> None:
     from tests.conftest import toy_field, write_rgba
 

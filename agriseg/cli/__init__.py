@@ -17,6 +17,17 @@ from agriseg import __version__
 from agriseg.errors import AgrisegError
 
 
+class NonEmptyPath(click.Path):
+    """``click.Path`` that refuses an empty string (it became ".", the current folder)."""
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        """The path, or a usage error for an empty string."""
+        if isinstance(value, str) and not value.strip():
+            self.fail("is empty; give a path", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 class AgrisegGroup(click.Group):
     """Turns library errors into one-line messages with exit status 2."""
 

@@ -11,15 +11,16 @@ from typing import Any
 
 import click
 
+from agriseg.cli import NonEmptyPath
 from agriseg.config import build_run_config, load_run_yaml
 from agriseg.grid import TilePlan
 
 
 @click.command()
-@click.argument("input", required=False, type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+@click.argument("input", required=False, type=NonEmptyPath(dir_okay=False, path_type=Path))
+@click.option("--out", "-o", type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Output folder (created; must not hold a finished run unless --overwrite).")
-@click.option("--fields", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--fields", type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Field polygons (GeoPackage, Shapefile, GeoJSON; any CRS).")
 @click.option("--field-id", help="Id column of --fields (default: first unique column).")
 @click.option("--fields-layer", help="Layer of --fields, for a GeoPackage holding several "

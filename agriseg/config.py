@@ -208,6 +208,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a text file ({exc}); a config is YAML text, see "
                           "workflows/ for examples") from exc
+    except yaml.MarkedYAMLError as exc:
+        # One line with the place, not PyYAML's multi-line report naming "<unicode string>".
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: not valid YAML ({where}{exc.problem or exc}); see "
+                          "workflows/ for examples") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read YAML config ({exc})") from exc
     if not isinstance(data, dict):

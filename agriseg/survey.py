@@ -303,7 +303,9 @@ def _probability_planes(
         ConfigError: a name the model's schema does not have, with the valid names.
     """
     names = [c.name for c in schema.classes]
-    wanted = set(names) if "all" in requested else set(requested)
+    lower = {n.lower(): n for n in names}
+    asked = {lower.get(r.lower(), r) for r in requested}  # WEED is weed
+    wanted = set(names) if "all" in {r.lower() for r in requested} else asked
     unknown = sorted(wanted - set(names))
     if unknown:
         raise ConfigError(
@@ -595,6 +597,12 @@ def _segment_on_cluster(
     """
     local = not (config.scheduler or config.scheduler_file)
     resources = getattr(segmenter, "resources", None)
+    local_only = [name for name, value in (("--workers", config.workers),
+                                           ("--threads-per-worker", config.threads_per_worker),
+                                           ("processes", config.processes)) if value]
+    if local_only and not local:
+        log.warning("%s only shape the embedded cluster: the existing cluster's workers run "
+                    "the tiles as they were started", ", ".join(local_only))
     with dask_client(
         config.scheduler,
         str(config.scheduler_file) if config.scheduler_file else None,

@@ -337,7 +337,7 @@ def test_cli_probability_rasters(rgba_tif: Path, tmp_path: Path, scheduler: str)
     for tile in ("512", "64"):
         out = tmp_path / f"t{tile}"
         r = CliRunner().invoke(main, [*base, "--out", str(out), "--tile-size", tile,
-                                      "--probabilities", "weed,disease"])
+                                      "--probabilities", "Weed,DISEASE"])  # any case
         assert r.exit_code == 0, r.output
         runs[tile] = out
     out = runs["512"]

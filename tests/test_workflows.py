@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -74,10 +75,10 @@ def test_yaml_shorthands_as_on_the_command_line() -> None:
 
 
 @pytest.mark.parametrize(("text", "needle"), [
-    (b"tile_size: [1,2\n", "cannot read YAML config"),
+    (b"tile_size: [1,2\n", "not valid YAML (line 2, column 1: expected ','"),
     (b"- a\n- b\n", "must be a YAML mapping"),
     (b"", "must be a YAML mapping"),
-    (b"!!python/object/apply:os.system [echo x]\n", "cannot read YAML config"),  # safe load
+    (b"!!python/object/apply:os.system [echo x]\n", "could not determine a constructor"),
     (bytes(range(250, 256)) * 4, "not a text file"),  # was a UnicodeDecodeError traceback
 ])
 def test_unreadable_configs_say_why(tmp_path: Path, text: bytes, needle: str) -> None:
@@ -85,7 +86,7 @@ def test_unreadable_configs_say_why(tmp_path: Path, text: bytes, needle: str) ->
 
     path = tmp_path / "c.yaml"
     path.write_bytes(text)
-    with pytest.raises(ConfigError, match=needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         load_yaml(path)
 
 def test_labelled_dataset_script(tmp_path: Path, scheduler: str) -> None:

@@ -114,7 +114,7 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
                                    if isinstance(base, dict) else base)
     classes = opts.pop("probability_classes")
     if classes:
-        values["probabilities"] = tuple(x.strip() for x in classes.split(",") if x.strip())
+        values["probabilities"] = tuple(x.strip().lower() for x in classes.split(",") if x.strip())
     skip = opts.pop("skip")
     if skip:
         values["skip"] = tuple(x.strip() for s in skip for x in s.split(",") if x.strip())

@@ -78,8 +78,8 @@ class Grid:
         return (min(xs), min(ys), max(xs), max(ys))
 
     @property
-    def gsd_m(self) -> float:
-        """Ground sampling distance in metres (mean of x and y).
+    def res_m(self) -> tuple[float, float]:
+        """Pixel size ``(x, y)`` in metres.
 
         For a geographic CRS degrees are converted at the grid's centre latitude, which is what
         row spacing and area thresholds need.
@@ -88,14 +88,24 @@ class Grid:
         if self.crs.is_geographic:
             lat = math.radians((self.bounds[1] + self.bounds[3]) / 2)
             metres_per_deg = 111_320.0
-            return (rx * metres_per_deg * math.cos(lat) + ry * metres_per_deg) / 2
+            return (rx * metres_per_deg * math.cos(lat), ry * metres_per_deg)
         factor = self.crs.linear_units_factor[1] if self.crs.is_projected else 1.0
-        return (rx + ry) / 2 * factor
+        return (rx * factor, ry * factor)
+
+    @property
+    def gsd_m(self) -> float:
+        """Ground sampling distance in metres (mean of x and y, see :attr:`res_m`)."""
+        return sum(self.res_m) / 2
 
     @property
     def pixel_area_m2(self) -> float:
-        """Approximate ground area of one pixel in square metres."""
-        return self.gsd_m**2
+        """Ground area of one pixel in square metres (x times y: pixels need not be square).
+
+        Approximate for a geographic CRS (at the centre latitude): the field summaries use
+        each row's area on the ellipsoid (:func:`agriseg.vectorize.row_pixel_areas`).
+        """
+        rx, ry = self.res_m
+        return rx * ry
 
     def window_transform(self, window: Window) -> Affine:
         """Affine transform of a window's top-left pixel."""

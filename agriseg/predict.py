@@ -27,7 +27,7 @@ from distributed import Client, LocalCluster, as_completed
 from agriseg import heap
 from agriseg.classes import ClassSchema
 from agriseg.errors import AgrisegError, ClusterError, OutputError, ResumeError
-from agriseg.grid import Tile, TilePlan
+from agriseg.grid import Grid, Tile, TilePlan
 from agriseg.indices import compute_index
 from agriseg.models.base import Prepared, Segmenter, TileContext, reduce_scores
 from agriseg.output import TileWriter
@@ -549,6 +549,33 @@ def _sync(writer: TileWriter, checkpoint: Checkpoint, unsynced: list[str]) -> No
     checkpoint.done.update(unsynced)
     checkpoint.save()
     unsynced.clear()
+
+
+def class_areas_m2(path: Path, schema: ClassSchema, counts: dict[str, int],
+                   grid: Grid) -> dict[str, float]:
+    """Ground area per class (and nodata) from :func:`class_counts`.
+
+    Pixels times their area; in a geographic CRS, where a pixel's area shrinks towards the
+    poles, each row's pixels times that row's area on the ellipsoid (one more read of the
+    class raster), as the field summaries count them.
+    """
+    from agriseg.vectorize import row_pixel_areas
+
+    rows = row_pixel_areas(grid)
+    if rows is None:
+        return {k: v * grid.pixel_area_m2 for k, v in counts.items()}
+    import rasterio
+
+    areas = np.zeros(256)
+    with rasterio.open(path) as ds:
+        for _, window in ds.block_windows(1):
+            block = ds.read(1, window=window)
+            weight = np.broadcast_to(rows[window.row_off:window.row_off + block.shape[0], None],
+                                     block.shape)
+            areas += np.bincount(block.ravel(), weights=weight.ravel(), minlength=256)
+    out = {c.name: float(areas[c.value]) for c in schema.classes}
+    out["nodata"] = float(rows.sum()) * grid.width - sum(out.values())
+    return out
 
 
 def class_counts(

@@ -126,21 +126,22 @@ def grid_prescription(classes_tif: str | os.PathLike[str], schema: ClassSchema,
     assert rx.grid_m is not None
     with rasterio.open(classes_tif) as ds:
         grid = grid_of(ds)
-        cell_px = rx.grid_m / grid.gsd_m
-        if cell_px < 1:
+        # Per axis: pixels need not be square, cells must be.
+        cell_x, cell_y = (rx.grid_m / r for r in grid.res_m)
+        if min(cell_x, cell_y) < 1:
             raise ConfigError(
-                f"--grid {rx.grid_m} m is smaller than a pixel ({grid.gsd_m:.3g} m); use a "
-                "larger grid"
+                f"--grid {rx.grid_m} m is smaller than a pixel ({max(grid.res_m):.3g} m); use "
+                "a larger grid"
             )
-        ny, nx = math.ceil(grid.height / cell_px), math.ceil(grid.width / cell_px)
+        ny, nx = math.ceil(grid.height / cell_y), math.ceil(grid.width / cell_x)
         k = len(schema)
         lut = np.full(256, k, np.int64)
         lut[np.arange(k)] = np.arange(k)
         counts: np.ndarray = np.zeros(ny * nx * (k + 1), np.int64)
         for win in chunk_windows(grid.height, grid.width, aligned_chunk(ds, chunk)):
             cls = lut[ds.read(1, window=win)]
-            r = (np.arange(win.row_off, win.row_off + win.height) / cell_px).astype(np.int64)
-            c = (np.arange(win.col_off, win.col_off + win.width) / cell_px).astype(np.int64)
+            r = (np.arange(win.row_off, win.row_off + win.height) / cell_y).astype(np.int64)
+            c = (np.arange(win.col_off, win.col_off + win.width) / cell_x).astype(np.int64)
             cell = r[:, None] * nx + c[None, :]
             counts += np.bincount((cell * (k + 1) + cls).ravel(), minlength=counts.size)
     counts = counts.reshape(ny * nx, k + 1)
@@ -153,10 +154,10 @@ def grid_prescription(classes_tif: str | os.PathLike[str], schema: ClassSchema,
         rate = np.where(hit, np.maximum(rate, value), rate)
     rows, cols = keep // nx, keep % nx
     t = grid.transform
-    x0 = t.c + t.a * cols * cell_px
-    x1 = t.c + t.a * np.minimum((cols + 1) * cell_px, grid.width)
-    y0 = t.f + t.e * rows * cell_px
-    y1 = t.f + t.e * np.minimum((rows + 1) * cell_px, grid.height)
+    x0 = t.c + t.a * cols * cell_x
+    x1 = t.c + t.a * np.minimum((cols + 1) * cell_x, grid.width)
+    y0 = t.f + t.e * rows * cell_y
+    y1 = t.f + t.e * np.minimum((rows + 1) * cell_y, grid.height)
     cells = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1),
                         np.maximum(y0, y1))
     data: dict[str, object] = {"cell_id": np.arange(1, len(keep) + 1), rx.column: rate}

@@ -38,6 +38,7 @@ from agriseg.predict import (
     Checkpoint,
     Progress,
     check_workers_see,
+    class_areas_m2,
     class_counts,
     dask_client,
     input_identity,
@@ -519,7 +520,8 @@ def _process(
                  "workers": layout, "worker_count": len(nthreads),
                  "worker_threads": sum(nthreads.values())},
         "class_pixels": counts,
-        "class_area_m2": {k: round(v * survey.grid.pixel_area_m2, 3) for k, v in counts.items()},
+        "class_area_m2": {k: round(v, 3) for k, v in class_areas_m2(
+            work / "classes.tif", schema, counts, survey.grid).items()},
         "throughput_mp_s": round(valid_px / 1e6 / max(timings.get("segment_s", 1e-9), 1e-9), 3),
         "stream_mp_s": None if stream_mp_s is None else round(stream_mp_s, 3),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

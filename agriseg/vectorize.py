@@ -301,13 +301,6 @@ def _scan(job: ScanTask, chunk: int, workers: int | None, spill_dir: str | None)
     )
 
 
-def _pixel_area_m2(grid: Grid) -> float:
-    """Ground area of one pixel in a projected CRS (the polygon area of a unit square)."""
-    t = grid.transform
-    factor = grid.crs.linear_units_factor[1] if grid.crs.is_projected else 1.0
-    return abs(t.a * t.e - t.b * t.d) * factor**2
-
-
 def vectorize_zones(
     classes_tif: str | os.PathLike[str],
     schema: ClassSchema,
@@ -360,13 +353,13 @@ def vectorize_zones(
         # Zone areas are pixel counts x pixel area (projected) or sums of ellipsoidal per-pixel
         # areas (geographic, within 0.1 % of the local UTM polygon area); the slack only
         # decides which patches are traced before the exact test.
-        unit = 1.0 if geographic else _pixel_area_m2(grid)
+        unit = 1.0 if geographic else grid.pixel_area_m2
         slack = 1e-2 if geographic else 1e-6
         min_px = p.min_area_m2 * (1 - slack) / unit
         row_area = row_pixel_areas(grid)
         # Holes are measured in pixels: the mean pixel's ground area is close enough for
         # telling speckle holes from real ones.
-        px_m2 = float(row_area.mean()) if row_area is not None else _pixel_area_m2(grid)
+        px_m2 = float(row_area.mean()) if row_area is not None else grid.pixel_area_m2
     if confidence_tif is not None:
         # Opened here once so that a missing file fails before any chunk is handed out.
         rasterio.open(confidence_tif).close()
@@ -420,6 +413,12 @@ def _zones(job: ScanTask, p: ZoneParams, grid: Grid, chunk: int, names: dict[int
         np.count_nonzero(np.bincount(root, weights=scan.pixels, minlength=n_comp)))
     if len(pix):
         crs_geoms = pixel_to_crs(pix, grid.transform)
+        # Map coordinates of a few hundred thousand metres keep fewer significant digits than
+        # pixel ones: a hole touching its shell at a vertex can come out crossing it.
+        bad = ~shapely.is_valid(crs_geoms)
+        if bad.any():
+            crs_geoms[bad] = shapely.make_valid(crs_geoms[bad], method="structure",
+                                                keep_collapsed=False)
         # Pixel count x pixel area (ellipsoidal per-row areas for geographic grids).
         area = comp_area[comps] * unit
         keep = area >= p.min_area_m2
@@ -453,7 +452,7 @@ def _zones(job: ScanTask, p: ZoneParams, grid: Grid, chunk: int, names: dict[int
         {
             "zone_id": ids,
             "class": pd.Series([names[int(v)] for v in vals], dtype=object),
-            "area_m2": np.round(area, 3),
+            "area_m2": np.round(area, 6),  # a 1 cm pixel is 0.0001 m2
             "pixels": pixels,
             "mean_confidence": np.round(mean_conf, 1),
         },

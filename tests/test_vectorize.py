@@ -464,3 +464,31 @@ def test_spill_on_a_full_disk_is_a_clear_error() -> None:
 
     with pytest.raises(OutputError, match="free disk space"):
         _spill("/dev/full", np.arange(10), np.ones(10, np.int64))
+
+
+def test_zones_are_valid_in_map_coordinates(tmp_path: Path) -> None:
+    """Specks with holes touching their shell crossed it once moved to map coordinates."""
+    from agriseg.synth import FieldSpec, write_field
+
+    field = write_field(FieldSpec(size=768, seed=1, weed_density=3, disease_density=3),
+                        tmp_path / "f.tif", tmp_path / "t.tif")
+    src = write_mask(tmp_path / "c.tif", field.truth.astype(np.uint8),
+                     transform=Affine(0.02, 0, 500000, 0, -0.02, 4900000))
+    zones = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0), workers=0)
+    assert len(zones) > 100 and zones.is_valid.all()
+    # the run's per-class sums add unrounded areas: one-pixel zones are 0.0004 m2, not 0
+    assert (zones["area_m2"] > 0).all()
+    assert zones["area_m2"].sum() == pytest.approx(zones["pixels"].sum() * 0.0004, rel=1e-6)
+
+
+def test_prescription_cells_are_square_with_rectangular_pixels(tmp_path: Path) -> None:
+    from agriseg.prescription import Prescription, grid_prescription
+
+    cls = np.ones((400, 600), np.uint8)  # 12 m wide, 12 m tall in 2 x 3 cm pixels
+    cls[:40, :60] = WEED
+    src = write_mask(tmp_path / "c.tif", cls, transform=Affine(0.02, 0, 5e5, 0, -0.03, 4.9e6))
+    cells = grid_prescription(src, DEFAULT_CLASSES, Prescription((("weed", 2.0),), grid_m=5.0))
+    inner = cells.geometry.bounds.iloc[0]  # the top-left cell, whole
+    assert inner.maxx - inner.minx == pytest.approx(5.0)
+    assert inner.maxy - inner.miny == pytest.approx(5.0)
+    assert len(cells) == 9 and cells["RATE"].tolist().count(2.0) == 1

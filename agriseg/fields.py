@@ -218,6 +218,13 @@ def read_fields(
     # inf/NaN; GEOS cannot repair those, so they count as features without a polygon.
     xy, owner = shapely.get_coordinates(geoms, return_index=True)
     broken = np.bincount(owner[~np.isfinite(xy).all(axis=1)], minlength=len(geoms)) > 0
+    if broken.any() and broken.sum() == (~shapely.is_missing(geoms)).sum():
+        raise VectorError(
+            f"{p}: its coordinates do not fit its CRS {df.crs.to_string()} (none of them "
+            f"reprojects to the raster's {grid.crs.to_string()}); a GeoJSON without a crs member "
+            "is read as lon/lat (EPSG:4326): set the CRS the coordinates are in, e.g. ogr2ogr "
+            f"-a_srs {grid.crs.to_string()} fixed.gpkg {os.path.basename(p)}"
+        )
     if broken.any():
         geoms = geoms.copy()
         geoms[broken] = None
@@ -441,6 +448,22 @@ def health_score(weed_pressure: np.ndarray, disease_incidence: np.ndarray,
     return 100 * (1 - weed_pressure) * (1 - disease_incidence) * stand
 
 
+def _zones_per_field(fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None) -> np.ndarray:
+    """Zones whose representative point lies in each field (both in the raster's CRS).
+
+    Counted from the geometries, not from the zones' ``field_id``: that names one field per
+    zone, so nested or overlapping fields (a management zone inside a field) and the whole
+    survey of a run without ``--fields`` (zones without a field id) counted none.
+    """
+    n = np.zeros(len(fields), np.int64)
+    if zones is None or zones.empty:
+        return n
+    # Both are in the raster's CRS (an image plane's, with --gsd, cannot even be transformed).
+    points = zones.geometry.representative_point().to_numpy()
+    inside, _ = shapely.STRtree(points).query(fields.geometry.to_numpy(), predicate="contains")
+    return n + np.bincount(inside, minlength=len(fields))
+
+
 def _table(
     fs: FieldSet,
     schema: ClassSchema,
@@ -481,11 +504,7 @@ def _table(
     out["weed_pressure_pct"] = wp * 100
     out["disease_incidence_pct"] = di * 100
     out["at_risk_m2"] = sum((area[:, c.value] for c in schema.at_risk), np.zeros(len(out)))
-    if zones is not None and not zones.empty and "field_id" in zones:
-        per = zones["field_id"].dropna().astype(str).value_counts()
-        out["zones"] = out["field_id"].map(per).fillna(0).astype(int)
-    else:
-        out["zones"] = 0
+    out["zones"] = _zones_per_field(fields, zones)
     for name in hist:
         h = hist[name].reshape(-1, HIST_BINS)[1:]
         lo, hi = INDEX_RANGE.get(name, (-1.0, 1.0))
@@ -508,6 +527,22 @@ def _table(
     return gdf.sort_values("rank").reset_index(drop=True)
 
 
+def _csv_text(value: object) -> object:
+    """A text cell Excel will not run as a formula (field ids come from the user's file).
+
+    Text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is a formula to a
+    spreadsheet (``=cmd|' /C calc'!A0``); a leading apostrophe makes it text, as OWASP's CSV
+    injection advice says. Negative numbers stay as they are.
+    """
+    if not isinstance(value, str) or not value.startswith(("=", "+", "-", "@", "\t", "\r")):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
 def write_fields(summary: gpd.GeoDataFrame, gpkg: str | os.PathLike[str],
                  csv: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write ``fields.gpkg`` (layer ``fields``) and ``fields.csv`` via temporary names.
@@ -524,8 +559,10 @@ def write_fields(summary: gpd.GeoDataFrame, gpkg: str | os.PathLike[str],
         # UTF-8 with a byte-order mark: Excel, where agronomists open it, reads a CSV
         # without one in the system's code page (field names like "Südfeld" garbled);
         # QGIS, pandas and LibreOffice read it either way.
-        pd.DataFrame(summary.drop(columns="geometry")).to_csv(tmp_c, index=False,
-                                                              encoding="utf-8-sig")
+        table = pd.DataFrame(summary.drop(columns="geometry"))
+        for col in table.select_dtypes(include=["object", "string"]).columns:
+            table[col] = table[col].map(_csv_text)
+        table.to_csv(tmp_c, index=False, encoding="utf-8-sig")
     except Exception as exc:  # pyogrio and pandas raise several types for I/O failures
         tmp_g.unlink(missing_ok=True)
         tmp_c.unlink(missing_ok=True)

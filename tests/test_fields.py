@@ -294,3 +294,73 @@ def test_invalid_geometry_repaired_and_reported(tmp_path: Path) -> None:
     assert fs.fields["status"].iloc[0] in ("repaired", "partly outside raster")
     assert any("repaired 1 invalid" in n for n in fs.notes)
     assert fs.fields.geometry.is_valid.all()
+
+
+def test_zones_count_in_every_field_that_holds_them(tmp_path: Path) -> None:
+    """Nested fields and the whole survey (no --fields) counted no zone before."""
+    from agriseg.fields import _zones_per_field
+
+    x0, y0 = 500000.0, 4900000.0
+    fields = gpd.GeoDataFrame(
+        {"field_id": ["outer", "inner", "other"]},
+        geometry=[shapely.box(x0, y0 - 20, x0 + 20, y0),
+                  shapely.box(x0 + 2, y0 - 8, x0 + 8, y0 - 2),
+                  shapely.box(x0 + 30, y0 - 20, x0 + 40, y0)], crs=32615)
+    zones = gpd.GeoDataFrame(
+        {"field_id": ["outer", "outer", None]},  # each zone names one field only
+        geometry=[shapely.box(x0 + 3, y0 - 4, x0 + 4, y0 - 3),
+                  shapely.box(x0 + 12, y0 - 14, x0 + 13, y0 - 13),
+                  shapely.box(x0 + 33, y0 - 4, x0 + 34, y0 - 3)], crs=32615)
+    assert _zones_per_field(fields, zones).tolist() == [2, 1, 1]
+    assert _zones_per_field(fields, None).tolist() == [0, 0, 0]
+
+
+def test_csv_cells_are_not_spreadsheet_formulas(tmp_path: Path) -> None:
+    ids = ["=cmd|' /C calc'!A0", "+1+2", "@SUM(A1)", "-2+3", "-7", "Süd, \"Nord\""]
+    s = gpd.GeoDataFrame({"field_id": ids, "score": range(6)},
+                         geometry=[shapely.box(i, 0, i + 1, 1) for i in range(6)], crs=32615)
+    g, c = write_fields(s, tmp_path / "f.gpkg", tmp_path / "f.csv")
+    back = pd.read_csv(c, dtype=str)["field_id"].tolist()
+    assert back == ["'=cmd|' /C calc'!A0", "'+1+2", "'@SUM(A1)", "'-2+3", "-7", "Süd, \"Nord\""]
+    assert gpd.read_file(g)["field_id"].tolist() == ids  # the GeoPackage keeps them as they are
+
+
+def test_fields_whose_coordinates_do_not_fit_their_crs(tmp_path: Path) -> None:
+    """UTM coordinates in a GeoJSON without a crs member (read as lon/lat)."""
+    *_, src, _ = _field_raster(tmp_path)
+    path = tmp_path / "nocrs.geojson"
+    gpd.GeoDataFrame({"name": ["a"]}, geometry=[shapely.box(500002, 4899990, 500006, 4899996)],
+                     crs=None).to_file(path, engine="pyogrio")
+    with rasterio.open(src) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    with pytest.raises(VectorError, match="coordinates do not fit its CRS EPSG:4326"):
+        read_fields(path, grid)
+
+
+def test_areas_with_rectangular_pixels(tmp_path: Path) -> None:
+    """Pixels 2 cm wide and 3 cm tall: areas are x times y, not the mean edge squared."""
+    t = Affine(0.02, 0, 500000.0, 0, -0.03, 4900000.0)
+    grid = Grid((100, 100), t, CRS.from_epsg(32615))
+    assert grid.pixel_area_m2 == pytest.approx(0.0006)
+    cls = np.zeros((100, 100), np.uint8)
+    cls[:, 50:] = 1
+    src = write_mask(tmp_path / "c.tif", cls, transform=t)
+    s = summarize_fields(whole_raster_field(grid), src, DEFAULT_CLASSES).iloc[0]
+    assert s["soil_m2"] == pytest.approx(5000 * 0.0006) and s["area_ha"] == pytest.approx(6e-4)
+
+
+def test_run_class_areas_are_the_field_tables_in_a_geographic_crs(tmp_path: Path) -> None:
+    """run.json's class areas used a mean pixel size: 2.8 % off on a warped drone survey."""
+    from agriseg.predict import class_areas_m2, class_counts
+
+    t = Affine(1e-4, 0, -95.0, 0, -1e-4, 46.0)  # ~7.7 x 11.1 m pixels, 0.2 degrees tall
+    cls = np.zeros((2000, 500), np.uint8)
+    cls[:, 250:] = 1
+    cls[:100] = 255
+    src = write_mask(tmp_path / "c.tif", cls, transform=t, crs="EPSG:4326")
+    grid = Grid(cls.shape, t, CRS.from_epsg(4326))
+    areas = class_areas_m2(src, DEFAULT_CLASSES, class_counts(src, DEFAULT_CLASSES), grid)
+    s = summarize_fields(whole_raster_field(grid), src, DEFAULT_CLASSES).iloc[0]
+    for name in ("soil", "crop"):
+        assert areas[name] == pytest.approx(s[f"{name}_m2"], rel=1e-6)
+    assert sum(areas.values()) == pytest.approx(s["area_ha"] * 1e4, rel=1e-3)

@@ -112,6 +112,13 @@ def _pick_id_column(df: pd.DataFrame, requested: str | None, path: str) -> str |
     return None
 
 
+def _id_text(ids: pd.Series) -> pd.Series:
+    """Field ids as text: whole numbers stored as floats (Shapefile numbers) without ".0"."""
+    if ids.dtype.kind == "f" and np.isfinite(ids).all() and (ids == np.round(ids)).all():
+        return pd.Series([f"{v:.0f}" for v in ids], index=ids.index)
+    return ids.astype(str)
+
+
 def _pick_layer(path: str, layer: str | None) -> str:
     """The layer of ``path`` to read: ``layer``, else its only or first polygon layer.
 
@@ -191,7 +198,7 @@ def read_fields(
             "ogr2ogr -a_srs EPSG:4326 fixed.gpkg " + p
         )
     col = _pick_id_column(df, field_id, p)
-    ids = df[col].astype(str) if col else pd.Series(
+    ids = _id_text(df[col]) if col else pd.Series(
         [str(i) for i in range(1, len(df) + 1)], index=df.index)
     notes: list[str] = []
     if col is None:

@@ -150,7 +150,8 @@ def grid_prescription(classes_tif: str | os.PathLike[str], schema: ClassSchema,
     share = counts[keep, :k] / valid[keep, None]
     rate = np.full(len(keep), rx.base_rate)
     for name, value in rx.rates:
-        hit = share[:, schema.value_of(name)] >= rx.min_share
+        got = share[:, schema.value_of(name)]
+        hit = (got >= rx.min_share) & (got > 0)  # --min-share 0: any of it, not every cell
         rate = np.where(hit, np.maximum(rate, value), rate)
     rows, cols = keep // nx, keep % nx
     t = grid.transform

@@ -364,3 +364,15 @@ def test_run_class_areas_are_the_field_tables_in_a_geographic_crs(tmp_path: Path
     for name in ("soil", "crop"):
         assert areas[name] == pytest.approx(s[f"{name}_m2"], rel=1e-6)
     assert sum(areas.values()) == pytest.approx(s["area_ha"] * 1e4, rel=1e-3)
+
+
+def test_whole_number_ids_stored_as_floats_read_as_integers(tmp_path: Path) -> None:
+    *_, src, _ = _field_raster(tmp_path)
+    x0, y0 = 500000.0, 4900000.0
+    gpd.GeoDataFrame({"plot": [101.0, 102.0]},  # a Shapefile's numbers come back as floats
+                     geometry=[shapely.box(x0 + 2, y0 - 12, x0 + 6, y0 - 4),
+                               shapely.box(x0 + 8, y0 - 19, x0 + 16, y0 - 8)],
+                     crs=32615).to_file(tmp_path / "p.gpkg", engine="pyogrio")
+    with rasterio.open(src) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    assert read_fields(tmp_path / "p.gpkg", grid).fields["field_id"].tolist() == ["101", "102"]

@@ -492,3 +492,7 @@ def test_prescription_cells_are_square_with_rectangular_pixels(tmp_path: Path) -
     assert inner.maxx - inner.minx == pytest.approx(5.0)
     assert inner.maxy - inner.miny == pytest.approx(5.0)
     assert len(cells) == 9 and cells["RATE"].tolist().count(2.0) == 1
+    # --min-share 0: a cell needs some of the class, not none (every cell got the rate)
+    cells = grid_prescription(src, DEFAULT_CLASSES,
+                              Prescription((("weed", 2.0),), grid_m=5.0, min_share=0.0))
+    assert cells["RATE"].tolist().count(2.0) == 1

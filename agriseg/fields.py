@@ -40,9 +40,9 @@ from agriseg.grid import Grid, on_earth
 from agriseg.pool import ordered_map
 from agriseg.vectorize import (
     aligned_chunk,
+    areas_m2,
     chunk_windows,
     grid_of,
-    local_metric_crs,
     row_pixel_areas,
 )
 
@@ -482,10 +482,7 @@ def _table(
 ) -> gpd.GeoDataFrame:
     fields = fs.fields
     k = len(schema)
-    local = local_metric_crs(grid.crs, grid.bounds)
-    geo_area = (fields.geometry.to_crs(local) if local is not None else fields.geometry).area
-    if local is None and grid.crs.is_projected:
-        geo_area = geo_area * grid.crs.linear_units_factor[1] ** 2
+    geo_area = pd.Series(areas_m2(fields.geometry.to_numpy(), grid), index=fields.index)
     valid = area[:, :k].sum(axis=1)
     out = pd.DataFrame({"field_id": fields["field_id"], "status": fields["status"]})
     # A field inside the raster can still hold no valid pixel (over nodata, or smaller than

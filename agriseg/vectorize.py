@@ -16,7 +16,7 @@ polygons back, which would burn in their filled holes). Memory is bounded by one
 per-patch tables and the zones themselves, never by the raster size.
 
 Areas are ground areas in square metres: pixel counts times the pixel area in a projected CRS,
-or the polygon area in the local UTM zone when the raster CRS is geographic.
+and times each row's pixel area on the ellipsoid when the raster CRS is geographic.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import cast
 
 import geopandas as gpd
 import numpy as np
@@ -38,9 +37,6 @@ import pandas as pd
 import rasterio
 import shapely
 from affine import Affine
-from pyproj import CRS as ProjCRS
-from pyproj.aoi import AreaOfInterest, AreaOfUse
-from pyproj.database import query_utm_crs_info
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
@@ -100,42 +96,26 @@ def grid_of(ds: rasterio.DatasetReader) -> Grid:
     return Grid((ds.height, ds.width), ds.transform, ds.crs)
 
 
-def local_metric_crs(crs: CRS, bounds: tuple[float, float, float, float]) -> ProjCRS | None:
-    """The UTM CRS around ``bounds`` when ``crs`` is geographic; ``None`` when it is projected.
-
-    Areas in a geographic CRS are in square degrees; the local UTM zone is conformal and its
-    scale error is below 0.1 % within a zone, well inside what field areas need.
-    """
-    if not crs.is_geographic:
-        return None
-    west, south, east, north = bounds
-    infos = query_utm_crs_info(
-        datum_name="WGS 84",
-        area_of_interest=AreaOfInterest(west, south, east, north),
-    )
-    if not infos:
-        return ProjCRS.from_epsg(6933)  # equal-area world CRS outside UTM's latitude band
-    lon = (west + east) / 2
-    # Several zones overlap a wide AOI; prefer the one holding the centre.
-    # query_utm_crs_info filters on the area of use, so every returned zone has one.
-    best = min(infos, key=lambda i: abs(_mid_lon(cast(AreaOfUse, i.area_of_use)) - lon))
-    return ProjCRS.from_authority(best.auth_name, best.code)
-
-
-def _mid_lon(aou: AreaOfUse) -> float:
-    return (aou.west + aou.east) / 2
+#: Global equal-area CRS for areas of polygons in lon/lat (Lambert cylindrical, WGS 84).
+EQUAL_AREA = "EPSG:6933"
 
 
 def areas_m2(geoms_crs: np.ndarray, grid: Grid) -> np.ndarray:
-    """Ground areas in square metres of polygons given in the grid's CRS."""
+    """Ground areas in square metres of polygons given in the grid's CRS.
+
+    In a geographic CRS, areas in the global equal-area CRS EPSG:6933 (cylindrical: parallels
+    and meridians stay straight, so a pixel's area is exact there) after densifying the
+    edges to 0.01 degree. A local UTM zone misjudged polygons far from its centre (a
+    whole-world raster's fields came out 0 ha); geodesic areas take a polygon's edges for
+    great circles, where a raster's pixel edges are parallels.
+    """
     if len(geoms_crs) == 0:
         return np.zeros(0)
-    local = local_metric_crs(grid.crs, grid.bounds)
-    if local is None:
-        factor = grid.crs.linear_units_factor[1] if grid.crs.is_projected else 1.0
-        return shapely.area(geoms_crs) * factor**2
-    s = gpd.GeoSeries(geoms_crs, crs=grid.crs).to_crs(local)
-    return s.area.to_numpy()
+    if grid.crs.is_geographic:
+        dense = shapely.segmentize(geoms_crs, 0.01)
+        return gpd.GeoSeries(dense, crs=grid.crs).to_crs(EQUAL_AREA).area.to_numpy()
+    factor = grid.crs.linear_units_factor[1] if grid.crs.is_projected else 1.0
+    return shapely.area(geoms_crs) * factor**2
 
 
 def pixel_to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:

@@ -376,3 +376,18 @@ def test_whole_number_ids_stored_as_floats_read_as_integers(tmp_path: Path) -> N
     with rasterio.open(src) as ds:
         grid = Grid(ds.shape, ds.transform, ds.crs)
     assert read_fields(tmp_path / "p.gpkg", grid).fields["field_id"].tolist() == ["101", "102"]
+
+
+def test_field_areas_at_any_extent_in_a_geographic_crs(tmp_path: Path) -> None:
+    """A local UTM zone gave a whole-world raster's field 0 ha."""
+    from agriseg.vectorize import row_pixel_areas
+
+    t = Affine(1.5, 0, -180.0, 0, -1.5, 84.0)
+    cls = np.ones((112, 240), np.uint8)
+    src = write_mask(tmp_path / "c.tif", cls, transform=t, crs="EPSG:4326")
+    grid = Grid(cls.shape, t, CRS.from_epsg(4326))
+    s = summarize_fields(whole_raster_field(grid), src, DEFAULT_CLASSES).iloc[0]
+    rows = row_pixel_areas(grid)
+    assert rows is not None
+    assert s["area_ha"] * 1e4 == pytest.approx(rows.sum() * 240, rel=1e-4)
+    assert s["covered_pct"] == pytest.approx(100, abs=0.01)

@@ -101,6 +101,8 @@ def zones_step(ctx: SurveyContext) -> None:
 
 def fields_step(ctx: SurveyContext) -> None:
     """``fields.gpkg`` (styled by health) and ``fields.csv``."""
+    import pandas as pd
+
     from agriseg.fields import NO_PIXELS, some_ids, summarize_fields, write_fields
 
     fs = _fieldset(ctx)
@@ -111,6 +113,8 @@ def fields_step(ctx: SurveyContext) -> None:
     indices = {name.split("/", 1)[1]: work / rel for name, rel in ctx.outputs.items()
                if name.startswith("indices/")}
     summary = summarize_fields(fs, work / "classes.tif", ctx.schema, indices, zones)
+    if "zones" in ctx.config.skip:  # not computed: empty, not 0
+        summary["zones"] = pd.array([pd.NA] * len(summary), dtype="Int64")
     notes = list(fs.notes)
     empty = summary["field_id"][summary["status"] == NO_PIXELS].tolist()
     if empty:
@@ -185,7 +189,8 @@ def report_step(ctx: SurveyContext) -> None:
     indices = [n.split("/", 1)[1] for n in ctx.outputs if n.startswith("indices/")]
     write_report(work / "report.html", ctx.survey, ctx.survey.roles.as_dict(),
                  work / "classes.tif", ctx.schema, summary, zones, params, indices, notes,
-                 has_fields=ctx.config.fields is not None)
+                 has_fields=ctx.config.fields is not None,
+                 zones_computed="zones" not in ctx.config.skip)
     ctx.outputs["report"] = Path("report.html")
 
 

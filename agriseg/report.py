@@ -20,9 +20,13 @@ from typing import Any
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import rasterio
+import shapely
+from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.ticker import MaxNLocator
 from rasterio.enums import Resampling
 from rasterio.windows import Window, from_bounds
 
@@ -121,7 +125,13 @@ def _read_image(
                     valid = ds.read_masks(bands[0], window=window, out_shape=shape,
                                           resampling=Resampling.nearest) > 0
         valid &= np.isfinite(data).all(axis=0)
-        if isinstance(survey, SurveyRaster):  # in the overview's units, for its stretch
+        if isinstance(survey, SurveyRaster):
+            # The validity the run used (GDAL's mask knows nothing of an undeclared fill),
+            # then the overview's units, for its stretch.
+            if survey.mask_source == "black":
+                valid &= data.any(axis=0)
+            elif survey.mask_source == "fill":
+                valid &= ~(data == survey.nodata).any(axis=0)
             data *= np.float32(survey.scale)
     stretch = stretch or colour_stretch(data, valid)
     return to_rgba(data, valid, stretch), stretch
@@ -193,7 +203,7 @@ def _legend(schema: ClassSchema) -> list[Patch]:
 
 def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif: Path,
               schema: ClassSchema, fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None,
-              show_fields: bool) -> tuple[str, tuple[float, float]]:
+              show_fields: bool, zones_computed: bool = True) -> tuple[str, tuple[float, float]]:
     with rasterio.open(classes_tif) as ds:
         h, w = ds.shape
         left, bottom, right, top = ds.bounds
@@ -219,14 +229,18 @@ def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif:
         ax.set_xlim(left, right)
         ax.set_ylim(bottom, top)
     if show_fields and len(fields) <= 80:
+        raster = shapely.box(left, bottom, right, top)
+        halo = [patheffects.withStroke(linewidth=2, foreground="black")]  # legible on soil
         for _, row in fields.iterrows():
             if row.geometry is None or row.get("status") == "outside raster":
                 continue
-            p = row.geometry.representative_point()
+            # On the part inside the raster: a field reaching past its edge kept its label
+            # outside the map.
+            p = row.geometry.intersection(raster).representative_point()
             axes[0].annotate(str(row["field_id"]), (p.x, p.y), color="yellow", fontsize=7,
-                             ha="center", va="center", weight="bold")
-    axes[1].legend(handles=[*_legend(schema), Patch(facecolor="none", edgecolor="magenta",
-                                                    label="zone")],
+                             ha="center", va="center", weight="bold", path_effects=halo)
+    zone_key = [Patch(facecolor="none", edgecolor="magenta", label="zone")]
+    axes[1].legend(handles=[*_legend(schema), *(zone_key if zones_computed else [])],
                    loc="lower right", fontsize=8, framealpha=0.9)
     fig.tight_layout()
     return _png(fig), stretch
@@ -276,8 +290,10 @@ def _class_chart(summary: gpd.GeoDataFrame, schema: ClassSchema) -> str:
     ax.invert_yaxis()
     ax.set_xlabel("share of valid pixels, %")
     ax.set_xlim(0, 100)
-    ax.set_title("Class shares per field (lowest health first)")
-    ax.legend(ncol=len(schema), loc="lower right", fontsize=8, framealpha=0.9)
+    ax.set_title("Class shares per field (lowest health first)", pad=24)
+    # Above the bars: inside them it hid the last field's.
+    ax.legend(ncol=len(schema), loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8,
+              frameon=False)
     fig.tight_layout()
     return _png(fig)
 
@@ -310,6 +326,7 @@ def _health_chart(summary: gpd.GeoDataFrame) -> str | None:
     ax.hist(v, bins=np.linspace(0, 100, 21), color="#3b7d3c")
     ax.set_xlabel("health score")
     ax.set_ylabel("fields")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # no "1.5 fields"
     ax.set_title("Health score distribution")
     fig.tight_layout()
     return _png(fig)
@@ -326,7 +343,7 @@ _TABLE_COLS = (
 
 
 def _fmt(v: Any, f: str) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "-"
     try:
         # Escaped whatever it is: field ids come from the user's file and may hold markup.
@@ -364,6 +381,7 @@ def write_report(
     notes: Sequence[str] = (),
     title: str = "Field survey report",
     has_fields: bool = True,
+    zones_computed: bool = True,
 ) -> Path:
     """Write ``report.html`` (everything inline: opens offline, mails as one file).
 
@@ -382,6 +400,7 @@ def write_report(
         notes: warnings to show (repaired fields, fields outside the raster, ...).
         title: page title.
         has_fields: fields came from a file (draw and label them on the overview).
+        zones_computed: the zones step ran (``--skip zones``: "not computed", not 0).
 
     Raises:
         OutputError: the file cannot be written.
@@ -391,10 +410,12 @@ def write_report(
     path_of = survey.path if isinstance(survey, SurveyRaster) else survey
     n_zones = 0 if zones is None else len(zones)
     valid_ha = float(summary["valid_ha"].sum())
+    surveyed = (f"{valid_ha * 1e4:.1f} m2" if valid_ha < 0.01 else
+                f"{valid_ha:.3f} ha" if valid_ha < 10 else f"{valid_ha:.1f} ha")
     cards = [
-        ("surveyed", f"{valid_ha:.3f} ha" if valid_ha < 10 else f"{valid_ha:.1f} ha"),
+        ("surveyed", surveyed),
         ("fields", f"{len(summary)}" if has_fields else "whole survey"),
-        ("at-risk zones", f"{n_zones}"),
+        ("at-risk zones", f"{n_zones}" if zones_computed else "not computed"),
         ("median health", _fmt(float(summary["health_score"].median()), "{:.1f}")),
     ]
     parts = [
@@ -411,7 +432,7 @@ def write_report(
                      + "</ul>")
     parts.append("<h2>Overview</h2>")
     overview, stretch = _overview(survey, roles, classes_tif, schema, summary, zones,
-                                  has_fields)
+                                  has_fields, zones_computed)
     parts.append(_img(overview, "overview map"))
     parts.append("<h2>Fields</h2><p>Ranked by health score: rank 1 needs attention first.</p>")
     parts.append(_table(summary, index_names))
@@ -442,7 +463,8 @@ def write_report(
                 f"{_fmt(r['health_score'], '{:.1f}')} · rank {r['rank']}</h3>"
                 f"{_img(uri, 'field ' + str(r['field_id']))}"
                 f"<div>weed {_fmt(r.get('weed_pct'), '{:.1f}')} % · disease "
-                f"{_fmt(r.get('disease_pct'), '{:.1f}')} % · zones {r['zones']}</div></div>"
+                f"{_fmt(r.get('disease_pct'), '{:.1f}')} % · zones {_fmt(r['zones'], '{:.0f}')}"
+                "</div></div>"
             )
         parts.append("</div>")
     if n_zones:
@@ -454,7 +476,8 @@ def write_report(
         for _, z in top.iterrows():
             parts.append(
                 f"<tr><td>{z['zone_id']}</td><td>{html.escape(str(z['class']))}</td>"
-                f"<td>{z['area_m2']:.2f}</td><td>{_fmt(z['mean_confidence'], '{:.0f}')}</td>"
+                f"<td>{z['area_m2']:.{2 if z['area_m2'] >= 0.1 else 4}f}</td>"
+                f"<td>{_fmt(z['mean_confidence'], '{:.0f}')}</td>"
                 f"<td>{html.escape(str(z['field_id'] or '-'))}</td>"
                 f"<td>{z['centroid_lat']:.6f}</td><td>{z['centroid_lon']:.6f}</td></tr>"
             )

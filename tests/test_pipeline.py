@@ -371,3 +371,13 @@ def test_overwrite_leaves_nothing_of_the_old_run(rgba_tif: Path, tmp_path: Path,
     left = sorted(p.name for p in (out / "indices").glob("*")) if (out / "indices").exists() else []
     assert left == []
     assert (out / "classes.qml").exists() and (out / "classes.tif.aux.xml").exists()
+
+
+def test_index_threshold_says_it_finds_no_weeds(rgba_tif: Path, tmp_path: Path,
+                                                scheduler: str) -> None:
+    """Its weed and disease shares are 0 by construction: said, not left for a finding."""
+    cfg = build_run_config(input=rgba_tif, out=tmp_path / "o", scheduler=scheduler,
+                           model="index-threshold", skip=["quicklook", "report", "project"],
+                           indices=False)
+    manifest = process_survey(cfg).manifest
+    assert any("separates soil and crop only" in w for w in manifest["model"]["warnings"])

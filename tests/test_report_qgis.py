@@ -320,3 +320,33 @@ def test_project_shows_16_bit_imagery_in_colour(tmp_path: Path, scheduler: str) 
     assert 'pixelListEntry red="0" green="0" blue="0" percentTransparent="100"' in image
     if _has_qgis():
         assert "0 failed" in _qgis_check([tmp_path / "o" / "project.qgs"], tmp_path / "p.png")
+
+
+def test_skipped_zones_are_not_reported_as_none(rgba_tif: Path, tmp_path: Path,
+                                                scheduler: str) -> None:
+    """`--skip zones` printed "0 zones" in the report and the field table, as if found."""
+    import csv
+
+    cfg = build_run_config(input=rgba_tif, out=tmp_path / "o", scheduler=scheduler,
+                           skip=["zones", "quicklook", "project"], indices=False)
+    res = process_survey(cfg)
+    with open(res.outputs["fields_csv"], encoding="utf-8-sig") as fh:
+        (row,) = csv.DictReader(fh)
+    assert row["zones"] == ""
+    page = res.outputs["report"].read_text()
+    assert "not computed" in page
+
+
+def test_field_maps_leave_an_undeclared_black_fill_transparent(tmp_path: Path) -> None:
+    rgb, valid = toy_field(64, 64)
+    raw = (rgb * 40).astype(np.uint16)
+    raw[:, ~valid] = 0
+    src = tmp_path / "u16.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint16",
+                       crs="EPSG:32615", transform=UTM_T) as dst:
+        dst.write(raw)
+    survey = open_survey(str(src))
+    assert survey.mask_source == "black"
+    roles = survey.roles.as_dict()
+    field, _ = _read_image(survey, roles, Window(0, 0, 64, 64), (64, 64))
+    np.testing.assert_array_equal(field[..., 3] > 0, valid)  # GDAL's mask said all valid

@@ -56,7 +56,13 @@ class IndexThresholdSegmenter:
         softness = float(max(np.std(values) / 4, 1e-3)) if values.size else 0.05
         index = "ndvi" if "nir" in self.roles else "exg"
         params = IndexParams(index, thr, softness)
-        return Prepared(params, halo=0, info={"index": index, "threshold": round(thr, 4)})
+        # Said in the log, run.json and the report: its weed and disease shares, zones and
+        # probabilities are zero by construction, not findings.
+        only = (f"{survey.path}: model {self.name!r} separates soil and crop only: weed and "
+                "disease are never found (their shares, zones and probabilities are 0); run "
+                "the default model (labelfree) for them")
+        return Prepared(params, halo=0, info={"index": index, "threshold": round(thr, 4)},
+                        warnings=(only,))
 
     def predict(
         self,

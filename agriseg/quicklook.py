@@ -108,10 +108,12 @@ def write_quicklook(
     h, w = cls.shape
     landscape = w >= h
     # Two panels stacked for wide rasters, side by side for tall ones; ~7 inch panels.
+    # At least room for the titles and the legend: a strip-shaped raster (a 60 x 1500 px
+    # flight line) had them drawn over each other.
     if landscape:
-        fig_w, fig_h = 10.0, min(2 * 10.0 * h / w + 1.0, 14.0)
+        fig_w, fig_h = 10.0, min(max(2 * 10.0 * h / w + 1.0, 3.5), 14.0)
     else:
-        fig_w, fig_h = min(2 * 7.0 * w / h + 0.5, 16.0), 7.5
+        fig_w, fig_h = min(max(2 * 7.0 * w / h + 0.5, 6.0), 16.0), 7.5
     fig, axes = plt.subplots(
         2 if landscape else 1, 1 if landscape else 2, figsize=(fig_w, fig_h), dpi=110
     )

@@ -212,8 +212,8 @@ def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif:
     img, stretch = _read_image(survey, roles, None, shape)
     cls = _read_classes(classes_tif, schema, None, shape)
     # Wide surveys stack image over classes; tall ones sit side by side.
-    if w >= h:
-        fig, axes = _subplots(2, 1, figsize=(12, min(16.0, 12 * h / w * 2 + 1)))
+    if w >= h:  # at least room for the legend under a strip-shaped survey
+        fig, axes = _subplots(2, 1, figsize=(12, min(16.0, max(12 * h / w * 2 + 1, 5.0))))
     else:
         fig, axes = _subplots(1, 2, figsize=(12, min(16.0, 6 * h / w + 1)))
     for ax, data, title in ((axes[0], img, "Image"), (axes[1], cls, "Classes and at-risk zones")):

@@ -43,6 +43,7 @@ import atexit
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -63,7 +64,7 @@ _pool_workers = 0
 _fork_server_allowed = False
 #: What the fork server imports once, before forking workers: the modules whose chunk
 #: functions the pools run (their imports pull numpy, scipy, rasterio and shapely).
-FORK_SERVER_PRELOAD = ("agriseg.vectorize", "agriseg.fields")
+FORK_SERVER_PRELOAD = ("agriseg._no_interrupt", "agriseg.vectorize", "agriseg.fields")
 
 #: A worker's chunk is presumed stuck after this many seconds ...
 STUCK_MIN_S = 300.0
@@ -105,6 +106,15 @@ def start_method() -> str:
     return "fork"
 
 
+def _ignore_interrupts() -> None:
+    """Worker start: leave Ctrl-C to the run.
+
+    SIGINT reaches the whole process group; the run handles it (it stops this pool), and a
+    worker's own KeyboardInterrupt only printed a second traceback.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def get_pool(workers: int) -> ProcessPoolExecutor | None:
     """The shared pool with ``workers`` processes (``None`` for 0), started on first use."""
     global _pool, _pool_workers
@@ -119,7 +129,8 @@ def get_pool(workers: int) -> ProcessPoolExecutor | None:
         # Takes effect when the server starts (the first such pool); it then serves the
         # process's later pools too.
         ctx.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
-    _pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    _pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                initializer=_ignore_interrupts)
     _pool_workers = workers
     return _pool
 

@@ -631,9 +631,9 @@ def _describe(
     scale = _choose_scale(ds, spectral, alpha, sample)
     roles = BandRoles.from_mapping(mapping)
     log.info(
-        "%s: %dx%d px, %d band(s) %s, roles %s (from %s), mask from %s, scale %.6g, GSD %.3g m",
-        p, grid.width, grid.height, len(spectral), dtype, roles.as_dict(), how, mask_source,
-        scale, grid.gsd_m,
+        "%s: %dx%d px, %d band(s) %s (%d spectral), roles %s (from %s), mask from %s, scale "
+        "%.6g, GSD %.3g m", p, grid.width, grid.height, ds.count, dtype, len(spectral),
+        roles.as_dict(), how, mask_source, scale, grid.gsd_m,
     )
     return SurveyRaster(p, grid, int(ds.count), str(dtype), roles, nodata, scale, mask_source,
                         how)

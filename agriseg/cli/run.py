@@ -136,11 +136,10 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     except KeyboardInterrupt:
         bar.stop()
         cmd = " ".join(shlex.quote(a) for a in sys.argv)
-        click.echo(
-            f"Interrupted. Finished tiles are saved in {cfg.out / '.agriseg-work'}; "
-            f"run the same command again to resume:\n  {cmd}",
-            err=True,
-        )
+        work = Path(cfg.out) / ".agriseg-work"
+        saved = (f"Finished tiles are saved in {work}; run the same command again to resume"
+                 if work.exists() else "Nothing was written yet; run the same command again")
+        click.echo(f"Interrupted. {saved}:\n  {cmd}", err=True)
         ctx.exit(130)
     finally:
         bar.stop()

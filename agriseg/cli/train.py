@@ -35,8 +35,14 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
     checkpoint, history.json and curves.png into the config's `out:` folder. Use the bundle
     with `agriseg run SURVEY --model BUNDLE`.
     """
+    import distributed  # noqa: F401  (imported first so its logging setup can be quietened)
+
+    from agriseg.cli import quiet_third_party
     from agriseg.config import load_yaml
     from agriseg.train.config import build_train_config, resolve_paths
+
+    # Pseudo-labelling runs surveys on a Dask cluster: its INFO lines flooded the epochs.
+    quiet_third_party((click.get_current_context().find_root().obj or {}).get("verbose", 0))
     from agriseg.train.loop import EpochResult
     from agriseg.train.loop import train as run_training
 

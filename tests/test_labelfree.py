@@ -437,6 +437,16 @@ def test_water_is_left_out_of_the_ndvi_threshold(tmp_path: Path) -> None:
     assert "water below ndvi" in info["veg_threshold_method"]
     assert (pred[cover == 1] == 0).mean() > 0.99  # bare fields are soil, not crop
     assert (pred[cover == 2] == 1).mean() > 0.99
+    # raw camera numbers: bare soil at NDVI -0.1 is no water, and the crop is not split
+    rng = np.random.default_rng(1)
+    soil, leaf = [0.20, 0.16, 0.12, 0.164], [0.05, 0.10, 0.05, 0.20]  # NDVI -0.10 / 0.60
+    cover = np.zeros((120, 120), int)
+    cover[:, 40:] = 1
+    img = np.array([soil, leaf])[cover].transpose(2, 0, 1)
+    img = (img + rng.normal(0, 0.02, img.shape)).clip(0.001) * 10000
+    pred, info = _run_model(_write(tmp_path / "dn.tif", img, "uint16", gsd=10.0))
+    assert "water" not in info["veg_threshold_method"]
+    assert (pred[cover == 1] == 1).mean() > 0.95
 
 
 def test_quicklook_on_real_sample(tmp_path: Path) -> None:

@@ -817,7 +817,10 @@ class LabelFreeSegmenter:
         if index == "ndvi" and np.unique(v[:: max(1, v.size // 4096)]).size >= 3:
             t_water, t_veg = threshold_multiotsu(v, classes=3, nbins=256)
             water = v[v <= t_water]
-            if water.size >= 0.005 * v.size and water.mean() < 0:
+            # Open water reads -0.3 to -0.6; a bare soil's NDVI computed from raw camera
+            # numbers can be slightly negative (-0.1 on the NAIP sample), and a scene of such
+            # soil and vegetation must not have its vegetation split in two.
+            if water.size >= 0.005 * v.size and water.mean() < WATER_NDVI:
                 candidates.insert(0, (float(t_veg), float(t_water)))
         for t, floor in candidates:
             a, b = v[(v > floor) & (v <= t)], v[v > t]
@@ -1289,6 +1292,10 @@ def _move(to_weed: np.ndarray, to_crop: np.ndarray, classes: np.ndarray, crop: n
         gain.flat[moved] = hi
         lose.flat[moved] = np.where(lo < hi, lo, np.nextafter(lo, np.float32(-1)))
         classes.flat[moved] = cls
+
+
+#: Mean NDVI below which three-class Otsu's lowest class is taken for water.
+WATER_NDVI = -0.2
 
 
 def _soil_mode(values: np.ndarray) -> tuple[np.ndarray, float, float]:

@@ -197,6 +197,17 @@ def _rgb01(color: tuple[int, int, int]) -> tuple[float, float, float]:
     return (r / 255, g / 255, b / 255)
 
 
+def _outline(on_image: bool) -> dict[str, Any]:
+    """Field outline style: black on the class map, white with a dark edge on the image.
+
+    Plain white vanished over light soil and over nodata.
+    """
+    if not on_image:
+        return {"color": "black", "linewidth": 0.8}
+    return {"color": "white", "linewidth": 0.8,
+            "path_effects": [patheffects.withStroke(linewidth=1.8, foreground="black")]}
+
+
 def _legend(schema: ClassSchema) -> list[Patch]:
     return [Patch(color=_rgb01(c.color), label=c.name) for c in schema.classes]
 
@@ -222,8 +233,7 @@ def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif:
         ax.set_xticks([])
         ax.set_yticks([])
         if show_fields and not fields.empty:
-            fields.boundary.plot(ax=ax, color="white" if data is img else "black",
-                                 linewidth=0.8)
+            fields.boundary.plot(ax=ax, **_outline(data is img))
         if data is cls and zones is not None and not zones.empty:
             zones.boundary.plot(ax=ax, color="magenta", linewidth=0.9)
         ax.set_xlim(left, right)
@@ -265,8 +275,7 @@ def _field_map(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif
     fig, axes = _subplots(1, 2, figsize=(4, 3.2) if tall else (4, 2.2))
     for ax, data in zip(axes, (img, cls), strict=True):
         ax.imshow(data, extent=extent, interpolation="nearest")
-        gpd.GeoSeries([geom]).boundary.plot(ax=ax, color="white" if data is img else "black",
-                                            linewidth=0.8)
+        gpd.GeoSeries([geom]).boundary.plot(ax=ax, **_outline(data is img))
         if data is cls and zones is not None and not zones.empty:
             near = zones[zones.intersects(geom)]
             if not near.empty:

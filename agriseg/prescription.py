@@ -163,8 +163,22 @@ def grid_prescription(classes_tif: str | os.PathLike[str], schema: ClassSchema,
                         np.maximum(y0, y1))
     data: dict[str, object] = {"cell_id": np.arange(1, len(keep) + 1), rx.column: rate}
     for sc in schema.at_risk:
-        data[f"{sc.name[:6]}_pct"] = np.round(share[:, sc.value] * 100, 2)
+        data[_share_column(sc.name, data)] = np.round(share[:, sc.value] * 100, 2)
     return gpd.GeoDataFrame(data, geometry=cells, crs=grid.crs)
+
+
+def _share_column(name: str, taken: dict[str, object]) -> str:
+    """``<name>_pct`` within a Shapefile's 10 characters, unique among ``taken``.
+
+    Classes sharing their first six letters (stress_low, stress_high) overwrote each other's
+    column.
+    """
+    column = f"{name[:6]}_pct"
+    n = 1
+    while column in taken:
+        n += 1
+        column = f"{name[:6 - len(str(n))]}{n}_pct"
+    return column
 
 
 def zone_prescription(zones_gpkg: str | os.PathLike[str], rx: Prescription) -> gpd.GeoDataFrame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import geopandas as gpd
@@ -69,6 +70,9 @@ def test_cli_train_resume_and_export(tmp_path: Path, pair: tuple[Path, Path]) ->
     run = tmp_path / "run"
     bundle = run / "model.safetensors"
     assert bundle.exists() and (run / "curves.png").stat().st_size > 1000
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert bundle.stat().st_mode & 0o777 == 0o666 & ~umask  # safetensors wrote it 0600
     hist = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2]
     assert set(hist[0]["val"]["iou"]) == {"soil", "crop", "weed", "disease"}
@@ -206,6 +210,15 @@ def test_config_errors_are_clear(tmp_path: Path, pair: tuple[Path, Path]) -> Non
     ):
         bad = _write_cfg(tmp_path / "h.yaml", **{"out": str(tmp_path / "r"), **extra})
         r = CliRunner().invoke(main, ["train", str(bad), *args])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+    # synthetic truth and the registered teachers label the default classes, by value
+    three = [{"name": "background", "color": [1, 2, 3]}, {"name": "plant", "color": [4, 5, 6]},
+             {"name": "thistle", "color": [7, 8, 9], "at_risk": True}]
+    for extra, needle in (({"synthetic": {"count": 1}}, "synthetic fields are labelled soil"),
+                          ({"data": [{"image": str(img), "pseudo": {"model": "labelfree"}}]},
+                           "the teacher 'labelfree' labels soil, crop, weed, disease")):
+        bad = _write_cfg(tmp_path / "j.yaml", out=str(tmp_path / "r"), classes=three, **extra)
+        r = CliRunner().invoke(main, ["train", str(bad)])
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
     # labels that cannot teach anything say why (all said "label more area" before)
     far = gpd.read_file(polys).to_crs(3857)

@@ -496,3 +496,14 @@ def test_prescription_cells_are_square_with_rectangular_pixels(tmp_path: Path) -
     cells = grid_prescription(src, DEFAULT_CLASSES,
                               Prescription((("weed", 2.0),), grid_m=5.0, min_share=0.0))
     assert cells["RATE"].tolist().count(2.0) == 1
+
+
+def test_prescription_share_columns_stay_apart() -> None:
+    """Classes sharing six letters wrote one Shapefile column (the last one's shares)."""
+    from agriseg.prescription import _share_column
+
+    taken: dict[str, object] = {}
+    for name in ("stress_low", "stress_high", "stress_mid", "weed"):
+        taken[_share_column(name, taken)] = 1
+    assert list(taken) == ["stress_pct", "stres2_pct", "stres3_pct", "weed_pct"]
+    assert all(len(c) <= 10 for c in taken)

@@ -189,6 +189,12 @@ def save_bundle(
         os.replace(tmp, p / WEIGHTS_NAME)
         (p / f".{METADATA_NAME}.partial").write_text(json.dumps(meta.to_dict(), indent=2))
         os.replace(p / f".{METADATA_NAME}.partial", p / METADATA_NAME)
+    # safetensors creates its file readable by its owner only; a bundle is shared (cluster
+    # workers of other users read it), so it gets the permissions of any file written here.
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in ([p] if p.suffix == ".safetensors" else [p / WEIGHTS_NAME, p / METADATA_NAME]):
+        written.chmod(0o666 & ~umask)
     log.info("wrote model bundle %s", p)
     return p
 

@@ -163,6 +163,22 @@ class TrainConfig(_Strict):
                     f"synthetic fields have the bands {', '.join(ROLES_MS)} (multispectral when "
                     f"the model reads red edge or NIR); bands {self.bands} are not all among them"
                 )
+        # Synthetic truth and the registered teachers label by value in the default classes;
+        # under other classes (or another order) they would teach the wrong ones, silently.
+        names = [c.name for c in self.classes] if self.classes else list(DEFAULT_CLASSES.names)
+        if names != list(DEFAULT_CLASSES.names):
+            default = ", ".join(DEFAULT_CLASSES.names)
+            if self.synthetic and self.synthetic.count:
+                raise ValueError(f"synthetic fields are labelled {default} (in that order); with "
+                                 f"classes {', '.join(names)} remove `synthetic:`")
+            from agriseg.models.registry import available_models
+
+            for i, pair in enumerate(self.data):
+                if pair.pseudo is not None and pair.pseudo.model in available_models():
+                    raise ValueError(
+                        f"data.{i}: the teacher {pair.pseudo.model!r} labels {default} (in that "
+                        f"order), not the classes {', '.join(names)}; use a bundle of these "
+                        "classes as the teacher, or labels of your own")
         return self
 
     # Deliberately shadows pydantic's deprecated v1 ``BaseModel.schema()`` classmethod.

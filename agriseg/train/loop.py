@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from agriseg import __version__
-from agriseg.errors import ModelError, OutputError, ResumeError
+from agriseg.errors import InputError, ModelError, OutputError, ResumeError
 from agriseg.metrics import Scores, confusion
 from agriseg.models.arch import (
     SIZE_MULTIPLE,
@@ -152,6 +152,12 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[LabelledImage], list[dict
             lab, info = pseudo_labels(pair.image, cfg.out / "pseudo", pair.pseudo.model,
                                       pair.pseudo.min_confidence, pair.bands or pair.pseudo.bands,
                                       cfg.scheduler, pair.gsd)
+            extra = np.unique(lab[(lab != IGNORE) & (lab >= len(schema))])
+            if extra.size:  # a bundle teacher of more classes (loss_fn: IndexError)
+                raise InputError(
+                    f"{pair.image}: the teacher {pair.pseudo.model} labels class values "
+                    f"{extra.tolist()}, which the {len(schema)} classes of this training "
+                    f"({', '.join(schema.names)}) lack; use a teacher of these classes")
             jobs.append((pair.image, lab, pair.bands, pair.gsd,
                          {"source": "pseudo-labels", **info}))
     for n, (img, lab, bands, gsd, info) in enumerate(jobs):

@@ -507,6 +507,12 @@ def _table(
     cover = _share(crop + disease, valid)
     out["weed_pressure_pct"] = wp * 100
     out["disease_incidence_pct"] = di * 100
+    # A schema without such a class (a model of other classes) has no such measure: empty,
+    # not 0 (the health score still counts it as none).
+    for column, needs in (("vegetation_pct", "soil"), ("weed_pressure_pct", "weed"),
+                          ("disease_incidence_pct", "disease")):
+        if needs not in names:
+            out[column] = np.nan
     out["at_risk_m2"] = sum((area[:, c.value] for c in schema.at_risk), np.zeros(len(out)))
     out["zones"] = _zones_per_field(fields, zones)
     for name in hist:

@@ -391,3 +391,17 @@ def test_field_areas_at_any_extent_in_a_geographic_crs(tmp_path: Path) -> None:
     assert rows is not None
     assert s["area_ha"] * 1e4 == pytest.approx(rows.sum() * 240, rel=1e-4)
     assert s["covered_pct"] == pytest.approx(100, abs=0.01)
+
+
+def test_measures_of_classes_a_schema_lacks_are_empty(tmp_path: Path) -> None:
+    from agriseg.classes import ClassSchema, SegClass
+
+    *_, src, _ = _field_raster(tmp_path)
+    three = ClassSchema((SegClass(0, "soil", (1, 1, 1)), SegClass(1, "crop", (2, 2, 2)),
+                         SegClass(2, "weed", (3, 3, 3), True)))
+    with rasterio.open(src) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    s = summarize_fields(whole_raster_field(grid), src, three).iloc[0]
+    assert np.isnan(s["disease_incidence_pct"])  # no disease class: no such measure, not 0
+    assert s["weed_pressure_pct"] >= 0 and s["vegetation_pct"] > 0
+    assert 0 <= s["health_score"] <= 100

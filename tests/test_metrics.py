@@ -58,3 +58,30 @@ def test_truth_with_negative_codes_and_its_own_nodata(tmp_path: Path) -> None:
         parse_truth_classes("0=soil,0=crop,1=crop")  # the last pair won, silently
     with pytest.raises(ConfigError, match="no value a label raster can hold"):
         parse_truth_classes("99999999999999999999999=soil")
+
+
+def test_evaluate_scores_a_run_of_other_classes_on_them(tmp_path: Path) -> None:
+    """A model of other classes was scored as soil/crop/weed/disease (or refused)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from agriseg.classes import ClassSchema, SegClass
+    from agriseg.cli import main
+
+    schema = ClassSchema((SegClass(0, "background", (1, 1, 1)), SegClass(1, "plant", (2, 2, 2)),
+                          SegClass(2, "thistle", (3, 3, 3), True),
+                          SegClass(3, "mud", (4, 4, 4)), SegClass(4, "stress", (5, 5, 5), True)))
+    run = tmp_path / "run"
+    run.mkdir()
+    pred = np.array([[0, 1, 2, 3, 4, 4]], np.uint8)
+    _tif(run / "classes.tif", pred, nodata=255)
+    (run / "run.json").write_text(json.dumps({"schema": schema.to_dict()}))
+    truth = _tif(tmp_path / "t.tif", np.array([[7, 1, 2, 3, 4, 1]], np.uint8))
+    r = CliRunner().invoke(main, ["evaluate", str(run / "classes.tif"), str(truth),
+                                  "--truth-classes", "7=background,1=plant,2=thistle,3=mud,"
+                                  "4=stress", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert list(out["iou"]) == ["background", "plant", "thistle", "mud", "stress"]
+    assert out["iou"]["stress"] == 0.5 and out["iou"]["background"] == 1.0

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import numpy as np
+
+if TYPE_CHECKING:
+    from agriseg.classes import ClassSchema
 
 
 @click.command()
@@ -32,9 +36,14 @@ def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None
         raise click.UsageError(
             f"give PRED TRUTH pairs; got {len(rasters)} file(s), the last one has no partner"
         )
-    mapping = parse_truth_classes(truth_classes) if truth_classes else None
     pairs = list(zip(rasters[::2], rasters[1::2], strict=True))
-    each = [evaluate_rasters(p, t, truth_classes=mapping) for p, t in pairs]
+    schemas = {_run_schema(p) for p, _ in pairs}
+    if len(schemas) > 1:
+        raise click.UsageError("the predictions come from runs of different classes; "
+                               "evaluate each model's runs on their own")
+    (schema,) = schemas
+    mapping = parse_truth_classes(truth_classes, schema) if truth_classes else None
+    each = [evaluate_rasters(p, t, schema, truth_classes=mapping) for p, t in pairs]
     scores = Scores(np.sum([s.confusion for s in each], axis=0), each[0].names)
     if as_json:
         click.echo(json.dumps(scores.to_dict(), indent=2))
@@ -42,3 +51,20 @@ def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None
     if len(pairs) > 1:
         click.echo(f"{len(pairs)} pairs, pixels pooled")
     click.echo(scores.table())
+
+
+def _run_schema(pred: Path) -> ClassSchema:
+    """The classes of the run that wrote ``pred`` (its folder's run.json), else the default.
+
+    A model trained on other classes is then scored on its own classes, not on soil, crop,
+    weed and disease.
+    """
+    from agriseg.classes import DEFAULT_CLASSES, ClassSchema
+    from agriseg.errors import AgrisegError
+
+    manifest = Path(pred).parent / "run.json"
+    try:
+        data = json.loads(manifest.read_text())
+        return ClassSchema.from_dict(data["schema"])
+    except (OSError, ValueError, KeyError, TypeError, AgrisegError):
+        return DEFAULT_CLASSES

@@ -718,7 +718,7 @@ def read_window(
     finally:
         if own and ds is not None:
             ds.close()
-    return _scaled(raw, valid, survey)
+    return scaled_bands(raw, valid, survey)
 
 
 @contextlib.contextmanager
@@ -845,13 +845,16 @@ def _read_shared(
             _TILE_BLOCKS.drop(((*source, by, bx) for by in rows
                                for bx in range(col // cw, (c0 + w - 1) // cw + 1)),
                               retire=False)
-    return _scaled(raw, valid, survey)
+    return scaled_bands(raw, valid, survey)
 
 
-def _scaled(
+def scaled_bands(
     raw: np.ndarray, valid: np.ndarray, survey: SurveyRaster
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw band values to scaled float32; nodata in any band or non-finite is invalid (0)."""
+    """Raw band values to scaled float32; nodata in any band or non-finite is invalid (0).
+
+    The validity every reader of a survey shares: tiles, overviews and the report's maps.
+    """
     # One pass converts and scales (an integer band times a float32 scalar is float32).
     data = np.multiply(raw, np.float32(survey.scale), dtype=np.float32)
     # GDAL's mask flags the nodata value of band 1 only; check every band.
@@ -971,7 +974,7 @@ def _read_overview(
             f"{survey.path}: cannot read an overview ({exc}); the file is probably truncated "
             "or corrupt"
         ) from exc
-    data, valid = _scaled(raw, valid, survey)
+    data, valid = scaled_bands(raw, valid, survey)
     factor = survey.grid.width / shape[1]
     return data, valid, factor
 

@@ -33,7 +33,7 @@ from rasterio.windows import Window, from_bounds
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
 from agriseg.quicklook import colour_stretch, display_roles, to_rgba
-from agriseg.raster import SurveyRaster, read_overview, sample_positions
+from agriseg.raster import SurveyRaster, read_overview, sample_positions, scaled_bands
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +127,8 @@ def _read_image(
         valid &= np.isfinite(data).all(axis=0)
         if isinstance(survey, SurveyRaster):
             # The validity the run used (GDAL's mask knows nothing of an undeclared fill),
-            # then the overview's units, for its stretch.
-            if survey.mask_source == "black":
-                valid &= data.any(axis=0)
-            elif survey.mask_source == "fill":
-                valid &= ~(data == survey.nodata).any(axis=0)
-            data *= np.float32(survey.scale)
+            # in the overview's units, for its stretch.
+            data, valid = scaled_bands(data, valid, survey)
     stretch = stretch or colour_stretch(data, valid)
     return to_rgba(data, valid, stretch), stretch
 

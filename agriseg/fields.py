@@ -462,13 +462,12 @@ def _zones_per_field(fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None) -
     zone, so nested or overlapping fields (a management zone inside a field) and the whole
     survey of a run without ``--fields`` (zones without a field id) counted none.
     """
-    n = np.zeros(len(fields), np.int64)
     if zones is None or zones.empty:
-        return n
+        return np.zeros(len(fields), np.int64)
     # Both are in the raster's CRS (an image plane's, with --gsd, cannot even be transformed).
     points = zones.geometry.representative_point().to_numpy()
     inside, _ = shapely.STRtree(points).query(fields.geometry.to_numpy(), predicate="contains")
-    return n + np.bincount(inside, minlength=len(fields))
+    return np.bincount(inside, minlength=len(fields))
 
 
 def _table(

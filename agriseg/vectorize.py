@@ -331,7 +331,7 @@ def vectorize_zones(
         radius = round(p.closing_m / grid.gsd_m) if p.closing_m > 0 else 0
         geographic = grid.crs.is_geographic
         # Zone areas are pixel counts x pixel area (projected) or sums of ellipsoidal per-pixel
-        # areas (geographic, within 0.1 % of the local UTM polygon area); the slack only
+        # areas (geographic, within 0.2 % of the polygon's equal-area area, tested); the slack only
         # decides which patches are traced before the exact test.
         unit = 1.0 if geographic else grid.pixel_area_m2
         slack = 1e-2 if geographic else 1e-6

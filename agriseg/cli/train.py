@@ -40,11 +40,11 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
     from agriseg.cli import quiet_third_party
     from agriseg.config import load_yaml
     from agriseg.train.config import build_train_config, resolve_paths
+    from agriseg.train.loop import EpochResult
+    from agriseg.train.loop import train as run_training
 
     # Pseudo-labelling runs surveys on a Dask cluster: its INFO lines flooded the epochs.
     quiet_third_party((click.get_current_context().find_root().obj or {}).get("verbose", 0))
-    from agriseg.train.loop import EpochResult
-    from agriseg.train.loop import train as run_training
 
     values: dict[str, Any] = resolve_paths(load_yaml(config), config.resolve().parent)
     if epochs is not None:

@@ -269,6 +269,16 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> Non
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "x.onnx").exists() and "max |onnx - torch|" in r.output
+    import onnxruntime as ort
+
+    # the export carries what other tools need: classes, normalisation, bands (Deepness keys)
+    props = ort.InferenceSession(str(tmp_path / "x.onnx")).get_modelmeta().custom_metadata_map
+    assert json.loads(props["class_names"]) == {"0": "soil", "1": "crop", "2": "weed",
+                                                 "3": "disease"}
+    assert json.loads(props["standardization_mean"]) == list(meta.mean)
+    assert json.loads(props["model_type"]) == "Segmentor"
+    assert json.loads(props["tiles_overlap"]) * 512 / 100 >= 2 * meta.halo
+    assert json.loads(props["agriseg_bundle"])["roles"] == list(meta.roles)
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "--overwrite" in r.output
     (tmp_path / "afile").write_text("")

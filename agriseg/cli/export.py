@@ -17,8 +17,10 @@ import click
 def export(bundle: Path, as_onnx: bool, out: Path | None, overwrite: bool) -> None:
     """Export BUNDLE to ONNX and verify it against the PyTorch outputs.
 
-    Input normalisation (mean/std per band) is not part of the graph; it is in the bundle's
-    metadata (`normalization`). H and W must be multiples of 32.
+    Input normalisation (mean/std per band) is not part of the graph; it is in the ONNX
+    file's metadata with the classes and band roles (`agriseg_bundle`, and the keys the
+    Deepness QGIS plugin reads: `class_names`, `resolution`, `tile_size`, `tiles_overlap`,
+    `standardization_mean`/`std`). H and W must be multiples of 32.
     """
     from agriseg.errors import OutputError
     from agriseg.models.neural import ONNX_TOLERANCE, export_onnx

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import math
 import os
@@ -336,6 +337,45 @@ def onnx_cache_path(bundle: str | os.PathLike[str], digest: str) -> Path:
     return cache / f"{digest}.onnx"
 
 
+#: Tile edge the ONNX metadata suggests to tools that tile by themselves.
+ONNX_TILE_SIZE = 512
+
+
+def onnx_metadata(meta: BundleMeta, digest: str) -> dict[str, str]:
+    """Metadata written into an exported ONNX model, so that it stands on its own.
+
+    ``agriseg_bundle`` holds the bundle's whole metadata (classes with colours, band roles,
+    normalisation, margin, training GSD). The other keys are those the Deepness QGIS plugin
+    reads to set itself up (JSON values, its documented names): class names, the expected
+    resolution in cm per pixel, a tile size, an overlap in percent that covers the bundle's
+    margin on both sides, and the per-band standardisation it applies after dividing 8-bit
+    pixels by 255 (the same as agriseg's for uint8 RGB surveys).
+
+    Args:
+        meta: the bundle's metadata.
+        digest: the bundle's SHA-256, to match the export to its source.
+
+    Returns:
+        ``{key: value}`` strings.
+    """
+    tile = ONNX_TILE_SIZE
+    out = {
+        "agriseg_bundle_sha256": digest,
+        "agriseg_bundle": json.dumps(meta.to_dict(), separators=(",", ":")),
+        "model_type": json.dumps("Segmentor"),
+        "class_names": json.dumps({str(i): n for i, n in enumerate(meta.schema.names)}),
+        "tile_size": json.dumps(tile),
+        "tiles_size": json.dumps(tile),  # the name in Deepness's documentation
+        "tiles_overlap": json.dumps(math.ceil(100 * 2 * meta.halo / tile)),
+        "standardization_mean": json.dumps(list(meta.mean)),
+        "standardization_std": json.dumps(list(meta.std)),
+    }
+    if meta.gsd_range_m:
+        lo, hi = meta.gsd_range_m
+        out["resolution"] = json.dumps(round(100 * math.sqrt(lo * hi), 3))
+    return out
+
+
 def export_onnx(
     bundle: str | os.PathLike[str],
     out: str | os.PathLike[str] | None = None,
@@ -398,8 +438,9 @@ def export_onnx(
         import onnx
 
         proto = onnx.load(str(tmp))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "agriseg_bundle_sha256", digest
+        for key, value in onnx_metadata(meta, digest).items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
         onnx.save(proto, str(tmp))
         sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         got = sess.run(None, {"pixels": x.numpy()})[0]

@@ -27,7 +27,7 @@ from agriseg import __version__, heap
 from agriseg.classes import ClassSchema
 from agriseg.config import RunConfig
 from agriseg.errors import AgrisegError, ConfigError, OutputError, RasterError
-from agriseg.grid import Tile, TilePlan, auto_tile_size, plan_tiles
+from agriseg.grid import Grid, Tile, TilePlan, auto_tile_size, plan_tiles
 from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
 from agriseg.models.base import Prepared, Segmenter
@@ -265,6 +265,19 @@ def _release_tile_memory() -> None:
     heap.trim()
 
 
+def _clamp_halo(halo: int, grid: Grid) -> int:
+    """``--halo`` no wider than the survey: context beyond it is padding, and costs memory.
+
+    Rounded up to 16 px, the step learned models take their context in.
+    """
+    most = -(-max(grid.height, grid.width) // 16) * 16
+    if halo > most:
+        log.info("--halo %d is wider than the survey (%d x %d px); using %d", halo,
+                 grid.width, grid.height, most)
+        return most
+    return halo
+
+
 def _refuse_empty(survey: SurveyRaster) -> None:
     """Refuse a survey without a valid pixel (read from its overview), before any work.
 
@@ -411,9 +424,7 @@ def _process(
         segmenter = loading.result()
     finally:
         loader.shutdown(wait=False)
-    with_halo = getattr(segmenter, "with_halo", None)
-    if config.halo is not None and with_halo is not None:
-        segmenter = with_halo(config.halo)
+    own_margin = getattr(segmenter, "margin", None)  # a learned model's, before --halo
     planes = _probability_planes(config.probabilities, segmenter.schema)
     out = Path(config.out)
     # Registered before the lock, so it runs after the lock file is gone: a run refused
@@ -433,6 +444,12 @@ def _process(
         _refuse_empty(survey)
         fieldset = _read_fields_first(config, survey)
 
+    halo_wanted = None if config.halo is None else _clamp_halo(config.halo, survey.grid)
+    with_halo = getattr(segmenter, "with_halo", None)
+    if halo_wanted is not None and with_halo is not None:
+        with_halo(config.halo)  # its checks name the value given, not the clamped one
+        segmenter = with_halo(halo_wanted)
+
     t = time.perf_counter()
     prepared = segmenter.prepare(survey)
     survey.require(segmenter.roles, f"model {segmenter.name!r}")
@@ -441,7 +458,17 @@ def _process(
         log.warning("%s", w)
     runs_as = prepared.info.get("runs_as")
     log.info("model: %s%s", segmenter.name, f" ({runs_as})" if runs_as else "")
-    halo = config.halo if config.halo is not None else prepared.halo
+    if halo_wanted is None:
+        halo = prepared.halo
+    else:
+        halo = halo_wanted
+        margin = own_margin if own_margin is not None else prepared.halo
+        if halo < margin:
+            log.warning(
+                "--halo %d is narrower than model %s's margin of %d px: classes next to tile "
+                "borders can differ from a seamless run; leave --halo out for seamless output",
+                halo, segmenter.name, margin,
+            )
     tile_size = config.tile_size or auto_tile_size(halo, multiple=prepared.tile_multiple)
     plan = plan_tiles(survey.grid, tile_size, halo)
     _, ov_valid, factor = read_overview(survey, survey.roles.spectral[:1], 2048)

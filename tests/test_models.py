@@ -591,6 +591,8 @@ def test_halo_of_learned_model(tmp_path: Path) -> None:
         seg.with_halo(20)
     with pytest.raises(ConfigError, match="use 0 or 16"):
         seg.with_halo(-4)
+    with pytest.raises(ConfigError, match="--halo 4096: a learned model takes at most 256"):
+        seg.with_halo(4096)
     # CPU blocks stay within CPU_BLOCK_INPUT with their context, and the default tiles they
     # make keep the output GeoTIFF blocks large (64 px blocks made the COG copy 2.5x slower)
     for halo in (0, 16, 32):

@@ -381,3 +381,20 @@ def test_index_threshold_says_it_finds_no_weeds(rgba_tif: Path, tmp_path: Path,
                            indices=False)
     manifest = process_survey(cfg).manifest
     assert any("separates soil and crop only" in w for w in manifest["model"]["warnings"])
+
+
+def test_cli_halo_clamped_and_narrow_halo_warned(rgba_tif: Path, tmp_path: Path,
+                                                 scheduler: str) -> None:
+    """A --halo wider than the survey is cut to it (it was padding costing gigabytes); one
+    narrower than the model's margin runs, with a warning that it can leave seams."""
+    base = ["run", str(rgba_tif), "--scheduler", scheduler, "--no-progress", "--no-indices",
+            "--skip", "zones,fields,report,project,quicklook"]
+    with rasterio.open(rgba_tif) as ds:
+        side = -(-max(ds.shape) // 16) * 16
+    r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "w"), "--halo", "4096"])
+    assert r.exit_code == 0, r.output
+    assert "wider than the survey" in r.output
+    assert json.loads((tmp_path / "w" / "run.json").read_text())["plan"]["halo"] == side
+    r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "n"), "--halo", "4"])
+    assert r.exit_code == 0, r.output
+    assert "--halo 4 is narrower than model labelfree's margin" in r.output

@@ -48,7 +48,8 @@ from agriseg.grid import TilePlan
               help="Context pixels around each tile [the model's margin]. Learned models take "
               "multiples of 16 and give every model input this much context: 16 feeds ~10 % "
               "fewer model pixels than their default 32 but changes more pixels next to block "
-              "borders (benchmarks/seams.py).")
+              "borders (benchmarks/seams.py); at most 256. A halo narrower than the "
+              "model's margin is warned about (seams); one wider than the survey is cut to it.")
 @click.option("--workers", type=int, help="Local workers (threads of this process; "
               "processes with `processes: true` in --config) [CPU cores; with a model on "
               "GPU: one worker per GPU, a process each when there are several].")

@@ -337,6 +337,9 @@ def onnx_cache_path(bundle: str | os.PathLike[str], digest: str) -> Path:
     return cache / f"{digest}.onnx"
 
 
+#: Widest ``--halo`` a learned model takes: each input grows by twice it.
+MAX_HALO = 256
+
 #: Tile edge the ONNX metadata suggests to tools that tile by themselves.
 ONNX_TILE_SIZE = 512
 
@@ -698,9 +701,15 @@ class NeuralSegmenter:
 
         Raises:
             ConfigError: ``halo`` is not a multiple of 16 (model inputs must stay multiples
-                of the network's 32 px stride) or is negative.
+                of the network's 32 px stride), is negative or is above :data:`MAX_HALO`.
         """
         step = SIZE_MULTIPLE // 2
+        if halo > MAX_HALO:
+            raise ConfigError(
+                f"--halo {halo}: a learned model takes at most {MAX_HALO} px of context (its "
+                f"default is {self._bundle_margin}; benchmarks/seams.py finds 64 practically "
+                "seamless); wider context multiplies the memory of every model input"
+            )
         if halo < 0 or halo % step:
             lo = max(halo, 0) // step * step
             raise ConfigError(

@@ -266,12 +266,16 @@ def _detect_roles(
 
     ``sample`` returns every band at :data:`SAMPLE_SIDE` (see :func:`_describe`).
     """
+    # A band tagged alpha is never data, whichever way the others are found.
+    tagged_alpha = [i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.alpha]
     roles: dict[str, int] = {}
     for i, desc in enumerate(ds.descriptions, start=1):
         role = _description_role(desc) if desc else None
-        if role and role not in roles:
+        if role and role not in roles and (i not in tagged_alpha or role == "alpha"):
             roles[role] = i
-    if roles.keys() >= {"red", "green"}:
+    if len(roles.keys() - {"alpha"}) >= 2:  # e.g. Red, RedEdge, NIR: no green needed
+        if tagged_alpha and "alpha" not in roles and tagged_alpha[0] not in roles.values():
+            roles["alpha"] = tagged_alpha[0]
         return roles, "band descriptions"
     roles = {}
     for i, ci in enumerate(ds.colorinterp, start=1):
@@ -290,11 +294,12 @@ def _detect_roles(
             if notes:
                 how += ", " + "; ".join(notes) + " (override with --bands)"
         return roles, how
-    n = ds.count
+    order = [i for i in range(1, ds.count + 1) if i not in tagged_alpha]
+    n = len(order)
     if n >= 3:
-        roles = {"red": 1, "green": 2, "blue": 3}
-        if n >= 4:
-            roles["nir"] = 4
+        roles = dict(zip(("red", "green", "blue", "nir"), order, strict=False))
+        if tagged_alpha:
+            roles["alpha"] = tagged_alpha[0]
         how = f"band order convention for {n} bands (R,G,B{',NIR' if n >= 4 else ''})"
         if ds.dtypes[0] != "uint8" and n >= 4:
             # Untagged multispectral exports: five bands get the camera-layout check of tagged
@@ -597,7 +602,7 @@ def _describe(
     if not spectral and ds.count < 3:
         # Often a derived product (an NDVI, a DEM, a class map) given instead of the image.
         raise BandError(
-            f"{p}: has {ds.count} band(s) and no band descriptions, but segmenting needs "
+            f"{p}: has {ds.count} band(s) and no band descriptions naming them, but segmenting needs "
             "colour (red, green, blue) or red and NIR bands. If it is a band stack, name the "
             "bands, e.g. --bands red=1,nir=2; a single-band product (an NDVI, a DEM, a mask) "
             "cannot be segmented: run on the orthomosaic it was made from"

@@ -235,3 +235,32 @@ def test_single_band_product_is_refused_with_what_to_run(tmp_path: Path) -> None
     ndvi = _reflectance(tmp_path / "ndvi.tif", [0.4], [ColorInterp.gray])
     with pytest.raises(BandError, match=r"single-band product .* orthomosaic"):
         open_survey(ndvi)
+
+
+def test_descriptions_without_green_and_tagged_alpha(tmp_path: Path) -> None:
+    """Red, red edge and NIR named in the descriptions are taken as named (the R,G,B,NIR
+    convention made NIR the blue band and the alpha band NIR), and a band tagged alpha is
+    never given a spectral role."""
+    rgb, valid = np.full((3, 64, 64), 80, np.uint8), np.ones((64, 64), bool)
+    valid[:, :8] = False
+    path = write_rgba(tmp_path / "rrn.tif", rgb, valid)
+    with rasterio.open(path, "r+") as ds:
+        ds.colorinterp = [ColorInterp.undefined] * 3 + [ColorInterp.alpha]
+        for i, name in enumerate(["Red", "RedEdge", "NIR", ""], start=1):
+            ds.set_band_description(i, name)
+    survey = open_survey(path)
+    assert survey.roles.as_dict() == {"red": 1, "rededge": 2, "nir": 3, "alpha": 4}
+    assert survey.mask_source == "alpha"
+    with rasterio.open(path, "r+") as ds:  # untagged but alpha: the convention skips it
+        for i in range(1, 4):
+            ds.set_band_description(i, "")
+    assert open_survey(path).roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "alpha": 4}
+    two = tmp_path / "rn.tif"
+    with rasterio.open(path) as src:
+        profile = {**src.profile, "count": 2, "nodata": 0}
+        profile.pop("photometric", None)
+        with rasterio.open(two, "w", **profile) as dst:
+            dst.write(src.read([1, 3]))
+            dst.set_band_description(1, "Red")
+            dst.set_band_description(2, "NIR")
+    assert open_survey(two).roles.as_dict() == {"red": 1, "nir": 2}  # was "no descriptions"

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,7 +327,14 @@ def dask_client(
     if host not in ("", "0.0.0.0"):
         # The printed link otherwise names the machine's address, where nothing listens.
         settings["distributed.dashboard.link"] = f"http://{host}:{{port}}/status"
-    with dask.config.set(settings), cluster_cls(**kwargs) as cluster, Client(cluster) as client:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(dask.config.set(settings))
+        with warnings.catch_warnings():
+            # Another run holds the port: Dask takes a free one, which the log names
+            # ("Dask dashboard: ..."); its warning on stderr only alarmed.
+            warnings.filterwarnings("ignore", r"Port \d+ is already in use", UserWarning)
+            cluster = stack.enter_context(cluster_cls(**kwargs))
+        client = stack.enter_context(Client(cluster))
         yield client
 
 

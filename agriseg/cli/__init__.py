@@ -71,6 +71,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
         force=True,
     )
     ctx.obj["verbose"] = verbose
+    ctx.obj["quiet"] = quiet
     quiet_third_party(verbose)
 
 

@@ -127,8 +127,11 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     if "out" not in values:
         raise click.UsageError("give --out DIR (or `out:` in --config)")
     cfg = build_run_config(str(config_file) if config_file else "options", **values)
+    quiet = bool((ctx.obj or {}).get("quiet"))
     show = sys.stderr.isatty() if progress is None else progress
-    bar = _ProgressBar() if show else _LogProgress()
+    bar: _LogProgress | _ProgressBar = (
+        _Silent() if quiet and not progress else _ProgressBar() if show else _LogProgress()
+    )
     previous = signal.signal(signal.SIGTERM, _terminate)
     # This command's main module is safe to import again in post-processing workers.
     pool.allow_fork_server()
@@ -146,6 +149,8 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         bar.stop()
         signal.signal(signal.SIGTERM, previous)
         pool.allow_fork_server(False)
+    if quiet:  # -q: only warnings and errors
+        return
     m = result.manifest
     click.echo(
         f"Done: {m['plan']['tiles_with_data']} tiles, {m['throughput_mp_s']} MP/s, "
@@ -257,3 +262,13 @@ class _ProgressBar(_LogProgress):
 
     def stop(self) -> None:
         self._progress.stop()
+
+
+class _Silent(_LogProgress):
+    """No progress at all (``agriseg -q``)."""
+
+    def start(self, plan: TilePlan, n: int) -> None:
+        pass
+
+    def update(self, done: int, total: int, pixels: int) -> None:
+        pass

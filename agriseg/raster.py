@@ -602,10 +602,11 @@ def _describe(
     if not spectral and ds.count < 3:
         # Often a derived product (an NDVI, a DEM, a class map) given instead of the image.
         raise BandError(
-            f"{p}: has {ds.count} band(s) and no band descriptions naming them, but segmenting needs "
-            "colour (red, green, blue) or red and NIR bands. If it is a band stack, name the "
-            "bands, e.g. --bands red=1,nir=2; a single-band product (an NDVI, a DEM, a mask) "
-            "cannot be segmented: run on the orthomosaic it was made from"
+            f"{p}: has {ds.count} band(s) and no band descriptions naming them, but "
+            "segmenting needs colour (red, green, blue) or red and NIR bands. If it is a "
+            "band stack, name the bands, e.g. --bands red=1,nir=2; a single-band product "
+            "(an NDVI, a DEM, a mask) cannot be segmented: run on the orthomosaic it was made "
+            "from"
         )
     if not spectral:
         raise BandError(

@@ -491,9 +491,11 @@ def _table(
     out["covered_pct"] = np.clip(_share(valid, geo_area.to_numpy()) * 100, 0, 100)
     out["valid_ha"] = valid / 1e4
     names = schema.names
+    # No valid pixel, no measurement: areas are empty like the shares, not "0 m2 at risk".
+    seen = np.where(valid > 0, 1.0, np.nan)
     for c in schema.classes:
         out[f"{c.name}_pct"] = _share(area[:, c.value], valid) * 100
-        out[f"{c.name}_m2"] = area[:, c.value]
+        out[f"{c.name}_m2"] = area[:, c.value] * seen
 
     def col(name: str) -> np.ndarray:
         return area[:, names.index(name)] if name in names else np.zeros(len(out))
@@ -512,7 +514,8 @@ def _table(
                           ("disease_incidence_pct", "disease")):
         if needs not in names:
             out[column] = np.nan
-    out["at_risk_m2"] = sum((area[:, c.value] for c in schema.at_risk), np.zeros(len(out)))
+    at_risk = sum((area[:, c.value] for c in schema.at_risk), np.zeros(len(out)))
+    out["at_risk_m2"] = at_risk * seen
     out["zones"] = _zones_per_field(fields, zones)
     for name in hist:
         h = hist[name].reshape(-1, HIST_BINS)[1:]
@@ -521,7 +524,8 @@ def _table(
         out[f"{name}_mean"] = _share(sums[name][1:], npx)
         qs = hist_quantiles(h, lo, hi, (0.5, 0.1, 0.9))
         out[f"{name}_median"], out[f"{name}_p10"], out[f"{name}_p90"] = qs.T
-    out["health_score"] = health_score(wp, di, cover)
+    # Weeds without crop (a failed stand) have no disease incidence but do have a score: 0.
+    out["health_score"] = health_score(wp, np.where(np.isnan(di) & (veg > 0), 0.0, di), cover)
     order = out["health_score"].rank(method="first", na_option="bottom")
     out["rank"] = order.astype(int)
     if on_earth(fields.crs):

@@ -102,6 +102,8 @@ def test_class_areas_match_truth(tmp_path: Path) -> None:
         for q, name in ((50, "median"), (10, "p10"), (90, "p90")):
             assert s.loc[fid, f"exg_{name}"] == pytest.approx(np.percentile(v, q), abs=4e-3)
     assert s.loc["O", "covered_pct"] == 0 and np.isnan(s.loc["O", "health_score"])
+    # no valid pixel: no areas either (0 m2 at risk read as a measured clean field)
+    assert np.isnan(s.loc["O", "at_risk_m2"]) and np.isnan(s.loc["O", "crop_m2"])
     assert s.loc["P", "covered_pct"] < 40
     assert s.loc["B", "crop_m2"] == s.loc["B2", "crop_m2"]
     # derived measures
@@ -405,3 +407,22 @@ def test_measures_of_classes_a_schema_lacks_are_empty(tmp_path: Path) -> None:
     assert np.isnan(s["disease_incidence_pct"])  # no disease class: no such measure, not 0
     assert s["weed_pressure_pct"] >= 0 and s["vegetation_pct"] > 0
     assert 0 <= s["health_score"] <= 100
+
+
+def test_weeds_without_crop_score_zero(tmp_path: Path) -> None:
+    """A field of weeds only (a failed stand) is the first to visit, not unscored and last."""
+    cls = np.ones((40, 40), np.uint8)  # crop
+    cls[:, :20] = 2  # weed
+    src = write_mask(tmp_path / "classes.tif", cls, transform=T)
+    x0, y0 = 500000.0, 4900000.0
+    g = gpd.GeoDataFrame({"name": ["weedy", "crop"]}, crs=32615, geometry=[
+        shapely.box(x0 + 0.1, y0 - 1.9, x0 + 0.9, y0 - 0.1),
+        shapely.box(x0 + 1.1, y0 - 1.9, x0 + 1.9, y0 - 0.1)])
+    g.to_file(tmp_path / "f.gpkg", engine="pyogrio")
+    with rasterio.open(src) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    s = summarize_fields(read_fields(tmp_path / "f.gpkg", grid), src, DEFAULT_CLASSES)
+    s = s.set_index("field_id")
+    assert s.loc["weedy", "health_score"] == 0 and s.loc["weedy", "rank"] == 1
+    assert np.isnan(s.loc["weedy", "disease_incidence_pct"])  # no crop: no incidence
+    assert s.loc["crop", "health_score"] == 100

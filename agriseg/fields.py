@@ -96,7 +96,7 @@ def _pick_id_column(df: pd.DataFrame, requested: str | None, path: str) -> str |
                 f"{', '.join(cols) or '(none)'}"
             )
         s = df[requested]
-        if s.isna().any() or s.duplicated().any():
+        if s.isna().any() or s.duplicated().any() or _blank(s).any():
             # str() per value: pandas' string dtype keeps missing values as NaN under astype.
             dup = [str(v) for v in s[s.duplicated()].unique()[:5]]
             raise VectorError(
@@ -105,11 +105,34 @@ def _pick_id_column(df: pd.DataFrame, requested: str | None, path: str) -> str |
                 "omit --field-id to number the fields"
             )
         return requested
-    for c in cols:
-        s = df[c]
-        if not s.isna().any() and not s.duplicated().any():
-            return c
-    return None
+    usable = [c for c in cols if _usable_ids(df[c])]
+    if not usable:
+        return None
+    # Names and codes before measurements: a unique "area" column beside duplicated names
+    # made the ids 100, 40, 36; KML's generated "id" (f.1, f.2) came before its "Name".
+    return min(usable, key=lambda c: (_ID_NAMES.get(str(c).lower(), len(_ID_NAMES)),
+                                      df[c].dtype.kind == "f", cols.index(c)))
+
+
+#: Column names taken as field ids first, best first (lower case).
+_ID_NAMES = {n: i for i, n in enumerate((
+    "field_id", "fieldid", "field_name", "fieldname", "field", "plot_id", "plotid", "plot",
+    "name", "label", "code", "id",
+))}
+
+
+def _blank(s: pd.Series) -> pd.Series:
+    """Text values a table reads back as missing ("", "NA", "nan", "None")."""
+    if s.dtype.kind in "biufcmM":
+        return pd.Series(False, index=s.index)
+    return s.astype(str).str.strip().isin(("", "nan", "NaN", "None", "NA", "N/A"))
+
+
+def _usable_ids(s: pd.Series) -> bool:
+    """Unique, none missing or blank, and no fractional numbers (a measurement, not an id)."""
+    if s.isna().any() or s.duplicated().any() or _blank(s).any():
+        return False
+    return s.dtype.kind != "f" or bool((s == np.round(s)).all())
 
 
 def _id_text(ids: pd.Series) -> pd.Series:
@@ -198,6 +221,8 @@ def read_fields(
             "ogr2ogr -a_srs EPSG:4326 fixed.gpkg " + p
         )
     col = _pick_id_column(df, field_id, p)
+    if col is not None and field_id is None:
+        log.info("%s: fields named by column %r (--field-id to choose another)", p, col)
     ids = _id_text(df[col]) if col else pd.Series(
         [str(i) for i in range(1, len(df) + 1)], index=df.index)
     notes: list[str] = []

@@ -159,7 +159,7 @@ def test_crs_mismatch_and_id_column(tmp_path: Path) -> None:
     utm = read_fields(LAMBERTON_PLOTS, grid)
     geo = read_fields(LAMBERTON_PLOTS.with_name("lamberton_plots_epsg4326.geojson"), grid,
                       field_id="ID")
-    assert len(utm.fields) == 40 and utm.id_column == "fid" and geo.id_column == "ID"
+    assert len(utm.fields) == 40 and utm.id_column == "ID" and geo.id_column == "ID"
     a = summarize_fields(utm, src, DEFAULT_CLASSES).set_index("field_id").sort_index()
     b = summarize_fields(geo, src, DEFAULT_CLASSES).set_index("field_id").sort_index()
     assert (a.index == b.index).all()
@@ -426,3 +426,21 @@ def test_weeds_without_crop_score_zero(tmp_path: Path) -> None:
     assert s.loc["weedy", "health_score"] == 0 and s.loc["weedy", "rank"] == 1
     assert np.isnan(s.loc["weedy", "disease_incidence_pct"])  # no crop: no incidence
     assert s.loc["crop", "health_score"] == 100
+
+
+def test_default_id_column_prefers_names_to_measurements(tmp_path: Path) -> None:
+    """A unique area column beside duplicated names made the ids 100, 40, ...; a generated KML
+    id came before its names; blank text counted as an id."""
+    x0, y0 = 500000.0, 4900000.0
+    boxes = [shapely.box(x0 + i, y0 - 1, x0 + i + 0.5, y0 - 0.5) for i in range(3)]
+    grid = Grid((40, 80), Affine(0.05, 0, x0, 0, -0.05, y0), CRS.from_epsg(32615))
+
+    def pick(**columns: list[object]) -> str:
+        path = tmp_path / "f.gpkg"
+        gpd.GeoDataFrame(columns, geometry=boxes, crs=32615).to_file(path, engine="pyogrio")
+        return read_fields(path, grid).id_column
+
+    assert pick(area=[100.5, 40.2, 36.1], name=["A", "A", "B"], n=[7, 8, 9]) == "n"
+    assert pick(id=["f.1", "f.2", "f.3"], Name=["north", "south", "east"]) == "Name"
+    assert pick(label=["a", " ", "c"], plot=[3.0, 1.0, 2.0]) == "plot"
+    assert pick(area=[100.5, 40.2, 36.1]) == "(row number)"

@@ -22,7 +22,8 @@ from agriseg.grid import TilePlan
               help="Output folder (created; must not hold a finished run unless --overwrite).")
 @click.option("--fields", type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="Field polygons (GeoPackage, Shapefile, GeoJSON; any CRS).")
-@click.option("--field-id", help="Id column of --fields (default: first unique column).")
+@click.option("--field-id", help="Id column of --fields [a unique, non-blank column, names "
+              "like field_id, plot, name, id first; never fractional numbers].")
 @click.option("--fields-layer", help="Layer of --fields, for a GeoPackage holding several "
               "(default: its first polygon layer, with a warning naming the others).")
 @click.option("--model", "-m", help="Registered model name (see `agriseg models`) or bundle path.")

@@ -23,6 +23,7 @@ import shapely
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, OutputError
 from agriseg.grid import on_earth
+from agriseg.qgis import rates_qml, write_gpkg_style
 from agriseg.vectorize import aligned_chunk, chunk_windows, grid_of
 
 log = logging.getLogger(__name__)
@@ -163,22 +164,29 @@ def grid_prescription(classes_tif: str | os.PathLike[str], schema: ClassSchema,
                         np.maximum(y0, y1))
     data: dict[str, object] = {"cell_id": np.arange(1, len(keep) + 1), rx.column: rate}
     for sc in schema.at_risk:
-        data[_share_column(sc.name, data)] = np.round(share[:, sc.value] * 100, 2)
+        data[f"{sc.name}_pct"] = np.round(share[:, sc.value] * 100, 2)
     return gpd.GeoDataFrame(data, geometry=cells, crs=grid.crs)
 
 
-def _share_column(name: str, taken: dict[str, object]) -> str:
-    """``<name>_pct`` within a Shapefile's 10 characters, unique among ``taken``.
+def _shapefile_names(columns: list[str]) -> dict[str, str]:
+    """Renames that fit ``<name>_pct`` columns in a Shapefile's 10 characters, unique.
 
-    Classes sharing their first six letters (stress_low, stress_high) overwrote each other's
-    column.
+    GDAL would cut them itself, to names that can collide: classes sharing their first six
+    letters (stress_low, stress_high) overwrote each other's column.
     """
-    column = f"{name[:6]}_pct"
-    n = 1
-    while column in taken:
-        n += 1
-        column = f"{name[:6 - len(str(n))]}{n}_pct"
-    return column
+    taken = {c for c in columns if len(c) <= 10}
+    out: dict[str, str] = {}
+    for c in columns:
+        if len(c) <= 10:
+            continue
+        stem = c.removesuffix("_pct")
+        short, n = f"{stem[:6]}_pct", 1
+        while short in taken:
+            n += 1
+            short = f"{stem[:6 - len(str(n))]}{n}_pct"
+        taken.add(short)
+        out[c] = short
+    return out
 
 
 def zone_prescription(zones_gpkg: str | os.PathLike[str], rx: Prescription) -> gpd.GeoDataFrame:
@@ -195,8 +203,11 @@ def zone_prescription(zones_gpkg: str | os.PathLike[str], rx: Prescription) -> g
 
 
 def write_prescription(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str],
-                       crs: str | None = "EPSG:4326") -> Path:
+                       crs: str | None = "EPSG:4326", column: str = "RATE") -> Path:
     """Write a Shapefile (``.shp``) or GeoPackage (``.gpkg``) via a temporary name.
+
+    Styled for QGIS by ``column`` (a ``.qml`` beside a Shapefile, ``layer_styles`` in a
+    GeoPackage), one colour per rate.
 
     Raises:
         OutputError: unknown extension or the file cannot be written.
@@ -212,12 +223,19 @@ def write_prescription(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str],
                     "reprojected to %s", crs)
     elif crs:
         gdf = gdf.to_crs(crs)
+    if ext == ".shp":
+        gdf = gdf.rename(columns=_shapefile_names([str(c) for c in gdf.columns]))
     tmp_dir = path.parent / f".{path.stem}.partial"
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / path.name
     try:
         gdf.to_file(tmp, driver="ESRI Shapefile" if ext == ".shp" else "GPKG",
                     layer=path.stem, engine="pyogrio")
+        style = rates_qml(column, gdf[column].tolist()) if column in gdf else None
+        if style and ext == ".shp":  # QGIS loads a .qml of the same name as the default style
+            tmp.with_suffix(".qml").write_text(style, encoding="utf-8")
+        elif style:
+            write_gpkg_style(tmp, path.stem, style)
         for f in tmp_dir.iterdir():
             os.replace(f, path.parent / f.name)
     except Exception as exc:  # pyogrio raises several types for I/O failures
@@ -226,5 +244,5 @@ def write_prescription(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str],
         for f in tmp_dir.iterdir():
             f.unlink()
         tmp_dir.rmdir()
-    log.info("prescription: %s (%d polygons)", path, len(gdf))
+    log.debug("prescription: %s (%d polygons)", path, len(gdf))
     return path

@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -202,6 +203,32 @@ def fields_qml(attribute: str = "health_score") -> str:
         'enableorderby="0" referencescale="-1">\n'
         f"    <ranges>\n{ranges}    </ranges>\n"
         f"    <symbols>\n{symbols}    </symbols>\n"
+        '    <mode name="custom"/>\n'
+        "  </renderer-v2>\n"
+    )
+
+
+def rates_qml(attribute: str, rates: Sequence[float]) -> str:
+    """Graduated style of a prescription: one class per distinct rate, yellow to red.
+
+    Ranges of width 0 around each rate rather than categories: a category's value is text and
+    a Shapefile's rate a double, which QGIS does not always match.
+    """
+    values = sorted({float(r) for r in rates})
+    n = max(len(values) - 1, 1)
+    ranges, symbols = [], []
+    for i, v in enumerate(values):
+        t = i / n
+        color = (255, round(255 - 200 * t), round(178 * (1 - t)))  # pale yellow to red
+        ranges.append(f'      <range render="true" lower="{v - 1e-9:.10g}" '
+                      f'upper="{v + 1e-9:.10g}" label="{v:g}" symbol="{i}"/>\n')
+        symbols.append(_fill_symbol(str(i), _rgba(color, 170), "60,60,60,255", 0.2))
+    return _vector_qml(
+        f'  <renderer-v2 type="graduatedSymbol" attr={quoteattr(attribute)} '
+        'graduatedMethod="GraduatedColor" forceraster="0" symbollevels="0" '
+        'enableorderby="0" referencescale="-1">\n'
+        f"    <ranges>\n{''.join(ranges)}    </ranges>\n"
+        f"    <symbols>\n{''.join(symbols)}    </symbols>\n"
         '    <mode name="custom"/>\n'
         "  </renderer-v2>\n"
     )

@@ -165,6 +165,10 @@ def test_prescription_cli(tmp_path: Path) -> None:
     rx = gpd.read_file(run / "prescription.shp")
     assert rx.crs.to_epsg() == 4326 and len(rx) == 4
     assert sorted(rx["RATE"]) == [0, 0, 0, 2.5]
+    assert "diseas_pct" in rx and r.output.count("wrote") == 1
+    # styled for QGIS: a .qml of the same name (its default style), a class per rate
+    qml = (run / "prescription.qml").read_text()
+    assert 'attr="RATE"' in qml and qml.count("<range ") == 2
     again = ["prescription", str(run), "--rate", "weed=3", "--grid", "10"]
     r = CliRunner().invoke(main, again)
     assert r.exit_code == 2 and "--overwrite" in r.output
@@ -174,7 +178,16 @@ def test_prescription_cli(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weed=2.5,disease=1",
                                   "--out", str(tmp_path / "zones_rx.gpkg")])
     assert r.exit_code == 0, r.output
-    assert sorted(gpd.read_file(tmp_path / "zones_rx.gpkg")["RATE"]) == [1.0, 2.5]
+    assert sorted(gpd.read_file(tmp_path / "zones_rx.gpkg", layer="zones_rx")["RATE"]) == [1.0, 2.5]
+    r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weed=2.5,disease=1",
+                                  "--grid", "10", "--out", str(tmp_path / "grid_rx.gpkg")])
+    assert r.exit_code == 0, r.output
+    # full names in a GeoPackage (cut to 10 characters in Shapefiles only)
+    assert "disease_pct" in gpd.read_file(tmp_path / "grid_rx.gpkg", layer="grid_rx")
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "grid_rx.gpkg") as con:
+        assert con.execute("select count(*) from layer_styles").fetchone() == (1,)
     r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weeds=2"])
     assert r.exit_code == 2 and "valid classes" in r.output
     r = CliRunner().invoke(main, ["prescription", "--help"])
@@ -500,10 +513,10 @@ def test_prescription_cells_are_square_with_rectangular_pixels(tmp_path: Path) -
 
 def test_prescription_share_columns_stay_apart() -> None:
     """Classes sharing six letters wrote one Shapefile column (the last one's shares)."""
-    from agriseg.prescription import _share_column
+    from agriseg.prescription import _shapefile_names
 
-    taken: dict[str, object] = {}
-    for name in ("stress_low", "stress_high", "stress_mid", "weed"):
-        taken[_share_column(name, taken)] = 1
-    assert list(taken) == ["stress_pct", "stres2_pct", "stres3_pct", "weed_pct"]
-    assert all(len(c) <= 10 for c in taken)
+    cols = ["cell_id", "RATE", "stress_low_pct", "stress_high_pct", "stress_mid_pct",
+            "weed_pct", "disease_pct"]
+    renamed = [_shapefile_names(cols).get(c, c) for c in cols]
+    assert renamed == ["cell_id", "RATE", "stress_pct", "stres2_pct", "stres3_pct", "weed_pct",
+                       "diseas_pct"]

@@ -78,6 +78,6 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
                 f"{zones}: not found; {why} use --grid METRES for a grid prescription"
             )
         gdf = zone_prescription(zones, rx)
-    write_prescription(gdf, out, crs)
+    write_prescription(gdf, out, crs, column)
     treated = int((gdf[column] > base_rate).sum())
     click.echo(f"wrote {out}: {len(gdf)} polygon(s), {treated} with a rate above {base_rate}")

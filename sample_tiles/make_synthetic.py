@@ -1,8 +1,9 @@
 """Regenerate the synthetic sample fields in ``sample_tiles/synthetic/``.
 
-Run from anywhere: ``python sample_tiles/make_synthetic.py``. The output is deterministic
-(same agriseg version -> byte-identical rasters), so the files can be checked into git and
-rebuilt at will. See ``agriseg.synth`` for what the fields contain.
+Run from anywhere: ``python sample_tiles/make_synthetic.py``. The output is seeded (same
+agriseg version -> the same RGB and truth rasters byte for byte; the 16-bit multispectral one
+within a unit in a few pixels, float rounding differing between CPUs), so the files can be
+checked into git and rebuilt at will. See ``agriseg.synth`` for what the fields contain.
 """
 
 from __future__ import annotations

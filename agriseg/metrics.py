@@ -20,6 +20,9 @@ from agriseg.raster import no_georef_warning
 
 log = logging.getLogger(__name__)
 
+#: More unknown truth values than this is no label raster: no mapping to suggest.
+MAX_LABELS = 20
+
 
 @dataclass(frozen=True, slots=True)
 class Scores:
@@ -151,14 +154,14 @@ def _mapped(truth: np.ndarray, mapping: dict[int, int] | None, k: int, nodata: i
         for src, dst in mapping.items():
             out[truth == src] = dst
         listed = np.isin(truth, list(mapping))
-        unknown.update(int(v) for v in np.unique(truth[~listed])[:20])
+        unknown.update(int(v) for v in np.unique(truth[~listed])[:MAX_LABELS + 1])
         return out
     return _checked(truth, k, nodata, unknown)
 
 
 def _checked(arr: np.ndarray, k: int, nodata: int, unknown: set[int]) -> np.ndarray:
     """``arr`` as it is; its values that are neither classes nor ``nodata`` go to ``unknown``."""
-    unknown.update(int(v) for v in non_class_values(arr, k, nodata)[:20])
+    unknown.update(int(v) for v in non_class_values(arr, k, nodata)[:MAX_LABELS + 1])
     return arr
 
 
@@ -262,12 +265,20 @@ def evaluate_rasters(
     classes = ", ".join(f"{c.value}={c.name}" for c in schema.classes)
     if unknown_pred:
         raise InputError(
-            f"{pred_path}: holds values {sorted(unknown_pred)[:20]} that are not classes "
+            f"{pred_path}: holds values {sorted(unknown_pred)[:MAX_LABELS]} that are not classes "
             f"({classes}, {schema.nodata}=nodata); the prediction must be a class raster of "
             "agriseg's classes (as `agriseg run` writes classes.tif)"
         )
+    if len(unknown) > MAX_LABELS:
+        raise InputError(
+            f"{truth_path}: holds more than {MAX_LABELS} values that are not classes "
+            f"({min(unknown)}..{max(unknown)} among them): it looks like a continuous raster (a "
+            "confidence, an index, an image band), not class labels; give the labelled class "
+            f"raster ({classes}, {schema.nodata}=unlabelled, or other values mapped with "
+            "--truth-classes VALUE=CLASS,...)"
+        )
     if unknown:
-        vals = sorted(unknown)[:20]
+        vals = sorted(unknown)[:MAX_LABELS]
         raise InputError(
             f"{truth_path}: holds values {vals} that are not classes ({classes}, "
             f"{schema.nodata}=unlabelled); say what each value is with --truth-classes "

@@ -37,6 +37,11 @@ def test_refuses_what_is_not_a_class_raster(tmp_path: Path) -> None:
     odd = _tif(tmp_path / "odd.tif", (CLASSES.astype(np.int16) - 1))  # -1 .. 254
     with pytest.raises(InputError, match=r"odd.tif: holds values \[-1, 254\]"):
         evaluate_rasters(odd, truth)  # was a ValueError from deep inside numpy
+    # a confidence raster given as truth: no mapping of 60 values to paste
+    conf = _tif(tmp_path / "conf.tif", np.arange(40, 100, dtype=np.uint8).reshape(6, 10))
+    pred = _tif(tmp_path / "p.tif", np.zeros((6, 10), np.uint8))
+    with pytest.raises(InputError, match=r"more than 20 values .* a continuous raster"):
+        evaluate_rasters(pred, conf)
 
 
 def test_truth_with_negative_codes_and_its_own_nodata(tmp_path: Path) -> None:

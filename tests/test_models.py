@@ -281,6 +281,11 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> Non
     assert json.loads(props["agriseg_bundle"])["roles"] == list(meta.roles)
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o", str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "--overwrite" in r.output
+    # the export is no bundle: said so, not "not a safetensors file or truncated"
+    with pytest.raises(ModelError, match="is an ONNX model, not an agriseg model bundle"):
+        load_segmenter(str(tmp_path / "x.onnx"))
+    r = CliRunner().invoke(main, ["export", "labelfree", "--onnx", "-o", str(tmp_path / "y.onnx")])
+    assert r.exit_code == 2 and "nothing to export" in r.output
     (tmp_path / "afile").write_text("")
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o",
                                   str(tmp_path / "afile" / "x.onnx")])

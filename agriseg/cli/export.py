@@ -8,25 +8,27 @@ import click
 
 
 @click.command()
-@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.argument("bundle")
 @click.option("--onnx", "as_onnx", is_flag=True, required=True,
               help="Write an ONNX model (input: normalised pixels N,C,H,W; output: probabilities).")
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="ONNX file to write [beside the bundle, where `agriseg run` caches it].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
-def export(bundle: Path, as_onnx: bool, out: Path | None, overwrite: bool) -> None:
+def export(bundle: str, as_onnx: bool, out: Path | None, overwrite: bool) -> None:
     """Export BUNDLE to ONNX and verify it against the PyTorch outputs.
 
-    Input normalisation (mean/std per band) is not part of the graph; it is in the ONNX
-    file's metadata with the classes and band roles (`agriseg_bundle`, and the keys the
+    BUNDLE is a bundle path or a learned model's name (e.g. unet-default). Input
+    normalisation (mean/std per band) is not part of the graph; it is in the ONNX file's
+    metadata with the classes and band roles (`agriseg_bundle`, and the keys the
     Deepness QGIS plugin reads: `class_names`, `resolution`, `tile_size`, `tiles_overlap`,
     `standardization_mean`/`std`). H and W must be multiples of 32.
     """
     from agriseg.errors import OutputError
     from agriseg.models.neural import ONNX_TOLERANCE, export_onnx
 
+    path = _bundle_path(bundle)
     if out is not None:
-        src = bundle.resolve()
+        src = path.resolve()
         own = {p.resolve() for p in src.iterdir()} if src.is_dir() else {src}
         if out.resolve() in own:  # --overwrite would replace the bundle with its export
             raise OutputError(f"{out}: is the bundle being exported; write the ONNX model "
@@ -37,5 +39,23 @@ def export(bundle: Path, as_onnx: bool, out: Path | None, overwrite: bool) -> No
         if out.exists() and not overwrite:
             raise OutputError(f"{out}: exists; use --overwrite to replace it")
 
-    path, diff = export_onnx(bundle, out)
-    click.echo(f"wrote {path} (max |onnx - torch| = {diff:.2e}, tolerance {ONNX_TOLERANCE:g})")
+    written, diff = export_onnx(path, out)
+    click.echo(f"wrote {written} (max |onnx - torch| = {diff:.2e}, tolerance "
+               f"{ONNX_TOLERANCE:g})")
+
+
+def _bundle_path(bundle: str) -> Path:
+    """The bundle file or folder ``bundle`` names: a path, or a registered learned model."""
+    from agriseg.errors import ModelError
+    from agriseg.models.registry import available_models, load_segmenter
+
+    if Path(bundle).exists():
+        return Path(bundle)
+    if bundle in available_models():
+        seg = load_segmenter(bundle)
+        if hasattr(seg, "path"):
+            return Path(seg.path)
+        raise ModelError(f"model {bundle!r} runs no neural network: there is nothing to "
+                         "export; give a learned model (unet-default, a bundle path)")
+    raise ModelError(f"{bundle}: no such bundle file or folder, nor a registered model; "
+                     f"registered: {', '.join(available_models())}")

@@ -205,6 +205,12 @@ def _refuse_pickle(path: Path) -> None:
     # A safetensors file starts with its header length (u64) and the JSON header's "{".
     if len(head) == 9 and head[8:9] == b"{":
         return
+    if path.suffix.lower() == ".onnx":
+        raise ModelError(
+            f"{path}: is an ONNX model, not an agriseg model bundle; give the .safetensors "
+            "bundle it was exported from (agriseg exports and caches the ONNX file itself when "
+            "it runs with ONNX Runtime)"
+        )
     pickled = (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or \
         head[:4] == b"PK\x03\x04"
     if pickled or path.suffix.lower() in _PICKLE_SUFFIXES:

@@ -504,8 +504,8 @@ def open_survey(path: str | os.PathLike[str], bands: str | BandRoles | None = No
             return _describe(ds, p, bands)
         except RasterioError as exc:
             raise RasterError(
-                f"{p}: cannot read the raster ({exc}); the file is probably truncated or "
-                "corrupt: re-export it (gdalinfo -checksum shows bad blocks)"
+                f"{p}: cannot read the raster ({gdal_reason(exc)}); the file is probably "
+                "truncated or corrupt: re-export it (gdalinfo -checksum shows bad blocks)"
             ) from exc
 
 
@@ -727,6 +727,18 @@ def read_window(
     return scaled_bands(raw, valid, survey)
 
 
+def gdal_reason(exc: BaseException) -> str:
+    """GDAL's own words for a failed read.
+
+    rasterio's "Read failed. See previous exception for details." names none; the exception
+    it chains does.
+    """
+    text = str(exc)
+    if "See previous exception" in text and exc.__cause__ is not None:
+        text = str(exc.__cause__)
+    return text.strip().rstrip(".") or type(exc).__name__
+
+
 @contextlib.contextmanager
 def _read_errors(survey: SurveyRaster, window: Window) -> Iterator[None]:
     try:
@@ -735,8 +747,9 @@ def _read_errors(survey: SurveyRaster, window: Window) -> Iterator[None]:
         raise RasterError(
             f"{survey.path}: cannot read pixels in window rows {int(window.row_off)}.."
             f"{int(window.row_off + window.height)}, cols {int(window.col_off)}.."
-            f"{int(window.col_off + window.width)} ({exc}); the file is probably truncated or "
-            "corrupt: re-export or re-download it (gdalinfo -checksum shows bad blocks)"
+            f"{int(window.col_off + window.width)} ({gdal_reason(exc)}); the file is probably "
+            "truncated or corrupt: re-export or re-download it (gdalinfo -checksum shows bad "
+            "blocks)"
         ) from exc
 
 
@@ -977,8 +990,9 @@ def _read_overview(
                 valid = both[-1] > 0 if extra else _read_valid(ds, survey, None, shape)
     except RasterioError as exc:
         raise RasterError(
-            f"{survey.path}: cannot read an overview ({exc}); the file is probably truncated "
-            "or corrupt"
+            f"{survey.path}: cannot read an overview ({gdal_reason(exc)}); the file is "
+            "probably truncated or corrupt: re-export or re-download it (gdalinfo -checksum "
+            "shows bad blocks)"
         ) from exc
     data, valid = scaled_bands(raw, valid, survey)
     factor = survey.grid.width / shape[1]

@@ -122,14 +122,24 @@ def format_validation(exc: ValidationError, source: str, model: type[BaseModel],
     """Every invalid key of ``exc`` and why; unknown keys get the valid ones (and a guess)."""
     parts = []
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        # List items counted from 1, as a YAML reader counts them ("data #2", not "data.1").
+        loc = ".".join(f"#{x + 1}" if isinstance(x, int) else str(x) for x in err["loc"])
+        loc = loc.replace(".#", " #") or "(top level)"
+        if source == "options" and len(err["loc"]) == 1:  # command-line options
+            loc = "--" + loc.replace("_", "-")
+        msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] != "extra_forbidden" and isinstance(value, str | int | float) \
+                and not isinstance(value, bool) and repr(value) not in msg:
+            msg += f" (got {value!r})"
         keys = _keys_at(model, err["loc"][:-1]) if err["type"] == "extra_forbidden" else None
         if keys:
             near = difflib.get_close_matches(str(err["loc"][-1]), keys, n=1)
             msg = ("unknown key" + (f"; did you mean {near[0]}?" if near else "")
                    + f" (valid here: {', '.join(keys)})")
         parts.append(f"{loc}: {msg}")
+    if source == "options":
+        return "invalid option: " + "; ".join(parts)
     return f"{source}: invalid {what}: " + "; ".join(parts)
 
 

@@ -395,6 +395,10 @@ def test_cli_halo_clamped_and_narrow_halo_warned(rgba_tif: Path, tmp_path: Path,
     assert r.exit_code == 0, r.output
     assert "wider than the survey" in r.output
     assert json.loads((tmp_path / "w" / "run.json").read_text())["plan"]["halo"] == side
+    # option errors name the option as typed, not pydantic's "options: ... Value error,"
+    r = CliRunner().invoke(main, [*base, "--out", str(tmp_path / "t"), "--tile-size", "1000"])
+    assert r.exit_code == 2
+    assert "invalid option: --tile-size: must be a multiple of 16" in r.output, r.output
     # -q: the warning and nothing else (no plan, progress lines or list of outputs)
     r = CliRunner().invoke(main, ["-q", *base, "--out", str(tmp_path / "n"), "--halo", "4"])
     assert r.exit_code == 0, r.output

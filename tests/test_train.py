@@ -182,7 +182,7 @@ def test_config_errors_are_clear(tmp_path: Path, pair: tuple[Path, Path]) -> Non
     # an unknown key names the valid ones, with a guess
     bad = _write_cfg(tmp_path / "f.yaml", out="r", data=[{"image": str(img), "label": "x"}])
     r = CliRunner().invoke(main, ["train", str(bad)])
-    assert r.exit_code == 2 and "data.0.label: unknown key; did you mean labels?" in r.output
+    assert r.exit_code == 2 and "data #1.label: unknown key; did you mean labels?" in r.output
     # the image itself, float labels, negative labels (wrapped round to classes in uint8)
     with rasterio.open(truth) as ds:
         profile, classes = ds.profile, ds.read(1)

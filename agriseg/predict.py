@@ -155,6 +155,25 @@ def input_identity(path: str) -> dict[str, Any]:
     return {"path": path, "size": st.st_size, "mtime": int(st.st_mtime), "header_sha256": head}
 
 
+def _changes(key: str, old: Any, new: Any, most: int = 3) -> str:
+    """``key`` and what changed inside it: ``model (config.row_support: 0.5 -> 0.45)``."""
+    found: list[str] = []
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    walk(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+        elif a != b:
+            found.append(f"{where or key}: {a!r} -> {b!r}" if where else f"{a!r} -> {b!r}")
+
+    walk(old, new, "")
+    if not found:
+        return key
+    text = ", ".join(v if len(v) <= 120 else v[:117] + "..." for v in found[:most])
+    return f"{key} ({text}{', ...' if len(found) > most else ''})"
+
+
 @dataclass
 class Checkpoint:
     """Durable record of finished tiles, written atomically beside the working files."""
@@ -181,10 +200,11 @@ class Checkpoint:
             old = data.get("identity", {})
             changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             if changed:
+                what = "; ".join(_changes(k, old.get(k), identity.get(k)) for k in changed)
                 raise ResumeError(
-                    f"{path.parent.parent}: an unfinished run with different "
-                    f"{', '.join(changed)} is there; rerun with --overwrite to start over, "
-                    "or restore the original input and options to resume it"
+                    f"{path.parent.parent}: an unfinished run with a different {what} is "
+                    "there; rerun with --overwrite to start over, or restore the original "
+                    "input and options to resume it"
                 )
             done = set(data.get("done", []))
             log.info("resuming: %d tile(s) already done", len(done))

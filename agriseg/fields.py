@@ -551,8 +551,9 @@ def _table(
         out[f"{name}_median"], out[f"{name}_p10"], out[f"{name}_p90"] = qs.T
     # Weeds without crop (a failed stand) have no disease incidence but do have a score: 0.
     out["health_score"] = health_score(wp, np.where(np.isnan(di) & (veg > 0), 0.0, di), cover)
-    order = out["health_score"].rank(method="first", na_option="bottom")
-    out["rank"] = order.astype(int)
+    # Unscored fields (no vegetation, no valid pixel) have no place in the visiting order.
+    order = out["health_score"].rank(method="first", na_option="keep")
+    out["rank"] = order.astype("Int64")
     if on_earth(fields.crs):
         ll = fields.geometry.representative_point().to_crs(4326)
         out["lon"], out["lat"] = ll.x.round(7).to_numpy(), ll.y.round(7).to_numpy()
@@ -562,7 +563,7 @@ def _table(
     out = out.round({c: 6 if c.endswith("_ha") else 3 for c in out.columns
                      if out[c].dtype.kind == "f" and c not in ("lon", "lat")})
     gdf = gpd.GeoDataFrame(out, geometry=fields.geometry.to_numpy(), crs=fields.crs)
-    return gdf.sort_values("rank").reset_index(drop=True)
+    return gdf.sort_values("rank", na_position="last").reset_index(drop=True)
 
 
 def _csv_text(value: object) -> object:

@@ -481,5 +481,5 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
         aux.write_text(_aux_xml_categories(schema))
         os.replace(aux, dst.with_name(dst.name + ".aux.xml"))
     os.replace(tmp, dst)
-    log.info("wrote %s", dst)
+    log.debug("wrote %s", dst)
     return dst

@@ -62,7 +62,7 @@ def zones_step(ctx: SurveyContext) -> None:
     """``zones.gpkg`` (styled) and ``zone_ids.tif`` (instance ids) from the class mask."""
     from agriseg.vectorize import ZoneParams, vectorize_zones, write_zones
 
-    fields = _fieldset(ctx).fields if ctx.config.fields is not None else None
+    fields = _fieldset(ctx).fields  # without --fields the whole survey: field_id "survey"
     work = ctx.work_dir
     ids_tif = work / "zone_ids.tif"
     zones = vectorize_zones(

@@ -499,6 +499,7 @@ def _process(
         "agriseg": __version__,
     }
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
+    resumed = len(checkpoint.done)
     _check_disk(work, specs, data_px, bool(checkpoint.done))
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
     t = time.perf_counter()
@@ -510,7 +511,9 @@ def _process(
         writer.close()
         _release_tile_memory()
     timings["segment_s"] = time.perf_counter() - t
-    log.info("%d tile(s) segmented and written in %.1f s", len(tiles), timings["segment_s"])
+    log.info("%d tile(s) segmented and written in %.1f s%s", len(tiles) - resumed,
+             timings["segment_s"], f" ({resumed} more done before the resume)" if resumed
+             else "")
 
     t = time.perf_counter()
     ctx = SurveyContext(config, survey, segmenter, prepared, plan, schema, out, work,

@@ -1405,7 +1405,7 @@ def write_field(
     finally:
         for tmp in (tmp_img, tmp_truth):
             tmp.unlink(missing_ok=True)
-    log.info(
+    log.debug(
         "wrote synthetic field %s (%dx%d, %s) and truth %s",
         image_path, h, w, "multispectral" if spec.multispectral else "RGB", truth_path,
     )

@@ -184,6 +184,7 @@ def test_cli_image_without_georeferencing(rgba_tif: Path, tmp_path: Path,
     assert run["input"]["image"] == str(png) and run["input"]["grid"]["gsd_m"] == 0.01
     zones = gpd.read_file(out / "zones.gpkg", layer="zones")
     assert len(zones) and zones["centroid_lon"].isna().all()
+    assert (zones["field_id"] == "survey").all()  # the one field of a run without --fields
     assert gpd.read_file(out / "fields.gpkg", layer="fields")["lon"].isna().all()
     r = CliRunner().invoke(main, ["prescription", str(out), "--rate", "weed=2", "--grid", "0.2"])
     assert r.exit_code == 0 and (out / "prescription.shp").exists(), r.output

@@ -10,7 +10,7 @@ import click
 
 @click.command()
 def models() -> None:
-    """List models usable with ``agriseg run --model NAME`` (bundle paths work too)."""
+    """List models usable with agriseg run --model NAME (bundle paths work too)."""
     from agriseg.models import available_models
     from agriseg.models.neural import runs_as
     from agriseg.models.registry import DEFAULT_MODEL

@@ -214,8 +214,9 @@ class _LogProgress:
         if not self._estimated and done - d0 >= max(2, total // 20) and done < total:
             rate = (done - d0) / max(now - t0, 1e-9)
             left = (total - done) / rate
-            click.echo(f"estimate: about {left / 60:.1f} min for the remaining "
-                       f"{total - done} tiles", err=True)
+            when = f"{left / 60:.1f} min" if left >= 60 else f"{max(left, 1):.0f} s"
+            click.echo(f"estimate: about {when} for the remaining {total - done} tiles",
+                       err=True)
             self._estimated = True
 
     def update(self, done: int, total: int, pixels: int) -> None:

@@ -624,6 +624,14 @@ def _describe(
                 "along its edges: taken as nodata (set a nodata value or an alpha band to "
                 "say otherwise)", p, 100 * share,
             )
+            if str(getattr(ds.compression, "value", ds.compression)).upper().startswith("JPEG"):
+                # Lossy blocks smear the fill's edge into values of a few units that are not
+                # black: a rim of "pixels" around the footprint gets classes.
+                log.warning(
+                    "%s: is JPEG-compressed, which leaves near-black pixels along the black "
+                    "fill's edge; they are classified. To mask them, add an alpha band first: "
+                    "nearblack -setalpha -near 25 -of GTiff -o masked.tif %s", p, p,
+                )
     nodata = ds.nodata
     if mask_source == "none" and dtype.kind in "fi":
         fill = _negative_fill(sample()[[i - 1 for i in spectral]])

@@ -161,6 +161,18 @@ def test_undeclared_black_fill_is_nodata(tmp_path: Path) -> None:
     assert open_survey(_rgb(tmp_path / "declared.tif", rgb, nodata=0)).mask_source == "gdal"
 
 
+def test_jpeg_black_fill_warns_of_its_smeared_edge(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    rgb = np.full((3, 256, 256), 120, np.uint8)
+    yy, xx = np.mgrid[0:256, 0:256]
+    rgb[:, (xx + yy) < 80] = 0
+    path = _rgb(tmp_path / "jpeg.tif", rgb, compress="JPEG", tiled=True, blockxsize=128,
+                blockysize=128)
+    with caplog.at_level("WARNING", logger="agriseg.raster"):
+        assert open_survey(path).mask_source == "black"
+    assert "JPEG-compressed" in caplog.text and "nearblack -setalpha" in caplog.text
+
+
 def test_unflagged_validity_band_is_alpha_not_nir(tmp_path: Path) -> None:
     """Drone RGB + a fourth 0/255 band without the alpha flag: a validity mask, not NIR."""
     rng = np.random.default_rng(0)

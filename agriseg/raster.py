@@ -403,9 +403,10 @@ def _choose_scale(
 ) -> float:
     """Scale raw values to 0..1 reflectance-like values (documented in the README).
 
-    uint8: 1/255. Integer types: 1/10000 when the 99th percentile of a decimated read is
-    below 12000 (Sentinel-2 / Landsat style reflectance x 10000), else 1/65535. Floats:
-    1 when values look like 0..1 reflectance, 1/255 for 0..255, else 1/10000.
+    uint8, and wider integers holding nothing above 255: 1/255. Integer types: 1/10000 when
+    the 99th percentile of a decimated read is below 12000 (Sentinel-2 / Landsat style
+    reflectance x 10000), else 1/65535. Floats: 1 when values look like 0..1 reflectance,
+    1/255 for 0..255, else 1/10000.
     """
     dtype = np.dtype(ds.dtypes[bands[0] - 1])
     if dtype == np.uint8:
@@ -422,6 +423,10 @@ def _choose_scale(
     values = values[np.isfinite(values)]
     p99 = float(np.percentile(values, 99)) if values.size else 1.0
     if np.issubdtype(dtype, np.integer):
+        if values.size and values.max() <= 255:
+            # 8-bit data in a wider type (a 16-bit export of an RGB mosaic): no reflectance
+            # x 10000 survey is that dark everywhere (soil reflects 0.1-0.3).
+            return 1.0 / 255.0
         return 1.0 / 10000.0 if p99 < 12000 else 1.0 / 65535.0
     if p99 <= 1.5:
         return 1.0

@@ -276,3 +276,10 @@ def test_descriptions_without_green_and_tagged_alpha(tmp_path: Path) -> None:
             dst.set_band_description(1, "Red")
             dst.set_band_description(2, "NIR")
     assert open_survey(two).roles.as_dict() == {"red": 1, "nir": 2}  # was "no descriptions"
+
+
+def test_eight_bit_values_in_sixteen_bits_scale_by_255(tmp_path: Path) -> None:
+    """A 16-bit export of an 8-bit mosaic was read as reflectance x 10000 (0..0.0255)."""
+    rgb = np.random.default_rng(0).integers(20, 256, (3, 64, 64)).astype(np.uint16)
+    assert open_survey(_rgb(tmp_path / "u16.tif", rgb)).scale == pytest.approx(1 / 255)
+    assert open_survey(_rgb(tmp_path / "refl.tif", rgb * 20)).scale == pytest.approx(1e-4)

@@ -7,16 +7,18 @@ same for a 10 MP and a 10 GP survey apart from the number of fields drawn.
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import io
 import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import geopandas as gpd
 import numpy as np
@@ -36,6 +38,9 @@ from agriseg.quicklook import colour_stretch, display_roles, to_rgba
 from agriseg.raster import SurveyRaster, read_overview, sample_positions, scaled_bands
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 MAX_FIELD_MAPS = 60
 # Field maps drawn at once; each holds a strip of its window (see _window_mean).
@@ -62,10 +67,11 @@ min-width:140px}
 img{max-width:100%;background:#fff;border-radius:6px;box-shadow:0 1px 3px #0002}
 table{border-collapse:collapse;background:#fff;font-size:13px}
 th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}
+td.id{text-align:left;min-width:6em;max-width:22em;overflow-wrap:anywhere}
 th{background:#e8ece4;position:sticky;top:0} td:first-child,th:first-child{text-align:left}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
 .field{background:#fff;border-radius:8px;padding:8px;box-shadow:0 1px 3px #0002}
-.field h3{margin:0 0 4px;font-size:15px}
+.field h3{margin:0 0 4px;font-size:15px;overflow-wrap:anywhere}
 pre{background:#fff;padding:10px;border-radius:6px;overflow-x:auto}
 .note{color:#8a4b00}
 """
@@ -82,6 +88,23 @@ def _png(fig: Figure, dpi: int = 90) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+#: Longest field id drawn on maps and charts (the table shows it whole).
+LABEL_CHARS = 24
+
+
+def _label(value: object) -> str:
+    """A field id short enough for a map or chart label.
+
+    A 300-character id squeezed the report's maps to a quarter of their figure.
+    """
+    text = str(value)
+    if len(text) <= LABEL_CHARS:
+        return text
+    # The end kept too: ids often differ only there ("Plot 7 north ... A" / "... B").
+    tail = LABEL_CHARS // 3
+    return text[: LABEL_CHARS - tail - 1] + "\u2026" + text[-tail:]
 
 
 def _img(uri: str, alt: str) -> str:
@@ -243,7 +266,7 @@ def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif:
             # On the part inside the raster: a field reaching past its edge kept its label
             # outside the map.
             p = row.geometry.intersection(raster).representative_point()
-            axes[0].annotate(str(row["field_id"]), (p.x, p.y), color="yellow", fontsize=7,
+            axes[0].annotate(_label(row["field_id"]), (p.x, p.y), color="yellow", fontsize=7,
                              ha="center", va="center", weight="bold", path_effects=halo)
     zone_key = [Patch(facecolor="none", edgecolor="magenta", label="zone")]
     axes[1].legend(handles=[*_legend(schema), *(zone_key if zones_computed else [])],
@@ -287,11 +310,13 @@ def _class_chart(summary: gpd.GeoDataFrame, schema: ClassSchema) -> str:
     s = summary[summary["covered_pct"].fillna(0) > 0].head(60)
     fig, ax = _subplots(figsize=(10, max(2.0, 0.22 * len(s) + 1)))
     left = np.zeros(len(s))
-    labels = s["field_id"].astype(str).to_numpy()
+    # Positions, not the ids as categories: two ids cut to the same label shared one bar.
+    y = np.arange(len(s))
     for c in schema.classes:
         v = s[f"{c.name}_pct"].fillna(0).to_numpy()
-        ax.barh(labels, v, left=left, color=np.array(c.color) / 255, label=c.name)
+        ax.barh(y, v, left=left, color=np.array(c.color) / 255, label=c.name)
         left += v
+    ax.set_yticks(y, [_label(v) for v in s["field_id"]])
     ax.invert_yaxis()
     ax.set_xlabel("share of valid pixels, %")
     ax.set_xlim(0, 100)
@@ -314,7 +339,8 @@ def _index_chart(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str |
     for ax, n in zip(axes[0], names, strict=True):
         ax.hlines(y, s[f"{n}_p10"], s[f"{n}_p90"], color="#6a9f58", linewidth=3)
         ax.plot(s[f"{n}_median"], y, "k|", markersize=10)
-        ax.set_yticks(y, s["field_id"].astype(str) if ax is axes[0][0] else [""] * len(y),
+        names = [_label(v) for v in s["field_id"]]
+        ax.set_yticks(y, names if ax is axes[0][0] else [""] * len(y),
                       fontsize=7)
         ax.invert_yaxis()
         ax.set_title(f"{n.upper()}: p10-p90, median |")
@@ -367,12 +393,28 @@ def _table(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str:
              if f"{n}_median" in summary]
     head = "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in cols)
     rows = "".join(
-        "<tr>" + "".join(f"<td>{_fmt(r[c], f)}</td>" for c, _, f in cols) + "</tr>"
+        "<tr>" + "".join(f"<td{' class=id' if c == 'field_id' else ''}>{_fmt(r[c], f)}</td>"
+                         for c, _, f in cols) + "</tr>"
         for _, r in summary.iterrows()
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
+def _quiet_glyphs(func: Callable[P, R]) -> Callable[P, R]:
+    """``func`` without matplotlib's missing-glyph warnings.
+
+    Field ids in scripts the bundled font lacks (CJK) draw as boxes in the charts (the HTML
+    table shows them right); a warning per glyph and figure flooded the log.
+    """
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Glyph .* missing from font", UserWarning)
+            return func(*args, **kwargs)
+    return wrapper
+
+
+@_quiet_glyphs
 def write_report(
     path: str | os.PathLike[str],
     survey: str | SurveyRaster,
@@ -465,7 +507,7 @@ def write_report(
                 continue
             parts.append(
                 f"<div class='field'><h3>{html.escape(str(r['field_id']))} · health "
-                f"{_fmt(r['health_score'], '{:.1f}')} · rank {r['rank']}</h3>"
+                f"{_fmt(r['health_score'], '{:.1f}')} · rank {_fmt(r['rank'], '{:.0f}')}</h3>"
                 f"{_img(uri, 'field ' + str(r['field_id']))}"
                 f"<div>weed {_fmt(r.get('weed_pct'), '{:.1f}')} % · disease "
                 f"{_fmt(r.get('disease_pct'), '{:.1f}')} % · zones {_fmt(r['zones'], '{:.0f}')}"
@@ -483,7 +525,7 @@ def write_report(
                 f"<tr><td>{z['zone_id']}</td><td>{html.escape(str(z['class']))}</td>"
                 f"<td>{z['area_m2']:.{2 if z['area_m2'] >= 0.1 else 4}f}</td>"
                 f"<td>{_fmt(z['mean_confidence'], '{:.0f}')}</td>"
-                f"<td>{html.escape(str(z['field_id'] or '-'))}</td>"
+                f"<td class=id>{html.escape(str(z['field_id'] or '-'))}</td>"
                 f"<td>{z['centroid_lat']:.6f}</td><td>{z['centroid_lon']:.6f}</td></tr>"
             )
         parts.append("</tbody></table>")

@@ -350,3 +350,11 @@ def test_field_maps_leave_an_undeclared_black_fill_transparent(tmp_path: Path) -
     roles = survey.roles.as_dict()
     field, _ = _read_image(survey, roles, Window(0, 0, 64, 64), (64, 64))
     np.testing.assert_array_equal(field[..., 3] > 0, valid)  # GDAL's mask said all valid
+
+
+def test_long_field_ids_are_cut_in_the_middle() -> None:
+    from agriseg.report import LABEL_CHARS, _label
+
+    a, b = _label("Plot 7 north " + "x" * 40 + " A"), _label("Plot 7 north " + "x" * 40 + " B")
+    assert len(a) == LABEL_CHARS and a != b and a.startswith("Plot 7") and a.endswith(" A")
+    assert _label("short") == "short"

@@ -251,6 +251,15 @@ def read_fields(
     xy, owner = shapely.get_coordinates(geoms, return_index=True)
     broken = np.bincount(owner[~np.isfinite(xy).all(axis=1)], minlength=len(geoms)) > 0
     if broken.any() and broken.sum() == (~shapely.is_missing(geoms)).sum():
+        src_xy = shapely.get_coordinates(df.geometry.to_numpy())
+        if df.crs.is_geographic and len(src_xy) and np.abs(src_xy[:, 0]).max() <= 90 \
+                and np.abs(src_xy[:, 1]).max() > 90:
+            raise VectorError(
+                f"{p}: its coordinates look like (latitude, longitude): y reaches "
+                f"{src_xy[np.abs(src_xy[:, 1]).argmax(), 1]:g}, beyond any latitude; write "
+                "the file with longitude first (x) and latitude second (y), as GeoJSON and "
+                "GeoPackage expect"
+            )
         raise VectorError(
             f"{p}: its coordinates do not fit its CRS {df.crs.to_string()} (none of them "
             f"reprojects to the raster's {grid.crs.to_string()}); a GeoJSON without a crs member "

@@ -337,6 +337,12 @@ def test_fields_whose_coordinates_do_not_fit_their_crs(tmp_path: Path) -> None:
         grid = Grid(ds.shape, ds.transform, ds.crs)
     with pytest.raises(VectorError, match="coordinates do not fit its CRS EPSG:4326"):
         read_fields(path, grid)
+    # latitude first: told so, not to assign the raster's CRS
+    swapped = tmp_path / "latlon.geojson"
+    gpd.GeoDataFrame({"name": ["a"]}, geometry=[shapely.box(44.2, -93.01, 44.21, -93.0)],
+                     crs=4326).to_file(swapped, engine="pyogrio")
+    with pytest.raises(VectorError, match=r"look like \(latitude, longitude\)"):
+        read_fields(swapped, grid)
 
 
 def test_areas_with_rectangular_pixels(tmp_path: Path) -> None:

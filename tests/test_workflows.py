@@ -121,3 +121,14 @@ def test_labelled_dataset_script(tmp_path: Path, scheduler: str) -> None:
     # a rerun skips the tiles already done
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "2 pairs" in r.stdout, r.stderr
+
+
+def test_placeholder_input_of_a_workflow_says_to_give_the_survey(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from agriseg.cli import main
+
+    r = CliRunner().invoke(main, ["run", "--config", str(WORKFLOWS / "overnight.yaml"),
+                                  "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "give the survey on the command line" in r.output, r.output
+    assert not (tmp_path / "o").exists()

@@ -125,6 +125,14 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
             values[key] = val
     if "input" not in values:
         raise click.UsageError("give INPUT (or `input:` in --config)")
+    given = str(values["input"])
+    if opts.get("input") is None and config_file and not Path(given).exists() \
+            and not given.startswith("/vsi") and "://" not in given:
+        # The workflow configs hold a placeholder survey.tif: the survey is on the command line.
+        raise click.UsageError(
+            f"{values['input']}: not found (`input:` of {config_file}); give the survey on the "
+            f"command line: agriseg run SURVEY.tif --config {config_file} ..."
+        )
     if "out" not in values:
         raise click.UsageError("give --out DIR (or `out:` in --config)")
     cfg = build_run_config(str(config_file) if config_file else "options", **values)

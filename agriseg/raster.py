@@ -620,7 +620,7 @@ def _describe(
         )
     if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
         raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
-    if mask_source == "none" and len(spectral) >= 3:
+    if mask_source == "none" and len(spectral) >= 2:  # red + NIR stacks too
         share = _black_fill_share(sample()[[i - 1 for i in spectral]])
         if share is not None:
             mask_source = "black"

@@ -276,6 +276,15 @@ def test_descriptions_without_green_and_tagged_alpha(tmp_path: Path) -> None:
             dst.set_band_description(1, "Red")
             dst.set_band_description(2, "NIR")
     assert open_survey(two).roles.as_dict() == {"red": 1, "nir": 2}  # was "no descriptions"
+    # without a declared nodata, their black fill along the edges is nodata as with 3 bands
+    bare = tmp_path / "rn_bare.tif"
+    with rasterio.open(two) as src:
+        profile, data, names = {**src.profile, "nodata": None}, src.read(), src.descriptions
+    data[:, :, :8] = 0  # the fill
+    with rasterio.open(bare, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = names
+    assert open_survey(bare).mask_source == "black"
 
 
 def test_eight_bit_values_in_sixteen_bits_scale_by_255(tmp_path: Path) -> None:

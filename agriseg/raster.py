@@ -179,11 +179,22 @@ class SurveyRaster:
         missing = [r for r in roles if not self.roles.has(r)]
         if missing:
             present = ", ".join(f"{r}={i}" for r, i in self.roles.bands) or "none"
+            # The example uses this raster's spare bands: a fixed red=1,...,nir=4 named the
+            # alpha band of an RGBA survey as NIR.
+            used = {i for _, i in self.roles.bands}
+            spare = [i for i in range(1, self.count + 1) if i not in used]
+            if len(spare) >= len(missing):
+                pairs = [(r, i) for r, i in self.roles.bands if r != "alpha"]
+                pairs += list(zip(missing, spare, strict=False))
+                fix = ("Name the bands with --bands, e.g. --bands "
+                       + ",".join(f"{r}={i}" for r, i in pairs))
+            else:
+                fix = (f"It has no band left for {', '.join(missing)}: run a model for the bands "
+                       "it has (e.g. --model labelfree) or a survey that has them")
             raise BandError(
                 f"{self.path}: {who} needs band roles {', '.join(roles)} but "
                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "
-                f"(found: {present}; {self.count} band(s)). Name the bands with "
-                f"--bands, e.g. --bands red=1,green=2,blue=3,nir=4"
+                f"(found: {present}; {self.count} band(s)). {fix}"
             )
 
     def to_dict(self) -> dict[str, object]:

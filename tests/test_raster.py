@@ -266,7 +266,10 @@ def test_descriptions_without_green_and_tagged_alpha(tmp_path: Path) -> None:
     with rasterio.open(path, "r+") as ds:  # untagged but alpha: the convention skips it
         for i in range(1, 4):
             ds.set_band_description(i, "")
-    assert open_survey(path).roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "alpha": 4}
+    rgba = open_survey(path)
+    assert rgba.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "alpha": 4}
+    with pytest.raises(BandError, match="no band left for nir"):  # not "--bands ...,nir=4"
+        rgba.require(("red", "green", "blue", "nir"))
     two = tmp_path / "rn.tif"
     with rasterio.open(path) as src:
         profile = {**src.profile, "count": 2, "nodata": 0}

@@ -14,7 +14,8 @@ Health score (0-100, also in the README and the report)::
                                                 C90 = 90th percentile of C over all fields
     health = 100 * (1 - W) * (1 - D) * S
 
-A field with no vegetation at all has no score (NaN). ``rank`` 1 is the lowest score: the field
+A field with (almost) no vegetation, under :data:`MIN_VEGETATION` of its valid pixels, has no
+score (NaN). ``rank`` 1 is the lowest score: the field
 to visit first.
 """
 
@@ -480,6 +481,10 @@ def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.where(den > 0, den, 1), np.nan)
 
 
+#: Least vegetation share of a field's valid pixels for a health score.
+MIN_VEGETATION = 0.01
+
+
 def health_score(weed_pressure: np.ndarray, disease_incidence: np.ndarray,
                  crop_cover: np.ndarray) -> np.ndarray:
     """The 0-100 health score of the module docstring (NaN where there is no vegetation)."""
@@ -559,7 +564,10 @@ def _table(
         qs = hist_quantiles(h, lo, hi, (0.5, 0.1, 0.9))
         out[f"{name}_median"], out[f"{name}_p10"], out[f"{name}_p90"] = qs.T
     # Weeds without crop (a failed stand) have no disease incidence but do have a score: 0.
-    out["health_score"] = health_score(wp, np.where(np.isnan(di) & (veg > 0), 0.0, di), cover)
+    score = health_score(wp, np.where(np.isnan(di) & (veg > 0), 0.0, di), cover)
+    # A few plant pixels on a bare (or harvested, or senesced) field are no stand to score:
+    # two weed pixels made such plots "100 % weed pressure, visit first".
+    out["health_score"] = np.where(_share(veg, valid) >= MIN_VEGETATION, score, np.nan)
     # Unscored fields (no vegetation, no valid pixel) have no place in the visiting order.
     order = out["health_score"].rank(method="first", na_option="keep")
     out["rank"] = order.astype("Int64")

@@ -149,9 +149,11 @@ def _fill_symbol(name: str, fill: str, outline: str, width: float = 0.4) -> str:
     )
 
 
-def _vector_qml(renderer: str) -> str:
+def _vector_qml(renderer: str, labeling: str = "") -> str:
+    head = _VECTOR_HEAD.replace('labelsEnabled="0"', 'labelsEnabled="1"') if labeling \
+        else _VECTOR_HEAD
     return (
-        _VECTOR_HEAD + renderer
+        head + renderer + labeling
         + "  <blendMode>0</blendMode>\n  <featureBlendMode>0</featureBlendMode>\n"
         "  <layerOpacity>1</layerOpacity>\n  <layerGeometryType>2</layerGeometryType>\n"
         "</qgis>\n"
@@ -186,25 +188,56 @@ HEALTH_CLASSES: tuple[tuple[float, float, str], ...] = (
 """Graduated classes of the health score (lower bound, upper bound, colour)."""
 
 
-def fields_qml(attribute: str = "health_score") -> str:
-    """Graduated polygon style of fields by health score, red (0) to green (100)."""
-    ranges = "".join(
-        f'      <range render="true" lower="{lo:.6f}" upper="{hi:.6f}" '
-        f'label="{lo:g} - {min(hi, 100):g}" symbol="{i}"/>\n'
-        for i, (lo, hi, _) in enumerate(HEALTH_CLASSES)
-    )
-    symbols = "".join(
-        _fill_symbol(str(i), _rgba(_hex_rgb(c), 110), "35,35,35,255", 0.3)
-        for i, (_, _, c) in enumerate(HEALTH_CLASSES)
-    )
+NO_SCORE_COLOR = "#bdbdbd"
+"""Fill of fields without a health score (no vegetation, no valid pixel)."""
+
+
+def fields_qml(attribute: str = "health_score", label: str = "field_id") -> str:
+    """Fields by health score, red (0) to green (100), grey without a score; labelled by id.
+
+    Rules rather than a graduated renderer: that one draws nothing for a NULL score, so a
+    field without vegetation vanished from the map.
+    """
+    field = f'"{attribute}"'
+    rules, symbols = [], []
+    for i, (lo, hi, color) in enumerate(HEALTH_CLASSES):
+        flt = f"{field} >= {lo:g} AND {field} < {hi:g}"
+        rules.append(f'    <rule key="{{health-{i}}}" filter={quoteattr(flt)} '
+                     f'label="{lo:g} - {min(hi, 100):g}" symbol="{i}"/>\n')
+        symbols.append(_fill_symbol(str(i), _rgba(_hex_rgb(color), 110), "35,35,35,255", 0.3))
+    n = len(HEALTH_CLASSES)
+    rules.append(f'    <rule key="{{health-none}}" filter="ELSE" label="no score" '
+                 f'symbol="{n}"/>\n')
+    symbols.append(_fill_symbol(str(n), _rgba(_hex_rgb(NO_SCORE_COLOR), 90), "35,35,35,255",
+                                0.3))
     return _vector_qml(
-        f'  <renderer-v2 type="graduatedSymbol" attr={quoteattr(attribute)} '
-        'graduatedMethod="GraduatedColor" forceraster="0" symbollevels="0" '
+        '  <renderer-v2 type="RuleRenderer" forceraster="0" symbollevels="0" '
         'enableorderby="0" referencescale="-1">\n'
-        f"    <ranges>\n{ranges}    </ranges>\n"
-        f"    <symbols>\n{symbols}    </symbols>\n"
-        '    <mode name="custom"/>\n'
-        "  </renderer-v2>\n"
+        f'    <rules key="{{health}}">\n{"".join(rules)}    </rules>\n'
+        f"    <symbols>\n{''.join(symbols)}    </symbols>\n"
+        "  </renderer-v2>\n",
+        _labels(label),
+    )
+
+
+def _labels(field: str) -> str:
+    """Simple labels of ``field`` over each polygon, dark text on a light halo."""
+    return (
+        '  <labeling type="simple">\n'
+        '    <settings calloutType="simple">\n'
+        f'      <text-style fieldName={quoteattr(field)} isExpression="0" fontSize="8" '
+        'fontSizeUnit="Point" fontWeight="75" textColor="20,20,20,255" textOpacity="1" '
+        'multilineHeight="1" fontLetterSpacing="0" fontWordSpacing="0">\n'
+        '        <text-buffer bufferDraw="1" bufferSize="0.8" bufferSizeUnits="MM" '
+        'bufferColor="255,255,255,255" bufferOpacity="0.8" bufferJoinStyle="128"/>\n'
+        "      </text-style>\n"
+        '      <text-format wrapChar="" autoWrapLength="0" multilineAlign="3"/>\n'
+        '      <placement placement="1" offsetType="0" centroidWhole="0" centroidInside="1" '
+        'fitInPolygonOnly="0" priority="5"/>\n'
+        '      <rendering obstacle="1" displayAll="0" limitNumLabels="0" minFeatureSize="0" '
+        'upsidedownLabels="0" scaleVisibility="0" drawLabels="1"/>\n'
+        "    </settings>\n"
+        "  </labeling>\n"
     )
 
 

@@ -157,7 +157,7 @@ def test_qgis_opens_every_output_and_project(outputs: dict[str, object], tmp_pat
     png = tmp_path / "map.png"
     report = _qgis_check([outputs["out"]], png)  # type: ignore[list-item]
     assert "0 failed" in report and "project.qgs" in report
-    assert "categorizedSymbol" in report and "graduatedSymbol" in report
+    assert "categorizedSymbol" in report and "RuleRenderer" in report
     assert _not_blank(png) > 10
 
 

@@ -417,13 +417,16 @@ def test_measures_of_classes_a_schema_lacks_are_empty(tmp_path: Path) -> None:
 
 def test_weeds_without_crop_score_zero(tmp_path: Path) -> None:
     """A field of weeds only (a failed stand) is the first to visit, not unscored and last."""
-    cls = np.ones((40, 40), np.uint8)  # crop
+    cls = np.ones((40, 60), np.uint8)  # crop
     cls[:, :20] = 2  # weed
+    cls[:, 40:] = 0  # soil, with one weed pixel: no stand to score
+    cls[10, 50] = 2
     src = write_mask(tmp_path / "classes.tif", cls, transform=T)
     x0, y0 = 500000.0, 4900000.0
-    g = gpd.GeoDataFrame({"name": ["weedy", "crop"]}, crs=32615, geometry=[
+    g = gpd.GeoDataFrame({"name": ["weedy", "crop", "bare"]}, crs=32615, geometry=[
         shapely.box(x0 + 0.1, y0 - 1.9, x0 + 0.9, y0 - 0.1),
-        shapely.box(x0 + 1.1, y0 - 1.9, x0 + 1.9, y0 - 0.1)])
+        shapely.box(x0 + 1.1, y0 - 1.9, x0 + 1.9, y0 - 0.1),
+        shapely.box(x0 + 2.1, y0 - 1.9, x0 + 2.9, y0 - 0.1)])
     g.to_file(tmp_path / "f.gpkg", engine="pyogrio")
     with rasterio.open(src) as ds:
         grid = Grid(ds.shape, ds.transform, ds.crs)
@@ -432,6 +435,8 @@ def test_weeds_without_crop_score_zero(tmp_path: Path) -> None:
     assert s.loc["weedy", "health_score"] == 0 and s.loc["weedy", "rank"] == 1
     assert np.isnan(s.loc["weedy", "disease_incidence_pct"])  # no crop: no incidence
     assert s.loc["crop", "health_score"] == 100
+    assert s.loc["bare", "weed_pressure_pct"] == 100 and np.isnan(s.loc["bare", "health_score"])
+    assert pd.isna(s.loc["bare", "rank"])
 
 
 def test_default_id_column_prefers_names_to_measurements(tmp_path: Path) -> None:

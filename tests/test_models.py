@@ -679,3 +679,13 @@ def test_engine_on_a_rule_based_model_is_said_to_do_nothing(
     with caplog.at_level("WARNING"):
         load_segmenter("index-threshold")
     assert not caplog.text
+
+
+def test_describe_names_the_weights(tmp_path: Path) -> None:
+    """A resume compares describe(): a bundle retrained in place must not look the same."""
+    path = tmp_path / "m.safetensors"
+    before = load_neural(_tiny_bundle(path, seed=1)).describe()
+    after = load_neural(_tiny_bundle(path, seed=2)).describe()
+    assert before["bundle"] == after["bundle"]
+    assert before["bundle_sha256"] != after["bundle_sha256"]
+    assert before["runs_as"] == runs_as("auto")

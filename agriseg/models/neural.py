@@ -876,7 +876,11 @@ class NeuralSegmenter:
             "name": self.name,
             "kind": "learned",
             "bundle": self.path,
+            # The weights themselves, and what the engine resolves to here: a resume after
+            # `agriseg train` rewrote the bundle in place mixed two models' tiles.
+            "bundle_sha256": bundle_digest(self.path),
             "engine": self.engine,
+            "runs_as": runs_as(self.engine),
             "arch": self.meta.arch.to_dict(),
             "roles": list(self.roles),
             "halo": self.margin,

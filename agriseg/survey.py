@@ -168,28 +168,26 @@ def _run_lock(out: Path) -> Iterator[None]:
             path.unlink(missing_ok=True)
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
-    """Create or check the output folder; returns the working folder inside it."""
+def _prepare_out_dir(out: Path, overwrite: bool) -> tuple[Path, bool]:
+    """Create or check the output folder.
+
+    A finished run's results stay in place until this run's replace them (see
+    :func:`_replace_old_run`): an interrupted or failed ``--overwrite`` run used to leave an
+    empty folder where finished results had been.
+
+    Returns:
+        ``(working folder, whether this run replaces a finished one)``.
+    """
     work = out / WORK_DIR
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; choose another --out")
-    if (out / MANIFEST).exists():
-        if not overwrite:
-            raise OutputError(
-                f"{out}: holds the results of a finished run; use --overwrite to replace them "
-                "or choose another --out"
-            )
-        try:
-            old = json.loads((out / MANIFEST).read_text()).get("outputs", {})
-        except (OSError, ValueError):
-            old = {}
-        for rel in old.values():
-            # Sidecars too: a style left beside a raster this run does not write would
-            # outlive it (a zone_ids.qml with no zone_ids.tif).
-            for p in (out / rel, *_sidecars(out / rel)):
-                if p.is_file():
-                    p.unlink()
-        (out / MANIFEST).unlink()
+    # An --overwrite run that got as far as its tiles may be resumed without --overwrite.
+    replacing = (out / MANIFEST).exists() and (overwrite or (work / REPLACING).exists())
+    if (out / MANIFEST).exists() and not replacing:
+        raise OutputError(
+            f"{out}: holds the results of a finished run; use --overwrite to replace them "
+            "or choose another --out"
+        )
     if overwrite and work.exists():
         shutil.rmtree(work)
     try:
@@ -201,7 +199,28 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> Path:
         raise OutputError(
             f"{out}: cannot write there ({exc.strerror or exc}); choose a writable --out"
         ) from exc
-    return work
+    return work, replacing
+
+
+#: Marker in the working folder of a run that replaces a finished run's results.
+REPLACING = "replacing"
+
+
+def _replace_old_run(out: Path) -> None:
+    """Remove the finished run's outputs (with their sidecars) and run.json.
+
+    Done just before the new outputs move in: a style left beside a raster this run does
+    not write would outlive it (a zone_ids.qml with no zone_ids.tif).
+    """
+    try:
+        old = json.loads((out / MANIFEST).read_text()).get("outputs", {})
+    except (OSError, ValueError):
+        old = {}
+    for rel in old.values():
+        for p in (out / rel, *_sidecars(out / rel)):
+            if p.is_file():
+                p.unlink()
+    (out / MANIFEST).unlink(missing_ok=True)
 
 
 #: Files a run writes in its output folder, besides those in :data:`OUTPUT_FOLDERS`.
@@ -432,7 +451,7 @@ def _process(
     # empty folders behind.
     run_scope.callback(_remove_empty_dirs, out / WORK_DIR, None if out.exists() else out)
     run_scope.enter_context(_run_lock(out))
-    work = _prepare_out_dir(out, config.overwrite)
+    work, replacing = _prepare_out_dir(out, config.overwrite)
     if config.gsd is not None:
         # Workers, report and QGIS project all read the image through this VRT, which
         # gives it a metric image-plane grid (see image_vrt).
@@ -499,6 +518,8 @@ def _process(
         "agriseg": __version__,
     }
     checkpoint = Checkpoint.load_or_new(work / "checkpoint.json", identity, config.resume)
+    if replacing:  # from here on, the same command without --overwrite resumes this run
+        (work / REPLACING).touch()
     resumed = len(checkpoint.done)
     _check_disk(work, specs, data_px, bool(checkpoint.done))
     writer = TileWriter(plan, specs, work, schema, resume=bool(checkpoint.done))
@@ -559,6 +580,8 @@ def _process(
         "outputs": {k: str(v) for k, v in sorted(ctx.outputs.items())},
         **ctx.manifest,
     }
+    if replacing:
+        _replace_old_run(out)
     final = _move_into_place(ctx)
     tmp = out / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))

@@ -113,6 +113,30 @@ def test_resume_refused_when_input_changed(big_tif: Path, tmp_path: Path, schedu
     assert process_survey(fresh).manifest["plan"]["tiles"] == 90
 
 
+def test_interrupted_overwrite_keeps_the_finished_results(big_tif: Path, tmp_path: Path,
+                                                          scheduler: str) -> None:
+    """--overwrite deleted a finished run's outputs at start-up: a Ctrl-C then left nothing."""
+    out = tmp_path / "run"
+    first = process_survey(_cfg(big_tif, out, scheduler, skip=["report", "project"]))
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    classes = _read(out / "classes.tif")
+    again = _cfg(big_tif, out, scheduler, skip=["report", "project"], indices=False,
+                 overwrite=True, checkpoint_seconds=0)
+    with pytest.raises(KeyboardInterrupt):
+        process_survey(again, progress=_interrupt_after(5))
+    assert (out / "run.json").exists()
+    assert all((out / rel).exists() for rel in first.outputs.values())
+    # the same command without --overwrite resumes it, and the old run's extras go
+    resumed = process_survey(again.model_copy(update={"overwrite": False}))
+    assert resumed.manifest["parameters"]["indices"] is False
+    assert not (out / "indices").exists() or not any((out / "indices").iterdir())
+    assert not (out / ".agriseg-work").exists()
+    after = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert set(after) < set(before)
+    assert np.array_equal(classes, _read(out / "classes.tif"))
+    assert first.manifest["parameters"]["indices"] is True
+
+
 def _small_tiles_cmd(src: Path, out: Path, *extra: str) -> list[str]:
     """A subprocess run with many small tiles and one worker."""
     return [*AGRISEG, "run", str(src), "--out", str(out), "--tile-size", "64", "--workers", "1",
@@ -206,8 +230,9 @@ def test_sigterm_stops_cleanly_with_resume_hint(big_tif: Path, tmp_path: Path) -
     _, err = proc.communicate(timeout=120)
     if proc.returncode == 0:
         pytest.skip("run finished before SIGTERM arrived")
-    assert proc.returncode == 130, err
-    assert "run the same command again to resume" in err and "Traceback" not in err
+    assert proc.returncode == 143, err  # terminated, not Ctrl-C (130)
+    assert "Finished tiles are saved" in err and "run this to resume" in err
+    assert "Traceback" not in err
     assert _done_tiles(out) >= 5
 
 

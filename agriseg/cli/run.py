@@ -148,12 +148,21 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         result = process_survey(cfg, progress=bar.update, on_plan=bar.start)
     except KeyboardInterrupt:
         bar.stop()
-        cmd = " ".join(shlex.quote(a) for a in sys.argv)
-        work = Path(cfg.out) / ".agriseg-work"
-        saved = (f"Finished tiles are saved in {work}; run the same command again to resume"
-                 if work.exists() else "Nothing was written yet; run the same command again")
+        from agriseg.survey import REPLACING, WORK_DIR
+
+        args = sys.argv
+        work = Path(cfg.out) / WORK_DIR
+        if (work / "checkpoint.json").exists():
+            saved = f"Finished tiles are saved in {work}; run this to resume"
+            if (work / REPLACING).exists():
+                # --overwrite again would start over; the old results stay until this run ends
+                args = [a for a in args if a != "--overwrite"]
+                saved += " (the previous results stay in place until it finishes)"
+        else:
+            saved = "No tile was finished yet; run the same command again"
+        cmd = " ".join(shlex.quote(a) for a in args)
         click.echo(f"Interrupted. {saved}:\n  {cmd}", err=True)
-        ctx.exit(130)
+        ctx.exit(143 if _terminated else 130)
     finally:
         bar.stop()
         signal.signal(signal.SIGTERM, previous)
@@ -190,8 +199,14 @@ def _model_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+_terminated = False
+
+
 def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM (systemd stop, kill) takes the same clean path as Ctrl-C: flush, checkpoint.
+    # SIGTERM (systemd stop, kill) takes the same clean path as Ctrl-C: flush, checkpoint;
+    # the exit status says which (143, not Ctrl-C's 130).
+    global _terminated
+    _terminated = True
     raise KeyboardInterrupt
 
 

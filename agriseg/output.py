@@ -26,6 +26,7 @@ import numpy.typing as npt
 import rasterio
 import rasterio.shutil
 from affine import Affine
+from rasterio._err import CPLE_BaseError
 from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
@@ -33,8 +34,13 @@ from rasterio.windows import Window
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
 from agriseg.grid import Tile, TilePlan, block_size_for
+from agriseg.raster import gdal_reason
 
 log = logging.getLogger(__name__)
+
+#: What GDAL raises through rasterio: writes (disk full) raise CPLE errors, which are no
+#: RasterioError, and a "No space left" escaped as a traceback.
+GDAL_ERRORS = (RasterioError, CPLE_BaseError)
 
 MAX_PENDING_TILES = 4
 """Tiles whose writes may still be queued (bounds the writer's memory)."""
@@ -240,8 +246,8 @@ class TileWriter:
                 dst.set_band_description(1, spec.description)
                 if spec.name == "classes" and self.schema is not None:
                     dst.write_colormap(1, self.schema.colormap())
-        except RasterioError as exc:
-            raise OutputError(f"{path}: cannot create working raster ({exc})") from exc
+        except GDAL_ERRORS as exc:
+            raise OutputError(f"{path}: cannot create working raster ({gdal_reason(exc)})") from exc
 
     def _reopen(self) -> None:
         for name in self.specs:
@@ -251,9 +257,9 @@ class TileWriter:
             for store, path in paths:
                 try:
                     store[name] = rasterio.open(path, "r+")
-                except RasterioError as exc:
+                except GDAL_ERRORS as exc:
                     raise OutputError(
-                        f"{path}: cannot open working raster for update ({exc}); "
+                        f"{path}: cannot open working raster for update ({gdal_reason(exc)}); "
                         "rerun with --overwrite to start over"
                     ) from exc
 
@@ -296,10 +302,10 @@ class TileWriter:
                 small = halve(arr, spec.nodata, spec.resampling)
                 self._half[name].write(small, 1, window=Window(
                     core.col_off // 2, core.row_off // 2, small.shape[1], small.shape[0]))
-        except RasterioError as exc:
+        except GDAL_ERRORS as exc:
             raise OutputError(
-                f"{self.path(name)}: writing tile {tile.key} failed ({exc}); is the disk "
-                "full? Free space and rerun the same command to resume"
+                f"{self.path(name)}: writing tile {tile.key} failed ({gdal_reason(exc)}); is "
+                "the disk full? Free space and rerun the same command to resume"
             ) from exc
 
     @staticmethod
@@ -332,8 +338,8 @@ class TileWriter:
             for ds in [*self._open.values(), *self._half.values()]:
                 try:
                     ds.close()
-                except RasterioError as exc:
-                    errors.append(f"{ds.name}: {exc}")
+                except GDAL_ERRORS as exc:
+                    errors.append(f"{ds.name}: {gdal_reason(exc)}")
             self._open.clear()
             self._half.clear()
             if errors:
@@ -473,9 +479,10 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
             NUM_THREADS="ALL_CPUS",
             SPARSE_OK="TRUE" if sparse else "FALSE",
         )
-    except (RasterioError, OSError) as exc:
+    except (*GDAL_ERRORS, OSError) as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{dst}: writing the COG failed ({exc}); is the disk full?") from exc
+        raise OutputError(f"{dst}: writing the COG failed ({gdal_reason(exc)}); is the disk "
+                          "full? Free space and rerun the same command to resume") from exc
     if schema is not None:
         aux = tmp.with_name(tmp.name + ".aux.xml")
         aux.write_text(_aux_xml_categories(schema))

@@ -467,6 +467,7 @@ def run_tiles(
     first: tuple[float, int] | None = None  # (time, pixels done) at the first finished tile
     unsynced: list[str] = []
     n_done = total - len(todo)
+    finished = False
     try:
         for fut in pending:
             try:
@@ -502,12 +503,17 @@ def run_tiles(
             if time.monotonic() - last_sync > sync_seconds:
                 _sync(writer, checkpoint, unsynced)
                 last_sync = time.monotonic()
+        finished = True
     finally:
         pending.clear()
-        # Keep what finished durable even when leaving on an error or Ctrl-C; a failure
-        # here (disk full) must not mask the original exception.
-        with contextlib.suppress(Exception):
-            _sync(writer, checkpoint, unsynced)
+        if not finished:
+            # Keep what finished durable even when leaving on an error or Ctrl-C; a failure
+            # here (disk full) must not mask the original exception.
+            with contextlib.suppress(Exception):
+                _sync(writer, checkpoint, unsynced)
+    # After the last tile a failed flush is the error: finalising from an incomplete working
+    # file would have followed (it was suppressed with the rest).
+    _sync(writer, checkpoint, unsynced)
     figures = {"task_seconds": task_seconds, "tiles_run": len(todo)}
     if first is not None:
         stream_s = time.monotonic() - first[0]

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -290,15 +291,7 @@ def dask_client(
     if scheduler or scheduler_file:
         if scheduler_file and not scheduler:
             _wait_for_file(scheduler_file, timeout)
-        try:
-            client = Client(scheduler, scheduler_file=scheduler_file, timeout=timeout)
-        except (OSError, TimeoutError, ValueError) as exc:
-            where = scheduler or scheduler_file
-            raise ClusterError(
-                f"cannot reach the Dask scheduler at {where} within {timeout:.0f} s ({exc}); "
-                "check the address and that `dask scheduler` is running, or leave "
-                "--scheduler out to use a local cluster"
-            ) from exc
+        client = _connect(scheduler, scheduler_file, timeout)
         try:
             yield client
         finally:
@@ -356,6 +349,44 @@ def dask_client(
             cluster = stack.enter_context(cluster_cls(**kwargs))
         client = stack.enter_context(Client(cluster))
         yield client
+
+
+def _connect(scheduler: str | None, scheduler_file: str | None, timeout: float) -> Client:
+    """A client of an existing scheduler, or a ClusterError within about ``timeout``.
+
+    Something else listening at the address (the dashboard's port 8787 given for the
+    scheduler's 8786, a web server) left Dask's handshake waiting past its own timeout, or
+    read an HTTP reply as a frame length and asked for exabytes; so the connection runs in
+    a thread with a deadline, and any failure is "not a Dask scheduler".
+    """
+    where = scheduler or scheduler_file
+    result: dict[str, Any] = {}
+
+    def connect() -> None:
+        try:
+            result["client"] = Client(scheduler, scheduler_file=scheduler_file, timeout=timeout)
+        except Exception as exc:  # reported below, whatever it is (MemoryError too)
+            result["error"] = exc
+
+    thread = threading.Thread(target=connect, name="agriseg-connect", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    exc = result.get("error")
+    if "client" in result:
+        return result["client"]
+    if isinstance(exc, (OSError, TimeoutError)) or exc is None:
+        why = f" ({exc})" if exc else ""
+        raise ClusterError(
+            f"cannot reach a Dask scheduler at {where} within {timeout:.0f} s{why}; check the "
+            "address (the scheduler listens on port 8786 by default, 8787 is its dashboard) "
+            "and that `dask scheduler` is running, or leave --scheduler out to use a local "
+            "cluster"
+        ) from exc
+    raise ClusterError(
+        f"{where}: what answers there is not a Dask scheduler ({type(exc).__name__}: "
+        f"{str(exc)[:120]}); check the address (port 8786 by default, 8787 is the "
+        "dashboard), or leave --scheduler out to use a local cluster"
+    ) from exc
 
 
 # Tiles allocate and free arrays of a few to a few tens of MB per step. Dask's nanny sets

@@ -394,7 +394,30 @@ def test_scheduler_unreachable(rgba_tif: Path, tmp_path: Path) -> None:
         "--scheduler-timeout",
         "2",
     )
-    assert code == 2 and "cannot reach the Dask scheduler" in out
+    assert code == 2 and "cannot reach a Dask scheduler" in out
+    assert time.monotonic() - t0 < 60
+
+
+def test_scheduler_address_that_is_no_scheduler(rgba_tif: Path, tmp_path: Path) -> None:
+    """A web server at the address (the dashboard's port given for the scheduler's) hung the
+    run past its timeout, or made Dask allocate exabytes."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        code, out = _cli("run", str(rgba_tif), "--out", str(tmp_path / "o"), "--scheduler",
+                         f"tcp://127.0.0.1:{server.server_address[1]}",
+                         "--scheduler-timeout", "2")
+    finally:
+        server.shutdown()
+    assert code == 2 and "Dask scheduler" in out and "Traceback" not in out, out
     assert time.monotonic() - t0 < 60
 
 

@@ -506,6 +506,12 @@ def run_tiles(
             except AgrisegError:
                 raise
             except Exception as exc:
+                if client.status not in ("running", "connecting"):
+                    # The scheduler is gone and the client closed: resubmitting only hung.
+                    raise ClusterError(
+                        "lost the Dask scheduler (its connection closed); finished tiles are "
+                        "saved: restart the cluster and rerun the same command to resume"
+                    ) from exc
                 # A worker lost while its result was being gathered surfaces here as a
                 # distributed-internal error: resubmit the tile a few times before giving up.
                 tile = by_key.pop(fut.key)

@@ -9,14 +9,46 @@ from agriseg.errors import ConfigError
 NODATA_CLASS = 255
 
 
+#: What a class stands for in the field summaries (health score, vegetation share).
+ROLES = ("soil", "crop", "weed", "disease")
+
+
 @dataclass(frozen=True, slots=True)
 class SegClass:
-    """One output class: its pixel value, name and display colour."""
+    """One output class: its pixel value, name and display colour.
+
+    Attributes:
+        value: pixel value in the class raster.
+        name: class name (the ``<name>_pct`` columns, legends, ``--rate NAME=``).
+        color: display colour, RGB 0-255.
+        at_risk: patches of it become at-risk zones.
+        role: which of :data:`ROLES` it plays in the field summaries; default: its name, if
+            that is one of them (a "sugarbeet" class says ``role: crop``).
+    """
 
     value: int
     name: str
     color: tuple[int, int, int]
     at_risk: bool = False
+    role: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name.strip() or any(ch in self.name for ch in ",=") \
+                or self.name.strip().lower() == "ignore":
+            raise ConfigError(
+                f"class name {self.name!r}: give a non-empty name without ',' or '=', other "
+                "than 'ignore' (command-line options name classes as NAME=VALUE lists)"
+            )
+        if len(self.color) != 3 or not all(0 <= int(v) <= 255 for v in self.color):
+            raise ConfigError(
+                f"class {self.name!r}: colour {list(self.color)} must be three values 0-255"
+            )
+        if self.role is None and self.name.lower() in ROLES:
+            object.__setattr__(self, "role", self.name.lower())
+        if self.role is not None and self.role not in ROLES:
+            raise ConfigError(
+                f"class {self.name!r}: role {self.role!r} is not one of {', '.join(ROLES)}"
+            )
 
     @property
     def hex(self) -> str:
@@ -35,8 +67,14 @@ class ClassSchema:
         values = [c.value for c in self.classes]
         if values != list(range(len(values))):
             raise ConfigError(f"class values must be 0..{len(values) - 1} in order, got {values}")
-        if len({c.name for c in self.classes}) != len(values):
+        if len({c.name.lower() for c in self.classes}) != len(values):
             raise ConfigError(f"class names must be unique, got {[c.name for c in self.classes]}")
+        roles = [c.role for c in self.classes if c.role]
+        if len(set(roles)) != len(roles):
+            raise ConfigError(
+                f"classes {', '.join(c.name for c in self.classes if c.role)} give a role twice "
+                f"({', '.join(roles)}); each of {', '.join(ROLES)} belongs to one class at most"
+            )
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -51,14 +89,21 @@ class ClassSchema:
         """Classes whose patches become at-risk zones."""
         return tuple(c for c in self.classes if c.at_risk)
 
+    def by_role(self, role: str) -> SegClass | None:
+        """The class playing ``role`` (see :data:`ROLES`), if any."""
+        return next((c for c in self.classes if c.role == role), None)
+
     def value_of(self, name: str) -> int:
-        """Pixel value of the class called ``name``.
+        """Pixel value of the class called ``name`` (case-insensitive).
 
         Raises:
             ConfigError: no class has that name (the message lists the valid ones).
         """
         for c in self.classes:
             if c.name == name:
+                return c.value
+        for c in self.classes:  # names are unique regardless of case
+            if c.name.lower() == name.lower():
                 return c.value
         raise ConfigError(f"unknown class {name!r}; valid classes: {', '.join(self.names)}")
 
@@ -73,7 +118,8 @@ class ClassSchema:
         return {
             "nodata": self.nodata,
             "classes": [
-                {"value": c.value, "name": c.name, "color": list(c.color), "at_risk": c.at_risk}
+                {"value": c.value, "name": c.name, "color": list(c.color), "at_risk": c.at_risk,
+                 "role": c.role}
                 for c in self.classes
             ],
         }
@@ -90,6 +136,7 @@ class ClassSchema:
                     str(c["name"]),
                     (int(c["color"][0]), int(c["color"][1]), int(c["color"][2])),
                     bool(c.get("at_risk", False)),
+                    None if c.get("role") is None else str(c["role"]),
                 )
                 for c in raw
             )

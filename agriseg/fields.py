@@ -536,8 +536,9 @@ def _table(
         out[f"{c.name}_pct"] = _share(area[:, c.value], valid) * 100
         out[f"{c.name}_m2"] = area[:, c.value] * seen
 
-    def col(name: str) -> np.ndarray:
-        return area[:, names.index(name)] if name in names else np.zeros(len(out))
+    def col(role: str) -> np.ndarray:
+        c = schema.by_role(role)
+        return area[:, c.value] if c is not None else np.zeros(len(out))
 
     crop, weed, disease = col("crop"), col("weed"), col("disease")
     veg = valid - col("soil")
@@ -551,8 +552,14 @@ def _table(
     # not 0 (the health score still counts it as none).
     for column, needs in (("vegetation_pct", "soil"), ("weed_pressure_pct", "weed"),
                           ("disease_incidence_pct", "disease")):
-        if needs not in names:
+        if schema.by_role(needs) is None:
             out[column] = np.nan
+    if schema.by_role("crop") is None:
+        # Without a crop class every weed pixel was "100 % weed pressure, health 0".
+        log.warning("classes %s: none plays the crop (no role: crop), so the fields get no "
+                    "weed pressure, disease incidence or health score", ", ".join(names))
+        out["weed_pressure_pct"] = out["disease_incidence_pct"] = np.nan
+        wp = di = np.full(len(out), np.nan)
     at_risk = sum((area[:, c.value] for c in schema.at_risk), np.zeros(len(out)))
     out["at_risk_m2"] = at_risk * seen
     out["zones"] = _zones_per_field(fields, zones)

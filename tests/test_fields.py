@@ -455,3 +455,47 @@ def test_default_id_column_prefers_names_to_measurements(tmp_path: Path) -> None
     assert pick(id=["f.1", "f.2", "f.3"], Name=["north", "south", "east"]) == "Name"
     assert pick(label=["a", " ", "c"], plot=[3.0, 1.0, 2.0]) == "plot"
     assert pick(area=[100.5, 40.2, 36.1]) == "(row number)"
+
+
+def test_custom_classes_take_their_roles(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 'sugarbeet' class counted as no crop: every weed pixel made 100 % weed pressure."""
+    from agriseg.classes import ClassSchema, SegClass
+
+    cls = np.ones((40, 40), np.uint8)  # sugarbeet
+    cls[:4, :] = 2  # weed: 10 %
+    cls[20:, :] = 0  # background
+    src = write_mask(tmp_path / "classes.tif", cls, transform=T)
+    x0, y0 = 500000.0, 4900000.0
+    g = gpd.GeoDataFrame({"name": ["f"]}, crs=32615,
+                         geometry=[shapely.box(x0 + 0.01, y0 - 1.99, x0 + 1.99, y0 - 0.01)])
+    g.to_file(tmp_path / "f.gpkg", engine="pyogrio")
+    with rasterio.open(src) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    fs = read_fields(tmp_path / "f.gpkg", grid)
+
+    def schema(role: str | None) -> ClassSchema:
+        return ClassSchema((SegClass(0, "background", (120, 90, 60), role="soil"),
+                            SegClass(1, "sugarbeet", (0, 200, 0), role=role),
+                            SegClass(2, "weed", (255, 0, 255), at_risk=True)))
+
+    row = summarize_fields(fs, src, schema("crop")).iloc[0]
+    assert row["weed_pressure_pct"] == pytest.approx(20.0)  # 4 of 20 plant rows
+    assert row["vegetation_pct"] == pytest.approx(50.0) and row["health_score"] > 0
+    with caplog.at_level("WARNING", logger="agriseg.fields"):
+        row = summarize_fields(fs, src, schema(None)).iloc[0]
+    assert np.isnan(row["weed_pressure_pct"]) and np.isnan(row["health_score"])
+    assert "none plays the crop" in caplog.text
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    ({"name": "ignore"}, "other than 'ignore'"),
+    ({"name": "a,b"}, "without ','"),
+    ({"color": (0, 0, 300)}, "three values 0-255"),
+    ({"role": "tree"}, "not one of soil, crop, weed, disease"),
+])
+def test_class_entries_are_checked(kwargs: dict[str, object], needle: str) -> None:
+    from agriseg.classes import SegClass
+    from agriseg.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        SegClass(**{"value": 0, "name": "x", "color": (1, 2, 3), **kwargs})  # type: ignore[arg-type]

@@ -183,6 +183,18 @@ def test_config_errors_are_clear(tmp_path: Path, pair: tuple[Path, Path]) -> Non
     bad = _write_cfg(tmp_path / "f.yaml", out="r", data=[{"image": str(img), "label": "x"}])
     r = CliRunner().invoke(main, ["train", str(bad)])
     assert r.exit_code == 2 and "data #1.label: unknown key; did you mean labels?" in r.output
+    # custom classes: colours 0-255, one class per role (a colour of 300 crashed `run` later)
+    for classes, needle in [
+        ([{"name": "a", "color": [1, 2, 300]}, {"name": "b", "color": [0, 0, 0]}],
+         "less than or equal to 255"),
+        ([{"name": "a", "color": [1, 2, 3], "role": "crop"},
+          {"name": "b", "color": [0, 0, 0], "role": "crop"}], "give a role twice"),
+        ([{"name": "only", "color": [1, 2, 3]}], "at least 2 items"),
+    ]:
+        bad = _write_cfg(tmp_path / "g.yaml", out="r", classes=classes,
+                         data=[{"image": str(img), "labels": str(truth)}])
+        r = CliRunner().invoke(main, ["train", str(bad)])
+        assert r.exit_code == 2 and needle in r.output, r.output
     # the image itself, float labels, negative labels (wrapped round to classes in uint8)
     with rasterio.open(truth) as ds:
         profile, classes = ds.profile, ds.read(1)

@@ -111,12 +111,18 @@ class ValidationSection(_Strict):
     seed: int = 0
 
 
+_Byte = Annotated[int, Field(ge=0, le=255)]
+
+
 class ClassEntry(_Strict):
     """One class of a custom schema."""
 
-    name: str
-    color: tuple[int, int, int]
+    name: str = Field(min_length=1, pattern=r"^[^,=]+$")
+    color: tuple[_Byte, _Byte, _Byte]
     at_risk: bool = False
+    role: Literal["soil", "crop", "weed", "disease"] | None = Field(
+        None, description="what it is in the field summaries; default: its name if one of these"
+    )
 
 
 class TrainConfig(_Strict):
@@ -130,7 +136,8 @@ class TrainConfig(_Strict):
     name: str | None = Field(None, description="model name stored in the bundle")
     model: ModelSection = Field(default_factory=ModelSection)
     bands: list[str] = Field(default_factory=lambda: ["red", "green", "blue"])
-    classes: list[ClassEntry] | None = Field(None, description="default: soil, crop, weed, disease")
+    classes: list[ClassEntry] | None = Field(None, min_length=2,
+                                             description="default: soil, crop, weed, disease")
     data: list[DataPair] = Field(default_factory=list)
     synthetic: SyntheticSection | None = None
     patch_size: int = Field(128, ge=32, le=2048)
@@ -176,9 +183,13 @@ class TrainConfig(_Strict):
             for i, pair in enumerate(self.data):
                 if pair.pseudo is not None and pair.pseudo.model in available_models():
                     raise ValueError(
-                        f"data.{i}: the teacher {pair.pseudo.model!r} labels {default} (in that "
-                        f"order), not the classes {', '.join(names)}; use a bundle of these "
+                        f"data #{i + 1}: the teacher {pair.pseudo.model!r} labels {default} (in "
+                        f"that order), not the classes {', '.join(names)}; use a bundle of these "
                         "classes as the teacher, or labels of your own")
+        try:  # names, colours and roles together (unique names, one class per role)
+            self.schema()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from exc
         return self
 
     # Deliberately shadows pydantic's deprecated v1 ``BaseModel.schema()`` classmethod.
@@ -187,7 +198,8 @@ class TrainConfig(_Strict):
         if not self.classes:
             return DEFAULT_CLASSES
         return ClassSchema(
-            tuple(SegClass(i, c.name, c.color, c.at_risk) for i, c in enumerate(self.classes))
+            tuple(SegClass(i, c.name, c.color, c.at_risk, c.role)
+                  for i, c in enumerate(self.classes))
         )
 
     @property

@@ -197,6 +197,9 @@ def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
                      schema: ClassSchema) -> str:
     """A ``--truth-classes`` value naming what is known and each unknown value."""
     names = {c.value: c.name for c in schema.classes} | {schema.nodata: "ignore"}
+    if not mapping and len(unknown) == len(schema):
+        # As many codes as classes (10/20/30/40): most likely the classes in order.
+        return ",".join(f"{v}={c.name}" for v, c in zip(unknown, schema.classes, strict=True))
     known = mapping if mapping else {c.value: c.value for c in schema.classes}
     pairs = [f"{v}={names[c]}" for v, c in known.items()]
     return ",".join(pairs + [f"{v}=ignore" for v in unknown if v not in known])
@@ -246,9 +249,11 @@ def evaluate_rasters(
             check_class_raster(truth_path, t, "truth")
             k = len(schema)
             mapping = truth_classes
-            if mapping and t.nodata is not None and int(t.nodata) not in mapping:
-                # The truth's own nodata value is unlabelled unless the mapping says otherwise.
-                mapping = {**mapping, int(t.nodata): schema.nodata}
+            if mapping:
+                # The truth's own nodata value, and 255 (agriseg's unlabelled), stay unlabelled
+                # unless the mapping says otherwise.
+                for value in {schema.nodata, *([int(t.nodata)] if t.nodata is not None else [])}:
+                    mapping = {value: schema.nodata, **mapping}
             total = np.zeros((k, k), np.int64)
             unknown: set[int] = set()
             unknown_pred: set[int] = set()
@@ -285,5 +290,11 @@ def evaluate_rasters(
             "VALUE=CLASS,... (CLASS one of "
             f"{', '.join([*schema.names, 'ignore'])}), e.g. --truth-classes "
             f"{_example_mapping(truth_classes, vals, schema)}"
+        )
+    if not total.any():
+        raise InputError(
+            f"{truth_path}: no labelled pixel is left to compare (every truth value is "
+            "unlabelled, ignored or under the prediction's nodata); check --truth-classes and "
+            "that the two rasters cover the same place"
         )
     return Scores(total, schema.names)

@@ -90,3 +90,19 @@ def test_evaluate_scores_a_run_of_other_classes_on_them(tmp_path: Path) -> None:
     out = json.loads(r.output)
     assert list(out["iou"]) == ["background", "plant", "thistle", "mud", "stress"]
     assert out["iou"]["stress"] == 0.5 and out["iou"]["background"] == 1.0
+
+
+def test_coded_truth_gets_a_mapping_that_works(tmp_path: Path) -> None:
+    """Codes 10/20/30/40 with 255 unlabelled: the suggested mapping, pasted, scores them."""
+    pred = _tif(tmp_path / "p.tif", CLASSES, nodata=255)
+    coded = np.where(CLASSES == 255, 255, (CLASSES.astype(np.int16) + 1) * 10).astype(np.uint8)
+    truth = _tif(tmp_path / "t.tif", coded)  # no nodata tag: 255 is still unlabelled
+    with pytest.raises(InputError) as err:
+        evaluate_rasters(pred, truth)
+    example = str(err.value).rsplit("--truth-classes ", 1)[1]
+    assert example == "10=soil,20=crop,30=weed,40=disease"
+    scores = evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(example))
+    assert scores.accuracy == 1.0
+    with pytest.raises(InputError, match="no labelled pixel is left"):
+        evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(
+            "10=ignore,20=ignore,30=ignore,40=ignore"))

@@ -67,4 +67,7 @@ def _run_schema(pred: Path) -> ClassSchema:
         data = json.loads(manifest.read_text())
         return ClassSchema.from_dict(data["schema"])
     except (OSError, ValueError, KeyError, TypeError, AgrisegError):
+        click.echo(f"{pred}: no run.json of its run beside it; scoring it as the default "
+                   f"classes {', '.join(DEFAULT_CLASSES.names)} (a model of other classes: "
+                   "keep its classes.tif in its run folder)", err=True)
         return DEFAULT_CLASSES

@@ -156,7 +156,7 @@ def input_identity(path: str) -> dict[str, Any]:
     return {"path": path, "size": st.st_size, "mtime": int(st.st_mtime), "header_sha256": head}
 
 
-def _changes(key: str, old: Any, new: Any, most: int = 3) -> str:
+def describe_changes(key: str, old: Any, new: Any, most: int = 3) -> str:
     """``key`` and what changed inside it: ``model (config.row_support: 0.5 -> 0.45)``."""
     found: list[str] = []
 
@@ -165,6 +165,12 @@ def _changes(key: str, old: Any, new: Any, most: int = 3) -> str:
             for k in sorted(set(a) | set(b)):
                 if a.get(k) != b.get(k):
                     walk(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                if x != y:  # items counted from 1, as in configuration errors
+                    walk(x, y, f"{where} #{i + 1}" if where else f"#{i + 1}")
+        elif isinstance(a, list) and isinstance(b, list):
+            found.append(f"{where or key}: {len(a)} item(s) -> {len(b)}")
         elif a != b:
             found.append(f"{where or key}: {a!r} -> {b!r}" if where else f"{a!r} -> {b!r}")
 
@@ -201,7 +207,7 @@ class Checkpoint:
             old = data.get("identity", {})
             changed = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
             if changed:
-                what = "; ".join(_changes(k, old.get(k), identity.get(k)) for k in changed)
+                what = "; ".join(describe_changes(k, old.get(k), identity.get(k)) for k in changed)
                 raise ResumeError(
                     f"{path.parent.parent}: an unfinished run with a different {what} is "
                     "there; rerun with --overwrite to start over, or restore the original "

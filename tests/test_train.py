@@ -95,6 +95,7 @@ def test_cli_train_resume_and_export(tmp_path: Path, pair: tuple[Path, Path]) ->
     _write_cfg(cfg, out="run", data=[{"image": str(img), "labels": str(truth)}])
     r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--no-progress"])
     assert r.exit_code == 2 and "different training configuration" in r.output
+    assert "->" in r.output, r.output  # names what changed
 
 
 def test_cpu_training_saves_plain_weights(tmp_path: Path, pair: tuple[Path, Path],

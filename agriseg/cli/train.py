@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -68,28 +69,40 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
             "--overwrite starts over, or set another `out:` in the config"
         )
     show = sys.stderr.isatty() if progress is None else progress
+    seen: list[EpochResult] = []
 
     def on_epoch(r: EpochResult) -> None:
+        seen.append(r)
         val = f"  val mIoU {r.val.miou:.3f}  " + "  ".join(
             f"{n} {v:.2f}" for n, v in r.val.iou.items()) if r.val else ""
         click.echo(f"epoch {r.epoch}/{cfg.epochs}: loss {r.loss:.4f}{val}"
                    f"{'  *best' if r.best else ''}", err=True)
 
-    if show:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    try:
+        if show:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-        bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
-                       MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                       transient=True)
-        task = bar.add_task("steps", total=cfg.steps_per_epoch, epoch=1, loss="-")
+            bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                           MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                           transient=True)
+            task = bar.add_task("steps", total=cfg.steps_per_epoch, epoch=1, loss="-")
 
-        def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
-            bar.update(task, completed=step, epoch=epoch, loss=f"{loss:.4f}")
+            def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+                bar.update(task, completed=step, epoch=epoch, loss=f"{loss:.4f}")
 
-        with bar:
-            result = run_training(cfg, resume=resume, on_step=on_step, on_epoch=on_epoch)
-    else:
-        result = run_training(cfg, resume=resume, on_epoch=on_epoch)
+            with bar:
+                result = run_training(cfg, resume=resume, on_step=on_step, on_epoch=on_epoch)
+        else:
+            result = run_training(cfg, resume=resume, on_epoch=on_epoch)
+    except KeyboardInterrupt:
+        # The bundle of the best epoch so far has its final name: say that it is partial.
+        done = seen[-1].epoch if seen else 0
+        best = [r.epoch for r in seen if r.best]
+        partial = (f"{cfg.bundle_path} holds the best of its first {done} epoch(s) (epoch "
+                   f"{best[-1]}); " if best else "")
+        click.echo(f"Interrupted after epoch {done} of {cfg.epochs}. {partial}continue with:\n"
+                   f"  agriseg train {shlex.quote(str(config))} --resume", err=True)
+        raise SystemExit(130) from None
     # The score is the validation mIoU, or minus the training loss without validation pixels.
     score = (f"validation mIoU {result.best_score:.4f}" if result.best_score >= 0 else
              f"training loss {-result.best_score:.4f}, no validation pixels")

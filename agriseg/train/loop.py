@@ -7,7 +7,6 @@ resume checkpoint is a safetensors file (model, optimizer moments, torch RNG) pl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -93,10 +92,11 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _identity(cfg: TrainConfig) -> str:
-    # Epoch count may grow on resume; everything else must match the interrupted run.
-    data = cfg.model_dump(mode="json", exclude={"epochs"})
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+def _identity(cfg: TrainConfig) -> dict[str, Any]:
+    # Epoch count may grow on resume; everything else must match the interrupted run. The
+    # settings themselves, not a hash of them, so that a refused resume can name the change.
+    return json.loads(json.dumps(cfg.model_dump(mode="json", exclude={"epochs"}),
+                                 sort_keys=True))
 
 
 def _synthetic_pairs(cfg: TrainConfig) -> list[tuple[Path, Path]]:
@@ -243,7 +243,7 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    folder: Path, model: nn.Module, opt: torch.optim.Optimizer, identity: str
+    folder: Path, model: nn.Module, opt: torch.optim.Optimizer, identity: dict[str, Any]
 ) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -257,9 +257,18 @@ def _load_checkpoint(
             "--resume"
         ) from exc
     if meta.get("identity") != identity:
+        from agriseg.predict import describe_changes
+
+        old = meta.get("identity") or {}
+        if isinstance(old, dict):  # a hash in checkpoints of agriseg before 2026-11-27
+            what = "; ".join(describe_changes(k, old.get(k), identity.get(k))
+                             for k in sorted(set(old) | set(identity))
+                             if old.get(k) != identity.get(k))
+        else:
+            what = "the configuration"
         raise ResumeError(
-            f"{folder}: the checkpoint belongs to a different training configuration (only "
-            "`epochs` may change on resume); restore the original config or start again "
+            f"{folder}: the checkpoint belongs to a different training configuration ({what}; "
+            "only `epochs` may change on resume); restore the original config or start again "
             "without --resume in a new `out:` folder"
         )
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
@@ -453,7 +462,8 @@ def train(
         })
         (out / "history.json").write_text(json.dumps([h.to_dict() for h in history], indent=1))
         write_curves(history, out / "curves.png")
-        log.info("epoch %d: loss %.4f%s%s", epoch, mean_loss,
+        # The CLI prints its own epoch line through on_epoch; one line per epoch is enough.
+        (log.debug if on_epoch else log.info)("epoch %d: loss %.4f%s%s", epoch, mean_loss,
                  f", val mIoU {scores.miou:.4f}" if scores else "", " (best)" if is_best else "")
         if on_epoch:
             on_epoch(res)

@@ -190,6 +190,11 @@ def test_prescription_cli(tmp_path: Path) -> None:
         assert con.execute("select count(*) from layer_styles").fetchone() == (1,)
     r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weeds=2"])
     assert r.exit_code == 2 and "valid classes" in r.output
+    # rates only for classes without zones: no empty file that reads "nothing to spray"
+    r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "soil=1", "--out",
+                                  str(tmp_path / "none.gpkg")])
+    assert r.exit_code == 2 and "no zone of soil" in r.output
+    assert not (tmp_path / "none.gpkg").exists()
     r = CliRunner().invoke(main, ["prescription", "--help"])
     assert r.exit_code == 0 and "--grid" in r.output
 

@@ -78,6 +78,15 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
                 f"{zones}: not found; {why} use --grid METRES for a grid prescription"
             )
         gdf = zone_prescription(zones, rx)
+        if gdf.empty:
+            # An empty file handed to a terminal reads as "nothing to spray", which the run
+            # did not say: its zones are of other classes than those given rates.
+            rated = ", ".join(name for name, _ in rx.rates)
+            raise InputError(
+                f"{zones}: no zone of {rated} (the at-risk classes are "
+                f"{', '.join(c.name for c in schema.at_risk) or 'none'}); give rates for "
+                "those, or use --grid METRES for a grid prescription"
+            )
     write_prescription(gdf, out, crs, column)
     treated = int((gdf[column] > base_rate).sum())
     click.echo(f"wrote {out}: {len(gdf)} polygon(s), {treated} with a rate above {base_rate}")

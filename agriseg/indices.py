@@ -62,6 +62,14 @@ class IndexDef:
     vmax: float
     description: str
 
+    @property
+    def label(self) -> str:
+        """The name as written in the literature (ExG, VARI, NDVI), for layers and charts."""
+        return _LABELS.get(self.name, self.name.upper())
+
+
+_LABELS = {"exg": "ExG"}
+
 
 INDICES: dict[str, IndexDef] = {
     d.name: d

@@ -151,7 +151,7 @@ def vegetation_text(info: dict[str, Any]) -> str | None:
     """One line on a model's vegetation rule (``prepared.info``) for the report, if it has one."""
     if "veg_threshold" not in info:
         return None
-    text = (f"{str(info.get('index', 'index')).upper()} > {info['veg_threshold']:.3f} "
+    text = (f"{_index_label(info.get('index', 'index'))} > {info['veg_threshold']:.3f} "
             f"({info.get('veg_threshold_method', 'threshold')})")
     green = info.get("green_path")
     if isinstance(green, dict) and green.get("used"):
@@ -210,14 +210,15 @@ def project_step(ctx: SurveyContext) -> None:
     layers.append(ProjectLayer(out["classes"], "classes", class_qml(ctx.schema), opacity=0.75))
     layers.append(ProjectLayer(out["confidence"], "confidence", ramp_qml(0, 100, "confidence"),
                                visible=False))
-    for name, rel in sorted(out.items()):
+    order = {f"probability/{n}": i for i, n in enumerate(ctx.schema.names)}
+    for name, rel in sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         if name.startswith("probability/"):
             layers.append(ProjectLayer(rel, f"{name.split('/', 1)[1]} probability (%)",
                                        ramp_qml(0, 100, "confidence"), visible=False,
                                        group="class probabilities"))
         elif name.startswith("indices/"):
             d = INDICES[name.split("/", 1)[1]]
-            layers.append(ProjectLayer(rel, d.name.upper(), ramp_qml(d.vmin, d.vmax),
+            layers.append(ProjectLayer(rel, d.label, ramp_qml(d.vmin, d.vmax),
                                        visible=False, group="vegetation indices"))
     layers.append(ProjectLayer(Path(ctx.survey.path), "input image",
                                _image_qml(ctx.survey)))
@@ -248,3 +249,8 @@ POSTPROCESS_STEPS: list[tuple[str, PostStep]] = [
     ("report", report_step),
     ("project", project_step),
 ]
+
+
+def _index_label(name: object) -> str:
+    d = INDICES.get(str(name))
+    return d.label if d else str(name).upper()

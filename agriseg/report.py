@@ -34,6 +34,7 @@ from rasterio.windows import Window, from_bounds
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
+from agriseg.indices import INDICES
 from agriseg.quicklook import colour_stretch, display_roles, to_rgba
 from agriseg.raster import SurveyRaster, read_overview, sample_positions, scaled_bands
 
@@ -67,7 +68,7 @@ min-width:140px}
 img{max-width:100%;background:#fff;border-radius:6px;box-shadow:0 1px 3px #0002}
 table{border-collapse:collapse;background:#fff;font-size:13px}
 th,td{padding:4px 8px;border-bottom:1px solid #ddd;text-align:right}
-td.id{text-align:left;min-width:6em;max-width:22em;overflow-wrap:anywhere}
+th.id{text-align:left} td.id{text-align:left;min-width:6em;max-width:22em;overflow-wrap:anywhere}
 th{background:#e8ece4;position:sticky;top:0} td:first-child,th:first-child{text-align:left}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(300px,1fr));gap:12px}
 .field{background:#fff;border-radius:8px;padding:8px;box-shadow:0 1px 3px #0002}
@@ -343,7 +344,9 @@ def _index_chart(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str |
         ax.set_yticks(y, names if ax is axes[0][0] else [""] * len(y),
                       fontsize=7)
         ax.invert_yaxis()
-        ax.set_title(f"{n.upper()}: p10-p90, median |")
+        ax.set_title(f"{INDICES[n].label if n in INDICES else n.upper()}: "
+                     "p10 to p90, median tick")
+        ax.xaxis.set_major_locator(MaxNLocator(5))  # GLI's 0.0025 steps overlapped
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _png(fig)
@@ -373,6 +376,17 @@ _TABLE_COLS = (
 )
 
 
+def _param(value: Any) -> str:
+    """A run parameter as a reader wants it: "-" for none, lists without brackets."""
+    if value is None or value == {} or value == []:
+        return "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def _fmt(v: Any, f: str) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -391,7 +405,8 @@ def _table(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str:
         cols = [("area_m2", "area m2", "{:.1f}") if c[0] == "area_ha" else c for c in cols]
     cols += [(f"{n}_median", f"{n} median", "{:.3f}") for n in index_names
              if f"{n}_median" in summary]
-    head = "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in cols)
+    head = "".join(f"<th{' class=id' if c == 'field_id' else ''}>{html.escape(t)}</th>"
+                   for c, t, _ in cols)
     rows = "".join(
         "<tr>" + "".join(f"<td{' class=id' if c == 'field_id' else ''}>{_fmt(r[c], f)}</td>"
                          for c, _, f in cols) + "</tr>"
@@ -530,7 +545,7 @@ def write_report(
             )
         parts.append("</tbody></table>")
     parts.append("<h2>Run parameters</h2><table><tbody>" + "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(_param(v))}</td></tr>"
         for k, v in parameters.items()
     ) + "</tbody></table>")
     parts.append("<p>Health score, class shares and zones: see README, section Outputs.</p>")
@@ -542,6 +557,6 @@ def write_report(
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"{path}: cannot write the report ({exc.strerror or exc})") from exc
-    log.info("report: %s (%.1f s)", path, time.perf_counter() - t0)
+    log.debug("report: %s (%.1f s)", path, time.perf_counter() - t0)
     return path
 

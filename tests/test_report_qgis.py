@@ -294,7 +294,7 @@ def test_report_line_on_the_vegetation_rule() -> None:
             "green_path": {"used": True, "ngrdi_threshold": 0.02},
             "appearance": {"used": False, "reason": "too few pseudo-labelled pixels"}}
     assert vegetation_text(info) == (
-        "EXG > 0.107 (soil mode 0.010); or (G-R)/(G+R) > 0.020 where G > B; no crop/weed "
+        "ExG > 0.107 (soil mode 0.010); or (G-R)/(G+R) > 0.020 where G > B; no crop/weed "
         "colour table (too few pseudo-labelled pixels)")
     assert vegetation_text({"threshold": 0.3}) is None  # a model without such a rule
 

@@ -424,15 +424,18 @@ def _style_body(qml: str, opacity: float) -> str:
 
 
 def _datasource(path: Path, project_dir: Path) -> str:
-    """Path as QGIS stores it in a relative-path project (``./x`` or ``../x``)."""
-    p = path if path.is_absolute() else project_dir / path
+    """Path as QGIS stores it: ``./x`` inside the project's folder, absolute outside it.
+
+    The outputs travel with the project; the input image usually stays where it was, and a
+    relative ``../../surveys/x.tif`` broke as soon as the results folder was moved.
+    """
+    p = (path if path.is_absolute() else project_dir / path).resolve()
     try:
-        rel = os.path.relpath(p.resolve(), project_dir.resolve())
+        rel = os.path.relpath(p, project_dir.resolve())
     except ValueError:  # another drive on Windows: no relative path exists
-        log.warning("%s: stored with an absolute path in the project (other drive)", p)
-        return str(p.resolve())
+        return str(p)
     rel = rel.replace(os.sep, "/")
-    return rel if rel.startswith("../") else f"./{rel}"
+    return str(p) if rel.startswith("../") else f"./{rel}"
 
 
 def write_project(

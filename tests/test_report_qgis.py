@@ -144,7 +144,8 @@ def _project(outputs: dict[str, object]) -> Path:
 def test_project_paths_and_order(outputs: dict[str, object]) -> None:
     text = _project(outputs).read_text()
     assert "<datasource>./classes.tif</datasource>" in text
-    assert "<datasource>../input.tif</datasource>" in text  # input outside out/: relative
+    # the input outside out/: absolute, so the results folder can be moved
+    assert f"<datasource>{(outputs['out'] / '..' / 'input.tif').resolve()}</datasource>" in text
     assert "./zones.gpkg|layername=zones" in text
     assert text.index("name=\"zones\"") < text.index("name=\"classes\"") < text.index(
         "name=\"input image\"")
@@ -271,7 +272,7 @@ def test_run_writes_every_output(rgba_tif: Path, tmp_path: Path, scheduler: str)
         manifest["fields"]["notes"])
     assert "zones" in manifest
     qgs = res.outputs["project"].read_text()
-    assert "../field.tif" in qgs and "./classes.tif" in qgs
+    assert f">{(res.out_dir / '..' / 'field.tif').resolve()}<" in qgs and "./classes.tif" in qgs
     if _has_qgis():
         _qgis_check([res.out_dir], tmp_path / "run.png")
 

@@ -314,8 +314,15 @@ def read_fields(
             notes.append(
                 f"{p}: {n} field(s) {label} ({some_ids(ids[keep][st == label].tolist())})"
             )
+    kept_ids = ids[keep].to_numpy()
+    wkb = pd.Series(shapely.to_wkb(shapely.normalize(geoms[keep])))
+    twins = wkb.duplicated(keep=False).to_numpy()
+    if twins.any():
+        # Kept (a plot may be listed under two ids on purpose), but said: areas sum twice.
+        notes.append(f"{p}: {int(twins.sum())} field(s) share their geometry with another "
+                     f"({some_ids(kept_ids[twins].tolist())}); each is summarised in full")
     fields = gpd.GeoDataFrame(
-        {"field_id": ids[keep].to_numpy(), "status": st},
+        {"field_id": kept_ids, "status": st},
         geometry=gpd.GeoSeries(geoms[keep], crs=grid.crs), crs=grid.crs,
     ).reset_index(drop=True)
     return FieldSet(fields, col or "(row number)", p, tuple(notes), chosen)

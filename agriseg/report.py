@@ -475,11 +475,18 @@ def write_report(
     surveyed = (f"{valid_ha * 1e4:.1f} m2" if valid_ha < 0.01 else
                 f"{valid_ha:.3f} ha" if valid_ha < 10 else f"{valid_ha:.1f} ha")
     cards = [
-        ("surveyed", surveyed),
+        # With fields, the sum of their valid areas (overlapping fields count twice).
+        ("in fields" if has_fields else "surveyed", surveyed),
         ("fields", f"{len(summary)}" if has_fields else "whole survey"),
         ("at-risk zones", f"{n_zones}" if zones_computed else "not computed"),
-        ("median health", _fmt(float(summary["health_score"].median()), "{:.1f}")),
     ]
+    if has_fields:
+        cards.append(("median health", _fmt(float(summary["health_score"].median()), "{:.1f}")))
+    else:
+        # One "field" is its own reference stand (S = 1): its score says less than the shares.
+        row = summary.iloc[0]
+        cards += [("weed pressure", _fmt(row.get("weed_pressure_pct"), "{:.1f} %")),
+                  ("disease incidence", _fmt(row.get("disease_incidence_pct"), "{:.1f} %"))]
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",

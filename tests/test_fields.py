@@ -82,6 +82,7 @@ def test_class_areas_match_truth(tmp_path: Path) -> None:
     assert st == {"A": "ok", "B": "ok", "P": "partly outside raster", "O": "outside raster",
                   "X": "repaired", "B2": "ok"}
     assert any("repaired 1 invalid geometry" in n for n in fs.notes)
+    assert any("2 field(s) share their geometry with another (B, B2)" in n for n in fs.notes)
     s = summarize_fields(fs, src, DEFAULT_CLASSES, indices={"exg": ipath}, chunk=64)
     s = s.set_index("field_id")
     px = 0.05**2

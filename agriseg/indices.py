@@ -85,9 +85,17 @@ INDICES: dict[str, IndexDef] = {
 
 
 def available_indices(roles: tuple[str, ...] | set[str]) -> list[str]:
-    """Names of the indices computable from ``roles``."""
+    """Names of the indices to write for ``roles``: NIR ones when there is NIR, else RGB ones.
+
+    The RGB indices assume camera colours; on multispectral reflectance, where bare soil's
+    green exceeds its blue, ExG and VARI called soil vegetation on their fixed map ramps,
+    next to NDVI / NDRE that measure it properly.
+    """
     have = set(roles)
-    return [name for name, d in INDICES.items() if set(d.roles) <= have]
+    names = [name for name, d in INDICES.items() if set(d.roles) <= have]
+    if "nir" in have:
+        names = [n for n in names if "nir" in INDICES[n].roles]
+    return names
 
 
 def compute_index(name: str, pixels: np.ndarray, roles: tuple[str, ...]) -> np.ndarray:

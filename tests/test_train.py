@@ -284,3 +284,14 @@ def test_multispectral_model_trains_on_multispectral_synthetic_fields(tmp_path: 
     meta, _ = read_bundle(result.bundle)
     assert list(meta.roles) == bands
     assert meta.arch.in_channels == 5
+
+
+def test_classes_without_labels_are_named(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """Labels of soil, crop and weed only: disease cannot be learned, and is said to be."""
+    img, _ = pair
+    polys = _polygons(tmp_path / "labels.gpkg", img)
+    cfg = _write_cfg(tmp_path / "train.yaml", out="run", epochs=1, data=[
+        {"image": str(img), "polygons": polys.name, "class_column": "class"}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "class(es) disease have no labelled training pixel" in r.output

@@ -353,6 +353,13 @@ def train(
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
 
     images, data_summary = load_training_data(cfg)
+    taught = np.sum([im.class_counts(k) for im in images], axis=0)
+    unlabelled = [n for n, c in zip(schema.names, taught, strict=True) if c == 0]
+    if unlabelled:
+        # The model cannot learn them; their validation IoU then reads 0 (or nothing).
+        log.warning("class(es) %s have no labelled training pixel: the model cannot learn "
+                    "them; label some, or train with the classes your labels hold",
+                    ", ".join(unlabelled))
     spec = make_spec(cfg.model.arch, cfg.model.encoder, len(cfg.bands), k, cfg.model.depth,
                      **cfg.model.options)
     model = build_model(spec)

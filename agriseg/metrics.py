@@ -81,18 +81,20 @@ class Scores:
 
     def table(self) -> str:
         """Plain-text report: per-class IoU/F1 and the confusion matrix."""
-        lines = [f"{'class':<10} {'IoU':>7} {'F1':>7} {'truth px':>12} {'pred px':>12}"]
+        # Columns as wide as the longest class name ("background" was cut to "backgroun").
+        w = max(10, *(len(n) + 1 for n in self.names))
+        lines = [f"{'class':<{w}} {'IoU':>7} {'F1':>7} {'truth px':>12} {'pred px':>12}"]
         truth = self.confusion.sum(1)
         pred = self.confusion.sum(0)
         for i, n in enumerate(self.names):
             lines.append(
-                f"{n:<10} {self.iou[n]:7.3f} {self.f1[n]:7.3f} {truth[i]:12d} {pred[i]:12d}"
+                f"{n:<{w}} {self.iou[n]:7.3f} {self.f1[n]:7.3f} {truth[i]:12d} {pred[i]:12d}"
             )
         lines.append(f"pixel accuracy {self.accuracy:.4f}   mean IoU {self.miou:.4f}")
         lines.append("confusion (rows truth, columns prediction):")
-        lines.append(" " * 10 + "".join(f"{n[:9]:>10}" for n in self.names))
+        lines.append(" " * w + "".join(f"{n:>{w}}" for n in self.names))
         for i, n in enumerate(self.names):
-            lines.append(f"{n[:9]:<10}" + "".join(f"{v:10d}" for v in self.confusion[i]))
+            lines.append(f"{n:<{w}}" + "".join(f"{v:{w}d}" for v in self.confusion[i]))
         return "\n".join(lines)
 
 

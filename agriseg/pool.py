@@ -115,6 +115,24 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+class _Pool(ProcessPoolExecutor):
+    """A process pool whose workers are born with Ctrl-C blocked.
+
+    The initializer's SIG_IGN comes too late for a Ctrl-C between a worker's fork (or the
+    fork server's start, which imports ``site`` first) and its first line: the child then
+    printed "Fatal Python error: init_import_site" or a traceback beside the run's own
+    message. The signal is blocked in the spawning thread only while a worker starts; a
+    child keeps the mask (through exec too), and the run gets the pending Ctrl-C at once.
+    """
+
+    def _spawn_process(self) -> None:  # CPython's hook for every worker start (3.9+)
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            super()._spawn_process()  # type: ignore[misc]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def get_pool(workers: int) -> ProcessPoolExecutor | None:
     """The shared pool with ``workers`` processes (``None`` for 0), started on first use."""
     global _pool, _pool_workers
@@ -129,8 +147,7 @@ def get_pool(workers: int) -> ProcessPoolExecutor | None:
         # Takes effect when the server starts (the first such pool); it then serves the
         # process's later pools too.
         ctx.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
-    _pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
-                                initializer=_ignore_interrupts)
+    _pool = _Pool(max_workers=workers, mp_context=ctx, initializer=_ignore_interrupts)
     _pool_workers = workers
     return _pool
 

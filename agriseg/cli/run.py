@@ -167,6 +167,9 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
         bar.stop()
         signal.signal(signal.SIGTERM, previous)
         pool.allow_fork_server(False)
+    # The run is finished and its outputs in place: a Ctrl-C now (while the summary prints or
+    # the interpreter exits) has nothing left to stop, and killed the process mid-print.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if quiet:  # -q: only warnings and errors
         return
     m = result.manifest

@@ -186,6 +186,7 @@ def report_step(ctx: SurveyContext) -> None:
         params["crop rows"] = rows_text(rows)
     notes = list(ctx.manifest.get("fields", {}).get("notes", []))
     notes += [str(w) for w in ctx.prepared.warnings]
+    notes += [str(w) for w in ctx.manifest.get("warnings", [])]
     indices = [n.split("/", 1)[1] for n in ctx.outputs if n.startswith("indices/")]
     write_report(work / "report.html", ctx.survey, ctx.survey.roles.as_dict(),
                  work / "classes.tif", ctx.schema, summary, zones, params, indices, notes,

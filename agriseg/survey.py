@@ -284,6 +284,30 @@ def _release_tile_memory() -> None:
     heap.trim()
 
 
+#: Vegetation share of the valid pixels under which a run warns that it found almost none.
+LITTLE_VEGETATION = 0.03
+
+
+def _warn_little_vegetation(counts: dict[str, int], schema: ClassSchema,
+                            ctx: SurveyContext) -> None:
+    """Say so when almost nothing is vegetation (in the log, run.json and the report).
+
+    A senesced (yellow-brown) or harvested crop, or residue, reads as soil to a model that
+    looks for green: the Lamberton 2018-09-25 sample came out 98 % soil without a word.
+    """
+    soil = schema.by_role("soil")
+    valid = sum(v for k, v in counts.items() if k != "nodata")
+    if soil is None or not valid:
+        return
+    share = 1 - counts[soil.name] / valid
+    if share < LITTLE_VEGETATION:
+        text = (f"only {100 * share:.1f} % of the survey's valid pixels are vegetation: a "
+                "senesced (yellow or brown) or harvested crop, or residue, reads as soil to a "
+                "model that looks for green leaves")
+        log.warning("%s", text)
+        ctx.manifest.setdefault("warnings", []).append(text)
+
+
 def _clamp_halo(halo: int, grid: Grid) -> int:
     """``--halo`` no wider than the survey: context beyond it is padding, and costs memory.
 
@@ -546,6 +570,8 @@ def _process(
     heap.trim()
     timings["finalize_s"] = time.perf_counter() - t
 
+    _warn_little_vegetation(class_counts(work / "classes.tif", schema, writer.class_values),
+                            schema, ctx)
     _run_post_steps(ctx, config.skip, timings)
 
     counts = class_counts(work / "classes.tif", schema, writer.class_values)

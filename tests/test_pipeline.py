@@ -405,3 +405,17 @@ def test_cli_halo_clamped_and_narrow_halo_warned(rgba_tif: Path, tmp_path: Path,
     assert r.exit_code == 0, r.output
     assert r.output.startswith("--halo 4 is narrower than model labelfree's margin")
     assert r.output.count("\n") == 1, r.output
+
+
+def test_almost_no_vegetation_is_said(tmp_path: Path, scheduler: str) -> None:
+    """A bare (or senesced, or harvested) survey came out all soil without a word."""
+    from tests.conftest import write_rgba
+
+    rng = np.random.default_rng(0)
+    soil = (np.array([150, 120, 95])[:, None, None] + rng.normal(0, 6, (3, 96, 96)))
+    src = write_rgba(tmp_path / "bare.tif", soil.clip(0, 255).astype(np.uint8),
+                     np.ones((96, 96), bool))
+    res = _run(src, tmp_path / "o", scheduler, model="labelfree",
+               skip=["zones", "fields", "report", "project"])
+    assert any("% of the survey's valid pixels are vegetation" in w
+               for w in res.manifest["warnings"])

@@ -270,6 +270,39 @@ def _scheduler_address(path: str) -> str | None:
     return address if isinstance(address, str) and address else None
 
 
+def check_scheduler_port(address: str, timeout: float = 10.0) -> None:
+    """Fail at once when nothing listens at a ``tcp://host:port`` scheduler address.
+
+    Run before any work: the client connects only after the model check and the tile plan,
+    so a mistyped address took ~16 s to report. Whether it is a Dask scheduler is for the
+    client's handshake to find out (see :func:`_connect`).
+
+    Raises:
+        ClusterError: the connection is refused or times out.
+    """
+    import socket
+    from urllib.parse import urlsplit
+
+    if "://" in address and not address.startswith("tcp://"):
+        return  # tls://, inproc://, ucx://: left to Dask
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or not port:
+        raise ClusterError(f"--scheduler {address}: give the address as tcp://HOST:PORT "
+                           "(the scheduler listens on port 8786 by default)")
+    try:
+        socket.create_connection((host, port), timeout=min(timeout, 5.0)).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach a Dask scheduler at {address} ({exc.strerror or exc}); check the "
+            "address (port 8786 by default, 8787 is its dashboard) and that `dask scheduler` "
+            "is running, or leave --scheduler out to use a local cluster"
+        ) from exc
+
+
 @contextlib.contextmanager
 def dask_client(
     scheduler: str | None = None,

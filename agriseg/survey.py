@@ -37,6 +37,7 @@ from agriseg.postprocess import POSTPROCESS_STEPS
 from agriseg.predict import (
     Checkpoint,
     Progress,
+    check_scheduler_port,
     check_workers_see,
     class_areas_m2,
     class_counts,
@@ -449,6 +450,8 @@ def _process(
             f"{', '.join(name for name, _ in POST_STEPS)}"
         )
     _refuse_inputs_among_outputs(config)
+    if config.scheduler:
+        check_scheduler_port(config.scheduler, config.scheduler_timeout)
     # A learned model's check imports PyTorch and builds the model (~5 s on a GPU machine);
     # meanwhile the whole-survey overview that every run reads is read (GDAL releases the GIL).
     loader = ThreadPoolExecutor(1, thread_name_prefix="agriseg-load")

@@ -702,9 +702,9 @@ def _segment_on_cluster(
         layout = ("existing cluster" if not local else
                   f"local {'GPU ' if resources else ''}"
                   f"{'processes' if client.cluster.processes else 'threads'}")
-        dashboard = getattr(client, "dashboard_link", None)
-        if dashboard:
-            log.info("Dask dashboard: %s", dashboard)
+        # Only when the scheduler serves one: the link is formatted even when it does not.
+        if "dashboard" in client.scheduler_info(n_workers=0).get("services", {}):
+            log.info("Dask dashboard: %s", client.dashboard_link)
         warm_s = warm_up_workers(client, segmenter, plan.tile_size)
         if warm_s is not None:
             timings["warm_up_s"] = warm_s

@@ -68,7 +68,8 @@ class ClassSchema:
         if values != list(range(len(values))):
             raise ConfigError(f"class values must be 0..{len(values) - 1} in order, got {values}")
         if len({c.name.lower() for c in self.classes}) != len(values):
-            raise ConfigError(f"class names must be unique, got {[c.name for c in self.classes]}")
+            raise ConfigError(f"class names must be unique, case aside (they name columns and "
+                              f"--rate classes), got {[c.name for c in self.classes]}")
         roles = [c.role for c in self.classes if c.role]
         if len(set(roles)) != len(roles):
             raise ConfigError(

@@ -548,7 +548,8 @@ def _table(
         return area[:, c.value] if c is not None else np.zeros(len(out))
 
     crop, weed, disease = col("crop"), col("weed"), col("disease")
-    veg = valid - col("soil")
+    # Without a soil class, the plant classes are the vegetation (not every valid pixel).
+    veg = valid - col("soil") if schema.by_role("soil") is not None else crop + weed + disease
     out["vegetation_pct"] = _share(veg, valid) * 100
     wp = _share(weed, crop + weed + disease)
     di = _share(disease, crop + disease)
@@ -557,8 +558,7 @@ def _table(
     out["disease_incidence_pct"] = di * 100
     # A schema without such a class (a model of other classes) has no such measure: empty,
     # not 0 (the health score still counts it as none).
-    for column, needs in (("vegetation_pct", "soil"), ("weed_pressure_pct", "weed"),
-                          ("disease_incidence_pct", "disease")):
+    for column, needs in (("weed_pressure_pct", "weed"), ("disease_incidence_pct", "disease")):
         if schema.by_role(needs) is None:
             out[column] = np.nan
     if schema.by_role("crop") is None:

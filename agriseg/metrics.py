@@ -121,7 +121,9 @@ def parse_truth_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dic
     Raises:
         ConfigError: a malformed pair or an unknown class name (valid names are listed).
     """
-    names = {c.name: c.value for c in schema.classes} | {"ignore": schema.nodata}
+    # The model's class names, in any case (a class "Background" is "background" too).
+    names = {c.name.lower(): c.value for c in schema.classes} | {"ignore": schema.nodata}
+    example = ",".join(f"{i}={c.name}" for i, c in enumerate(schema.classes[:3]))
     out: dict[int, int] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         value, _, name = part.partition("=")
@@ -129,10 +131,12 @@ def parse_truth_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dic
             number = int(value)  # label rasters may use negative values (int16 -1)
         except ValueError:
             number = None
-        if number is None or name.strip() not in names:
+        name = name.strip().lower()
+        if number is None or name not in names:
             raise ConfigError(
                 f"--truth-classes {part!r}: expected VALUE=CLASS with VALUE an integer and "
-                f"CLASS one of {', '.join(names)}, e.g. 0=soil,1=crop,2=weed"
+                f"CLASS one of the model's classes or ignore ({', '.join(schema.names)}, "
+                f"ignore), e.g. {example}"
             )
         if number in out:  # the last pair won silently: a typo moved a class's truth
             raise ConfigError(f"--truth-classes: value {number} is given twice; give each "
@@ -140,7 +144,7 @@ def parse_truth_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dic
         if not -(2**31) <= number < 2**32:
             raise ConfigError(f"--truth-classes {part!r}: {number} is no value a label raster "
                               "can hold (32-bit integers at most)")
-        out[number] = names[name.strip()]
+        out[number] = names[name]
     return out
 
 

@@ -156,12 +156,21 @@ def input_identity(path: str) -> dict[str, Any]:
     return {"path": path, "size": st.st_size, "mtime": int(st.st_mtime), "header_sha256": head}
 
 
+def _short(value: Any, most: int = 48) -> str:
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def describe_changes(key: str, old: Any, new: Any, most: int = 3) -> str:
     """``key`` and what changed inside it: ``model (config.row_support: 0.5 -> 0.45)``."""
     found: list[str] = []
 
     def walk(a: Any, b: Any, where: str) -> None:
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, dict) and isinstance(b, dict) and a.get("name") != b.get("name"):
+            # Another model altogether: its name says it, not every setting it has.
+            here = f"{where}.name" if where else "name"
+            found.append(f"{here}: {a.get('name')!r} -> {b.get('name')!r}")
+        elif isinstance(a, dict) and isinstance(b, dict):
             for k in sorted(set(a) | set(b)):
                 if a.get(k) != b.get(k):
                     walk(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
@@ -172,7 +181,8 @@ def describe_changes(key: str, old: Any, new: Any, most: int = 3) -> str:
         elif isinstance(a, list) and isinstance(b, list):
             found.append(f"{where or key}: {len(a)} item(s) -> {len(b)}")
         elif a != b:
-            found.append(f"{where or key}: {a!r} -> {b!r}" if where else f"{a!r} -> {b!r}")
+            text = f"{_short(a)} -> {_short(b)}"
+            found.append(f"{where}: {text}" if where else text)
 
     walk(old, new, "")
     if not found:

@@ -617,8 +617,12 @@ def _describe(
     spectral = [i for r, i in mapping.items() if r != "alpha"]
     if not spectral and ds.count < 3:
         # Often a derived product (an NDVI, a DEM, a class map) given instead of the image.
+        named = [f"band {i} {what}" for i, d in enumerate(ds.descriptions, start=1)
+                 if d and (what := _description_role(d))]
+        said = (f"band descriptions that name only {', '.join(named)}" if named else
+                "no band descriptions naming them")
         raise BandError(
-            f"{p}: has {ds.count} band(s) and no band descriptions naming them, but "
+            f"{p}: has {ds.count} band(s) and {said}, but "
             "segmenting needs colour (red, green, blue) or red and NIR bands. If it is a "
             "band stack, name the bands, e.g. --bands red=1,nir=2; a single-band product "
             "(an NDVI, a DEM, a mask) cannot be segmented: run on the orthomosaic it was made "

@@ -169,7 +169,7 @@ def _run_lock(out: Path) -> Iterator[None]:
             path.unlink(missing_ok=True)
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> tuple[Path, bool]:
+def _prepare_out_dir(out: Path, overwrite: bool, resume: bool = True) -> tuple[Path, bool]:
     """Create or check the output folder.
 
     A finished run's results stay in place until this run's replace them (see
@@ -182,8 +182,11 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> tuple[Path, bool]:
     work = out / WORK_DIR
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; choose another --out")
-    # An --overwrite run that got as far as its tiles may be resumed without --overwrite.
-    replacing = (out / MANIFEST).exists() and (overwrite or (work / REPLACING).exists())
+    # An --overwrite run that got as far as its tiles may be resumed without --overwrite
+    # (the checkpoint then checks that it is the same run); --no-resume starts another run,
+    # which needs --overwrite like any other.
+    replacing = (out / MANIFEST).exists() and (
+        overwrite or (resume and (work / REPLACING).exists()))
     if (out / MANIFEST).exists() and not replacing:
         raise OutputError(
             f"{out}: holds the results of a finished run; use --overwrite to replace them "
@@ -221,6 +224,9 @@ def _replace_old_run(out: Path) -> None:
         for p in (out / rel, *_sidecars(out / rel)):
             if p.is_file():
                 p.unlink()
+    for name in OUTPUT_FOLDERS - {WORK_DIR}:  # indices/ of a run with indices, say
+        with contextlib.suppress(OSError):
+            (out / name).rmdir()  # only if empty; this run's files move in afterwards
     (out / MANIFEST).unlink(missing_ok=True)
 
 
@@ -309,12 +315,15 @@ def _warn_little_vegetation(counts: dict[str, int], schema: ClassSchema,
         ctx.manifest.setdefault("warnings", []).append(text)
 
 
-def _clamp_halo(halo: int, grid: Grid) -> int:
+def _clamp_halo(halo: int, grid: Grid, model_most: int | None = None) -> int:
     """``--halo`` no wider than the survey: context beyond it is padding, and costs memory.
 
-    Rounded up to 16 px, the step learned models take their context in.
+    Rounded up to 16 px, the step learned models take their context in; a halo cut to the
+    survey is also cut to ``model_most`` (a learned model's most), rather than refused.
     """
     most = -(-max(grid.height, grid.width) // 16) * 16
+    if halo > most and model_most is not None:
+        most = min(most, model_most)
     if halo > most:
         log.info("--halo %d is wider than the survey (%d x %d px); using %d", halo,
                  grid.width, grid.height, most)
@@ -478,7 +487,7 @@ def _process(
     # empty folders behind.
     run_scope.callback(_remove_empty_dirs, out / WORK_DIR, None if out.exists() else out)
     run_scope.enter_context(_run_lock(out))
-    work, replacing = _prepare_out_dir(out, config.overwrite)
+    work, replacing = _prepare_out_dir(out, config.overwrite, config.resume)
     if config.gsd is not None:
         # Workers, report and QGIS project all read the image through this VRT, which
         # gives it a metric image-plane grid (see image_vrt).
@@ -490,10 +499,12 @@ def _process(
         _refuse_empty(survey)
         fieldset = _read_fields_first(config, survey)
 
-    halo_wanted = None if config.halo is None else _clamp_halo(config.halo, survey.grid)
+    halo_wanted = None if config.halo is None else _clamp_halo(
+        config.halo, survey.grid, getattr(segmenter, "max_halo", None))
     with_halo = getattr(segmenter, "with_halo", None)
     if halo_wanted is not None and with_halo is not None:
-        with_halo(config.halo)  # its checks name the value given, not the clamped one
+        if halo_wanted == config.halo:
+            with_halo(config.halo)  # its checks name the value given
         segmenter = with_halo(halo_wanted)
 
     t = time.perf_counter()

@@ -201,7 +201,7 @@ def test_cli_image_without_georeferencing(rgba_tif: Path, tmp_path: Path,
     r = CliRunner().invoke(main, [*ev, "--truth-classes", "7=soil,1=crop,2=weed,3=disease"])
     assert r.exit_code == 0 and "pixel accuracy 1.0000" in r.output, r.output
     r = CliRunner().invoke(main, [*ev, "--truth-classes", "7=dirt"])
-    assert r.exit_code == 2 and "one of soil, crop, weed, disease, ignore" in r.output
+    assert r.exit_code == 2 and "(soil, crop, weed, disease, ignore)" in r.output
     # a dataset of tiles: pairs pooled into one confusion matrix
     r = CliRunner().invoke(main, ["evaluate", "--json", str(out / "classes.tif"),
                                   str(tmp_path / "truth.png"), str(out / "classes.tif"),

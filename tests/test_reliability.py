@@ -25,7 +25,7 @@ from distributed import Client, LocalCluster
 from agriseg.classes import DEFAULT_CLASSES
 from agriseg.cli import main
 from agriseg.config import build_run_config
-from agriseg.errors import ResumeError
+from agriseg.errors import OutputError, ResumeError
 from agriseg.output import disk_estimate
 from agriseg.survey import _output_specs, process_survey
 from tests.conftest import toy_field, write_rgba
@@ -126,10 +126,13 @@ def test_interrupted_overwrite_keeps_the_finished_results(big_tif: Path, tmp_pat
         process_survey(again, progress=_interrupt_after(5))
     assert (out / "run.json").exists()
     assert all((out / rel).exists() for rel in first.outputs.values())
+    # another run (--no-resume ignores the checkpoint) still needs --overwrite
+    with pytest.raises(OutputError, match="holds the results of a finished run"):
+        process_survey(again.model_copy(update={"overwrite": False, "resume": False}))
     # the same command without --overwrite resumes it, and the old run's extras go
     resumed = process_survey(again.model_copy(update={"overwrite": False}))
     assert resumed.manifest["parameters"]["indices"] is False
-    assert not (out / "indices").exists() or not any((out / "indices").iterdir())
+    assert not (out / "indices").exists()  # files and folder
     assert not (out / ".agriseg-work").exists()
     after = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
     assert set(after) < set(before)

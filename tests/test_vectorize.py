@@ -195,6 +195,9 @@ def test_prescription_cli(tmp_path: Path) -> None:
                                   str(tmp_path / "none.gpkg")])
     assert r.exit_code == 2 and "no zone of soil" in r.output
     assert not (tmp_path / "none.gpkg").exists()
+    r = CliRunner().invoke(main, ["prescription", str(run), "--rate", "weed=2,soil=1", "--out",
+                                  str(tmp_path / "some.gpkg")])
+    assert r.exit_code == 0 and "no zone of soil; its rate is not used" in r.output
     r = CliRunner().invoke(main, ["prescription", "--help"])
     assert r.exit_code == 0 and "--grid" in r.output
 

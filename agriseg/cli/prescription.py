@@ -78,6 +78,9 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
                 f"{zones}: not found; {why} use --grid METRES for a grid prescription"
             )
         gdf = zone_prescription(zones, rx)
+        unused = sorted({name for name, _ in rx.rates} - set(gdf["class"]))
+        if unused and not gdf.empty:
+            click.echo(f"note: no zone of {', '.join(unused)}; its rate is not used", err=True)
         if gdf.empty:
             # An empty file handed to a terminal reads as "nothing to spray", which the run
             # did not say: its zones are of other classes than those given rates.

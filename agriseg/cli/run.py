@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shlex
 import signal
 import sys
@@ -82,8 +83,11 @@ from agriseg.grid import TilePlan
               help="Start over instead of resuming an interrupted run in --out.")
 @click.option("--progress/--no-progress", default=None,
               help="Progress bar [on when stderr is a terminal].")
+@click.option("-q", "--quiet", "quiet_run", is_flag=True,
+              help="Only warnings and errors (as agriseg -q run ...).")
 @click.pass_context
-def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **opts: Any) -> None:
+def run(ctx: click.Context, config_file: Path | None, progress: bool | None, quiet_run: bool,
+        **opts: Any) -> None:
     """Segment a survey raster into soil / crop / weed / disease and write QGIS-ready outputs.
 
     INPUT is any GDAL-readable georeferenced raster: RGB, RGBA (alpha = nodata) or
@@ -136,7 +140,9 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, **o
     if "out" not in values:
         raise click.UsageError("give --out DIR (or `out:` in --config)")
     cfg = build_run_config(str(config_file) if config_file else "options", **values)
-    quiet = bool((ctx.obj or {}).get("quiet"))
+    quiet = quiet_run or bool((ctx.obj or {}).get("quiet"))
+    if quiet_run:
+        logging.getLogger().setLevel(logging.WARNING)
     show = sys.stderr.isatty() if progress is None else progress
     bar: _LogProgress | _ProgressBar = (
         _Silent() if quiet and not progress else _ProgressBar() if show else _LogProgress()

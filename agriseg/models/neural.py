@@ -687,6 +687,11 @@ class NeuralSegmenter:
         return self.halo if self.halo is not None else self._bundle_margin
 
     @property
+    def max_halo(self) -> int:
+        """Widest ``--halo`` this model takes (:data:`MAX_HALO`)."""
+        return MAX_HALO
+
+    @property
     def _bundle_margin(self) -> int:
         return _ceil_to(max(self.meta.halo, 0), SIZE_MULTIPLE)
 

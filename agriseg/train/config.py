@@ -20,7 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema, SegClass
 from agriseg.config import format_validation, load_yaml
@@ -123,6 +130,16 @@ class ClassEntry(_Strict):
     role: Literal["soil", "crop", "weed", "disease"] | None = Field(
         None, description="what it is in the field summaries; default: its name if one of these"
     )
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _strip(cls, v: Any) -> Any:
+        return v.strip() if isinstance(v, str) else v  # " soil " was a class of no role
+
+    @field_validator("role", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v  # "Soil", as names match
 
 
 class TrainConfig(_Strict):

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from agriseg.models.filters import box_sum, grow_within, max_filter
+from agriseg.models.filters import box_sum, grow_within, max_filter, square_opening
 
 SHAPES = st.tuples(st.integers(1, 40), st.integers(1, 40))
 
@@ -36,3 +36,14 @@ def test_grow_within_matches_binary_dilation(shape: tuple[int, int], steps: int,
     seed_px = mask & (rng.random(shape) < 0.1)
     want = ndimage.binary_dilation(seed_px, iterations=steps, mask=mask)
     assert np.array_equal(grow_within(seed_px, mask, steps), want)
+
+
+@settings(max_examples=80, deadline=None)
+@given(shape=SHAPES, n=st.integers(1, 7), density=st.floats(0.1, 0.95),
+       seed=st.integers(0, 2**16))
+def test_square_opening_matches_scipy(shape: tuple[int, int], n: int, density: float,
+                                      seed: int) -> None:
+    mask = np.random.default_rng(seed).random((2, *shape)) < density  # a leading batch axis
+    want = ndimage.binary_opening(mask, structure=np.ones((1, n, n), bool))
+    got = square_opening(mask, n)
+    assert np.array_equal(np.zeros_like(mask) if got is None else got, want)

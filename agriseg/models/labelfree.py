@@ -80,7 +80,7 @@ from agriseg.models.boundary import (
     fragments,
     settle,
 )
-from agriseg.models.filters import box_sum, grow_within
+from agriseg.models.filters import box_sum, grow_within, square_opening
 from agriseg.models.rows import (
     DECISION_CELL_PX,
     ORIENTATION_CELL_PX,
@@ -558,9 +558,9 @@ class LabelFreeSegmenter:
         r, g, b = ch["red"], ch["green"], ch["blue"]
         bluish = b > g
         bluish &= (r + g + b) > np.float32(3 * BLUE_BRIGHT)
-        if bluish.any():
-            shape = (1,) * (bluish.ndim - 2) + (BLUE_WIDTH, BLUE_WIDTH)
-            vi[ndimage.binary_opening(bluish, structure=np.ones(shape, bool))] = -1.0
+        wide = square_opening(bluish, BLUE_WIDTH)
+        if wide is not None:
+            vi[wide] = -1.0
 
     def _health(
         self, pixels: np.ndarray, dark_eps: float, vi: np.ndarray

@@ -295,3 +295,30 @@ def test_classes_without_labels_are_named(tmp_path: Path, pair: tuple[Path, Path
     r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "class(es) disease have no labelled training pixel" in r.output
+
+
+def test_label_codes_of_a_dataset_are_mapped(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """A dataset coded 10/20/30/40 (0 = unlabelled) trains with label_classes, as evaluate's
+    --truth-classes; without it the error says how."""
+    img, truth = pair
+    with rasterio.open(truth) as ds:
+        profile, classes = ds.profile, ds.read(1)
+    coded = np.where(classes == 255, 0, (classes.astype(np.int16) + 1) * 10).astype(np.uint8)
+    recoded = tmp_path / "coded.tif"
+    with rasterio.open(recoded, "w", **{**profile, "nodata": None}) as dst:
+        dst.write(coded, 1)
+    entry = {"image": str(img), "labels": str(recoded)}
+    cfg = _write_cfg(tmp_path / "a.yaml", out="a", epochs=1, data=[entry])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 2 and "label_classes: 10=soil" in r.output, r.output
+    cfg = _write_cfg(tmp_path / "b.yaml", out="b", epochs=1, data=[
+        {**entry, "label_classes": "10=soil,20=crop,30=weed,40=disease,0=ignore"}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    meta, _ = read_bundle(tmp_path / "b" / "model.safetensors")
+    pixels = meta.training["images"][0]["train_pixels"]
+    assert all(pixels[n] > 0 for n in ("soil", "crop", "weed"))
+    cfg = _write_cfg(tmp_path / "c.yaml", out="c", epochs=1, data=[
+        {**entry, "label_classes": "10=dirt"}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 2 and "data #1: label_classes" in r.output, r.output

@@ -67,6 +67,10 @@ class DataPair(_Strict):
 
     image: Path
     labels: Path | None = Field(None, description="class raster on the image grid (255 = none)")
+    label_classes: str | None = Field(
+        None, description="what the label raster's values are, as evaluate's --truth-classes: "
+        "VALUE=CLASS,... with CLASS a class name or ignore (10=soil,20=crop,30=weed,0=ignore)",
+    )
     polygons: Path | None = Field(None, description="GeoPackage/Shapefile/GeoJSON of labels")
     class_column: str = Field("class", description="polygon column: class name or value")
     layer: str | None = None
@@ -83,6 +87,8 @@ class DataPair(_Strict):
         n = sum(x is not None for x in (self.labels, self.polygons, self.pseudo))
         if n != 1:
             raise ValueError("give exactly one of labels, polygons or pseudo for each image")
+        if self.label_classes is not None and self.labels is None:
+            raise ValueError("label_classes maps the values of a label raster: give `labels:`")
         if self.gsd is not None and self.polygons is not None:
             raise ValueError("polygons need a georeferenced image; with gsd give labels as "
                              "an image of the same size")
@@ -204,9 +210,18 @@ class TrainConfig(_Strict):
                         f"that order), not the classes {', '.join(names)}; use a bundle of these "
                         "classes as the teacher, or labels of your own")
         try:  # names, colours and roles together (unique names, one class per role)
-            self.schema()
+            schema = self.schema()
         except ConfigError as exc:
             raise ValueError(str(exc)) from exc
+        from agriseg.metrics import parse_truth_classes
+
+        for i, pair in enumerate(self.data):
+            if pair.label_classes is not None:
+                try:
+                    parse_truth_classes(pair.label_classes, schema)
+                except ConfigError as exc:
+                    raise ValueError(f"data #{i + 1}: label_classes: "
+                                     f"{str(exc).split(': ', 1)[-1]}") from exc
         return self
 
     # Deliberately shadows pydantic's deprecated v1 ``BaseModel.schema()`` classmethod.

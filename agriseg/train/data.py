@@ -60,8 +60,12 @@ class LabelledImage:
 
 
 def _read_label_raster(path: Path, survey_grid: Grid, k: int,
-                       image_plane: bool = False) -> np.ndarray:
-    """Labels of a raster on ``survey_grid``; on the image plane only the size must agree."""
+                       image_plane: bool = False,
+                       mapping: dict[int, int] | None = None) -> np.ndarray:
+    """Labels of a raster on ``survey_grid``; on the image plane only the size must agree.
+
+    ``mapping`` (label value -> class value, 255 = ignore) recodes a dataset's own codes.
+    """
     import rasterio
 
     try:
@@ -85,6 +89,18 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
         check_class_raster(path, ds, "label raster")
         labels = ds.read(1)
         nodata = ds.nodata
+    if mapping:
+        out = np.full(labels.shape, IGNORE, np.int64)
+        for src, dst in mapping.items():
+            out[labels == src] = dst
+        known = np.isin(labels, [*mapping, IGNORE, *([nodata] if nodata is not None else [])])
+        stray = np.unique(labels[~known])
+        if stray.size:
+            raise InputError(
+                f"{path}: label values {stray[:10].tolist()} are not in label_classes; add "
+                "them (VALUE=CLASS, or VALUE=ignore)"
+            )
+        return out.astype(np.uint8)
     out = labels.astype(np.int64)
     if nodata is not None:
         out[labels == nodata] = IGNORE
@@ -92,7 +108,8 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
     if bad.size:
         raise InputError(
             f"{path}: label values {bad[:10].tolist()} are not classes 0..{k - 1} "
-            f"(255 = unlabelled); recode them (e.g. gdal_calc.py) to the class schema"
+            "(255 = unlabelled); say what they are with `label_classes:` in its data entry "
+            "(e.g. label_classes: 10=soil,20=crop,30=weed,0=ignore)"
         )
     return out.astype(np.uint8)
 
@@ -183,6 +200,7 @@ def load_pair(
     seed: int,
     bands: str | None = None,
     gsd: float | None = None,
+    label_classes: dict[int, int] | None = None,
 ) -> LabelledImage:
     """Read an image whole and attach labels (raster path or array on its grid).
 
@@ -201,7 +219,7 @@ def load_pair(
         h, w = survey.grid.shape_yx
         pixels, valid = read_window(survey, roles, Window(0, 0, w, h))
     lab = labels if isinstance(labels, np.ndarray) else _read_label_raster(
-        labels, survey.grid, len(schema), image_plane=gsd is not None
+        labels, survey.grid, len(schema), image_plane=gsd is not None, mapping=label_classes
     )
     lab = lab.copy()
     labelled = lab != IGNORE

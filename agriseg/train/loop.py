@@ -23,7 +23,7 @@ from torch import nn
 
 from agriseg import __version__
 from agriseg.errors import InputError, ModelError, OutputError, ResumeError
-from agriseg.metrics import Scores, confusion
+from agriseg.metrics import Scores, confusion, parse_truth_classes
 from agriseg.models.arch import (
     SIZE_MULTIPLE,
     build_model,
@@ -137,10 +137,13 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[LabelledImage], list[dict
     images: list[LabelledImage] = []
     summary: list[dict[str, Any]] = []
     jobs: list[tuple[Path, Any, str | None, float | None, dict[str, Any]]] = []
+    codes: dict[int, dict[int, int]] = {}  # job -> label value -> class value
     for img, truth in _synthetic_pairs(cfg):
         jobs.append((img, truth, None, None, {"source": "synthetic"}))
     for pair in cfg.data:
         if pair.labels is not None:
+            if pair.label_classes:
+                codes[len(jobs)] = parse_truth_classes(pair.label_classes, schema)
             jobs.append((pair.image, pair.labels, pair.bands, pair.gsd,
                          {"source": "raster labels"}))
         elif pair.polygons is not None:
@@ -162,7 +165,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[LabelledImage], list[dict
                          {"source": "pseudo-labels", **info}))
     for n, (img, lab, bands, gsd, info) in enumerate(jobs):
         im = load_pair(img, lab, roles, schema, v.block_size, v.fraction, v.seed + n, bands,
-                       gsd)
+                       gsd, codes.get(n))
         images.append(im)
         summary.append({"image": im.name, "gsd_m": round(im.gsd_m, 4), **info,
                         "train_pixels": dict(zip(schema.names, im.class_counts(len(schema)),

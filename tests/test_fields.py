@@ -500,3 +500,19 @@ def test_class_entries_are_checked(kwargs: dict[str, object], needle: str) -> No
 
     with pytest.raises(ConfigError, match=needle):
         SegClass(**{"value": 0, "name": "x", "color": (1, 2, 3), **kwargs})  # type: ignore[arg-type]
+
+
+def test_a_folder_of_shapefiles(tmp_path: Path) -> None:
+    """GDAL opens a folder of Shapefiles as one source: --fields takes it (click refused)."""
+    from click.testing import CliRunner
+
+    from agriseg.cli import main
+
+    folder = tmp_path / "shp"
+    folder.mkdir()
+    gpd.read_file(LAMBERTON_PLOTS).iloc[:3].to_file(folder / "plots.shp")
+    with rasterio.open(LAMBERTON) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    assert len(read_fields(folder, grid).fields) == 3
+    r = CliRunner().invoke(main, ["run", "--help"])
+    assert "a folder of them" in r.output

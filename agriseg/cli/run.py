@@ -21,8 +21,9 @@ from agriseg.grid import TilePlan
 @click.argument("input", required=False, type=NonEmptyPath(dir_okay=False, path_type=Path))
 @click.option("--out", "-o", type=NonEmptyPath(file_okay=False, path_type=Path),
               help="Output folder (created; must not hold a finished run unless --overwrite).")
-@click.option("--fields", type=NonEmptyPath(dir_okay=False, path_type=Path),
-              help="Field polygons (GeoPackage, Shapefile, GeoJSON; any CRS).")
+@click.option("--fields", type=NonEmptyPath(path_type=Path),
+              help="Field polygons (GeoPackage, Shapefile or a folder of them, GeoJSON, KML, "
+              "FlatGeobuf; any CRS).")
 @click.option("--field-id", help="Id column of --fields [a unique, non-blank column, names "
               "like field_id, plot, name, id first; never fractional numbers].")
 @click.option("--fields-layer", help="Layer of --fields, for a GeoPackage holding several "

@@ -201,7 +201,8 @@ def fields_qml(attribute: str = "health_score", label: str = "field_id") -> str:
     field = f'"{attribute}"'
     rules, symbols = [], []
     for i, (lo, hi, color) in enumerate(HEALTH_CLASSES):
-        flt = f"{field} >= {lo:g} AND {field} < {hi:g}"
+        # Full precision: the top bound is 100.0001, and "< 100" left a perfect field grey.
+        flt = f"{field} >= {lo:.10g} AND {field} < {hi:.10g}"
         rules.append(f'    <rule key="{{health-{i}}}" filter={quoteattr(flt)} '
                      f'label="{lo:g} - {min(hi, 100):g}" symbol="{i}"/>\n')
         symbols.append(_fill_symbol(str(i), _rgba(_hex_rgb(color), 110), "35,35,35,255", 0.3))

@@ -359,3 +359,9 @@ def test_long_field_ids_are_cut_in_the_middle() -> None:
     a, b = _label("Plot 7 north " + "x" * 40 + " A"), _label("Plot 7 north " + "x" * 40 + " B")
     assert len(a) == LABEL_CHARS and a != b and a.startswith("Plot 7") and a.endswith(" A")
     assert _label("short") == "short"
+
+
+def test_fields_style_covers_a_perfect_score() -> None:
+    """A field scoring exactly 100 fell outside '>= 80 AND < 100' into the grey 'no score'."""
+    qml = fields_qml()
+    assert '&lt; 100.0001' in qml or "< 100.0001" in qml

@@ -8,7 +8,6 @@ passes silently.
 from __future__ import annotations
 
 import difflib
-import os
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agriseg.errors import ConfigError
+from agriseg.raster import absolute_path
 
 CONFIG_VERSION: Literal[1] = 1
 
@@ -194,7 +194,7 @@ def load_run_yaml(path: str | Path) -> dict[str, Any]:
 
     def fix(value: Any) -> Any:
         if isinstance(value, str) and value and not Path(value).is_absolute():
-            return os.path.normpath(base / value)
+            return absolute_path(base / value)  # a link/.. as the system follows it
         return value
 
     for key in ("input", "out", "fields", "scheduler_file"):

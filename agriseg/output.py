@@ -257,10 +257,13 @@ class TileWriter:
             for store, path in paths:
                 try:
                     store[name] = rasterio.open(path, "r+")
-                except GDAL_ERRORS as exc:
+                except (*GDAL_ERRORS, TypeError) as exc:
+                    # TypeError: "not recognized as being in a supported file format", a
+                    # working file whose header a full disk cut short.
                     raise OutputError(
                         f"{path}: cannot open working raster for update ({gdal_reason(exc)}); "
-                        "rerun with --overwrite to start over"
+                        "is the disk full? Free space and rerun to resume, or rerun with "
+                        "--overwrite to start over"
                     ) from exc
 
     def write(

@@ -446,6 +446,18 @@ def _choose_scale(
     return 1.0 / 10000.0
 
 
+def absolute_path(path: str | os.PathLike[str]) -> str:
+    """``path`` made absolute as the operating system resolves it.
+
+    ``os.path.abspath`` drops ``link/..`` as text, where the system follows the link first:
+    ``linkdata/../rgb.tif`` read another raster than the one the fields and ``--out`` beside
+    it were resolved against. Paths without ``..`` keep their links (a survey linked into a
+    project folder is recorded under that name).
+    """
+    p = os.fspath(path)
+    return os.path.realpath(p) if ".." in Path(p).parts else os.path.abspath(p)
+
+
 def image_vrt(src: str | os.PathLike[str], vrt: str | os.PathLike[str], gsd_m: float) -> str:
     """A VRT that places an image without georeferencing on a metric image plane.
 
@@ -465,7 +477,7 @@ def image_vrt(src: str | os.PathLike[str], vrt: str | os.PathLike[str], gsd_m: f
     Raises:
         RasterError: the image cannot be read, or it has a CRS (``--gsd`` would hide it).
     """
-    p = os.path.abspath(os.fspath(src))
+    p = absolute_path(os.fspath(src))
     with _open(p) as ds:
         if ds.crs is not None:
             raise RasterError(
@@ -514,7 +526,7 @@ def open_survey(path: str | os.PathLike[str], bands: str | BandRoles | None = No
     """
     p = os.fspath(path)
     if not p.startswith(("/vsi", "http")):
-        p = os.path.abspath(p)
+        p = absolute_path(p)
     with _open(p) as ds:
         try:
             return _describe(ds, p, bands)

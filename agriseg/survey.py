@@ -192,6 +192,16 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool = True) -> tuple[P
             f"{out}: holds the results of a finished run; use --overwrite to replace them "
             "or choose another --out"
         )
+    if not overwrite and not (out / MANIFEST).exists() and not work.exists():
+        # No agriseg run wrote these: the user's own report.html or classes.tif were
+        # replaced without a word.
+        theirs = sorted(n for n in OUTPUT_NAMES - {LOCK_FILE} if (out / n).exists())
+        if theirs:
+            raise OutputError(
+                f"{out}: holds files of the names this run writes ({', '.join(theirs[:4])}"
+                f"{', ...' if len(theirs) > 4 else ''}) that no agriseg run left there; move "
+                "them, choose another --out, or use --overwrite to replace them"
+            )
     if overwrite and work.exists():
         shutil.rmtree(work)
     try:
@@ -224,6 +234,13 @@ def _replace_old_run(out: Path) -> None:
         for p in (out / rel, *_sidecars(out / rel)):
             if p.is_file():
                 p.unlink()
+    stale = sorted(p.name for p in out.glob("prescription.*"))
+    if stale:
+        # Made from the replaced run by `agriseg prescription`: a sprayer map that no longer
+        # matches the maps beside it.
+        log.warning("%s: %s is from the replaced run; make it again with agriseg "
+                    "prescription", out, " / ".join(stale[:2]) + (" ..." if len(stale) > 2
+                                                                 else ""))
     for name in OUTPUT_FOLDERS - {WORK_DIR}:  # indices/ of a run with indices, say
         with contextlib.suppress(OSError):
             (out / name).rmdir()  # only if empty; this run's files move in afterwards

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import rasterio
@@ -419,3 +420,20 @@ def test_almost_no_vegetation_is_said(tmp_path: Path, scheduler: str) -> None:
                skip=["zones", "fields", "report", "project"])
     assert any("% of the survey's valid pixels are vegetation" in w
                for w in res.manifest["warnings"])
+
+
+def test_user_files_under_output_names_are_not_replaced(rgba_tif: Path, tmp_path: Path) -> None:
+    """A folder of the user's own report.html was written over without a word."""
+    import os
+
+    from agriseg.cli import NonEmptyPath
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("my report")
+    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(out), "--no-progress"])
+    assert r.exit_code == 2 and "that no agriseg run left there" in r.output, r.output
+    assert (out / "report.html").read_text() == "my report"
+    # a file name in another encoding: named, not a traceback from inside GDAL
+    with pytest.raises(click.BadParameter, match="not valid UTF-8"):
+        NonEmptyPath().convert(os.fsdecode(b"caf\xe9.tif"), None, None)

@@ -295,3 +295,13 @@ def test_eight_bit_values_in_sixteen_bits_scale_by_255(tmp_path: Path) -> None:
     rgb = np.random.default_rng(0).integers(20, 256, (3, 64, 64)).astype(np.uint16)
     assert open_survey(_rgb(tmp_path / "u16.tif", rgb)).scale == pytest.approx(1 / 255)
     assert open_survey(_rgb(tmp_path / "refl.tif", rgb * 20)).scale == pytest.approx(1e-4)
+
+
+def test_dot_dot_after_a_link_is_followed_like_the_system(tmp_path: Path) -> None:
+    """``link/../x.tif`` named another file than the one the system opens."""
+    (tmp_path / "real" / "data").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "data")
+    (tmp_path / "real" / "x.tif").write_bytes(b"")
+    assert raster.absolute_path(tmp_path / "link" / ".." / "x.tif") == str(
+        (tmp_path / "real" / "x.tif").resolve())
+    assert raster.absolute_path(tmp_path / "link") == str(tmp_path / "link")  # links kept

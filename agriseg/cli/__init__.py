@@ -8,6 +8,7 @@ Each sub-command lives in its own module and is registered below. Errors derived
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -22,9 +23,16 @@ class NonEmptyPath(click.Path):
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
-        """The path, or a usage error for an empty string."""
+        """The path, or a usage error for an empty string or one GDAL cannot take."""
         if isinstance(value, str) and not value.strip():
             self.fail("is empty; give a path", param, ctx)
+        try:
+            os.fsdecode(value).encode("utf-8")
+        except UnicodeEncodeError:
+            # A file name in another encoding (Latin-1 from an old USB stick): GDAL takes
+            # UTF-8 paths only, and failed with a traceback deep in rasterio.
+            self.fail(f"{os.fsdecode(value)!r} is not valid UTF-8; rename it (convmv -f "
+                      "latin1 -t utf8 --notest FILE)", param, ctx)
         return super().convert(value, param, ctx)
 
 

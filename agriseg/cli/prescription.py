@@ -61,7 +61,12 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
     rx = Prescription(parse_rates(rates, schema), grid_m, min_share / 100, base_rate, column)
     check_crs(crs)
     out = out or run_dir / "prescription.shp"
-    if out.exists() and not overwrite:
+    try:
+        exists = out.exists()
+    except OSError as exc:  # a file name longer than the file system takes
+        raise OutputError(f"{out}: cannot be written ({exc.strerror}); choose a shorter "
+                          "--out") from exc
+    if exists and not overwrite:
         # A sprayer map already handed to a terminal must not change under its name unasked.
         raise OutputError(f"{out}: exists; use --overwrite to replace it or --out another file")
     if grid_m is not None:

@@ -188,7 +188,10 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, qui
         click.echo(f"  {name:<20} {path}")
     qgs = result.out_dir / "project.qgs"
     if qgs.exists():
-        click.echo(f"Open in QGIS: qgis {shlex.quote(str(qgs))}")
+        shown = str(qgs)
+        if shown.startswith("-"):  # "qgis -out/project.qgs" would pass an option to qgis
+            shown = f"./{shown}"
+        click.echo(f"Open in QGIS: qgis {shlex.quote(shown)}")
     else:
         click.echo(f"Open in QGIS: drag {result.out_dir / 'classes.tif'} into the map")
 

@@ -9,6 +9,7 @@ place at the end; ``run.json`` is written last, so its presence means the run is
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -215,6 +216,9 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool = True) -> tuple[P
         ) from exc
     return work, replacing
 
+
+#: Longest path of a file the run writes (SQLite's limit, less room for multi-byte names).
+MAX_PATH_CHARS = 480
 
 #: Marker in the working folder of a run that replaces a finished run's results.
 REPLACING = "replacing"
@@ -452,10 +456,12 @@ def process_survey(
         raise
     except OSError as exc:
         # Disk full, file-size limits, vanished folders: say where, keep the traceback chained.
+        what = ("choose a shorter --out" if exc.errno == errno.ENAMETOOLONG else
+                "free disk space or choose another --out, then rerun the same command to "
+                "resume")
         raise OutputError(
             f"{config.out}: writing outputs failed ({exc.strerror or exc}"
-            f"{': ' + str(exc.filename) if exc.filename else ''}); free disk space or choose "
-            "another --out, then rerun the same command to resume"
+            f"{': ' + str(exc.filename) if exc.filename else ''}); {what}"
         ) from exc
 
 
@@ -476,6 +482,13 @@ def _process(
             f"{', '.join(name for name, _ in POST_STEPS)}"
         )
     _refuse_inputs_among_outputs(config)
+    longest = len(str(Path(config.out).resolve() / WORK_DIR / "indices" / "gndvi.work.tif.ovr"))
+    if longest > MAX_PATH_CHARS:
+        # SQLite (GeoPackages) opens paths of up to 512 bytes: past that the run failed
+        # after all its tiles, storing the fields' style.
+        raise OutputError(f"{config.out}: the path is too long for the files written in it "
+                          f"({longest} characters, GeoPackages take {MAX_PATH_CHARS}); "
+                          "choose a shorter --out")
     if config.scheduler:
         check_scheduler_port(config.scheduler, config.scheduler_timeout)
     # A learned model's check imports PyTorch and builds the model (~5 s on a GPU machine);

@@ -593,3 +593,10 @@ def test_red_and_nir_only_runs_with_the_default_model(tmp_path: Path, scheduler:
     assert code == 0, out
     run = json.loads((tmp_path / "o" / "run.json").read_text())
     assert run["model"]["roles"][:2] == ["red", "nir"] and "indices/ndvi" in run["outputs"]
+
+
+def test_out_path_too_long_for_geopackages(rgba_tif: Path, tmp_path: Path) -> None:
+    """Past SQLite's path limit the run failed after all its tiles; now before any work."""
+    out = tmp_path.joinpath(*["d" * 100] * 5)
+    code, text = _cli("run", str(rgba_tif), "--out", str(out))
+    assert code == 2 and "the path is too long" in text and not out.parent.exists()

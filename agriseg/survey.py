@@ -515,7 +515,10 @@ def _process(
     # Registered before the lock, so it runs after the lock file is gone: a run refused
     # before it wrote anything (the model's prepare found the bands missing) leaves no
     # empty folders behind.
-    run_scope.callback(_remove_empty_dirs, out / WORK_DIR, None if out.exists() else out)
+    # The folders this run creates, deepest first: a run refused before it wrote anything
+    # left the parents --out named (a/b/out) behind too.
+    created = [d for d in (out.absolute(), *out.absolute().parents) if not d.exists()]
+    run_scope.callback(_remove_empty_dirs, out / WORK_DIR, *created)
     run_scope.enter_context(_run_lock(out))
     work, replacing = _prepare_out_dir(out, config.overwrite, config.resume)
     if config.gsd is not None:

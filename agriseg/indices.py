@@ -62,13 +62,10 @@ class IndexDef:
     vmax: float
     description: str
 
-    @property
-    def label(self) -> str:
-        """The name as written in the literature (ExG, VARI, NDVI), for layers and charts."""
-        return _LABELS.get(self.name, self.name.upper())
 
-
-_LABELS = {"exg": "ExG"}
+def index_label(name: str) -> str:
+    """An index's name as written in the literature (ExG, VARI, NDVI), for layers and charts."""
+    return {"exg": "ExG"}.get(name, name.upper())
 
 
 INDICES: dict[str, IndexDef] = {

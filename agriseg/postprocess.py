@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agriseg.grid import on_earth
-from agriseg.indices import INDICES
+from agriseg.indices import INDICES, index_label
 from agriseg.pool import shutdown_pool
 from agriseg.qgis import (
     ProjectLayer,
@@ -151,7 +151,7 @@ def vegetation_text(info: dict[str, Any]) -> str | None:
     """One line on a model's vegetation rule (``prepared.info``) for the report, if it has one."""
     if "veg_threshold" not in info:
         return None
-    text = (f"{_index_label(info.get('index', 'index'))} > {info['veg_threshold']:.3f} "
+    text = (f"{index_label(str(info.get('index', 'index')))} > {info['veg_threshold']:.3f} "
             f"({info.get('veg_threshold_method', 'threshold')})")
     green = info.get("green_path")
     if isinstance(green, dict) and green.get("used"):
@@ -219,7 +219,7 @@ def project_step(ctx: SurveyContext) -> None:
                                        group="class probabilities"))
         elif name.startswith("indices/"):
             d = INDICES[name.split("/", 1)[1]]
-            layers.append(ProjectLayer(rel, d.label, ramp_qml(d.vmin, d.vmax),
+            layers.append(ProjectLayer(rel, index_label(d.name), ramp_qml(d.vmin, d.vmax),
                                        visible=False, group="vegetation indices"))
     layers.append(ProjectLayer(Path(ctx.survey.path), "input image",
                                _image_qml(ctx.survey)))
@@ -250,8 +250,3 @@ POSTPROCESS_STEPS: list[tuple[str, PostStep]] = [
     ("report", report_step),
     ("project", project_step),
 ]
-
-
-def _index_label(name: object) -> str:
-    d = INDICES.get(str(name))
-    return d.label if d else str(name).upper()

@@ -34,7 +34,7 @@ from rasterio.windows import Window, from_bounds
 
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
-from agriseg.indices import INDICES
+from agriseg.indices import index_label
 from agriseg.quicklook import colour_stretch, display_roles, to_rgba
 from agriseg.raster import SurveyRaster, read_overview, sample_positions, scaled_bands
 
@@ -344,7 +344,7 @@ def _index_chart(summary: gpd.GeoDataFrame, index_names: Sequence[str]) -> str |
         ax.set_yticks(y, names if ax is axes[0][0] else [""] * len(y),
                       fontsize=7)
         ax.invert_yaxis()
-        ax.set_title(f"{INDICES[n].label if n in INDICES else n.upper()}: "
+        ax.set_title(f"{index_label(n)}: "
                      "p10 to p90, median tick")
         ax.xaxis.set_major_locator(MaxNLocator(5))  # GLI's 0.0025 steps overlapped
         ax.grid(axis="x", alpha=0.3)

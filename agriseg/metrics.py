@@ -156,13 +156,24 @@ def _mapped(truth: np.ndarray, mapping: dict[int, int] | None, k: int, nodata: i
     the truth then).
     """
     if mapping:
-        out = np.full(truth.shape, nodata, np.int64)
-        for src, dst in mapping.items():
-            out[truth == src] = dst
-        listed = np.isin(truth, list(mapping))
-        unknown.update(int(v) for v in np.unique(truth[~listed])[:MAX_LABELS + 1])
+        out, unlisted = map_values(truth, mapping, nodata)
+        unknown.update(int(v) for v in unlisted[:MAX_LABELS + 1])
         return out
     return _checked(truth, k, nodata, unknown)
+
+
+def map_values(values: np.ndarray, mapping: dict[int, int],
+               fill: int) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` through ``mapping`` (label code -> class value), ``fill`` where unlisted.
+
+    Returns:
+        ``(mapped int64 array, the distinct unlisted values, sorted)``: truths under
+        ``--truth-classes`` and training labels under ``label_classes:`` alike.
+    """
+    out = np.full(values.shape, fill, np.int64)
+    for src, dst in mapping.items():
+        out[values == src] = dst
+    return out, np.unique(values[~np.isin(values, list(mapping))])
 
 
 def _checked(arr: np.ndarray, k: int, nodata: int, unknown: set[int]) -> np.ndarray:

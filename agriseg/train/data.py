@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, GridMismatchError, InputError, VectorError
 from agriseg.grid import Grid
-from agriseg.metrics import check_class_raster, non_class_values
+from agriseg.metrics import check_class_raster, map_values, non_class_values
 from agriseg.raster import image_vrt, no_georef_warning, open_survey, read_window
 from agriseg.train.augment import augment_patch
 from agriseg.train.config import AugmentSection
@@ -90,11 +90,9 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
         labels = ds.read(1)
         nodata = ds.nodata
     if mapping:
-        out = np.full(labels.shape, IGNORE, np.int64)
-        for src, dst in mapping.items():
-            out[labels == src] = dst
-        known = np.isin(labels, [*mapping, IGNORE, *([nodata] if nodata is not None else [])])
-        stray = np.unique(labels[~known])
+        # 255 and the raster's nodata stay unlabelled unless the mapping says otherwise.
+        unlabelled = {IGNORE: IGNORE, **({nodata: IGNORE} if nodata is not None else {})}
+        out, stray = map_values(labels, {**unlabelled, **mapping}, IGNORE)
         if stray.size:
             raise InputError(
                 f"{path}: label values {stray[:10].tolist()} are not in label_classes; add "

@@ -514,9 +514,7 @@ def _process(
     out = Path(config.out)
     # Registered before the lock, so it runs after the lock file is gone: a run refused
     # before it wrote anything (the model's prepare found the bands missing) leaves no
-    # empty folders behind.
-    # The folders this run creates, deepest first: a run refused before it wrote anything
-    # left the parents --out named (a/b/out) behind too.
+    # empty folders behind, --out's parents that it created (a/b/out) included.
     created = [d for d in (out.absolute(), *out.absolute().parents) if not d.exists()]
     run_scope.callback(_remove_empty_dirs, out / WORK_DIR, *created)
     run_scope.enter_context(_run_lock(out))
@@ -617,11 +615,10 @@ def _process(
     heap.trim()
     timings["finalize_s"] = time.perf_counter() - t
 
-    _warn_little_vegetation(class_counts(work / "classes.tif", schema, writer.class_values),
-                            schema, ctx)
+    counts = class_counts(work / "classes.tif", schema, writer.class_values)
+    _warn_little_vegetation(counts, schema, ctx)
     _run_post_steps(ctx, config.skip, timings)
 
-    counts = class_counts(work / "classes.tif", schema, writer.class_values)
     timings["total_s"] = time.perf_counter() - t_start
     # A rate, not a duration: the tile stream after the first tile (start-up excluded).
     stream_mp_s = timings.pop("stream_mp_s", None)

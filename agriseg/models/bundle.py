@@ -23,7 +23,7 @@ import os
 import struct
 import time
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -364,14 +364,23 @@ def load_bundle_model(path: str | os.PathLike[str]) -> tuple[BundleMeta, nn.Modu
 
 
 def bundle_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of the bundle's weights and metadata (cache key for ONNX exports)."""
-    weights, meta_file = bundle_files(path)
+    """SHA-256 of the bundle's weights and metadata (cache key for ONNX exports).
+
+    A run asks for it up to three times (the ONNX cache, the resume record, run.json):
+    the files are hashed once per version of them (path, size and mtime).
+    """
+    files = tuple(f for f in bundle_files(path) if f is not None)
+    stats = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _digest(stats)
+
+
+@lru_cache(maxsize=16)
+def _digest(stats: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for f in (weights, meta_file):
-        if f is not None:
-            with open(f, "rb") as fh:
-                for chunk in iter(partial(fh.read, 1 << 20), b""):
-                    h.update(chunk)
+    for name, _, _ in stats:
+        with open(name, "rb") as fh:
+            for chunk in iter(partial(fh.read, 1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 

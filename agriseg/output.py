@@ -213,7 +213,9 @@ class TileWriter:
         # output back to make it at the end (at 1 GP: 1.4 s for the class mask, 4.5 s for the
         # confidence's averages, single-threaded), and builds only the smaller levels now.
         self._half: dict[str, rasterio.io.DatasetWriter] = {}
-        self._halved: set[str] = set()
+        #: Outputs whose first overview level is written: name -> (nodata, resampling), for
+        #: callers that halve the cores themselves (:func:`halve`).
+        self.halving: dict[str, tuple[float, str]] = {}
         self._threads: dict[str, ThreadPoolExecutor] = {}
         self._pending: deque[list[Future[None]]] = deque()
         # Pixels per value of the "classes" output, counted as tiles arrive (reading the
@@ -233,7 +235,7 @@ class TileWriter:
                     self._create(spec, overview_file(path), half=True)
             if half and overview_file(path).exists():
                 # A resumed run keeps the level only if the interrupted one wrote it.
-                self._halved.add(spec.name)
+                self.halving[spec.name] = (spec.nodata, spec.resampling)
         self._reopen()
 
     def path(self, name: str) -> Path:
@@ -252,7 +254,7 @@ class TileWriter:
     def _reopen(self) -> None:
         for name in self.specs:
             paths = [(self._open, self.path(name))]
-            if name in self._halved:
+            if name in self.halving:
                 paths.append((self._half, overview_file(self.path(name))))
             for store, path in paths:
                 try:
@@ -271,6 +273,7 @@ class TileWriter:
         tile: Tile,
         arrays: Mapping[str, np.ndarray],
         class_counts: np.ndarray | None = None,
+        halves: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Queue the core arrays of ``tile`` (each ``(h, w)`` of the core window) for writing.
 
@@ -279,6 +282,8 @@ class TileWriter:
             arrays: output name -> core array.
             class_counts: pixels per value of ``arrays["classes"]`` when the caller has
                 counted them already (the workers do, in parallel).
+            halves: output name -> first overview level of its core (:func:`halve` with the
+                output's :attr:`halving`) when the caller made it; the writer halves the rest.
 
         Raises:
             OutputError: an earlier tile's write failed (disk full).
@@ -290,19 +295,23 @@ class TileWriter:
         for name, arr in arrays.items():
             if name not in self._threads:
                 self._threads[name] = ThreadPoolExecutor(1, thread_name_prefix="agriseg-write")
-            futures.append(self._threads[name].submit(self._write_one, name, tile, arr))
+            half = halves.get(name) if halves else None
+            futures.append(self._threads[name].submit(self._write_one, name, tile, arr, half))
         self._pending.append(futures)
         while len(self._pending) > MAX_PENDING_TILES:
             self._wait(self._pending.popleft())
 
-    def _write_one(self, name: str, tile: Tile, arr: np.ndarray) -> None:
+    def _write_one(self, name: str, tile: Tile, arr: np.ndarray,
+                   small: np.ndarray | None = None) -> None:
         spec = self.specs[name]
         arr = arr.astype(spec.dtype, copy=False)
         try:
             self._open[name].write(arr, 1, window=tile.core)
             if name in self._half:
                 core = tile.core
-                small = halve(arr, spec.nodata, spec.resampling)
+                if small is None:
+                    small = halve(arr, spec.nodata, spec.resampling)
+                small = small.astype(spec.dtype, copy=False)
                 self._half[name].write(small, 1, window=Window(
                     core.col_off // 2, core.row_off // 2, small.shape[1], small.shape[0]))
         except GDAL_ERRORS as exc:

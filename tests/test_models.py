@@ -325,6 +325,37 @@ def test_cached_onnx_runs_without_importing_torch(tmp_path: Path) -> None:
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
+def test_class_mask_run_imports_no_vector_stack(tmp_path: Path, rgba_tif: Path) -> None:
+    """A run to the class mask alone works without GeoPandas, Shapely, pyogrio and pyproj.
+
+    The GPU benchmark's machines carry only what the tiles need (benchmarks/gpu.sh); a
+    ground-area helper that imported GeoPandas at the end of every run cost one of them
+    nine minutes of device time (2026-11-27).
+    """
+    import subprocess
+    import sys
+
+    bundle = _tiny_bundle(tmp_path / "m.safetensors", seed=5)
+    blocked = ("geopandas", "shapely", "pyogrio", "pyproj")
+    code = (
+        "import sys, runpy\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {blocked!r}:\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.argv = ['agriseg', 'run', *sys.argv[1:]]\n"
+        "runpy.run_module('agriseg', run_name='__main__')\n"
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", code, str(rgba_tif), "--out", str(out), "--model", str(bundle),
+           "--engine", "torch", "--no-indices", "--no-progress", "-q",
+           "--skip", "quicklook,zones,fields,report,project"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "classes.tif").exists()
+
+
 def test_segmenter_pickles_small_and_checks_bands_and_gsd(tmp_path: Path, rgba_tif: Path) -> None:
     bundle = _tiny_bundle(tmp_path / "m.safetensors")
     seg = load_segmenter(str(bundle), engine="torch")

@@ -16,7 +16,13 @@ from rasterio.windows import Window
 
 from agriseg.errors import OutputError
 from agriseg.grid import Grid, TilePlan, plan_tiles
-from agriseg.output import OutputSpec, TileWriter, cog_overview_factors, finalize_cog
+from agriseg.output import (
+    OutputSpec,
+    TileWriter,
+    cog_overview_factors,
+    finalize_cog,
+    halve,
+)
 
 
 def _working(path: Path, data: np.ndarray, nodata: float) -> Path:
@@ -193,8 +199,12 @@ def test_tile_writer_makes_the_first_overview_level(tmp_path: Path, resume: bool
     full["confidence"][:300, :200] = 255
     writer = TileWriter(plan, specs, tmp_path)
     tiles = list(plan)
+    assert set(writer.halving) == {"classes", "confidence"}
     for i, tile in enumerate(tiles):
-        writer.write(tile, {n: a[tile.core.toslices()] for n, a in full.items()})
+        cores = {n: a[tile.core.toslices()] for n, a in full.items()}
+        # Every other tile comes with its first level made by the caller (as tile tasks do).
+        halves = {n: halve(cores[n], *how) for n, how in writer.halving.items()} if i % 2 else None
+        writer.write(tile, cores, halves=halves)
         if resume and i == len(tiles) // 2:
             writer.sync()
             writer.close()

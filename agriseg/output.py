@@ -2,8 +2,8 @@
 
 One process (the client) owns every output file: workers return arrays, the
 :class:`TileWriter` puts each core into a block-aligned tiled GeoTIFF as it arrives, so memory
-is bounded by the tiles in flight, and writes each tile's first overview level (2 x 2 cells)
-beside it as GDAL's external ``.ovr``. :func:`finalize_cog` then builds the smaller levels
+is bounded by the tiles in flight, and writes each tile's first overview level (2 x 2 cells,
+made by the workers with :func:`halve`) beside it as GDAL's external ``.ovr``. :func:`finalize_cog` then builds the smaller levels
 from that, copies the working file through GDAL's COG driver (layout) and renames it into
 place, so a half-written output never carries its final name.
 """
@@ -121,7 +121,7 @@ def halve(arr: np.ndarray, nodata: float, resampling: str) -> np.ndarray:
         mean *= np.float32(0.25)
         return mean
     # Integers: the sum of all four, less nodata times the nodata count, in 16-bit for bytes
-    # (a few strided passes; the writer thread shares the cores with the workers).
+    # (a few strided passes, in the tile tasks or the writer threads).
     wide: type[np.integer[Any]] = np.uint16 if arr.dtype.itemsize == 1 else np.int64
     total: npt.NDArray[np.integer[Any]] = cells[0].astype(wide)
     for c in cells[1:]:

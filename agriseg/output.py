@@ -3,9 +3,10 @@
 One process (the client) owns every output file: workers return arrays, the
 :class:`TileWriter` puts each core into a block-aligned tiled GeoTIFF as it arrives, so memory
 is bounded by the tiles in flight, and writes each tile's first overview level (2 x 2 cells,
-made by the workers with :func:`halve`) beside it as GDAL's external ``.ovr``. :func:`finalize_cog` then builds the smaller levels
-from that, copies the working file through GDAL's COG driver (layout) and renames it into
-place, so a half-written output never carries its final name.
+made by the workers with :func:`halve`) beside it as GDAL's external ``.ovr``.
+:func:`finalize_cog` then builds the smaller levels from that, copies the working file
+through GDAL's COG driver (layout) and renames it into place, so a half-written output never
+carries its final name.
 """
 
 from __future__ import annotations

@@ -235,10 +235,20 @@ def _image_qml(survey: SurveyRaster) -> str:
     roles = survey.roles.as_dict()
     names = display_roles(roles)
     stretch = None
-    if survey.dtype != "uint8":
+    if survey.dtype != "uint8" or survey.scale != 1 / 255 or survey.offset:
         data, valid, _ = read_overview(survey, names)
         lo, hi = colour_stretch(data, valid)
-        stretch = (lo / survey.scale, hi / survey.scale)
+        import rasterio
+
+        with rasterio.open(survey.path) as ds:
+            band = roles[names[0]]
+            declared = (ds.scales[band - 1], ds.offsets[band - 1])
+        # QGIS shows the values a band declares scaled (gdal_edit.py -scale -offset), so the
+        # stretch is then in reflectance; otherwise in the file's raw values.
+        if declared != (1.0, 0.0) and declared == (survey.scale, survey.offset):
+            stretch = (lo, hi)
+        else:
+            stretch = ((lo - survey.offset) / survey.scale, (hi - survey.offset) / survey.scale)
     fill = {"black": 0.0, "fill": survey.nodata}.get(survey.mask_source)
     r, g, b = (roles[n] for n in names)
     return rgb_qml(r, g, b, roles.get("alpha", -1), stretch, fill)

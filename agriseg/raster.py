@@ -17,6 +17,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -150,7 +151,8 @@ class SurveyRaster:
         dtype: numpy dtype name of the bands.
         roles: spectral band roles.
         nodata: declared nodata value, or the undeclared fill found (``mask_source`` fill).
-        scale: multiply raw values by this to get reflectance-like 0..1 values.
+        scale: multiply raw values by this, then add ``offset``, to get reflectance-like
+            0..1 values.
         mask_source: how validity is decided: ``alpha`` (band ``roles.alpha``), ``gdal``
             (GDAL's mask: nodata or per-dataset mask), ``black`` (pixels 0 in every band
             read: an orthomosaic's undeclared fill), ``fill`` (an undeclared large negative
@@ -158,6 +160,9 @@ class SurveyRaster:
             valid).
         roles_from: how the roles were found (``--bands``, band descriptions, colour
             interpretation or the band order convention, with any physics checks).
+        offset: added after ``scale`` (Sentinel-2 L2A since processing baseline 04.00:
+            -0.1, as the file declares it).
+        warnings: doubts about the roles or the scaling, for run.json and the report.
     """
 
     path: str
@@ -169,6 +174,8 @@ class SurveyRaster:
     scale: float
     mask_source: str
     roles_from: str = ""
+    offset: float = 0.0
+    warnings: tuple[str, ...] = ()
 
     def require(self, roles: tuple[str, ...], who: str = "the model") -> None:
         """Raise a clear :class:`BandError` unless all ``roles`` are available.
@@ -208,6 +215,7 @@ class SurveyRaster:
             "roles_from": self.roles_from,
             "nodata": self.nodata,
             "scale": self.scale,
+            "offset": self.offset,
             "mask_source": self.mask_source,
         }
 
@@ -263,19 +271,39 @@ def _description_role(desc: str) -> str | None:
     words = re.sub(r"\d+(\.\d+)?\s*(nm)?|[^a-z ]", " ", key).split()
     words = [w for w in words if w != "band"]
     if len("".join(words)) >= 2:  # named ("Coastal 443", "LWIR" name none of the roles)
-        return _DESCRIPTION_ROLES.get(" ".join(words)) or _DESCRIPTION_ROLES.get("".join(words))
+        # Letters left by band codes go: "Red (B4)", "B02 - Blue", "Red edge (B5)".
+        named = [w for w in words if len(w) > 1] or words
+        role = (_DESCRIPTION_ROLES.get(" ".join(named))
+                or _DESCRIPTION_ROLES.get("".join(named)))
+        if role or len(named) < 2:
+            return role
+        # One word naming a role among others ("rgb_red"); two roles named is no answer.
+        hits = {_DESCRIPTION_ROLES[w] for w in named if w in _DESCRIPTION_ROLES}
+        return hits.pop() if len(hits) == 1 else None
     # A letter left over ("B" of Sentinel-2's "B1") names nothing; a wavelength may.
     nm = [float(m) for m in re.findall(r"(\d{3}(?:\.\d+)?)\s*(?:nm)?", key)]
     hits = {r for lo, hi, r in _WAVELENGTH_ROLES for v in nm if lo <= v < hi}
     return hits.pop() if len(hits) == 1 else None
 
 
+#: ``--bands`` layouts of common untagged multispectral exports, by spectral band count.
+_LAYOUT_HINTS = {
+    4: "--bands blue=1,green=2,red=3,nir=4 (PlanetScope) or --bands "
+       "green=1,red=2,rededge=3,nir=4 (Parrot Sequoia)",
+    5: "--bands blue=1,green=2,red=3,rededge=4,nir=5 (DJI P4 Multispectral, MicaSense "
+       "Altum) or --bands blue=1,green=2,red=3,nir=4,rededge=5 (MicaSense RedEdge)",
+}
+
+
 def _detect_roles(
     ds: rasterio.DatasetReader, sample: Callable[[], np.ndarray]
-) -> tuple[dict[str, int], str]:
+) -> tuple[dict[str, int], str, list[str]]:
     """Guess band roles from descriptions, colour interpretation, then band count.
 
     ``sample`` returns every band at :data:`SAMPLE_SIDE` (see :func:`_describe`).
+
+    Returns:
+        The roles, how they were found, and doubts about them (warnings).
     """
     # A band tagged alpha is never data, whichever way the others are found.
     tagged_alpha = [i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.alpha]
@@ -287,7 +315,7 @@ def _detect_roles(
     if len(roles.keys() - {"alpha"}) >= 2:  # e.g. Red, RedEdge, NIR: no green needed
         if tagged_alpha and "alpha" not in roles and tagged_alpha[0] not in roles.values():
             roles["alpha"] = tagged_alpha[0]
-        return roles, "band descriptions"
+        return roles, "band descriptions", []
     roles = {}
     for i, ci in enumerate(ds.colorinterp, start=1):
         role = _COLORINTERP_ROLES.get(ci)
@@ -304,7 +332,7 @@ def _detect_roles(
             roles, notes = _reflectance_order(ds, roles, sample)
             if notes:
                 how += ", " + "; ".join(notes) + " (override with --bands)"
-        return roles, how
+        return roles, how, []
     order = [i for i in range(1, ds.count + 1) if i not in tagged_alpha]
     n = len(order)
     if n >= 3:
@@ -321,22 +349,33 @@ def _detect_roles(
                 how += ", " + "; ".join(notes) + " (override with --bands)"
             elif doubt:
                 how += f", doubtful: {doubt}"
-                log.warning(
-                    "%s: band roles guessed from the band order R,G,B,NIR, but %s; name the "
-                    "bands with --bands, e.g. --bands blue=1,green=2,red=3,nir=4 (PlanetScope) "
-                    "or --bands green=1,red=2,rededge=3,nir=4 (Parrot Sequoia)", ds.name, doubt)
-        return roles, how
-    return {}, "nothing (fewer than 3 bands and no descriptions)"
+                hint = _LAYOUT_HINTS[min(n, 5)]
+                described = [d for d in ds.descriptions if d]
+                said = (f" (band descriptions {', '.join(map(repr, described[:6]))} name no "
+                        "band this program knows)" if described else "")
+                return roles, how, [
+                    f"band roles guessed from the band order R,G,B,NIR{said}, but {doubt}: "
+                    "indices and classes may use the wrong bands; name the bands, e.g. "
+                    f"{hint}"
+                ]
+        return roles, how, []
+    return {}, "nothing (fewer than 3 bands and no descriptions)", []
 
 
 def _band_medians(
     ds: rasterio.DatasetReader, sample: Callable[[], np.ndarray]
 ) -> dict[int, float] | None:
-    """Median of every band over the sample's valid pixels (None when too few are valid)."""
+    """Median of every band over the sample's valid pixels (None when too few are valid).
+
+    Undeclared fills are left out as well (they are found only once the roles are known):
+    black in every band, or a large negative value (-10000) in every band. Medians over a
+    fill that covered half a camera's raster swapped its bands.
+    """
     data = sample().astype(np.float64)
     ok = np.isfinite(data).all(axis=0)
     if ds.nodata is not None:
         ok &= ~(data == ds.nodata).any(axis=0)
+    ok &= data.any(axis=0) & ~(data <= -9999).all(axis=0)
     if ok.sum() < 100:
         return None
     return {i: float(np.median(data[i - 1][ok])) for i in range(1, ds.count + 1)}
@@ -408,10 +447,27 @@ def _decimated_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
     return (max(1, round(height / f)), max(1, round(width / f)))
 
 
-def _choose_scale(
+def _valid_values(
     ds: rasterio.DatasetReader, bands: list[int], alpha: int | None,
     sample: Callable[[], np.ndarray],
-) -> float:
+) -> np.ndarray:
+    """Raw values ``(C, N)`` (float64) of ``bands`` at the sample's valid pixels.
+
+    Valid: alpha above 0, or no band at the declared nodata, and not an undeclared fill (see
+    :func:`_band_medians`); every band finite.
+    """
+    every = sample()
+    data = every[[b - 1 for b in bands]].astype(np.float64)
+    valid = np.isfinite(data).all(axis=0)
+    if alpha:
+        valid &= every[alpha - 1] > 0
+    elif ds.nodata is not None:
+        valid &= ~(data == ds.nodata).any(axis=0)
+    valid &= data.any(axis=0) & ~(data <= -9999).all(axis=0)
+    return data[:, valid]
+
+
+def _choose_scale(dtype: np.dtype[Any], values: np.ndarray) -> float:
     """Scale raw values to 0..1 reflectance-like values (documented in the README).
 
     uint8, and wider integers holding nothing above 255: 1/255. Integer types: 1/10000 when
@@ -419,19 +475,8 @@ def _choose_scale(
     reflectance x 10000), else 1/65535. Floats: 1 when values look like 0..1 reflectance,
     1/255 for 0..255, else 1/10000.
     """
-    dtype = np.dtype(ds.dtypes[bands[0] - 1])
     if dtype == np.uint8:
         return 1.0 / 255.0
-    every = sample()
-    data = every[[b - 1 for b in bands]]
-    alpha_px = every[alpha - 1] if alpha else None
-    valid = np.ones(every.shape[1:], bool)
-    if alpha_px is not None:
-        valid &= alpha_px > 0
-    elif ds.nodata is not None:
-        valid &= ~(data == ds.nodata).any(axis=0)
-    values = data[:, valid].astype(np.float64)
-    values = values[np.isfinite(values)]
     p99 = float(np.percentile(values, 99)) if values.size else 1.0
     if np.issubdtype(dtype, np.integer):
         if values.size and values.max() <= 255:
@@ -444,6 +489,77 @@ def _choose_scale(
     if p99 <= 255 * 1.5:
         return 1.0 / 255.0
     return 1.0 / 10000.0
+
+
+def _tag_values(ds: rasterio.DatasetReader, bands: list[int], name: str) -> set[float]:
+    """Numeric values of metadata items (the dataset's, ``bands``') whose key has ``name``.
+
+    Sentinel-2 converters write BOA_ADD_OFFSET, BOA_ADD_OFFSET_B04, ...
+    """
+    items = list(ds.tags().items())
+    for b in bands:
+        items += ds.tags(b).items()
+    found = set()
+    for key, value in items:
+        if name in key.upper():
+            with contextlib.suppress(ValueError):
+                found.add(float(value))
+    return found
+
+
+def _scaling(
+    ds: rasterio.DatasetReader, p: str, bands: list[int], alpha: int | None,
+    sample: Callable[[], np.ndarray], gsd_m: float,
+) -> tuple[float, float, list[str]]:
+    """Scale and offset from raw values to 0..1 reflectance, and doubts about them.
+
+    In order: the scale and offset the bands declare (GDAL's, ``gdal_edit.py -scale -offset``;
+    Sentinel-2 L2A since processing baseline 04.00 declares 0.0001 and -0.1), when they give
+    reflectance-like values; Sentinel-2's BOA_ADD_OFFSET / BOA_QUANTIFICATION_VALUE metadata;
+    else a scale guessed from the values (:func:`_choose_scale`), no offset.
+    """
+    dtype = np.dtype(ds.dtypes[bands[0] - 1])
+    if dtype == np.uint8 and all(ds.scales[b - 1] == 1 and ds.offsets[b - 1] == 0
+                                 for b in bands):
+        return 1.0 / 255.0, 0.0, []
+    values = _valid_values(ds, bands, alpha, sample)
+    scales = {float(ds.scales[b - 1]) for b in bands}
+    offsets = {float(ds.offsets[b - 1]) for b in bands}
+    if scales != {1.0} or offsets != {0.0}:
+        scale, offset = float(ds.scales[bands[0] - 1]), float(ds.offsets[bands[0] - 1])
+        p99 = float(np.percentile(values * scale + offset, 99)) if values.size else 0.5
+        if scale > 0 and 0.02 < p99 <= 1.5:
+            if len(scales) > 1 or len(offsets) > 1:
+                log.warning("%s: its bands declare different scales or offsets; all are "
+                            "read with band %d's (%g, %g)", p, bands[0], scale, offset)
+            log.info("%s: reflectance = value x %g + %g, as the bands declare", p, scale, offset)
+            return scale, offset, []
+        log.info("%s: the declared scale %g and offset %g do not give 0..1 reflectance (99th "
+                 "percentile %.3g); ignored", p, scale, offset, p99)
+    adds = _tag_values(ds, bands, "BOA_ADD_OFFSET")
+    if len(adds) == 1:
+        quant = _tag_values(ds, bands, "QUANTIFICATION_VALUE")
+        q = quant.pop() if len(quant) == 1 and min(quant) > 0 else 10000.0
+        add = adds.pop()
+        log.info("%s: reflectance = (value %+g) / %g, from its BOA_ADD_OFFSET metadata", p,
+                 add, q)
+        return 1.0 / q, add / q, []
+    scale = _choose_scale(dtype, values)
+    notes = []
+    if (np.issubdtype(dtype, np.integer) and scale == 1.0 / 10000.0 and gsd_m >= 5
+            and values.shape[1] >= 100 and float(np.percentile(values, 1, axis=1).min()) >= 1000):
+        # Sentinel-2 L2A since processing baseline 04.00 (2022) stores reflectance x 10000
+        # + 1000; without its metadata nothing tells it apart, but no band of real
+        # reflectance x 10000 data has almost every pixel above 0.1 (vegetation reflects
+        # 0.02-0.05 in blue). Satellite pixels only: drone cameras scale reflectance their
+        # own ways (MicaSense's uint16 exports x 32768 are as bright).
+        notes.append(
+            "every band is at least 1000 almost everywhere, as in Sentinel-2 L2A products "
+            "of processing baseline 04.00 and later, whose reflectance is (value - 1000) / "
+            "10000; read as value / 10000, their indices (NDVI) come out too low. If it is "
+            f"such a product, declare it and rerun: gdal_edit.py -scale 0.0001 -offset -0.1 {p}"
+        )
+    return scale, 0.0, notes
 
 
 def absolute_path(path: str | os.PathLike[str]) -> str:
@@ -591,6 +707,7 @@ def _describe(
     # one of them needs it (8-bit rasters and explicit --bands mostly do not).
     small = _decimated_shape(ds.height, ds.width, SAMPLE_SIDE)
     sample = functools.cache(lambda: _decimated_bands(ds, list(range(1, ds.count + 1)), small))
+    notes: list[str] = []  # warnings for run.json and the report
     if isinstance(bands, str):
         bands = BandRoles.parse(bands)
     if bands is not None:
@@ -603,7 +720,10 @@ def _describe(
                 )
         how = "--bands"
     else:
-        mapping, how = _detect_roles(ds, sample)
+        mapping, how, doubts = _detect_roles(ds, sample)
+        for doubt in doubts:
+            log.warning("%s: %s", p, doubt)
+        notes += doubts
     alpha = mapping.get("alpha")
     if alpha is None:
         flagged = [
@@ -674,15 +794,18 @@ def _describe(
                 "nodata (set the nodata value, e.g. gdal_edit.py -a_nodata %g, to say so)",
                 p, fill, fill,
             )
-    scale = _choose_scale(ds, spectral, alpha, sample)
+    scale, offset, doubts = _scaling(ds, p, spectral, alpha, sample, grid.gsd_m)
+    for doubt in doubts:
+        log.warning("%s: %s", p, doubt)
     roles = BandRoles.from_mapping(mapping)
     log.info(
         "%s: %dx%d px, %d band(s) %s (%d spectral), roles %s (from %s), mask from %s, scale "
-        "%.6g, GSD %.3g m", p, grid.width, grid.height, ds.count, dtype, len(spectral),
-        roles.as_dict(), how, mask_source, scale, grid.gsd_m,
+        "%.6g%s, GSD %.3g m", p, grid.width, grid.height, ds.count, dtype, len(spectral),
+        roles.as_dict(), how, mask_source, scale, f", offset {offset:g}" if offset else "",
+        grid.gsd_m,
     )
     return SurveyRaster(p, grid, int(ds.count), str(dtype), roles, nodata, scale, mask_source,
-                        how)
+                        how, offset, tuple(notes + doubts))
 
 
 def _black_fill_share(bands: np.ndarray) -> float | None:
@@ -916,6 +1039,8 @@ def scaled_bands(
     """
     # One pass converts and scales (an integer band times a float32 scalar is float32).
     data = np.multiply(raw, np.float32(survey.scale), dtype=np.float32)
+    if survey.offset:
+        data += np.float32(survey.offset)
     # GDAL's mask flags the nodata value of band 1 only; check every band.
     if survey.nodata is not None:
         valid &= ~(raw == survey.nodata).any(axis=0)
@@ -988,7 +1113,7 @@ def read_overview(
         stamp = os.stat(survey.path).st_mtime_ns
     except OSError:
         stamp = None
-    key = (survey.path, stamp, bands, survey.mask_source, survey.scale)
+    key = (survey.path, stamp, bands, survey.mask_source, survey.scale, survey.offset)
     if key not in _OVERVIEWS:
         _OVERVIEWS.clear()  # one survey at a time: bounded memory in long-lived processes
         _OVERVIEWS[key] = _read_overview(survey, bands, OVERVIEW_SIDE)

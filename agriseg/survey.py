@@ -608,6 +608,8 @@ def _process(
     t = time.perf_counter()
     ctx = SurveyContext(config, survey, segmenter, prepared, plan, schema, out, work,
                         timings=timings, fieldset=fieldset)
+    if survey.warnings:  # doubts about band roles or scaling: for run.json and the report
+        ctx.manifest.setdefault("warnings", []).extend(survey.warnings)
 
     _finalize_outputs(specs, writer, ctx)
     # GDAL's overview builders and COG copies free ~0.5 GB of buffers (268 MP) that glibc

@@ -101,6 +101,13 @@ def test_untagged_five_bands_follow_reflectance(tmp_path: Path) -> None:
     (["B1", "B2", "B3", "B4", "B8A"], {"blue": 2, "green": 3, "red": 4, "nir": 5}),
     (["Coastal 443", "Blue", "Green", "Red", "NIR"],
      {"blue": 2, "green": 3, "red": 4, "nir": 5}),
+    # Names with band codes, as converters and QGIS users write them
+    (["Blue (B2)", "Green (B3)", "Red (B4)", "Red edge (B5)", "NIR (B8)"],
+     {"blue": 1, "green": 2, "red": 3, "rededge": 4, "nir": 5}),
+    (["B02 - Blue", "B03 - Green", "B04 - Red", "B05 - Red edge", "B08 - NIR"],
+     {"blue": 1, "green": 2, "red": 3, "rededge": 4, "nir": 5}),
+    (["rgb_blue", "rgb_green", "rgb_red", "SR_B4", "nir"],
+     {"blue": 1, "green": 2, "red": 3, "nir": 5}),
 ])
 def test_band_descriptions_with_wavelengths(tmp_path: Path, descriptions: list[str],
                                             roles: dict[str, int]) -> None:
@@ -131,6 +138,71 @@ def test_untagged_four_bands_are_checked_not_reordered(
         assert "doubtful" not in how and not caplog.records
     else:
         assert doubt in how and doubt in caplog.text and "--bands" in caplog.text
+
+
+def test_undeclared_fill_is_left_out_of_the_band_order_check(tmp_path: Path) -> None:
+    """A camera export (B,G,R,NIR,RE, uint16) whose black fill, declared nowhere, covers most
+    of the raster: the medians that order the bands are of the image, not of the fill."""
+    rng = np.random.default_rng(2)
+    means = [0.03, 0.08, 0.06, 0.30, 0.10]
+    data = np.stack([m + 0.01 * rng.random((100, 100)) for m in means]) * 32768
+    yy, xx = np.mgrid[0:100, 0:100]
+    data[:, (xx + yy) < 130] = 0  # 66 % fill
+    path = tmp_path / "fill.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=100, height=100, count=5,
+                       dtype="uint16", crs="EPSG:32615",
+                       transform=Affine(0.03, 0, 720000, 0, -0.03, 4300000)) as dst:
+        dst.write(data.astype(np.uint16))
+        dst.colorinterp = UNTAGGED
+    survey = open_survey(path)
+    assert survey.mask_source == "black"
+    assert survey.roles.as_dict() == {"red": 3, "green": 2, "blue": 1, "nir": 4, "rededge": 5}
+
+
+def test_doubtful_band_order_reaches_the_run_warnings(tmp_path: Path) -> None:
+    path = _reflectance(tmp_path / "five.tif", [0.03, 0.08, 0.06, 0.10, 0.30, 0.2],
+                        [*UNTAGGED, ColorInterp.undefined])
+    survey = open_survey(path)
+    assert "doubtful" in survey.roles_from
+    assert len(survey.warnings) == 1 and "--bands blue=1,green=2,red=3,rededge=4,nir=5" in \
+        survey.warnings[0]
+
+
+def _sentinel2(path: Path, offset: int = 1000, **tags: str) -> tuple[Path, np.ndarray]:
+    """B2,B3,B4,B8 in uint16 as reflectance x 10000 + ``offset``; returns the reflectance."""
+    rng = np.random.default_rng(3)
+    refl = np.stack([m + 0.02 * rng.random((64, 64)) for m in (0.03, 0.06, 0.04, 0.35)])
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=4,
+                       dtype="uint16", crs="EPSG:32633", nodata=0,
+                       transform=Affine(10, 0, 600000, 0, -10, 5300000)) as dst:
+        dst.write(np.rint(refl * 10000 + offset).astype(np.uint16))
+        for i, d in enumerate(("B02", "B03", "B04", "B08"), start=1):
+            dst.set_band_description(i, d)
+        if tags:
+            dst.update_tags(**tags)
+    return path, refl.astype(np.float32)
+
+
+@pytest.mark.parametrize("how", ["declared", "tags", "none", "baseline 03"])
+def test_sentinel2_offset_is_applied_when_the_file_says_so(tmp_path: Path, how: str) -> None:
+    """Sentinel-2 L2A since processing baseline 04.00: reflectance = (value - 1000) / 10000."""
+    tags = {"BOA_ADD_OFFSET_B04": "-1000", "BOA_QUANTIFICATION_VALUE": "10000"}
+    path, refl = _sentinel2(tmp_path / "s2.tif", 0 if how == "baseline 03" else 1000,
+                            **(tags if how == "tags" else {}))
+    if how == "declared":
+        with rasterio.open(path, "r+") as ds:
+            ds.scales, ds.offsets = (0.0001,) * 4, (-0.1,) * 4
+    survey = open_survey(path)
+    got, valid = raster.read_window(survey, ("red", "nir"), Window(0, 0, 64, 64))
+    assert valid.all()
+    if how == "none":  # nothing says so: read as value / 10000, with a warning that says how
+        assert survey.offset == 0 and len(survey.warnings) == 1
+        assert "gdal_edit.py -scale 0.0001 -offset -0.1" in survey.warnings[0]
+        np.testing.assert_allclose(got, refl[[2, 3]] + 0.1, atol=1e-4)
+    else:
+        assert not survey.warnings
+        assert survey.offset == pytest.approx(0 if how == "baseline 03" else -0.1)
+        np.testing.assert_allclose(got, refl[[2, 3]], atol=1e-4)
 
 
 def _rgb(path: Path, rgb: np.ndarray, **extra: object) -> Path:

@@ -16,7 +16,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# torch from the local wheel cache on x86_64 (other versions download GBs or break torchvision)
+	# torch as pinned on x86_64 (other versions download GBs or break torchvision)
 	if [ "$(ARCH)" = "x86_64" ]; then \
 	  $(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1; \
 	else \

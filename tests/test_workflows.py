@@ -132,3 +132,29 @@ def test_placeholder_input_of_a_workflow_says_to_give_the_survey(tmp_path: Path)
                                   "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "give the survey on the command line" in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_conda_environment_lists_what_pyproject_needs() -> None:
+    """environment.yml (conda users) names every dependency of pyproject.toml, at least at
+    the same minimum version: conda users install agriseg itself with --no-deps."""
+    import tomllib
+
+    import yaml
+
+    root = REPO
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    conda_name = {"torch": "pytorch", "dask": "distributed"}  # dask[distributed]: both listed
+
+    def parse(spec: str) -> tuple[str, str]:
+        name, version = re.match(r"([A-Za-z0-9_.\-]+)(?:\[[^\]]*\])?\s*(>=\s*[\w.]+)?",
+                                    spec).groups()  # type: ignore[union-attr]
+        name = name.lower().replace("_", "-")
+        return conda_name.get(name, name), (version or "").replace(" ", "")
+
+    env = yaml.safe_load((root / "environment.yml").read_text())["dependencies"]
+    listed = dict(parse(d) for d in env if isinstance(d, str))
+    for spec in [*project["dependencies"], *project["optional-dependencies"]["dev"]]:
+        name, version = parse(spec)
+        assert name in listed, f"environment.yml lacks {spec}"
+        if version:
+            assert listed[name] == version, f"environment.yml: {name}{listed[name]}, not {version}"

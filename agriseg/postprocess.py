@@ -156,6 +156,10 @@ def vegetation_text(info: dict[str, Any]) -> str | None:
     green = info.get("green_path")
     if isinstance(green, dict) and green.get("used"):
         text += f"; or (G-R)/(G+R) > {green['ngrdi_threshold']:.3f} where G > B"
+    yellow = info.get("yellow_path")
+    if isinstance(yellow, dict) and yellow.get("used"):
+        text += (f"; or yellow leaves: blue share B/(R+G+B) < "
+                 f"{yellow['blue_share_threshold']:.3f} over {yellow['window_px']} px")
     table = info.get("appearance")
     if isinstance(table, dict):
         text += ("; crop/weed colour table used" if table.get("used")

@@ -548,6 +548,37 @@ def test_rows_leaving_the_raster_stay_crop(tmp_path: Path, scheduler: str) -> No
     assert ((pred == 2) & crop).sum() / crop.sum() < 0.03
 
 
+@pytest.mark.parametrize("soil", ["brown", "red"])
+def test_yellow_path_finds_yellowing_rows_not_red_soil(tmp_path: Path, soil: str) -> None:
+    """Yellowing soybean rows (Lamberton 2018-09-05: ExG on the threshold, blue share
+    0.15) are plants on brown soil (blue share 0.25); on a red soil whose own blue share is
+    as low, the threshold follows the soil's mode and nothing of it turns plant."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from accuracy import segment_file
+
+    rng = np.random.default_rng(1)
+    colour = {"brown": [150, 122, 90], "red": [160, 100, 45]}[soil]
+    img = np.array(colour, np.float64)[:, None, None] + rng.normal(0, 4, (3, 240, 240))
+    img[:, 20:220:40, 10:230] = np.array([60, 140, 50])[:, None, None]  # green rows
+    for r0 in (60, 140):  # two yellowing rows, 8 px wide like the green ones
+        img[:, r0 : r0 + 8, 10:230] = np.array([150, 118, 45])[:, None, None] + \
+            rng.normal(0, 4, (3, 8, 220))
+    src = _write(tmp_path / "y.tif", np.clip(img, 0, 255), "uint8")
+    pred, info = segment_file(src, LabelFreeConfig())
+    yellow_rows = pred[62:66, 20:220]
+    bare = pred[np.r_[30:58, 110:138, 190:218]][:, 20:220]
+    assert (bare == 0).mean() > 0.98
+    if soil == "brown":
+        assert info["yellow_path"]["used"], info["yellow_path"]
+        assert (yellow_rows == 1).mean() > 0.9  # crop: they are on the rows
+    else:
+        assert (yellow_rows == 0).mean() > 0.9  # as red as the soil: no colour tells them
+    off = segment_file(src, LabelFreeConfig(yellow_path=False))[0]
+    assert (off[62:66, 20:220] == 0).mean() > 0.9
+
+
 @pytest.mark.parametrize("green_path", [True, False])
 def test_green_path_finds_glaucous_leaves_not_grey_gravel(tmp_path: Path,
                                                           green_path: bool) -> None:

@@ -13,7 +13,9 @@ tile the same way.
    NIR, three-class Otsu's upper one when the lowest class is water), else a fixed literature
    threshold, with a warning. RGB with a soil mode also has a *green path*
    (:class:`GreenPath`): (G-R)/(G+R) over its own soil-mode threshold where green exceeds
-   blue, for glaucous and grass leaves whose blue lowers ExG.
+   blue, for glaucous and grass leaves whose blue lowers ExG; and a *yellow path*: bright
+   pixels whose blue share B/(R+G+B), averaged over a small window, lies well below the
+   share's soil mode (yellowing and senescing leaves, whose ExG sits on the threshold).
 2. **Crop vs weed** (the idea of Bah et al. 2018, unsupervised labelling for weeds in line
    crops). Row angle and spacing come from the power spectrum of the vegetation mask of the
    samples (:mod:`agriseg.models.rows`). Per pixel, the *along-row support* is the vegetation
@@ -164,6 +166,15 @@ class LabelFreeConfig:
             healthy-crop statistics still learn from ExG vegetation only (the colour table
             does see the interiors of such leaves).
         ngrdi_min: lowest (G-R)/(G+R) threshold of the green path.
+        yellow_path: RGB with a bare-soil mode: also call vegetation the bright pixels whose
+            blue share B/(R+G+B), averaged over ``yellow_window_m``, lies ``soil_sigmas``
+            below that share's soil mode and under ``blue_share_max``. Yellowing and
+            senescing leaves absorb blue (carotenoids) but lose green, so their ExG sits on
+            the threshold; soil and residue keep a higher, tight blue share. Such pixels are
+            vegetation but, as the green path's, never pure vegetation.
+        blue_share_max: highest blue share the yellow path takes for plants.
+        yellow_window_m: side of the window the blue share is averaged over (single pixels
+            of soil scatter into the leaves' range; a leaf's pixels do not).
         veg_mix: and at least this share of the way from the soil mode to the typical
             pixels above that (75th percentile), so blurred leaf margins stay soil.
         sample_windows: number of full-resolution windows read in prepare.
@@ -235,6 +246,9 @@ class LabelFreeConfig:
     soil_sigmas: float = 6.0
     green_path: bool = True
     ngrdi_min: float = 0.02
+    yellow_path: bool = True
+    blue_share_max: float = 0.2
+    yellow_window_m: float = 0.15
     veg_mix: float = 0.33
     ndvi_range: tuple[float, float] = (0.15, 0.7)
     sample_windows: int = 9
@@ -286,6 +300,12 @@ class LabelFreeConfig:
             raise ConfigError(
                 f"labelfree: speck_max_m2 and island_max_m2 must be >= 0 (0: off), got "
                 f"{self.speck_max_m2}, {self.island_max_m2}"
+            )
+        if not 0 < self.blue_share_max < 1 or self.yellow_window_m <= 0:
+            raise ConfigError(
+                f"labelfree: need 0 < blue_share_max < 1 and yellow_window_m > 0, got "
+                f"{self.blue_share_max}, {self.yellow_window_m} (yellow_path=false turns the "
+                "yellow path off)"
             )
         if not 0 < self.island_weed_share <= 1:
             raise ConfigError(
@@ -353,17 +373,26 @@ MAX_ORIENTATIONS = 4
 
 @dataclass(frozen=True, slots=True)
 class GreenPath:
-    """The RGB green path (see ``LabelFreeConfig.green_path``), mapped onto the ExG scale.
+    """The RGB green and yellow paths, mapped onto the ExG scale.
+
+    See ``LabelFreeConfig.green_path`` and ``yellow_path``.
 
     Attributes:
         exg_threshold: the survey's ExG threshold.
         exg_softness: its ramp width.
-        ngrdi_threshold: where (G-R)/(G+R) calls a pixel vegetation.
+        ngrdi_threshold: where (G-R)/(G+R) calls a pixel vegetation (None: no green path).
+        yellow_threshold: window mean blue share under which bright pixels are vegetation
+            (None: no yellow path).
+        yellow_radius: that window's radius in pixels.
+        bright_sum: least R+G+B of a yellow-path pixel (shadows' chroma is noise).
     """
 
     exg_threshold: float
     exg_softness: float
-    ngrdi_threshold: float
+    ngrdi_threshold: float | None
+    yellow_threshold: float | None = None
+    yellow_radius: int = 0
+    bright_sum: float = 0.0
 
     def lift(self, vi: np.ndarray, r: np.ndarray, g: np.ndarray, b: np.ndarray,
              eps: np.float32) -> None:
@@ -374,8 +403,13 @@ class GreenPath:
         healthy-crop statistics. (G-R)/(G+R) > t is tested as G - R > t (G + R + eps),
         without a division.
         """
-        t = np.float32(self.ngrdi_threshold)
         level = np.float32(self.exg_threshold + GREEN_PATH_CAP * self.exg_softness)
+        if self.yellow_threshold is not None:
+            path = self.yellow(r, g, b)
+            np.maximum(vi, level, out=vi, where=path)
+        if self.ngrdi_threshold is None:
+            return
+        t = np.float32(self.ngrdi_threshold)
         # Row blocks keep the temporaries in cache: whole-tile passes added 60 ms to a 2416 px
         # tile's index, blocks ~40 ms.
         step = max(1, GREEN_BLOCK_PX // max(vi.shape[-1], 1))
@@ -389,6 +423,43 @@ class GreenPath:
             path &= np.greater(gi, b[rows])
             np.maximum(vi[rows], level, out=vi[rows], where=path)
 
+    def yellow(self, r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Where the yellow path calls vegetation (bool, the shape of ``r``).
+
+        The blue share is quantised to 1/:data:`BLUE_SHARE_STEPS` and summed over the window
+        in integers, so a tile's result equals the whole raster's wherever the window lies
+        inside the tile. Dark pixels count as blue share 1 (never yellow), and pixels must
+        keep G > 0.6 R (yellow to orange leaves; red soils and brick are redder).
+        """
+        assert self.yellow_threshold is not None
+        q = _blue_steps(r, g, b, self.bright_sum)
+        rad = self.yellow_radius
+        n = (2 * rad + 1) ** 2
+        # Summed as STEPS - q, so that beyond the array (box_sum's zeros) reads as share 1,
+        # not as the yellowest: the mean share is below t where that sum exceeds n (1 - t).
+        least = int(n * BLUE_SHARE_STEPS - self.yellow_threshold * BLUE_SHARE_STEPS * n)
+        q2 = q.reshape(-1, *q.shape[-2:])
+        path = np.empty(q2.shape, bool)
+        for k, plane in enumerate(q2):
+            np.greater(box_sum(BLUE_SHARE_STEPS - plane, rad), least, out=path[k])
+        path = path.reshape(q.shape)
+        path &= q < BLUE_SHARE_STEPS  # bright (darker pixels are at the full step count)
+        path &= g > np.float32(0.6) * r
+        return path
+
+
+def _blue_steps(r: np.ndarray, g: np.ndarray, b: np.ndarray, bright_sum: float) -> np.ndarray:
+    """Blue share B/(R+G+B) in steps of 1/:data:`BLUE_SHARE_STEPS` (uint16, truncated).
+
+    Pixels whose R+G+B is not above ``bright_sum`` get the full step count (share 1).
+    """
+    tot = r + g
+    tot += b
+    q = b * np.float32(BLUE_SHARE_STEPS)
+    q /= np.maximum(tot, np.float32(1e-6))
+    q[tot <= np.float32(bright_sum)] = BLUE_SHARE_STEPS
+    return q.astype(np.uint16)
+
 
 #: Mean brightness (0-1) above which a pixel bluer than green is taken as no plant.
 BLUE_BRIGHT = 0.35
@@ -397,6 +468,11 @@ BLUE_WIDTH = 5
 
 #: Highest ExG-scale value of the green path, in ExG softnesses above the threshold.
 GREEN_PATH_CAP = 0.45
+#: Steps of the yellow path's quantised blue share (its window sums stay within uint16).
+BLUE_SHARE_STEPS = 1024
+#: Largest radius of the yellow path's window: (2 x 3 + 1)^2 x 1024 fits uint16.
+YELLOW_MAX_RADIUS = 3
+
 #: Pixels per block of the green path's test.
 GREEN_BLOCK_PX = 1 << 16
 
@@ -629,6 +705,9 @@ class LabelFreeSegmenter:
             # RGB's health feature is (G-R)/(G+R), the green path's own index.
             green, info["green_path"] = self._green_path([f[1][0] for f in feats], val, thr,
                                                          soft)
+            green, info["yellow_path"] = self._yellow_path(
+                green or GreenPath(thr, soft, None), pix, val, [f[0] for f in feats], dark_eps,
+                gsd)
             if green is not None:
                 for p, f in zip(pix, feats, strict=True):
                     green.lift(f[0], p[0], p[1], p[2], np.float32(dark_eps))  # RGB order
@@ -701,6 +780,8 @@ class LabelFreeSegmenter:
                                         island_weed_share=cfg.island_weed_share)
         halo = max(orients.leaves if orients is not None else (leaf,)) + health_px + 1 + \
             cfg.nodata_rim_px
+        if green is not None and green.yellow_threshold is not None:
+            halo += green.yellow_radius  # vegetation needs the yellow path's whole window
         if rows is not None:
             halves = orients.halves if orients is not None else (row_half,)
             halo += support_reach(max(halves)) + attach
@@ -895,6 +976,46 @@ class LabelFreeSegmenter:
         return path, {"used": True, "ngrdi_threshold": round(n_thr, 4),
                       "ngrdi_soil_mode": round(mode, 4),
                       "rule": f"also vegetation where (G-R)/(G+R) > {n_thr:.3f} and G > B"}
+
+    def _yellow_path(
+        self, path: GreenPath, pix: list[np.ndarray], val: list[np.ndarray],
+        exg: list[np.ndarray], dark_eps: float, gsd: float,
+    ) -> tuple[GreenPath | None, dict[str, Any]]:
+        """``path`` with the yellow path's threshold from the samples' blue-share soil mode.
+
+        Returns ``path`` as it was (None if it had no green path) when the yellow path is off.
+        """
+        cfg = self.config
+        unchanged = path if path.ngrdi_threshold is not None else None
+        if not cfg.yellow_path:
+            return unchanged, {"used": False, "reason": "disabled in the configuration"}
+        rad = min(YELLOW_MAX_RADIUS, max(1, round(cfg.yellow_window_m / gsd / 2)))
+        # A third of the median brightness (dark_eps is a tenth of it), on the R+G+B scale.
+        probe = replace(path, yellow_threshold=1.0, yellow_radius=rad,
+                        bright_sum=15 * dark_eps)
+        shares = []
+        for p, v, e in zip(pix, val, exg, strict=True):
+            q = _blue_steps(p[0], p[1], p[2], probe.bright_sum)
+            # As in GreenPath.yellow: beyond the window counts as share 1.
+            mean = 1 - box_sum(BLUE_SHARE_STEPS - q, rad) / float(
+                BLUE_SHARE_STEPS * (2 * rad + 1) ** 2)
+            # Bare ground: bright, not green, windows away from dark pixels.
+            keep = v & (e <= path.exg_threshold) & (q < BLUE_SHARE_STEPS) & (mean < 1)
+            shares.append(mean[keep])
+        values = np.concatenate(shares) if shares else np.zeros(0)
+        if values.size < 1000:
+            return unchanged, {"used": False, "reason": "too few bright soil pixels"}
+        # The plants' tail lies below the soil's blue share: its spread from the upper flank.
+        _, neg_mode, sigma = _soil_mode(-values)
+        mode = -neg_mode
+        y_thr = min(mode - cfg.soil_sigmas * sigma, cfg.blue_share_max)
+        if y_thr <= 0.05:
+            return unchanged, {"used": False, "reason": f"blue-share soil mode {mode:.3f}"}
+        out = replace(probe, yellow_threshold=y_thr)
+        return out, {"used": True, "blue_share_threshold": round(y_thr, 4),
+                     "blue_share_soil_mode": round(mode, 4), "window_px": 2 * rad + 1,
+                     "rule": f"also vegetation where the mean B/(R+G+B) over {2 * rad + 1} px "
+                             f"< {y_thr:.3f}, R+G+B > {probe.bright_sum:.3f} and G > 0.6 R"}
 
     def _rows(
         self,

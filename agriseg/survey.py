@@ -186,9 +186,16 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool = True) -> tuple[P
     # An --overwrite run that got as far as its tiles may be resumed without --overwrite
     # (the checkpoint then checks that it is the same run); --no-resume starts another run,
     # which needs --overwrite like any other.
-    replacing = (out / MANIFEST).exists() and (
-        overwrite or (resume and (work / REPLACING).exists()))
+    # A replacing run that was stopped after it removed the old run.json (which goes first:
+    # see _replace_old_run) still has old outputs to clear: its marker lists them.
+    marked = resume and (work / REPLACING).exists()
+    replacing = marked or ((out / MANIFEST).exists() and overwrite)
     if (out / MANIFEST).exists() and not replacing:
+        if work.exists() and not (work / REPLACING).exists():
+            # A finished run stopped while removing its working files (run.json is written
+            # before that): nothing in them is needed, and at 1 GP they are ~20 GB.
+            shutil.rmtree(work, ignore_errors=True)
+            log.info("%s: removed the working files a finished run left behind", work)
         raise OutputError(
             f"{out}: holds the results of a finished run; use --overwrite to replace them "
             "or choose another --out"
@@ -203,10 +210,15 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool = True) -> tuple[P
                 f"{', ...' if len(theirs) > 4 else ''}) that no agriseg run left there; move "
                 "them, choose another --out, or use --overwrite to replace them"
             )
+    old_list = None
     if overwrite and work.exists():
+        with contextlib.suppress(OSError):
+            old_list = (work / REPLACING).read_text()  # old outputs still to remove
         shutil.rmtree(work)
     try:
         work.mkdir(parents=True, exist_ok=True)
+        if old_list and replacing:
+            (work / REPLACING).write_text(old_list)
         probe = work / ".write-test"
         probe.write_text("ok")
         probe.unlink()
@@ -225,15 +237,24 @@ REPLACING = "replacing"
 
 
 def _replace_old_run(out: Path) -> None:
-    """Remove the finished run's outputs (with their sidecars) and run.json.
+    """Remove the finished run's run.json, then its outputs (with their sidecars).
 
     Done just before the new outputs move in: a style left beside a raster this run does
-    not write would outlive it (a zone_ids.qml with no zone_ids.tif).
+    not write would outlive it (a zone_ids.qml with no zone_ids.tif). run.json goes first,
+    so that a folder with a run.json is always complete (a kill in between left the old
+    run.json listing deleted files); the list of old outputs waits in the working folder's
+    marker until they are gone, for a resumed run to finish the job.
     """
+    marker = out / WORK_DIR / REPLACING
     try:
         old = json.loads((out / MANIFEST).read_text()).get("outputs", {})
+        marker.write_text(json.dumps(old))
     except (OSError, ValueError):
-        old = {}
+        try:  # run.json already removed by the interrupted run: its list is in the marker
+            old = json.loads(marker.read_text() or "{}")
+        except (OSError, ValueError):
+            old = {}
+    (out / MANIFEST).unlink(missing_ok=True)
     for rel in old.values():
         for p in (out / rel, *_sidecars(out / rel)):
             if p.is_file():
@@ -248,7 +269,6 @@ def _replace_old_run(out: Path) -> None:
     for name in OUTPUT_FOLDERS - {WORK_DIR}:  # indices/ of a run with indices, say
         with contextlib.suppress(OSError):
             (out / name).rmdir()  # only if empty; this run's files move in afterwards
-    (out / MANIFEST).unlink(missing_ok=True)
 
 
 #: Files a run writes in its output folder, besides those in :data:`OUTPUT_FOLDERS`.

@@ -375,6 +375,66 @@ def test_overwrite_leaves_nothing_of_the_old_run(rgba_tif: Path, tmp_path: Path,
     assert (out / "classes.qml").exists() and (out / "classes.tif.aux.xml").exists()
 
 
+def test_overwrite_stopped_while_replacing_never_looks_finished(
+        rgba_tif: Path, tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill between removing the old outputs and moving the new ones in left the old
+    run.json listing files that were gone; run.json now goes first, and the resumed run
+    removes the rest of the old outputs from the list kept in its working folder."""
+    import agriseg.survey as survey_mod
+
+    out = tmp_path / "o"
+    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
+            "--model", "index-threshold", "--no-progress", "--skip",
+            "quicklook,zones,fields,report,project"]
+    assert CliRunner().invoke(main, base).exit_code == 0
+    assert (out / "indices" / "exg.tif").exists()
+
+    def killed(ctx: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(survey_mod, "_move_into_place", killed)
+    r = CliRunner().invoke(main, [*base, "--no-indices", "--overwrite"])
+    assert r.exit_code == 130 and "to resume" in r.output, r.output
+    assert not (out / "run.json").exists()
+    monkeypatch.undo()
+    r = CliRunner().invoke(main, [*base, "--no-indices"])
+    assert r.exit_code == 0, r.output
+    assert (out / "run.json").exists() and (out / "classes.tif").exists()
+    assert not (out / "indices").exists()
+
+
+def test_stop_after_the_run_finished_is_no_interruption(
+        rgba_tif: Path, tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SIGTERM while the finished run removed its working files said "Interrupted ...
+    resume" (exit 143) over complete results; and working files a finished run left behind
+    are removed by the next run into that folder."""
+    import shutil
+
+    out = tmp_path / "o"
+    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
+            "--model", "index-threshold", "--no-progress", "--no-indices", "--skip",
+            "quicklook,zones,fields,report,project"]
+    real = shutil.rmtree
+    calls = []
+
+    def stopped(path: object, *args: object, **kwargs: object) -> None:
+        calls.append(path)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(shutil, "rmtree", stopped)
+    r = CliRunner().invoke(main, base)
+    monkeypatch.undo()
+    assert r.exit_code == 0 and "results in" in r.output and "resume" not in r.output, r.output
+    assert (out / "run.json").exists() and not (out / ".agriseg-work").exists()
+    (out / ".agriseg-work").mkdir()
+    (out / ".agriseg-work" / "classes.work.tif").write_bytes(b"left behind")
+    r = CliRunner().invoke(main, base)
+    assert r.exit_code != 0 and "finished run" in r.output
+    assert not (out / ".agriseg-work").exists()
+
+
 def test_index_threshold_says_it_finds_no_weeds(rgba_tif: Path, tmp_path: Path,
                                                 scheduler: str) -> None:
     """Its weed and disease shares are 0 by construction: said, not left for a finding."""

@@ -62,25 +62,28 @@ def test_row_regularity_sees_its_own_rows_only(angle: float) -> None:
     assert rows_mod.angle_difference(angle, angle + 178.0) == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("edge_aware", [False, True])
 @pytest.mark.parametrize("angle", [7.0, 52.0, -80.0])
-def test_along_row_support_is_translation_exact(angle: float) -> None:
+def test_along_row_support_is_translation_exact(angle: float, edge_aware: bool) -> None:
     rng = np.random.default_rng(1)
     veg = _stripes(200, 180, angle, 24, 8) | (rng.random((200, 180)) > 0.97)
     valid = rng.random((200, 180)) > 0.05
-    whole = along_row_support(veg, valid, 1000, 2000, angle, 20)
+    whole = along_row_support(veg, valid, 1000, 2000, angle, 20, edge_aware)
     r = 21  # reach of a 20-step half segment
     for r0, c0 in [(40, 30), (90, 100)]:
         sub = along_row_support(veg[r0 - r : r0 + 50 + r, c0 - r : c0 + 50 + r],
                                 valid[r0 - r : r0 + 50 + r, c0 - r : c0 + 50 + r],
-                                1000 + r0 - r, 2000 + c0 - r, angle, 20)
+                                1000 + r0 - r, 2000 + c0 - r, angle, 20, edge_aware)
         assert np.array_equal(sub[r:-r, r:-r], whole[r0 : r0 + 50, c0 : c0 + 50])
     # on the rows the support is high, between them low
     assert whole[veg & valid].mean() > 0.6 > whole[~veg & valid].mean()
 
 
 def _support_reference(veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int,
-                       angle: float, half: int) -> np.ndarray:
-    """Vegetation share on each pixel's digital row line, walked pixel by pixel."""
+                       angle: float, half: int, edge_aware: bool = False) -> np.ndarray:
+    """Vegetation share on each pixel's digital row line, walked pixel by pixel; with
+    ``edge_aware``, a side that runs into invalid pixels with vegetation all along it (at
+    least :data:`rows.EDGE_ROW_FILL`) gives its own share if that is larger."""
     a = rows_mod._image_angle(angle)
     dx, dy = math.cos(a), math.sin(a)
     h, w = veg.shape
@@ -92,14 +95,22 @@ def _support_reference(veg: np.ndarray, valid: np.ndarray, row_off: int, col_off
             # Along the major axis m, the minor coordinate drifts by round(slope * absolute m).
             m, n, off_m = (i, j, row_off) if steep else (j, i, col_off)
             base = n - round(slope * (m + off_m))
-            v = c = 0
+            counts = {"full": [0, 0], "up": [0, 0], "down": [0, 0]}
             for mm in range(max(m - half, 0), min(m + half, (h if steep else w) - 1) + 1):
                 nn = base + round(slope * (mm + off_m))
                 yy, xx = (mm, nn) if steep else (nn, mm)
                 if 0 <= yy < h and 0 <= xx < w and valid[yy, xx]:
-                    c += 1
-                    v += int(veg[yy, xx])
+                    for side in ("full", *(("up",) if mm >= m else ()),
+                                 *(("down",) if mm <= m else ())):
+                        counts[side][0] += int(veg[yy, xx])
+                        counts[side][1] += 1
+            v, c = counts["full"]
             out[i, j] = np.float32(v) / np.float32(max(c, 1))
+            if edge_aware and not valid.all():
+                for v, c in (counts["up"], counts["down"]):
+                    share = np.float32(v) / np.float32(max(c, 1))
+                    if c < half + 1 and share >= np.float32(rows_mod.EDGE_ROW_FILL):
+                        out[i, j] = max(out[i, j], share)
     return out
 
 
@@ -112,6 +123,21 @@ def test_along_row_support_matches_a_pixel_walk(angle: float, half: int) -> None
     valid = rng.random((37, 41)) > 0.1
     got = along_row_support(veg, valid, 500, 700, angle, half)
     assert np.array_equal(got, _support_reference(veg, valid, 500, 700, angle, half))
+
+
+@pytest.mark.parametrize(("angle", "half"), [(12.0, 5), (-63.0, 6), (30.0, 130)])
+def test_edge_aware_support_matches_a_pixel_walk(angle: float, half: int) -> None:
+    """Rows running off the valid area: each side's own share where it meets invalid pixels
+    and is filled with vegetation up to them; the same bits as a direct walk."""
+    rng = np.random.default_rng(4)
+    veg = rng.random((37, 41)) > 0.2
+    valid = np.ones((37, 41), bool)
+    valid[:, 30:] = False  # an edge, and a few holes
+    valid &= rng.random((37, 41)) > 0.03
+    got = along_row_support(veg, valid, 500, 700, angle, half, edge_aware=True)
+    want = _support_reference(veg, valid, 500, 700, angle, half, edge_aware=True)
+    assert np.array_equal(got, want)
+    assert (got > along_row_support(veg, valid, 500, 700, angle, half)).any()
 
 
 @pytest.mark.parametrize(("radius", "bound", "empty"), [(0, 255, 0.0), (2, 10000, None),

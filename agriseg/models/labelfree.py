@@ -216,6 +216,10 @@ class LabelFreeConfig:
             fields alike, but labelling every crop piece costs ~25 ms per 2048 px tile and
             the wider halo as much again (~5 % of the label-free run). Only with ``boundary``.
         island_weed_share: see ``island_max_m2``.
+        edge_rows: a row line that runs into nodata or off the raster on one side takes the
+            larger of its vegetation share and that side's alone (the row may go on where
+            nothing is seen): slivers of plots cut lengthwise by a survey's edge were weed
+            (Lamberton 08-15: 71 % of the weed pixels within 25 px of the nodata edge).
         nodata_rim_px: valid pixels this close to nodata are treated as soil: clipped or
             warped orthomosaics blend their edge pixels with the fill colour (dark, with a
             shifted chroma that reads as vegetation), which made a false weed strip along the
@@ -268,6 +272,7 @@ class LabelFreeConfig:
     speck_max_m2: float = 0.0016
     island_max_m2: float = 0.0
     island_weed_share: float = 0.5
+    edge_rows: bool = True
     nodata_rim_px: int = 2
 
     def __post_init__(self) -> None:
@@ -508,6 +513,7 @@ class LabelFreeParams:
     speck_px: int = 0
     island_px: int = 0
     island_share: float = 0.5
+    edge_aware: bool = True
 
 
 def _ramp(z: np.ndarray) -> np.ndarray:
@@ -759,6 +765,7 @@ class LabelFreeSegmenter:
             health=health_name, health_centre=centre, health_spread=spread, health_px=health_px,
             disease_sensitivity=cfg.disease_sensitivity, rim_px=cfg.nodata_rim_px,
             health_prior_px=cfg.health_prior_px, orientations=orients, green=green,
+            edge_aware=cfg.edge_rows,
         )
         if rows is not None:
             if cfg.appearance:
@@ -1344,7 +1351,7 @@ class LabelFreeSegmenter:
             inside = ctx.inside(veg.shape)
             s = oriented_support(veg, ok if inside is None else ok & inside, ctx.row_off,
                                  ctx.col_off, p.row_angle_deg, p.row_half_px, p.orientations,
-                                 p.leaf_px)[grown]
+                                 p.leaf_px, edge_aware=p.edge_aware)[grown]
             p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
             if p.appearance is not None:
                 r = p.appearance_px

@@ -234,6 +234,7 @@ def along_row_support(
     col_off: int,
     angle_deg: float,
     half_length_px: int,
+    edge_aware: bool = False,
 ) -> np.ndarray:
     """Share of vegetation along the row direction through every pixel.
 
@@ -242,6 +243,13 @@ def along_row_support(
     closed rows, still 1/2 at a row's end); for a plant between rows it is its length over the
     segment's.
 
+    With ``edge_aware``, a line that runs into invalid pixels (nodata, or beyond the raster)
+    on one side takes the larger of that share and the share on that side alone: the row may
+    go on where nothing is seen. A plot cut lengthwise by the survey's edge keeps a sliver of
+    its rows, whose lines otherwise run mostly through the alley beside it, and was weed.
+    Lines within the array border (truncated by the array, not by invalid pixels) are
+    incomplete anyway; crop them away as before.
+
     Args:
         veg: bool ``(H, W)`` vegetation.
         valid: bool ``(H, W)`` valid input.
@@ -249,6 +257,7 @@ def along_row_support(
         col_off: absolute raster column of ``veg[0, 0]``.
         angle_deg: row direction (see :class:`RowEstimate`).
         half_length_px: steps along the major axis on each side.
+        edge_aware: rows may go on beyond invalid pixels (see above).
 
     Returns:
         float32 ``(H, W)`` in 0..1 (0 where no valid pixel is on the segment). Values within
@@ -264,15 +273,35 @@ def along_row_support(
     packed = np.left_shift(valid, shift, dtype=dtype)
     packed |= veg & valid
     share = _share_small if small else _share
-    if abs(dy) > abs(dx):
-        return share(_line_sums(packed, row_off, dx / dy, half_length_px))
-    # Lines closer to the x axis: the same sums on the transpose, where they run down rows.
-    sums = _line_sums(np.ascontiguousarray(packed.T), col_off, dy / dx, half_length_px)
-    return np.ascontiguousarray(share(sums).T)
+    halves = edge_aware and not bool(valid.all())
+    steep = abs(dy) > abs(dx)
+    if steep:
+        sums = _line_sums(packed, row_off, dx / dy, half_length_px, halves)
+    else:  # lines closer to the x axis: the same sums on the transpose, down its rows
+        sums = _line_sums(np.ascontiguousarray(packed.T), col_off, dy / dx, half_length_px,
+                          halves)
+    out = share(sums[0])
+    for part in sums[1:]:
+        # A side with fewer valid pixels than its steps runs into invalid ones (or off the
+        # array, where values are cropped away); it counts when vegetation fills it up to
+        # there: a plant with soil between it and the edge is no row running off the raster.
+        side = share(part)
+        cut = np.right_shift(part, shift) < half_length_px + 1
+        cut &= side >= np.float32(EDGE_ROW_FILL)
+        np.maximum(out, side, out=out, where=cut)
+    return out if steep else np.ascontiguousarray(out.T)
 
 
-def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int) -> np.ndarray:
+#: Least vegetation share of the visible part of a row line that runs off the survey for the
+#: row to count as going on beyond it (see ``along_row_support(edge_aware=True)``).
+EDGE_ROW_FILL = 0.9
+
+
+def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int,
+               halves: bool = False) -> list[np.ndarray]:
     """Sums over ``[i - half, i + half]`` along lines ``j = j0 + round(slope * i_abs)``.
+
+    With ``halves``, also the sums over ``[i, i + half]`` and ``[i - half, i]``.
 
     The lines step one row at a time (axis 0) and drift along axis 1, so each row is placed
     whole at its line offset in a sheared array: pixels of one digital line then share a
@@ -296,6 +325,8 @@ def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int) -> n
         csum[i] = csum[i - 1]
         csum[i, s : s + m] += packed[i]
     out = np.empty((n, m), packed.dtype)
+    up = np.empty((n, m), packed.dtype) if halves else out
+    down = np.empty((n, m), packed.dtype) if halves else out
     for i in range(n):
         s = starts[i]
         hi, lo = min(i + half, n - 1), i - half - 1
@@ -303,7 +334,16 @@ def _line_sums(packed: np.ndarray, major_off: int, slope: float, half: int) -> n
             np.subtract(csum[hi, s : s + m], csum[lo, s : s + m], out=out[i])
         else:
             out[i] = csum[hi, s : s + m]
-    return out
+        if halves:
+            if i >= 1:
+                np.subtract(csum[hi, s : s + m], csum[i - 1, s : s + m], out=up[i])
+            else:
+                up[i] = csum[hi, s : s + m]
+            if lo >= 0:
+                np.subtract(csum[i, s : s + m], csum[lo, s : s + m], out=down[i])
+            else:
+                down[i] = csum[i, s : s + m]
+    return [out, up, down] if halves else [out]
 
 
 def _share(packed_sum: np.ndarray) -> np.ndarray:
@@ -372,7 +412,7 @@ class RowOrientations:
 
 def oriented_support(
     veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int, angle_deg: float,
-    half: int, orientations: RowOrientations | None, leaf: int = 0,
+    half: int, orientations: RowOrientations | None, leaf: int = 0, edge_aware: bool = False,
 ) -> np.ndarray:
     """:func:`along_row_support` in each pixel's row direction, dilated by the leaf reach.
 
@@ -388,10 +428,10 @@ def oriented_support(
     raster bit for bit.
     """
     if orientations is None:
-        s = along_row_support(veg, valid, row_off, col_off, angle_deg, half)
+        s = along_row_support(veg, valid, row_off, col_off, angle_deg, half, edge_aware)
         return max_filter(s, leaf) if leaf > 0 else s
     h, w = veg.shape
-    sup = [along_row_support(veg, valid, row_off, col_off, a, hh)
+    sup = [along_row_support(veg, valid, row_off, col_off, a, hh, edge_aware)
            for a, hh in zip(orientations.angles, orientations.halves, strict=True)]
     c = DECISION_CELL_PX
     r_cell = (np.arange(row_off, row_off + h) // c) - (row_off // c)

@@ -13,6 +13,12 @@ NODATA_CLASS = 255
 ROLES = ("soil", "crop", "weed", "disease")
 
 
+#: Longest class name (names become file names and column names).
+MAX_NAME_CHARS = 64
+#: Most classes a schema holds: class rasters are bytes and 255 is nodata.
+MAX_CLASSES = 255
+
+
 @dataclass(frozen=True, slots=True)
 class SegClass:
     """One output class: its pixel value, name and display colour.
@@ -36,8 +42,18 @@ class SegClass:
         if not self.name.strip() or any(ch in self.name for ch in ",=") \
                 or self.name.strip().lower() == "ignore":
             raise ConfigError(
-                f"class name {self.name!r}: give a non-empty name without ',' or '=', other "
-                "than 'ignore' (command-line options name classes as NAME=VALUE lists)"
+                f"class name {self.name[:MAX_NAME_CHARS]!r}: give a non-empty name without ',' "
+                "or '=', other than 'ignore' (command-line options name classes as NAME=VALUE "
+                "lists)"
+            )
+        if (len(self.name) > MAX_NAME_CHARS or self.name.startswith(".")
+                or any(ch in self.name for ch in "/\\") or not self.name.isprintable()):
+            # Names become file names (probability/<name>.tif): a bundle's "../../x" wrote
+            # outside --out.
+            raise ConfigError(
+                f"class name {self.name[:MAX_NAME_CHARS]!r}: names become file names, so give "
+                f"at most {MAX_NAME_CHARS} printable characters without '/' or '\\', not "
+                "starting with '.'"
             )
         if len(self.color) != 3 or not all(0 <= int(v) <= 255 for v in self.color):
             raise ConfigError(
@@ -64,6 +80,12 @@ class ClassSchema:
     nodata: int = NODATA_CLASS
 
     def __post_init__(self) -> None:
+        if not 1 <= len(self.classes) <= MAX_CLASSES:
+            raise ConfigError(f"a class schema holds 1 to {MAX_CLASSES} classes (class rasters "
+                              f"are bytes, 255 is nodata), got {len(self.classes)}")
+        if not len(self.classes) <= self.nodata <= 255:
+            raise ConfigError(f"nodata class value {self.nodata}: must be above the class "
+                              f"values (0..{len(self.classes) - 1}) and at most 255")
         values = [c.value for c in self.classes]
         if values != list(range(len(values))):
             raise ConfigError(f"class values must be 0..{len(values) - 1} in order, got {values}")
@@ -131,6 +153,9 @@ class ClassSchema:
         try:
             raw = data["classes"]
             assert isinstance(raw, list)
+            if len(raw) > MAX_CLASSES:
+                raise ConfigError(f"a class schema holds at most {MAX_CLASSES} classes (class "
+                                  f"rasters are bytes), got {len(raw)}")
             classes = tuple(
                 SegClass(
                     int(c["value"]),
@@ -142,8 +167,10 @@ class ClassSchema:
                 for c in raw
             )
             nodata = int(data.get("nodata", NODATA_CLASS))  # type: ignore[call-overload]
+        except ConfigError:
+            raise
         except (KeyError, TypeError, ValueError, AssertionError, IndexError) as exc:
-            raise ConfigError(f"invalid class schema {data!r}: {exc}") from exc
+            raise ConfigError(f"invalid class schema ({exc}): {str(data)[:300]}") from exc
         return cls(classes, nodata)
 
 

@@ -216,16 +216,39 @@ def test_foreign_and_broken_bundles_refused(tmp_path: Path) -> None:
     for path, needle in cases.items():
         with pytest.raises(ModelError, match=needle):
             load_segmenter(str(path))
+    schema = meta["schema"]
+    classes = schema["classes"]
+    model = meta["model"]
     for bad, needle in [({**meta, "format": "other-tool"}, "not an agriseg model bundle"),
                         ({**meta, "normalization": {**meta["normalization"],
                                                     "std": [0.2, 0.0, 0.15]}},
-                         "std must be positive")]:
+                         "std finite and positive"),
+                        ({**meta, "normalization": {**meta["normalization"],
+                                                    "mean": [float("nan"), 0.4, 0.3]}},
+                         "mean must be finite"),
+                        # files from elsewhere: a class name wrote outside --out, an encoder
+                        # name went online, an option had timm torch.load any file
+                        ({**meta, "schema": {**schema, "classes": [
+                            *classes[:2], {**classes[2], "name": "../../escaped"}, *classes[3:]]}},
+                         "names become file names"),
+                        ({**meta, "schema": {**schema, "nodata": 1}}, "nodata class value 1"),
+                        ({**meta, "model": {**model, "encoder": "tu-hf-hub:timm/resnet18"}},
+                         "never a hub"),
+                        ({**meta, "model": {**model, "options": {"checkpoint_path": "/x.pt"}}},
+                         "not allowed"),
+                        ({**meta, "model": {**model, "options": {"decoder_channels": [10**6]}}},
+                         "a number up to"),
+                        ({**meta, "model": {**model, "in_channels": 3_000_000}},
+                         "input band"),
+                        ({**meta, "halo": -100}, "halo -100"),
+                        ({**meta, "roles": ["red", "red", "blue"]}, "distinct band roles")]:
         (folder / "metadata.json").write_text(json.dumps(bad))
         with pytest.raises((ModelError, ConfigError), match=needle):
             load_segmenter(str(folder))
-    (folder / "metadata.json").write_text("{")
-    with pytest.raises(ModelError, match="unreadable bundle metadata"):
-        load_segmenter(str(folder))
+    for text in ("{", "[" * 100_000 + "]" * 100_000, json.dumps({**meta, "pad": "x" * 5 * 2**20})):
+        (folder / "metadata.json").write_text(text)
+        with pytest.raises(ModelError, match="unreadable bundle metadata"):
+            load_segmenter(str(folder))
     r = CliRunner().invoke(main, ["run", str(LAMBERTON), "--out", str(tmp_path / "o"),
                                   "--model", str(plain)])
     assert r.exit_code == 2 and "Traceback" not in r.output

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from agriseg.errors import ConfigError
-from agriseg.models.spec import SIZE_MULTIPLE, ArchSpec
+from agriseg.models.spec import SIZE_MULTIPLE, ArchSpec, check_spec
 
 __all__ = ["ARCHITECTURES", "SIZE_MULTIPLE", "ArchSpec", "Float32Conv2d", "bfloat16_model",
            "build_model", "count_parameters", "create_model", "encoder_names",
@@ -317,7 +317,7 @@ def make_spec(
     if in_channels < 1 or classes < 2:
         raise ConfigError(f"need >= 1 input channel and >= 2 classes, got {in_channels}, {classes}")
     opts = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))
-    return ArchSpec(arch, encoder, in_channels, classes, d, opts)
+    return check_spec(ArchSpec(arch, encoder, in_channels, classes, d, opts))
 
 
 def build_model(spec: ArchSpec) -> nn.Module:

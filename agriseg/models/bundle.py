@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import struct
 import time
@@ -91,8 +92,24 @@ class BundleMeta:
                 f"bundle metadata: the network has {self.arch.classes} outputs but the class "
                 f"schema has {len(self.schema)} classes ({', '.join(self.schema.names)})"
             )
-        if any(s <= 0 for s in self.std):
-            raise ConfigError(f"bundle metadata: std must be positive, got {list(self.std)}")
+        if not all(math.isfinite(s) and s > 0 for s in self.std) or not all(
+                math.isfinite(m) for m in self.mean):
+            # NaN means painted every pixel soil, an infinite std every pixel weed.
+            raise ConfigError(f"bundle metadata: mean must be finite and std finite and "
+                              f"positive, got {list(self.mean)}, {list(self.std)}")
+        from agriseg.raster import ROLES
+
+        if not set(self.roles) <= set(ROLES) - {"alpha"} or len(set(self.roles)) != n:
+            raise ConfigError(f"bundle metadata: roles {list(self.roles)[:8]} must be distinct "
+                              f"band roles of {', '.join(r for r in ROLES if r != 'alpha')}")
+        if not 0 <= self.halo <= 1024 or not 16 <= self.patch_size <= 8192:
+            raise ConfigError(f"bundle metadata: halo {self.halo} must be 0..1024 and patch "
+                              f"size {self.patch_size} 16..8192 pixels")
+        if self.gsd_range_m is not None and not (
+                math.isfinite(self.gsd_range_m[0]) and math.isfinite(self.gsd_range_m[1])
+                and 0 < self.gsd_range_m[0] <= self.gsd_range_m[1]):
+            raise ConfigError(f"bundle metadata: gsd_range_m {list(self.gsd_range_m)} must be "
+                              "two positive metres, smallest first")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form written into the bundle."""
@@ -148,7 +165,7 @@ class BundleMeta:
                 created=str(data.get("created", "")),
             )
         except (KeyError, TypeError, ValueError, IndexError, ConfigError) as exc:
-            raise ModelError(f"{source}: invalid bundle metadata ({exc})") from exc
+            raise ModelError(f"{source}: invalid bundle metadata ({str(exc)[:300]})") from exc
 
 
 def _state_dict_for_saving(model: nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -199,6 +216,11 @@ def save_bundle(
     return p
 
 
+#: Largest bundle metadata accepted (a few KB in practice; a crafted one held millions of
+#: classes).
+MAX_METADATA_BYTES = 4 * 2**20
+
+
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as f:
         head = f.read(9)
@@ -242,13 +264,21 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
             )
         try:
             header = json.loads(f.read(n))
-        except ValueError as exc:
-            raise ModelError(f"{path}: corrupt safetensors header ({exc}); copy it again") from exc
+        except (ValueError, RecursionError) as exc:
+            raise ModelError(f"{path}: corrupt safetensors header ({str(exc)[:200]}); copy it "
+                             "again") from exc
     if not isinstance(header, dict):
         raise ModelError(f"{path}: corrupt safetensors header; copy it again")
-    end = max(
-        (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0
-    )
+    try:
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0)
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise TypeError("__metadata__ must map names to strings")
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise ModelError(f"{path}: corrupt safetensors header ({str(exc)[:200]}); copy or "
+                         "download the bundle again") from exc
     if 8 + n + end != size:
         raise ModelError(
             f"{path}: truncated or padded safetensors file (expected {8 + n + end} bytes, found "
@@ -289,9 +319,12 @@ def read_bundle_meta(path: str | os.PathLike[str]) -> BundleMeta:
     header = _read_safetensors_header(weights)
     if meta_file is not None:
         try:
+            if meta_file.stat().st_size > MAX_METADATA_BYTES:
+                raise ValueError(f"{meta_file.stat().st_size} bytes; metadata is a few KB")
             data = json.loads(meta_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{meta_file}: unreadable bundle metadata ({exc})") from exc
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ModelError(f"{meta_file}: unreadable bundle metadata ({str(exc)[:200]})") \
+                from exc
         source = str(meta_file)
     else:
         text = (header.get("__metadata__") or {}).get(HEADER_KEY)
@@ -302,9 +335,12 @@ def read_bundle_meta(path: str | os.PathLike[str]) -> BundleMeta:
                 "agriseg.models.bundle.save_bundle, giving architecture, classes and bands"
             )
         try:
+            if len(text) > MAX_METADATA_BYTES:
+                raise ValueError(f"{len(text)} characters; metadata is a few KB")
             data = json.loads(text)
-        except ValueError as exc:
-            raise ModelError(f"{weights}: corrupt bundle metadata in the header ({exc})") from exc
+        except (ValueError, RecursionError) as exc:
+            raise ModelError(f"{weights}: corrupt bundle metadata in the header "
+                             f"({str(exc)[:200]})") from exc
         source = str(weights)
     return BundleMeta.from_dict(data, source)
 

@@ -6,11 +6,67 @@ ONNX export never imports PyTorch (seconds and ~300 MB per process).
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from agriseg.errors import ConfigError
+
 # Model input must be a multiple of this (five stride-2 stages).
 SIZE_MULTIPLE = 32
+
+#: Most input bands a network takes (a bundle claiming millions built a 3 GB first layer).
+MAX_IN_CHANNELS = 64
+#: Largest integer in a network option (decoder widths and the like).
+MAX_OPTION_INT = 4096
+#: Encoder names: smp's and timm's identifiers; no hub prefix (``tu-hf-hub:...`` went online),
+#: no path.
+_ENCODER_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,80}")
+#: Option names that would load files or reach the network inside smp or timm
+#: (``checkpoint_path`` had timm torch.load any file).
+_UNSAFE_OPTION = re.compile(r"path|url|file|weight|pretrain|hub|checkpoint|cache|dir",
+                            re.IGNORECASE)
+
+
+def check_spec(spec: ArchSpec) -> ArchSpec:
+    """Bounds and names a network description must respect before anything is built.
+
+    Bundles are files from elsewhere: their metadata must not make agriseg read other files,
+    go online or allocate without bound.
+
+    Raises:
+        ConfigError: what is out of bounds.
+    """
+    if not _ENCODER_NAME.fullmatch(spec.encoder) or not re.fullmatch(r"[a-z0-9_+]{1,32}",
+                                                                       spec.arch):
+        raise ConfigError(f"architecture {spec.arch[:40]!r} / encoder {spec.encoder[:80]!r}: "
+                          "names of letters, digits, '_', '-' and '.' only (timm encoders as "
+                          "tu-<name>, never a hub: or a path)")
+    if not 1 <= spec.in_channels <= MAX_IN_CHANNELS or not 2 <= spec.classes <= 255 \
+            or not 1 <= spec.depth <= 8:
+        raise ConfigError(f"network of {spec.in_channels} input band(s), {spec.classes} "
+                          f"classes, depth {spec.depth}: need 1..{MAX_IN_CHANNELS} bands, "
+                          "2..255 classes, depth 1..8")
+    for key, value in spec.options:
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", str(key)) or _UNSAFE_OPTION.search(key):
+            raise ConfigError(f"network option {str(key)[:40]!r} is not allowed (no option may "
+                              "name files, weights or downloads)")
+        items = value if isinstance(value, tuple) else (value,)
+        if len(items) > 16 or not all(_plain(v) for v in items):
+            raise ConfigError(f"network option {key}={str(value)[:60]}: give a number up to "
+                              f"{MAX_OPTION_INT}, a boolean, a short name or a list of up to 16")
+    return spec
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, bool):
+        return True
+    if isinstance(v, int):
+        return abs(v) <= MAX_OPTION_INT
+    if isinstance(v, float):
+        return math.isfinite(v) and abs(v) <= MAX_OPTION_INT
+    return isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_\-]{0,32}", v) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +93,18 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`, checked (:func:`check_spec`).
+
+        Raises:
+            ConfigError: out-of-bounds values or names; KeyError/TypeError/ValueError for
+                missing or mistyped fields.
+        """
         opts = data.get("options") or {}
-        return cls(
+        if not isinstance(opts, dict):
+            raise TypeError(f"model options must be a mapping, got {type(opts).__name__}")
+        return check_spec(cls(
             str(data["arch"]), str(data["encoder"]), int(data["in_channels"]),
             int(data["classes"]), int(data["depth"]),
-            tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in opts.items())),
-        )
+            tuple(sorted((str(k), tuple(v) if isinstance(v, list) else v)
+                         for k, v in opts.items())),
+        ))

@@ -136,9 +136,14 @@ def _run_lock(out: Path) -> Iterator[None]:
         yield  # _prepare_out_dir says what is wrong
         return
     path = out / LOCK_FILE
+    if path.is_symlink():
+        # A planted link made the run truncate and overwrite the file it pointed to.
+        raise OutputError(f"{path}: is a symbolic link, not agriseg's lock file; remove it "
+                          "and rerun")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")  # noqa: SIM115 - held open for the whole run
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        fh = open(fd, "a+")  # noqa: SIM115 - held open for the whole run
     except OSError:
         yield  # _prepare_out_dir says what is wrong
         return
@@ -183,6 +188,15 @@ def _prepare_out_dir(out: Path, overwrite: bool, resume: bool = True) -> tuple[P
     work = out / WORK_DIR
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; choose another --out")
+    links = [work] if work.is_symlink() else (
+        [p for p in work.rglob("*") if p.is_symlink()] if work.is_dir() else [])
+    if links:
+        # GDAL and the writers follow links: planted ones made the run write working files
+        # into, or over, files elsewhere (a results folder from a tarball can carry them).
+        raise OutputError(
+            f"{out}: the working folder holds symbolic links ({', '.join(map(str, links[:3]))}"
+            f"); agriseg writes there, so it does not follow them: remove {work} and rerun"
+        )
     # An --overwrite run that got as far as its tiles may be resumed without --overwrite
     # (the checkpoint then checks that it is the same run); --no-resume starts another run,
     # which needs --overwrite like any other.
@@ -256,9 +270,15 @@ def _replace_old_run(out: Path) -> None:
             old = {}
     (out / MANIFEST).unlink(missing_ok=True)
     for rel in old.values():
+        if not _own_output(str(rel)):
+            # run.json is a file anyone can edit (or receive in a tarball): a crafted one
+            # listed files outside --out, and they were deleted.
+            log.warning("%s: run.json lists %r, which no agriseg run writes; left alone",
+                        out, str(rel)[:200])
+            continue
         for p in (out / rel, *_sidecars(out / rel)):
-            if p.is_file():
-                p.unlink()
+            if p.is_file() or p.is_symlink():
+                p.unlink()  # a link itself, never what it points to
     stale = sorted(p.name for p in out.glob("prescription.*"))
     if stale:
         # Made from the replaced run by `agriseg prescription`: a sprayer map that no longer
@@ -269,6 +289,17 @@ def _replace_old_run(out: Path) -> None:
     for name in OUTPUT_FOLDERS - {WORK_DIR}:  # indices/ of a run with indices, say
         with contextlib.suppress(OSError):
             (out / name).rmdir()  # only if empty; this run's files move in afterwards
+
+
+def _own_output(rel: str) -> bool:
+    """Whether ``rel`` (from a run.json) names a file agriseg writes in its output folder."""
+    parts = Path(rel).parts
+    if not parts or Path(rel).is_absolute() or any(p in ("", ".", "..") for p in parts):
+        return False
+    if len(parts) == 1:
+        return parts[0] in OUTPUT_NAMES
+    return len(parts) == 2 and parts[0] in OUTPUT_FOLDERS - {WORK_DIR} \
+        and not parts[1].startswith(".")
 
 
 #: Files a run writes in its output folder, besides those in :data:`OUTPUT_FOLDERS`.

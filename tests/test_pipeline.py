@@ -435,6 +435,37 @@ def test_stop_after_the_run_finished_is_no_interruption(
     assert not (out / ".agriseg-work").exists()
 
 
+def test_output_folder_from_elsewhere_cannot_reach_outside_it(
+        rgba_tif: Path, tmp_path: Path, scheduler: str) -> None:
+    """A results folder is a file tree anyone can hand over: a run.json listing files
+    outside it made --overwrite delete them, and planted links made the run write through
+    them (the lock file truncated its target)."""
+    out = tmp_path / "o"
+    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
+            "--model", "index-threshold", "--no-progress", "--no-indices", "--skip",
+            "quicklook,zones,fields,report,project"]
+    assert CliRunner().invoke(main, base).exit_code == 0
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    manifest = json.loads((out / "run.json").read_text())
+    manifest["outputs"]["evil"] = str(victim)
+    manifest["outputs"]["evil2"] = "../victim.txt"
+    (out / "run.json").write_text(json.dumps(manifest))
+    r = CliRunner().invoke(main, [*base, "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert victim.read_text() == "keep me" and "which no agriseg run writes" in r.output
+    (out / ".agriseg.lock").symlink_to(victim)
+    r = CliRunner().invoke(main, [*base, "--overwrite"])
+    assert r.exit_code != 0 and "symbolic link" in r.output
+    assert victim.read_text() == "keep me"
+    (out / ".agriseg.lock").unlink()
+    (out / ".agriseg-work").mkdir()
+    (out / ".agriseg-work" / "classes.work.tif").symlink_to(victim)
+    r = CliRunner().invoke(main, [*base, "--overwrite"])
+    assert r.exit_code != 0 and "symbolic links" in r.output
+    assert victim.read_text() == "keep me"
+
+
 def test_index_threshold_says_it_finds_no_weeds(rgba_tif: Path, tmp_path: Path,
                                                 scheduler: str) -> None:
     """Its weed and disease shares are 0 by construction: said, not left for a finding."""

@@ -131,7 +131,7 @@ def format_validation(exc: ValidationError, source: str, model: type[BaseModel],
         value = err.get("input")
         if err["type"] != "extra_forbidden" and isinstance(value, str | int | float) \
                 and not isinstance(value, bool) and repr(value) not in msg:
-            msg += f" (got {value!r})"
+            msg += f" (got {short_repr(value)})"
         keys = _keys_at(model, err["loc"][:-1]) if err["type"] == "extra_forbidden" else None
         if keys:
             near = difflib.get_close_matches(str(err["loc"][-1]), keys, n=1)
@@ -207,23 +207,179 @@ def load_run_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+def short_repr(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` cut to about ``limit`` characters, for error messages.
+
+    A config value can be megabytes long (a pasted file, an expanded alias); a message that
+    repeats it whole buries the reason, or runs out of memory building it.
+    """
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for str()
+        return f"<integer of {value.bit_length()} bits>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+# Bounds of a config document. Configs are a few dozen keys a few levels deep, so these only
+# refuse crafted or broken files: a "billion laughs" (aliases of aliases expanding to 10**9
+# items, which end in a MemoryError wherever the data is walked) and nesting deep enough for a
+# RecursionError in the parser or in whatever walks the data afterwards.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+
+# Python's own limit for int(text) (sys.get_int_max_str_digits, 4300 by default): past it the
+# conversion raises; no config number comes near it.
+_MAX_INT_DIGITS = 4300
+_INT_BOUND = 10**_MAX_INT_DIGITS  # the same bound for 0x.., 0o.. and 0b.. integers
+
+
+class _RefusedYAML(yaml.MarkedYAMLError):
+    """A document that parses but that a config never needs (huge, deep, duplicate keys)."""
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, bounded: unique keys, limited size and depth, no tracebacks.
+
+    Aliases stay allowed (sharing a list between keys is reasonable), but each node records
+    how many nodes it stands for once every alias in it is expanded, so a document is refused
+    as soon as that passes :data:`MAX_YAML_NODES`, before anything big is built.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0  # nesting of the node being composed, in the text
+        # Per composed node: (nodes it expands to, depth it expands to). Keyed by the node
+        # itself (identity), as an alias returns the very node of its anchor.
+        self._extent: dict[yaml.Node, tuple[int, int]] = {}
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            target = super().compose_node(parent, index)
+            if target is None or target not in self._extent:
+                # The anchor is a collection still being composed: `&a [*a]` is a loop that
+                # would make every walk of the data endless.
+                raise _RefusedYAML(None, None, "alias refers to a collection containing it "
+                                   "(a loop); write the values out instead", mark)
+            return target
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _RefusedYAML(None, None, f"nested more than {MAX_YAML_DEPTH} levels "
+                                   "deep; a config needs a few levels", mark)
+            composed = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        assert composed is not None  # PyYAML returns None only at the end of a stream
+        node = composed
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        extents = [self._extent[c] for c in children]
+        size = 1 + sum(n for n, _ in extents)
+        depth = 1 + max((d for _, d in extents), default=0)
+        if size > MAX_YAML_NODES:
+            raise _RefusedYAML(None, None, f"more than {MAX_YAML_NODES} values once aliases are "
+                               "expanded (a \"billion laughs\" document?); a config needs far "
+                               "fewer: write the values out or use fewer aliases", mark)
+        if depth > MAX_YAML_DEPTH:
+            raise _RefusedYAML(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep once "
+                               "aliases are expanded; a config needs a few levels", mark)
+        self._extent[node] = (size, depth)
+        return node
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as exc:
+            # A scalar that matches a tag's pattern but not its range: `2001-13-45`, an
+            # integer of more digits than Python converts. One line at its place, not a trace.
+            what = short_repr(node.value) if isinstance(node, yaml.ScalarNode) else "this"
+            raise _RefusedYAML(None, None, f"cannot read {what} as "
+                               f"{node.tag.rpartition(':')[2]} ({_first_line(exc)}); "
+                               "quote it to keep it as text", node.start_mark) from exc
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        # Python refuses int(text) past 4300 digits with a ValueError, and an integer written
+        # in hex or binary converts but then fails the same way when a message repr()s it.
+        text = str(node.value)
+        value: int | None
+        try:
+            value = super().construct_yaml_int(node)
+        except ValueError:
+            value = None
+        if value is None or abs(value) >= _INT_BOUND:
+            raise _RefusedYAML(None, None, f"integer {text[:12]}... of {len(text)} characters "
+                               f"is too large (at most {_MAX_INT_DIGITS} decimal digits); give "
+                               "a smaller number", node.start_mark)
+        return value
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # PyYAML keeps the last of repeated keys, so `out:` given twice silently ran with the
+        # second. Keys from a `<<:` merge are skipped: overriding them is what merges are for.
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:  # unhashable; PyYAML's own error says so below
+                continue
+            if first is not key_node:
+                raise _RefusedYAML(
+                    None, None, f"duplicate key {short_repr(key)} (first on line "
+                    f"{first.start_mark.line + 1}); give each key once", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+# The constructor table holds SafeConstructor's function itself, so the override above only
+# takes effect once registered (add_constructor copies the table; SafeLoader is untouched).
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, cut short."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text if len(text) <= 120 else text[:120] + "..."
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Safe-load a YAML mapping.
 
+    Only plain data (PyYAML's safe tags), with each key once, at most
+    :data:`MAX_YAML_NODES` values once aliases are expanded and :data:`MAX_YAML_DEPTH`
+    levels of nesting.
+
     Raises:
-        ConfigError: unreadable file, YAML error or not a mapping.
+        ConfigError: unreadable file, YAML error, a document past those bounds or not a
+            mapping.
     """
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        # _ConfigLoader is a SafeLoader: only plain data, never Python objects.
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_ConfigLoader)
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not a text file ({exc}); a config is YAML text, see "
                           "workflows/ for examples") from exc
+    except _RefusedYAML as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(f"{path}: refused YAML config ({where}{exc.problem})") from exc
     except yaml.MarkedYAMLError as exc:
         # One line with the place, not PyYAML's multi-line report naming "<unicode string>".
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         raise ConfigError(f"{path}: not valid YAML ({where}{exc.problem or exc}); see "
                           "workflows/ for examples") from exc
+    except RecursionError as exc:
+        # The depth bound should come first; this keeps any path we missed to one line.
+        raise ConfigError(f"{path}: YAML config nested too deeply to read; a config needs a "
+                          "few levels") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot read YAML config ({exc})") from exc
     if not isinstance(data, dict):

@@ -158,3 +158,43 @@ def test_conda_environment_lists_what_pyproject_needs() -> None:
         assert name in listed, f"environment.yml lacks {spec}"
         if version:
             assert listed[name] == version, f"environment.yml: {name}{listed[name]}, not {version}"
+
+
+def test_labelled_dataset_pairs_names_literally(tmp_path: Path) -> None:
+    """images/tile[1].tif is scored against labels/tile[1].tif, not labels/tile1.tif (the
+    name was a glob), and names with spaces and newlines reach `evaluate` intact.
+
+    A stub stands in for agriseg: the pairing is the script's, and a real run per image would
+    only slow this down (test_labelled_dataset_script runs the real thing).
+    """
+    import os
+    import subprocess
+
+    imgs, labs = tmp_path / "images", tmp_path / "lab[1]"
+    imgs.mkdir()
+    labs.mkdir()
+    (tmp_path / "lab1").mkdir()  # a decoy the labels folder used to match as a glob too
+    odd = "a b\nc*"
+    for name in ["tile[1]", odd, "nolabel"]:
+        (imgs / f"{name}.tif").write_bytes(b"image")
+    for name in ["tile[1]", "tile1", odd, "a bXc", "a b"]:
+        (labs / f"{name}.tif").write_bytes(b"label")
+        (tmp_path / "lab1" / f"{name}.tif").write_bytes(b"decoy")
+    log = tmp_path / "evaluate.args"
+    stub = tmp_path / "agriseg-stub"
+    # `run IMAGE --out DIR ...` leaves DIR/run.json; `evaluate ARGS` records them, NUL-separated.
+    stub.write_text('#!/usr/bin/env bash\nset -eu\n'
+                    'if [ "$1" = run ]; then mkdir -p "$4"; touch "$4/run.json"; exit; fi\n'
+                    'shift; printf "%s\\0" "$@" > "$STUB_LOG"; echo scored\n')
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(WORKFLOWS / "labelled_dataset.sh"), str(imgs), str(labs),
+                        str(out)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "AGRISEG": str(stub), "STUB_LOG": str(log)})
+    assert r.returncode == 0, r.stderr
+    assert f"no label for {imgs / 'nolabel.tif'}" in r.stderr
+    assert (out / "scores.txt").read_text() == "scored\n"
+    args = log.read_text().split("\0")[:-1]
+    assert args == [str(out / odd / "classes.tif"), str(labs / f"{odd}.tif"),
+                    str(out / "tile[1]" / "classes.tif"), str(labs / "tile[1].tif")]
+    assert (out / odd / "run.json").exists() and (out / "tile[1]" / "run.json").exists()

@@ -359,13 +359,18 @@ def test_cli_probability_rasters(rgba_tif: Path, tmp_path: Path, scheduler: str)
     assert manifest["parameters"]["probabilities"] == ["weed", "disease"]
 
 
+def _quick_run(src: Path, out: Path, scheduler: str, *extra: str) -> list[str]:
+    """CLI arguments of a fast run (index-threshold model, class mask and indices only)."""
+    return ["run", str(src), "--out", str(out), "--scheduler", scheduler,
+            "--model", "index-threshold", "--no-progress", *extra, "--skip",
+            "quicklook,zones,fields,report,project"]
+
+
 def test_overwrite_leaves_nothing_of_the_old_run(rgba_tif: Path, tmp_path: Path,
                                                  scheduler: str) -> None:
     """--overwrite removes the old run's outputs with their styles, not only the rasters."""
     out = tmp_path / "o"
-    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
-            "--model", "index-threshold", "--no-progress", "--skip",
-            "quicklook,zones,fields,report,project"]
+    base = _quick_run(rgba_tif, out, scheduler)
     assert CliRunner().invoke(main, base).exit_code == 0
     assert (out / "indices" / "exg.qml").exists()
     r = CliRunner().invoke(main, [*base, "--no-indices", "--overwrite"])
@@ -383,9 +388,7 @@ def test_overwrite_stopped_while_replacing_never_looks_finished(
     import agriseg.survey as survey_mod
 
     out = tmp_path / "o"
-    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
-            "--model", "index-threshold", "--no-progress", "--skip",
-            "quicklook,zones,fields,report,project"]
+    base = _quick_run(rgba_tif, out, scheduler)
     assert CliRunner().invoke(main, base).exit_code == 0
     assert (out / "indices" / "exg.tif").exists()
 
@@ -411,9 +414,7 @@ def test_stop_after_the_run_finished_is_no_interruption(
     import shutil
 
     out = tmp_path / "o"
-    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
-            "--model", "index-threshold", "--no-progress", "--no-indices", "--skip",
-            "quicklook,zones,fields,report,project"]
+    base = _quick_run(rgba_tif, out, scheduler, "--no-indices")
     real = shutil.rmtree
     calls = []
 
@@ -441,9 +442,7 @@ def test_output_folder_from_elsewhere_cannot_reach_outside_it(
     outside it made --overwrite delete them, and planted links made the run write through
     them (the lock file truncated its target)."""
     out = tmp_path / "o"
-    base = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler,
-            "--model", "index-threshold", "--no-progress", "--no-indices", "--skip",
-            "quicklook,zones,fields,report,project"]
+    base = _quick_run(rgba_tif, out, scheduler, "--no-indices")
     assert CliRunner().invoke(main, base).exit_code == 0
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

@@ -281,14 +281,18 @@ def along_row_support(
         sums = _line_sums(np.ascontiguousarray(packed.T), col_off, dy / dx, half_length_px,
                           halves)
     out = share(sums[0])
+    flat = out.reshape(-1)
     for part in sums[1:]:
         # A side with fewer valid pixels than its steps runs into invalid ones (or off the
         # array, where values are cropped away); it counts when vegetation fills it up to
         # there: a plant with soil between it and the edge is no row running off the raster.
-        side = share(part)
-        cut = np.right_shift(part, shift) < half_length_px + 1
-        cut &= side >= np.float32(EDGE_ROW_FILL)
-        np.maximum(out, side, out=out, where=cut)
+        # Shares only where a side is cut: a band along the edges (the lookups of whole
+        # arrays cost the label-free run ~5 %).
+        at = np.flatnonzero(np.right_shift(part, shift) < half_length_px + 1)
+        side = share(part.reshape(-1)[at])
+        keep = side >= np.float32(EDGE_ROW_FILL)
+        at, side = at[keep], side[keep]
+        flat[at] = np.maximum(flat[at], side)
     return out if steep else np.ascontiguousarray(out.T)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agriseg import __version__, heap
-from agriseg.classes import ClassSchema
+from agriseg.classes import ClassSchema, file_stem
 from agriseg.config import RunConfig
 from agriseg.errors import AgrisegError, ConfigError, OutputError, RasterError
 from agriseg.grid import Grid, Tile, TilePlan, auto_tile_size, plan_tiles
@@ -451,7 +451,8 @@ def _probability_planes(
             f"--probabilities: unknown class(es) {', '.join(unknown)}; this model's classes are "
             f"{', '.join(names)} (or all)"
         )
-    return tuple((n, k) for k, n in enumerate(names) if n in wanted)
+    # Named by their file stem (probability/<stem>.tif): "N/A" writes N_A.tif.
+    return tuple((file_stem(n), k) for k, n in enumerate(names) if n in wanted)
 
 
 def _output_specs(
@@ -708,8 +709,17 @@ def _process(
     final = _move_into_place(ctx)
     tmp = out / f".{MANIFEST}.partial"
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, out / MANIFEST)
-    shutil.rmtree(work, ignore_errors=True)
+    finished = False
+    try:
+        os.replace(tmp, out / MANIFEST)
+        finished = True
+        shutil.rmtree(work, ignore_errors=True)
+    except KeyboardInterrupt:
+        if not finished:
+            raise
+        # Ctrl-C or SIGTERM while removing the working files: the results are complete
+        # (run.json is in place), so finish the cleanup and report success, not "resume".
+        shutil.rmtree(work, ignore_errors=True)
     log.info("done in %.1f s: %s", timings["total_s"], out)
     return SurveyResult(out, final, manifest)
 

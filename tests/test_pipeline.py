@@ -427,7 +427,7 @@ def test_stop_after_the_run_finished_is_no_interruption(
     monkeypatch.setattr(shutil, "rmtree", stopped)
     r = CliRunner().invoke(main, base)
     monkeypatch.undo()
-    assert r.exit_code == 0 and "results in" in r.output and "resume" not in r.output, r.output
+    assert r.exit_code == 0 and "Done:" in r.output and "resume" not in r.output, r.output
     assert (out / "run.json").exists() and not (out / ".agriseg-work").exists()
     (out / ".agriseg-work").mkdir()
     (out / ".agriseg-work" / "classes.work.tif").write_bytes(b"left behind")
@@ -463,6 +463,19 @@ def test_output_folder_from_elsewhere_cannot_reach_outside_it(
     r = CliRunner().invoke(main, [*base, "--overwrite"])
     assert r.exit_code != 0 and "symbolic links" in r.output
     assert victim.read_text() == "keep me"
+
+
+def test_class_names_become_safe_file_names() -> None:
+    """A bundle's class "../../x" wrote its probability raster outside --out; names with
+    '/' (grass/broadleaf, N/A) are fine as names and get '_' in their file names."""
+    from agriseg.classes import ClassSchema, SegClass
+    from agriseg.survey import _own_output, _probability_planes
+
+    schema = ClassSchema(tuple(SegClass(i, n, (0, 0, 0)) for i, n in enumerate(
+        ["soil", "../../x", "N/A", "grass/broadleaf weed"])))
+    planes = _probability_planes(("all",), schema)
+    assert [n for n, _ in planes] == ["soil", "_.._x", "N_A", "grass_broadleaf weed"]
+    assert all(_own_output(f"probability/{n}.tif") for n, _ in planes)
 
 
 def test_index_threshold_says_it_finds_no_weeds(rgba_tif: Path, tmp_path: Path,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -152,22 +151,14 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, qui
     previous = signal.signal(signal.SIGTERM, _terminate)
     # This command's main module is safe to import again in post-processing workers.
     pool.allow_fork_server()
-    started = time.time()
     try:
         result = process_survey(cfg, progress=bar.update, on_plan=bar.start)
     except KeyboardInterrupt:
         bar.stop()
-        from agriseg.survey import MANIFEST, REPLACING, WORK_DIR
+        from agriseg.survey import REPLACING, WORK_DIR
 
         args = sys.argv
         work = Path(cfg.out) / WORK_DIR
-        manifest = Path(cfg.out) / MANIFEST
-        if manifest.exists() and manifest.stat().st_mtime >= started - 1:
-            # Stopped while removing its working files: run.json, written last, is in place.
-            shutil.rmtree(work, ignore_errors=True)
-            click.echo(f"Stopped after the run had finished: the results in {cfg.out} are "
-                       "complete.", err=True)
-            return
         if (work / "checkpoint.json").exists():
             saved = f"Finished tiles are saved in {work}; run this to resume"
             if (work / REPLACING).exists():

@@ -253,6 +253,9 @@ def _open(path: str) -> rasterio.DatasetReader:
         ) from exc
 
 
+#: Words of band descriptions that say nothing about the band (product prefixes).
+_NEUTRAL_WORDS = frozenset({"rgb", "sr", "toa", "boa", "channel", "ch", "layer", "color", "colour"})
+
 #: Centre wavelengths (nm) of each role, for band descriptions that give only a wavelength.
 _WAVELENGTH_ROLES = ((400, 500, "blue"), (500, 600, "green"), (600, 690, "red"),
                      (690, 760, "rededge"), (760, 1000, "nir"))
@@ -271,15 +274,18 @@ def _description_role(desc: str) -> str | None:
     words = re.sub(r"\d+(\.\d+)?\s*(nm)?|[^a-z ]", " ", key).split()
     words = [w for w in words if w != "band"]
     if len("".join(words)) >= 2:  # named ("Coastal 443", "LWIR" name none of the roles)
-        # Letters left by band codes go: "Red (B4)", "B02 - Blue", "Red edge (B5)".
-        named = [w for w in words if len(w) > 1] or words
+        # The "B" of band codes goes: "Red (B4)", "B02 - Blue", "Red edge (B5)".
+        named = [w for w in words if w != "b"] or words
         role = (_DESCRIPTION_ROLES.get(" ".join(named))
                 or _DESCRIPTION_ROLES.get("".join(named)))
         if role or len(named) < 2:
             return role
-        # One word naming a role among others ("rgb_red"); two roles named is no answer.
+        # A colour word beside a product prefix ("rgb_red", "SR red"); any other word may
+        # make it another band (PlanetScope's "coastal_blue", "green_i"; "Red edge
+        # reflectance"), so then it names none.
+        rest = [w for w in named if w not in _DESCRIPTION_ROLES]
         hits = {_DESCRIPTION_ROLES[w] for w in named if w in _DESCRIPTION_ROLES}
-        return hits.pop() if len(hits) == 1 else None
+        return hits.pop() if len(hits) == 1 and set(rest) <= _NEUTRAL_WORDS else None
     # A letter left over ("B" of Sentinel-2's "B1") names nothing; a wavelength may.
     nm = [float(m) for m in re.findall(r"(\d{3}(?:\.\d+)?)\s*(?:nm)?", key)]
     hits = {r for lo, hi, r in _WAVELENGTH_ROLES for v in nm if lo <= v < hi}
@@ -541,9 +547,15 @@ def _scaling(
         quant = _tag_values(ds, bands, "QUANTIFICATION_VALUE")
         q = quant.pop() if len(quant) == 1 and min(quant) > 0 else 10000.0
         add = adds.pop()
-        log.info("%s: reflectance = (value %+g) / %g, from its BOA_ADD_OFFSET metadata", p,
-                 add, q)
-        return 1.0 / q, add / q, []
+        # Only where the values carry it: data harmonised to the old baseline (the offset
+        # removed) keep the tags they were made from.
+        floor = float(np.percentile(values, 1, axis=1).min()) if values.shape[1] else 0.0
+        if add < 0 and floor >= 0.9 * -add:
+            log.info("%s: reflectance = (value %+g) / %g, from its BOA_ADD_OFFSET metadata",
+                     p, add, q)
+            return 1.0 / q, add / q, []
+        log.info("%s: BOA_ADD_OFFSET %g in its metadata, but its values (1st percentile %g) "
+                 "do not carry it; not applied", p, add, floor)
     scale = _choose_scale(dtype, values)
     notes = []
     if (np.issubdtype(dtype, np.integer) and scale == 1.0 / 10000.0 and gsd_m >= 5

@@ -183,12 +183,14 @@ def _sentinel2(path: Path, offset: int = 1000, **tags: str) -> tuple[Path, np.nd
     return path, refl.astype(np.float32)
 
 
-@pytest.mark.parametrize("how", ["declared", "tags", "none", "baseline 03"])
+@pytest.mark.parametrize("how", ["declared", "tags", "none", "baseline 03", "harmonised"])
 def test_sentinel2_offset_is_applied_when_the_file_says_so(tmp_path: Path, how: str) -> None:
-    """Sentinel-2 L2A since processing baseline 04.00: reflectance = (value - 1000) / 10000."""
+    """Sentinel-2 L2A since processing baseline 04.00: reflectance = (value - 1000) / 10000.
+    Data harmonised to the old baseline keep the tags but not the offset."""
     tags = {"BOA_ADD_OFFSET_B04": "-1000", "BOA_QUANTIFICATION_VALUE": "10000"}
-    path, refl = _sentinel2(tmp_path / "s2.tif", 0 if how == "baseline 03" else 1000,
-                            **(tags if how == "tags" else {}))
+    path, refl = _sentinel2(tmp_path / "s2.tif",
+                            0 if how in ("baseline 03", "harmonised") else 1000,
+                            **(tags if how in ("tags", "harmonised") else {}))
     if how == "declared":
         with rasterio.open(path, "r+") as ds:
             ds.scales, ds.offsets = (0.0001,) * 4, (-0.1,) * 4
@@ -201,7 +203,8 @@ def test_sentinel2_offset_is_applied_when_the_file_says_so(tmp_path: Path, how: 
         np.testing.assert_allclose(got, refl[[2, 3]] + 0.1, atol=1e-4)
     else:
         assert not survey.warnings
-        assert survey.offset == pytest.approx(0 if how == "baseline 03" else -0.1)
+        assert survey.offset == pytest.approx(
+            0 if how in ("baseline 03", "harmonised") else -0.1)
         np.testing.assert_allclose(got, refl[[2, 3]], atol=1e-4)
 
 

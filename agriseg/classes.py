@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from dataclasses import dataclass
 
 from agriseg.errors import ConfigError
@@ -13,10 +15,20 @@ NODATA_CLASS = 255
 ROLES = ("soil", "crop", "weed", "disease")
 
 
-#: Longest class name (names become file names and column names).
-MAX_NAME_CHARS = 64
+#: Longest class name (names become column names and file names).
+MAX_NAME_CHARS = 128
 #: Most classes a schema holds: class rasters are bytes and 255 is nodata.
 MAX_CLASSES = 255
+
+
+def file_stem(name: str) -> str:
+    """The file name a class's rasters get (``probability/<stem>.tif``).
+
+    Path separators become ``_`` and leading dots and spaces go, so a name never reaches
+    outside its folder: a bundle's class "../../x" wrote rasters outside --out.
+    """
+    stem = re.sub(r"[/\\]", "_", name).lstrip(". ")
+    return stem or "class"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,14 +58,12 @@ class SegClass:
                 "or '=', other than 'ignore' (command-line options name classes as NAME=VALUE "
                 "lists)"
             )
-        if (len(self.name) > MAX_NAME_CHARS or self.name.startswith(".")
-                or any(ch in self.name for ch in "/\\") or not self.name.isprintable()):
-            # Names become file names (probability/<name>.tif): a bundle's "../../x" wrote
-            # outside --out.
+        if len(self.name) > MAX_NAME_CHARS or any(
+                unicodedata.category(ch) in ("Cc", "Cs") for ch in self.name):
+            # Names head CSV columns and legends, and become file names (see file_stem).
             raise ConfigError(
-                f"class name {self.name[:MAX_NAME_CHARS]!r}: names become file names, so give "
-                f"at most {MAX_NAME_CHARS} printable characters without '/' or '\\', not "
-                "starting with '.'"
+                f"class name {self.name[:MAX_NAME_CHARS]!r}: give at most {MAX_NAME_CHARS} "
+                "characters, without control characters (line breaks, tabs)"
             )
         if len(self.color) != 3 or not all(0 <= int(v) <= 255 for v in self.color):
             raise ConfigError(
@@ -89,9 +99,10 @@ class ClassSchema:
         values = [c.value for c in self.classes]
         if values != list(range(len(values))):
             raise ConfigError(f"class values must be 0..{len(values) - 1} in order, got {values}")
-        if len({c.name.lower() for c in self.classes}) != len(values):
-            raise ConfigError(f"class names must be unique, case aside (they name columns and "
-                              f"--rate classes), got {[c.name for c in self.classes]}")
+        if len({file_stem(c.name).lower() for c in self.classes}) != len(values):
+            raise ConfigError(f"class names must be unique, case aside and with '/' and '\\' "
+                              f"taken as '_' (they name columns, --rate classes and files), "
+                              f"got {[c.name for c in self.classes]}")
         roles = [c.role for c in self.classes if c.role]
         if len(set(roles)) != len(roles):
             raise ConfigError(

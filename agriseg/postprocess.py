@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agriseg.classes import file_stem
 from agriseg.grid import on_earth
 from agriseg.indices import INDICES, index_label
 from agriseg.pool import shutdown_pool
@@ -215,7 +216,7 @@ def project_step(ctx: SurveyContext) -> None:
     layers.append(ProjectLayer(out["classes"], "classes", class_qml(ctx.schema), opacity=0.75))
     layers.append(ProjectLayer(out["confidence"], "confidence", ramp_qml(0, 100, "confidence"),
                                visible=False))
-    order = {f"probability/{n}": i for i, n in enumerate(ctx.schema.names)}
+    order = {f"probability/{file_stem(n)}": i for i, n in enumerate(ctx.schema.names)}
     for name, rel in sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         if name.startswith("probability/"):
             layers.append(ProjectLayer(rel, f"{name.split('/', 1)[1]} probability (%)",

@@ -229,8 +229,12 @@ def test_foreign_and_broken_bundles_refused(tmp_path: Path) -> None:
                         # files from elsewhere: a class name wrote outside --out, an encoder
                         # name went online, an option had timm torch.load any file
                         ({**meta, "schema": {**schema, "classes": [
-                            *classes[:2], {**classes[2], "name": "../../escaped"}, *classes[3:]]}},
-                         "names become file names"),
+                            *classes[:2], {**classes[2], "name": "weed\nx"}, *classes[3:]]}},
+                         "without control characters"),
+                        ({**meta, "schema": {**schema, "classes": [
+                            *classes[:2], {**classes[2], "name": "x/y"},
+                            {**classes[3], "name": "x_y"}]}},
+                         "with '/' and"),
                         ({**meta, "schema": {**schema, "nodata": 1}}, "nodata class value 1"),
                         ({**meta, "model": {**model, "encoder": "tu-hf-hub:timm/resnet18"}},
                          "never a hub"),

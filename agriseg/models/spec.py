@@ -23,10 +23,17 @@ MAX_OPTION_INT = 4096
 #: Encoder names: smp's and timm's identifiers; no hub prefix (``tu-hf-hub:...`` went online),
 #: no path.
 _ENCODER_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,80}")
-#: Option names that would load files or reach the network inside smp or timm
-#: (``checkpoint_path`` had timm torch.load any file).
-_UNSAFE_OPTION = re.compile(r"path|url|file|weight|pretrain|hub|checkpoint|cache|dir",
-                            re.IGNORECASE)
+#: Words of option names that would load files or reach the network inside smp or timm
+#: (``checkpoint_path`` had timm torch.load any file) ...
+_UNSAFE_WORDS = frozenset({"path", "url", "file", "filename", "weights", "pretrained",
+                           "pretrained_cfg", "hub", "checkpoint", "cache", "dir", "overlay"})
+#: ... and options with such a word that load nothing (timm's stochastic depth).
+_SAFE_OPTIONS = frozenset({"drop_path_rate"})
+
+
+def _unsafe_option(key: str) -> bool:
+    words = set(key.lower().split("_"))
+    return key not in _SAFE_OPTIONS and bool(words & _UNSAFE_WORDS or "pretrain" in key)
 
 
 def check_spec(spec: ArchSpec) -> ArchSpec:
@@ -49,14 +56,26 @@ def check_spec(spec: ArchSpec) -> ArchSpec:
                           f"classes, depth {spec.depth}: need 1..{MAX_IN_CHANNELS} bands, "
                           "2..255 classes, depth 1..8")
     for key, value in spec.options:
-        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", str(key)) or _UNSAFE_OPTION.search(key):
+        if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", str(key)) or _unsafe_option(key):
             raise ConfigError(f"network option {str(key)[:40]!r} is not allowed (no option may "
                               "name files, weights or downloads)")
-        items = value if isinstance(value, tuple) else (value,)
-        if len(items) > 16 or not all(_plain(v) for v in items):
+        if not _plain_value(value):
             raise ConfigError(f"network option {key}={str(value)[:60]}: give a number up to "
-                              f"{MAX_OPTION_INT}, a boolean, a short name or a list of up to 16")
+                              f"{MAX_OPTION_INT}, a boolean, a short name, or a list or mapping "
+                              "of up to 16 of them")
     return spec
+
+
+def _plain_value(value: Any) -> bool:
+    """A number, boolean, short name, or a list / mapping of up to 16 of them (one level).
+
+    smp 0.6 takes ``decoder_use_norm: {type: layernorm}``.
+    """
+    if isinstance(value, dict):
+        return len(value) <= 16 and all(
+            isinstance(k, str) and not _unsafe_option(k) and _plain(v) for k, v in value.items())
+    items = value if isinstance(value, tuple | list) else (value,)
+    return len(items) <= 16 and all(_plain(v) for v in items)
 
 
 def _plain(v: Any) -> bool:

@@ -139,3 +139,12 @@ def test_cli_reports_a_refused_config_on_one_line(tmp_path: Path) -> None:
     assert r.exit_code == 2, r.output
     assert "duplicate key 'out'" in r.output and "Traceback" not in r.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "p").exists()
+
+
+def test_a_long_written_out_config_is_no_alias_bomb(tmp_path: Path) -> None:
+    """A training config listing 20 000 tiles (no aliases) is read: only what aliases
+    multiply counts against the bound."""
+    path = tmp_path / "many.yaml"
+    path.write_text("data:\n" + "".join(f"  - {{image: i{i}.tif, labels: l{i}.tif}}\n"
+                                        for i in range(20_000)))
+    assert len(load_yaml(path)["data"]) == 20_000

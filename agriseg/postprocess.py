@@ -217,9 +217,10 @@ def project_step(ctx: SurveyContext) -> None:
     layers.append(ProjectLayer(out["confidence"], "confidence", ramp_qml(0, 100, "confidence"),
                                visible=False))
     order = {f"probability/{file_stem(n)}": i for i, n in enumerate(ctx.schema.names)}
+    named = {f"probability/{file_stem(n)}": n for n in ctx.schema.names}  # N_A -> N/A
     for name, rel in sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
         if name.startswith("probability/"):
-            layers.append(ProjectLayer(rel, f"{name.split('/', 1)[1]} probability (%)",
+            layers.append(ProjectLayer(rel, f"{named.get(name, name[12:])} probability (%)",
                                        ramp_qml(0, 100, "confidence"), visible=False,
                                        group="class probabilities"))
         elif name.startswith("indices/"):

@@ -524,16 +524,19 @@ def write_report(
         with ThreadPoolExecutor(min(FIELD_MAP_THREADS, os.cpu_count() or 1)) as pool:
             uris = list(pool.map(lambda r: _field_map(survey, roles, classes_tif, schema,
                                                       r.geometry, zones, stretch), rows))
+        # The classes playing weed and disease, under their own names (a model's classes
+        # may be "weed/grass" and "Cercospora": fixed weed_pct columns showed "-").
+        risky = [c for c in (schema.by_role("weed"), schema.by_role("disease")) if c is not None]
         for r, uri in zip(rows, uris, strict=True):
             if uri is None:
                 continue
+            shares = "".join(f"{html.escape(c.name)} {_fmt(r.get(f'{c.name}_pct'), '{:.1f}')} % · "
+                             for c in risky)
             parts.append(
                 f"<div class='field'><h3>{html.escape(str(r['field_id']))} · health "
                 f"{_fmt(r['health_score'], '{:.1f}')} · rank {_fmt(r['rank'], '{:.0f}')}</h3>"
                 f"{_img(uri, 'field ' + str(r['field_id']))}"
-                f"<div>weed {_fmt(r.get('weed_pct'), '{:.1f}')} % · disease "
-                f"{_fmt(r.get('disease_pct'), '{:.1f}')} % · zones {_fmt(r['zones'], '{:.0f}')}"
-                "</div></div>"
+                f"<div>{shares}zones {_fmt(r['zones'], '{:.0f}')}</div></div>"
             )
         parts.append("</div>")
     if n_zones:
@@ -547,7 +550,7 @@ def write_report(
                 f"<tr><td>{z['zone_id']}</td><td>{html.escape(str(z['class']))}</td>"
                 f"<td>{z['area_m2']:.{2 if z['area_m2'] >= 0.1 else 4}f}</td>"
                 f"<td>{_fmt(z['mean_confidence'], '{:.0f}')}</td>"
-                f"<td class=id>{html.escape(str(z['field_id'] or '-'))}</td>"
+                f"<td class=id>{_fmt(z['field_id'], '{}')}</td>"
                 f"<td>{z['centroid_lat']:.6f}</td><td>{z['centroid_lon']:.6f}</td></tr>"
             )
         parts.append("</tbody></table>")

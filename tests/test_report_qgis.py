@@ -195,6 +195,32 @@ def test_report_escapes_field_ids(outputs: dict[str, object]) -> None:
     assert "Feld &quot;Süd&quot; &amp; Nord" in text
 
 
+def test_report_names_a_models_own_classes(outputs: dict[str, object]) -> None:
+    """Field captions read the weed and disease shares of the classes playing those roles
+    (a model's "weed/grass" showed "weed - %"), and zones outside every field show "-", not
+    nan."""
+    from dataclasses import replace
+
+    from agriseg.classes import ClassSchema
+
+    out = outputs["out"]
+    assert isinstance(out, Path)
+    names = {"weed": "weed/grass", "disease": "Cercospora"}
+    schema = ClassSchema(tuple(replace(c, name=names.get(c.name, c.name))
+                               for c in DEFAULT_CLASSES.classes))
+    summary = outputs["summary"].rename(  # type: ignore[attr-defined]
+        columns={f"{k}_pct": f"{v}_pct" for k, v in names.items()})
+    zones = outputs["zones"].copy()  # type: ignore[attr-defined]
+    zones["field_id"] = None
+    page = write_report(out / "report.html", str(outputs["image"]), {"red": 1, "green": 2,
+                        "blue": 3, "alpha": 4}, out / "classes.tif", schema,
+                        summary, zones, {"tile_size": 1024}, ("exg",), ())
+    text = page.read_text()
+    first = summary.iloc[0]
+    assert f"weed/grass {first['weed/grass_pct']:.1f} %" in text
+    assert "weed - %" not in text and ">nan<" not in text
+
+
 def test_whole_survey_map_from_the_cached_overview(outputs: dict[str, object]) -> None:
     # The run hands the report its SurveyRaster: the whole-survey map then comes from the
     # overview read for the model's prepare, and must match a fresh GDAL read.

@@ -216,11 +216,13 @@ def project_step(ctx: SurveyContext) -> None:
     layers.append(ProjectLayer(out["classes"], "classes", class_qml(ctx.schema), opacity=0.75))
     layers.append(ProjectLayer(out["confidence"], "confidence", ramp_qml(0, 100, "confidence"),
                                visible=False))
-    order = {f"probability/{file_stem(n)}": i for i, n in enumerate(ctx.schema.names)}
-    named = {f"probability/{file_stem(n)}": n for n in ctx.schema.names}  # N_A -> N/A
-    for name, rel in sorted(out.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])):
+    # Probability outputs by file stem, with their class's place and name (N_A -> N/A).
+    classes = {f"probability/{file_stem(n)}": (i, n) for i, n in enumerate(ctx.schema.names)}
+    last = (len(classes), "")
+    for name, rel in sorted(out.items(), key=lambda kv: (classes.get(kv[0], last)[0], kv[0])):
         if name.startswith("probability/"):
-            layers.append(ProjectLayer(rel, f"{named.get(name, name[12:])} probability (%)",
+            label = classes.get(name, (0, name.split("/", 1)[1]))[1]
+            layers.append(ProjectLayer(rel, f"{label} probability (%)",
                                        ramp_qml(0, 100, "confidence"), visible=False,
                                        group="class probabilities"))
         elif name.startswith("indices/"):

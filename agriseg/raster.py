@@ -373,18 +373,14 @@ def _band_medians(
 ) -> dict[int, float] | None:
     """Median of every band over the sample's valid pixels (None when too few are valid).
 
-    Undeclared fills are left out as well (they are found only once the roles are known):
-    black in every band, or a large negative value (-10000) in every band. Medians over a
-    fill that covered half a camera's raster swapped its bands.
+    Undeclared fills are left out as well (they are found only once the roles are known; see
+    :func:`_valid_values`): medians over a fill that covered half a camera's raster swapped
+    its bands.
     """
-    data = sample().astype(np.float64)
-    ok = np.isfinite(data).all(axis=0)
-    if ds.nodata is not None:
-        ok &= ~(data == ds.nodata).any(axis=0)
-    ok &= data.any(axis=0) & ~(data <= -9999).all(axis=0)
-    if ok.sum() < 100:
+    values = _valid_values(ds, list(range(1, ds.count + 1)), None, sample)
+    if values.shape[1] < 100:
         return None
-    return {i: float(np.median(data[i - 1][ok])) for i in range(1, ds.count + 1)}
+    return {i: float(np.median(values[i - 1])) for i in range(1, ds.count + 1)}
 
 
 def _convention_doubt(ds: rasterio.DatasetReader, sample: Callable[[], np.ndarray]) -> str | None:
@@ -459,8 +455,8 @@ def _valid_values(
 ) -> np.ndarray:
     """Raw values ``(C, N)`` (float64) of ``bands`` at the sample's valid pixels.
 
-    Valid: alpha above 0, or no band at the declared nodata, and not an undeclared fill (see
-    :func:`_band_medians`); every band finite.
+    Valid: alpha above 0, or no band at the declared nodata; every band finite; and not an
+    undeclared fill: black in every band, or a large negative value (-10000) in every band.
     """
     every = sample()
     data = every[[b - 1 for b in bands]].astype(np.float64)
@@ -529,6 +525,8 @@ def _scaling(
                                  for b in bands):
         return 1.0 / 255.0, 0.0, []
     values = _valid_values(ds, bands, alpha, sample)
+    # The darkest band's 1st percentile: an offset's floor (Sentinel-2's 1000).
+    floor = float(np.percentile(values, 1, axis=1).min()) if values.shape[1] else 0.0
     scales = {float(ds.scales[b - 1]) for b in bands}
     offsets = {float(ds.offsets[b - 1]) for b in bands}
     if scales != {1.0} or offsets != {0.0}:
@@ -549,7 +547,6 @@ def _scaling(
         add = adds.pop()
         # Only where the values carry it: data harmonised to the old baseline (the offset
         # removed) keep the tags they were made from.
-        floor = float(np.percentile(values, 1, axis=1).min()) if values.shape[1] else 0.0
         if add < 0 and floor >= 0.9 * -add:
             log.info("%s: reflectance = (value %+g) / %g, from its BOA_ADD_OFFSET metadata",
                      p, add, q)
@@ -559,7 +556,7 @@ def _scaling(
     scale = _choose_scale(dtype, values)
     notes = []
     if (np.issubdtype(dtype, np.integer) and scale == 1.0 / 10000.0 and gsd_m >= 5
-            and values.shape[1] >= 100 and float(np.percentile(values, 1, axis=1).min()) >= 1000):
+            and values.shape[1] >= 100 and floor >= 1000):
         # Sentinel-2 L2A since processing baseline 04.00 (2022) stores reflectance x 10000
         # + 1000; without its metadata nothing tells it apart, but no band of real
         # reflectance x 10000 data has almost every pixel above 0.1 (vegetation reflects
@@ -719,7 +716,7 @@ def _describe(
     # one of them needs it (8-bit rasters and explicit --bands mostly do not).
     small = _decimated_shape(ds.height, ds.width, SAMPLE_SIDE)
     sample = functools.cache(lambda: _decimated_bands(ds, list(range(1, ds.count + 1)), small))
-    notes: list[str] = []  # warnings for run.json and the report
+    notes: list[str] = []  # doubts, warned about and kept for run.json and the report
     if isinstance(bands, str):
         bands = BandRoles.parse(bands)
     if bands is not None:
@@ -732,10 +729,7 @@ def _describe(
                 )
         how = "--bands"
     else:
-        mapping, how, doubts = _detect_roles(ds, sample)
-        for doubt in doubts:
-            log.warning("%s: %s", p, doubt)
-        notes += doubts
+        mapping, how, notes = _detect_roles(ds, sample)
     alpha = mapping.get("alpha")
     if alpha is None:
         flagged = [
@@ -807,8 +801,9 @@ def _describe(
                 p, fill, fill,
             )
     scale, offset, doubts = _scaling(ds, p, spectral, alpha, sample, grid.gsd_m)
-    for doubt in doubts:
-        log.warning("%s: %s", p, doubt)
+    notes += doubts
+    for note in notes:
+        log.warning("%s: %s", p, note)
     roles = BandRoles.from_mapping(mapping)
     log.info(
         "%s: %dx%d px, %d band(s) %s (%d spectral), roles %s (from %s), mask from %s, scale "
@@ -817,7 +812,7 @@ def _describe(
         grid.gsd_m,
     )
     return SurveyRaster(p, grid, int(ds.count), str(dtype), roles, nodata, scale, mask_source,
-                        how, offset, tuple(notes + doubts))
+                        how, offset, tuple(notes))
 
 
 def _black_fill_share(bands: np.ndarray) -> float | None:

@@ -998,11 +998,10 @@ class LabelFreeSegmenter:
             return unchanged, {"used": False, "reason": "disabled in the configuration"}
         rad = min(YELLOW_MAX_RADIUS, max(1, round(cfg.yellow_window_m / gsd / 2)))
         # A third of the median brightness (dark_eps is a tenth of it), on the R+G+B scale.
-        probe = replace(path, yellow_threshold=1.0, yellow_radius=rad,
-                        bright_sum=15 * dark_eps)
+        bright = 15 * dark_eps
         shares = []
         for p, v, e in zip(pix, val, exg, strict=True):
-            q = _blue_steps(p[0], p[1], p[2], probe.bright_sum)
+            q = _blue_steps(p[0], p[1], p[2], bright)
             # As in GreenPath.yellow: beyond the window counts as share 1.
             mean = 1 - box_sum(BLUE_SHARE_STEPS - q, rad) / float(
                 BLUE_SHARE_STEPS * (2 * rad + 1) ** 2)
@@ -1018,11 +1017,11 @@ class LabelFreeSegmenter:
         y_thr = min(mode - cfg.soil_sigmas * sigma, cfg.blue_share_max)
         if y_thr <= 0.05:
             return unchanged, {"used": False, "reason": f"blue-share soil mode {mode:.3f}"}
-        out = replace(probe, yellow_threshold=y_thr)
+        out = replace(path, yellow_threshold=y_thr, yellow_radius=rad, bright_sum=bright)
         return out, {"used": True, "blue_share_threshold": round(y_thr, 4),
                      "blue_share_soil_mode": round(mode, 4), "window_px": 2 * rad + 1,
                      "rule": f"also vegetation where the mean B/(R+G+B) over {2 * rad + 1} px "
-                             f"< {y_thr:.3f}, R+G+B > {probe.bright_sum:.3f} and G > 0.6 R"}
+                             f"< {y_thr:.3f}, R+G+B > {bright:.3f} and G > 0.6 R"}
 
     def _rows(
         self,

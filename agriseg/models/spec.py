@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from agriseg.classes import MAX_CLASSES
 from agriseg.errors import ConfigError
 
 # Model input must be a multiple of this (five stride-2 stages).
@@ -50,11 +51,11 @@ def check_spec(spec: ArchSpec) -> ArchSpec:
         raise ConfigError(f"architecture {spec.arch[:40]!r} / encoder {spec.encoder[:80]!r}: "
                           "names of letters, digits, '_', '-' and '.' only (timm encoders as "
                           "tu-<name>, never a hub: or a path)")
-    if not 1 <= spec.in_channels <= MAX_IN_CHANNELS or not 2 <= spec.classes <= 255 \
+    if not 1 <= spec.in_channels <= MAX_IN_CHANNELS or not 2 <= spec.classes <= MAX_CLASSES \
             or not 1 <= spec.depth <= 8:
         raise ConfigError(f"network of {spec.in_channels} input band(s), {spec.classes} "
                           f"classes, depth {spec.depth}: need 1..{MAX_IN_CHANNELS} bands, "
-                          "2..255 classes, depth 1..8")
+                          f"2..{MAX_CLASSES} classes, depth 1..8")
     for key, value in spec.options:
         if not re.fullmatch(r"[a-z_][a-z0-9_]{0,40}", str(key)) or _unsafe_option(key):
             raise ConfigError(f"network option {str(key)[:40]!r} is not allowed (no option may "

@@ -79,6 +79,52 @@ def test_along_row_support_is_translation_exact(angle: float, edge_aware: bool) 
     assert whole[veg & valid].mean() > 0.6 > whole[~veg & valid].mean()
 
 
+@pytest.mark.parametrize("angle", [0.0, 7.0, 45.0, 52.0, -80.0, 90.0])
+def test_row_gap_filling_is_translation_exact(angle: float) -> None:
+    """Tiles whose margin covers the support's and the gap rule's reach equal the whole."""
+    rng = np.random.default_rng(2)
+    veg = (_stripes(220, 200, angle, 24, 8) & (rng.random((220, 200)) > 0.6)) | (
+        rng.random((220, 200)) > 0.98)
+    valid = rng.random((220, 200)) > 0.02
+    gaps = rows_mod.RowGaps((24.0,), floor=0.1, contrast=2.0, value=0.5)
+    whole = oriented_support(veg, valid, 1000, 2000, angle, 16, None, 1, gaps=gaps)
+    r = rows_mod.support_reach(16) + 1 + rows_mod.gap_reach(angle, 16, 24.0)
+    for r0, c0 in [(r, r), (90, 100)]:
+        win = np.s_[r0 - r : r0 + 50 + r, c0 - r : c0 + 50 + r]
+        sub = oriented_support(veg[win], valid[win], 1000 + r0 - r, 2000 + c0 - r, angle, 16,
+                               None, 1, gaps=gaps)
+        assert np.array_equal(sub[r:-r, r:-r], whole[r0 : r0 + 50, c0 : c0 + 50])
+    assert (whole == np.float32(0.5)).any()  # the rule did fill lines
+
+
+def test_row_gaps_keep_thin_rows_and_leave_inter_row_plants() -> None:
+    """A thin row's plants reach the row threshold; a plant between rows does not."""
+    h, w, spacing = 300, 240, 30
+    veg = np.zeros((h, w), bool)
+    for x0 in range(10, w, spacing):  # vertical rows 4 px wide
+        veg[:, x0 : x0 + 4] = True
+    thin = 10 + 3 * spacing
+    veg[:, thin : thin + 4] = False
+    veg[np.arange(h) % 40 < 16, thin : thin + 4] = True  # a thin stand, 40 % of the row
+    weed = (150, thin + spacing // 2)  # between the thin row and the next
+    veg[weed[0] - 3 : weed[0] + 3, weed[1] - 3 : weed[1] + 3] = True
+    valid = np.ones_like(veg)
+    thr = 0.6 * 1.0
+    gaps = rows_mod.RowGaps((float(spacing),), floor=0.5 * thr, contrast=2.0, value=thr + 0.15)
+    plain = oriented_support(veg, valid, 0, 0, 90.0, 60, None, 1)
+    filled = oriented_support(veg, valid, 0, 0, 90.0, 60, None, 1, gaps=gaps)
+    plant = (165, thin + 1)
+    assert plain[plant] < thr <= filled[plant]
+    assert filled[weed] == plain[weed] < thr
+    full = (150, 11)  # a full row keeps its own support
+    assert filled[full] == plain[full] == 1.0
+    # without the rows one spacing across (a lone line), nothing is filled
+    lone = np.zeros_like(veg)
+    lone[np.arange(h) % 40 < 16, 100:104] = True
+    assert np.array_equal(oriented_support(lone, valid, 0, 0, 90.0, 60, None, 1, gaps=gaps),
+                          oriented_support(lone, valid, 0, 0, 90.0, 60, None, 1))
+
+
 def _support_reference(veg: np.ndarray, valid: np.ndarray, row_off: int, col_off: int,
                        angle: float, half: int, edge_aware: bool = False) -> np.ndarray:
     """Vegetation share on each pixel's digital row line, walked pixel by pixel; with

@@ -87,9 +87,11 @@ from agriseg.models.rows import (
     DECISION_CELL_PX,
     ORIENTATION_CELL_PX,
     RowEstimate,
+    RowGaps,
     RowOrientations,
     angle_difference,
     estimate_rows,
+    gap_reach,
     major_axis_steps,
     oriented_support,
     row_regularity,
@@ -220,6 +222,14 @@ class LabelFreeConfig:
             larger of its vegetation share and that side's alone (the row may go on where
             nothing is seen): slivers of plots cut lengthwise by a survey's edge were weed
             (Lamberton 08-15: 71 % of the weed pixels within 25 px of the nodata edge).
+        row_gaps: a row line keeps its plants through a gappy stretch or a thin stand when it
+            lies where the field's rows repeat: its own support at least ``row_gap_floor`` x
+            the row threshold, as much on a line one row spacing across, and
+            ``row_gap_contrast`` times more than on both lines half a spacing across (the
+            inter-rows). Its plants were weed (Maricopa sorghum: 60 % of the weed pixels lay
+            on row centres); a plant between rows has the rows half a spacing away.
+        row_gap_floor: see ``row_gaps``.
+        row_gap_contrast: see ``row_gaps``.
         nodata_rim_px: valid pixels this close to nodata are treated as soil: clipped or
             warped orthomosaics blend their edge pixels with the fill colour (dark, with a
             shifted chroma that reads as vegetation), which made a false weed strip along the
@@ -273,6 +283,9 @@ class LabelFreeConfig:
     island_max_m2: float = 0.0
     island_weed_share: float = 0.5
     edge_rows: bool = True
+    row_gaps: bool = True
+    row_gap_floor: float = 0.5
+    row_gap_contrast: float = 2.0
     nodata_rim_px: int = 2
 
     def __post_init__(self) -> None:
@@ -311,6 +324,12 @@ class LabelFreeConfig:
                 f"labelfree: need 0 < blue_share_max < 1 and yellow_window_m > 0, got "
                 f"{self.blue_share_max}, {self.yellow_window_m} (yellow_path=false turns the "
                 "yellow path off)"
+            )
+        if not 0 < self.row_gap_floor <= 1 or self.row_gap_contrast < 1:
+            raise ConfigError(
+                f"labelfree: need 0 < row_gap_floor <= 1 and row_gap_contrast >= 1, got "
+                f"{self.row_gap_floor}, {self.row_gap_contrast} (row_gaps=false turns the "
+                "rule off)"
             )
         if not 0 < self.island_weed_share <= 1:
             raise ConfigError(
@@ -514,6 +533,7 @@ class LabelFreeParams:
     island_px: int = 0
     island_share: float = 0.5
     edge_aware: bool = True
+    gaps: RowGaps | None = None
 
 
 def _ramp(z: np.ndarray) -> np.ndarray:
@@ -766,7 +786,15 @@ class LabelFreeSegmenter:
             disease_sensitivity=cfg.disease_sensitivity, rim_px=cfg.nodata_rim_px,
             health_prior_px=cfg.health_prior_px, orientations=orients, green=green,
             edge_aware=cfg.edge_rows,
+            gaps=RowGaps(tuple(sp / gsd for sp in (orients.spacings_m if orients is not None
+                                                    else (rows.spacing_m,))),
+                         floor=cfg.row_gap_floor * row_thr, contrast=cfg.row_gap_contrast,
+                         value=row_thr + row_soft / 2)
+            if rows is not None and cfg.row_gaps else None,
         )
+        if params.gaps is not None:
+            info.update(row_gap_floor=round(params.gaps.floor, 4),
+                        row_gap_contrast=params.gaps.contrast)
         if rows is not None:
             if cfg.appearance:
                 table, info["appearance"] = self._appearance(windows, vegs, supports, typical,
@@ -792,6 +820,10 @@ class LabelFreeSegmenter:
         if rows is not None:
             halves = orients.halves if orients is not None else (row_half,)
             halo += support_reach(max(halves)) + attach
+            if params.gaps is not None:
+                angles = orients.angles if orients is not None else (rows.angle_deg,)
+                halo += max(gap_reach(a, hh, sp) for a, hh, sp in
+                            zip(angles, halves, params.gaps.spacings_px, strict=True))
             if orients is not None:
                 # A pixel's direction comes from its decision cell: the whole cell must be
                 # inside every tile that uses the pixel.
@@ -1208,8 +1240,8 @@ class LabelFreeSegmenter:
                  "nearest sample", survey.path, len(angles),
                  ", ".join(f"{a:.1f} deg on {sh:.0%}" for a, sh in zip(angles, share,
                                                                      strict=True)))
-        return RowOrientations(tuple(angles), tuple(halves), tuple(leaves), shape,
-                               grid.tobytes())
+        return RowOrientations(tuple(angles), tuple(halves), tuple(leaves), tuple(spacings),
+                               shape, grid.tobytes())
 
     def _health_stats(
         self,
@@ -1350,7 +1382,7 @@ class LabelFreeSegmenter:
             inside = ctx.inside(veg.shape)
             s = oriented_support(veg, ok if inside is None else ok & inside, ctx.row_off,
                                  ctx.col_off, p.row_angle_deg, p.row_half_px, p.orientations,
-                                 p.leaf_px, edge_aware=p.edge_aware)[grown]
+                                 p.leaf_px, edge_aware=p.edge_aware, gaps=p.gaps)[grown]
             p_row = self._row_probability(s, veg[grown], p)[_inner(min(p.attach_px, m))]
             if p.appearance is not None:
                 r = p.appearance_px

@@ -307,6 +307,7 @@ def test_cli_model_options(rgba_tif: Path, tmp_path: Path, scheduler: str) -> No
                            ("disease_sensitivity=-1", "must be > 0"),
                            ("boundary_margin=0.7", "boundary_margin must be in [0, 0.5)"),
                            ("island_weed_share=0", "island_weed_share must be in (0, 1]"),
+                           ("row_gap_contrast=0.5", "row_gap_contrast >= 1"),
                            ("no_equals_sign", "expected NAME=VALUE")]:
         bad = tmp_path / option.split("=")[0]
         r = CliRunner().invoke(main, [*base[:3], str(bad), *base[4:], "--model-option", option])

@@ -89,7 +89,7 @@ def test_row_gap_filling_is_translation_exact(angle: float) -> None:
     gaps = rows_mod.RowGaps((24.0,), floor=0.1, contrast=2.0, value=0.5)
     whole = oriented_support(veg, valid, 1000, 2000, angle, 16, None, 1, gaps=gaps)
     r = rows_mod.support_reach(16) + 1 + rows_mod.gap_reach(angle, 16, 24.0)
-    for r0, c0 in [(r, r), (90, 100)]:
+    for r0, c0 in [(r, r), (220 - 50 - r, 200 - 50 - r)]:  # the corners the reach allows
         win = np.s_[r0 - r : r0 + 50 + r, c0 - r : c0 + 50 + r]
         sub = oriented_support(veg[win], valid[win], 1000 + r0 - r, 2000 + c0 - r, angle, 16,
                                None, 1, gaps=gaps)
@@ -118,6 +118,14 @@ def test_row_gaps_keep_thin_rows_and_leave_inter_row_plants() -> None:
     assert filled[weed] == plain[weed] < thr
     full = (150, 11)  # a full row keeps its own support
     assert filled[full] == plain[full] == 1.0
+    # a spacing estimate of half the true one (thin rows): a weedy inter-row centre line has
+    # rows "one spacing" across, but not the lines two spacings across
+    mid = 10 + 5 * spacing + spacing // 2 - 2
+    veg[np.arange(h) % 40 < 16, mid : mid + 4] = True
+    plain = oriented_support(veg, valid, 0, 0, 90.0, 60, None, 1)
+    halved = oriented_support(veg, valid, 0, 0, 90.0, 60, None, 1,
+                              gaps=replace(gaps, spacings_px=(spacing / 2,)))
+    assert halved[165, mid + 1] == plain[165, mid + 1] < thr
     # without the rows one spacing across (a lone line), nothing is filled
     lone = np.zeros_like(veg)
     lone[np.arange(h) % 40 < 16, 100:104] = True

@@ -94,6 +94,7 @@ from agriseg.models.rows import (
     gap_reach,
     major_axis_steps,
     oriented_support,
+    row_offset,
     row_regularity,
     support_reach,
 )
@@ -224,7 +225,7 @@ class LabelFreeConfig:
             (Lamberton 08-15: 71 % of the weed pixels within 25 px of the nodata edge).
         row_gaps: a row line keeps its plants through a gappy stretch or a thin stand when it
             lies where the field's rows repeat: its own support at least ``row_gap_floor`` x
-            the row threshold, as much on a line one row spacing across, and
+            the row threshold, as much on lines one and two row spacings across, and
             ``row_gap_contrast`` times more than on both lines half a spacing across (the
             inter-rows). Its plants were weed (Maricopa sorghum: 60 % of the weed pixels lay
             on row centres); a plant between rows has the rows half a spacing away.
@@ -821,9 +822,13 @@ class LabelFreeSegmenter:
             halves = orients.halves if orients is not None else (row_half,)
             halo += support_reach(max(halves)) + attach
             if params.gaps is not None:
-                angles = orients.angles if orients is not None else (rows.angle_deg,)
-                halo += max(gap_reach(a, hh, sp) for a, hh, sp in
-                            zip(angles, halves, params.gaps.spacings_px, strict=True))
+                if orients is None:
+                    halo += gap_reach(rows.angle_deg, row_half, params.gaps.spacings_px[0])
+                else:
+                    # A cell's direction is chosen from every direction's support, whose
+                    # lines may run along the offset: the whole offset, not gap_reach.
+                    halo += max(max(abs(c) for c in row_offset(a, 2 * sp)) for a, sp in
+                                zip(orients.angles, params.gaps.spacings_px, strict=True))
             if orients is not None:
                 # A pixel's direction comes from its decision cell: the whole cell must be
                 # inside every tile that uses the pixel.

@@ -391,7 +391,8 @@ class RowGaps:
     Attributes:
         spacings_px: row spacing in pixels of each row direction (the main one first, then
             those of :attr:`RowOrientations.angles`).
-        floor: least support of a pixel's own row line and of the line one spacing across.
+        floor: least support of a pixel's own row line and of the lines one and two spacings
+            across.
         contrast: the own line's support must be at least this many times the larger support
             of the two lines half a spacing to either side (the inter-rows).
         value: the support a line that passes takes, if it has less.
@@ -412,14 +413,14 @@ def row_offset(angle_deg: float, spacing_px: float) -> tuple[int, int]:
 def gap_reach(angle_deg: float, half_length_px: int, spacing_px: float) -> int:
     """Pixels :func:`fill_row_gaps` reaches beyond :func:`support_reach`, in x and in y.
 
-    It reads the support a row spacing across, whose line reaches ``half_length_px`` steps
-    along the major axis and less along the other: rows near an axis need nothing more.
+    It reads the support two row spacings across, whose line reaches ``half_length_px``
+    steps along the major axis and less along the other: rows near an axis need nothing more.
     """
     a = _image_angle(angle_deg)
     cx, cy = abs(math.cos(a)), abs(math.sin(a))
     minor = math.ceil(half_length_px * min(cx, cy) / max(cx, cy)) + 1
     seg_y, seg_x = (half_length_px + 1, minor) if cy > cx else (minor, half_length_px + 1)
-    oy, ox = row_offset(angle_deg, spacing_px)
+    oy, ox = row_offset(angle_deg, 2 * spacing_px)
     return max(0, seg_y + abs(oy) - support_reach(half_length_px),
                seg_x + abs(ox) - support_reach(half_length_px))
 
@@ -433,11 +434,12 @@ def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: 
     60 % of the weed pixels lay on row centres). What tells them apart is where the line
     lies: a row line has rows one spacing to either side and empty inter-rows half a spacing
     away; a line between rows has the rows half a spacing away. A line whose own support is
-    at least ``floor``, with a line one spacing across at least as supported and ``contrast``
-    times more than both lines half a spacing across, takes ``value`` at its vegetation
-    pixels (elsewhere the support does not decide a class). The test reads the
-    support at fixed pixel offsets, so tiles whose halo covers :func:`gap_reach` more equal
-    the whole raster.
+    at least ``floor``, with lines one and two spacings across at least as supported and
+    ``contrast`` times more than both lines half a spacing across, takes ``value`` at its
+    vegetation pixels (elsewhere the support does not decide a class). Two spacings: with an
+    estimate of half the true spacing (thin rows) a weedy inter-row centre line has rows one
+    "spacing" across, but inter-rows two. The test reads the support at fixed pixel offsets,
+    so tiles whose halo covers :func:`gap_reach` more equal the whole raster.
 
     Args:
         s: along-row support (dilated by the leaf reach), ``(H, W)`` float32.
@@ -452,7 +454,8 @@ def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: 
     """
     h, w = s.shape
     (fy, fx), (hy, hx) = row_offset(angle_deg, spacing_px), row_offset(angle_deg, spacing_px / 2)
-    ay, ax = max(abs(fy), abs(hy)), max(abs(fx), abs(hx))
+    (ty, tx) = row_offset(angle_deg, 2 * spacing_px)
+    ay, ax = max(abs(fy), abs(hy), abs(ty)), max(abs(fx), abs(hx), abs(tx))
     floor, value = np.float32(gaps.floor), np.float32(gaps.value)
     # Only vegetation on lines between the floor and the value can change (a few per cent of
     # the pixels): their neighbours are gathered at flat offsets, away from the border where
@@ -464,9 +467,10 @@ def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: 
     cand[:, :ax] = cand[:, w - ax:] = False
     at = np.flatnonzero(cand)
     flat = s.reshape(-1)
-    full, half = fy * w + fx, hy * w + hx
+    full, half, two = fy * w + fx, hy * w + hx, ty * w + tx
     mine = flat[at]
     ok = np.maximum(flat[at + full], flat[at - full]) >= floor
+    ok &= np.maximum(flat[at + two], flat[at - two]) >= floor
     ok &= mine >= np.float32(gaps.contrast) * np.maximum(flat[at + half], flat[at - half])
     out = s.copy()
     out.reshape(-1)[at[ok]] = value

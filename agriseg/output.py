@@ -492,10 +492,17 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
             NUM_THREADS="ALL_CPUS",
             SPARSE_OK="TRUE" if sparse else "FALSE",
         )
+        # GDAL reports a failed write (disk full, file-size limit) on stderr only and the
+        # copy returns: a cut-short COG was renamed into place, and a run finished with an
+        # unreadable confidence.tif.
+        check_complete(tmp, sparse)
     except (*GDAL_ERRORS, OSError) as exc:
         tmp.unlink(missing_ok=True)
-        raise OutputError(f"{dst}: writing the COG failed ({gdal_reason(exc)}); is the disk "
-                          "full? Free space and rerun the same command to resume") from exc
+        raise OutputError(
+            f"{dst}: writing the COG failed ({gdal_reason(exc)}); the disk is probably full "
+            f"({_free_space(dst.parent)} free there) or a file-size limit was reached: free "
+            "space or choose another --out, then rerun the same command to resume"
+        ) from exc
     if schema is not None:
         aux = tmp.with_name(tmp.name + ".aux.xml")
         aux.write_text(_aux_xml_categories(schema))
@@ -503,3 +510,46 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
     os.replace(tmp, dst)
     log.debug("wrote %s", dst)
     return dst
+
+
+def check_complete(path: Path, sparse: bool = False) -> None:
+    """Make sure GDAL wrote the whole of the GeoTIFF ``path`` (cheap: no pixel is read).
+
+    GDAL's copy does not fail when a write does (a full disk, a file-size limit): it says so
+    on stderr and leaves the file cut short. A COG holds its full-resolution blocks last, so
+    the last of them (the last one written, for ``sparse`` files) must lie within the file.
+
+    Raises:
+        OSError: the file cannot be opened or its last block is missing or cut off.
+    """
+    size = path.stat().st_size
+    try:
+        with rasterio.open(path) as ds:
+            bh, bw = ds.block_shapes[0]
+            cols, rows = -(-ds.width // bw), -(-ds.height // bh)
+            last = None
+            for row in range(rows - 1, -1, -1):
+                for col in range(cols - 1, -1, -1):
+                    offset = ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1)
+                    length = ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=1)
+                    if (offset and int(offset)) or not sparse:
+                        last = (int(offset or 0), int(length or 0))
+                        break
+                if last is not None:
+                    break
+    except GDAL_ERRORS as exc:
+        raise OSError(f"{path.name} was left unreadable, {size} bytes long: "
+                      f"{gdal_reason(exc)}") from exc
+    if last is not None and (not last[0] or not last[1] or sum(last) > size):
+        raise OSError(f"{path.name} was cut short at {size} bytes")
+
+
+def _free_space(folder: Path) -> str:
+    """Free space on the disk holding ``folder``, for messages (``?`` if unknown)."""
+    import shutil
+
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return "?"
+    return f"{free / 1e9:.1f} GB" if free >= 1e9 else f"{free / 1e6:.1f} MB"

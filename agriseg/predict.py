@@ -344,16 +344,23 @@ def dask_client(
     name.
 
     Raises:
-        ClusterError: the scheduler cannot be reached in ``timeout`` seconds.
+        ClusterError: the scheduler cannot be reached in ``timeout`` seconds, or it went
+            away while the client was in use.
     """
     if scheduler or scheduler_file:
         if scheduler_file and not scheduler:
             _wait_for_file(scheduler_file, timeout)
         client = _connect(scheduler, scheduler_file, timeout)
+        address = str(client.scheduler.address)
+        where = f"{address} (scheduler file {scheduler_file})" if scheduler_file else address
+        flag = "--scheduler-file" if scheduler_file else "--scheduler"
         try:
-            yield client
+            with _scheduler_loss(client, f"Dask scheduler at {where}", "start the scheduler "
+                                 "and its workers again and rerun the same command to resume, "
+                                 f"or rerun without {flag} to finish on a local cluster"):
+                yield client
         finally:
-            client.close()
+            _close_client(client, timeout)
         return
     cores = os.cpu_count() or 2
     kwargs: dict[str, Any] = {
@@ -406,7 +413,56 @@ def dask_client(
             warnings.filterwarnings("ignore", r"Port \d+ is already in use", UserWarning)
             cluster = stack.enter_context(cluster_cls(**kwargs))
         client = stack.enter_context(Client(cluster))
-        yield client
+        with _scheduler_loss(client, "embedded Dask scheduler",
+                             "rerun the same command to resume"):
+            yield client
+
+
+def _close_client(client: Client, timeout: float) -> None:
+    """Close a client of an existing cluster without Dask's log lines.
+
+    A client that lost its scheduler is trying to reconnect (for ``timeout`` s); closing it
+    ends that, and Dask then logged "Failed to reconnect" and the cancelled reconnection's
+    traceback above the run's own one-line error. Nothing it logs while closing matters by
+    then: the run has finished or failed already.
+    """
+    names = ["distributed", *(n for n in logging.root.manager.loggerDict
+                              if n.startswith("distributed."))]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        with contextlib.suppress(Exception):
+            client.close(timeout=min(timeout, 5.0))
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _scheduler_loss(client: Client, what: str, todo: str) -> Iterator[None]:
+    """Turn an error that means ``client`` lost its scheduler into a one-line ClusterError.
+
+    Args:
+        client: the client whose scheduler may be lost.
+        what: the scheduler, as the message names it.
+        todo: what to do about it.
+
+    Raises:
+        ClusterError: the scheduler went away (its connection closed) mid-run.
+    """
+    try:
+        yield
+    except (AgrisegError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if not scheduler_lost(client, exc):
+            raise
+        raise ClusterError(
+            f"lost the {what} mid-run (its connection closed: was it stopped or killed?); "
+            f"the tiles finished so far are saved: {todo}"
+        ) from exc
 
 
 def _connect(scheduler: str | None, scheduler_file: str | None, timeout: float) -> Client:
@@ -445,6 +501,26 @@ def _connect(scheduler: str | None, scheduler_file: str | None, timeout: float) 
         f"{str(exc)[:120]}); check the address (port 8786 by default, 8787 is the "
         "dashboard), or leave --scheduler out to use a local cluster"
     ) from exc
+
+
+def scheduler_lost(client: Client, exc: BaseException) -> bool:
+    """Whether ``exc``, raised by a client call or a future, means its scheduler is gone.
+
+    The client drops every future when its connection to the scheduler closes (they are
+    cancelled with the reason ``scheduler-connection-lost``), so none of the work in flight
+    can be had again, even if a scheduler comes back at the address. A worker lost while its
+    result was gathered raises too, and is not this: its tile can run on another worker.
+    """
+    from distributed.comm import CommClosedError
+
+    if client.status != "running":  # reconnecting, or closed after failing to
+        return True
+    if "scheduler-connection-lost" in str(exc):
+        return True
+    # The scheduler's own connection reset while gathering (before the client noticed).
+    address = getattr(client.scheduler, "address", None)
+    return isinstance(exc, (CommClosedError, OSError)) and bool(address) and \
+        str(address) in str(exc)
 
 
 # Tiles allocate and free arrays of a few to a few tens of MB per step. Dask's nanny sets
@@ -565,12 +641,12 @@ def run_tiles(
             except AgrisegError:
                 raise
             except Exception as exc:
-                if client.status not in ("running", "connecting"):
-                    # The scheduler is gone and the client closed: resubmitting only hung.
-                    raise ClusterError(
-                        "lost the Dask scheduler (its connection closed); finished tiles are "
-                        "saved: restart the cluster and rerun the same command to resume"
-                    ) from exc
+                if scheduler_lost(client, exc):
+                    # Every task in flight is gone with it. Resubmitting waited out the
+                    # client's reconnection (--scheduler-timeout), and a scheduler restarted
+                    # at the same address, whose workers had left, hung the run for good.
+                    # dask_client says which scheduler; the finally below saves the tiles.
+                    raise
                 # A worker lost while its result was being gathered surfaces here as a
                 # distributed-internal error: resubmit the tile a few times before giving up.
                 tile = by_key.pop(fut.key)

@@ -51,6 +51,7 @@ from agriseg.qgis import write_class_qml, write_ramp_qml
 from agriseg.raster import (
     SurveyRaster,
     clear_tile_cache,
+    gdal_reason,
     image_vrt,
     open_survey,
     read_overview,
@@ -512,7 +513,7 @@ def process_survey(
                 "free disk space or choose another --out, then rerun the same command to "
                 "resume")
         raise OutputError(
-            f"{config.out}: writing outputs failed ({exc.strerror or exc}"
+            f"{config.out}: writing outputs failed ({exc.strerror or gdal_reason(exc)}"
             f"{': ' + str(exc.filename) if exc.filename else ''}); {what}"
         ) from exc
 
@@ -704,11 +705,17 @@ def _process(
         "outputs": {k: str(v) for k, v in sorted(ctx.outputs.items())},
         **ctx.manifest,
     }
+    tmp = out / f".{MANIFEST}.partial"
+    try:
+        # Before anything moves into place: on a full disk the outputs stay in the working
+        # folder (a rerun resumes from there) rather than lying in --out without a run.json.
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     if replacing:
         _replace_old_run(out)
     final = _move_into_place(ctx)
-    tmp = out / f".{MANIFEST}.partial"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
     finished = False
     try:
         os.replace(tmp, out / MANIFEST)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,3 +96,16 @@ def cluster() -> Iterator[LocalCluster]:
 @pytest.fixture()
 def scheduler(cluster: LocalCluster) -> str:
     return str(cluster.scheduler_address)
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop processes started in their own sessions (a Dask scheduler, workers): TERM, then KILL."""
+    for p in reversed(procs):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +17,7 @@ from click.testing import CliRunner
 
 from agriseg import raster
 from agriseg.cli import main
+from tests.conftest import stop_processes
 
 DASK = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
 WORKER = [sys.executable, "-m", "distributed.cli.dask_worker"]
@@ -52,14 +50,7 @@ def scheduler_file(tmp_path: Path) -> Iterator[Path]:
             c.wait_for_workers(2, timeout=90)
         yield sfile
     finally:
-        for p in reversed(procs):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_processes(procs)
 
 
 def test_survey_on_existing_cluster(rgba_tif: Path, tmp_path: Path, scheduler_file: Path) -> None:

@@ -490,6 +490,15 @@ def _connect(scheduler: str | None, scheduler_file: str | None, timeout: float) 
         return result["client"]
     if isinstance(exc, (OSError, TimeoutError)) or exc is None:
         why = f" ({exc})" if exc else ""
+        if scheduler_file and not scheduler:
+            # A killed scheduler leaves its file behind: the file is found, its address dead.
+            raise ClusterError(
+                f"cannot reach the Dask scheduler that {scheduler_file} names "
+                f"({_scheduler_address(scheduler_file)}) within {timeout:.0f} s{why}; the file "
+                "may be left from a scheduler that has stopped: start `dask scheduler "
+                f"--scheduler-file {scheduler_file}` and its workers again, or leave "
+                "--scheduler-file out to use a local cluster"
+            ) from exc
         raise ClusterError(
             f"cannot reach a Dask scheduler at {where} within {timeout:.0f} s{why}; check the "
             "address (the scheduler listens on port 8786 by default, 8787 is its dashboard) "

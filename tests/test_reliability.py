@@ -8,6 +8,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -439,6 +440,17 @@ def test_scheduler_file_missing(rgba_tif: Path, tmp_path: Path) -> None:
         code, out = _cli("run", str(rgba_tif), "--out", str(tmp_path / "o"),
                          "--scheduler-file", str(bad), "--scheduler-timeout", "0.5")
         assert code == 2 and "holds no scheduler address" in out and "Traceback" not in out
+    # a file left by a scheduler that has stopped: its address is dead
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({"type": "Scheduler", "address": f"tcp://127.0.0.1:{port}"}))
+    code, out = _cli("run", str(rgba_tif), "--out", str(tmp_path / "o"), "--scheduler-file",
+                     str(stale), "--scheduler-timeout", "1")
+    assert code == 2 and "Traceback" not in out, out
+    assert "may be left from a scheduler that has stopped" in out and str(port) in out, out
+    assert "--scheduler-file out" in out, out
 
 
 def test_workers_cannot_see_input(scheduler: str) -> None:

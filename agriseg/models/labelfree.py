@@ -490,6 +490,10 @@ def _blue_steps(r: np.ndarray, g: np.ndarray, b: np.ndarray, bright_sum: float) 
 BLUE_BRIGHT = 0.35
 #: Width in pixels of a bright bluish area taken as no plant (see ``_index``).
 BLUE_WIDTH = 5
+#: Near-white pixels (RGB): the smallest band at least this share of the largest ...
+NEUTRAL_RATIO = 0.9
+#: ... and a mean brightness (0-1) above this are no plant (see ``_no_plants``).
+NEUTRAL_BRIGHT = 0.7
 
 #: Highest ExG-scale value of the green path, in ExG softnesses above the threshold.
 GREEN_PATH_CAP = 0.45
@@ -645,25 +649,35 @@ class LabelFreeSegmenter:
         return vi, "exg"
 
     def _no_plants(self, pixels: np.ndarray, vi: np.ndarray) -> None:
-        """Lower ``vi`` in place to -1 over bright areas bluer than green (RGB only).
+        """Lower ``vi`` in place to -1 over bright bluish areas and near-white pixels (RGB).
 
-        They are no plant: tarps, painted metal, sky mirrored in puddles (on the Maricopa
-        sample a blue-grey pad of ExG 0.047 became a "weed" zone). Shaded leaves can be as
-        blue as green, but they are dark; sky glints on leaves are bright and bluish too, but
-        a pixel or two wide, so only areas that survive an opening of :data:`BLUE_WIDTH` px
-        are taken out (all such pixels cost the sample 1.5 % of its crop). Applied when
-        classifying, not to the samples the threshold is estimated from, which stays as it
-        was (a spike of such values moved the soil mode's threshold).
+        Bright areas bluer than green are no plant: tarps, painted metal, sky mirrored in
+        puddles (on the Maricopa sample a blue-grey pad of ExG 0.047 became a "weed" zone).
+        Shaded leaves can be as blue as green, but they are dark; sky glints on leaves are
+        bright and bluish too, but a pixel or two wide, so only areas that survive an opening
+        of :data:`BLUE_WIDTH` px are taken out (all such pixels cost the sample 1.5 % of its
+        crop). Applied when classifying, not to the samples the threshold is estimated from,
+        which stays as it was (a spike of such values moved the soil mode's threshold).
         """
         if "nir" in self.roles:
             return
         ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
         r, g, b = ch["red"], ch["green"], ch["blue"]
+        total = r + g + b
         bluish = b > g
-        bluish &= (r + g + b) > np.float32(3 * BLUE_BRIGHT)
+        bluish &= total > np.float32(3 * BLUE_BRIGHT)
         wide = square_opening(bluish, BLUE_WIDTH)
         if wide is not None:
             vi[wide] = -1.0
+        # Near-white pixels: no leaf is that pale, but a colour cast of a few per cent (a
+        # demosaicing fringe, light from the plants beside) lifts their chroma over the
+        # threshold. On Maricopa the white drip tape along the rows was crop, the fringe of a
+        # white fence strip weed (982 pixels); any width, so no opening.
+        white = np.minimum(np.minimum(r, g), b)
+        white /= np.maximum(np.maximum(r, g), b) + np.float32(1e-6)
+        white = white >= np.float32(NEUTRAL_RATIO)
+        white &= total > np.float32(3 * NEUTRAL_BRIGHT)
+        vi[white] = -1.0
 
     def _health(
         self, pixels: np.ndarray, dark_eps: float, vi: np.ndarray

@@ -648,7 +648,7 @@ class LabelFreeSegmenter:
             green.lift(vi, r, g, b, eps)
         return vi, "exg"
 
-    def _no_plants(self, pixels: np.ndarray, vi: np.ndarray) -> None:
+    def _no_plants(self, pixels: np.ndarray, vi: np.ndarray, floor: float) -> None:
         """Lower ``vi`` in place to -1 over bright bluish areas and near-white pixels (RGB).
 
         Bright areas bluer than green are no plant: tarps, painted metal, sky mirrored in
@@ -658,6 +658,8 @@ class LabelFreeSegmenter:
         of :data:`BLUE_WIDTH` px are taken out (all such pixels cost the sample 1.5 % of its
         crop). Applied when classifying, not to the samples the threshold is estimated from,
         which stays as it was (a spike of such values moved the soil mode's threshold).
+        Near-white pixels are looked for only where ``vi`` exceeds ``floor`` (where a pixel
+        could be vegetation at all).
         """
         if "nir" in self.roles:
             return
@@ -673,11 +675,11 @@ class LabelFreeSegmenter:
         # demosaicing fringe, light from the plants beside) lifts their chroma over the
         # threshold. On Maricopa the white drip tape along the rows was crop, the fringe of a
         # white fence strip weed (982 pixels); any width, so no opening.
-        white = np.minimum(np.minimum(r, g), b)
-        white /= np.maximum(np.maximum(r, g), b) + np.float32(1e-6)
-        white = white >= np.float32(NEUTRAL_RATIO)
-        white &= total > np.float32(3 * NEUTRAL_BRIGHT)
-        vi[white] = -1.0
+        at = np.flatnonzero((vi > np.float32(floor)) & (total > np.float32(3 * NEUTRAL_BRIGHT)))
+        rgb = [np.take(c, at) for c in (r, g, b)]
+        white = np.minimum(np.minimum(*rgb[:2]), rgb[2]) >= np.float32(NEUTRAL_RATIO) * \
+            np.maximum(np.maximum(*rgb[:2]), rgb[2])
+        vi.reshape(-1)[at[white]] = -1.0
 
     def _health(
         self, pixels: np.ndarray, dark_eps: float, vi: np.ndarray
@@ -1387,7 +1389,7 @@ class LabelFreeSegmenter:
         # processed again and again; the crops are exact (see _row_probability).
         core = _inner(m)
         vi, _ = self._index(pixels, p.dark_eps, p.green)
-        self._no_plants(pixels, vi)
+        self._no_plants(pixels, vi, p.veg_threshold - p.veg_softness)
         ok = _without_rim(valid, p.rim_px)
         like: np.ndarray | None = None
         z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)

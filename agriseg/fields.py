@@ -84,7 +84,15 @@ def _polygonal(geom: shapely.Geometry) -> shapely.Geometry | None:
         return None
     if isinstance(geom, shapely.Polygon | shapely.MultiPolygon):
         return geom
-    parts = [g for g in shapely.get_parts(geom) if isinstance(g, shapely.Polygon)]
+    # Collections may nest: make_valid gives GEOMETRYCOLLECTION(MULTIPOLYGON, LINESTRING)
+    # for a two-part field with a spike, whose polygons were dropped with the spike.
+    while True:
+        flat = shapely.get_parts(geom if isinstance(geom, np.ndarray) else [geom])
+        if not any(isinstance(g, shapely.GeometryCollection | shapely.MultiPolygon)
+                   for g in flat):
+            break
+        geom = flat
+    parts = [g for g in flat if isinstance(g, shapely.Polygon) and not g.is_empty]
     return shapely.MultiPolygon(parts) if parts else None
 
 

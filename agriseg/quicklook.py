@@ -21,6 +21,16 @@ from agriseg.raster import SurveyRaster, read_overview
 log = logging.getLogger(__name__)
 
 
+def plain_text(text: str) -> str:
+    """``text`` for a Matplotlib label, drawn as written.
+
+    Matplotlib reads text between two ``$`` as mathtext: a field id with a TeX command
+    between dollars ended a run with a parse error, "cost $5 to $7" was set in italics
+    without its dollars.
+    """
+    return text.replace("$", r"\$")
+
+
 def _display_rgb(survey: SurveyRaster, max_side: int) -> tuple[np.ndarray, str]:
     """Decimated true colour (or NIR false colour without RGB), stretched 1-99.5 %."""
     roles = display_roles(survey.roles.as_dict())
@@ -119,15 +129,15 @@ def write_quicklook(
     )
     for ax, arr, name in ((axes[0], image, label), (axes[1], cmap, "classes")):
         ax.imshow(arr, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(plain_text(name), fontsize=9)
         ax.set_axis_off()
     handles = [
         Patch(color=(c.color[0] / 255, c.color[1] / 255, c.color[2] / 255),
-              label=f"{c.name} {counts[c.value] / total:.1%}")
+              label=plain_text(f"{c.name} {counts[c.value] / total:.1%}"))
         for c in schema.classes
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(title or Path(survey.path).name, fontsize=10)
+    fig.suptitle(plain_text(title or Path(survey.path).name), fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     out = Path(out_png)
     try:

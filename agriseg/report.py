@@ -35,7 +35,7 @@ from rasterio.windows import Window, from_bounds
 from agriseg.classes import ClassSchema
 from agriseg.errors import OutputError
 from agriseg.indices import index_label
-from agriseg.quicklook import colour_stretch, display_roles, to_rgba
+from agriseg.quicklook import colour_stretch, display_roles, plain_text, to_rgba
 from agriseg.raster import SurveyRaster, read_overview, sample_positions, scaled_bands
 
 log = logging.getLogger(__name__)
@@ -101,11 +101,11 @@ def _label(value: object) -> str:
     A 300-character id squeezed the report's maps to a quarter of their figure.
     """
     text = str(value)
-    if len(text) <= LABEL_CHARS:
-        return text
-    # The end kept too: ids often differ only there ("Plot 7 north ... A" / "... B").
-    tail = LABEL_CHARS // 3
-    return text[: LABEL_CHARS - tail - 1] + "\u2026" + text[-tail:]
+    if len(text) > LABEL_CHARS:
+        # The end kept too: ids often differ only there ("Plot 7 north ... A" / "... B").
+        tail = LABEL_CHARS // 3
+        text = text[: LABEL_CHARS - tail - 1] + "\u2026" + text[-tail:]
+    return plain_text(text)
 
 
 def _img(uri: str, alt: str) -> str:
@@ -229,7 +229,7 @@ def _outline(on_image: bool) -> dict[str, Any]:
 
 
 def _legend(schema: ClassSchema) -> list[Patch]:
-    return [Patch(color=_rgb01(c.color), label=c.name) for c in schema.classes]
+    return [Patch(color=_rgb01(c.color), label=plain_text(c.name)) for c in schema.classes]
 
 
 def _overview(survey: str | SurveyRaster, roles: Mapping[str, int], classes_tif: Path,
@@ -315,7 +315,7 @@ def _class_chart(summary: gpd.GeoDataFrame, schema: ClassSchema) -> str:
     y = np.arange(len(s))
     for c in schema.classes:
         v = s[f"{c.name}_pct"].fillna(0).to_numpy()
-        ax.barh(y, v, left=left, color=np.array(c.color) / 255, label=c.name)
+        ax.barh(y, v, left=left, color=np.array(c.color) / 255, label=plain_text(c.name))
         left += v
     ax.set_yticks(y, [_label(v) for v in s["field_id"]])
     ax.invert_yaxis()

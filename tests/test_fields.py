@@ -287,6 +287,23 @@ def test_layer_of_a_multi_layer_geopackage(tmp_path: Path,
         read_fields(path, grid, layer="plots")
 
 
+def test_nested_collections_keep_their_polygons() -> None:
+    """make_valid gives GEOMETRYCOLLECTION(MULTIPOLYGON, LINESTRING) for a two-part field
+    with a spike: its polygons were dropped with the spike, and the field with them."""
+    from agriseg.fields import _polygonal
+
+    spiked = shapely.MultiPolygon([shapely.box(0, 0, 4, 4), shapely.Polygon(
+        [(10, 0), (14, 0), (14, 4), (10, 4), (10, 2), (8, 2), (10, 2)])])
+    for geom in (shapely.make_valid(spiked),
+                 shapely.GeometryCollection([shapely.MultiPolygon(
+                     [shapely.box(0, 0, 1, 1), shapely.box(2, 0, 3, 1)]),
+                     shapely.LineString([(0, 0), (5, 5)])])):
+        poly = _polygonal(geom)
+        assert poly is not None and poly.geom_type == "MultiPolygon"
+        assert len(poly.geoms) == 2
+    assert _polygonal(shapely.GeometryCollection([shapely.LineString([(0, 0), (1, 1)])])) is None
+
+
 def test_invalid_geometry_repaired_and_reported(tmp_path: Path) -> None:
     grid = Grid((10, 10), T, rasterio.crs.CRS.from_epsg(32615))
     x0, y0 = T.c, T.f - 0.4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import sqlite3
@@ -385,6 +386,21 @@ def test_long_field_ids_are_cut_in_the_middle() -> None:
     a, b = _label("Plot 7 north " + "x" * 40 + " A"), _label("Plot 7 north " + "x" * 40 + " B")
     assert len(a) == LABEL_CHARS and a != b and a.startswith("Plot 7") and a.endswith(" A")
     assert _label("short") == "short"
+
+
+def test_dollar_signs_in_labels_are_drawn_as_written() -> None:
+    """A field id or class name with a TeX command between dollars ended the run in
+    Matplotlib's mathtext parser (the report and quick look are drawn from such labels)."""
+    from matplotlib.figure import Figure
+
+    from agriseg.report import _label
+
+    fig = Figure()
+    ax = fig.subplots()
+    ax.set_yticks([0, 1], [_label("Plot $\\frac$"), _label("cost $5 to $7")])
+    ax.set_title(_label("a$_$b"))
+    fig.savefig(io.BytesIO(), format="png")  # raised ValueError before
+    assert _label("cost $5 to $7") == "cost \\$5 to \\$7"
 
 
 def test_fields_style_covers_a_perfect_score() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -435,6 +436,38 @@ def test_stop_after_the_run_finished_is_no_interruption(
     r = CliRunner().invoke(main, base)
     assert r.exit_code != 0 and "finished run" in r.output
     assert not (out / ".agriseg-work").exists()
+
+
+def test_ctrl_c_turned_into_another_error_is_an_interruption(
+        rgba_tif: Path, tmp_path: Path, scheduler: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Matplotlib turned a Ctrl-C while drawing the report into "ValueError: Invalid affine
+    transformation matrix": a traceback and exit 1 instead of "Interrupted ... resume"."""
+    import os
+    import signal
+
+    from agriseg import report
+
+    real = report.write_report
+
+    def drawing(*args: object, **kwargs: object) -> object:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+        except KeyboardInterrupt:
+            raise ValueError("Invalid affine transformation matrix") from None
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    out = tmp_path / "o"
+    args = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler, "--model",
+            "index-threshold", "--no-progress", "--skip", "quicklook,project"]
+    monkeypatch.setattr(report, "write_report", drawing)
+    r = CliRunner().invoke(main, args)
+    monkeypatch.undo()
+    assert r.exit_code == 130, r.output
+    assert "Interrupted" in r.output and "resume" in r.output and "Traceback" not in r.output
+    assert not (out / "run.json").exists()
+    r = CliRunner().invoke(main, args)  # the flag does not outlive the run
+    assert r.exit_code == 0 and (out / "report.html").exists(), r.output
 
 
 def test_output_folder_from_elsewhere_cannot_reach_outside_it(

@@ -148,31 +148,28 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, qui
     bar: _LogProgress | _ProgressBar = (
         _Silent() if quiet and not progress else _ProgressBar() if show else _LogProgress()
     )
+    global _stopped, _terminated
+    _stopped = _terminated = False  # a second run in one process (tests) starts afresh
     previous = signal.signal(signal.SIGTERM, _terminate)
+    previous_int = signal.signal(signal.SIGINT, _interrupt)
     # This command's main module is safe to import again in post-processing workers.
     pool.allow_fork_server()
     try:
         result = process_survey(cfg, progress=bar.update, on_plan=bar.start)
     except KeyboardInterrupt:
         bar.stop()
-        from agriseg.survey import REPLACING, WORK_DIR
-
-        args = sys.argv
-        work = Path(cfg.out) / WORK_DIR
-        if (work / "checkpoint.json").exists():
-            saved = f"Finished tiles are saved in {work}; run this to resume"
-            if (work / REPLACING).exists():
-                # --overwrite again would start over; the old results stay until this run ends
-                args = [a for a in args if a != "--overwrite"]
-                saved += " (the previous results stay in place until it finishes)"
-        else:
-            saved = "No tile was finished yet; run the same command again"
-        cmd = " ".join(shlex.quote(a) for a in args)
-        click.echo(f"Interrupted. {saved}:\n  {cmd}", err=True)
-        ctx.exit(143 if _terminated else 130)
+        _interrupted(ctx, cfg.out)
+    except Exception:
+        # A Ctrl-C inside a library's own handler can come out as another error (Matplotlib
+        # turned one into "ValueError: Invalid affine transformation matrix" mid-report).
+        if not (_stopped or _terminated):
+            raise
+        bar.stop()
+        _interrupted(ctx, cfg.out)
     finally:
         bar.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         pool.allow_fork_server(False)
     # The run is finished and its outputs in place: a Ctrl-C now (while the summary prints or
     # the interpreter exits) has nothing left to stop, and killed the process mid-print.
@@ -212,7 +209,34 @@ def _model_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
+def _interrupted(ctx: click.Context, out: str | Path) -> None:
+    """Say what an interrupted run left and how to resume it, then exit 130 (143: SIGTERM)."""
+    from agriseg.survey import REPLACING, WORK_DIR
+
+    args = sys.argv
+    work = Path(out) / WORK_DIR
+    if (work / "checkpoint.json").exists():
+        saved = f"Finished tiles are saved in {work}; run this to resume"
+        if (work / REPLACING).exists():
+            # --overwrite again would start over; the old results stay until this run ends
+            args = [a for a in args if a != "--overwrite"]
+            saved += " (the previous results stay in place until it finishes)"
+    else:
+        saved = "No tile was finished yet; run the same command again"
+    cmd = " ".join(shlex.quote(a) for a in args)
+    click.echo(f"Interrupted. {saved}:\n  {cmd}", err=True)
+    ctx.exit(143 if _terminated else 130)
+
+
 _terminated = False
+_stopped = False
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # Ctrl-C as Python's own handler does, remembered: see the run's except clauses.
+    global _stopped
+    _stopped = True
+    raise KeyboardInterrupt
 
 
 def _terminate(signum: int, frame: object) -> None:

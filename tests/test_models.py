@@ -327,6 +327,28 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> Non
     assert bundle.read_bytes() == before
 
 
+@pytest.mark.parametrize("arch", ["pspnet", "segnet"])
+def test_architectures_without_onnx_export_run_on_torch_quietly(
+        tmp_path: Path, cpu_fp32: None, capfd: pytest.CaptureFixture[str], arch: str) -> None:
+    """`auto` on a CPU without bf16 tried the ONNX export of every PSPNet and SegNet bundle
+    on every run: the exporter dumped its whole graph (~140 lines) to the terminal, and
+    run.json said "ONNX Runtime" over a run that fell back to PyTorch."""
+    bundle = _tiny_bundle(tmp_path / f"{arch}.safetensors", arch)
+    meta, _ = read_bundle(bundle)
+    assert not uses_onnx("auto", cuda=False, arch=arch) and uses_onnx("auto", cuda=False)
+    assert runs_as("auto", arch).startswith("PyTorch")
+    seg = NeuralSegmenter(str(bundle), meta, "auto")
+    x = np.random.default_rng(0).random((1, 3, 96, 96), np.float32)
+    probs = seg.predict(x, np.ones((1, 96, 96), bool), NeuralParams(32), [])
+    assert probs.shape == (1, 4, 96, 96)
+    assert seg.describe()["runs_as"].startswith("PyTorch")
+    with pytest.raises(ModelError, match="Deepness QGIS plugin"):
+        export_onnx(str(bundle))
+    out, err = capfd.readouterr()
+    assert "graph" not in out + err
+    assert not list(tmp_path.glob("*.onnx"))
+
+
 @pytest.mark.skipif(cuda_possible(), reason="a GPU may be present: PyTorch is then needed")
 def test_cached_onnx_runs_without_importing_torch(tmp_path: Path) -> None:
     """With a verified ONNX export cached, neither the client nor a worker imports PyTorch."""

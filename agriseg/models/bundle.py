@@ -433,7 +433,8 @@ def load_bundle_segmenter(path: str | os.PathLike[str], engine: str = "auto") ->
     # Runtime will run it and the export is cached the weights need no second check, and
     # PyTorch no import.
     meta = read_bundle_meta(path)
-    cached = uses_onnx(engine) and onnx_cache_path(path, bundle_digest(path)).exists()
+    cached = uses_onnx(engine, arch=meta.arch.arch) and \
+        onnx_cache_path(path, bundle_digest(path)).exists()
     if not cached:
         meta, _ = load_bundle_model(path)
     return NeuralSegmenter(str(Path(path).resolve()), meta, engine=engine)

@@ -38,7 +38,13 @@ import numpy as np
 from agriseg.classes import ClassSchema
 from agriseg.errors import ConfigError, ModelError, OutputError
 from agriseg.models.base import Prepared, TileContext
-from agriseg.models.bundle import BundleMeta, bundle_digest, bundle_files, load_bundle_model
+from agriseg.models.bundle import (
+    BundleMeta,
+    bundle_digest,
+    bundle_files,
+    load_bundle_model,
+    read_bundle_meta,
+)
 from agriseg.models.spec import SIZE_MULTIPLE
 
 if TYPE_CHECKING:
@@ -51,6 +57,10 @@ log = logging.getLogger(__name__)
 Engine = Literal["auto", "torch", "onnx"]
 ENGINES = ("auto", "torch", "onnx")
 ONNX_OPSET = 17
+#: Architectures PyTorch cannot export to ONNX with dynamic tile sizes: PSPNet pools to fixed
+#: bins of the input's size, SegNet's unpooling branches on tensor values. They always run
+#: on PyTorch; trying the export dumped the exporter's whole graph to the terminal each run.
+ONNX_UNSUPPORTED = frozenset({"pspnet", "segnet"})
 # ONNX must reproduce the PyTorch probabilities to this absolute tolerance.
 ONNX_TOLERANCE = 1e-4
 # Largest sub-patch interior side; bigger tiles are split and the pieces batched.
@@ -403,6 +413,14 @@ def export_onnx(
     import onnxruntime as ort
     import torch
 
+    meta = read_bundle_meta(bundle)
+    if meta.arch.arch in ONNX_UNSUPPORTED:
+        raise ModelError(
+            f"{bundle}: architecture {meta.arch.arch} cannot be exported to ONNX with dynamic "
+            "tile sizes (PyTorch's exporter does not support it); `agriseg run` runs it with "
+            "PyTorch; tools that need ONNX (the Deepness QGIS plugin) need another "
+            "architecture (unet, unetplusplus, fpn, deeplabv3plus or fcn)"
+        )
     meta, model = load_bundle_model(bundle)
     digest = bundle_digest(bundle)
     dst = Path(out) if out else onnx_cache_path(bundle, digest)
@@ -436,7 +454,7 @@ def export_onnx(
             raise ModelError(
                 f"{bundle}: architecture {meta.arch.arch} cannot be exported to ONNX with "
                 f"dynamic tile sizes ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
-                "use --engine torch"
+                "run it with `agriseg run --engine torch`"
             ) from exc
         import onnx
 
@@ -453,7 +471,8 @@ def export_onnx(
         if not diff <= ONNX_TOLERANCE:
             raise ModelError(
                 f"{bundle}: the ONNX export disagrees with PyTorch (max difference {diff:.2e} > "
-                f"{ONNX_TOLERANCE:g}); use --engine torch and report the architecture"
+                f"{ONNX_TOLERANCE:g}); run it with `agriseg run --engine torch` and report "
+                "the architecture"
             )
         os.replace(tmp, dst)
     finally:
@@ -494,23 +513,26 @@ def cpu_bf16_native() -> bool:
     return False
 
 
-def uses_onnx(engine: str, cuda: bool | None = None) -> bool:
+def uses_onnx(engine: str, cuda: bool | None = None, arch: str | None = None) -> bool:
     """Whether ``engine`` runs through ONNX Runtime here.
 
     ``auto`` picks the fastest engine of the machine: PyTorch on a GPU or on a CPU with native
     bf16, ONNX Runtime (float32) on other CPUs. ``cuda``: whether PyTorch sees a GPU, where
     that is known (:func:`_make_runner`, on the worker); by default whether one may exist,
     known without importing PyTorch (a GPU PyTorch cannot use then still ends on ONNX
-    Runtime, decided on the worker).
+    Runtime, decided on the worker). ``arch``: the bundle's architecture; those in
+    :data:`ONNX_UNSUPPORTED` run on PyTorch whatever the engine.
     """
+    if arch in ONNX_UNSUPPORTED:
+        return False
     if cuda is None:
         cuda = cuda_possible()
     return engine == "onnx" or (engine == "auto" and not cuda and not cpu_bf16_native())
 
 
-def runs_as(engine: str) -> str:
+def runs_as(engine: str, arch: str | None = None) -> str:
     """What ``engine`` runs as on machines like this one (for run.json and logs)."""
-    if uses_onnx(engine):
+    if uses_onnx(engine, arch=arch):
         return "ONNX Runtime, float32"
     if cuda_possible():
         return "PyTorch; on a GPU bf16 or fp16 autocast, first layer float32"
@@ -541,7 +563,10 @@ def cuda_available() -> bool:
 def _make_runner(path: str, engine: str, meta: BundleMeta) -> Any:
     threads = torch_threads()
     cuda = engine != "onnx" and cuda_available()
-    if uses_onnx(engine, cuda):
+    if engine == "onnx" and meta.arch.arch in ONNX_UNSUPPORTED:
+        log.warning("%s: architecture %s has no ONNX export with dynamic tile sizes; running "
+                    "PyTorch", meta.name, meta.arch.arch)
+    if uses_onnx(engine, cuda, meta.arch.arch):
         try:
             # No PyTorch import on this path when the export is cached: ~3 s and ~300 MB
             # less per worker.
@@ -740,9 +765,9 @@ class NeuralSegmenter:
                 f"the model {self.name!r} was trained on; expect poor results (resample the "
                 "survey with gdalwarp -tr, or train on data at this GSD)"
             )
-        info = {"bundle": self.path, "engine": self.engine, "runs_as": runs_as(self.engine),
-                "margin": self.margin, "arch": self.meta.arch.arch,
-                "encoder": self.meta.arch.encoder}
+        info = {"bundle": self.path, "engine": self.engine,
+                "runs_as": runs_as(self.engine, self.meta.arch.arch), "margin": self.margin,
+                "arch": self.meta.arch.arch, "encoder": self.meta.arch.encoder}
         # On CPU a tile runs as blocks of at most CPU_BLOCK_INPUT px; tiles that are whole
         # numbers of full blocks waste no margin on a short last block (1024 px tiles run
         # 2 x 2 inputs of 576 px, 1.27 model px per output px; 1280 px tiles 2 x 2 of 704,
@@ -885,7 +910,7 @@ class NeuralSegmenter:
             # `agriseg train` rewrote the bundle in place mixed two models' tiles.
             "bundle_sha256": bundle_digest(self.path),
             "engine": self.engine,
-            "runs_as": runs_as(self.engine),
+            "runs_as": runs_as(self.engine, self.meta.arch.arch),
             "arch": self.meta.arch.to_dict(),
             "roles": list(self.roles),
             "halo": self.margin,

@@ -327,6 +327,18 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> Non
     assert bundle.read_bytes() == before
 
 
+def test_bundle_warns_when_the_survey_looks_unlike_its_training_data() -> None:
+    """unet-default (8-bit camera RGB) on reflectance gave poor classes without a word."""
+    from agriseg.models import load_segmenter
+
+    seg = load_segmenter("unet-default")
+    samples = Path(__file__).resolve().parents[1] / "sample_tiles"
+    far = seg.prepare(open_survey(str(samples / "synthetic" / "field_ms.tif"))).warnings
+    assert any("far from what the model 'unet-default' was trained on" in w for w in far)
+    near = seg.prepare(open_survey(str(samples / "synthetic" / "field_rgb.tif"))).warnings
+    assert not any("far from what" in w for w in near)
+
+
 @pytest.mark.parametrize("arch", ["pspnet", "segnet"])
 def test_architectures_without_onnx_export_run_on_torch_quietly(
         tmp_path: Path, cpu_fp32: None, capfd: pytest.CaptureFixture[str], arch: str) -> None:

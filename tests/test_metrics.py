@@ -90,6 +90,16 @@ def test_evaluate_scores_a_run_of_other_classes_on_them(tmp_path: Path) -> None:
     out = json.loads(r.output)
     assert list(out["iou"]) == ["background", "plant", "thistle", "mud", "stress"]
     assert out["iou"]["stress"] == 0.5 and out["iou"]["background"] == 1.0
+    # moved away from its run.json: the mask's own band description names its classes
+    alone = tmp_path / "alone.tif"
+    _tif(alone, pred, nodata=255)
+    with rasterio.open(alone, "r+") as ds:
+        ds.set_band_description(1, "class id (0=background, 1=plant, 2=thistle, 3=mud, "
+                                   "4=stress, 255=nodata)")
+    r = CliRunner().invoke(main, ["evaluate", str(alone), str(truth), "--truth-classes",
+                                  "7=background,1=plant,2=thistle,3=mud,4=stress", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "classes its band description names: background, plant" in r.output
 
 
 def test_coded_truth_gets_a_mapping_that_works(tmp_path: Path) -> None:

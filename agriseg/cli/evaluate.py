@@ -67,7 +67,50 @@ def _run_schema(pred: Path) -> ClassSchema:
         data = json.loads(manifest.read_text())
         return ClassSchema.from_dict(data["schema"])
     except (OSError, ValueError, KeyError, TypeError, AgrisegError):
-        click.echo(f"{pred}: no run.json of its run beside it; scoring it as the default "
-                   f"classes {', '.join(DEFAULT_CLASSES.names)} (a model of other classes: "
-                   "keep its classes.tif in its run folder)", err=True)
-        return DEFAULT_CLASSES
+        pass
+    own = _described_schema(pred)
+    if own is not None:
+        click.echo(f"{pred}: no run.json of its run beside it; scoring it as the classes its "
+                   f"band description names: {', '.join(own.names)}", err=True)
+        return own
+    click.echo(f"{pred}: no run.json of its run beside it; scoring it as the default "
+               f"classes {', '.join(DEFAULT_CLASSES.names)} (a model of other classes: "
+               "keep its classes.tif in its run folder)", err=True)
+    return DEFAULT_CLASSES
+
+
+def _described_schema(pred: Path) -> ClassSchema | None:
+    """The classes a class mask names in its band description, ``class id (0=soil, ...)``.
+
+    A classes.tif moved away from its run.json keeps that description (and its colour table)
+    inside the file: a model of other classes was scored as soil, crop, weed and disease.
+    """
+    import re
+
+    import rasterio
+
+    from agriseg.classes import ClassSchema, SegClass
+    from agriseg.errors import AgrisegError
+
+    try:
+        with rasterio.open(pred) as ds:
+            text = ds.descriptions[0] or ""
+            try:
+                colours = ds.colormap(1)
+            except ValueError:  # no colour table
+                colours = {}
+    except (OSError, rasterio.errors.RasterioError):
+        return None
+    match = re.fullmatch(r"class id \((.*)\)", text)
+    if match is None:
+        return None
+    try:
+        pairs = [part.split("=", 1) for part in match.group(1).split(", ")]
+        values = {int(v): name for v, name in pairs}
+        nodata = next((v for v, name in values.items() if name == "nodata"), 255)
+        classes = tuple(
+            SegClass(v, name, tuple(colours.get(v, (128, 128, 128))[:3]))
+            for v, name in sorted(values.items()) if v != nodata)
+        return ClassSchema(classes, nodata)
+    except (ValueError, AgrisegError):
+        return None

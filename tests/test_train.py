@@ -322,3 +322,250 @@ def test_label_codes_of_a_dataset_are_mapped(tmp_path: Path, pair: tuple[Path, P
         {**entry, "label_classes": "10=dirt"}])
     r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
     assert r.exit_code == 2 and "data #1: label_classes" in r.output, r.output
+
+
+def test_teacher_runs_are_reused_only_for_the_same_teacher_bands_and_image(
+    tmp_path: Path, rgba_tif: Path, scheduler: str
+) -> None:
+    """The cached teacher run is keyed on what decides the labels; --overwrite ignores it."""
+    import shutil
+
+    from agriseg.models.bundle import read_bundle, save_bundle
+    from agriseg.train.pseudo import pseudo_labels, teacher_stamp
+
+    work = tmp_path / "pseudo"
+    run_json = work / rgba_tif.stem / "run.json"
+
+    def teach(bands: str | None = None, reuse: bool = True) -> int:
+        pseudo_labels(rgba_tif, work, "index-threshold", scheduler=scheduler, bands=bands,
+                      reuse=reuse)
+        return run_json.stat().st_mtime_ns
+
+    first = teach()
+    assert teach() == first, "the same teacher, bands and image reuse the cached run"
+    rgb = "red=1,green=2,blue=3,alpha=4"
+    second = teach(rgb)
+    assert second != first, "other bands: the teacher runs again"
+    assert teach(rgb) == second
+    assert teach(rgb, reuse=False) != second, "--overwrite runs the teacher again"
+    st = rgba_tif.stat()
+    os.utime(rgba_tif, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the image was rewritten
+    third = run_json.stat().st_mtime_ns
+    assert teach(rgb) != third
+    # a bundle teacher is identified by its content: retrained under the same name, it differs
+    shipped = Path(__file__).resolve().parents[1] / "agriseg" / "data" / "unet-default.safetensors"
+    teacher = tmp_path / "teacher.safetensors"
+    shutil.copy(shipped, teacher)
+    before = teacher_stamp(rgba_tif, str(teacher), None, None)
+    os.utime(teacher, ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
+    assert teacher_stamp(rgba_tif, str(teacher), None, None) == before, "touched, same bytes"
+    meta, state = read_bundle(teacher)
+    name = next(iter(state))
+    save_bundle({**state, name: state[name] + 1}, meta, teacher)
+    after = teacher_stamp(rgba_tif, str(teacher), None, None)
+    assert after["model"] != before["model"] and after["image"] == before["image"]
+
+
+def test_synthetic_fields_are_cached_by_their_whole_spec(tmp_path: Path) -> None:
+    """A cached synthetic field of another size or GSD is not reused under its seed's name."""
+    from agriseg.train.config import build_train_config
+    from agriseg.train.loop import _synthetic_pairs
+
+    def field(reuse: bool = True, **synthetic: object) -> tuple[int, float, int]:
+        cfg = build_train_config(out=str(tmp_path / "run"),
+                                 synthetic={"count": 1, "seed": 5, **synthetic})
+        ((img, _),) = _synthetic_pairs(cfg, reuse)
+        with rasterio.open(img) as ds:
+            return ds.width, round(ds.res[0], 4), img.stat().st_mtime_ns
+
+    w, gsd, t0 = field(size=64, gsd=[0.02])
+    assert (w, gsd) == (64, 0.02)
+    assert field(size=64, gsd=[0.02])[2] == t0, "the same spec is reused"
+    assert field(size=96, gsd=[0.02])[:2] == (96, 0.02)
+    assert field(size=96, gsd=[0.03])[:2] == (96, 0.03)
+    t1 = field(size=96, gsd=[0.03])[2]
+    assert field(reuse=False, size=96, gsd=[0.03])[2] != t1, "--overwrite writes them anew"
+
+
+def test_bundle_destination_is_checked_before_training(tmp_path: Path,
+                                                       pair: tuple[Path, Path]) -> None:
+    """A bundle path holding another file or in an unwritable place fails at once (it failed
+    after epoch 1, with a traceback); another training's bundle needs --overwrite."""
+    img, truth = pair
+    victim = tmp_path / "victim.tif"
+    victim.write_bytes(b"precious")
+    (tmp_path / "v.safetensors").write_bytes(b"not a bundle either")
+    # labels that do not exist: reading the data first would fail on them instead
+    data = [{"image": str(img), "labels": "missing.tif"}]
+    for bundle, needle in (
+        (victim.name, "victim.tif: exists and is not a model bundle"),
+        ("v.safetensors", "v.safetensors: exists and is not an agriseg model bundle"),
+        ("/proc/nope/m.safetensors", "cannot write the model bundle into /proc/nope"),
+    ):
+        cfg = _write_cfg(tmp_path / "t.yaml", out="run", bundle=bundle, data=data)
+        r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+    assert victim.read_bytes() == b"precious"
+    data = [{"image": str(img), "labels": str(truth)}]
+    first = _write_cfg(tmp_path / "a.yaml", out="a", bundle="shared.safetensors", epochs=1,
+                       data=data)
+    assert CliRunner().invoke(main, ["train", str(first), "--no-progress"]).exit_code == 0
+    shared = (tmp_path / "shared.safetensors").read_bytes()
+    second = _write_cfg(tmp_path / "b.yaml", out="b", bundle="shared.safetensors", epochs=1,
+                        data=data, seed=1)
+    r = CliRunner().invoke(main, ["train", str(second), "--no-progress"])
+    assert r.exit_code == 2 and "holds a model bundle already" in r.output, r.output
+    assert "--overwrite replaces it" in r.output
+    assert (tmp_path / "shared.safetensors").read_bytes() == shared
+    r = CliRunner().invoke(main, ["train", str(second), "--overwrite", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "shared.safetensors").read_bytes() != shared
+
+
+def test_band_mistakes_are_refused_before_reading_data(tmp_path: Path,
+                                                       pair: tuple[Path, Path]) -> None:
+    img, truth = pair
+    for bands, needle in ((["red", "red", "green"], "band role(s) red listed twice"),
+                          (["red", "green", "alpha"], "alpha is not an input band"),
+                          ([], "give the band roles the model reads"),
+                          (["red", "purple"], "unknown band role(s) 'purple'")):
+        cfg = _write_cfg(tmp_path / "t.yaml", out="run", bands=bands,
+                         data=[{"image": str(img), "labels": str(truth)}])
+        r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+        assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
+        assert "bands:" in r.output and not (tmp_path / "run").exists()
+
+
+def test_teacher_beside_the_config_and_registered_names(
+    tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`pseudo.model: teacher.safetensors` is the file beside the config, from any working
+    directory; registered names (labelfree, unet-default) stay names, init_from included."""
+    img, truth = pair
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "teacher.safetensors").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "teacher.safetensors").write_bytes(b"a decoy in the working directory")
+    cfg = _write_cfg(proj / "t.yaml", out="run", data=[
+        {"image": str(img), "pseudo": {"model": "teacher.safetensors"}},
+        {"image": str(img), "pseudo": {"model": "labelfree"}}],
+        model={"arch": "unet", "encoder": "small", "init_from": "unet-default"})
+    loaded = load_train_config(cfg)
+    assert [p.pseudo.model for p in loaded.data if p.pseudo] == [
+        str(proj / "teacher.safetensors"), "labelfree"]
+    assert loaded.model.init_from == Path("unet-default")
+    # the shipped model starts a training by its name (it was looked up as proj/unet-default)
+    cfg = _write_cfg(proj / "t.yaml", out="run", epochs=1, steps_per_epoch=1,
+                     model={"arch": "unet", "encoder": "small", "init_from": "unet-default"},
+                     data=[{"image": str(img), "labels": str(truth)}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    meta, _ = read_bundle(proj / "run" / "model.safetensors")
+    assert meta.training["init_from"] == "unet-default"
+    cfg = _write_cfg(proj / "u.yaml", out="run2", epochs=1,
+                     model={"arch": "unet", "encoder": "tiny", "init_from": "labelfree"},
+                     data=[{"image": str(img), "labels": str(truth)}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 2 and "'labelfree' is a rule-based model" in r.output, r.output
+
+
+def test_overwrite_starts_from_nothing_and_sigterm_stops_like_ctrl_c(
+    tmp_path: Path, pair: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An --overwrite run interrupted in epoch 1 never offers --resume onto the old training;
+    SIGTERM says what Ctrl-C says and exits 143."""
+    import signal
+
+    import agriseg.train.loop as loop
+
+    img, truth = pair
+    cfg = _write_cfg(tmp_path / "t.yaml", out="run",
+                     data=[{"image": str(img), "labels": str(truth)}])
+    assert CliRunner().invoke(main, ["train", str(cfg), "--no-progress"]).exit_code == 0
+    run = tmp_path / "run"
+    real = loop.evaluate
+    handler = signal.getsignal(signal.SIGTERM)
+
+    def stop_in_epoch(epoch: int) -> None:
+        calls: list[int] = []
+
+        def evaluate(*args: object, **kwargs: object) -> object:
+            calls.append(1)
+            if len(calls) == epoch:  # a real signal, as `kill` sends it
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(loop, "evaluate", evaluate)
+
+    stop_in_epoch(1)
+    r = CliRunner().invoke(main, ["train", str(cfg), "--overwrite", "--no-progress"])
+    assert r.exit_code == 143, r.output
+    assert "Interrupted after epoch 0 of 2" in r.output and "--resume" not in r.output
+    assert "no epoch was saved" in r.output and "--overwrite" in r.output
+    assert not (run / "history.json").exists()
+    assert not (run / "checkpoint" / "last.json").exists()
+    stop_in_epoch(2)
+    r = CliRunner().invoke(main, ["train", str(cfg), "--overwrite", "--no-progress"])
+    assert r.exit_code == 143, r.output
+    assert "Interrupted after epoch 1 of 2" in r.output
+    assert "holds the best of its first 1 epoch(s)" in r.output and "--resume" in r.output
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back after the training
+    monkeypatch.setattr(loop, "evaluate", real)
+    r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
+
+
+def test_label_nodata_that_is_a_class_value_is_named(tmp_path: Path,
+                                                     pair: tuple[Path, Path]) -> None:
+    """nodata 0 (as QGIS Rasterize may write) hides every soil label: the warning says so."""
+    img, truth = pair
+    with rasterio.open(truth) as ds:
+        profile, classes = ds.profile, ds.read(1)
+    zero = tmp_path / "nodata0.tif"
+    with rasterio.open(zero, "w", **{**profile, "nodata": 0}) as dst:
+        dst.write(classes, 1)
+    cfg = _write_cfg(tmp_path / "t.yaml", out="run", epochs=1,
+                     data=[{"image": str(img), "labels": str(zero)}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "nodata value 0 is the value of class soil" in r.output, r.output
+    assert f"gdal_edit.py -unsetnodata {zero}" in r.output
+
+
+def test_resume_ignores_execution_settings_and_a_moved_project(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    """threads, device and scheduler may change on resume, and a project folder moved whole
+    (config, data, out) resumes; checkpoints of the older identity still resume."""
+    import shutil
+
+    from agriseg.train.loop import _legacy_identity
+
+    img, truth = pair
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    shutil.copy(img, proj / "field.tif")
+    shutil.copy(truth, proj / "truth.tif")
+    data = [{"image": "field.tif", "labels": "truth.tif"}]
+    cfg = _write_cfg(proj / "t.yaml", out="run", epochs=1, threads=2, data=data)
+    assert CliRunner().invoke(main, ["train", str(cfg), "--no-progress"]).exit_code == 0
+    # a checkpoint written before identity version 2 (all settings, absolute paths)
+    last = proj / "run" / "checkpoint" / "last.json"
+    meta = json.loads(last.read_text())
+    meta.pop("identity_version")
+    meta["identity"] = _legacy_identity(load_train_config(cfg))
+    last.write_text(json.dumps(meta))
+    r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--epochs", "2",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    moved = tmp_path / "moved"
+    shutil.move(proj, moved)
+    cfg = _write_cfg(moved / "t.yaml", out="run", epochs=1, threads=1, device="cpu",
+                     scheduler="tcp://127.0.0.1:1", data=data)
+    r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--epochs", "3",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output
+    hist = json.loads((moved / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [1, 2, 3]

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+if TYPE_CHECKING:
+    from agriseg.train.config import TrainConfig
+    from agriseg.train.loop import EpochResult
 
 
 @click.command()
@@ -41,7 +46,6 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
     from agriseg.cli import quiet_third_party
     from agriseg.config import load_yaml
     from agriseg.train.config import build_train_config, resolve_paths
-    from agriseg.train.loop import EpochResult
     from agriseg.train.loop import train as run_training
 
     # Pseudo-labelling runs surveys on a Dask cluster: its INFO lines flooded the epochs.
@@ -59,6 +63,8 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
             for p in pseudo
         )]
     cfg = build_train_config(str(config), **values)
+    if resume and overwrite:
+        raise click.UsageError("--resume continues a training, --overwrite starts over: give one")
     history = cfg.out / "history.json"
     if history.exists() and not (resume or overwrite):
         # Hours of training (and its best bundle) must not be replaced by a command rerun.
@@ -78,6 +84,11 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
         click.echo(f"epoch {r.epoch}/{cfg.epochs}: loss {r.loss:.4f}{val}"
                    f"{'  *best' if r.best else ''}", err=True)
 
+    global _terminated
+    _terminated = False  # a second training in one process (tests) starts afresh
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    kw: dict[str, Any] = {"resume": resume, "on_epoch": on_epoch, "overwrite": overwrite,
+                          "config_dir": config.resolve().parent}
     try:
         if show:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -91,21 +102,54 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
                 bar.update(task, completed=step, epoch=epoch, loss=f"{loss:.4f}")
 
             with bar:
-                result = run_training(cfg, resume=resume, on_step=on_step, on_epoch=on_epoch)
+                result = run_training(cfg, on_step=on_step, **kw)
         else:
-            result = run_training(cfg, resume=resume, on_epoch=on_epoch)
+            result = run_training(cfg, **kw)
     except KeyboardInterrupt:
-        # The bundle of the best epoch so far has its final name: say that it is partial.
-        done = seen[-1].epoch if seen else 0
-        best = [r.epoch for r in seen if r.best]
-        partial = (f"{cfg.bundle_path} holds the best of its first {done} epoch(s) (epoch "
-                   f"{best[-1]}); " if best else "")
-        click.echo(f"Interrupted after epoch {done} of {cfg.epochs}. {partial}continue with:\n"
-                   f"  agriseg train {shlex.quote(str(config))} --resume", err=True)
-        raise SystemExit(130) from None
+        _interrupted(cfg, config, seen, overwrite)
+    except Exception:
+        # A SIGTERM inside a library's own handler (Dask's, during pseudo-labelling) can come
+        # out as another error; it was still a stop request.
+        if not _terminated:
+            raise
+        _interrupted(cfg, config, seen, overwrite)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     # The score is the validation mIoU, or minus the training loss without validation pixels.
     score = (f"validation mIoU {result.best_score:.4f}" if result.best_score >= 0 else
              f"training loss {-result.best_score:.4f}, no validation pixels")
     click.echo(f"Best epoch {result.best_epoch} ({score}); model bundle: {result.bundle}")
     click.echo(f"Curves: {result.out / 'curves.png'}")
     click.echo(f"Use it: agriseg run SURVEY.tif --model {result.bundle} --out results/")
+
+
+_terminated = False
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (systemd stop, kill, a batch system's time limit) takes Ctrl-C's path: the
+    # message says which epoch the bundle holds; the exit status says which (143, not 130).
+    global _terminated
+    _terminated = True
+    raise KeyboardInterrupt
+
+
+def _interrupted(cfg: TrainConfig, config: Path, seen: list[EpochResult],
+                 overwrite: bool) -> NoReturn:
+    """Say what an interrupted training left and how to go on, then exit 130 (143: SIGTERM)."""
+    from agriseg.train.loop import CHECKPOINT_DIR
+
+    # The bundle of the best epoch so far has its final name: say that it is partial.
+    done = seen[-1].epoch if seen else 0
+    best = [r.epoch for r in seen if r.best]
+    partial = (f"{cfg.bundle_path} holds the best of its first {done} epoch(s) (epoch "
+               f"{best[-1]}); " if best else "")
+    cmd = f"agriseg train {shlex.quote(str(config))}"
+    if (cfg.out / CHECKPOINT_DIR / "last.json").exists():
+        how = f"continue with:\n  {cmd} --resume"
+    else:
+        # No checkpoint (an --overwrite run removed the previous one): --resume would only
+        # start over, so say that; --overwrite again, as an earlier bundle may still be there.
+        how = f"no epoch was saved; start again with:\n  {cmd}{' --overwrite' * overwrite}"
+    click.echo(f"Interrupted after epoch {done} of {cfg.epochs}. {partial}{how}", err=True)
+    raise SystemExit(143 if _terminated else 130)

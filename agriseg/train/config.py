@@ -51,7 +51,9 @@ class ModelSection(_Strict):
     encoder: str = Field("small", description="tiny, small or an smp encoder name (random init)")
     depth: int | None = Field(None, ge=1, le=5)
     options: dict[str, Any] = Field(default_factory=dict, description="extra smp arguments")
-    init_from: Path | None = Field(None, description="bundle whose weights start the training")
+    init_from: Path | None = Field(
+        None, description="bundle whose weights start the training, or a registered learned "
+        "model's name (unet-default)")
 
 
 class PseudoLabels(_Strict):
@@ -179,6 +181,30 @@ class TrainConfig(_Strict):
     threads: int | None = Field(None, ge=1, le=256, description="CPU threads [all cores]")
     scheduler: str | None = Field(None, description="Dask scheduler for pseudo-labelling runs")
 
+    @field_validator("bands")
+    @classmethod
+    def _band_roles(cls, v: list[str]) -> list[str]:
+        # Checked here, before any data is read: an empty list crashed the image read, and a
+        # repeated role or alpha trained a whole epoch before the bundle refused them.
+        from agriseg.raster import ROLES
+
+        valid = ", ".join(r for r in ROLES if r != "alpha")
+        if not v:
+            raise ValueError(f"give the band roles the model reads, in channel order, from "
+                             f"{valid} (e.g. [red, green, blue])")
+        if "alpha" in v:
+            raise ValueError(f"alpha is not an input band: it marks nodata pixels, which are "
+                             f"never trained on anyway; list only {valid}")
+        unknown = [b for b in v if b not in ROLES]
+        if unknown:
+            raise ValueError(f"unknown band role(s) {', '.join(map(repr, unknown))}; valid "
+                             f"roles: {valid}")
+        twice = sorted({b for b in v if v.count(b) > 1})
+        if twice:
+            raise ValueError(f"band role(s) {', '.join(twice)} listed twice; give each role "
+                             "once, in the model's channel order")
+        return v
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.patch_size % 32:
@@ -248,19 +274,28 @@ def resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:
             return str(base / p)
         return p
 
+    def fix_model(m: Any) -> Any:
+        # A registered name (labelfree, unet-default) stays a name, as `run --model` reads it
+        # (a name wins over a same-named file there too); anything else is a bundle path, and
+        # relative to the config like every path in it. Only paths with "/" were, so a
+        # teacher.safetensors beside the config was looked up in the working directory.
+        from agriseg.models.registry import available_models
+
+        return m if isinstance(m, str) and m in available_models() else fix(m)
+
     out = dict(values)
     for key in ("out", "bundle"):
         if key in out:
             out[key] = fix(out[key])
     if isinstance(out.get("model"), dict) and out["model"].get("init_from"):
-        out["model"] = {**out["model"], "init_from": fix(out["model"]["init_from"])}
+        out["model"] = {**out["model"], "init_from": fix_model(out["model"]["init_from"])}
     if isinstance(out.get("data"), list):
         pairs = []
         for d in out["data"]:
             if isinstance(d, dict):
                 d = {k: fix(v) if k in ("image", "labels", "polygons") else v for k, v in d.items()}
-                if isinstance(d.get("pseudo"), dict) and "/" in str(d["pseudo"].get("model", "")):
-                    d["pseudo"] = {**d["pseudo"], "model": fix(d["pseudo"]["model"])}
+                if isinstance(d.get("pseudo"), dict) and "model" in d["pseudo"]:
+                    d["pseudo"] = {**d["pseudo"], "model": fix_model(d["pseudo"]["model"])}
             pairs.append(d)
         out["data"] = pairs
     return out

@@ -61,10 +61,12 @@ class LabelledImage:
 
 def _read_label_raster(path: Path, survey_grid: Grid, k: int,
                        image_plane: bool = False,
-                       mapping: dict[int, int] | None = None) -> np.ndarray:
+                       mapping: dict[int, int] | None = None,
+                       names: tuple[str, ...] = ()) -> np.ndarray:
     """Labels of a raster on ``survey_grid``; on the image plane only the size must agree.
 
-    ``mapping`` (label value -> class value, 255 = ignore) recodes a dataset's own codes.
+    ``mapping`` (label value -> class value, 255 = ignore) recodes a dataset's own codes;
+    ``names`` are the class names, for messages.
     """
     import rasterio
 
@@ -101,7 +103,19 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
         return out.astype(np.uint8)
     out = labels.astype(np.int64)
     if nodata is not None:
-        out[labels == nodata] = IGNORE
+        hidden = labels == nodata
+        if nodata != IGNORE and float(nodata).is_integer() and 0 <= nodata < k \
+                and hidden.any():
+            # QGIS Rasterize may write nodata 0, the value of soil: every soil label was then
+            # dropped, and the only hint was "soil has no labelled training pixel".
+            name = names[int(nodata)] if int(nodata) < len(names) else str(int(nodata))
+            log.warning(
+                "%s: the label raster's nodata value %d is the value of class %s, so its %d "
+                "pixel(s) of that value are read as unlabelled and teach nothing; if they are "
+                "%s labels, unset the nodata value (gdal_edit.py -unsetnodata %s) or write the "
+                "raster with another nodata value (255 = unlabelled)",
+                path, int(nodata), name, int(hidden.sum()), name, path)
+        out[hidden] = IGNORE
     bad = non_class_values(out, k, IGNORE)
     if bad.size:
         raise InputError(
@@ -217,7 +231,8 @@ def load_pair(
         h, w = survey.grid.shape_yx
         pixels, valid = read_window(survey, roles, Window(0, 0, w, h))
     lab = labels if isinstance(labels, np.ndarray) else _read_label_raster(
-        labels, survey.grid, len(schema), image_plane=gsd is not None, mapping=label_classes
+        labels, survey.grid, len(schema), image_plane=gsd is not None, mapping=label_classes,
+        names=schema.names,
     )
     lab = lab.copy()
     labelled = lab != IGNORE

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from agriseg import __version__
-from agriseg.errors import InputError, ModelError, OutputError, ResumeError
+from agriseg.errors import ConfigError, InputError, ModelError, OutputError, ResumeError
 from agriseg.metrics import Scores, confusion, parse_truth_classes
 from agriseg.models.arch import (
     SIZE_MULTIPLE,
@@ -92,14 +93,59 @@ def _device(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def _identity(cfg: TrainConfig) -> dict[str, Any]:
-    # Epoch count may grow on resume; everything else must match the interrupted run. The
-    # settings themselves, not a hash of them, so that a refused resume can name the change.
+#: Settings of how a training executes, not of what it trains: a resume may change them.
+EXECUTION_ONLY: frozenset[str] = frozenset({"threads", "scheduler", "device"})
+#: Version of :func:`_identity`, stored in the checkpoint (absent: :func:`_legacy_identity`).
+IDENTITY_VERSION = 2
+
+
+def _legacy_identity(cfg: TrainConfig) -> dict[str, Any]:
+    # What checkpoints of agriseg before identity version 2 stored: all but `epochs`, with
+    # absolute paths. Still accepted, so that a training interrupted before an upgrade resumes.
     return json.loads(json.dumps(cfg.model_dump(mode="json", exclude={"epochs"}),
                                  sort_keys=True))
 
 
-def _synthetic_pairs(cfg: TrainConfig) -> list[tuple[Path, Path]]:
+def _identity(cfg: TrainConfig, config_dir: Path | None = None) -> dict[str, Any]:
+    """The settings a resumed training must share with the interrupted one.
+
+    Epoch count may grow on resume and execution-only settings (:data:`EXECUTION_ONLY`) may
+    change; everything else must match. The settings themselves, not a hash of them, so that
+    a refused resume can name the change. Paths inside ``config_dir`` (the config's folder)
+    are compared relative to it, so a project folder moved whole (config, data and `out:`
+    together) still resumes; paths outside it, written absolute, stay absolute.
+    """
+    from agriseg.models.registry import available_models
+
+    names = available_models()
+
+    def rel(p: Any) -> Any:
+        if not isinstance(p, str) or config_dir is None or p in names:
+            return p
+        # Lexical, on purpose: "<config dir>/../data/x.tif" (written "../data/x.tif") stays
+        # "../data/x.tif", as the user wrote it.
+        try:
+            return Path(p).relative_to(config_dir).as_posix()
+        except ValueError:
+            return p
+
+    d = cfg.model_dump(mode="json", exclude={"epochs", *EXECUTION_ONLY})
+    for key in ("out", "bundle"):
+        d[key] = rel(d[key])
+    d["model"]["init_from"] = rel(d["model"]["init_from"])
+    for pair in d["data"]:
+        for key in ("image", "labels", "polygons"):
+            pair[key] = rel(pair[key])
+        if pair.get("pseudo"):
+            pair["pseudo"]["model"] = rel(pair["pseudo"]["model"])
+    return json.loads(json.dumps(d, sort_keys=True))
+
+
+def _synthetic_pairs(cfg: TrainConfig, reuse: bool = True) -> list[tuple[Path, Path]]:
+    """Write (or reuse) the synthetic fields of ``cfg``; ``reuse=False`` writes them anew."""
+    import dataclasses
+
+    from agriseg import __version__
     from agriseg.synth import ROLES_RGB, FieldSpec, write_field
 
     s = cfg.synthetic
@@ -115,15 +161,34 @@ def _synthetic_pairs(cfg: TrainConfig) -> list[tuple[Path, Path]]:
         seed = s.seed + i
         gsd = lo if s.count == 1 else lo * (hi / lo) ** (i / (s.count - 1))
         img, truth = folder / f"field-{seed}.tif", folder / f"field-{seed}-truth.tif"
-        if not (img.exists() and truth.exists()):
-            write_field(FieldSpec(size=s.size, seed=seed, gsd=round(gsd, 4), multispectral=ms),
-                        img, truth)
+        spec = FieldSpec(size=s.size, seed=seed, gsd=round(gsd, 4), multispectral=ms)
+        # The whole spec keys the cached field, not its seed alone: a field of another size
+        # or GSD was reused under the same name (and the bundle recorded a wrong GSD range).
+        stamp = {"spec": dataclasses.asdict(spec), "agriseg": __version__}
+        stamp_file = folder / f"field-{seed}.json"
+        cached = reuse and img.exists() and truth.exists() and stamp_file.exists()
+        if cached:
+            try:
+                cached = json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp))
+            except ValueError:
+                cached = False
+        if not cached:
+            stamp_file.unlink(missing_ok=True)  # no stale stamp beside a half-written field
+            write_field(spec, img, truth)
+            stamp_file.write_text(json.dumps(stamp))
         pairs.append((img, truth))
     return pairs
 
 
-def load_training_data(cfg: TrainConfig) -> tuple[list[LabelledImage], list[dict[str, Any]]]:
+def load_training_data(
+    cfg: TrainConfig, reuse: bool = True
+) -> tuple[list[LabelledImage], list[dict[str, Any]]]:
     """Read every pair of the config (and generate synthetic fields) into memory.
+
+    Args:
+        cfg: validated training config.
+        reuse: reuse synthetic fields and teacher runs cached in ``out:`` when they match;
+            False makes them anew (``--overwrite``).
 
     Returns:
         The labelled images and a JSON summary per image for the bundle.
@@ -138,7 +203,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[LabelledImage], list[dict
     summary: list[dict[str, Any]] = []
     jobs: list[tuple[Path, Any, str | None, float | None, dict[str, Any]]] = []
     codes: dict[int, dict[int, int]] = {}  # job -> label value -> class value
-    for img, truth in _synthetic_pairs(cfg):
+    for img, truth in _synthetic_pairs(cfg, reuse):
         jobs.append((img, truth, None, None, {"source": "synthetic"}))
     for pair in cfg.data:
         if pair.labels is not None:
@@ -154,7 +219,7 @@ def load_training_data(cfg: TrainConfig) -> tuple[list[LabelledImage], list[dict
         elif pair.pseudo is not None:
             lab, info = pseudo_labels(pair.image, cfg.out / "pseudo", pair.pseudo.model,
                                       pair.pseudo.min_confidence, pair.bands or pair.pseudo.bands,
-                                      cfg.scheduler, pair.gsd)
+                                      cfg.scheduler, pair.gsd, reuse)
             extra = np.unique(lab[(lab != IGNORE) & (lab >= len(schema))])
             if extra.size:  # a bundle teacher of more classes (loss_fn: IndexError)
                 raise InputError(
@@ -246,7 +311,8 @@ def _save_checkpoint(
 
 
 def _load_checkpoint(
-    folder: Path, model: nn.Module, opt: torch.optim.Optimizer, identity: dict[str, Any]
+    folder: Path, model: nn.Module, opt: torch.optim.Optimizer, identity: dict[str, Any],
+    legacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -259,6 +325,8 @@ def _load_checkpoint(
             f"{folder}: the training checkpoint is unreadable ({exc}); start again without "
             "--resume"
         ) from exc
+    if "identity_version" not in meta and legacy is not None:
+        identity = legacy  # a checkpoint of an older agriseg: compared as it was written
     if meta.get("identity") != identity:
         from agriseg.predict import describe_changes
 
@@ -286,6 +354,82 @@ def _load_checkpoint(
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     torch.set_rng_state(tensors["rng/torch"])
     return meta
+
+
+def check_bundle_destination(path: Path) -> bool:
+    """Check, before any training, that the bundle can be written to ``path``.
+
+    Args:
+        path: the config's `bundle:` (or ``OUT/model.safetensors``).
+
+    Returns:
+        Whether a model bundle is there already (which the training would replace).
+
+    Raises:
+        OutputError: ``path`` holds something that is not a model bundle, or its folder
+            cannot be created or written.
+    """
+    from agriseg.models.bundle import read_bundle_meta
+
+    p = Path(path)
+    what = ("a bundle is a .safetensors file or a folder of weights.safetensors and "
+            "metadata.json")
+    exists = False
+    if p.is_dir():
+        if any(p.iterdir()):
+            try:
+                read_bundle_meta(p)
+            except ModelError as exc:
+                raise OutputError(
+                    f"{p}: is a folder that is not a model bundle ({exc}); the bundle would be "
+                    f"written into it ({what}); set `bundle:` in the training config to a new "
+                    "path") from exc
+            exists = True
+    elif p.exists() or p.is_symlink():
+        if p.suffix != ".safetensors":
+            raise OutputError(
+                f"{p}: exists and is not a model bundle ({what}); set `bundle:` in the training "
+                "config to a new .safetensors path, or remove the file")
+        try:
+            read_bundle_meta(p)
+        except ModelError as exc:
+            raise OutputError(
+                f"{p}: exists and is not an agriseg model bundle ({exc}); training would "
+                "overwrite it; set `bundle:` in the training config to another path, or "
+                "remove the file") from exc
+        exists = True
+    folder = p if p.is_dir() else p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Writing is the only sure test (permission bits say little to root or on network
+        # mounts); the epoch-1 save failed with a traceback otherwise.
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".agriseg-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputError(
+            f"{p}: cannot write the model bundle into {folder} ({exc.strerror or exc}); set "
+            "`bundle:` in the training config to a path in a writable folder") from exc
+    return exists
+
+
+def _init_bundle(init_from: Path) -> Path:
+    """The bundle file of `model.init_from`: a path, or a registered learned model's name.
+
+    Raises:
+        ConfigError: a registered model without weights (a rule-based one).
+    """
+    from agriseg.models.registry import available_models, load_segmenter
+
+    name = str(init_from)
+    if name not in available_models():
+        return init_from
+    # As `run --model` resolves it; a learned model (a bundle) knows its file.
+    path = getattr(load_segmenter(name), "path", None)
+    if path is None:
+        raise ConfigError(
+            f"model.init_from: {name!r} is a rule-based model without weights to start from; "
+            "give a model bundle path or a learned model's name (unet-default)")
+    return Path(path)
 
 
 def write_curves(history: list[EpochResult], path: Path) -> None:
@@ -323,6 +467,8 @@ def train(
     resume: bool = False,
     on_step: StepCallback | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    overwrite: bool = False,
+    config_dir: Path | None = None,
 ) -> TrainResult:
     """Train a model as configured and write the best bundle.
 
@@ -331,8 +477,15 @@ def train(
         resume: continue from ``OUT/checkpoint`` when it exists.
         on_step: called after every optimisation step (progress bars).
         on_epoch: called after every epoch's validation.
+        overwrite: start from nothing: the previous training's checkpoint and history in
+            ``out:`` are removed first, cached synthetic fields and teacher runs are made
+            anew, and an existing bundle at the bundle path may be replaced.
+        config_dir: the config file's folder; paths inside it are compared relative to it
+            when a resume checks the checkpoint's configuration (see :func:`_identity`).
 
     Raises:
+        OutputError: ``out:`` or the bundle path is unusable, or a bundle is there already
+            (without ``overwrite``, and not this training's on ``resume``).
         AgrisegError: unusable data, a checkpoint of another config, bad architecture.
     """
     t_start = time.perf_counter()
@@ -346,16 +499,32 @@ def train(
         raise OutputError(f"{out}: cannot create the training folder ({exc.strerror or exc}); "
                           "set `out:` in the training config to a writable folder") from exc
     ckpt_dir = out / CHECKPOINT_DIR
+    if overwrite and resume:
+        raise ConfigError("--resume continues a training, --overwrite starts over: give one")
+    # The destination is checked before hours of training, not when epoch 1 saves to it.
+    bundle_there = check_bundle_destination(cfg.bundle_path)
+    ours = resume and (ckpt_dir / "last.json").exists()  # the bundle of the run resumed
+    if bundle_there and not (overwrite or ours):
+        raise OutputError(
+            f"{cfg.bundle_path}: holds a model bundle already (of an earlier training); "
+            "--overwrite replaces it, or set another `bundle:` in the training config")
+    if overwrite:
+        # Nothing of the previous training may outlive the start of this one: its checkpoint
+        # was offered to --resume when this run was interrupted in its first epoch.
+        for name in ("last.json", "last.safetensors"):
+            (ckpt_dir / name).unlink(missing_ok=True)
+        for name in ("history.json", "curves.png"):
+            (out / name).unlink(missing_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = _device(cfg)
     schema = cfg.schema()
     k = len(schema)
-    identity = _identity(cfg)
+    identity = _identity(cfg, config_dir)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
 
-    images, data_summary = load_training_data(cfg)
+    images, data_summary = load_training_data(cfg, reuse=not overwrite)
     taught = np.sum([im.class_counts(k) for im in images], axis=0)
     unlabelled = [n for n, c in zip(schema.names, taught, strict=True) if c == 0]
     if unlabelled:
@@ -367,7 +536,7 @@ def train(
                      **cfg.model.options)
     model = build_model(spec)
     if cfg.model.init_from:
-        _, init = load_bundle_model(cfg.model.init_from)
+        _, init = load_bundle_model(_init_bundle(cfg.model.init_from))
         try:
             model.load_state_dict(init.state_dict())
         except RuntimeError as exc:
@@ -398,7 +567,7 @@ def train(
     history: list[EpochResult] = []
     start_epoch, best_score, best_epoch = 1, -math.inf, 0
     if resume and (ckpt_dir / "last.json").exists():
-        meta = _load_checkpoint(ckpt_dir, model, opt, identity)
+        meta = _load_checkpoint(ckpt_dir, model, opt, identity, _legacy_identity(cfg))
         history = [EpochResult.from_dict(h) for h in meta["history"]]
         sampler.set_state(meta["sampler"])
         start_epoch = int(meta["epoch"]) + 1
@@ -466,8 +635,8 @@ def train(
         res = EpochResult(epoch, mean_loss, scores, time.perf_counter() - t0, is_best)
         history.append(res)
         _save_checkpoint(ckpt_dir, model, opt, {
-            "identity": identity, "epoch": epoch, "best_score": best_score,
-            "best_epoch": best_epoch, "sampler": sampler.state(),
+            "identity": identity, "identity_version": IDENTITY_VERSION, "epoch": epoch,
+            "best_score": best_score, "best_epoch": best_epoch, "sampler": sampler.state(),
             "history": [h.to_dict() for h in history],
         })
         (out / "history.json").write_text(json.dumps([h.to_dict() for h in history], indent=1))

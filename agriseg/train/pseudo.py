@@ -39,6 +39,47 @@ def _teacher(model: str) -> str:
     )
 
 
+def teacher_stamp(image: Path, teacher: str, bands: str | None,
+                  gsd: float | None) -> dict[str, object]:
+    """What decides a teacher's run of ``image``: its cached outputs are reused only when equal.
+
+    The teacher is named and, when it is a bundle, identified by the SHA-256 of its files
+    (:func:`agriseg.models.bundle.bundle_digest`: every byte, hashed once per size and mtime;
+    bundles are megabytes, so hashing them costs milliseconds); a registered model by its name
+    and the agriseg version that implements it. The image is identified by path, size and
+    mtime (hashing a survey of gigabytes would cost more than the teacher's run). The
+    confidence threshold is not in it: it is applied to the cached confidence raster on
+    every read.
+
+    Args:
+        image: survey raster.
+        teacher: registered model name or bundle path (as :func:`_teacher` resolved it).
+        bands: band roles given for the image (None: detected).
+        gsd: pixel size of an image without a CRS.
+
+    Returns:
+        A JSON-friendly mapping.
+    """
+    from agriseg import __version__
+    from agriseg.models.registry import available_models
+
+    img = Path(image).resolve()
+    size: int | None
+    mtime: int | None
+    try:
+        size, mtime = img.stat().st_size, img.stat().st_mtime_ns
+    except OSError:  # the teacher's run then says what is wrong with the path
+        size = mtime = None
+    if teacher in available_models():
+        model: dict[str, object] = {"name": teacher, "agriseg": __version__}
+    else:
+        from agriseg.models.bundle import bundle_digest
+
+        model = {"bundle": str(Path(teacher).resolve()), "sha256": bundle_digest(teacher)}
+    return {"image": str(img), "image_size": size, "image_mtime_ns": mtime,
+            "model": model, "bands": bands, "gsd": gsd}
+
+
 def pseudo_labels(
     image: Path,
     work: Path,
@@ -47,17 +88,21 @@ def pseudo_labels(
     bands: str | None = None,
     scheduler: str | None = None,
     gsd: float | None = None,
+    reuse: bool = True,
 ) -> tuple[np.ndarray, dict[str, object]]:
     """Label ``image`` with ``model``'s confident pixels.
 
     Args:
         image: survey raster.
-        work: folder for the teacher's run (reused when it matches, so resumes are cheap).
+        work: folder for the teacher's run (reused when its :func:`teacher_stamp` matches,
+            so resumes are cheap).
         model: teacher model name or bundle.
         min_confidence: 0..1; pixels below get 255 (ignored).
         bands: band roles of the image, when not detected.
         scheduler: Dask scheduler address (default: a local cluster).
         gsd: pixel size in metres of an image without a CRS (``agriseg run --gsd``).
+        reuse: False runs the teacher again even when a matching run is cached
+            (``agriseg train --overwrite``).
 
     Returns:
         ``(labels uint8 on the image grid, summary)``.
@@ -67,18 +112,25 @@ def pseudo_labels(
 
     teacher = _teacher(model)
     out = work / Path(image).stem
-    stamp = {"image": str(Path(image).resolve()), "model": teacher, "gsd": gsd}
-    done = out / "run.json"
-    reuse = False
-    if done.exists() and (out / "teacher.json").exists():
-        reuse = json.loads((out / "teacher.json").read_text()) == stamp
-    if not reuse:
+    stamp = teacher_stamp(image, teacher, bands, gsd)
+    stamp_file = out / "teacher.json"
+    cached = False
+    if reuse and (out / "run.json").exists() and stamp_file.exists():
+        try:
+            cached = json.loads(stamp_file.read_text()) == stamp
+        except ValueError:  # a damaged stamp: run the teacher again
+            cached = False
+    if not cached:
+        # Removed first: a run interrupted halfway must not leave a stamp that matches it.
+        stamp_file.unlink(missing_ok=True)
         cfg = build_run_config(
             input=image, out=out, model=teacher, bands=bands, indices=False, overwrite=True,
             scheduler=scheduler, gsd=gsd,
         )
         process_survey(cfg)
-        (out / "teacher.json").write_text(json.dumps(stamp))
+        stamp_file.write_text(json.dumps(stamp))
+    else:
+        log.info("pseudo-labels for %s: reusing the teacher's run in %s", image, out)
     with rasterio.open(out / "classes.tif") as c, rasterio.open(out / "confidence.tif") as f:
         classes = c.read(1)
         conf = f.read(1)

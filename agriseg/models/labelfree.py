@@ -94,7 +94,6 @@ from agriseg.models.rows import (
     gap_reach,
     major_axis_steps,
     oriented_support,
-    row_offset,
     row_regularity,
     support_reach,
 )
@@ -838,13 +837,9 @@ class LabelFreeSegmenter:
             halves = orients.halves if orients is not None else (row_half,)
             halo += support_reach(max(halves)) + attach
             if params.gaps is not None:
-                if orients is None:
-                    halo += gap_reach(rows.angle_deg, row_half, params.gaps.spacings_px[0])
-                else:
-                    # A cell's direction is chosen from every direction's support, whose
-                    # lines may run along the offset: the whole offset, not gap_reach.
-                    halo += max(max(abs(c) for c in row_offset(a, 2 * sp)) for a, sp in
-                                zip(orients.angles, params.gaps.spacings_px, strict=True))
+                angles = orients.angles if orients is not None else (rows.angle_deg,)
+                halo += max(gap_reach(a, hh, sp) for a, hh, sp in
+                            zip(angles, halves, params.gaps.spacings_px, strict=True))
             if orients is not None:
                 # A pixel's direction comes from its decision cell: the whole cell must be
                 # inside every tile that uses the pixel.

@@ -426,7 +426,8 @@ def gap_reach(angle_deg: float, half_length_px: int, spacing_px: float) -> int:
 
 
 def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: float,
-                  gaps: RowGaps) -> np.ndarray:
+                  gaps: RowGaps, lines: np.ndarray | None = None,
+                  only: np.ndarray | None = None) -> np.ndarray:
     """Support of row lines raised where a gappy stretch keeps the field's row pattern.
 
     A thin stand or a stretch with missing plants has little vegetation on its row line, as
@@ -442,14 +443,22 @@ def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: 
     so tiles whose halo covers :func:`gap_reach` more equal the whole raster.
 
     Args:
-        s: along-row support (dilated by the leaf reach), ``(H, W)`` float32.
+        s: the support each pixel's class is decided on (dilated by the leaf reach; with
+            several row directions, each pixel's own direction's), ``(H, W)`` float32.
         veg: bool ``(H, W)`` vegetation.
         angle_deg: row direction.
         spacing_px: row spacing in pixels.
         gaps: the rule's thresholds.
+        lines: the along-row support in this direction, undilated, read across the rows
+            (default ``s``). Undilated: with several directions a mixed, dilated support
+            across would owe its value to other pixels' decision cells and need the halo
+            to cover the whole offset beyond a cell; and the lines across are whole rows
+            or inter-rows, which a leaf's width does not change.
+        only: test only these pixels (bool ``(H, W)``; with several directions, those of
+            this one).
 
     Returns:
-        The support with passing lines raised; values within :func:`gap_reach` plus
+        ``s`` with passing lines raised; values within :func:`gap_reach` plus
         :func:`support_reach` of the border are incomplete.
     """
     h, w = s.shape
@@ -463,15 +472,17 @@ def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: 
     cand = s >= floor
     cand &= s < value
     cand &= veg
+    if only is not None:
+        cand &= only
     cand[:ay] = cand[h - ay:] = False
     cand[:, :ax] = cand[:, w - ax:] = False
     at = np.flatnonzero(cand)
-    flat = s.reshape(-1)
+    flat = (s if lines is None else lines).reshape(-1)
     full, half, two = fy * w + fx, hy * w + hx, ty * w + tx
-    mine = flat[at]
     ok = np.maximum(flat[at + full], flat[at - full]) >= floor
     ok &= np.maximum(flat[at + two], flat[at - two]) >= floor
-    ok &= mine >= np.float32(gaps.contrast) * np.maximum(flat[at + half], flat[at - half])
+    ok &= s.reshape(-1)[at] >= np.float32(gaps.contrast) * np.maximum(flat[at + half],
+                                                                       flat[at - half])
     out = s.copy()
     out.reshape(-1)[at[ok]] = value
     return out
@@ -529,10 +540,10 @@ def oriented_support(
     row lines filled (:func:`fill_row_gaps`).
     """
     if orientations is None:
-        s = along_row_support(veg, valid, row_off, col_off, angle_deg, half, edge_aware)
-        s = max_filter(s, leaf) if leaf > 0 else s
+        raw = along_row_support(veg, valid, row_off, col_off, angle_deg, half, edge_aware)
+        s = max_filter(raw, leaf) if leaf > 0 else raw
         return s if gaps is None else fill_row_gaps(s, veg, angle_deg, gaps.spacings_px[0],
-                                                    gaps)
+                                                    gaps, lines=raw)
     h, w = veg.shape
     sup = [along_row_support(veg, valid, row_off, col_off, a, hh, edge_aware)
            for a, hh in zip(orientations.angles, orientations.halves, strict=True)]
@@ -553,16 +564,16 @@ def oriented_support(
                             (np.arange(n_c) + col_off // c) * c).ravel()
     choice = np.where(n >= DECISION_MIN_VEG, best, prior)
     idx = choice[ids].reshape(h, w)
-    out = sup[0]
+    out = sup[0] if gaps is None else sup[0].copy()  # the gap test reads each one whole
     for k in range(1, len(sup)):
         np.copyto(out, sup[k], where=idx == k)
     # Each direction's own leaf reach: a field of narrow rows beside one of wide rows.
     dilated = {r: max_filter(out, r) if r > 0 else out for r in set(orientations.leaves)}
-    each = [dilated[r] for r in orientations.leaves]
-    if gaps is not None:
-        each = [fill_row_gaps(d, veg, a, sp, gaps) for d, a, sp in
-                zip(each, orientations.angles, gaps.spacings_px, strict=True)]
-    res = each[0].copy()
+    res = dilated[orientations.leaves[0]].copy()
     for k in range(1, len(sup)):
-        np.copyto(res, each[k], where=idx == k)
+        np.copyto(res, dilated[orientations.leaves[k]], where=idx == k)
+    if gaps is None:
+        return res
+    for k, (a, sp) in enumerate(zip(orientations.angles, gaps.spacings_px, strict=True)):
+        res = fill_row_gaps(res, veg, a, sp, gaps, lines=sup[k], only=idx == k)
     return res

@@ -97,6 +97,30 @@ def test_row_gap_filling_is_translation_exact(angle: float) -> None:
     assert (whole == np.float32(0.5)).any()  # the rule did fill lines
 
 
+def test_row_gap_filling_with_two_directions_is_translation_exact() -> None:
+    """Each direction reads its own undilated support across: a margin of the support's
+    reach, a decision cell and the larger gap reach is enough."""
+    rng = np.random.default_rng(4)
+    h = w = 460
+    veg = _stripes(h, w, 20.0, 14, 5) & (rng.random((h, w)) > 0.5)
+    veg[:, w // 2:] = (_stripes(h, w, -50.0, 20, 7) & (rng.random((h, w)) > 0.5))[:, w // 2:]
+    veg |= rng.random((h, w)) > 0.98
+    valid = rng.random((h, w)) > 0.02
+    cells = np.array([[0, 1], [1, 0]], np.uint8)
+    orients = rows_mod.RowOrientations((20.0, -50.0), (20, 30), (1, 2), (0.28, 0.4), (2, 2),
+                                       cells.tobytes())
+    gaps = rows_mod.RowGaps((14.0, 20.0), floor=0.1, contrast=2.0, value=0.5)
+    whole = oriented_support(veg, valid, 0, 0, 20.0, 20, orients, 1, gaps=gaps)
+    assert not np.array_equal(whole, oriented_support(veg, valid, 0, 0, 20.0, 20, orients, 1))
+    r = rows_mod.support_reach(30) + 2 + rows_mod.DECISION_CELL_PX + max(
+        rows_mod.gap_reach(20.0, 20, 14.0), rows_mod.gap_reach(-50.0, 30, 20.0))
+    for r0, c0 in [(r, r), (h - 40 - r, w - 40 - r), (r + 13, w - 40 - r - 7)]:
+        win = np.s_[r0 - r : r0 + 40 + r, c0 - r : c0 + 40 + r]
+        sub = oriented_support(veg[win], valid[win], r0 - r, c0 - r, 20.0, 20, orients, 1,
+                               gaps=gaps)
+        assert np.array_equal(sub[r:-r, r:-r], whole[r0 : r0 + 40, c0 : c0 + 40])
+
+
 def test_row_gaps_keep_thin_rows_and_leave_inter_row_plants() -> None:
     """A thin row's plants reach the row threshold; a plant between rows does not."""
     h, w, spacing = 300, 240, 30

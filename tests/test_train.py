@@ -58,6 +58,21 @@ def _write_cfg(path: Path, **values: object) -> Path:
     return path
 
 
+def test_a_batch_too_small_for_batch_norm_is_named(tmp_path: Path,
+                                                   pair: tuple[Path, Path]) -> None:
+    """batch_size 1 on DeepLabV3+ (image pooling to 1 x 1) ended in a traceback at the first
+    step."""
+    img, truth = pair
+    cfg = _write_cfg(tmp_path / "t.yaml", out="run", data=[{"image": str(img),
+                                                            "labels": str(truth)}])
+    text = yaml.safe_load(cfg.read_text())
+    text.update(batch_size=1, model={"arch": "deeplabv3plus", "encoder": "tiny"})
+    cfg.write_text(yaml.safe_dump(text))
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 2 and "use batch_size 2 or more" in r.output, r.output
+    assert "Traceback" not in r.output
+
+
 def test_cli_train_resume_and_export(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     img, truth = pair
     polys = _polygons(tmp_path / "labels.gpkg", img)

@@ -600,7 +600,19 @@ def train(
                 memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
-                loss = loss_fn(model(x).float(), y)
+                try:
+                    logits = model(x)
+                except ValueError as exc:
+                    if "more than 1 value per channel" not in str(exc):
+                        raise
+                    # A batch of one pooled to 1 x 1 (DeepLabV3+'s image pooling, or a patch
+                    # no larger than the encoder's stride) leaves BatchNorm a single value per
+                    # channel: a traceback at the first step.
+                    raise ConfigError(
+                        f"batch_size {cfg.batch_size} with patch_size {cfg.patch_size} is too "
+                        f"small for {cfg.model.arch}: a batch-norm layer sees one value per "
+                        "channel; use batch_size 2 or more (or a larger patch_size)") from exc
+                loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

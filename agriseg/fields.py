@@ -315,12 +315,16 @@ def read_fields(
         )
     st = status[keep]
     st[~touches] = "outside raster"
-    st[touches & ~inside] = "partly outside raster"
+    part = touches & ~inside
+    # A repaired field keeps saying so: "partly outside raster" alone hid the repair.
+    st[part] = np.where(st[part] == "repaired", "repaired, partly outside raster",
+                        "partly outside raster")
     for label in ("outside raster", "partly outside raster"):
-        n = int((st == label).sum())
+        these = st == label if label == "outside raster" else part
+        n = int(these.sum())
         if n:
             notes.append(
-                f"{p}: {n} field(s) {label} ({some_ids(ids[keep][st == label].tolist())})"
+                f"{p}: {n} field(s) {label} ({some_ids(ids[keep][these].tolist())})"
             )
     kept_ids = ids[keep].to_numpy()
     wkb = pd.Series(shapely.to_wkb(shapely.normalize(geoms[keep])))

@@ -100,6 +100,14 @@ def test_evaluate_scores_a_run_of_other_classes_on_them(tmp_path: Path) -> None:
                                   "7=background,1=plant,2=thistle,3=mud,4=stress", "--json"])
     assert r.exit_code == 0, r.output
     assert "classes its band description names: background, plant" in r.output
+    # a class may itself be called "nodata": the last such entry is the nodata value
+    from agriseg.cli.evaluate import _described_schema
+
+    with rasterio.open(alone, "r+") as ds:
+        ds.set_band_description(1, "class id (0=soil, 1=nodata, 2=crop (maize), 255=nodata)")
+    own = _described_schema(alone)
+    assert own is not None and own.names == ("soil", "nodata", "crop (maize)")
+    assert own.nodata == 255
 
 
 def test_coded_truth_gets_a_mapping_that_works(tmp_path: Path) -> None:

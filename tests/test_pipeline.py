@@ -468,6 +468,15 @@ def test_ctrl_c_turned_into_another_error_is_an_interruption(
     assert not (out / "run.json").exists()
     r = CliRunner().invoke(main, args)  # the flag does not outlive the run
     assert r.exit_code == 0 and (out / "report.html").exists(), r.output
+    # a process started with SIGINT ignored (a job started with & in a script) keeps it so
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(report, "write_report", drawing)
+        r = CliRunner().invoke(main, [*args, "--overwrite"])
+        monkeypatch.undo()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert r.exit_code == 0 and "Interrupted" not in r.output, r.output
 
 
 def test_output_folder_from_elsewhere_cannot_reach_outside_it(

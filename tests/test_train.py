@@ -73,6 +73,18 @@ def test_a_batch_too_small_for_batch_norm_is_named(tmp_path: Path,
     assert "Traceback" not in r.output
 
 
+def test_training_curves_draw_class_names_as_written(tmp_path: Path) -> None:
+    """A class named with a TeX command between dollars failed the curves at the end."""
+    from agriseg.metrics import Scores
+    from agriseg.train.loop import EpochResult, write_curves
+
+    scores = Scores(np.array([[5, 1], [2, 7]]), ("soil", "$\\foo$ weed"))
+    write_curves([EpochResult(1, 0.9, scores, 1.0, True), EpochResult(2, 0.5, scores, 1.0,
+                                                                      False)],
+                 tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
 def test_cli_train_resume_and_export(tmp_path: Path, pair: tuple[Path, Path]) -> None:
     img, truth = pair
     polys = _polygons(tmp_path / "labels.gpkg", img)

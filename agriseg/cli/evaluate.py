@@ -107,7 +107,8 @@ def _described_schema(pred: Path) -> ClassSchema | None:
     try:
         pairs = [part.split("=", 1) for part in match.group(1).split(", ")]
         values = {int(v): name for v, name in pairs}
-        nodata = next((v for v, name in values.items() if name == "nodata"), 255)
+        # The last "=nodata" entry: a class may itself be called "nodata".
+        nodata = max((v for v, name in values.items() if name == "nodata"), default=255)
         classes = tuple(
             SegClass(v, name, tuple(colours.get(v, (128, 128, 128))[:3]))
             for v, name in sorted(values.items()) if v != nodata)

@@ -151,7 +151,11 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, qui
     global _stopped, _terminated
     _stopped = _terminated = False  # a second run in one process (tests) starts afresh
     previous = signal.signal(signal.SIGTERM, _terminate)
-    previous_int = signal.signal(signal.SIGINT, _interrupt)
+    # A SIGINT this process was started to ignore (a job started with & in a script) stays
+    # ignored: the handler would have let a Ctrl-C meant for the script stop the run.
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupt)
     # This command's main module is safe to import again in post-processing workers.
     pool.allow_fork_server()
     try:
@@ -169,7 +173,8 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, qui
     finally:
         bar.stop()
         signal.signal(signal.SIGTERM, previous)
-        signal.signal(signal.SIGINT, previous_int)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
         pool.allow_fork_server(False)
     # The run is finished and its outputs in place: a Ctrl-C now (while the summary prints or
     # the interpreter exits) has nothing left to stop, and killed the process mid-print.

@@ -439,6 +439,8 @@ def write_curves(history: list[EpochResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from agriseg.quicklook import plain_text
+
     ep = [h.epoch for h in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     a.plot(ep, [h.loss for h in history], "o-", color="k")
@@ -449,7 +451,8 @@ def write_curves(history: list[EpochResult], path: Path) -> None:
     if vals:
         names = vals[0].val.names  # type: ignore[union-attr]
         for n in names:
-            b.plot([h.epoch for h in vals], [h.val.iou[n] for h in vals], ".-", label=n)  # type: ignore[union-attr]
+            b.plot([h.epoch for h in vals], [h.val.iou[n] for h in vals], ".-",  # type: ignore[union-attr]
+                   label=plain_text(n))
         b.plot([h.epoch for h in vals], [h.val.miou for h in vals], "o-", color="k", lw=2,  # type: ignore[union-attr]
                label="mean IoU")
         b.legend(fontsize=8)

@@ -512,11 +512,14 @@ def _assign_fields(zones: gpd.GeoDataFrame, fields: gpd.GeoDataFrame | None) -> 
     if fields is None or zones.empty:
         return pd.Series([None] * len(zones), index=zones.index, dtype=object)
     pts = zones.geometry.representative_point()
+    right = fields[["field_id", "geometry"]]
+    if not on_earth(zones.crs):
+        # An image run (--gsd): both are in its image plane, but two copies of that local
+        # CRS compare unequal, and geopandas warned of a CRS mismatch.
+        right = right.set_crs(zones.crs, allow_override=True)
     # Zones overlapping no field keep a null id (patches outside the plots).
-    hit = gpd.sjoin(
-        gpd.GeoDataFrame(geometry=pts, crs=zones.crs), fields[["field_id", "geometry"]],
-        predicate="within", how="left",
-    )
+    hit = gpd.sjoin(gpd.GeoDataFrame(geometry=pts, crs=zones.crs), right, predicate="within",
+                    how="left")
     hit = hit[~hit.index.duplicated(keep="first")]
     return hit["field_id"].astype(object).where(hit["field_id"].notna(), None)
 

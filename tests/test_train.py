@@ -433,6 +433,11 @@ def test_bundle_destination_is_checked_before_training(tmp_path: Path,
         r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
         assert r.exit_code == 2 and needle in r.output and "Traceback" not in r.output, r.output
     assert victim.read_bytes() == b"precious"
+    # a bundle in folders yet to be made: none is made by a training that fails on its data
+    cfg = _write_cfg(tmp_path / "t.yaml", out="run", bundle="new/deep/m.safetensors", data=data)
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 2 and "missing.tif" in r.output, r.output
+    assert not (tmp_path / "new").exists()
     data = [{"image": str(img), "labels": str(truth)}]
     first = _write_cfg(tmp_path / "a.yaml", out="a", bundle="shared.safetensors", epochs=1,
                        data=data)

@@ -399,11 +399,17 @@ def check_bundle_destination(path: Path) -> bool:
                 "remove the file") from exc
         exists = True
     folder = p if p.is_dir() else p.parent
+    # The nearest folder that exists: creating the bundle's folders now would leave them
+    # behind, empty, when the training then fails on its data.
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if not probe.is_dir():
+            raise NotADirectoryError(f"{probe} is not a folder")
         # Writing is the only sure test (permission bits say little to root or on network
         # mounts); the epoch-1 save failed with a traceback otherwise.
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".agriseg-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".agriseg-write-test-"):
             pass
     except OSError as exc:
         raise OutputError(

@@ -6,12 +6,14 @@ from pathlib import Path
 
 import click
 
+from agriseg.cli import NonEmptyPath
+
 
 @click.command()
 @click.argument("bundle")
 @click.option("--onnx", "as_onnx", is_flag=True, required=True,
               help="Write an ONNX model (input: normalised pixels N,C,H,W; output: probabilities).")
-@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--out", "-o", type=NonEmptyPath(dir_okay=False, path_type=Path),
               help="ONNX file to write [beside the bundle, where `agriseg run` caches it].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def export(bundle: str, as_onnx: bool, out: Path | None, overwrite: bool) -> None:

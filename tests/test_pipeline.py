@@ -465,9 +465,15 @@ def test_ctrl_c_turned_into_another_error_is_an_interruption(
     out = tmp_path / "o"
     args = ["run", str(rgba_tif), "--out", str(out), "--scheduler", scheduler, "--model",
             "index-threshold", "--no-progress", "--skip", "quicklook,project"]
-    monkeypatch.setattr(report, "write_report", drawing)
-    r = CliRunner().invoke(main, args)
-    monkeypatch.undo()
+    # Python's own Ctrl-C handler, as in a terminal (CI may start the tests with SIGINT
+    # ignored, which the run then leaves ignored: see the end of this test)
+    started = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(report, "write_report", drawing)
+        r = CliRunner().invoke(main, args)
+        monkeypatch.undo()
+    finally:
+        signal.signal(signal.SIGINT, started)
     assert r.exit_code == 130, r.output
     assert "Interrupted" in r.output and "resume" in r.output and "Traceback" not in r.output
     assert not (out / "run.json").exists()

@@ -127,10 +127,20 @@ class _Pool(ProcessPoolExecutor):
 
     def _spawn_process(self) -> None:  # CPython's hook for every worker start (3.9+)
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # The fork server runs `python -c`, which puts the working folder first on sys.path
+        # (Python 3.11 does not apply the parent's path there): run from the folder holding a
+        # clone, its `agriseg/` shadowed the installed package and every worker died on its
+        # imports. PYTHONSAFEPATH (3.11+) leaves the working folder out.
+        safe = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
         try:
             super()._spawn_process()  # type: ignore[misc]
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+            if safe is None:
+                os.environ.pop("PYTHONSAFEPATH", None)
+            else:
+                os.environ["PYTHONSAFEPATH"] = safe
 
 
 def get_pool(workers: int) -> ProcessPoolExecutor | None:

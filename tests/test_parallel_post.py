@@ -119,6 +119,30 @@ def test_fork_server_workers_do_not_carry_pytorch(start_method: str) -> None:
     assert workers.submit(_has_torch, 0).result(timeout=120) is (start_method == "fork")
 
 
+def test_fork_server_ignores_a_folder_named_agriseg_in_the_working_folder(
+        tmp_path: Path) -> None:
+    """Run from the folder holding a clone, the fork server (`python -c`: the working folder
+    first on sys.path) imported the clone's top folder as the package: every post-processing
+    worker died on "cannot import name '__version__' from 'agriseg'"."""
+    import subprocess
+
+    from tests.conftest import toy_field, write_rgba
+
+    cli = Path(sys.executable).parent / "agriseg"
+    if not cli.exists():
+        pytest.skip("no agriseg console script beside this interpreter")
+    rgb, _ = toy_field(160, 200, seed=2)
+    src = write_rgba(tmp_path / "f.tif", rgb)
+    (tmp_path / "agriseg").mkdir()
+    r = subprocess.run(
+        [str(cli), "run", str(src), "--out", str(tmp_path / "o"), "--model", "unet-default",
+         "--no-progress", "--workers", "1", "--min-zone-area", "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "AGRISEG_POST_WORKERS": "1", "AGRISEG_CPU_BF16": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "worker died" not in r.stderr and "ImportError" not in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("geographic", [False, True])
 def test_parallel_zones_equal_serial(tmp_path: Path, geographic: bool, start_method: str) -> None:
     cls = _noisy_mask()

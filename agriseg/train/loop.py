@@ -339,8 +339,9 @@ def _load_checkpoint(
             what = "the configuration"
         raise ResumeError(
             f"{folder}: the checkpoint belongs to a different training configuration ({what}; "
-            "only `epochs` may change on resume); restore the original config or start again "
-            "without --resume in a new `out:` folder"
+            "only `epochs`, `threads`, `device` and `--scheduler` may change on resume); "
+            "restore the original config, or start again with --overwrite (or in a new `out:` "
+            "folder)"
         )
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, Any]] = {}

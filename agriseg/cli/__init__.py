@@ -7,15 +7,71 @@ Each sub-command lives in its own module and is registered below. Errors derived
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
 from agriseg import __version__
 from agriseg.errors import AgrisegError
+
+
+@dataclass
+class StopRequest:
+    """The stop signals a long command received (see :func:`stop_signals`)."""
+
+    interrupted: bool = False  #: Ctrl-C (SIGINT)
+    terminated: bool = False  #: SIGTERM (systemd stop, kill, a batch system's time limit)
+
+    @property
+    def requested(self) -> bool:
+        """Whether a stop was asked for (an error raised since may be the stop itself)."""
+        return self.interrupted or self.terminated
+
+    @property
+    def exit_code(self) -> int:
+        """130 for Ctrl-C, 143 for SIGTERM, as shells report them."""
+        return 143 if self.terminated else 130
+
+
+@contextlib.contextmanager
+def stop_signals(ctrl_c: bool = True) -> Iterator[StopRequest]:
+    """SIGTERM, and Ctrl-C with ``ctrl_c``, raise KeyboardInterrupt and are remembered.
+
+    SIGTERM takes Ctrl-C's clean path (flush, checkpoint, say how to resume). Remembering
+    them lets a command tell a stop that a library turned into another error (Matplotlib:
+    "Invalid affine transformation matrix" mid-report) from a real error. A SIGINT the
+    process was started to ignore (a job started with & in a script) stays ignored: a
+    Ctrl-C meant for the script must not stop the command. The previous handlers come back
+    on exit.
+    """
+    stop = StopRequest()
+
+    def interrupt(signum: int, frame: object) -> None:
+        stop.interrupted = True
+        raise KeyboardInterrupt
+
+    def terminate(signum: int, frame: object) -> None:
+        stop.terminated = True
+        raise KeyboardInterrupt
+
+    previous_term = signal.signal(signal.SIGTERM, terminate)
+    previous_int = signal.getsignal(signal.SIGINT)
+    own_int = ctrl_c and previous_int is signal.default_int_handler
+    if own_int:
+        signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        if own_int:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 class NonEmptyPath(click.Path):

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from agriseg.cli import NonEmptyPath
+from agriseg.cli import NonEmptyPath, StopRequest, stop_signals
 from agriseg.config import build_run_config, load_run_yaml
 from agriseg.grid import TilePlan
 
@@ -148,34 +148,25 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, qui
     bar: _LogProgress | _ProgressBar = (
         _Silent() if quiet and not progress else _ProgressBar() if show else _LogProgress()
     )
-    global _stopped, _terminated
-    _stopped = _terminated = False  # a second run in one process (tests) starts afresh
-    previous = signal.signal(signal.SIGTERM, _terminate)
-    # A SIGINT this process was started to ignore (a job started with & in a script) stays
-    # ignored: the handler would have let a Ctrl-C meant for the script stop the run.
-    previous_int = signal.getsignal(signal.SIGINT)
-    if previous_int is signal.default_int_handler:
-        signal.signal(signal.SIGINT, _interrupt)
     # This command's main module is safe to import again in post-processing workers.
     pool.allow_fork_server()
-    try:
-        result = process_survey(cfg, progress=bar.update, on_plan=bar.start)
-    except KeyboardInterrupt:
-        bar.stop()
-        _interrupted(ctx, cfg.out)
-    except Exception:
-        # A Ctrl-C inside a library's own handler can come out as another error (Matplotlib
-        # turned one into "ValueError: Invalid affine transformation matrix" mid-report).
-        if not (_stopped or _terminated):
-            raise
-        bar.stop()
-        _interrupted(ctx, cfg.out)
-    finally:
-        bar.stop()
-        signal.signal(signal.SIGTERM, previous)
-        if previous_int is signal.default_int_handler:
-            signal.signal(signal.SIGINT, previous_int)
-        pool.allow_fork_server(False)
+    with stop_signals() as stop:
+        try:
+            result = process_survey(cfg, progress=bar.update, on_plan=bar.start)
+        except KeyboardInterrupt:
+            bar.stop()
+            _interrupted(ctx, cfg.out, stop)
+        except Exception:
+            # A Ctrl-C inside a library's own handler can come out as another error
+            # (Matplotlib turned one into "ValueError: Invalid affine transformation matrix"
+            # mid-report).
+            if not stop.requested:
+                raise
+            bar.stop()
+            _interrupted(ctx, cfg.out, stop)
+        finally:
+            bar.stop()
+            pool.allow_fork_server(False)
     # The run is finished and its outputs in place: a Ctrl-C now (while the summary prints or
     # the interpreter exits) has nothing left to stop, and killed the process mid-print.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -214,7 +205,7 @@ def _model_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def _interrupted(ctx: click.Context, out: str | Path) -> None:
+def _interrupted(ctx: click.Context, out: str | Path, stop: StopRequest) -> None:
     """Say what an interrupted run left and how to resume it, then exit 130 (143: SIGTERM)."""
     from agriseg.survey import REPLACING, WORK_DIR
 
@@ -230,26 +221,7 @@ def _interrupted(ctx: click.Context, out: str | Path) -> None:
         saved = "No tile was finished yet; run the same command again"
     cmd = " ".join(shlex.quote(a) for a in args)
     click.echo(f"Interrupted. {saved}:\n  {cmd}", err=True)
-    ctx.exit(143 if _terminated else 130)
-
-
-_terminated = False
-_stopped = False
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # Ctrl-C as Python's own handler does, remembered: see the run's except clauses.
-    global _stopped
-    _stopped = True
-    raise KeyboardInterrupt
-
-
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM (systemd stop, kill) takes the same clean path as Ctrl-C: flush, checkpoint;
-    # the exit status says which (143, not Ctrl-C's 130).
-    global _terminated
-    _terminated = True
-    raise KeyboardInterrupt
+    ctx.exit(stop.exit_code)
 
 
 class _LogProgress:

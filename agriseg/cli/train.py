@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import shlex
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
+
+from agriseg.cli import StopRequest, stop_signals
 
 if TYPE_CHECKING:
     from agriseg.train.config import TrainConfig
@@ -84,37 +85,34 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
         click.echo(f"epoch {r.epoch}/{cfg.epochs}: loss {r.loss:.4f}{val}"
                    f"{'  *best' if r.best else ''}", err=True)
 
-    global _terminated
-    _terminated = False  # a second training in one process (tests) starts afresh
-    previous = signal.signal(signal.SIGTERM, _terminate)
     kw: dict[str, Any] = {"resume": resume, "on_epoch": on_epoch, "overwrite": overwrite,
                           "config_dir": config.resolve().parent}
-    try:
-        if show:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    # Ctrl-C keeps Python's own handler here; SIGTERM takes its path.
+    with stop_signals(ctrl_c=False) as stop:
+        try:
+            if show:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
-                           MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                           transient=True)
-            task = bar.add_task("steps", total=cfg.steps_per_epoch, epoch=1, loss="-")
+                bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}"), BarColumn(),
+                               MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+                               transient=True)
+                task = bar.add_task("steps", total=cfg.steps_per_epoch, epoch=1, loss="-")
 
-            def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
-                bar.update(task, completed=step, epoch=epoch, loss=f"{loss:.4f}")
+                def on_step(epoch: int, step: int, steps: int, loss: float) -> None:
+                    bar.update(task, completed=step, epoch=epoch, loss=f"{loss:.4f}")
 
-            with bar:
-                result = run_training(cfg, on_step=on_step, **kw)
-        else:
-            result = run_training(cfg, **kw)
-    except KeyboardInterrupt:
-        _interrupted(cfg, config, seen, overwrite)
-    except Exception:
-        # A SIGTERM inside a library's own handler (Dask's, during pseudo-labelling) can come
-        # out as another error; it was still a stop request.
-        if not _terminated:
-            raise
-        _interrupted(cfg, config, seen, overwrite)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+                with bar:
+                    result = run_training(cfg, on_step=on_step, **kw)
+            else:
+                result = run_training(cfg, **kw)
+        except KeyboardInterrupt:
+            _interrupted(cfg, config, seen, overwrite, stop)
+        except Exception:
+            # A SIGTERM inside a library's own handler (Dask's, during pseudo-labelling) can
+            # come out as another error; it was still a stop request.
+            if not stop.requested:
+                raise
+            _interrupted(cfg, config, seen, overwrite, stop)
     # The score is the validation mIoU, or minus the training loss without validation pixels.
     score = (f"validation mIoU {result.best_score:.4f}" if result.best_score >= 0 else
              f"training loss {-result.best_score:.4f}, no validation pixels")
@@ -123,19 +121,8 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
     click.echo(f"Use it: agriseg run SURVEY.tif --model {result.bundle} --out results/")
 
 
-_terminated = False
-
-
-def _terminate(signum: int, frame: object) -> None:
-    # SIGTERM (systemd stop, kill, a batch system's time limit) takes Ctrl-C's path: the
-    # message says which epoch the bundle holds; the exit status says which (143, not 130).
-    global _terminated
-    _terminated = True
-    raise KeyboardInterrupt
-
-
 def _interrupted(cfg: TrainConfig, config: Path, seen: list[EpochResult],
-                 overwrite: bool) -> NoReturn:
+                 overwrite: bool, stop: StopRequest) -> NoReturn:
     """Say what an interrupted training left and how to go on, then exit 130 (143: SIGTERM)."""
     from agriseg.train.loop import CHECKPOINT_DIR
 
@@ -152,4 +139,4 @@ def _interrupted(cfg: TrainConfig, config: Path, seen: list[EpochResult],
         # start over, so say that; --overwrite again, as an earlier bundle may still be there.
         how = f"no epoch was saved; start again with:\n  {cmd}{' --overwrite' * overwrite}"
     click.echo(f"Interrupted after epoch {done} of {cfg.epochs}. {partial}{how}", err=True)
-    raise SystemExit(143 if _terminated else 130)
+    raise SystemExit(stop.exit_code)

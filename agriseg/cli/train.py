@@ -64,8 +64,6 @@ def train(config: Path, resume: bool, overwrite: bool, epochs: int | None,
             for p in pseudo
         )]
     cfg = build_train_config(str(config), **values)
-    if resume and overwrite:
-        raise click.UsageError("--resume continues a training, --overwrite starts over: give one")
     history = cfg.out / "history.json"
     if history.exists() and not (resume or overwrite):
         # Hours of training (and its best bundle) must not be replaced by a command rerun.

@@ -499,6 +499,8 @@ def train(
         AgrisegError: unusable data, a checkpoint of another config, bad architecture.
     """
     t_start = time.perf_counter()
+    if overwrite and resume:
+        raise ConfigError("--resume continues a training, --overwrite starts over: give one")
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; set `out:` in the training "
@@ -509,8 +511,6 @@ def train(
         raise OutputError(f"{out}: cannot create the training folder ({exc.strerror or exc}); "
                           "set `out:` in the training config to a writable folder") from exc
     ckpt_dir = out / CHECKPOINT_DIR
-    if overwrite and resume:
-        raise ConfigError("--resume continues a training, --overwrite starts over: give one")
     # The destination is checked before hours of training, not when epoch 1 saves to it.
     bundle_there = check_bundle_destination(cfg.bundle_path)
     ours = resume and (ckpt_dir / "last.json").exists()  # the bundle of the run resumed

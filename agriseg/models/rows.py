@@ -425,9 +425,8 @@ def gap_reach(angle_deg: float, half_length_px: int, spacing_px: float) -> int:
                seg_x + abs(ox) - support_reach(half_length_px))
 
 
-def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: float,
-                  gaps: RowGaps, lines: np.ndarray | None = None,
-                  only: np.ndarray | None = None) -> np.ndarray:
+def fill_row_gaps(s: np.ndarray, lines: np.ndarray, veg: np.ndarray, angle_deg: float,
+                  spacing_px: float, gaps: RowGaps, only: np.ndarray | None = None) -> np.ndarray:
     """Support of row lines raised where a gappy stretch keeps the field's row pattern.
 
     A thin stand or a stretch with missing plants has little vegetation on its row line, as
@@ -445,15 +444,15 @@ def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: 
     Args:
         s: the support each pixel's class is decided on (dilated by the leaf reach; with
             several row directions, each pixel's own direction's), ``(H, W)`` float32.
+        lines: the along-row support in this direction, undilated, read across the rows.
+            Undilated: with several directions a mixed, dilated support across would owe its
+            value to other pixels' decision cells and need the halo to cover the whole
+            offset beyond a cell; and the lines across are whole rows or inter-rows, which a
+            leaf's width does not change.
         veg: bool ``(H, W)`` vegetation.
         angle_deg: row direction.
         spacing_px: row spacing in pixels.
         gaps: the rule's thresholds.
-        lines: the along-row support in this direction, undilated, read across the rows
-            (default ``s``). Undilated: with several directions a mixed, dilated support
-            across would owe its value to other pixels' decision cells and need the halo
-            to cover the whole offset beyond a cell; and the lines across are whole rows
-            or inter-rows, which a leaf's width does not change.
         only: test only these pixels (bool ``(H, W)``; with several directions, those of
             this one).
 
@@ -477,7 +476,7 @@ def fill_row_gaps(s: np.ndarray, veg: np.ndarray, angle_deg: float, spacing_px: 
     cand[:ay] = cand[h - ay:] = False
     cand[:, :ax] = cand[:, w - ax:] = False
     at = np.flatnonzero(cand)
-    flat = (s if lines is None else lines).reshape(-1)
+    flat = lines.reshape(-1)
     full, half, two = fy * w + fx, hy * w + hx, ty * w + tx
     ok = np.maximum(flat[at + full], flat[at - full]) >= floor
     ok &= np.maximum(flat[at + two], flat[at - two]) >= floor
@@ -536,14 +535,14 @@ def oriented_support(
     along them the row). Cells with little vegetation keep the map's direction, and each
     direction has its own leaf reach. A cell's choice depends only on its own pixels' support,
     so tiles whose halo holds the cell and the support's reach around it equal the whole
-    raster bit for bit. With ``gaps``, each direction's dilated support then has its gappy
-    row lines filled (:func:`fill_row_gaps`).
+    raster bit for bit. With ``gaps``, gappy row lines are then filled (:func:`fill_row_gaps`),
+    each direction's pixels from that direction's own undilated support across the rows.
     """
     if orientations is None:
         raw = along_row_support(veg, valid, row_off, col_off, angle_deg, half, edge_aware)
         s = max_filter(raw, leaf) if leaf > 0 else raw
-        return s if gaps is None else fill_row_gaps(s, veg, angle_deg, gaps.spacings_px[0],
-                                                    gaps, lines=raw)
+        return s if gaps is None else fill_row_gaps(s, raw, veg, angle_deg,
+                                                    gaps.spacings_px[0], gaps)
     h, w = veg.shape
     sup = [along_row_support(veg, valid, row_off, col_off, a, hh, edge_aware)
            for a, hh in zip(orientations.angles, orientations.halves, strict=True)]
@@ -575,5 +574,5 @@ def oriented_support(
     if gaps is None:
         return res
     for k, (a, sp) in enumerate(zip(orientations.angles, gaps.spacings_px, strict=True)):
-        res = fill_row_gaps(res, veg, a, sp, gaps, lines=sup[k], only=idx == k)
+        res = fill_row_gaps(res, sup[k], veg, a, sp, gaps, only=idx == k)
     return res

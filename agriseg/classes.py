@@ -158,6 +158,36 @@ class ClassSchema:
             ],
         }
 
+    def description(self) -> str:
+        """The class mask's band description, ``class id (0=soil, ..., 255=nodata)``."""
+        pairs = ", ".join(f"{c.value}={c.name}" for c in self.classes)
+        return f"class id ({pairs}, {self.nodata}=nodata)"
+
+    @classmethod
+    def from_description(cls, text: str,
+                         colours: dict[int, tuple[int, ...]] | None = None) -> ClassSchema | None:
+        """Inverse of :meth:`description` (roles from the names, colours from ``colours``).
+
+        A classes.tif moved away from its run.json keeps that description and its colour
+        table inside the file. None when ``text`` is no such description.
+        """
+        match = re.fullmatch(r"class id \((.*)\)", text)
+        if match is None:
+            return None
+        colours = colours or {}
+        try:
+            pairs = [part.split("=", 1) for part in match.group(1).split(", ")]
+            values = {int(v): name for v, name in pairs}
+            # The last "=nodata" entry: a class may itself be called "nodata".
+            nodata = max((v for v, name in values.items() if name == "nodata"),
+                         default=NODATA_CLASS)
+            classes = tuple(
+                SegClass(v, name, tuple(colours.get(v, (128, 128, 128))[:3]))  # type: ignore[arg-type]
+                for v, name in sorted(values.items()) if v != nodata)
+            return cls(classes, nodata)
+        except (ValueError, ConfigError):
+            return None
+
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> ClassSchema:
         """Inverse of :meth:`to_dict`."""

@@ -463,8 +463,7 @@ def _output_specs(
         # NEAREST overviews, GDAL's default for paletted rasters: they keep each class's share
         # when zoomed out, where MODE drops every weed patch smaller than half an overview
         # pixel's window, and they build 2.5x faster (268 MP: 2.4 s instead of 6.1 s).
-        OutputSpec("classes", "uint8", schema.nodata, "NEAREST", "class id (" + ", ".join(
-            f"{c.value}={c.name}" for c in schema.classes) + f", {schema.nodata}=nodata)"),
+        OutputSpec("classes", "uint8", schema.nodata, "NEAREST", schema.description()),
         OutputSpec("confidence", "uint8", 255, "AVERAGE",
                    "confidence of the chosen class, percent 0-100 (255 = nodata)"),
     ]

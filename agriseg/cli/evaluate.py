@@ -80,17 +80,16 @@ def _run_schema(pred: Path) -> ClassSchema:
 
 
 def _described_schema(pred: Path) -> ClassSchema | None:
-    """The classes a class mask names in its band description, ``class id (0=soil, ...)``.
+    """The classes a class mask names in its band description, or None.
+
+    See :meth:`~agriseg.classes.ClassSchema.description`.
 
     A classes.tif moved away from its run.json keeps that description (and its colour table)
     inside the file: a model of other classes was scored as soil, crop, weed and disease.
     """
-    import re
-
     import rasterio
 
-    from agriseg.classes import ClassSchema, SegClass
-    from agriseg.errors import AgrisegError
+    from agriseg.classes import ClassSchema
 
     try:
         with rasterio.open(pred) as ds:
@@ -101,17 +100,4 @@ def _described_schema(pred: Path) -> ClassSchema | None:
                 colours = {}
     except (OSError, rasterio.errors.RasterioError):
         return None
-    match = re.fullmatch(r"class id \((.*)\)", text)
-    if match is None:
-        return None
-    try:
-        pairs = [part.split("=", 1) for part in match.group(1).split(", ")]
-        values = {int(v): name for v, name in pairs}
-        # The last "=nodata" entry: a class may itself be called "nodata".
-        nodata = max((v for v, name in values.items() if name == "nodata"), default=255)
-        classes = tuple(
-            SegClass(v, name, tuple(colours.get(v, (128, 128, 128))[:3]))
-            for v, name in sorted(values.items()) if v != nodata)
-        return ClassSchema(classes, nodata)
-    except (ValueError, AgrisegError):
-        return None
+    return ClassSchema.from_description(text, colours)

@@ -793,6 +793,7 @@ class NeuralSegmenter:
         training mean is worth a warning. The means come from nine 256 px windows: a decimated
         read of a gigapixel mosaic without overviews takes seconds, nine windows milliseconds.
         """
+        import rasterio
         from rasterio.windows import Window
 
         from agriseg.raster import read_window, sample_positions
@@ -801,13 +802,14 @@ class NeuralSegmenter:
         side = min(256, h, w)
         sums = np.zeros(len(self.roles))
         n = 0
-        for r in sample_positions(h, 3):
-            for c in sample_positions(w, 3):
-                r0, c0 = min(max(int(r) - side // 2, 0), h - side), \
-                    min(max(int(c) - side // 2, 0), w - side)
-                data, valid = read_window(survey, self.roles, Window(c0, r0, side, side))
-                sums += data[:, valid].sum(axis=1)
-                n += int(valid.sum())
+        with rasterio.open(survey.path) as ds:  # once for the nine windows
+            for r in sample_positions(h, 3):
+                for c in sample_positions(w, 3):
+                    r0, c0 = min(max(int(r) - side // 2, 0), h - side), \
+                        min(max(int(c) - side // 2, 0), w - side)
+                    data, valid = read_window(survey, self.roles, Window(c0, r0, side, side), ds)
+                    sums += data[:, valid].sum(axis=1)
+                    n += int(valid.sum())
         if n == 0:
             return None
         means = [float(s / n) for s in sums]

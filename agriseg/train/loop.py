@@ -147,6 +147,7 @@ def _synthetic_pairs(cfg: TrainConfig, reuse: bool = True) -> list[tuple[Path, P
 
     from agriseg import __version__
     from agriseg.synth import ROLES_RGB, FieldSpec, write_field
+    from agriseg.train.pseudo import stamp_matches
 
     s = cfg.synthetic
     if s is None or not s.count:
@@ -166,12 +167,7 @@ def _synthetic_pairs(cfg: TrainConfig, reuse: bool = True) -> list[tuple[Path, P
         # or GSD was reused under the same name (and the bundle recorded a wrong GSD range).
         stamp = {"spec": dataclasses.asdict(spec), "agriseg": __version__}
         stamp_file = folder / f"field-{seed}.json"
-        cached = reuse and img.exists() and truth.exists() and stamp_file.exists()
-        if cached:
-            try:
-                cached = json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp))
-            except ValueError:
-                cached = False
+        cached = reuse and img.exists() and truth.exists() and stamp_matches(stamp_file, stamp)
         if not cached:
             stamp_file.unlink(missing_ok=True)  # no stale stamp beside a half-written field
             write_field(spec, img, truth)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,8 @@ def teacher_stamp(image: Path, teacher: str, bands: str | None,
     size: int | None
     mtime: int | None
     try:
-        size, mtime = img.stat().st_size, img.stat().st_mtime_ns
+        st = img.stat()
+        size, mtime = st.st_size, st.st_mtime_ns
     except OSError:  # the teacher's run then says what is wrong with the path
         size = mtime = None
     if teacher in available_models():
@@ -78,6 +80,17 @@ def teacher_stamp(image: Path, teacher: str, bands: str | None,
         model = {"bundle": str(Path(teacher).resolve()), "sha256": bundle_digest(teacher)}
     return {"image": str(img), "image_size": size, "image_mtime_ns": mtime,
             "model": model, "bands": bands, "gsd": gsd}
+
+
+def stamp_matches(stamp_file: Path, stamp: Mapping[str, object]) -> bool:
+    """Whether ``stamp_file`` holds ``stamp`` (as JSON): a cached output of the same inputs.
+
+    A missing or damaged file matches nothing.
+    """
+    try:
+        return bool(json.loads(stamp_file.read_text()) == json.loads(json.dumps(stamp)))
+    except (OSError, ValueError):
+        return False
 
 
 def pseudo_labels(
@@ -114,12 +127,7 @@ def pseudo_labels(
     out = work / Path(image).stem
     stamp = teacher_stamp(image, teacher, bands, gsd)
     stamp_file = out / "teacher.json"
-    cached = False
-    if reuse and (out / "run.json").exists() and stamp_file.exists():
-        try:
-            cached = json.loads(stamp_file.read_text()) == stamp
-        except ValueError:  # a damaged stamp: run the teacher again
-            cached = False
+    cached = reuse and (out / "run.json").exists() and stamp_matches(stamp_file, stamp)
     if not cached:
         # Removed first: a run interrupted halfway must not leave a stamp that matches it.
         stamp_file.unlink(missing_ok=True)

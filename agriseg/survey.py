@@ -65,6 +65,8 @@ log = logging.getLogger(__name__)
 
 WORK_DIR = ".agriseg-work"
 MANIFEST = "run.json"
+#: run.json while it is written, before the outputs move into --out.
+MANIFEST_PARTIAL = f".{MANIFEST}.partial"
 #: Lock file a run holds in its output folder (see ``_run_lock``).
 LOCK_FILE = ".agriseg.lock"
 #: The input image on its image-plane grid, in the output folder (runs with ``--gsd``).
@@ -704,7 +706,7 @@ def _process(
         "outputs": {k: str(v) for k, v in sorted(ctx.outputs.items())},
         **ctx.manifest,
     }
-    tmp = out / f".{MANIFEST}.partial"
+    tmp = out / MANIFEST_PARTIAL
     try:
         # Before anything moves into place: on a full disk the outputs stay in the working
         # folder (a rerun resumes from there) rather than lying in --out without a run.json.

@@ -16,10 +16,6 @@ if TYPE_CHECKING:
     from agriseg.classes import ClassSchema
     from agriseg.prescription import Prescription
 
-#: What a run that has not finished leaves in its --out folder (``agriseg.survey.WORK_DIR``
-#: and its manifest's temporary name): named here, as importing the pipeline takes seconds.
-UNFINISHED_MARKERS = (".agriseg-work", ".run.json.partial")
-
 
 @click.command()
 @click.argument("run_dir", metavar="DIR",
@@ -95,9 +91,11 @@ def _run_info(run_dir: Path, manifest: Path) -> tuple[dict[str, Any], ClassSchem
     """
     from agriseg.classes import DEFAULT_CLASSES, ClassSchema
     from agriseg.errors import AgrisegError, InputError
+    from agriseg.survey import MANIFEST_PARTIAL, WORK_DIR
 
     if not manifest.exists():
-        if any((run_dir / m).exists() for m in UNFINISHED_MARKERS):
+        # What a run that has not finished leaves in its --out folder.
+        if any((run_dir / m).exists() for m in (WORK_DIR, MANIFEST_PARTIAL)):
             raise InputError(f"{run_dir}: not a finished agriseg run: no run.json; finish or "
                              "resume the run first (run the same `agriseg run` command again)")
         # A classes.tif put in a folder of its own (as the tests do): its classes are taken

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,24 +136,37 @@ def shapefile_files(path: str | os.PathLike[str]) -> list[Path]:
                   and f.name[len(stem):].lower() in SHAPEFILE_SIDECARS and not f.is_dir())
 
 
-def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> None:
+def output_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` with its extension in lower case, as the file is written (``X.SHP`` -> ``X.shp``).
+
+    GDAL's Shapefile driver writes ``.shp`` whatever case it is given, so the upper-case
+    name reported a file that did not exist on a case-sensitive file system.
+    """
+    path = Path(path)
+    return path.with_suffix(path.suffix.lower()) if path.suffix else path
+
+
+def check_output(path: str | os.PathLike[str], overwrite: bool = False,
+                 protected: Collection[Path] = ()) -> None:
     """Refuse an output the prescription cannot be written to, before any work.
 
     Checks the extension, that the folder exists (it is not created: a typo in --out made a
-    whole new folder tree), that the file is new or ``overwrite`` is set, and that the
-    folder takes a file (a probe folder is made and removed).
+    whole new folder tree), that none of the files it would write is one of ``protected``
+    (the run's own outputs and styles, even with ``overwrite``), that the file is new or
+    ``overwrite`` is set, and that the folder takes a file (a probe folder is made and
+    removed).
 
     Raises:
         OutputError: what is wrong, with what to do.
     """
-    path = Path(path)
-    if path.suffix.lower() not in (".shp", ".gpkg"):
+    path = output_path(path)
+    if path.suffix not in (".shp", ".gpkg"):
         raise OutputError(f"{path}: write a .shp or .gpkg prescription (terminals read these)")
     parent = path.parent
     try:
         folder, is_dir = parent.exists(), parent.is_dir()
         exists = is_dir and path.exists()
-        sidecars = shapefile_files(path) if is_dir and path.suffix.lower() == ".shp" else []
+        sidecars = shapefile_files(path) if is_dir and path.suffix == ".shp" else []
     except OSError as exc:  # a file name longer than the file system takes
         raise OutputError(f"{path}: cannot be written ({exc.strerror or exc}); choose a "
                           "shorter --out") from exc
@@ -160,6 +174,16 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False) -> None:
         raise OutputError(f"{parent}: folder does not exist; create it or choose another --out")
     if not is_dir:
         raise OutputError(f"{parent}: is not a folder; choose another --out")
+    writes = ([path.with_name(path.stem + s) for s in SHAPEFILE_SIDECARS]
+              if path.suffix == ".shp" else [path])
+    # Case-folded: on a case-insensitive file system Classes.qml is classes.qml. A
+    # --out classes.shp --overwrite replaced the class mask's style with the rates', and
+    # --out fields.gpkg the field summaries.
+    taken = {(p.parent.resolve(), p.name.casefold()) for p in protected}
+    clash = [w.name for w in writes if (parent.resolve(), w.name.casefold()) in taken]
+    if clash:
+        raise OutputError(f"{path}: would replace the run's own {', '.join(clash)}; choose "
+                          f"another name, e.g. prescription{path.suffix}")
     if exists and not overwrite:
         # A sprayer map already handed to a terminal must not change under its name unasked.
         raise OutputError(f"{path}: exists; use --overwrite to replace it or --out another file")
@@ -402,8 +426,8 @@ def write_prescription(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str],
     Raises:
         OutputError: unknown extension, no such folder, or the file cannot be written.
     """
-    path = Path(path)
-    ext = path.suffix.lower()
+    path = output_path(path)
+    ext = path.suffix
     if ext not in (".shp", ".gpkg"):
         raise OutputError(f"{path}: write a .shp or .gpkg prescription (terminals read these)")
     if crs and gdf.crs is not None and not on_earth(gdf.crs):

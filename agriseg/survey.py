@@ -17,7 +17,7 @@ import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -886,6 +886,17 @@ def _run_post_steps(ctx: SurveyContext, skip: tuple[str, ...], timings: dict[str
             shutdown_pool()
             heap.trim()
         timings[f"{name}_s"] = time.perf_counter() - t
+
+
+def run_files(out: Path, outputs: Iterable[str] = ()) -> frozenset[Path]:
+    """The files in run folder ``out`` that ``agriseg run`` writes (or may write), with styles.
+
+    ``outputs`` are the relative paths a run.json lists; names no run writes are ignored
+    (run.json is a file anyone can edit). Other tools that write into a run folder (the
+    prescription) must not replace these.
+    """
+    rels = set(OUTPUT_NAMES) | {str(r) for r in outputs if _own_output(str(r))}
+    return frozenset(f for rel in rels for f in (out / rel, *_sidecars(out / rel)))
 
 
 def _sidecars(path: Path) -> tuple[Path, Path]:

@@ -126,6 +126,29 @@ def test_sidecars_of_a_removed_shapefile_need_overwrite(run: Path, tmp_path: Pat
     assert not (tmp_path / "rx.qix").exists()
 
 
+@pytest.mark.parametrize(("name", "clash"), [
+    ("classes.shp", "classes.qml"),    # the class mask's style
+    ("zones.gpkg", "zones.gpkg"),      # the run's zones, even with --overwrite
+    ("Fields.GPKG", "Fields.gpkg"),    # any case: a case-insensitive file system
+    ("indices/exg.shp", "exg.qml"),    # an output run.json lists, in a subfolder
+])
+def test_the_runs_own_files_are_never_replaced(run: Path, name: str, clash: str) -> None:
+    (run / "indices").mkdir()
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "outputs": {"x": "indices/exg.tif"}}))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = _rx(str(run), "--rate", "weed=1", "--grid", "10", "--out", str(run / name),
+            "--overwrite")
+    _refused(r, f"would replace the run's own {clash}")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_upper_case_extension_reports_the_file_written(run: Path, tmp_path: Path) -> None:
+    r = _rx(str(run), "--rate", "weed=1", "--out", str(tmp_path / "RX.SHP"))
+    assert r.exit_code == 0, r.output
+    assert f"wrote {tmp_path / 'RX.shp'}:" in r.output and (tmp_path / "RX.shp").exists()
+
+
 # --- 3. damaged or foreign run folders -------------------------------------------------------
 
 def _zones_without(run: Path, column: str | None, layer: str = "zones") -> None:

@@ -56,9 +56,11 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
         check_crs,
         check_output,
         grid_prescription,
+        output_path,
         parse_rates,
         write_prescription,
     )
+    from agriseg.survey import run_files
 
     classes = run_dir / "classes.tif"
     if not classes.exists():
@@ -70,8 +72,11 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
                           "truncate; use a shorter name or --out FILE.gpkg")
     rx = Prescription(parse_rates(rates, schema), grid_m, min_share / 100, base_rate, column)
     check_crs(crs)
-    out = out or run_dir / "prescription.shp"
-    check_output(out, overwrite)  # before the work: a wrong --out is found in a second
+    out = output_path(out or run_dir / "prescription.shp")
+    # Before the work: a wrong --out is found in a second.
+    listed = run_info.get("outputs")
+    check_output(out, overwrite,
+                 run_files(run_dir, listed.values() if isinstance(listed, dict) else ()))
     if grid_m is not None:
         gdf = grid_prescription(classes, schema, rx)
         changed = int((gdf[column] != base_rate).sum())
@@ -79,8 +84,8 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
     else:
         gdf = _zone_map(run_dir, manifest, run_info, schema, rx)
         summary = f"{len(gdf)} zone polygon(s)"
-    write_prescription(gdf, out, crs, column)
-    click.echo(f"wrote {out}: {summary}")
+    written = write_prescription(gdf, out, crs, column)
+    click.echo(f"wrote {written}: {summary}")
 
 
 def _run_info(run_dir: Path, manifest: Path) -> tuple[dict[str, Any], ClassSchema]:

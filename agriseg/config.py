@@ -256,6 +256,10 @@ class _ConfigLoader(yaml.SafeLoader):
         # itself (identity), as an alias returns the very node of its anchor.
         self._extent: dict[yaml.Node, tuple[int, int]] = {}
         self._written = 0  # nodes composed from the text itself (aliases not expanded)
+        # Per mapping node, its keys as written. PyYAML's merge flattening rewrites a merged
+        # mapping's keys in place, so a `<<:` mapping merged before its own turn to be
+        # built showed the merged keys beside its own: a false "duplicate key".
+        self._keys: dict[yaml.Node, tuple[yaml.Node, ...]] = {}
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
         if self.check_event(yaml.AliasEvent):
@@ -283,6 +287,7 @@ class _ConfigLoader(yaml.SafeLoader):
             children = node.value
         elif isinstance(node, yaml.MappingNode):
             children = [n for pair in node.value for n in pair]
+            self._keys[node] = tuple(k for k, _ in node.value)
         extents = [self._extent[c] for c in children]
         size = 1 + sum(n for n, _ in extents)
         depth = 1 + max((d for _, d in extents), default=0)
@@ -328,7 +333,7 @@ class _ConfigLoader(yaml.SafeLoader):
         # PyYAML keeps the last of repeated keys, so `out:` given twice silently ran with the
         # second. Keys from a `<<:` merge are skipped: overriding them is what merges are for.
         seen: dict[Any, yaml.Node] = {}
-        for key_node, _ in node.value:
+        for key_node in self._keys.get(node, tuple(k for k, _ in node.value)):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)

@@ -59,6 +59,17 @@ def test_aliases_and_merges_still_load(tmp_path: Path) -> None:
     assert data["b"] == ["weed", "disease"] and data["m"] == {"x": 3, "y": 2}
 
 
+def test_a_merged_mapping_built_after_its_user_is_no_duplicate(tmp_path: Path) -> None:
+    """`mid` merges `base` and overrides `halo`; `run`, built first, merges `mid`."""
+    data = load_yaml(_write(tmp_path, "profiles:\n  base: &base\n    halo: 32\n"
+                                      "  mid: &mid\n    <<: *base\n    halo: 48\n"
+                                      "run:\n  <<: *mid\n"))
+    assert data["run"] == data["profiles"]["mid"] == {"halo": 48}
+    msg = _refused(_write(tmp_path, "p:\n  b: &b {x: 1}\n  m: &m\n    <<: *b\n    y: 1\n"
+                                    "    y: 2\nr:\n  <<: *m\n"))
+    assert "duplicate key 'y' (first on line 5)" in msg
+
+
 def test_billion_laughs_is_refused_fast_and_small(tmp_path: Path) -> None:
     """10**9 "lol"s once expanded: refused while parsing, before anything big is built."""
     lines = ["version: 1", "input: x.tif", "out: o",

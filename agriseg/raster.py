@@ -435,6 +435,26 @@ def _reflectance_order(
     return roles, notes
 
 
+#: Share of an alpha band's pixels between transparent and opaque above which it looks like
+#: data. Orthomosaic tools feather the footprint's edge over a few pixels (well under 1 %).
+ALPHA_DATA_SHARE = 0.05
+
+
+def _alpha_doubt(values: np.ndarray, band: int, dtype: np.dtype[Any]) -> list[str]:
+    """A warning when the alpha band ``band`` holds graded values, as a NIR band does.
+
+    RGB + NIR tiles saved as 4-channel PNGs (labelled datasets) come back from GDAL with the
+    NIR band tagged alpha: it became the nodata mask, and NIR went unused.
+    """
+    top = np.iinfo(dtype).max if dtype.kind in "ui" else 1.0
+    graded = float(((values > 0) & (values < top)).mean()) if values.size else 0.0
+    if graded <= ALPHA_DATA_SHARE:
+        return []
+    return [f"band {band} is tagged alpha and used as the nodata mask, but {graded:.0%} of "
+            "its pixels are neither transparent nor opaque, as a NIR band saved in an alpha "
+            f"channel is: if it is NIR, give --bands red=1,green=2,blue=3,nir={band}"]
+
+
 def _looks_like_alpha(ds: rasterio.DatasetReader, band: int) -> bool:
     """True when an undeclared band holds only 0 and the dtype maximum (a validity mask)."""
     if ds.dtypes[band - 1] != "uint8":
@@ -746,6 +766,8 @@ def _describe(
             mapping["alpha"] = alpha = 4
     if alpha is not None:
         mask_source = "alpha"
+        if bands is None and "nir" not in mapping:
+            notes += _alpha_doubt(sample()[alpha - 1], alpha, np.dtype(ds.dtypes[alpha - 1]))
     elif ds.nodata is not None or any(
         MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in ds.mask_flag_enums
     ):

@@ -269,6 +269,29 @@ def test_unflagged_validity_band_is_alpha_not_nir(tmp_path: Path) -> None:
     assert (got == valid).all()
 
 
+@pytest.mark.parametrize(("graded", "warned"), [(True, True), (False, False)])
+def test_alpha_band_holding_data_is_doubted(tmp_path: Path, graded: bool, warned: bool) -> None:
+    """An RGB+NIR tile saved as an RGBA PNG: GDAL tags NIR alpha, and it masked the image."""
+    rng = np.random.default_rng(1)
+    rgba = rng.integers(1, 255, (4, 128, 128), dtype=np.uint8)
+    if not graded:  # a real alpha: opaque, a transparent corner, a feathered pixel or two
+        rgba[3] = 255
+        rgba[3, :20, :20] = 0
+        rgba[3, 20, :3] = 128
+    path = tmp_path / "tile.png"
+    with raster.no_georef_warning():
+        with rasterio.open(path, "w", driver="PNG", width=128, height=128, count=4,
+                           dtype="uint8") as dst:
+            dst.write(rgba)
+        with rasterio.open(path) as ds:
+            assert ds.colorinterp[3] == ColorInterp.alpha
+    s = open_survey(raster.image_vrt(path, tmp_path / "image.vrt", 0.01))
+    doubts = [w for w in s.warnings if "tagged alpha" in w]
+    assert bool(doubts) == warned
+    if warned:
+        assert "--bands red=1,green=2,blue=3,nir=4" in doubts[0]
+
+
 def test_image_vrt_places_an_unreferenced_image(tmp_path: Path) -> None:
     """--gsd: the image on a metric image plane; rewritten only when it changes (resume)."""
     import os

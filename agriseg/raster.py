@@ -177,8 +177,18 @@ class SurveyRaster:
     offset: float = 0.0
     warnings: tuple[str, ...] = ()
 
-    def require(self, roles: tuple[str, ...], who: str = "the model") -> None:
+    def require(self, roles: tuple[str, ...], who: str = "the model", *,
+                name_bands: str = "--bands",
+                otherwise: str = "run a model for the bands it has (e.g. --model labelfree) "
+                                 "or a survey that has them") -> None:
         """Raise a clear :class:`BandError` unless all ``roles`` are available.
+
+        Args:
+            roles: the band roles needed.
+            who: what needs them, for the message.
+            name_bands: where the user names band roles (``--bands`` for a run, a data
+                entry's ``bands:`` for training).
+            otherwise: what to do when the raster has no band left for a missing role.
 
         Raises:
             BandError: listing the missing and present roles and the ``--bands`` fix.
@@ -193,11 +203,12 @@ class SurveyRaster:
             if len(spare) >= len(missing):
                 pairs = [(r, i) for r, i in self.roles.bands if r != "alpha"]
                 pairs += list(zip(missing, spare, strict=False))
-                fix = ("Name the bands with --bands, e.g. --bands "
-                       + ",".join(f"{r}={i}" for r, i in pairs))
+                example = ",".join(f"{r}={i}" for r, i in pairs)
+                fix = (f"Name the bands with --bands, e.g. --bands {example}"
+                       if name_bands == "--bands" else
+                       f"Name the bands with {name_bands}, e.g. {example}")
             else:
-                fix = (f"It has no band left for {', '.join(missing)}: run a model for the bands "
-                       "it has (e.g. --model labelfree) or a survey that has them")
+                fix = f"It has no band left for {', '.join(missing)}: {otherwise}"
             raise BandError(
                 f"{self.path}: {who} needs band roles {', '.join(roles)} but "
                 f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing "

@@ -6,8 +6,10 @@ Rasters are compared block by block, so any size fits in memory.
 from __future__ import annotations
 
 import logging
+import math
+from collections import Counter
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 #: More unknown truth values than this is no label raster: no mapping to suggest.
 MAX_LABELS = 20
+#: Distinct unmapped colours counted in a colour-coded truth (a photo has millions).
+MAX_COLOURS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +35,14 @@ class Scores:
     Attributes:
         confusion: ``(K, K)`` pixel counts, rows = truth, columns = prediction.
         names: class names in index order.
+        left_out: classes kept out of the mean IoU, with why ("not in truth", "merged into
+            soil"): a truth of soil, crop and weed only says nothing of disease, and a few
+            stray disease pixels scored 0 and dragged the mean down.
     """
 
     confusion: np.ndarray
     names: tuple[str, ...]
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def iou(self) -> dict[str, float]:
@@ -63,18 +71,27 @@ class Scores:
         return float(np.trace(self.confusion) / total) if total else float("nan")
 
     @property
+    def miou_classes(self) -> tuple[str, ...]:
+        """The classes the mean IoU covers: present in truth or prediction, not left out."""
+        return tuple(n for n, v in self.iou.items()
+                     if not np.isnan(v) and n not in self.left_out)
+
+    @property
     def miou(self) -> float:
-        """Mean IoU over classes present in truth or prediction."""
-        vals = [v for v in self.iou.values() if not np.isnan(v)]
+        """Mean IoU over :attr:`miou_classes`."""
+        iou = self.iou
+        vals = [iou[n] for n in self.miou_classes]
         return float(np.mean(vals)) if vals else float("nan")
 
     def to_dict(self) -> dict[str, object]:
-        """JSON-friendly form."""
+        """JSON-friendly form: NaN (a class absent from both rasters) is None (null)."""
         return {
-            "iou": self.iou,
-            "f1": self.f1,
-            "accuracy": self.accuracy,
-            "miou": self.miou,
+            "iou": {n: _finite(v) for n, v in self.iou.items()},
+            "f1": {n: _finite(v) for n, v in self.f1.items()},
+            "accuracy": _finite(self.accuracy),
+            "miou": _finite(self.miou),
+            "miou_classes": list(self.miou_classes),
+            "left_out": dict(self.left_out),
             "confusion": self.confusion.tolist(),
             "names": list(self.names),
         }
@@ -87,15 +104,23 @@ class Scores:
         truth = self.confusion.sum(1)
         pred = self.confusion.sum(0)
         for i, n in enumerate(self.names):
+            note = f"  ({self.left_out[n]}, not in mean IoU)" if n in self.left_out else ""
             lines.append(
                 f"{n:<{w}} {self.iou[n]:7.3f} {self.f1[n]:7.3f} {truth[i]:12d} {pred[i]:12d}"
+                + note
             )
-        lines.append(f"pixel accuracy {self.accuracy:.4f}   mean IoU {self.miou:.4f}")
+        over = f" over {', '.join(self.miou_classes)}" if self.left_out else ""
+        lines.append(f"pixel accuracy {self.accuracy:.4f}   mean IoU {self.miou:.4f}{over}")
         lines.append("confusion (rows truth, columns prediction):")
         lines.append(" " * w + "".join(f"{n:>{w}}" for n in self.names))
         for i, n in enumerate(self.names):
             lines.append(f"{n:<{w}}" + "".join(f"{v:{w}d}" for v in self.confusion[i]))
         return "\n".join(lines)
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None for NaN: JSON has no NaN (``json.dumps`` wrote invalid JSON)."""
+    return None if math.isnan(value) else value
 
 
 def confusion(
@@ -148,6 +173,65 @@ def parse_truth_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dic
     return out
 
 
+def parse_pred_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dict[int, int]:
+    """``"crop=soil,disease=ignore"`` as ``{class value: class value, or nodata to ignore}``.
+
+    Merges prediction classes a truth does not tell apart (a binary weed mask knows weed and
+    not-weed only).
+
+    Raises:
+        ConfigError: a malformed pair or an unknown class name (valid names are listed).
+    """
+    names = {c.name.lower(): c.value for c in schema.classes}
+    valid = ", ".join(schema.names)
+    out: dict[int, int] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        src, _, dst = (s.strip().lower() for s in part.partition("="))
+        if src not in names or (dst not in names and dst != "ignore"):
+            raise ConfigError(
+                f"--pred-classes {part!r}: expected CLASS=CLASS (a predicted class, then the "
+                f"class to count it as, or ignore) with classes among {valid}, e.g. "
+                f"{schema.names[-1]}={schema.names[0]}"
+            )
+        if names[src] in out:
+            raise ConfigError(f"--pred-classes: class {src!r} is given twice; give each "
+                              "predicted class once")
+        out[names[src]] = names.get(dst, schema.nodata)
+    return out
+
+
+def parse_truth_colors(text: str,
+                       schema: ClassSchema = DEFAULT_CLASSES) -> dict[tuple[int, int, int], int]:
+    """``"0,0,0=soil;0,255,0=crop;255,0,0=weed"`` as ``{(r, g, b): class value}``.
+
+    ``;`` separates the pairs because ``,`` separates a colour's values.
+
+    Raises:
+        ConfigError: a malformed pair, a value outside 0-255 or an unknown class name.
+    """
+    names = {c.name.lower(): c.value for c in schema.classes} | {"ignore": schema.nodata}
+    out: dict[tuple[int, int, int], int] = {}
+    for part in filter(None, (x.strip() for x in text.split(";"))):
+        colour, _, name = part.rpartition("=")
+        try:
+            rgb = tuple(int(v) for v in colour.split(","))
+        except ValueError:
+            rgb = ()
+        name = name.strip().lower()
+        if len(rgb) != 3 or not all(0 <= v <= 255 for v in rgb) or name not in names:
+            raise ConfigError(
+                f"--truth-colors {part!r}: expected R,G,B=CLASS (R, G, B 0-255; CLASS one of "
+                f"{', '.join([*schema.names, 'ignore'])}), pairs separated by ';', e.g. "
+                "0,0,0=" + ";0,255,0=".join(schema.names[:2])
+            )
+        key = (rgb[0], rgb[1], rgb[2])
+        if key in out:
+            raise ConfigError(f"--truth-colors: colour {colour.strip()} is given twice; give "
+                              "each colour once")
+        out[key] = names[name]
+    return out
+
+
 def _mapped(truth: np.ndarray, mapping: dict[int, int] | None, k: int, nodata: int,
             unknown: set[int]) -> np.ndarray:
     """Truth values as class values.
@@ -192,16 +276,25 @@ def non_class_values(arr: np.ndarray, k: int, nodata: int) -> np.ndarray:
 
 
 def check_class_raster(path: str | Path, ds: rasterio.DatasetReader, role: str) -> None:
-    """Refuse what cannot be a class raster: several bands, non-integer values.
+    """Refuse what cannot be a class raster: JPEG, several bands, non-integer values.
 
     Raises:
         InputError: naming ``path`` as the ``role`` ("prediction", "truth", ...).
     """
+    _refuse_jpeg(path, ds, role)
+    if ds.count == 2:
+        raise InputError(
+            f"{path}: has 2 bands (grey and alpha?); the {role} must be a single-band raster "
+            f"of class values: keep the first band, e.g. gdal_translate -b 1 {path} "
+            "labels.tif"
+        )
     if ds.count != 1:
+        colours = ("; colour-coded labels can be scored as they are with --truth-colors "
+                   "R,G,B=CLASS;...") if role == "truth" else ""
         raise InputError(
             f"{path}: has {ds.count} bands; the {role} must be a single-band raster of class "
             "values (as `agriseg run` writes classes.tif). Is it the image, or colour-coded "
-            "labels? Convert colours to class values first"
+            f"labels? Convert colours to class values first{colours}"
         )
     if np.dtype(ds.dtypes[0]).kind not in "iu":
         raise InputError(
@@ -210,26 +303,172 @@ def check_class_raster(path: str | Path, ds: rasterio.DatasetReader, role: str) 
         )
 
 
+def _refuse_jpeg(path: str | Path, ds: rasterio.DatasetReader, role: str) -> None:
+    """Refuse a JPEG: its artefact values at class edges are not labels to map or ignore."""
+    if ds.driver == "JPEG":
+        raise InputError(
+            f"{path}: is a JPEG, and JPEG is lossy (its compression invents values at class "
+            f"edges); save the {role} as PNG or TIFF"
+        )
+
+
+def _declared_nodata(ds: rasterio.DatasetReader) -> int | None:
+    """The raster's own nodata value as an integer, or None (none, NaN or fractional)."""
+    value = ds.nodata
+    if value is None or not math.isfinite(value) or value != int(value):
+        return None
+    return int(value)
+
+
+def _distinct(arr: np.ndarray) -> np.ndarray:
+    """The distinct values of ``arr``, sorted (a byte array by counting: no sort per block)."""
+    if arr.dtype == np.uint8:
+        return np.flatnonzero(np.bincount(arr.ravel(), minlength=256))
+    return np.unique(arr)
+
+
+def _colour_codes(path: str | Path, ds: rasterio.DatasetReader) -> np.ndarray | None:
+    """For a one-band truth with a colour table: each index's ``0xRRGGBB`` code, else None.
+
+    Raises:
+        InputError: the truth is not 8-bit RGB(A), nor one band with a colour table.
+    """
+    _refuse_jpeg(path, ds, "truth")
+    if ds.count in (3, 4) and all(d == "uint8" for d in ds.dtypes):
+        return None
+    if ds.count == 1 and ds.dtypes[0] in ("uint8", "uint16"):
+        try:
+            table = ds.colormap(1)
+        except ValueError:  # no colour table
+            table = {}
+        if table:
+            codes = np.full(65536 if ds.dtypes[0] == "uint16" else 256, -1, np.int64)
+            for index, (r, g, b, *_) in table.items():
+                codes[index] = (r << 16) | (g << 8) | b
+            return codes
+    raise InputError(
+        f"{path}: --truth-colors needs colour-coded labels (3 or 4 bands of 8-bit RGB(A), or "
+        f"one band with a colour table), not {ds.count} band(s) of {ds.dtypes[0]}; give class "
+        "values with --truth-classes instead"
+    )
+
+
+def _colour_classes(codes: np.ndarray, colours: dict[int, int], nodata: int,
+                    unmapped: Counter[int]) -> np.ndarray:
+    """``0xRRGGBB`` codes as class values; codes not in ``colours`` are counted in ``unmapped``.
+
+    Codes below 0 (transparent pixels, palette indices without a colour) are unlabelled.
+    """
+    out = np.full(codes.shape, nodata, np.int64)
+    known = codes < 0
+    for code, value in colours.items():
+        hit = codes == code
+        out[hit] = value
+        known |= hit
+    if not known.all():
+        values, counts = np.unique(codes[~known], return_counts=True)
+        for v, n in zip(values.tolist(), counts.tolist(), strict=True):
+            # Bounded: a photo given as truth has a colour for nearly every pixel.
+            if v in unmapped or len(unmapped) < MAX_COLOURS:
+                unmapped[v] += n
+    return out
+
+
+def _read_colour_codes(ds: rasterio.DatasetReader, window: rasterio.windows.Window,
+                       palette: np.ndarray | None) -> np.ndarray:
+    """The truth's ``0xRRGGBB`` codes in ``window``; -1 where transparent (alpha 0)."""
+    if palette is not None:
+        return palette[ds.read(1, window=window)]
+    rgb = ds.read(window=window).astype(np.int64)
+    codes = (rgb[0] << 16) | (rgb[1] << 8) | rgb[2]
+    if ds.count == 4:
+        codes[rgb[3] == 0] = -1
+    return codes
+
+
+def _check_same_grid(pred_path: str | Path, truth_path: str | Path,
+                     p: rasterio.DatasetReader, t: rasterio.DatasetReader) -> None:
+    """Refuse a prediction and truth on different grids (or, without a CRS, of other sizes).
+
+    Raises:
+        GridMismatchError: naming both sizes, and for rasters on a map both CRSs.
+    """
+    if not (on_earth(p.crs) and on_earth(t.crs)):
+        log.debug("%s / %s: not both on a map; compared pixel for pixel",
+                  pred_path, truth_path)
+        if p.shape != t.shape:
+            # A PNG tile has no CRS to warp: its CRS (a long LOCAL_CS) and gdalwarp only
+            # confused.
+            raise GridMismatchError(
+                f"{pred_path} and {truth_path}: sizes differ, prediction {p.width}x{p.height} "
+                f"vs truth {t.width}x{t.height} (width x height); the label must have the "
+                "image's size"
+            )
+        return
+    if not Grid(p.shape, p.transform, p.crs).same_as(Grid(t.shape, t.transform, t.crs)):
+        raise GridMismatchError(
+            f"{pred_path} and {truth_path} are on different grids "
+            f"({p.width}x{p.height} {p.crs} vs {t.width}x{t.height} {t.crs}); "
+            "resample the truth onto the prediction grid first (gdalwarp -r near "
+            "-te/-tr/-t_srs)"
+        )
+
+
 def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
-                     schema: ClassSchema) -> str:
-    """A ``--truth-classes`` value naming what is known and each unknown value."""
+                     schema: ClassSchema, present: list[int] | None = None) -> str:
+    """A ``--truth-classes`` value naming what is known and each unknown value.
+
+    Args:
+        mapping: the --truth-classes given, if any.
+        unknown: the truth's values that are neither classes nor mapped.
+        schema: the classes.
+        present: every value the truth holds but its unlabelled ones (255, its declared
+            nodata), sorted; None when not known.
+    """
     names = {c.value: c.name for c in schema.classes} | {schema.nodata: "ignore"}
-    if not mapping and len(unknown) == len(schema):
-        # As many codes as classes (10/20/30/40): most likely the classes in order.
-        return ",".join(f"{v}={c.name}" for v, c in zip(unknown, schema.classes, strict=True))
+    if not mapping and present is not None and len(present) <= len(schema):
+        # No more codes than classes (10/20/30, or 1..4 beside nodata 0): most likely the
+        # classes in order. Ignoring the codes, or 0..3 kept as they are, scored nothing.
+        example = _in_order(present, schema)
+        rest = [v for v in present if v != 0]
+        if len(rest) < len(present) and not any(0 < v < len(schema) for v in rest):
+            # 0 beside codes none of which is a class (0/10/20/30, 0/85/170): 0 may be
+            # soil as well as the unlabelled background; only the user knows.
+            example += f" (or, if 0 is unlabelled, 0=ignore,{_in_order(rest, schema)})"
+        return example
     known = mapping if mapping else {c.value: c.value for c in schema.classes}
     pairs = [f"{v}={names[c]}" for v, c in known.items()]
     return ",".join(pairs + [f"{v}=ignore" for v in unknown if v not in known])
 
 
+def _in_order(codes: list[int], schema: ClassSchema) -> str:
+    """``codes`` as the classes in order: ``10=soil,20=crop,30=weed``."""
+    return ",".join(f"{v}={c.name}" for v, c in zip(codes, schema.classes, strict=False))
+
+
+def _binary_mask_hint(schema: ClassSchema, low: int) -> str:
+    """The options that score a binary mask of ``low`` and 255 (255 = the class)."""
+    weed = schema.by_role("weed")
+    positive = weed.name if weed else schema.names[-1]
+    background = schema.names[0] if schema.names[0] != positive else schema.names[-1]
+    merged = ",".join(f"{n}={background}" for n in schema.names
+                      if n not in (positive, background))
+    return (f"--truth-classes {low}={background},{schema.nodata}={positive}"
+            + (f" --pred-classes {merged}" if merged else ""))
+
+
 def evaluate_rasters(
     pred_path: str | Path, truth_path: str | Path, schema: ClassSchema = DEFAULT_CLASSES,
     truth_classes: dict[int, int] | None = None,
+    pred_classes: dict[int, int] | None = None,
+    truth_colors: dict[tuple[int, int, int], int] | None = None,
 ) -> Scores:
     """Compare a predicted class raster with a truth raster on the same grid.
 
     When either raster has no place on Earth (no CRS, e.g. a PNG label image, or a run with
-    ``--gsd``), the two are compared pixel for pixel and only their sizes must agree.
+    ``--gsd``), the two are compared pixel for pixel and only their sizes must agree. The
+    truth's own nodata value, and ``schema.nodata``, are unlabelled unless ``truth_classes``
+    names them. Both rasters are read a block of the prediction at a time.
 
     Args:
         pred_path: class raster written by ``agriseg run``.
@@ -237,51 +476,69 @@ def evaluate_rasters(
         schema: the classes.
         truth_classes: truth value -> class value, for truths coded otherwise (see
             :func:`parse_truth_classes`); every value the truth holds must be listed.
+            Classes it does not name are left out of the mean IoU.
+        pred_classes: predicted class value -> the class value it counts as, or
+            ``schema.nodata`` to ignore it (see :func:`parse_pred_classes`).
+        truth_colors: ``(r, g, b)`` -> class value, for colour-coded truths (RGB, RGBA or a
+            colour table; see :func:`parse_truth_colors`); every colour must be listed.
 
     Raises:
         GridMismatchError: the two rasters differ in size, transform or CRS.
-        InputError: the truth holds values that are not classes (nor mapped).
+        InputError: the truth holds values (or colours) that are not classes (nor mapped),
+            or is no class raster (JPEG, several bands, floats).
         RasterError: a file cannot be opened.
     """
+    k = len(schema)
     try:
         with ExitStack() as stack:
             with no_georef_warning():
                 p = stack.enter_context(rasterio.open(pred_path))
                 t = stack.enter_context(rasterio.open(truth_path))
-            if not (on_earth(p.crs) and on_earth(t.crs)):
-                log.debug("%s / %s: not both on a map; compared pixel for pixel",
-                          pred_path, truth_path)
-                same = p.shape == t.shape
-            else:
-                same = Grid(p.shape, p.transform, p.crs).same_as(
-                    Grid(t.shape, t.transform, t.crs))
-            if not same:
-                raise GridMismatchError(
-                    f"{pred_path} and {truth_path} are on different grids "
-                    f"({p.width}x{p.height} {p.crs} vs {t.width}x{t.height} {t.crs}); "
-                    "resample the truth onto the prediction grid first (gdalwarp -r near "
-                    "-te/-tr/-t_srs)"
-                )
+            # Class checks first: a JPEG or an RGB image is refused as such, whatever its size.
             check_class_raster(pred_path, p, "prediction")
-            check_class_raster(truth_path, t, "truth")
-            k = len(schema)
+            if truth_colors is None:
+                check_class_raster(truth_path, t, "truth")
+                palette = None
+            else:
+                palette = _colour_codes(truth_path, t)
+            _check_same_grid(pred_path, truth_path, p, t)
+            declared = _declared_nodata(t) if truth_colors is None else None
             mapping = truth_classes
             if mapping:
                 # The truth's own nodata value, and 255 (agriseg's unlabelled), stay unlabelled
                 # unless the mapping says otherwise.
-                for value in {schema.nodata, *([int(t.nodata)] if t.nodata is not None else [])}:
+                for value in {schema.nodata, *([declared] if declared is not None else [])}:
                     mapping = {value: schema.nodata, **mapping}
+            colours = {(r << 16) | (g << 8) | b: v for (r, g, b), v in (truth_colors or {}).items()}
+            merge = np.arange(max(k, schema.nodata) + 1)
+            for src, dst in (pred_classes or {}).items():
+                merge[src] = dst
             total = np.zeros((k, k), np.int64)
             unknown: set[int] = set()
             unknown_pred: set[int] = set()
+            unmapped: Counter[int] = Counter()
+            # The truth's distinct values (bounded): a binary 0/255 mask to warn of, and the
+            # codes an example --truth-classes maps in order.
+            seen: set[int] | None = set()
             for _, window in p.block_windows(1):
-                truth = _mapped(t.read(1, window=window), mapping, k, schema.nodata, unknown)
+                if truth_colors is not None:
+                    truth = _colour_classes(_read_colour_codes(t, window, palette), colours,
+                                            schema.nodata, unmapped)
+                else:
+                    raw = t.read(1, window=window)
+                    if seen is not None:
+                        seen.update(_distinct(raw).tolist())
+                        if len(seen) > k + MAX_LABELS + 2:
+                            seen = None
+                    if not mapping and declared is not None and declared != schema.nodata:
+                        raw = np.where(raw == declared, schema.nodata, raw)
+                    truth = _mapped(raw, mapping, k, schema.nodata, unknown)
                 pred = p.read(1, window=window)
                 if p.nodata is not None and int(p.nodata) != schema.nodata:
                     pred = np.where(pred == p.nodata, schema.nodata, pred)
                 pred = _checked(pred, k, schema.nodata, unknown_pred)
-                if not (unknown or unknown_pred):
-                    total += confusion(truth, pred, k, schema.nodata)
+                if not (unknown or unknown_pred or unmapped):
+                    total += confusion(truth, merge[pred], k, schema.nodata)
     except rasterio.errors.RasterioError as exc:
         raise RasterError(f"cannot read {pred_path} or {truth_path}: {exc}") from exc
     classes = ", ".join(f"{c.value}={c.name}" for c in schema.classes)
@@ -291,6 +548,14 @@ def evaluate_rasters(
             f"({classes}, {schema.nodata}=nodata); the prediction must be a class raster of "
             "agriseg's classes (as `agriseg run` writes classes.tif)"
         )
+    if unmapped:
+        first = ", ".join(f"{c >> 16},{(c >> 8) & 255},{c & 255} ({n} px)"
+                          for c, n in unmapped.most_common(5))
+        more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
+        raise InputError(
+            f"{truth_path}: holds colours that --truth-colors does not name: {first}{more}; add "
+            "each as R,G,B=CLASS (or R,G,B=ignore)"
+        )
     if len(unknown) > MAX_LABELS:
         raise InputError(
             f"{truth_path}: holds more than {MAX_LABELS} values that are not classes "
@@ -299,14 +564,24 @@ def evaluate_rasters(
             f"raster ({classes}, {schema.nodata}=unlabelled, or other values mapped with "
             "--truth-classes VALUE=CLASS,...)"
         )
+    unlabelled = {schema.nodata, *([declared] if declared is not None else [])}
     if unknown:
         vals = sorted(unknown)[:MAX_LABELS]
+        present = sorted(seen - unlabelled) if seen is not None else None
+        already = [f"{declared} (its declared nodata)"] if declared not in (None,
+                                                                           schema.nodata) else []
+        if seen is not None and schema.nodata in seen:
+            already.append(str(schema.nodata))
+        note = (f"; {' and '.join(already)} {'is' if len(already) == 1 else 'are'} already "
+                "read as unlabelled" if already else "")
+        if str(schema.nodata) not in already:
+            classes += f", {schema.nodata}=unlabelled"
         raise InputError(
-            f"{truth_path}: holds values {vals} that are not classes ({classes}, "
-            f"{schema.nodata}=unlabelled); say what each value is with --truth-classes "
+            f"{truth_path}: holds values {vals} that are not classes ({classes}); say what "
+            "each value is with --truth-classes "
             "VALUE=CLASS,... (CLASS one of "
-            f"{', '.join([*schema.names, 'ignore'])}), e.g. --truth-classes "
-            f"{_example_mapping(truth_classes, vals, schema)}"
+            f"{', '.join([*schema.names, 'ignore'])}){note}, e.g. --truth-classes "
+            f"{_example_mapping(truth_classes, vals, schema, present)}"
         )
     if not total.any():
         raise InputError(
@@ -314,4 +589,50 @@ def evaluate_rasters(
             "unlabelled, ignored or under the prediction's nodata); check --truth-classes and "
             "that the two rasters cover the same place"
         )
-    return Scores(total, schema.names)
+    if seen is not None and truth_colors is None:
+        _warn_of_unlabelled(truth_path, seen, declared, truth_classes, schema)
+    return Scores(total, schema.names, _left_out(schema, truth_classes, truth_colors,
+                                                 pred_classes))
+
+
+def _warn_of_unlabelled(truth_path: str | Path, seen: set[int], declared: int | None,
+                        truth_classes: dict[int, int] | None, schema: ClassSchema) -> None:
+    """Warn where the unlabelled value likely meant a class.
+
+    A binary mask (0 and 255, Agriculture-Vision style) lost all its positives to "255 =
+    unlabelled", and a declared nodata of 0 all its soil, while a full table printed.
+    """
+    named = set(truth_classes or ())
+    values = seen - {declared} if declared is not None else seen
+    if (len(values) == 2 and schema.nodata in values and schema.nodata not in named
+            and declared != schema.nodata):
+        (low,) = values - {schema.nodata}
+        log.warning(
+            "%s: holds only values %d and %d, and %d is read as unlabelled; if it is a binary "
+            "mask (%d = the class), say so, e.g. %s", truth_path, low, schema.nodata,
+            schema.nodata, schema.nodata, _binary_mask_hint(schema, low))
+    if (not truth_classes and declared is not None and 0 <= declared < len(schema)
+            and declared in seen):
+        log.warning(
+            "%s: value %d (%s) is the file's declared nodata, so it is read as unlabelled; if "
+            "it means %s, say so with --truth-classes %s", truth_path, declared,
+            schema.names[declared], schema.names[declared],
+            ",".join(f"{c.value}={c.name}" for c in schema.classes))
+
+
+def _left_out(schema: ClassSchema, truth_classes: dict[int, int] | None,
+              truth_colors: dict[tuple[int, int, int], int] | None,
+              pred_classes: dict[int, int] | None) -> dict[str, str]:
+    """Classes the mean IoU leaves out, with why.
+
+    Those a truth's mapping does not name, and those merged away in the prediction.
+    """
+    out: dict[str, str] = {}
+    named = set((truth_classes or {}).values()) | set((truth_colors or {}).values())
+    if truth_classes or truth_colors:
+        out = {c.name: "not in truth" for c in schema.classes if c.value not in named}
+    for src, dst in (pred_classes or {}).items():
+        if src != dst:
+            out[schema.names[src]] = ("ignored in prediction" if dst == schema.nodata
+                                      else f"merged into {schema.names[dst]}")
+    return out

@@ -51,9 +51,16 @@ def test_truth_with_negative_codes_and_its_own_nodata(tmp_path: Path) -> None:
     truth = _tif(tmp_path / "t.tif", coded, nodata=-9999)
     with pytest.raises(InputError) as err:
         evaluate_rasters(pred, truth)
-    # The example names each unknown value once (it used to repeat a known one).
-    assert "e.g. --truth-classes 0=soil,1=crop,2=weed,3=disease,-9999=ignore,-1=ignore" \
-        in str(err.value)
+    # The example maps the four codes to the four classes in order and leaves out the
+    # declared nodata (it suggested 0..3 as they are and -1=ignore: nothing right).
+    assert str(err.value).endswith("(its declared nodata) is already read as unlabelled, "
+                                   "e.g. --truth-classes -1=soil,0=crop,1=weed,2=disease")
+    # More codes than classes: the classes as they are, and each unknown value once (it used
+    # to repeat a known one).
+    five = _tif(tmp_path / "five.tif", np.array([[-1, 0, 1, 2, 3, 0]], np.int16))
+    with pytest.raises(InputError, match=r"e\.g\. --truth-classes 0=soil,1=crop,2=weed,"
+                                         r"3=disease,-1=ignore$"):
+        evaluate_rasters(_tif(tmp_path / "p6.tif", np.zeros((1, 6), np.uint8)), five)
     mapping = parse_truth_classes("-1=soil,0=crop,1=weed,2=disease")
     scores = evaluate_rasters(pred, truth, truth_classes=mapping)
     assert scores.accuracy == 1.0 and scores.confusion.sum() == 7  # the nodata pixel ignored

@@ -20,22 +20,46 @@ if TYPE_CHECKING:
 @click.option("--truth-classes",
               help="What TRUTH's values are, when coded otherwise than 0=soil, 1=crop, "
               "2=weed, 3=disease: e.g. 0=soil,1=weed,2=crop,9=ignore (every value the "
-              "truth holds must be listed).")
-def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None) -> None:
+              "truth holds must be listed; 255 and the truth's own nodata value are "
+              "unlabelled unless listed). Classes it does not name are left out of the "
+              "mean IoU.")
+@click.option("--truth-colors",
+              help="Colour-coded TRUTH (RGB, RGBA or a colour table): each colour's class, "
+              "as R,G,B=CLASS pairs separated by ';', e.g. "
+              "'0,0,0=soil;0,255,0=crop;255,0,0=weed' (CLASS may be ignore; every colour "
+              "must be listed; transparent pixels are unlabelled). Classes it does not "
+              "name are left out of the mean IoU.")
+@click.option("--pred-classes",
+              help="Count predicted classes as others, for a truth that does not tell them "
+              "apart: PRED_CLASS=CLASS pairs, CLASS a class or ignore, e.g. "
+              "crop=soil,disease=soil to score a binary weed mask. Merged classes are left "
+              "out of the mean IoU.")
+def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None,
+             truth_colors: str | None, pred_classes: str | None) -> None:
     """Per-class IoU, F1, pixel accuracy and confusion matrix of PRED against TRUTH.
 
     RASTERS is PRED TRUTH, or several such pairs (a labelled dataset of tiles):
     their pixels are pooled into one confusion matrix, so the scores are the dataset's,
     not a mean of per-tile scores. The rasters of a pair share one grid (size, transform,
     CRS), or, when either has no CRS (a PNG label image, a run with --gsd), one size;
-    class 255 is ignored.
+    class 255 is ignored. A binary mask of 0 and 255 (255 = the class) needs e.g.
+    --truth-classes 0=soil,255=weed --pred-classes crop=soil,disease=soil.
     """
-    from agriseg.metrics import Scores, evaluate_rasters, parse_truth_classes
+    from agriseg.metrics import (
+        Scores,
+        evaluate_rasters,
+        parse_pred_classes,
+        parse_truth_classes,
+        parse_truth_colors,
+    )
 
     if len(rasters) % 2:
         raise click.UsageError(
             f"give PRED TRUTH pairs; got {len(rasters)} file(s), the last one has no partner"
         )
+    if truth_classes and truth_colors:
+        raise click.UsageError("give --truth-classes (class values) or --truth-colors "
+                               "(colour-coded labels), not both")
     pairs = list(zip(rasters[::2], rasters[1::2], strict=True))
     schemas = {_run_schema(p) for p, _ in pairs}
     if len(schemas) > 1:
@@ -43,8 +67,13 @@ def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None
                                "evaluate each model's runs on their own")
     (schema,) = schemas
     mapping = parse_truth_classes(truth_classes, schema) if truth_classes else None
-    each = [evaluate_rasters(p, t, schema, truth_classes=mapping) for p, t in pairs]
-    scores = Scores(np.sum([s.confusion for s in each], axis=0), each[0].names)
+    colours = parse_truth_colors(truth_colors, schema) if truth_colors else None
+    merge = parse_pred_classes(pred_classes, schema) if pred_classes else None
+    each = [evaluate_rasters(p, t, schema, truth_classes=mapping, pred_classes=merge,
+                             truth_colors=colours) for p, t in pairs]
+    # One mapping for all pairs, so each leaves out the same classes.
+    scores = Scores(np.sum([s.confusion for s in each], axis=0), each[0].names,
+                    each[0].left_out)
     if as_json:
         click.echo(json.dumps(scores.to_dict(), indent=2))
         return
@@ -90,9 +119,11 @@ def _described_schema(pred: Path) -> ClassSchema | None:
     import rasterio
 
     from agriseg.classes import ClassSchema
+    from agriseg.raster import no_georef_warning
 
     try:
-        with rasterio.open(pred) as ds:
+        # A PNG prediction (a run with --gsd) has no CRS; evaluate says what that means.
+        with no_georef_warning(), rasterio.open(pred) as ds:
             text = ds.descriptions[0] or ""
             try:
                 colours = ds.colormap(1)

@@ -121,6 +121,7 @@ def test_labelled_dataset_script(tmp_path: Path, scheduler: str) -> None:
     # a rerun skips the tiles already done
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "2 pairs" in r.stdout, r.stderr
+    assert r.stderr.count("reusing") == 2
 
 
 def test_placeholder_input_of_a_workflow_says_to_give_the_survey(tmp_path: Path) -> None:
@@ -198,3 +199,83 @@ def test_labelled_dataset_pairs_names_literally(tmp_path: Path) -> None:
     assert args == [str(out / odd / "classes.tif"), str(labs / f"{odd}.tif"),
                     str(out / "tile[1]" / "classes.tif"), str(labs / "tile[1].tif")]
     assert (out / odd / "run.json").exists() and (out / "tile[1]" / "run.json").exists()
+
+
+def _stub_agriseg(tmp_path: Path) -> Path:
+    """A stand-in for agriseg: `run IMAGE --out DIR ...` leaves DIR/run.json and appends its
+    arguments to $RUN_LOG, one run a line; `evaluate ARGS` records them in $STUB_LOG,
+    NUL-separated."""
+    stub = tmp_path / "agriseg-stub"
+    stub.write_text('#!/usr/bin/env bash\nset -eu\n'
+                    'if [ "$1" = run ]; then mkdir -p "$4"; touch "$4/run.json"; '
+                    'echo "$*" >> "$RUN_LOG"; exit; fi\n'
+                    'shift; printf "%s\\0" "$@" > "$STUB_LOG"; echo scored\n')
+    stub.chmod(0o755)
+    return stub
+
+
+def test_labelled_dataset_skips_gis_sidecars(tmp_path: Path) -> None:
+    """tile1.pgw sorts before tile1.png (.tfw before .tif): it was taken as the label, and as
+    an image `agriseg run tile1.pgw` stopped the whole dataset."""
+    import os
+    import subprocess
+
+    imgs, labs = tmp_path / "images", tmp_path / "labels"
+    imgs.mkdir()
+    labs.mkdir()
+    sidecars = ["pgw", "aux.xml", "prj", "json", "xml", "qml"]
+    for folder in (imgs, labs):
+        (folder / "tile1.PNG").write_bytes(b"png")
+        (folder / "tile2.tif").write_bytes(b"tif")
+        for ext in [*sidecars, "tfw", "tif.ovr"]:
+            (folder / f"tile1.{ext}").write_bytes(b"sidecar")
+        (folder / "tile2.tfw").write_bytes(b"sidecar")
+    (labs / "tile3.tfw").write_bytes(b"sidecar")  # a sidecar alone is no label
+    (imgs / "tile3.tif").write_bytes(b"tif")
+    out, log, runs = tmp_path / "out", tmp_path / "evaluate.args", tmp_path / "runs"
+    r = subprocess.run(["bash", str(WORKFLOWS / "labelled_dataset.sh"), str(imgs), str(labs),
+                        str(out)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "AGRISEG": str(_stub_agriseg(tmp_path)),
+                            "STUB_LOG": str(log), "RUN_LOG": str(runs)})
+    assert r.returncode == 0, r.stderr
+    assert log.read_text().split("\0")[:-1] == [
+        str(out / "tile1" / "classes.tif"), str(labs / "tile1.PNG"),
+        str(out / "tile2" / "classes.tif"), str(labs / "tile2.tif")]
+    ran = [line.split()[1] for line in runs.read_text().splitlines()]
+    assert ran == [str(imgs / "tile1.PNG"), str(imgs / "tile2.tif")]  # no sidecar run
+    assert f"no label for {imgs / 'tile3.tif'}" in r.stderr
+
+
+def test_labelled_dataset_reruns_when_the_options_change(tmp_path: Path) -> None:
+    """A rerun with another --gsd or --model reused the masks of the first run."""
+    import os
+    import subprocess
+
+    imgs, labs = tmp_path / "images", tmp_path / "labels"
+    imgs.mkdir()
+    labs.mkdir()
+    (imgs / "t.png").write_bytes(b"png")
+    (labs / "t.png").write_bytes(b"png")
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    env = {**os.environ, "AGRISEG": str(_stub_agriseg(tmp_path)),
+           "STUB_LOG": str(tmp_path / "evaluate.args"), "RUN_LOG": str(runs)}
+
+    def dataset(*options: str) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run(["bash", str(WORKFLOWS / "labelled_dataset.sh"), str(imgs),
+                            str(labs), str(out), *options], capture_output=True, text=True,
+                           timeout=60, env=env)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    dataset("--gsd", "0.01")
+    assert (out / "t" / "run.args").exists()
+    r = dataset("--gsd", "0.01")
+    assert f"reusing {out / 't'}" in r.stderr
+    assert len(runs.read_text().splitlines()) == 1
+    r = dataset("--gsd", "0.02")
+    assert "run with other options" in r.stderr
+    last = runs.read_text().splitlines()[-1]
+    assert len(runs.read_text().splitlines()) == 2
+    assert "--overwrite" in last and last.endswith("--gsd 0.02")
+    r = dataset("--gsd", "0.02")
+    assert "reusing" in r.stderr and len(runs.read_text().splitlines()) == 2

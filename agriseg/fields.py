@@ -15,8 +15,8 @@ Health score (0-100, also in the README and the report)::
     health = 100 * (1 - W) * (1 - D) * S
 
 A field with (almost) no vegetation, under :data:`MIN_VEGETATION` of its valid pixels, has no
-score (NaN). ``rank`` 1 is the lowest score: the field
-to visit first.
+score (NaN). ``rank`` 1 is the lowest score: the field to visit first; fields under
+:data:`MIN_COVERED_PCT` covered by valid pixels keep their score but are ranked after all others.
 """
 
 from __future__ import annotations
@@ -44,7 +44,9 @@ from agriseg.vectorize import (
     areas_m2,
     chunk_windows,
     grid_of,
+    min_overlap,
     row_pixel_areas,
+    zone_field_overlaps,
 )
 
 log = logging.getLogger(__name__)
@@ -54,9 +56,20 @@ NO_PIXELS = "no valid pixels"
 
 
 def some_ids(ids: list[str], most: int = 10) -> str:
-    """The first ``most`` field ids, comma-separated, and how many more there are."""
+    r"""The first ``most`` field ids, comma-separated, and how many more there are.
+
+    Control characters are escaped (``\n``): ids come from the user's file, and a newline
+    in one split the log line and the report note in two.
+    """
     more = f" and {len(ids) - most} more" if len(ids) > most else ""
-    return ", ".join(ids[:most]) + more
+    return ", ".join(_printable(str(i)) for i in ids[:most]) + more
+
+
+def _printable(text: str) -> str:
+    """``text`` with its unprintable characters as Python escapes; other text unchanged."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -411,11 +424,14 @@ def summarize_fields(
              for lv in np.unique(layer)]
     counts = np.zeros((n + 1) * (k + 1), np.float64)
     indices = dict(indices or {})
-    hist = {name: np.zeros((n + 1) * HIST_BINS, np.int64) for name in indices}
     sums = {name: np.zeros(n + 1, np.float64) for name in indices}
     with rasterio.open(classes_tif) as ds:
         grid = grid_of(ds)
         step = aligned_chunk(ds, chunk)
+    # A bin counts each pixel of the raster at most once, so uint32 is exact below 2**32
+    # pixels and halves the largest table (22,500 plots, 3 indices: 540 -> 270 MB).
+    hist_dtype = np.uint32 if grid.height * grid.width < 2**32 else np.int64
+    hist = {name: np.zeros((n + 1, HIST_BINS), hist_dtype) for name in indices}
     for path in indices.values():
         rasterio.open(path).close()  # fail on a missing index before handing out chunks
     row_area = _row_pixel_area(grid)
@@ -429,8 +445,10 @@ def summarize_fields(
         for c in fc.counts:
             counts += c
         for name, hs in fc.hist.items():
-            for x in hs:
-                hist[name] += x
+            # Sparse per chunk (the fields it holds): integer counts, so adding only their
+            # rows gives the same table as adding whole ones.
+            for present, rows in hs:
+                hist[name][present] += rows.astype(hist_dtype, copy=False)
         for name, ss in fc.sums.items():
             for x in ss:
                 sums[name] += x
@@ -478,8 +496,16 @@ def _code_dtype(n_fields: int, k: int) -> str:
     return "uint8" if top < 2**8 else "uint16" if top < 2**16 else "uint32"
 
 
+#: Histogram rows turned into quantiles at a time: the cumulative counts of 22,500 plots'
+#: 1000 bins at once were a 180 MB temporary per index.
+_QUANTILE_ROWS = 4096
+
+
 def hist_quantiles(h: np.ndarray, lo: float, hi: float, qs: tuple[float, ...]) -> np.ndarray:
     """Quantiles from histograms ``(n, bins)``, linear within a bin (NaN for empty rows)."""
+    if len(h) > _QUANTILE_ROWS:
+        return np.concatenate([hist_quantiles(h[i:i + _QUANTILE_ROWS], lo, hi, qs)
+                               for i in range(0, len(h), _QUANTILE_ROWS)])
     n, bins = h.shape
     cum = np.cumsum(h, axis=1)
     total = cum[:, -1]
@@ -503,6 +529,11 @@ def _share(num: np.ndarray, den: np.ndarray) -> np.ndarray:
 #: Least vegetation share of a field's valid pixels for a health score.
 MIN_VEGETATION = 0.01
 
+#: Least share of a field's area covered by valid pixels, in percent, for a place in the
+#: visiting order among the others: a plot 98 % over nodata, its ~50 valid pixels a few
+#: weeds, scored 0 and led the report. Such fields keep their score and are ranked last.
+MIN_COVERED_PCT = 50.0
+
 
 def health_score(weed_pressure: np.ndarray, disease_incidence: np.ndarray,
                  crop_cover: np.ndarray) -> np.ndarray:
@@ -513,9 +544,14 @@ def health_score(weed_pressure: np.ndarray, disease_incidence: np.ndarray,
     return 100 * (1 - weed_pressure) * (1 - disease_incidence) * stand
 
 
-def _zones_per_field(fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None) -> np.ndarray:
-    """Zones whose representative point lies in each field (both in the raster's CRS).
+def _zones_per_field(fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None,
+                     min_area: float = 0.0) -> np.ndarray:
+    """Zones overlapping each field by more than ``min_area`` (both in the raster's CRS).
 
+    A zone counts in every field holding part of it, as its at-risk pixels count in each
+    field's ``at_risk_m2``: a plot with zone pixels never shows 0 zones, and its zone's
+    ``field_id`` (the field holding most of it) is always one of the fields counting it. So
+    the counts can sum to more than the zones (zones crossing plot edges, nested fields).
     Counted from the geometries, not from the zones' ``field_id``: that names one field per
     zone, so nested or overlapping fields (a management zone inside a field) and the whole
     survey of a run without ``--fields`` (zones without a field id) counted none.
@@ -523,9 +559,9 @@ def _zones_per_field(fields: gpd.GeoDataFrame, zones: gpd.GeoDataFrame | None) -
     if zones is None or zones.empty:
         return np.zeros(len(fields), np.int64)
     # Both are in the raster's CRS (an image plane's, with --gsd, cannot even be transformed).
-    points = zones.geometry.representative_point().to_numpy()
-    inside, _ = shapely.STRtree(points).query(fields.geometry.to_numpy(), predicate="contains")
-    return np.bincount(inside, minlength=len(fields))
+    _, field, _ = zone_field_overlaps(zones.geometry.to_numpy(), fields.geometry.to_numpy(),
+                                      min_area)
+    return np.bincount(field, minlength=len(fields))
 
 
 def _table(
@@ -542,9 +578,11 @@ def _table(
     geo_area = pd.Series(areas_m2(fields.geometry.to_numpy(), grid), index=fields.index)
     valid = area[:, :k].sum(axis=1)
     out = pd.DataFrame({"field_id": fields["field_id"], "status": fields["status"]})
-    # A field inside the raster can still hold no valid pixel (over nodata, or smaller than
-    # a pixel): "ok" beside empty statistics would read as a healthy field with no data.
-    out.loc[(valid == 0) & out["status"].isin(("ok", "repaired")), "status"] = NO_PIXELS
+    # A field overlapping the raster can still hold no valid pixel (over nodata, or smaller
+    # than a pixel): "ok" beside empty statistics would read as a healthy field with no data.
+    # Partly outside ones too: their inside part over nodata kept "partly outside raster"
+    # and missed the caller's count of fields without pixels (read's notes still list them).
+    out.loc[(valid == 0) & (out["status"] != "outside raster"), "status"] = NO_PIXELS
     out["area_ha"] = geo_area.to_numpy() / 1e4
     out["covered_pct"] = np.clip(_share(valid, geo_area.to_numpy()) * 100, 0, 100)
     out["valid_ha"] = valid / 1e4
@@ -581,7 +619,7 @@ def _table(
         wp = di = np.full(len(out), np.nan)
     at_risk = sum((area[:, c.value] for c in schema.at_risk), np.zeros(len(out)))
     out["at_risk_m2"] = at_risk * seen
-    out["zones"] = _zones_per_field(fields, zones)
+    out["zones"] = _zones_per_field(fields, zones, min_overlap(grid))
     for name in hist:
         h = hist[name].reshape(-1, HIST_BINS)[1:]
         lo, hi = INDEX_RANGE.get(name, (-1.0, 1.0))
@@ -594,9 +632,18 @@ def _table(
     # A few plant pixels on a bare (or harvested, or senesced) field are no stand to score:
     # two weed pixels made such plots "100 % weed pressure, visit first".
     out["health_score"] = np.where(_share(veg, valid) >= MIN_VEGETATION, score, np.nan)
-    # Unscored fields (no vegetation, no valid pixel) have no place in the visiting order.
-    order = out["health_score"].rank(method="first", na_option="keep")
-    out["rank"] = order.astype("Int64")
+    # Unscored fields (no vegetation, no valid pixel) have no place in the visiting order,
+    # and poorly covered ones come after all others: their score stands for a sliver.
+    score = out["health_score"]
+    covered = out["covered_pct"] >= MIN_COVERED_PCT
+    order = score.where(covered).rank(method="first", na_option="keep")
+    rest = score.where(~covered).rank(method="first", na_option="keep") + order.count()
+    out["rank"] = order.fillna(rest).astype("Int64")
+    late = int((~covered & score.notna()).sum())
+    if late and order.count():
+        log.info("%d field(s) under %g %% covered by valid pixels ranked after the others: %s",
+                 late, MIN_COVERED_PCT,
+                 some_ids(out["field_id"][~covered & score.notna()].tolist()))
     if on_earth(fields.crs):
         ll = fields.geometry.representative_point().to_crs(4326)
         out["lon"], out["lat"] = ll.x.round(7).to_numpy(), ll.y.round(7).to_numpy()
@@ -625,6 +672,21 @@ def _csv_text(value: object) -> object:
     return value
 
 
+def _positional(values: pd.Series) -> pd.Series:
+    """Floats as the CSV writes them, but never in scientific notation (2e-06 for 0.000002).
+
+    A plot of a few square metres is 0.000x ha: spreadsheets and readers expecting plain
+    decimals misread "2e-06". Only columns holding such values are turned into text (all
+    their digits, as the shortest repr); the others keep pandas' formatting.
+    """
+    v = values.to_numpy(dtype=np.float64)
+    a = np.abs(v[np.isfinite(v)])
+    if not (((a > 0) & (a < 1e-4)) | (a >= 1e16)).any():
+        return values
+    return pd.Series([np.format_float_positional(x, trim="0") if not np.isnan(x) else ""
+                      for x in v], index=values.index, dtype=object)
+
+
 def write_fields(summary: gpd.GeoDataFrame, gpkg: str | os.PathLike[str],
                  csv: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Write ``fields.gpkg`` (layer ``fields``) and ``fields.csv`` via temporary names.
@@ -644,6 +706,8 @@ def write_fields(summary: gpd.GeoDataFrame, gpkg: str | os.PathLike[str],
         table = pd.DataFrame(summary.drop(columns="geometry"))
         for col in table.select_dtypes(include=["object", "string"]).columns:
             table[col] = table[col].map(_csv_text)
+        for col in table.select_dtypes(include="float").columns:
+            table[col] = _positional(table[col])
         table.to_csv(tmp_c, index=False, encoding="utf-8-sig")
     except Exception as exc:  # pyogrio and pandas raise several types for I/O failures
         tmp_g.unlink(missing_ok=True)

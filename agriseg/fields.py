@@ -598,8 +598,9 @@ def _table(
         return area[:, c.value] if c is not None else np.zeros(len(out))
 
     crop, weed, disease = col("crop"), col("weed"), col("disease")
-    # Without a soil class, the plant classes are the vegetation (not every valid pixel).
-    veg = valid - col("soil") if schema.by_role("soil") is not None else crop + weed + disease
+    # The plant roles only: a class without a role (water, shadow, road of a custom model)
+    # was counted as vegetation when it was "everything but soil".
+    veg = crop + weed + disease
     out["vegetation_pct"] = _share(veg, valid) * 100
     wp = _share(weed, crop + weed + disease)
     di = _share(disease, crop + disease)

@@ -505,6 +505,8 @@ def test_custom_classes_take_their_roles(tmp_path: Path, caplog: pytest.LogCaptu
         row = summarize_fields(fs, src, schema(None)).iloc[0]
     assert np.isnan(row["weed_pressure_pct"]) and np.isnan(row["health_score"])
     assert "none plays the crop" in caplog.text
+    # A class without a role (water, shadow) is no vegetation: only the weed rows are.
+    assert row["vegetation_pct"] == pytest.approx(10.0)
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [

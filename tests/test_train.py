@@ -573,6 +573,8 @@ def test_resume_ignores_execution_settings_and_a_moved_project(
     (config, data, out) resumes; checkpoints of the older identity still resume."""
     import shutil
 
+    from safetensors.torch import load_file, save_file
+
     from agriseg.train.loop import _legacy_identity
 
     img, truth = pair
@@ -589,6 +591,8 @@ def test_resume_ignores_execution_settings_and_a_moved_project(
     meta.pop("identity_version")
     meta["identity"] = _legacy_identity(load_train_config(cfg))
     last.write_text(json.dumps(meta))
+    weights = last.with_suffix(".safetensors")
+    save_file(load_file(str(weights)), str(weights))  # no state inside, as then
     r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--epochs", "2",
                                   "--no-progress"])
     assert r.exit_code == 0, r.output
@@ -601,3 +605,29 @@ def test_resume_ignores_execution_settings_and_a_moved_project(
     assert r.exit_code == 0, r.output
     hist = json.loads((moved / "run" / "history.json").read_text())
     assert [h["epoch"] for h in hist] == [1, 2, 3]
+
+
+def test_labels_within_one_block_are_trained_and_the_bundle_named_after_out(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    """Labels in one corner: the warning blamed block size as if the image were small; the
+    bundle, at its default path, was named "model" like every other."""
+    img, truth = pair
+    with rasterio.open(truth) as ds:
+        profile, classes = ds.profile, ds.read(1)
+    corner = np.full_like(classes, 255)
+    corner[:40, :40] = classes[:40, :40]
+    labels = tmp_path / "corner.tif"
+    with rasterio.open(labels, "w", **{**profile, "nodata": 255}) as dst:
+        dst.write(corner, 1)
+    cfg = _write_cfg(tmp_path / "t.yaml", out="field-a", epochs=1, steps_per_epoch=1,
+                     data=[{"image": str(img), "labels": str(labels)}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "no validation block: the labels of each image lie within one block of 64 px, " \
+           "which training keeps" in r.output, r.output
+    bundle = tmp_path / "field-a" / "model.safetensors"
+    meta, _ = read_bundle(bundle)
+    assert meta.name == "field-a"
+    r = CliRunner().invoke(main, ["models", str(bundle)])
+    assert "name:         field-a" in r.output and "validation:   none" in r.output, r.output

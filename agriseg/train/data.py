@@ -14,16 +14,27 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shlex
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from agriseg.classes import ClassSchema
-from agriseg.errors import ConfigError, GridMismatchError, InputError, VectorError
+from agriseg.errors import (
+    AgrisegError,
+    ConfigError,
+    GridMismatchError,
+    InputError,
+    VectorError,
+)
 from agriseg.grid import Grid
 from agriseg.metrics import check_class_raster, map_values, non_class_values
 from agriseg.raster import image_vrt, no_georef_warning, open_survey, read_window
@@ -59,6 +70,116 @@ class LabelledImage:
         return np.bincount(sel[sel < k], minlength=k)[:k].astype(int).tolist()
 
 
+#: Largest offset, in image pixels, of a label raster's corners from the image's at which it
+#: still counts as on the image grid. Grid.same_as allows 1e-6 px, but label rasters exported
+#: by other tools (QGIS, a float32 round trip of the geotransform) were refused at 2e-5 px;
+#: far below 1e-3 px every pixel centre falls in the same image pixel, so reading the labels
+#: pixel for pixel is what warping them with nearest neighbour would give.
+GRID_TOLERANCE_PX = 1e-3
+
+
+def _corner_offset_px(label: Grid, image: Grid) -> float:
+    """Largest offset, in image pixels, of the corners of ``label`` from those of ``image``."""
+    to_image = ~image.transform
+    h, w = label.shape_yx
+    worst = 0.0
+    for col, row in ((0, 0), (w, 0), (0, h), (w, h)):
+        c, r = to_image @ (label.transform @ (col, row))
+        worst = max(worst, abs(c - col), abs(r - row))
+    return worst
+
+
+def _num(v: float) -> str:
+    """A coordinate or pixel size for a command line: exact, without float noise."""
+    return f"{v:.15g}"
+
+
+def _crs_name(crs: CRS) -> str:
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else str(crs.to_string())
+
+
+def _grid_mismatch(path: Path, label: Grid, crs_missing: bool, image: Grid,
+                   image_plane: bool) -> GridMismatchError:
+    """The error for a label raster off the image grid: what differs and the command to fix it.
+
+    ``label`` holds the label raster's shape, transform and CRS (its CRS is a placeholder when
+    ``crs_missing``).
+    """
+    lh, lw = label.shape_yx
+    ih, iw = image.shape_yx
+    size = f"its size is {lw}x{lh} px, the image's {iw}x{ih} px"
+    if image_plane:
+        # An image without a CRS: its labels can only be matched pixel for pixel.
+        return GridMismatchError(
+            f"{path}: the label image is not on the image grid ({size}); an image given with "
+            "gsd: needs a label image of exactly its size: export the labels at the image's "
+            "size")
+    left, bottom, right, top = image.bounds
+    rx, ry = image.res_xy
+    crs = _crs_name(image.crs)
+    if crs_missing:
+        if (lh, lw) == (ih, iw):
+            fix = ("if it holds the image's labels pixel for pixel, give it the image's "
+                   f"georeferencing: gdal_translate -a_srs {shlex.quote(crs)} -a_ullr "
+                   f"{_num(left)} {_num(top)} {_num(right)} {_num(bottom)} "
+                   f"{shlex.quote(str(path))} "
+                   f"{shlex.quote(str(Path(path).with_name(Path(path).stem + '_georef.tif')))}")
+        else:
+            fix = ("export the labels with the image's georeferencing (a GeoTIFF on the "
+                   "image's grid), or give labels as polygons")
+        return GridMismatchError(
+            f"{path}: the label raster is not on the image grid (it has no CRS, the image "
+            f"{crs}{'' if (lh, lw) == (ih, iw) else '; ' + size}); {fix}")
+    diffs = []
+    if label.crs != image.crs:
+        diffs.append(f"its CRS is {_crs_name(label.crs)}, the image's {crs}")
+    if (lh, lw) != (ih, iw):
+        diffs.append(size)
+    if label.crs == image.crs:
+        lx, ly = label.res_xy
+        # A pixel size that differs by less than the tolerance over the raster's width is
+        # no difference worth naming (the corner offset says all).
+        if abs(lx - rx) * max(lw, iw) > GRID_TOLERANCE_PX * rx \
+                or abs(ly - ry) * max(lh, ih) > GRID_TOLERANCE_PX * ry:
+            diffs.append(f"its pixel size is {lx:.6g} x {ly:.6g}, the image's {rx:.6g} x "
+                         f"{ry:.6g} ({crs} units)")
+        dc, dr = ~image.transform @ (label.transform.c, label.transform.f)
+        if max(abs(dc), abs(dr)) > GRID_TOLERANCE_PX:
+            diffs.append(f"its top-left corner is {dc:+.4g} px across and {dr:+.4g} px down "
+                         "from the image's")
+    if not diffs:
+        diffs.append(f"its far corner is {_corner_offset_px(label, image):.4g} px off the "
+                     "image's")
+    out = Path(path).with_name(Path(path).stem + "_on_image.tif")
+    return GridMismatchError(
+        f"{path}: the label raster is not on the image grid ({'; '.join(diffs)}); warp it onto "
+        f"the image grid: gdalwarp -r near -dstnodata 255 -te {_num(left)} {_num(bottom)} "
+        f"{_num(right)} {_num(top)} -tr {_num(rx)} {_num(ry)} -t_srs {shlex.quote(crs)} "
+        f"{shlex.quote(str(path))} {shlex.quote(str(out))}, and give that as labels (or give "
+        "labels as polygons)")
+
+
+def _warn_nodata_class(path: Path, nodata: int, name: str, hidden: int, mapped: bool) -> None:
+    """Warn that the label raster's nodata value, a class's value, leaves pixels unlabelled."""
+    # QGIS Rasterize may write nodata 0, the value of soil: every soil label was then
+    # dropped, and the only hint was "soil has no labelled training pixel".
+    if mapped:
+        log.warning(
+            "%s: the label raster's nodata value %d is mapped to class %s by label_classes, "
+            "but nodata pixels are read as unlabelled, so its %d pixel(s) of that value teach "
+            "nothing; if they are %s labels, unset the nodata value (gdal_edit.py "
+            "-unsetnodata %s), and if they are unlabelled, map the value to ignore (%d=ignore)",
+            path, nodata, name, hidden, name, path, nodata)
+    else:
+        log.warning(
+            "%s: the label raster's nodata value %d is the value of class %s, so its %d "
+            "pixel(s) of that value are read as unlabelled and teach nothing; if they are "
+            "%s labels, unset the nodata value (gdal_edit.py -unsetnodata %s) or write the "
+            "raster with another nodata value (255 = unlabelled)",
+            path, nodata, name, hidden, name, path)
+
+
 def _read_label_raster(path: Path, survey_grid: Grid, k: int,
                        image_plane: bool = False,
                        mapping: dict[int, int] | None = None,
@@ -66,7 +187,8 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
     """Labels of a raster on ``survey_grid``; on the image plane only the size must agree.
 
     ``mapping`` (label value -> class value, 255 = ignore) recodes a dataset's own codes;
-    ``names`` are the class names, for messages.
+    ``names`` are the class names, for messages. The raster's nodata pixels are unlabelled,
+    with or without a mapping.
     """
     import rasterio
 
@@ -82,39 +204,42 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
     with ds:
         if image_plane and ds.shape == survey_grid.shape_yx:
             pass  # a label image of an image without a CRS: pixel for pixel
-        elif ds.crs is None or not Grid(ds.shape, ds.transform, ds.crs).same_as(survey_grid):
-            raise GridMismatchError(
-                f"{path}: the label raster is not on the image grid (size, transform, CRS "
-                "differ); warp it onto the image first: gdalwarp -r near -te <image bounds> "
-                "-tr <image pixel size> -t_srs <image CRS>, or give labels as polygons"
-            )
+        else:
+            label = Grid(ds.shape, ds.transform, ds.crs or survey_grid.crs)
+            if image_plane or ds.crs is None or ds.crs != survey_grid.crs \
+                    or ds.shape != survey_grid.shape_yx \
+                    or _corner_offset_px(label, survey_grid) > GRID_TOLERANCE_PX:
+                raise _grid_mismatch(path, label, ds.crs is None, survey_grid, image_plane)
         check_class_raster(path, ds, "label raster")
         labels = ds.read(1)
         nodata = ds.nodata
+    hidden = labels == nodata if nodata is not None else np.zeros(labels.shape, bool)
+    # The nodata value as a label value (-1 of an int16 raster too); None when no label can
+    # hold it (a float nodata of an integer raster).
+    code = int(nodata) if nodata is not None and float(nodata).is_integer() else None
     if mapping:
-        # 255 and the raster's nodata stay unlabelled unless the mapping says otherwise.
-        unlabelled = {IGNORE: IGNORE, **({nodata: IGNORE} if nodata is not None else {})}
-        out, stray = map_values(labels, {**unlabelled, **mapping}, IGNORE)
+        # 255 stays unlabelled unless the mapping says otherwise; the raster's nodata always
+        # does, as without a mapping: a mapping "0=soil" of a raster of nodata 0 trained every
+        # unlabelled pixel as soil.
+        out, stray = map_values(labels, {IGNORE: IGNORE, **mapping}, IGNORE)
+        out[hidden] = IGNORE
+        if code is not None:
+            stray = stray[stray != code]
         if stray.size:
             raise InputError(
                 f"{path}: label values {stray[:10].tolist()} are not in label_classes; add "
                 "them (VALUE=CLASS, or VALUE=ignore)"
             )
+        target = mapping.get(code, IGNORE) if code is not None else IGNORE
+        if code is not None and target != IGNORE and hidden.any():
+            name = names[target] if target < len(names) else str(target)
+            _warn_nodata_class(path, code, name, int(hidden.sum()), mapped=True)
         return out.astype(np.uint8)
     out = labels.astype(np.int64)
     if nodata is not None:
-        hidden = labels == nodata
-        if nodata != IGNORE and float(nodata).is_integer() and 0 <= nodata < k \
-                and hidden.any():
-            # QGIS Rasterize may write nodata 0, the value of soil: every soil label was then
-            # dropped, and the only hint was "soil has no labelled training pixel".
-            name = names[int(nodata)] if int(nodata) < len(names) else str(int(nodata))
-            log.warning(
-                "%s: the label raster's nodata value %d is the value of class %s, so its %d "
-                "pixel(s) of that value are read as unlabelled and teach nothing; if they are "
-                "%s labels, unset the nodata value (gdal_edit.py -unsetnodata %s) or write the "
-                "raster with another nodata value (255 = unlabelled)",
-                path, int(nodata), name, int(hidden.sum()), name, path)
+        if code is not None and code != IGNORE and 0 <= code < k and hidden.any():
+            name = names[code] if code < len(names) else str(code)
+            _warn_nodata_class(path, code, name, int(hidden.sum()), mapped=False)
         out[hidden] = IGNORE
     bad = non_class_values(out, k, IGNORE)
     if bad.size:
@@ -187,19 +312,87 @@ def rasterize_polygons(
     return burnt
 
 
-def block_split(shape: tuple[int, int], block: int, fraction: float, seed: int) -> np.ndarray:
-    """Validation mask made of whole ``block`` squares, about ``fraction`` of the blocks."""
+#: Random draws of validation blocks compared when labels cover only part of an image.
+SPLIT_DRAWS = 64
+
+
+def block_split(shape: tuple[int, int], block: int, fraction: float, seed: int,
+                labels: np.ndarray | None = None) -> np.ndarray:
+    """Validation mask made of whole ``block`` squares, about ``fraction`` of the blocks.
+
+    With ``labels``, only blocks that hold labelled pixels are candidates (``fraction`` is of
+    them), and training keeps at least one of them. Where every block holds labels the split
+    is the one drawn without ``labels``; where some do not (partial rasters, polygons), of
+    :data:`SPLIT_DRAWS` draws the first that leaves training the most classes, then puts the
+    most classes in both parts, is taken. Deterministic with ``seed``.
+    """
     h, w = shape
     ny, nx = math.ceil(h / block), math.ceil(w / block)
     n = ny * nx
     rng = np.random.default_rng(seed)
-    n_val = round(n * fraction)
-    if fraction > 0 and n > 1:
-        n_val = min(max(n_val, 1), n - 1)
+    present = None if labels is None else _block_classes(labels, block, ny, nx)
+    candidates = np.arange(n) if present is None else np.flatnonzero(present.any(1))
+    m = candidates.size
+    n_val = round(m * fraction)
+    if fraction > 0 and m > 1:
+        n_val = min(max(n_val, 1), m - 1)
     chosen = np.zeros(n, bool)
-    chosen[rng.permutation(n)[:n_val]] = True
+    if present is None or m == n:
+        # Every block labelled: the split of agriseg before labels were looked at, so that
+        # trainings on fully labelled rasters keep their validation blocks.
+        chosen[rng.permutation(n)[:n_val]] = True
+    elif n_val:
+        best: tuple[int, int] | None = None
+        for _ in range(SPLIT_DRAWS):
+            pick = np.zeros(n, bool)
+            pick[rng.permutation(candidates)[:n_val]] = True
+            val, train = present[pick].any(0), present[~pick].any(0)
+            score = (int(train.sum()), int((val & train).sum()))
+            if best is None or score > best:
+                best, chosen = score, pick
     grid = chosen.reshape(ny, nx)
     return np.kron(grid, np.ones((block, block), bool))[:h, :w].astype(bool)
+
+
+def _block_classes(labels: np.ndarray, block: int, ny: int, nx: int) -> np.ndarray:
+    """Which label values each ``block`` square holds: bool ``(blocks, 255)``, row-major."""
+    present = np.zeros((ny * nx, IGNORE), bool)
+    for by in range(ny):
+        # A row of blocks at a time: the whole raster's labelled positions were two int64
+        # arrays of its size (1.6 GB for 100 MP of labels).
+        strip = labels[by * block:(by + 1) * block]
+        rows, cols = np.nonzero(strip != IGNORE)
+        present[by * nx + cols // block, strip[rows, cols]] = True
+    return present
+
+
+@contextmanager
+def _named_as(vrt: str, image: Path) -> Iterator[None]:
+    """Name ``image`` instead of its temporary ``vrt`` in raster messages and errors.
+
+    An image given with ``gsd:`` is read through a VRT in a temporary folder; its log lines
+    and errors named /tmp/agriseg-image-xxxx/image.vrt, a file the user never saw.
+    """
+    name = os.fspath(image)
+
+    class _Rename(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            text = record.getMessage()
+            if vrt in text:
+                record.msg, record.args = text.replace(vrt, name), ()
+            return True
+
+    raster_log = logging.getLogger("agriseg.raster")
+    rename = _Rename()
+    raster_log.addFilter(rename)
+    try:
+        yield
+    except AgrisegError as exc:
+        if vrt not in str(exc):
+            raise
+        raise type(exc)(str(exc).replace(vrt, name)) from exc
+    finally:
+        raster_log.removeFilter(rename)
 
 
 def load_pair(
@@ -218,7 +411,8 @@ def load_pair(
 
     With ``gsd`` the image has no CRS (a PNG or JPEG tile of a labelled dataset): it is read on
     the image plane (see :func:`agriseg.raster.image_vrt`), and its label image only has to
-    have the same size.
+    have the same size. Validation blocks are chosen among the blocks that hold labels (see
+    :func:`block_split`).
 
     Raises:
         BandError: the image lacks a band role of the model.
@@ -226,10 +420,13 @@ def load_pair(
     """
     with tempfile.TemporaryDirectory(prefix="agriseg-image-") as tmp:
         src = image if gsd is None else image_vrt(image, Path(tmp) / "image.vrt", gsd)
-        survey = open_survey(src, bands)
-        survey.require(roles, "the training config")
-        h, w = survey.grid.shape_yx
-        pixels, valid = read_window(survey, roles, Window(0, 0, w, h))
+        with _named_as(os.fspath(src), image) if gsd is not None else nullcontext():
+            survey = open_survey(src, bands)
+            survey.require(roles, "the training config", name_bands="bands: in its data entry",
+                           otherwise="remove this image from data: or drop the missing roles "
+                                     "from the config's bands:")
+            h, w = survey.grid.shape_yx
+            pixels, valid = read_window(survey, roles, Window(0, 0, w, h))
     lab = labels if isinstance(labels, np.ndarray) else _read_label_raster(
         labels, survey.grid, len(schema), image_plane=gsd is not None, mapping=label_classes,
         names=schema.names,
@@ -242,7 +439,13 @@ def load_pair(
         why = ("every labelled pixel lies on the image's nodata (alpha 0, nodata value)"
                if labelled.any() else "the labels hold no class pixel")
         raise InputError(f"{image}: {why}; check that the labels belong to this image")
-    val = block_split((h, w), val_block, val_fraction, seed)
+    val = block_split((h, w), val_block, val_fraction, seed, lab)
+    ny, nx = math.ceil(h / val_block), math.ceil(w / val_block)
+    held = int(_block_classes(lab, val_block, ny, nx).any(1).sum())
+    if held < ny * nx:
+        log.info("%s: %d of its %d validation-size blocks (%d px) hold labels; %d of them are "
+                 "validation blocks", image, held, ny * nx, val_block,
+                 int(val[::val_block, ::val_block].sum()))
     return LabelledImage(Path(image).name, pixels, lab, val, survey.grid.gsd_m)
 
 

@@ -1,8 +1,9 @@
 """The training loop: data -> patches -> network -> per-epoch validation -> best bundle.
 
 Everything written is safe to load: the best model is a bundle (safetensors + JSON), and the
-resume checkpoint is a safetensors file (model, optimizer moments, torch RNG) plus a JSON file
-(epoch, history, sampler RNG, optimizer hyper-parameters). Nothing is pickled.
+resume checkpoint is a safetensors file (model, optimizer moments, torch RNG) whose header holds
+the JSON state saved with them (epoch, history, sampler RNG, optimizer hyper-parameters), copied
+to last.json for reading. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from agriseg.train.data import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+#: Header metadata key of last.safetensors that holds the checkpoint's state (JSON).
+CHECKPOINT_KEY = "agriseg_checkpoint"
 StepCallback = Callable[[int, int, int, float], None]
 """``on_step(epoch, step, steps_per_epoch, loss)``."""
 
@@ -298,11 +301,14 @@ def _save_checkpoint(
             else:
                 scalars[f"{pid}/{key}"] = val
     tensors["rng/torch"] = torch.get_rng_state()
+    meta = json.dumps({**state, "param_groups": osd["param_groups"], "opt_scalars": scalars})
+    # The state goes into the weights' file, replaced in one step: replacing last.safetensors
+    # and last.json one after the other, a SIGTERM between them paired the weights of epoch N
+    # with the state of epoch N-1. last.json is a readable copy, written after.
     tmp = folder / ".last.safetensors.partial"
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata={CHECKPOINT_KEY: meta})
     os.replace(tmp, folder / "last.safetensors")
-    meta = {**state, "param_groups": osd["param_groups"], "opt_scalars": scalars}
-    (folder / ".last.json.partial").write_text(json.dumps(meta))
+    (folder / ".last.json.partial").write_text(meta)
     os.replace(folder / ".last.json.partial", folder / "last.json")
 
 
@@ -310,12 +316,15 @@ def _load_checkpoint(
     folder: Path, model: nn.Module, opt: torch.optim.Optimizer, identity: dict[str, Any],
     legacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     try:
-        meta = json.loads((folder / "last.json").read_text())
-        tensors = load_file(str(folder / "last.safetensors"))
+        with safe_open(str(folder / "last.safetensors"), framework="pt") as f:
+            stored = (f.metadata() or {}).get(CHECKPOINT_KEY)
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
+        # The state saved with these weights; a checkpoint of an agriseg before it was stored
+        # there has it in last.json only.
+        meta = json.loads(stored if stored is not None else (folder / "last.json").read_text())
     except (OSError, ValueError, SafetensorError) as exc:
         raise ResumeError(
             f"{folder}: the training checkpoint is unreadable ({exc}); start again without "
@@ -413,6 +422,18 @@ def check_bundle_destination(path: Path) -> bool:
             f"{p}: cannot write the model bundle into {folder} ({exc.strerror or exc}); set "
             "`bundle:` in the training config to a path in a writable folder") from exc
     return exists
+
+
+def bundle_name(cfg: TrainConfig) -> str:
+    """The bundle's name when the config gives none: the bundle file's, or the `out:` folder's.
+
+    Every bundle at the default path is "model" (OUT/model.safetensors), which `agriseg run`
+    printed as "model: model"; the training folder's name tells bundles apart.
+    """
+    stem = Path(cfg.bundle_path).stem
+    if cfg.bundle is not None and stem != "model":
+        return stem  # a file name the user chose
+    return Path(cfg.out).resolve().name or stem
 
 
 def _init_bundle(init_from: Path) -> Path:
@@ -586,9 +607,11 @@ def train(
              spec.arch, spec.encoder, count_parameters(model), len(images), len(windows),
              device, str(amp_dtype).removeprefix("torch.") if amp else "float32")
     if not windows and cfg.validation.fraction > 0:
-        log.warning("no validation block holds labelled pixels (blocks of %d px; the images or "
-                    "their labelled areas are smaller): the best epoch is the one of lowest "
-                    "training loss; lower validation.block_size to validate",
+        # Validation blocks are chosen among the blocks that hold labels, and training keeps
+        # one of them at least: only labels within one block per image leave none.
+        log.warning("no validation block: the labels of each image lie within one block of %d "
+                    "px, which training keeps; the best epoch is the one of lowest training "
+                    "loss; lower validation.block_size (or label a larger area) to validate",
                     cfg.validation.block_size)
 
     total = cfg.epochs * cfg.steps_per_epoch
@@ -639,7 +662,7 @@ def train(
                 arch=spec, schema=schema, roles=tuple(cfg.bands), mean=mean_t, std=std_t,
                 patch_size=cfg.patch_size, halo=cfg.halo,
                 gsd_range_m=(round(min(gsds), 4), round(max(gsds), 4)),
-                name=cfg.name or Path(cfg.bundle_path).stem,
+                name=cfg.name or bundle_name(cfg),
                 metrics={"epoch": epoch, "val": scores.to_dict() if scores else None,
                          "train_loss": mean_loss},
                 training={"images": data_summary, "epochs": cfg.epochs,

@@ -1,16 +1,27 @@
-"""``agriseg models``: list the registered model names."""
+"""``agriseg models``: list the registered model names, or describe one model bundle."""
 
 from __future__ import annotations
 
 import re
 import textwrap
+from collections import Counter
+from pathlib import Path
 
 import click
 
 
 @click.command()
-def models() -> None:
-    """List models usable with agriseg run --model NAME (bundle paths work too)."""
+@click.argument("bundle", required=False, metavar="[BUNDLE]")
+def models(bundle: str | None) -> None:
+    """List models usable with agriseg run --model NAME (bundle paths work too).
+
+    With BUNDLE (a bundle path or a learned model's name, e.g. unet-default), show what it
+    was trained for: classes and their roles, bands, GSD range, architecture and validation
+    scores.
+    """
+    if bundle is not None:
+        _show_bundle(bundle)
+        return
     from agriseg.models import available_models
     from agriseg.models.neural import runs_as
     from agriseg.models.registry import DEFAULT_MODEL
@@ -50,3 +61,81 @@ def _attribute_docs(doc: str) -> dict[str, str]:
         elif line.strip():
             name = None
     return out
+
+
+def _bundle_path(bundle: str) -> Path:
+    """The bundle file or folder of a path or a registered learned model's name.
+
+    Raises:
+        ModelError: a rule-based model's name, or neither a file nor a registered name.
+    """
+    from agriseg.errors import ModelError
+    from agriseg.models.registry import available_models, load_segmenter
+
+    names = available_models()
+    if bundle not in names:
+        if not Path(bundle).exists():
+            raise ModelError(
+                f"{bundle}: no such model bundle or model name; give a bundle path (a "
+                f".safetensors file or a bundle folder) or a registered name "
+                f"({', '.join(names)})")
+        return Path(bundle)
+    # As `run --model` resolves it; a learned model (a bundle) knows its file.
+    path = getattr(load_segmenter(bundle), "path", None)
+    if path is None:
+        raise ModelError(
+            f"{bundle}: is a rule-based model, without a bundle to describe; give a bundle path "
+            "or a learned model's name (such as unet-default)")
+    return Path(path)
+
+
+def _show_bundle(bundle: str) -> None:
+    """Print a bundle's metadata (read from its header: no weights, nothing unpickled)."""
+    from agriseg.models.bundle import read_bundle_meta
+
+    path = _bundle_path(bundle)
+    meta = read_bundle_meta(path)
+    a = meta.arch
+    opts = "".join(f", {k}={v}" for k, v in a.options)
+    lo_hi = (f"{meta.gsd_range_m[0]:g}-{meta.gsd_range_m[1]:g} m" if meta.gsd_range_m
+             else "not recorded")
+    click.echo(f"bundle:       {path}")
+    click.echo(f"name:         {meta.name}"
+               + (f" (created {meta.created})" if meta.created else ""))
+    click.echo(f"architecture: {a.arch}/{a.encoder}, depth {a.depth}{opts}")
+    click.echo(f"bands:        {', '.join(meta.roles)}")
+    click.echo(f"GSD range:    {lo_hi} (trained on)")
+    click.echo(f"patch, halo:  {meta.patch_size} px, {meta.halo} px")
+    val = meta.metrics.get("val") if isinstance(meta.metrics.get("val"), dict) else None
+    iou = val.get("iou", {}) if val else {}
+    rows = [(str(c.value), c.name, (c.role or "-") + (", at risk" if c.at_risk else ""),
+             _num(iou.get(c.name)))
+            for c in meta.schema.classes]
+    rows.insert(0, ("value", "class", "role", "val. IoU"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    click.echo("classes:")
+    for r in rows:
+        click.echo(f"  {r[0]:>{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  "
+                   f"{r[3]:>{widths[3]}}")
+    if val:
+        epochs = meta.training.get("epochs")
+        click.echo(f"validation:   mIoU {_num(val.get('miou'))}, accuracy "
+                   f"{_num(val.get('accuracy'))} at epoch "
+                   f"{meta.metrics.get('epoch', '?')}{f' of {epochs}' if epochs else ''}")
+    elif meta.metrics:
+        click.echo("validation:   none (no validation pixels; best epoch by training loss "
+                   f"{_num(meta.metrics.get('train_loss'), 4)})")
+    else:
+        click.echo("validation:   no metrics stored")
+    images = meta.training.get("images")
+    if isinstance(images, list) and images:
+        sources = Counter(str(i.get("source", "?")) for i in images if isinstance(i, dict))
+        click.echo(f"training:     {len(images)} image(s) ("
+                   + ", ".join(f"{n} {s}" for s, n in sources.items()) + ")"
+                   + (f", agriseg {meta.training['agriseg']}"
+                      if meta.training.get("agriseg") else ""))
+
+
+def _num(value: object, digits: int = 3) -> str:
+    """A stored score, or "-" where there is none (null: a class absent from validation)."""
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "-"

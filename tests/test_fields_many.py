@@ -88,6 +88,21 @@ def test_field_of_a_zone_by_area_with_ties_and_slivers() -> None:
     assert _assign_fields(zones, None).isna().all()
 
 
+def test_a_zone_too_large_to_intersect_goes_by_its_point(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A patch percolating through the survey: intersected with every plot, it took hours."""
+    import agriseg.vectorize as vectorize
+
+    fields = gpd.GeoDataFrame({"field_id": ["big", "small"]}, crs=32615,
+                              geometry=[shapely.box(0, 0, 10, 10), shapely.box(10, 0, 12, 10)])
+    zone = shapely.union_all([shapely.box(6, 0, 9.5, 4.5), shapely.box(9, 4.5, 12, 5.5),
+                              shapely.box(6, 5.5, 9.5, 10)])
+    zones = gpd.GeoDataFrame(geometry=[zone], crs=32615)
+    assert _assign_fields(zones, fields).tolist() == ["big"]  # by area
+    monkeypatch.setattr(vectorize, "OVERLAP_VERTICES", 4)
+    assert _assign_fields(zones, fields).tolist() == ["small"]  # by its point
+    assert _zones_per_field(fields, zones).tolist() == [1, 1]  # counted where it reaches
+
+
 def test_fields_partly_outside_without_valid_pixels_say_so(tmp_path: Path) -> None:
     *_, src, _ = _field_raster(tmp_path)  # rows 0-29 (1.5 m) are nodata
     bowtie = shapely.Polygon([(X0 + 8, Y0 - 1), (X0 + 9, Y0 + 1), (X0 + 9, Y0 - 1),

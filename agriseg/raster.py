@@ -28,7 +28,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from agriseg.blocks import BlockCache
-from agriseg.errors import BandError, RasterError
+from agriseg.errors import AgrisegError, BandError, RasterError
 from agriseg.grid import IMAGE_CRS, Grid, Tile
 
 log = logging.getLogger(__name__)
@@ -942,17 +942,40 @@ def gdal_reason(exc: BaseException) -> str:
     return text.strip().rstrip(".") or type(exc).__name__
 
 
+_BLOCK_OFFSET = re.compile(r"IReadBlock failed at X offset (\d+), Y offset (\d+)")
+
+
+def _bad_block(path: str, reason: str) -> str:
+    """Where GDAL's failed block lies, in pixels; "" when the reason names no block.
+
+    GDAL names a block by its column and row among the blocks ("X offset 5, Y offset 4"),
+    which read as pixel 5, 4.
+    """
+    m = _BLOCK_OFFSET.search(reason)
+    if m is None:
+        return ""
+    try:
+        with _open(path) as ds:
+            bh, bw = ds.block_shapes[0]
+    except (RasterioError, AgrisegError):
+        return ""
+    bx, by = int(m.group(1)), int(m.group(2))
+    return (f"; the bad block is the file's block {bx}, {by}: rows {by * bh}..{(by + 1) * bh}, "
+            f"cols {bx * bw}..{(bx + 1) * bw}")
+
+
 @contextlib.contextmanager
 def _read_errors(survey: SurveyRaster, window: Window) -> Iterator[None]:
     try:
         yield
     except RasterioError as exc:
+        reason = gdal_reason(exc)
         raise RasterError(
             f"{survey.path}: cannot read pixels in window rows {int(window.row_off)}.."
             f"{int(window.row_off + window.height)}, cols {int(window.col_off)}.."
-            f"{int(window.col_off + window.width)} ({gdal_reason(exc)}); the file is probably "
-            "truncated or corrupt: re-export or re-download it (gdalinfo -checksum shows bad "
-            "blocks)"
+            f"{int(window.col_off + window.width)} ({reason}"
+            f"{_bad_block(survey.path, reason)}); the file is probably truncated or corrupt: "
+            "re-export or re-download it (gdalinfo -checksum shows bad blocks)"
         ) from exc
 
 

@@ -403,3 +403,20 @@ def test_dot_dot_after_a_link_is_followed_like_the_system(tmp_path: Path) -> Non
     assert raster.absolute_path(tmp_path / "link" / ".." / "x.tif") == str(
         (tmp_path / "real" / "x.tif").resolve())
     assert raster.absolute_path(tmp_path / "link") == str(tmp_path / "link")  # links kept
+
+
+def test_a_corrupt_block_is_named_in_pixels(tmp_path: Path) -> None:
+    """GDAL names a bad block by its column and row among blocks, which read as pixels."""
+    rng = np.random.default_rng(0)
+    path = _rgb(tmp_path / "cut.tif", rng.integers(0, 255, (3, 256, 256), dtype=np.uint8),
+                compress="DEFLATE", tiled=True, blockxsize=64, blockysize=64)
+    s = open_survey(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    raster.clear_tile_cache()
+    with pytest.raises(raster.RasterError) as err:
+        raster.read_window(s, s.roles.spectral, Window(0, 0, 256, 256))
+    msg = str(err.value)
+    assert "cannot read pixels" in msg and "gdalinfo -checksum" in msg
+    assert "the bad block is the file's block" in msg and "rows " in msg
+

@@ -73,8 +73,8 @@ from agriseg.grid import TilePlan
                    "own in QGIS (a stricter weed map for spraying) [none].")
 @click.option("--skip", multiple=True,
               help="Leave out post-processing steps (repeatable, or comma-separated: "
-                   "--skip zones,report): quicklook, zones, fields, report, project. The report is built from the field summaries: skipping "
-                   "fields skips it too.")
+                   "--skip zones,report): quicklook, zones, fields, report, project. The "
+                   "report is built from the field summaries: skipping fields skips it too.")
 @click.option("--min-zone-area", type=float, help="Smallest at-risk zone kept, m2 [0.25].")
 @click.option("--config", "config_file",
               type=click.Path(exists=True, dir_okay=False, path_type=Path),

@@ -436,6 +436,12 @@ def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
             # soil as well as the unlabelled background; only the user knows.
             example += f" (or, if 0 is unlabelled, 0=ignore,{_in_order(rest, schema)})"
         return example
+    codes = [v for v in present or [] if v >= 0]
+    if not mapping and present is not None and 0 < len(codes) <= len(schema):
+        # A negative code beside the classes' (-1 with 1..4, no nodata declared) is most
+        # likely an undeclared nodata: 0..3 kept as they are ignored the disease class 4.
+        return ",".join([_in_order(codes, schema)]
+                        + [f"{v}=ignore" for v in present if v < 0])
     known = mapping if mapping else {c.value: c.value for c in schema.classes}
     pairs = [f"{v}={names[c]}" for v, c in known.items()]
     return ",".join(pairs + [f"{v}=ignore" for v in unknown if v not in known])

@@ -167,6 +167,18 @@ def test_suggested_mapping_fits_the_codes(tmp_path: Path, codes: list[list[int]]
         evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(example))
 
 
+def test_suggested_mapping_ignores_an_undeclared_negative_code(tmp_path: Path) -> None:
+    """-1 beside 1..4 with no nodata declared: 0..3 kept as they were ignored disease."""
+    codes = np.array([[-1, 1, 2, 3], [4, 4, 1, -1]], np.int16)
+    truth = _tif(tmp_path / "t.tif", codes)
+    pred = _tif(tmp_path / "p.tif", np.zeros(codes.shape, np.uint8), nodata=255)
+    with pytest.raises(InputError) as err:
+        evaluate_rasters(pred, truth)
+    example = "1=soil,2=crop,3=weed,4=disease,-1=ignore"
+    assert str(err.value).endswith(f"e.g. --truth-classes {example}"), err.value
+    evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(example))
+
+
 def test_png_size_mismatch_names_the_sizes(tmp_path: Path) -> None:
     """A PNG tile has no CRS: its LOCAL_CS WKT and a gdalwarp -t_srs hint only confused."""
     pred = _png(tmp_path / "p.png", np.zeros((2, 4), np.uint8))

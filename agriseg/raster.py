@@ -198,7 +198,7 @@ class SurveyRaster:
             present = ", ".join(f"{r}={i}" for r, i in self.roles.bands) or "none"
             # The example uses this raster's spare bands: a fixed red=1,...,nir=4 named the
             # alpha band of an RGBA survey as NIR.
-            used = {i for _, i in self.roles.bands}
+            used = {i for _, i in self.roles.bands} | _tagged_alpha(self.path)
             spare = [i for i in range(1, self.count + 1) if i not in used]
             if len(spare) >= len(missing):
                 pairs = [(r, i) for r, i in self.roles.bands if r != "alpha"]
@@ -229,6 +229,19 @@ class SurveyRaster:
             "offset": self.offset,
             "mask_source": self.mask_source,
         }
+
+
+def _tagged_alpha(path: str) -> set[int]:
+    """The bands of ``path`` tagged alpha (none when it cannot be opened).
+
+    Given --bands without its alpha band, an RGBA survey's band 4 looked spare, and a
+    missing role's example named it.
+    """
+    try:
+        with _open(path) as ds:
+            return {i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.alpha}
+    except (RasterioError, AgrisegError):
+        return set()
 
 
 @contextlib.contextmanager

@@ -368,6 +368,9 @@ def test_descriptions_without_green_and_tagged_alpha(tmp_path: Path) -> None:
     assert rgba.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "alpha": 4}
     with pytest.raises(BandError, match="no band left for nir"):  # not "--bands ...,nir=4"
         rgba.require(("red", "green", "blue", "nir"))
+    given = open_survey(path, "red=1,nir=2")  # --bands without the alpha band: still alpha
+    with pytest.raises(BandError, match="no band left for green, blue"):
+        given.require(("red", "green", "blue", "nir"))
     two = tmp_path / "rn.tif"
     with rasterio.open(path) as src:
         profile = {**src.profile, "count": 2, "nodata": 0}

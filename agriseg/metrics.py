@@ -415,7 +415,8 @@ def _check_same_grid(pred_path: str | Path, truth_path: str | Path,
 
 
 def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
-                     schema: ClassSchema, present: list[int] | None = None) -> str:
+                     schema: ClassSchema, present: list[int] | None = None,
+                     declared: bool = False) -> str:
     """A ``--truth-classes`` value naming what is known and each unknown value.
 
     Args:
@@ -424,24 +425,30 @@ def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
         schema: the classes.
         present: every value the truth holds but its unlabelled ones (255, its declared
             nodata), sorted; None when not known.
+        declared: whether the truth declares a nodata value of its own.
     """
     names = {c.value: c.name for c in schema.classes} | {schema.nodata: "ignore"}
-    if not mapping and present is not None and len(present) <= len(schema):
-        # No more codes than classes (10/20/30, or 1..4 beside nodata 0): most likely the
-        # classes in order. Ignoring the codes, or 0..3 kept as they are, scored nothing.
-        example = _in_order(present, schema)
-        rest = [v for v in present if v != 0]
-        if len(rest) < len(present) and not any(0 < v < len(schema) for v in rest):
-            # 0 beside codes none of which is a class (0/10/20/30, 0/85/170): 0 may be
-            # soil as well as the unlabelled background; only the user knows.
-            example += f" (or, if 0 is unlabelled, 0=ignore,{_in_order(rest, schema)})"
-        return example
-    codes = [v for v in present or [] if v >= 0]
-    if not mapping and present is not None and 0 < len(codes) <= len(schema):
-        # A negative code beside the classes' (-1 with 1..4, no nodata declared) is most
-        # likely an undeclared nodata: 0..3 kept as they are ignored the disease class 4.
-        return ",".join([_in_order(codes, schema)]
-                        + [f"{v}=ignore" for v in present if v < 0])
+    k = len(schema)
+    # A negative code is most likely an undeclared nodata (-1 beside 1..4); beside a
+    # declared nodata it is a class code (-1..2).
+    codes = [v for v in present or [] if declared or v >= 0]
+    negative = [f"{v}=ignore" for v in present or [] if not declared and v < 0]
+    if not mapping and present is not None and codes and len(codes) <= k:
+        # The classes in order, where the codes cannot be the classes themselves: none of
+        # them a class value (10/20/30, beside a 0 or not), or a shifted run (1..4 beside
+        # nodata 0, -1..2). Ignoring the codes, or 0..3 kept as they are, scored nothing
+        # (or dropped disease).
+        rest = [v for v in codes if v != 0]
+        if not any(0 < v < k for v in rest):
+            example = _in_order(codes, schema)
+            if len(rest) < len(codes) and rest:
+                # 0 beside codes none of which is a class (0/10/20/30, 0/85/170): 0 may be
+                # soil as well as the unlabelled background; only the user knows.
+                example += f" (or, if 0 is unlabelled, 0=ignore,{_in_order(rest, schema)})"
+            return ",".join([example, *negative])
+        shifted = codes == list(range(codes[0], codes[0] + k)) and codes[0] != 0
+        if shifted or (set(codes) <= set(range(1, k + 1)) and k in codes):
+            return ",".join([_in_order(codes, schema), *negative])
     known = mapping if mapping else {c.value: c.value for c in schema.classes}
     pairs = [f"{v}={names[c]}" for v, c in known.items()]
     return ",".join(pairs + [f"{v}=ignore" for v in unknown if v not in known])
@@ -537,7 +544,8 @@ def evaluate_rasters(
                         if len(seen) > k + MAX_LABELS + 2:
                             seen = None
                     if not mapping and declared is not None and declared != schema.nodata:
-                        raw = np.where(raw == declared, schema.nodata, raw)
+                        # Widened: an int8 truth turned 255 back into -1.
+                        raw = np.where(raw == declared, schema.nodata, raw.astype(np.int64))
                     truth = _mapped(raw, mapping, k, schema.nodata, unknown)
                 pred = p.read(1, window=window)
                 if p.nodata is not None and int(p.nodata) != schema.nodata:
@@ -587,7 +595,7 @@ def evaluate_rasters(
             "each value is with --truth-classes "
             "VALUE=CLASS,... (CLASS one of "
             f"{', '.join([*schema.names, 'ignore'])}){note}, e.g. --truth-classes "
-            f"{_example_mapping(truth_classes, vals, schema, present)}"
+            f"{_example_mapping(truth_classes, vals, schema, present, declared is not None)}"
         )
     if not total.any():
         raise InputError(

@@ -179,6 +179,26 @@ def test_suggested_mapping_ignores_an_undeclared_negative_code(tmp_path: Path) -
     evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(example))
 
 
+@pytest.mark.parametrize(("codes", "example"), [
+    ([0, 1, 2, -1], "0=soil,1=crop,2=weed,3=disease,-1=ignore"),  # classes beside a -1
+    ([0, 1, 3, 200], "0=soil,1=crop,2=weed,3=disease,200=ignore"),  # classes and a stray
+])
+def test_codes_that_are_classes_keep_their_classes(tmp_path: Path, codes: list[int],
+                                                    example: str) -> None:
+    truth = _tif(tmp_path / "t.tif", np.array([codes, codes], np.int16))
+    pred = _tif(tmp_path / "p.tif", np.zeros((2, 4), np.uint8), nodata=255)
+    with pytest.raises(InputError) as err:
+        evaluate_rasters(pred, truth)
+    assert str(err.value).endswith(f"e.g. --truth-classes {example}"), err.value
+
+
+def test_int8_truth_with_its_nodata(tmp_path: Path) -> None:
+    """int8 kept -1 where 255 was written back: "-1 (its declared nodata)" was refused."""
+    truth = _tif(tmp_path / "t.tif", np.array([[0, 1, -1, 2]], np.int8), nodata=-1)
+    pred = _tif(tmp_path / "p.tif", np.array([[0, 1, 3, 2]], np.uint8), nodata=255)
+    assert evaluate_rasters(pred, truth).accuracy == 1.0
+
+
 def test_png_size_mismatch_names_the_sizes(tmp_path: Path) -> None:
     """A PNG tile has no CRS: its LOCAL_CS WKT and a gdalwarp -t_srs hint only confused."""
     pred = _png(tmp_path / "p.png", np.zeros((2, 4), np.uint8))

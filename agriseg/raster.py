@@ -464,14 +464,16 @@ def _reflectance_order(
 ALPHA_DATA_SHARE = 0.05
 
 
-def _alpha_doubt(values: np.ndarray, band: int, dtype: np.dtype[Any]) -> list[str]:
+def _alpha_doubt(values: np.ndarray, band: int) -> list[str]:
     """A warning when the alpha band ``band`` holds graded values, as a NIR band does.
 
     RGB + NIR tiles saved as 4-channel PNGs (labelled datasets) come back from GDAL with the
     NIR band tagged alpha: it became the nodata mask, and NIR went unused.
     """
-    top = np.iinfo(dtype).max if dtype.kind in "ui" else 1.0
-    graded = float(((values > 0) & (values < top)).mean()) if values.size else 0.0
+    # Between the band's own extremes, not the type's: a 16-bit survey may hold a 0/255 alpha.
+    if not values.size or len(np.unique(values)) <= 2:
+        return []
+    graded = float(((values > values.min()) & (values < values.max())).mean())
     if graded <= ALPHA_DATA_SHARE:
         return []
     return [f"band {band} is tagged alpha and used as the nodata mask, but {graded:.0%} of "
@@ -791,7 +793,7 @@ def _describe(
     if alpha is not None:
         mask_source = "alpha"
         if bands is None and "nir" not in mapping:
-            notes += _alpha_doubt(sample()[alpha - 1], alpha, np.dtype(ds.dtypes[alpha - 1]))
+            notes += _alpha_doubt(sample()[alpha - 1], alpha)
     elif ds.nodata is not None or any(
         MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in ds.mask_flag_enums
     ):
@@ -965,16 +967,20 @@ def _bad_block(path: str, reason: str) -> str:
     which read as pixel 5, 4.
     """
     m = _BLOCK_OFFSET.search(reason)
-    if m is None:
+    # GDAL names the file whose block failed first ("cut.tif, band 1: ..."): the survey's
+    # own, or a source of a VRT mosaic, whose blocks and offset are another matter.
+    named = reason.split(", band ", 1)[0]
+    if m is None or "," in named or os.path.basename(named) != os.path.basename(path):
         return ""
     try:
         with _open(path) as ds:
             bh, bw = ds.block_shapes[0]
+            height, width = ds.height, ds.width
     except (RasterioError, AgrisegError):
         return ""
     bx, by = int(m.group(1)), int(m.group(2))
-    return (f"; the bad block is the file's block {bx}, {by}: rows {by * bh}..{(by + 1) * bh}, "
-            f"cols {bx * bw}..{(bx + 1) * bw}")
+    return (f"; the bad block is the file's block {bx}, {by}: rows {by * bh}.."
+            f"{min((by + 1) * bh, height)}, cols {bx * bw}..{min((bx + 1) * bw, width)}")
 
 
 @contextlib.contextmanager

@@ -288,6 +288,14 @@ def test_alpha_band_holding_data_is_doubted(tmp_path: Path, graded: bool, warned
     s = open_survey(raster.image_vrt(path, tmp_path / "image.vrt", 0.01))
     doubts = [w for w in s.warnings if "tagged alpha" in w]
     assert bool(doubts) == warned
+    if not warned:  # the same 0/255 alpha in a 16-bit survey: no doubt either
+        wide = tmp_path / "wide.tif"
+        with rasterio.open(wide, "w", driver="GTiff", width=128, height=128, count=4,
+                           dtype="uint16", photometric="RGB", alpha="YES", crs="EPSG:32615",
+                           transform=Affine(0.02, 0, 5e5, 0, -0.02, 49e5)) as dst:
+            dst.write(np.concatenate([rgba[:3].astype(np.uint16) * 200,
+                                      np.where(rgba[3:] > 0, 255, 0).astype(np.uint16)]))
+        assert not [w for w in open_survey(wide).warnings if "tagged alpha" in w]
     if warned:
         assert "--bands red=1,green=2,blue=3,nir=4" in doubts[0]
 
@@ -421,5 +429,20 @@ def test_a_corrupt_block_is_named_in_pixels(tmp_path: Path) -> None:
         raster.read_window(s, s.roles.spectral, Window(0, 0, 256, 256))
     msg = str(err.value)
     assert "cannot read pixels" in msg and "gdalinfo -checksum" in msg
-    assert "the bad block is the file's block" in msg and "rows " in msg
+    assert "the bad block is the file's block" in msg and "rows 128..192" in msg
+    # Through a VRT the failed block is its source's: no pixel window of the VRT is made up.
+    vrt = tmp_path / "mosaic.vrt"
+    vrt.write_text(f"""<VRTDataset rasterXSize="256" rasterYSize="256">
+  <SRS>EPSG:32615</SRS><GeoTransform>500000, 0.02, 0, 4900000, 0, -0.02</GeoTransform>
+  {''.join(f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource><SourceFilename '
+           f'relativeToVRT="1">cut.tif</SourceFilename><SourceBand>{b}</SourceBand>'
+           '</SimpleSource></VRTRasterBand>' for b in (1, 2, 3))}
+</VRTDataset>""")
+    raster.clear_tile_cache()
+    with pytest.raises(raster.RasterError) as err:  # opening reads a sample already
+        v = open_survey(vrt)
+        raster.read_window(v, v.roles.spectral, Window(0, 0, 256, 256))
+    assert "cut.tif" in str(err.value) and "the bad block" not in str(err.value)
+    assert raster._bad_block(str(vrt), "cut.tif, band 1: IReadBlock failed at X offset 1, "
+                             "Y offset 2") == ""
 

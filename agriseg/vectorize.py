@@ -530,7 +530,7 @@ def zone_field_overlaps(
     or a plot under a large zone, is the common case.
 
     A zone of more than :data:`OVERLAP_VERTICES` vertices is not intersected: its pairs with
-    the fields it intersects get NaN, unless the field lies wholly inside it.
+    the fields it intersects get NaN.
 
     Returns:
         ``(zone, field, area)``: one entry per overlapping pair, by zone.
@@ -548,6 +548,7 @@ def zone_field_overlaps(
         held = np.isin(pair, a.astype(np.int64) * len(fields) + b)
         area[held] = whole[held]
     huge = shapely.get_num_coordinates(zones) > OVERLAP_VERTICES
+    area[huge[zi]] = np.nan  # not measured at all: such a zone goes by its point
     cut = np.isnan(area) & ~huge[zi]
     area[cut] = shapely.area(shapely.intersection(zones[zi[cut]], fields[fi[cut]]))
     keep = (area > min_area) | np.isnan(area)
@@ -579,15 +580,20 @@ def _assign_fields(zones: gpd.GeoDataFrame, fields: gpd.GeoDataFrame | None,
     zi, fi, area = zone_field_overlaps(zg, fg, min_area)
     if len(zi) == 0:
         return none
-    # Unmeasured parts (a zone too large to intersect) weigh nothing: all its fields tie, and
-    # the one holding its representative point wins.
+    # Unmeasured (a zone too large to intersect): all its fields tie, and only one holding
+    # its representative point may have it.
+    unmeasured = np.isnan(area)
     area = np.nan_to_num(area, nan=0.0)
     best = np.zeros(len(zg))
     np.maximum.at(best, zi, area)
     # Equal up to rounding: a zone inside nested fields has the same part in each.
     tied = area >= best[zi] * (1 - 1e-9)
-    zi, fi = zi[tied], fi[tied]
+    zi, fi, unmeasured = zi[tied], fi[tied], unmeasured[tied]
     holds = shapely.contains(fg[fi], shapely.point_on_surface(zg[zi]))
+    usable = holds | ~unmeasured
+    zi, fi, holds = zi[usable], fi[usable], holds[usable]
+    if len(zi) == 0:
+        return none
     order = np.lexsort((fi, shapely.area(fg)[fi], ~holds, zi))
     zi, fi = zi[order], fi[order]
     first = np.r_[True, zi[1:] != zi[:-1]]

@@ -101,6 +101,13 @@ def test_a_zone_too_large_to_intersect_goes_by_its_point(monkeypatch: pytest.Mon
     monkeypatch.setattr(vectorize, "OVERLAP_VERTICES", 4)
     assert _assign_fields(zones, fields).tolist() == ["small"]  # by its point
     assert _zones_per_field(fields, zones).tolist() == [1, 1]  # counted where it reaches
+    # A plot wholly inside it does not win over the one holding its point, and a point in
+    # no field leaves it without one.
+    inner = gpd.GeoDataFrame({"field_id": ["inner"]}, crs=32615,
+                             geometry=[shapely.box(6.5, 0.5, 7.5, 1.5)])
+    both = pd.concat([fields, inner], ignore_index=True)
+    assert _assign_fields(zones, both).tolist() == ["small"]
+    assert _assign_fields(zones, both.iloc[[0, 2]]).tolist() == [None]
 
 
 def test_fields_partly_outside_without_valid_pixels_say_so(tmp_path: Path) -> None:

@@ -158,6 +158,7 @@ def test_validation_blocks_are_chosen_among_labelled_blocks() -> None:
     one = np.full((256, 256), IGNORE, np.uint8)
     one[10:50, 10:50] = 1
     assert not block_split((256, 256), 64, 0.2, 0, one).any()
+    assert not block_split((256, 256), 64, 0.9, 0, one).any()  # whatever the fraction
 
 
 def test_validation_leaves_training_every_class_of_sparse_labels() -> None:

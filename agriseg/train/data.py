@@ -336,6 +336,8 @@ def block_split(shape: tuple[int, int], block: int, fraction: float, seed: int,
     n_val = round(m * fraction)
     if fraction > 0 and m > 1:
         n_val = min(max(n_val, 1), m - 1)
+    elif m == 1 and present is not None:
+        n_val = 0  # the only labelled block trains (a fraction over 0.5 took it away)
     chosen = np.zeros(n, bool)
     if present is None or m == n:
         # Every block labelled: the split of agriseg before labels were looked at, so that

@@ -172,6 +172,10 @@ def test_validation_leaves_training_every_class_of_sparse_labels() -> None:
         val = block_split((256, 256), 64, 0.3, seed, labels)
         assert set(np.unique(labels[~val])) == {0, 1, 2, 3, IGNORE}, seed
         assert set(np.unique(labels[val])) >= {0, 1}, seed  # both parts hold soil and crop
+    # two labelled blocks, each with a class of its own: neither goes to validation
+    two = np.full((256, 256), IGNORE, np.uint8)
+    two[:64, :64], two[192:, 192:] = 1, 2
+    assert not block_split((256, 256), 64, 0.2, 0, two).any()
 
 
 # --- images without a CRS (gsd:) -----------------------------------------------------------

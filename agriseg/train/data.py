@@ -324,7 +324,8 @@ def block_split(shape: tuple[int, int], block: int, fraction: float, seed: int,
     them), and training keeps at least one of them. Where every block holds labels the split
     is the one drawn without ``labels``; where some do not (partial rasters, polygons), of
     :data:`SPLIT_DRAWS` draws the first that leaves training the most classes, then puts the
-    most classes in both parts, is taken. Deterministic with ``seed``.
+    most classes in both parts, is taken, with fewer validation blocks (down to none) while
+    every draw leaves training short of a class. Deterministic with ``seed``.
     """
     h, w = shape
     ny, nx = math.ceil(h / block), math.ceil(w / block)
@@ -343,15 +344,22 @@ def block_split(shape: tuple[int, int], block: int, fraction: float, seed: int,
         # Every block labelled: the split of agriseg before labels were looked at, so that
         # trainings on fully labelled rasters keep their validation blocks.
         chosen[rng.permutation(n)[:n_val]] = True
-    elif n_val:
-        best: tuple[int, int] | None = None
-        for _ in range(SPLIT_DRAWS):
-            pick = np.zeros(n, bool)
-            pick[rng.permutation(candidates)[:n_val]] = True
-            val, train = present[pick].any(0), present[~pick].any(0)
-            score = (int(train.sum()), int((val & train).sum()))
-            if best is None or score > best:
-                best, chosen = score, pick
+    else:
+        classes = int(present.any(0).sum())
+        # Fewer validation blocks when every draw takes a class out of training (two
+        # labelled blocks, each with a class of its own): what is not trained is not learnt.
+        for k in range(n_val, 0, -1):
+            best: tuple[int, int] | None = None
+            for _ in range(SPLIT_DRAWS):
+                pick = np.zeros(n, bool)
+                pick[rng.permutation(candidates)[:k]] = True
+                val, train = present[pick].any(0), present[~pick].any(0)
+                score = (int(train.sum()), int((val & train).sum()))
+                if best is None or score > best:
+                    best, chosen = score, pick
+            if best is not None and best[0] == classes:
+                break
+            chosen = np.zeros(n, bool)
     grid = chosen.reshape(ny, nx)
     return np.kron(grid, np.ones((block, block), bool))[:h, :w].astype(bool)
 

@@ -481,13 +481,28 @@ def _alpha_doubt(values: np.ndarray, band: int) -> list[str]:
             f"channel is: if it is NIR, give --bands red=1,green=2,blue=3,nir={band}"]
 
 
+#: Share of a validity band's pixels that may lie between 0 and its maximum: a mask
+#: resampled with averaging (gdalwarp -r average) grades the edge of the footprint.
+MASK_EDGE_SHARE = 0.02
+
+
 def _looks_like_alpha(ds: rasterio.DatasetReader, band: int) -> bool:
-    """True when an undeclared band holds only 0 and the dtype maximum (a validity mask)."""
-    if ds.dtypes[band - 1] != "uint8":
+    """True when an undeclared band is a validity mask: 0 and one maximum, nearly only.
+
+    The maximum is 255 or the type's (a 16-bit copy of an 8-bit mask scaled x257 holds
+    0/65535); a few graded values are allowed along the edge. Both were read as NIR, and an
+    RGB survey ran on an NDVI of its own mask, without a warning.
+    """
+    dtype = np.dtype(ds.dtypes[band - 1])
+    if dtype.kind not in "ui":
         return False
     small = _decimated_shape(ds.height, ds.width, 256)
-    values = np.unique(ds.read(band, out_shape=small, resampling=Resampling.nearest))
-    return bool(np.isin(values, (0, 255)).all() and 0 in values)
+    values = ds.read(band, out_shape=small, resampling=Resampling.nearest)
+    top = int(values.max())
+    if top not in (255, np.iinfo(dtype).max) or not (values == 0).any():
+        return False
+    graded = (values > 0) & (values < top)
+    return bool(graded.mean() <= MASK_EDGE_SHARE)
 
 
 def _decimated_shape(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -787,7 +802,8 @@ def _describe(
             ds, 4
         ):
             # e.g. drone RGB with an unflagged 0/255 validity band: it is not NIR.
-            log.info("%s: band 4 holds only 0/255 and is used as alpha, not NIR", p)
+            log.info("%s: band 4 is a validity mask (0 and its maximum) and is used as alpha, not "
+                     "NIR", p)
             del mapping["nir"]
             mapping["alpha"] = alpha = 4
     if alpha is not None:

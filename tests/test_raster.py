@@ -267,6 +267,12 @@ def test_unflagged_validity_band_is_alpha_not_nir(tmp_path: Path) -> None:
     assert s.mask_source == "alpha"
     _, got = raster.read_window(s, s.roles.spectral, Window(0, 0, 200, 200))
     assert (got == valid).all()
+    # The same mask in a 16-bit copy (x257: 0/65535), and resampled (a graded edge).
+    graded = band4.astype(np.uint16)[0] * 257
+    graded[(xx + yy == 60)] = 32896
+    with rasterio.open(path, "w", **{**profile, "dtype": "uint16"}) as dst:
+        dst.write(np.concatenate([rgb.astype(np.uint16) * 257, graded[None]]))
+    assert open_survey(path).roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "alpha": 4}
 
 
 @pytest.mark.parametrize(("graded", "warned"), [(True, True), (False, False)])

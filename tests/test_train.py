@@ -499,7 +499,7 @@ def test_teacher_beside_the_config_and_registered_names(
                      model={"arch": "unet", "encoder": "tiny", "init_from": "labelfree"},
                      data=[{"image": str(img), "labels": str(truth)}])
     r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
-    assert r.exit_code == 2 and "'labelfree' is a rule-based model" in r.output, r.output
+    assert r.exit_code == 2 and "init_from: labelfree: is a rule-based model" in r.output, r.output
 
 
 def test_overwrite_starts_from_nothing_and_sigterm_stops_like_ctrl_c(

@@ -27,8 +27,9 @@ def export(bundle: str, as_onnx: bool, out: Path | None, overwrite: bool) -> Non
     """
     from agriseg.errors import OutputError
     from agriseg.models.neural import ONNX_TOLERANCE, export_onnx
+    from agriseg.models.registry import bundle_path
 
-    path = _bundle_path(bundle)
+    path = bundle_path(bundle, "export")
     if out is not None:
         src = path.resolve()
         own = {p.resolve() for p in src.iterdir()} if src.is_dir() else {src}
@@ -44,20 +45,3 @@ def export(bundle: str, as_onnx: bool, out: Path | None, overwrite: bool) -> Non
     written, diff = export_onnx(path, out)
     click.echo(f"wrote {written} (max |onnx - torch| = {diff:.2e}, tolerance "
                f"{ONNX_TOLERANCE:g})")
-
-
-def _bundle_path(bundle: str) -> Path:
-    """The bundle file or folder ``bundle`` names: a path, or a registered learned model."""
-    from agriseg.errors import ModelError
-    from agriseg.models.registry import available_models, load_segmenter
-
-    if Path(bundle).exists():
-        return Path(bundle)
-    if bundle in available_models():
-        seg = load_segmenter(bundle)
-        if hasattr(seg, "path"):
-            return Path(seg.path)
-        raise ModelError(f"model {bundle!r} runs no neural network: there is nothing to "
-                         "export; give a learned model (unet-default, a bundle path)")
-    raise ModelError(f"{bundle}: no such bundle file or folder, nor a registered model; "
-                     f"registered: {', '.join(available_models())}")

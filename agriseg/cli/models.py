@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import textwrap
 from collections import Counter
-from pathlib import Path
 
 import click
 
@@ -63,37 +62,12 @@ def _attribute_docs(doc: str) -> dict[str, str]:
     return out
 
 
-def _bundle_path(bundle: str) -> Path:
-    """The bundle file or folder of a path or a registered learned model's name.
-
-    Raises:
-        ModelError: a rule-based model's name, or neither a file nor a registered name.
-    """
-    from agriseg.errors import ModelError
-    from agriseg.models.registry import available_models, load_segmenter
-
-    names = available_models()
-    if bundle not in names:
-        if not Path(bundle).exists():
-            raise ModelError(
-                f"{bundle}: no such model bundle or model name; give a bundle path (a "
-                f".safetensors file or a bundle folder) or a registered name "
-                f"({', '.join(names)})")
-        return Path(bundle)
-    # As `run --model` resolves it; a learned model (a bundle) knows its file.
-    path = getattr(load_segmenter(bundle), "path", None)
-    if path is None:
-        raise ModelError(
-            f"{bundle}: is a rule-based model, without a bundle to describe; give a bundle path "
-            "or a learned model's name (such as unet-default)")
-    return Path(path)
-
-
 def _show_bundle(bundle: str) -> None:
     """Print a bundle's metadata (read from its header: no weights, nothing unpickled)."""
     from agriseg.models.bundle import read_bundle_meta
+    from agriseg.models.registry import bundle_path
 
-    path = _bundle_path(bundle)
+    path = bundle_path(bundle, "describe")
     meta = read_bundle_meta(path)
     a = meta.arch
     opts = "".join(f", {k}={v}" for k, v in a.options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from agriseg.errors import ConfigError, ModelError
@@ -62,6 +63,33 @@ def register(name: str, factory: Callable[[], Segmenter], description: str) -> N
 def available_models() -> dict[str, str]:
     """Registered model names and their descriptions."""
     return {k: v[1] for k, v in sorted(_REGISTRY.items())}
+
+
+def bundle_path(bundle: str, what: str) -> Path:
+    """The bundle file or folder that a path or a registered model's name stands for.
+
+    Names first, as ``run --model`` resolves them; a learned model knows its bundle file.
+
+    Args:
+        bundle: a registered name or a bundle path.
+        what: what the caller does with the bundle, for the messages ("describe", "export").
+
+    Raises:
+        ModelError: a rule-based model's name (no bundle), or neither a name nor a path.
+    """
+    names = available_models()
+    if bundle in names:
+        path = getattr(load_segmenter(bundle), "path", None)
+        if path is None:
+            raise ModelError(f"{bundle}: is a rule-based model, without a bundle to {what}; "
+                             "give a bundle path or a learned model's name (such as "
+                             "unet-default)")
+        return Path(path)
+    if not Path(bundle).exists():
+        raise ModelError(f"{bundle}: no such model bundle or model name; give a bundle path "
+                         "(a .safetensors file or a bundle folder) or a registered name "
+                         f"({', '.join(names)})")
+    return Path(bundle)
 
 
 #: Models that take options (``--model-option``): name -> factory from the options.

@@ -442,18 +442,15 @@ def _init_bundle(init_from: Path) -> Path:
     Raises:
         ConfigError: a registered model without weights (a rule-based one).
     """
-    from agriseg.models.registry import available_models, load_segmenter
+    from agriseg.models.registry import available_models, bundle_path
 
     name = str(init_from)
     if name not in available_models():
-        return init_from
-    # As `run --model` resolves it; a learned model (a bundle) knows its file.
-    path = getattr(load_segmenter(name), "path", None)
-    if path is None:
-        raise ConfigError(
-            f"model.init_from: {name!r} is a rule-based model without weights to start from; "
-            "give a model bundle path or a learned model's name (unet-default)")
-    return Path(path)
+        return init_from  # a path; checked where the bundle is read
+    try:
+        return bundle_path(name, "start from")
+    except ModelError as exc:
+        raise ConfigError(f"model.init_from: {exc}") from exc
 
 
 def write_curves(history: list[EpochResult], path: Path) -> None:

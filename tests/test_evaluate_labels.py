@@ -9,8 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rasterio
-from affine import Affine
 from click.testing import CliRunner
 from PIL import Image
 
@@ -22,20 +20,11 @@ from agriseg.metrics import (
     parse_truth_classes,
     parse_truth_colors,
 )
+from tests.test_metrics import CLASSES, _tif
 
-CLASSES = np.array([[0, 1, 2, 3], [0, 1, 2, 255]], np.uint8)
 #: WeedMap-style colours: background black, crop green, weed red.
 COLOURS = {0: (0, 0, 0), 1: (0, 255, 0), 2: (255, 0, 0), 3: (255, 0, 255),
            255: (255, 255, 255)}
-
-
-def _tif(path: Path, data: np.ndarray, nodata: float | None = None) -> Path:
-    bands = data if data.ndim == 3 else data[None]
-    with rasterio.open(path, "w", driver="GTiff", width=bands.shape[2], height=bands.shape[1],
-                       count=bands.shape[0], dtype=bands.dtype, crs="EPSG:32615",
-                       nodata=nodata, transform=Affine(0.1, 0, 5e5, 0, -0.1, 5e6)) as dst:
-        dst.write(bands)
-    return path
 
 
 def _png(path: Path, data: np.ndarray, mode: str | None = None) -> Path:

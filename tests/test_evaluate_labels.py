@@ -259,3 +259,13 @@ def test_grey_and_alpha_truth_says_to_take_band_one(tmp_path: Path) -> None:
               "LA")
     with pytest.raises(InputError, match=r"has 2 bands \(grey and alpha\?\).*gdal_translate -b 1"):
         evaluate_rasters(pred, la)
+
+
+def test_an_image_given_as_prediction_gets_no_default_classes_note(tmp_path: Path) -> None:
+    """The note 'scoring it as the default classes' came before 'has 4 bands'."""
+    image = _tif(tmp_path / "image.tif", np.zeros((4, 2, 4), np.uint8))
+    truth = _tif(tmp_path / "t.tif", CLASSES)
+    r = CliRunner().invoke(main, ["evaluate", str(image), str(truth)])
+    assert r.exit_code == 2 and "has 4 bands" in r.output
+    assert "default classes" not in r.output
+

@@ -102,6 +102,8 @@ def _run_schema(pred: Path) -> ClassSchema:
         click.echo(f"{pred}: no run.json of its run beside it; scoring it as the classes its "
                    f"band description names: {', '.join(own.names)}", err=True)
         return own
+    if not _class_raster_like(pred):
+        return DEFAULT_CLASSES  # no note: evaluating it fails and says why (the image?)
     click.echo(f"{pred}: no run.json of its run beside it; scoring it as the default "
                f"classes {', '.join(DEFAULT_CLASSES.names)} (a model of other classes: "
                "keep its classes.tif in its run folder)", err=True)
@@ -132,3 +134,18 @@ def _described_schema(pred: Path) -> ClassSchema | None:
     except (OSError, rasterio.errors.RasterioError):
         return None
     return ClassSchema.from_description(text, colours)
+
+
+def _class_raster_like(pred: Path) -> bool:
+    """Whether ``pred`` opens as one band of integers, as a class mask is."""
+    import numpy as np
+    import rasterio
+
+    from agriseg.raster import no_georef_warning
+
+    try:
+        with no_georef_warning(), rasterio.open(pred) as ds:
+            return ds.count == 1 and np.dtype(ds.dtypes[0]).kind in "iu"
+    except (OSError, rasterio.errors.RasterioError):
+        return False
+

@@ -711,3 +711,52 @@ def test_green_path_finds_glaucous_leaves_not_grey_gravel(tmp_path: Path,
         assert (glaucous != 0).mean() > 0.95
     else:
         assert (glaucous == 0).mean() > 0.95
+
+
+def test_clipped_soil_is_not_vegetation(tmp_path: Path) -> None:
+    """Bright soil with red clipped at 255 reads greener than it is (its true red is higher):
+    taken with red at 1.1 x full scale it is soil, in the threshold's fit too; bright yellow
+    canopy with red and green both clipped stays vegetation. Overexposed x1.4, Lamberton
+    2018-09-25 went 1.9 -> 21.5 % crop."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from accuracy import segment_file
+
+    rng = np.random.default_rng(2)
+    img = np.array([150, 122, 90], np.float64)[:, None, None] + rng.normal(0, 4, (3, 240, 240))
+    img[:, 20:220:40, 10:230] = np.array([60, 140, 50])[:, None, None]  # green rows
+    # overexposed straw between the rows: ExG 0.05 as recorded, 0.01 with red at 1.1 x 255
+    img[:, 28:56, 20:220] = np.array([255, 235, 180])[:, None, None] + \
+        rng.normal(0, 4, (3, 28, 200))
+    img[0, 28:56, 20:220] = 255
+    img[:, 108:132, 100:140] = np.array([255, 255, 120])[:, None, None]  # clipped yellow
+    src = _write(tmp_path / "c.tif", np.clip(img, 0, 255), "uint8")
+    pred, info = segment_file(src, LabelFreeConfig())
+    assert (pred[28:56, 20:220] == 0).mean() > 0.98
+    assert (pred[110:130, 102:138] != 0).mean() > 0.95
+    assert (pred[20:220:40, 20:220] == 1).mean() > 0.9
+    assert info["clipped_share_samples"] > 0.1
+    assert any("overexposed" in w for w in info["warnings"])
+    # float data has no full scale: the same values read as recorded
+    flt = _write(tmp_path / "f.tif", np.clip(img, 0, 255) / 255, "float32")
+    assert "clipped_share_samples" not in segment_file(flt, LabelFreeConfig())[1]
+
+
+def test_clipped_red_lowers_exg_to_its_headroom_value() -> None:
+    """Lamberton 2018-09-25 overexposed x1.4: soil with red clipped read ExG 0.050, over the
+    threshold 0.042; with red at 1.1 x full scale it is under it. A sunlit yellow-green leaf
+    with red clipped (08-15: 191, 173, 61 -> 255, 242, 85) stays well over, and bright yellow
+    canopy (red and green clipped) and unclipped pixels are left as they are."""
+    seg = LabelFreeSegmenter()
+    px = np.array([[255, 235, 180], [255, 242, 85], [255, 255, 120], [200, 190, 130]],
+                  np.float32).T[:, None, :] / np.float32(255)  # (3, 1, 4)
+    vi, _ = seg._index(px, 0.01)
+    before = vi.copy()
+    seg._no_plants(px, vi, -1.0, 1.0, 0.01)
+    assert before[0, 0] > 0.042 > vi[0, 0]  # soil: 0.052 -> 0.014
+    assert vi[0, 1] > 0.15  # leaf: 0.24 -> 0.17
+    np.testing.assert_array_equal(vi[0, 2:], before[0, 2:])
+    same = before.copy()
+    seg._no_plants(px, same, -1.0, None, 0.01)  # float data: no full scale
+    np.testing.assert_array_equal(same[0, :2], before[0, :2])

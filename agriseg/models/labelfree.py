@@ -494,6 +494,17 @@ NEUTRAL_RATIO = 0.9
 #: ... and a mean brightness (0-1) above this are no plant (see ``_no_plants``).
 NEUTRAL_BRIGHT = 0.7
 
+#: Share of the sampled valid pixels with a band at full scale above which ``prepare`` warns
+#: of overexposure. The real samples have 0.00-0.04 %; a x1.4 overexposure of Lamberton
+#: 2018-09-25 has 45 %.
+CLIPPED_WARN_SHARE = 0.02
+#: Clipped red or blue is taken at this multiple of full scale (see ``_clip_no_plants``).
+#: Of the pixels with red or blue clipped on Lamberton overexposed x1.4 (09-25, 09-05,
+#: 08-15), soil that stayed over the threshold / vegetation that fell under it: as recorded
+#: (1.0) 35.4/17.1, 5.6/24.7, 7.7/1.9 %; at 1.1 2.6/38.0, 0.3/48.8, 0.5/13.3 % (4-9x fewer
+#: pixels wrong, as soil is 3-30x more of them); at 1.2 0.1/60.2, 0.0/69.3, 0.1/33.5 %.
+CLIP_HEADROOM = 1.1
+
 #: Highest ExG-scale value of the green path, in ExG softnesses above the threshold.
 GREEN_PATH_CAP = 0.45
 #: Steps of the yellow path's quantised blue share (its window sums stay within uint16).
@@ -538,6 +549,7 @@ class LabelFreeParams:
     island_share: float = 0.5
     edge_aware: bool = True
     gaps: RowGaps | None = None
+    full_scale: float | None = None
 
 
 def _ramp(z: np.ndarray) -> np.ndarray:
@@ -647,8 +659,9 @@ class LabelFreeSegmenter:
             green.lift(vi, r, g, b, eps)
         return vi, "exg"
 
-    def _no_plants(self, pixels: np.ndarray, vi: np.ndarray, floor: float) -> None:
-        """Lower ``vi`` in place to -1 over bright bluish areas and near-white pixels (RGB).
+    def _no_plants(self, pixels: np.ndarray, vi: np.ndarray, floor: float,
+                   full_scale: float | None = None, eps: float = 0.0) -> None:
+        """Lower ``vi`` in place to -1 over bright bluish areas, near-white and clipped pixels.
 
         Bright areas bluer than green are no plant: tarps, painted metal, sky mirrored in
         puddles (on the Maricopa sample a blue-grey pad of ExG 0.047 became a "weed" zone).
@@ -658,12 +671,14 @@ class LabelFreeSegmenter:
         crop). Applied when classifying, not to the samples the threshold is estimated from,
         which stays as it was (a spike of such values moved the soil mode's threshold).
         Near-white pixels are looked for only where ``vi`` exceeds ``floor`` (where a pixel
-        could be vegetation at all).
+        could be vegetation at all), as are clipped pixels (:func:`_clip_no_plants`, with the
+        survey's ``full_scale``). RGB only.
         """
         if "nir" in self.roles:
             return
         ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
         r, g, b = ch["red"], ch["green"], ch["blue"]
+        _clip_no_plants(r, g, b, vi, floor, full_scale, eps)
         total = r + g + b
         bluish = b > g
         bluish &= total > np.float32(3 * BLUE_BRIGHT)
@@ -736,9 +751,29 @@ class LabelFreeSegmenter:
         dark_eps = max(dark_eps, 1e-4)
         feats = [self._features(p, dark_eps) for p in pix]
         index, health_name = feats[0][2], feats[0][3]
-        values = np.concatenate([f[0][v] for f, v in zip(feats, val, strict=True)])
         info: dict[str, Any] = {"index": index, "health_feature": health_name,
                                 "sample_windows": len(windows), "gsd_m": round(gsd, 4)}
+        # Clipped red or blue overstates a pixel's greenness (see _clip_no_plants): the
+        # samples take the ExG classification gives them before the threshold is fitted.
+        # Leaving clipped pixels out of the fits instead lost the soil mode where most soil
+        # is clipped: overexposed x1.4, Lamberton 08-15 (51 % of sampled pixels clipped) went
+        # to Otsu at 0.209 and 20.7 % of its pixels changed class (9.6 % before, 10.2 % so).
+        full = _full_scale(survey)
+        if full is not None:
+            n_clipped = sum(int(((p >= np.float32(full)).any(axis=0) & v).sum())
+                            for p, v in zip(pix, val, strict=True))
+            share = n_clipped / max(sum(int(v.sum()) for v in val), 1)
+            info["clipped_share_samples"] = round(share, 4)
+            if share > CLIPPED_WARN_SHARE:
+                warnings.append(
+                    f"{survey.path}: overexposed: {share:.1%} of sampled pixels have a "
+                    f"saturated band; where red or blue is clipped and green is not, the "
+                    f"pixel is taken as no greener than with that band at {CLIP_HEADROOM:g} x "
+                    f"full scale")
+            if index == "exg":
+                for p, f in zip(pix, feats, strict=True):
+                    _clip_no_plants(p[0], p[1], p[2], f[0], -math.inf, full, dark_eps)
+        values = np.concatenate([f[0][v] for f, v in zip(feats, val, strict=True)])
         thr, soft, how = self._veg_threshold(values, index, warnings, survey.path)
         info.update(veg_threshold=round(thr, 4), veg_softness=round(soft, 4),
                     veg_threshold_method=how)
@@ -753,6 +788,11 @@ class LabelFreeSegmenter:
             if green is not None:
                 for p, f in zip(pix, feats, strict=True):
                     green.lift(f[0], p[0], p[1], p[2], np.float32(dark_eps))  # RGB order
+        if index == "exg" and full is not None:
+            # Again after the green path's lift: the rows, health and colour statistics see
+            # vegetation as classification does.
+            for p, f in zip(pix, feats, strict=True):
+                _clip_no_plants(p[0], p[1], p[2], f[0], thr - soft, full, dark_eps)
         vegs = [(f[0] > thr) & v for f, v in zip(feats, val, strict=True)]
         n_veg = int(sum(int(m.sum()) for m in vegs))
         n_valid = int(sum(int(v.sum()) for v in val))
@@ -807,6 +847,7 @@ class LabelFreeSegmenter:
                          floor=cfg.row_gap_floor * row_thr, contrast=cfg.row_gap_contrast,
                          value=row_thr + row_soft / 2)
             if rows is not None and cfg.row_gaps else None,
+            full_scale=full,
         )
         if params.gaps is not None:
             info.update(row_gap_floor=round(params.gaps.floor, 4),
@@ -1384,7 +1425,8 @@ class LabelFreeSegmenter:
         # processed again and again; the crops are exact (see _row_probability).
         core = _inner(m)
         vi, _ = self._index(pixels, p.dark_eps, p.green)
-        self._no_plants(pixels, vi, p.veg_threshold - p.veg_softness)
+        self._no_plants(pixels, vi, p.veg_threshold - p.veg_softness, p.full_scale,
+                        p.dark_eps)
         ok = _without_rim(valid, p.rim_px)
         like: np.ndarray | None = None
         z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
@@ -1498,6 +1540,50 @@ def _move(to_weed: np.ndarray, to_crop: np.ndarray, classes: np.ndarray, crop: n
 
 #: Mean NDVI below which three-class Otsu's lowest class is taken for water.
 WATER_NDVI = -0.2
+
+
+def _full_scale(survey: SurveyRaster) -> float | None:
+    """The scaled value of the raw type's largest value (a clipped band); None for floats.
+
+    Computed as :func:`agriseg.raster.scaled_bands` scales, so clipped pixels equal it.
+    uint16 reflectance read as /10000 gives 6.5535, which no pixel reaches: harmless.
+    """
+    dtype = np.dtype(survey.dtype)
+    if dtype.kind not in "ui":
+        return None
+    top = np.multiply(np.array(np.iinfo(dtype).max, dtype), np.float32(survey.scale),
+                      dtype=np.float32)
+    if survey.offset:
+        top = top + np.float32(survey.offset)
+    return float(top)
+
+
+def _clip_no_plants(r: np.ndarray, g: np.ndarray, b: np.ndarray, vi: np.ndarray, floor: float,
+                    full_scale: float | None, eps: float) -> None:
+    """Lower ExG ``vi`` in place where red or blue is at full scale and green is not.
+
+    Such a pixel's true red or blue exceeds the recorded value, so its recorded chroma
+    overstates its greenness: on Lamberton 2018-09-25 overexposed x1.4, 97 % of the pixels
+    whose class changed had a saturated band, and red was clipped on 98.7 % of the soil that
+    became vegetation (its median ExG 0.011 -> 0.050, over the threshold). Its ExG is taken
+    with the clipped bands at :data:`CLIP_HEADROOM` x full scale. Bright yellow canopy clips
+    red and green together and is kept. Looked for only where ``vi`` exceeds ``floor``;
+    nothing to do without a ``full_scale`` (float data).
+    """
+    if full_scale is None:
+        return
+    top = np.float32(full_scale)
+    at = np.flatnonzero((vi > np.float32(floor)) & (np.maximum(r, b) >= top))
+    at = at[np.take(g, at) < top]
+    if not at.size:
+        return
+    rr, gg, bb = (np.take(c, at) for c in (r, g, b))
+    high = top * np.float32(CLIP_HEADROOM)
+    rr[rr >= top] = high
+    bb[bb >= top] = high
+    exg = (gg * np.float32(2) - rr - bb) / (rr + gg + bb + np.float32(eps))
+    flat = vi.reshape(-1)
+    flat[at] = np.minimum(flat[at], exg)
 
 
 def _soil_mode(values: np.ndarray) -> tuple[np.ndarray, float, float]:

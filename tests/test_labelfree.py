@@ -687,6 +687,31 @@ def test_yellow_path_finds_yellowing_rows_not_red_soil(tmp_path: Path, soil: str
     assert (off[62:66, 20:220] == 0).mean() > 0.9
 
 
+def test_yellow_path_keeps_yellowing_rows_in_shade(tmp_path: Path) -> None:
+    """A hard shadow (x0.45) over the left third: the yellowing rows in it stay plants and the
+    shaded soil stays soil. The brightness gate was half the median R+G+B, under which the
+    shaded rows fell (Lamberton 09-05: yellow-path vegetation in such a shadow 13.5 -> 0.2 %).
+    """
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from accuracy import segment_file
+
+    rng = np.random.default_rng(1)
+    img = np.array([150, 122, 90], np.float64)[:, None, None] + rng.normal(0, 4, (3, 240, 240))
+    img[:, 20:220:40, 10:230] = np.array([60, 140, 50])[:, None, None]  # green rows
+    for r0 in (60, 140):  # two yellowing rows
+        img[:, r0 : r0 + 8, 10:230] = np.array([150, 118, 45])[:, None, None] + \
+            rng.normal(0, 4, (3, 8, 220))
+    img[:, :, :80] *= 0.45
+    pred, info = segment_file(_write(tmp_path / "s.tif", np.clip(img, 0, 255), "uint8"),
+                              LabelFreeConfig())
+    assert info["yellow_path"]["used"], info["yellow_path"]
+    for cols in (slice(20, 70), slice(90, 220)):  # in the shadow, in the sun
+        assert (pred[62:66, cols] == 1).mean() > 0.9
+        assert (pred[np.r_[30:58, 110:138, 190:218]][:, cols] == 0).mean() > 0.98
+
+
 @pytest.mark.parametrize("green_path", [True, False])
 def test_green_path_finds_glaucous_leaves_not_grey_gravel(tmp_path: Path,
                                                           green_path: bool) -> None:

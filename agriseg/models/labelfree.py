@@ -511,6 +511,14 @@ GREEN_PATH_CAP = 0.45
 BLUE_SHARE_STEPS = 1024
 #: Largest radius of the yellow path's window: (2 x 3 + 1)^2 x 1024 fits uint16.
 YELLOW_MAX_RADIUS = 3
+#: Least R+G+B of a yellow-path pixel, in ``dark_eps`` (a tenth of the survey's median band
+#: mean): 8 is R+G+B above 0.8 x that median, about a quarter of the median R+G+B. At 15
+#: (half of it) the survey-wide gate took out leaves in shade: Lamberton 09-05 under a hard
+#: shadow (x0.45 over a third), yellow-path vegetation inside it 13.5 -> 0.2 % of pixels,
+#: 5.7 % of the map changed; at 8 13.6 % (13.4 % unshaded) and 0.9 % changed, at 5 1.8 %
+#: (deep-shade soil then enters the blue-share soil fit). The unperturbed samples change by
+#: 0-0.22 % of their pixels at 8 and 5 alike.
+YELLOW_BRIGHT = 8.0
 
 #: Pixels per block of the green path's test.
 GREEN_BLOCK_PX = 1 << 16
@@ -1086,8 +1094,7 @@ class LabelFreeSegmenter:
         if not cfg.yellow_path:
             return unchanged, {"used": False, "reason": "disabled in the configuration"}
         rad = min(YELLOW_MAX_RADIUS, max(1, round(cfg.yellow_window_m / gsd / 2)))
-        # A third of the median brightness (dark_eps is a tenth of it), on the R+G+B scale.
-        bright = 15 * dark_eps
+        bright = YELLOW_BRIGHT * dark_eps
         shares = []
         for p, v, e in zip(pix, val, exg, strict=True):
             q = _blue_steps(p[0], p[1], p[2], bright)

@@ -312,7 +312,7 @@ def test_onnx_matches_torch_and_is_cached(tmp_path: Path, cpu_fp32: None) -> Non
     with pytest.raises(ModelError, match="is an ONNX model, not an agriseg model bundle"):
         load_segmenter(str(tmp_path / "x.onnx"))
     r = CliRunner().invoke(main, ["export", "labelfree", "--onnx", "-o", str(tmp_path / "y.onnx")])
-    assert r.exit_code == 2 and "nothing to export" in r.output
+    assert r.exit_code == 2 and "without a bundle to export" in r.output
     (tmp_path / "afile").write_text("")
     r = CliRunner().invoke(main, ["export", str(bundle), "--onnx", "-o",
                                   str(tmp_path / "afile" / "x.onnx")])

@@ -33,7 +33,7 @@ from agriseg.indices import INDICES, available_indices
 from agriseg.models import load_segmenter
 from agriseg.models.base import Prepared, Segmenter
 from agriseg.output import OutputSpec, TileWriter, disk_estimate, finalize_cog
-from agriseg.pool import shutdown_pool
+from agriseg.pool import keep_from_workers, shutdown_pool
 from agriseg.postprocess import POSTPROCESS_STEPS
 from agriseg.predict import (
     Checkpoint,
@@ -170,9 +170,11 @@ def _run_lock(out: Path) -> Iterator[None]:
         fh.write(f"pid {os.getpid()} on {platform.node()}, started "
                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
+        keep_from_workers(fh.fileno())  # else a worker outliving a killed run holds it
         try:
             yield
         finally:
+            keep_from_workers(fh.fileno(), kept=False)
             # Removed while still held, so no run can be starting on it meanwhile; a run
             # killed outright leaves it, harmless (only the lock on it counts).
             path.unlink(missing_ok=True)

@@ -366,6 +366,45 @@ def test_second_run_into_the_same_folder_is_refused(rgba_tif: Path, tmp_path: Pa
     assert not (out / ".agriseg.lock").exists() and (out / "run.json").exists()
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="post-processing workers fork on Linux")
+def test_a_killed_runs_workers_neither_keep_its_lock_nor_outlive_it(tmp_path: Path) -> None:
+    """SIGKILL during the field summaries: a forked worker held the folder's flock forever."""
+    import fcntl
+
+    lock = tmp_path / ".agriseg.lock"
+    script = (
+        "import fcntl, os, sys, time\n"
+        "from agriseg import pool\n"
+        "fh = open(sys.argv[1], 'a+')\n"
+        "fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "pool.keep_from_workers(fh.fileno())\n"
+        "print(pool.get_pool(1).submit(os.getpid).result(), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        worker = int(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state != "Z"
+
+    with open(lock, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free at once: no worker holds it
+    deadline = time.monotonic() + 10
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker)
+
+
 def test_inputs_that_outputs_would_replace_are_refused(rgba_tif: Path, tmp_path: Path) -> None:
     """``--out .`` beside a survey named classes.tif or fields named fields.gpkg."""
     out = tmp_path / "farm"

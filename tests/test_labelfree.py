@@ -785,3 +785,56 @@ def test_clipped_red_lowers_exg_to_its_headroom_value() -> None:
     same = before.copy()
     seg._no_plants(px, same, -1.0, None, 0.01)  # float data: no full scale
     np.testing.assert_array_equal(same[0, :2], before[0, :2])
+
+
+def test_green_path_under_a_cool_cast(tmp_path: Path) -> None:
+    """Under a cool cast (R x0.85, B x1.15) a soil's (G-R)/(G+R) mode rises over ngrdi_min
+    (here 0.026; synthetic 0.033, Maricopa 0.061): the path still applies, soil_sigmas above
+    that mode, and finds the faint glaucous leaves; the bluish gravel stays soil. Testing the
+    mode against ngrdi_min switched the path off (synthetic weed IoU 0.71 -> 0.62)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from accuracy import segment_file
+
+    cast = np.array([0.85, 1.0, 1.15])[:, None, None]
+    rng = np.random.default_rng(0)
+    img = np.array([135, 122, 104], np.float64)[:, None, None] + rng.normal(0, 3, (3, 240, 240))
+    img[:, 20:220:40, 10:230] = np.array([60, 140, 50])[:, None, None]  # green rows
+    img[:, 30:50, 100:140] = np.array([95, 128, 124])[:, None, None] / cast  # glaucous
+    img[:, 190:210, 100:140] = np.array([120, 124, 132])[:, None, None]  # grey-blue gravel
+    pred, info = segment_file(_write(tmp_path / "c.tif", np.clip(img * cast, 0, 255), "uint8"),
+                              LabelFreeConfig())
+    gp = info["green_path"]
+    assert gp["used"] and gp["ngrdi_soil_mode"] >= LabelFreeConfig().ngrdi_min, gp
+    assert (pred[32:48, 102:138] != 0).mean() > 0.95
+    assert (pred[192:208, 102:138] == 0).mean() > 0.95
+    no_path, _ = segment_file(tmp_path / "c.tif", LabelFreeConfig(green_path=False))
+    assert (no_path[32:48, 102:138] == 0).mean() > 0.95  # ExG alone misses them
+
+
+@pytest.mark.parametrize(("soil", "expected"), [
+    ((172, 122, 83), "gap"),  # warm-cast soil, share ~0.22: YELLOW_MIN_GAP below its mode
+    ((150, 122, 98), "cap"),  # as recorded, share ~0.27: blue_share_max binds
+])
+def test_yellow_threshold_keeps_its_distance_from_the_soil(
+        soil: tuple[int, int, int], expected: str) -> None:
+    """A warm cast (R x1.15, B x0.85) lowers a soil's blue share and narrows its flank
+    (Lamberton 08-15: mode 0.269 -> 0.227, soil_sigmas x sigma 0.029): the threshold stays at
+    least YELLOW_MIN_GAP under the mode, or soil fringes enter the path (8.5 % of that map
+    changed, 4.5 % so). Unaltered soil keeps the cap."""
+    from agriseg.models.labelfree import YELLOW_MIN_GAP, GreenPath
+
+    seg = LabelFreeSegmenter()
+    rng = np.random.default_rng(3)
+    px = (np.array(soil, np.float32)[:, None, None] + rng.normal(0, 1.5, (3, 200, 200))).astype(
+        np.float32) / np.float32(255)
+    vi, _ = seg._index(px, 0.05)
+    valid = np.ones(vi.shape, bool)
+    path, info = seg._yellow_path(GreenPath(0.3, 0.05, 0.02), [px], [valid], [vi], 0.05, 0.02)
+    assert path is not None and info["used"], info
+    mode, thr = info["blue_share_soil_mode"], info["blue_share_threshold"]
+    if expected == "gap":
+        assert thr == pytest.approx(mode - YELLOW_MIN_GAP, abs=1e-3)
+    else:
+        assert thr == LabelFreeConfig().blue_share_max

@@ -110,10 +110,6 @@ def start_method() -> str:
 
 #: File descriptors forked workers close first thing (see :func:`keep_from_workers`).
 _KEPT_FROM_WORKERS: set[int] = set()
-#: Seconds between a worker's checks that the process that started it is still there.
-ORPHAN_CHECK_S = 1.0
-
-
 def keep_from_workers(fd: int, kept: bool = True) -> None:
     """Have forked workers close ``fd`` at once (``kept=False``: no longer).
 
@@ -124,28 +120,28 @@ def keep_from_workers(fd: int, kept: bool = True) -> None:
     (_KEPT_FROM_WORKERS.add if kept else _KEPT_FROM_WORKERS.discard)(fd)
 
 
-def _worker_start(parent: int | None) -> None:
+def _worker_start() -> None:
     """Worker start: leave Ctrl-C to the run, drop the parent's kept files, die with it.
 
     SIGINT reaches the whole process group; the run handles it (it stops this pool), and a
-    worker's own KeyboardInterrupt only printed a second traceback. A worker whose parent is
+    worker's own KeyboardInterrupt only printed a second traceback. A worker whose run is
     killed outright gets no word: it waits on a task queue whose other end it holds itself
-    (forked copies), so a thread watches for the parent (``parent``, or the fork server that
-    started it) going away and ends the worker.
+    (forked copies), so a thread waits on the sentinel multiprocessing gives it of the
+    process that asked for it (the run, also through the fork server, which the workers kept
+    alive: watching the parent pid saw the server and never fired) and ends the worker.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in _KEPT_FROM_WORKERS:  # the copy of the set this fork took
         with contextlib.suppress(OSError):
             os.close(fd)
-    watched = os.getppid() if parent is None else parent
-    if os.getppid() != watched:
-        os._exit(1)  # the parent died before this worker started
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    sentinel = parent.sentinel
 
     def watch() -> None:
-        while True:
-            time.sleep(ORPHAN_CHECK_S)
-            if os.getppid() != watched:
-                os._exit(1)
+        wait_for([sentinel])
+        os._exit(1)
 
     threading.Thread(target=watch, name="agriseg-orphan-watch", daemon=True).start()
 
@@ -192,10 +188,7 @@ def get_pool(workers: int) -> ProcessPoolExecutor | None:
         # Takes effect when the server starts (the first such pool); it then serves the
         # process's later pools too.
         ctx.set_forkserver_preload(list(FORK_SERVER_PRELOAD))
-    # A forked worker's parent is this process; a fork server's worker's is the server.
-    parent = os.getpid() if method == "fork" else None
-    _pool = _Pool(max_workers=workers, mp_context=ctx, initializer=_worker_start,
-                  initargs=(parent,))
+    _pool = _Pool(max_workers=workers, mp_context=ctx, initializer=_worker_start)
     _pool_workers = workers
     return _pool
 

@@ -367,17 +367,28 @@ def test_second_run_into_the_same_folder_is_refused(rgba_tif: Path, tmp_path: Pa
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="post-processing workers fork on Linux")
-def test_a_killed_runs_workers_neither_keep_its_lock_nor_outlive_it(tmp_path: Path) -> None:
-    """SIGKILL during the field summaries: a forked worker held the folder's flock forever."""
+@pytest.mark.parametrize("server", [False, True])
+def test_a_killed_runs_workers_neither_keep_its_lock_nor_outlive_it(tmp_path: Path,
+                                                                     server: bool) -> None:
+    """SIGKILL during the field summaries: a forked worker held the folder's flock forever.
+
+    Workers from the fork server (a run that imported PyTorch) outlived it too: they kept
+    the server alive, so it never left them.
+    """
     import fcntl
 
     lock = tmp_path / ".agriseg.lock"
+    # A stand-in for PyTorch in sys.modules makes the pool use the fork server.
+    server_lines = ("sys.modules.setdefault('torch', types.ModuleType('torch'))\n"
+                    "pool.allow_fork_server()\n") if server else ""
     script = (
-        "import fcntl, os, sys, time\n"
+        "import fcntl, os, sys, time, types\n"
         "from agriseg import pool\n"
+        f"{server_lines}"
         "fh = open(sys.argv[1], 'a+')\n"
         "fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
         "pool.keep_from_workers(fh.fileno())\n"
+        "print(pool.start_method(), flush=True)\n"
         "print(pool.get_pool(1).submit(os.getpid).result(), flush=True)\n"
         "time.sleep(120)\n"
     )
@@ -385,6 +396,7 @@ def test_a_killed_runs_workers_neither_keep_its_lock_nor_outlive_it(tmp_path: Pa
                             text=True)
     try:
         assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == ("forkserver" if server else "fork")
         worker = int(proc.stdout.readline())
     finally:
         proc.kill()

@@ -776,15 +776,29 @@ def test_clipped_red_lowers_exg_to_its_headroom_value() -> None:
     seg = LabelFreeSegmenter()
     px = np.array([[255, 235, 180], [255, 242, 85], [255, 255, 120], [200, 190, 130]],
                   np.float32).T[:, None, :] / np.float32(255)  # (3, 1, 4)
-    vi, _ = seg._index(px, 0.01)
-    before = vi.copy()
-    seg._no_plants(px, vi, -1.0, 1.0, 0.01)
+    before, _ = seg._index(px, 0.01)  # float data: no full scale, as recorded
+    vi, _ = seg._index(px, 0.01, full_scale=1.0)
     assert before[0, 0] > 0.042 > vi[0, 0]  # soil: 0.052 -> 0.014
     assert vi[0, 1] > 0.15  # leaf: 0.24 -> 0.17
     np.testing.assert_array_equal(vi[0, 2:], before[0, 2:])
-    same = before.copy()
-    seg._no_plants(px, same, -1.0, None, 0.01)  # float data: no full scale
-    np.testing.assert_array_equal(same[0, :2], before[0, :2])
+
+
+def test_clipping_is_undone_before_the_colour_paths() -> None:
+    """A yellow leaf with red clipped is lowered, then the yellow path takes it as it takes
+    the others (lowering after the paths, as classification did, undid them); and 8-bit data
+    in a 16-bit file clips at 255."""
+    from agriseg.models.labelfree import GreenPath, _full_scale
+
+    seg = LabelFreeSegmenter()
+    px = np.full((3, 7, 7), np.float32(120 / 255))
+    px[:, 3, 3] = np.array([255, 230, 60], np.float32) / np.float32(255)  # yellow, red clipped
+    path = GreenPath(0.042, 0.01, 1.0, yellow_threshold=0.2, yellow_radius=0,
+                     bright_sum=0.0)
+    lifted, _ = seg._index(px, 0.01, path, full_scale=1.0)
+    plain, _ = seg._index(px, 0.01, None, full_scale=1.0)
+    assert lifted[3, 3] > 0.042 and lifted[3, 3] >= plain[3, 3]
+    survey = type("S", (), {"dtype": "uint16", "scale": 1 / 255, "offset": 0.0})()
+    assert _full_scale(survey) == pytest.approx(1.0)  # type: ignore[arg-type]
 
 
 def test_green_path_under_a_cool_cast(tmp_path: Path) -> None:

@@ -650,11 +650,14 @@ class LabelFreeSegmenter:
         return vi, health, index, names
 
     def _index(
-        self, pixels: np.ndarray, dark_eps: float, green: GreenPath | None = None
+        self, pixels: np.ndarray, dark_eps: float, green: GreenPath | None = None,
+        full_scale: float | None = None,
     ) -> tuple[np.ndarray, str]:
         """Vegetation index ``(..., H, W)``: NDVI with NIR, else excess green chromaticity.
 
-        With ``green`` (RGB only), ExG raised by the green path.
+        With ``full_scale`` (RGB only), ExG of clipped pixels lowered (:func:`_clip_no_plants`),
+        then with ``green``, ExG raised by the green path: the paths take yellow leaves whose
+        red is clipped as they take the others (lowering after the paths undid them).
         """
         ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
         eps = np.float32(dark_eps)
@@ -672,13 +675,13 @@ class LabelFreeSegmenter:
         vi -= r
         vi -= b
         vi /= total
+        _clip_no_plants(r, g, b, vi, -math.inf, full_scale, dark_eps)
         if green is not None:
             green.lift(vi, r, g, b, eps)
         return vi, "exg"
 
-    def _no_plants(self, pixels: np.ndarray, vi: np.ndarray, floor: float,
-                   full_scale: float | None = None, eps: float = 0.0) -> None:
-        """Lower ``vi`` in place to -1 over bright bluish areas, near-white and clipped pixels.
+    def _no_plants(self, pixels: np.ndarray, vi: np.ndarray, floor: float) -> None:
+        """Lower ``vi`` in place to -1 over bright bluish areas and near-white pixels (RGB).
 
         Bright areas bluer than green are no plant: tarps, painted metal, sky mirrored in
         puddles (on the Maricopa sample a blue-grey pad of ExG 0.047 became a "weed" zone).
@@ -688,14 +691,12 @@ class LabelFreeSegmenter:
         crop). Applied when classifying, not to the samples the threshold is estimated from,
         which stays as it was (a spike of such values moved the soil mode's threshold).
         Near-white pixels are looked for only where ``vi`` exceeds ``floor`` (where a pixel
-        could be vegetation at all), as are clipped pixels (:func:`_clip_no_plants`, with the
-        survey's ``full_scale``). RGB only.
+        could be vegetation at all).
         """
         if "nir" in self.roles:
             return
         ch = {r: pixels[..., i, :, :] for i, r in enumerate(self.roles)}
         r, g, b = ch["red"], ch["green"], ch["blue"]
-        _clip_no_plants(r, g, b, vi, floor, full_scale, eps)
         total = r + g + b
         bluish = b > g
         bluish &= total > np.float32(3 * BLUE_BRIGHT)
@@ -805,11 +806,6 @@ class LabelFreeSegmenter:
             if green is not None:
                 for p, f in zip(pix, feats, strict=True):
                     green.lift(f[0], p[0], p[1], p[2], np.float32(dark_eps))  # RGB order
-        if index == "exg" and full is not None:
-            # Again after the green path's lift: the rows, health and colour statistics see
-            # vegetation as classification does.
-            for p, f in zip(pix, feats, strict=True):
-                _clip_no_plants(p[0], p[1], p[2], f[0], thr - soft, full, dark_eps)
         vegs = [(f[0] > thr) & v for f, v in zip(feats, val, strict=True)]
         n_veg = int(sum(int(m.sum()) for m in vegs))
         n_valid = int(sum(int(v.sum()) for v in val))
@@ -1222,7 +1218,7 @@ class LabelFreeSegmenter:
         with rasterio.open(survey.path) as ds:
             for r0, c0 in cands:
                 pix, valid = read_window(survey, self.roles, Window(c0, r0, side, side), ds)
-                vi, _ = self._index(pix, dark_eps, green)
+                vi, _ = self._index(pix, dark_eps, green, _full_scale(survey))
                 out.append(((vi > thr) & _without_rim(valid, cfg.nodata_rim_px), r0, c0))
         return out
 
@@ -1443,9 +1439,8 @@ class LabelFreeSegmenter:
         # window it must fill for the core (core + its own reach), so the halo is not
         # processed again and again; the crops are exact (see _row_probability).
         core = _inner(m)
-        vi, _ = self._index(pixels, p.dark_eps, p.green)
-        self._no_plants(pixels, vi, p.veg_threshold - p.veg_softness, p.full_scale,
-                        p.dark_eps)
+        vi, _ = self._index(pixels, p.dark_eps, p.green, p.full_scale)
+        self._no_plants(pixels, vi, p.veg_threshold - p.veg_softness)
         ok = _without_rim(valid, p.rim_px)
         like: np.ndarray | None = None
         z_veg = (vi[core] - np.float32(p.veg_threshold)) / np.float32(p.veg_softness)
@@ -1564,14 +1559,18 @@ WATER_NDVI = -0.2
 def _full_scale(survey: SurveyRaster) -> float | None:
     """The scaled value of the raw type's largest value (a clipped band); None for floats.
 
-    Computed as :func:`agriseg.raster.scaled_bands` scales, so clipped pixels equal it.
-    uint16 reflectance read as /10000 gives 6.5535, which no pixel reaches: harmless.
+    Computed as :func:`agriseg.raster.scaled_bands` scales, so clipped pixels equal it;
+    255 for 8-bit data in a wider type. uint16 reflectance read as /10000 gives 6.5535,
+    which no pixel reaches, and 12-bit data in uint16 clips at 4095, which is not known:
+    there the rule does nothing.
     """
     dtype = np.dtype(survey.dtype)
     if dtype.kind not in "ui":
         return None
-    top = np.multiply(np.array(np.iinfo(dtype).max, dtype), np.float32(survey.scale),
-                      dtype=np.float32)
+    # 8-bit data in a wider type is read /255 (see agriseg.raster): it clips at 255.
+    raw = 255 if dtype.itemsize > 1 and abs(survey.scale * 255 - 1) < 1e-9 else \
+        np.iinfo(dtype).max
+    top = np.multiply(np.array(raw, dtype), np.float32(survey.scale), dtype=np.float32)
     if survey.offset:
         top = top + np.float32(survey.offset)
     return float(top)

@@ -279,3 +279,9 @@ def test_labelled_dataset_reruns_when_the_options_change(tmp_path: Path) -> None
     assert "--overwrite" in last and last.endswith("--gsd 0.02")
     r = dataset("--gsd", "0.02")
     assert "reusing" in r.stderr and len(runs.read_text().splitlines()) == 2
+    # the same folder written relative to the working folder is the same option
+    r = subprocess.run(["bash", str(WORKFLOWS / "labelled_dataset.sh"), "./images", str(labs),
+                        str(out), "--gsd", "0.02"], capture_output=True, text=True,
+                       timeout=60, env=env, cwd=tmp_path)
+    assert r.returncode == 0 and "reusing" in r.stderr, r.stderr
+    assert len(runs.read_text().splitlines()) == 2

@@ -18,6 +18,9 @@ set -euo pipefail
 [ $# -ge 3 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
 images=$1 labels=$2 out=$3
 shift 3
+# Absolute, so that the options a run is recorded with (run.args, below) do not depend on how
+# the folder was written (./imgs and imgs are one folder).
+images=$(cd -- "$images" && pwd) || { echo "$images: no such folder of images" >&2; exit 2; }
 agriseg=${AGRISEG:-agriseg}
 # Globs that match nothing expand to nothing, not to themselves.
 shopt -s nullglob

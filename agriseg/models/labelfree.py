@@ -234,7 +234,8 @@ class LabelFreeConfig:
         nodata_rim_px: valid pixels this close to nodata are treated as soil: clipped or
             warped orthomosaics blend their edge pixels with the fill colour (dark, with a
             shifted chroma that reads as vegetation), which made a false weed strip along the
-            edge of the Lamberton sample (half of its weed pixels).
+            edge of the Lamberton sample (half of its weed pixels). At most
+            :data:`NODATA_RIM_MAX_M` wide (none at 1 m pixels and coarser).
     """
 
     min_row_spacing_m: float = 0.2
@@ -762,7 +763,8 @@ class LabelFreeSegmenter:
         warnings: list[str] = []
         windows = self._sample(survey)
         pix = [w[0] for w in windows]
-        val = [_without_rim(w[1], cfg.nodata_rim_px) for w in windows]
+        rim = _rim_px(cfg.nodata_rim_px, gsd)
+        val = [_without_rim(w[1], rim) for w in windows]
         # Mean over bands first, then select: the same values, without copying (C, n) first.
         brightness = np.concatenate([p.mean(axis=0)[v] for p, v in zip(pix, val, strict=True)])
         dark_eps = float(0.1 * np.median(brightness)) if brightness.size else 0.01
@@ -852,7 +854,7 @@ class LabelFreeSegmenter:
             row_half_px=row_half, leaf_px=leaf, row_threshold=row_thr, row_softness=row_soft,
             attach_px=attach, attached_threshold=att_thr,
             health=health_name, health_centre=centre, health_spread=spread, health_px=health_px,
-            disease_sensitivity=cfg.disease_sensitivity, rim_px=cfg.nodata_rim_px,
+            disease_sensitivity=cfg.disease_sensitivity, rim_px=rim,
             health_prior_px=cfg.health_prior_px, orientations=orients, green=green,
             edge_aware=cfg.edge_rows,
             gaps=RowGaps(tuple(sp / gsd for sp in (orients.spacings_m if orients is not None
@@ -883,8 +885,7 @@ class LabelFreeSegmenter:
                 info["boundary"].update(speck_max_m2=round(speck * gsd**2, 6),
                                         island_max_m2=round(island * gsd**2, 6),
                                         island_weed_share=cfg.island_weed_share)
-        halo = max(orients.leaves if orients is not None else (leaf,)) + health_px + 1 + \
-            cfg.nodata_rim_px
+        halo = max(orients.leaves if orients is not None else (leaf,)) + health_px + 1 + rim
         if green is not None and green.yellow_threshold is not None:
             halo += green.yellow_radius  # vegetation needs the yellow path's whole window
         if rows is not None:
@@ -1219,7 +1220,9 @@ class LabelFreeSegmenter:
             for r0, c0 in cands:
                 pix, valid = read_window(survey, self.roles, Window(c0, r0, side, side), ds)
                 vi, _ = self._index(pix, dark_eps, green, _full_scale(survey))
-                out.append(((vi > thr) & _without_rim(valid, cfg.nodata_rim_px), r0, c0))
+                out.append(((vi > thr) & _without_rim(valid, _rim_px(cfg.nodata_rim_px,
+                                                                      survey.grid.gsd_m)),
+                            r0, c0))
         return out
 
     def _orientations(
@@ -1631,6 +1634,17 @@ def _shrink(z: np.ndarray, n: np.ndarray, prior: float) -> None:
     d = n_f + np.float32(prior)
     np.divide(n_f, d, out=n_f)
     z *= n_f
+
+
+#: Widest nodata rim, in metres: a drone orthomosaic blends a few centimetres of its edge with
+#: the fill. Counted in pixels alone, the rim took 20 m of crop around every cloud-masked or
+#: warp-filled hole of a 10 m Sentinel-2 tile (a forest parcel 100 -> 99.5 % vegetation).
+NODATA_RIM_MAX_M = 0.1
+
+
+def _rim_px(rim_px: int, gsd: float) -> int:
+    """``nodata_rim_px`` at pixel size ``gsd``: no wider than :data:`NODATA_RIM_MAX_M`."""
+    return min(rim_px, int(NODATA_RIM_MAX_M / gsd)) if gsd > 0 else rim_px
 
 
 def _without_rim(valid: np.ndarray, rim_px: int) -> np.ndarray:

@@ -708,6 +708,11 @@ def _process(
         "outputs": {k: str(v) for k, v in sorted(ctx.outputs.items())},
         **ctx.manifest,
     }
+    # Every doubt in one list, the model's too (a satellite tile's "too coarse to resolve
+    # crop rows" was only under model.warnings, where a script checking warnings missed it).
+    doubts = [*manifest.get("warnings", []), *prepared.warnings]
+    if doubts:
+        manifest["warnings"] = list(dict.fromkeys(str(w) for w in doubts))
     tmp = out / MANIFEST_PARTIAL
     try:
         # Before anything moves into place: on a full disk the outputs stay in the working

@@ -540,6 +540,8 @@ def test_index_threshold_says_it_finds_no_weeds(rgba_tif: Path, tmp_path: Path,
                            indices=False)
     manifest = process_survey(cfg).manifest
     assert any("separates soil and crop only" in w for w in manifest["model"]["warnings"])
+    # and in the one list of doubts a script reads
+    assert any("separates soil and crop only" in w for w in manifest["warnings"])
 
 
 def test_cli_halo_clamped_and_narrow_halo_warned(rgba_tif: Path, tmp_path: Path,

@@ -146,5 +146,5 @@ def write_quicklook(
         raise OutputError(f"{out}: cannot write the quick-look PNG ({exc})") from exc
     finally:
         plt.close(fig)
-    log.info("quick look: %s", out)
+    log.debug("quick look: %s", out)  # written in the working folder; the run lists it
     return out

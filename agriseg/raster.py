@@ -322,6 +322,9 @@ _LAYOUT_HINTS = {
        "green=1,red=2,rededge=3,nir=4 (Parrot Sequoia)",
     5: "--bands blue=1,green=2,red=3,rededge=4,nir=5 (DJI P4 Multispectral, MicaSense "
        "Altum) or --bands blue=1,green=2,red=3,nir=4,rededge=5 (MicaSense RedEdge)",
+    8: "--bands blue=2,green=4,red=6,rededge=7,nir=8 (PlanetScope SuperDove)",
+    # 12- and 13-band Sentinel-2 stacks (B1..B12, B8A after B8) agree on their first eight.
+    10: "--bands blue=2,green=3,red=4,rededge=5,nir=8 (Sentinel-2, bands B1..B12 in order)",
 }
 
 
@@ -379,7 +382,7 @@ def _detect_roles(
                 how += ", " + "; ".join(notes) + " (override with --bands)"
             elif doubt:
                 how += f", doubtful: {doubt}"
-                hint = _LAYOUT_HINTS[min(n, 5)]
+                hint = _LAYOUT_HINTS.get(n) or _LAYOUT_HINTS[10 if n >= 10 else 5]
                 described = [d for d in ds.descriptions if d]
                 said = (f" (band descriptions {', '.join(map(repr, described[:6]))} name no "
                         "band this program knows)" if described else "")

@@ -140,6 +140,18 @@ def test_untagged_four_bands_are_checked_not_reordered(
         assert doubt in how and doubt in caplog.text and "--bands" in caplog.text
 
 
+def test_untagged_sentinel2_stack_gets_the_sentinel2_hint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """B1..B12 without descriptions: the hint named drone cameras' five-band layouts."""
+    means = [0.08, 0.05, 0.07, 0.05, 0.10, 0.25, 0.30, 0.32, 0.33, 0.10, 0.20, 0.12]
+    path = _reflectance(tmp_path / "s2.tif", means,
+                        [ColorInterp.gray] + [ColorInterp.undefined] * 11)
+    with caplog.at_level("WARNING", logger="agriseg.raster"):
+        open_survey(path)
+    assert "--bands blue=2,green=3,red=4,rededge=5,nir=8 (Sentinel-2" in caplog.text
+
+
 def test_undeclared_fill_is_left_out_of_the_band_order_check(tmp_path: Path) -> None:
     """A camera export (B,G,R,NIR,RE, uint16) whose black fill, declared nowhere, covers most
     of the raster: the medians that order the bands are of the image, not of the fill."""

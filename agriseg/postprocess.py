@@ -117,6 +117,7 @@ def fields_step(ctx: SurveyContext) -> None:
     if "zones" in ctx.config.skip:  # not computed: empty, not 0
         summary["zones"] = pd.array([pd.NA] * len(summary), dtype="Int64")
     notes = list(fs.notes)
+    notes += _unmeasured(summary, ctx)
     empty = summary["field_id"][summary["status"] == NO_PIXELS].tolist()
     if empty:
         notes.append(
@@ -134,6 +135,39 @@ def fields_step(ctx: SurveyContext) -> None:
         "median_health_score": None if summary["health_score"].isna().all()
         else round(float(summary["health_score"].median()), 2),
     }
+
+
+def _unmeasured(summary: gpd.GeoDataFrame, ctx: SurveyContext) -> list[str]:
+    """Empty the field measures the model could not make, and say why (notes).
+
+    Without crop rows the label-free model calls every plant crop: weed pressure 0.00 read
+    as measured. On pixels too coarse for rows (satellite tiles) the classes mean plant
+    cover: a green field under the survey's one NDVI cut was "98 % soil, health 1.5, visit
+    first", woods and pasture scored 100, and the disease rule cannot see a patch.
+    """
+    import numpy as np
+    import pandas as pd
+
+    rows = ctx.prepared.info.get("rows") if isinstance(ctx.prepared.info, dict) else None
+    if not isinstance(rows, dict) or rows.get("detected") is not False:
+        return []
+    if rows.get("reason") == "GSD too coarse":
+        summary["weed_pressure_pct"] = np.nan
+        summary["disease_incidence_pct"] = np.nan
+        summary["health_score"] = np.nan
+        summary["rank"] = pd.array([pd.NA] * len(summary), dtype="Int64")
+        note = (f"at {ctx.survey.grid.gsd_m:.3g} m per pixel the classes mean plant cover "
+                "(soil: bare ground, water, senesced plants; crop: any plant cover, woods and "
+                "pasture too): fields get class shares and index statistics, but no weed "
+                "pressure, disease incidence or health score")
+    elif ctx.schema.by_role("weed") is not None:
+        summary["weed_pressure_pct"] = np.nan
+        note = (f"no crop rows found ({rows.get('reason', 'unknown')}): weeds are not "
+                "separated from crop, so fields get no weed pressure")
+    else:
+        return []
+    log.warning("%s", note)
+    return [note]
 
 
 def rows_text(rows: dict[str, Any]) -> str:

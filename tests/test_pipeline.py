@@ -532,6 +532,25 @@ def test_class_names_become_safe_file_names() -> None:
     assert all(_own_output(f"probability/{n}.tif") for n, _ in planes)
 
 
+def test_satellite_pixels_get_no_health_score(tmp_path: Path, scheduler: str) -> None:
+    """At 0.5 m per pixel no rows resolve: classes mean plant cover. Weed pressure 0.00,
+    disease incidence and a health score read as measured (a green Sentinel-2 field was
+    "98 % soil, health 1.5, visit first")."""
+    import pandas as pd
+
+    from agriseg.synth import FieldSpec, write_field
+
+    img, truth = tmp_path / "coarse.tif", tmp_path / "truth.tif"
+    write_field(FieldSpec(size=256, gsd=0.5), img, truth)
+    cfg = build_run_config(input=img, out=tmp_path / "o", scheduler=scheduler,
+                           skip=["quicklook", "report", "project"], indices=False)
+    manifest = process_survey(cfg).manifest
+    row = pd.read_csv(tmp_path / "o" / "fields.csv").iloc[0]
+    assert np.isnan(row["health_score"]) and np.isnan(row["weed_pressure_pct"])
+    assert np.isnan(row["disease_incidence_pct"]) and row["vegetation_pct"] > 0
+    assert any("mean plant cover" in n for n in manifest["fields"]["notes"])
+
+
 def test_index_threshold_says_it_finds_no_weeds(rgba_tif: Path, tmp_path: Path,
                                                 scheduler: str) -> None:
     """Its weed and disease shares are 0 by construction: said, not left for a finding."""

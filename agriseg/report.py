@@ -503,9 +503,12 @@ def write_report(
     overview, stretch = _overview(survey, roles, classes_tif, schema, summary, zones,
                                   has_fields, zones_computed)
     parts.append(_img(overview, "overview map"))
-    parts.append("<h2>Fields</h2><p>Ranked by health score: rank 1 needs attention first.</p>")
+    scored = bool(summary["health_score"].notna().any())
+    parts.append("<h2>Fields</h2><p>Ranked by health score: rank 1 needs attention first.</p>"
+                 if scored else "<h2>Fields</h2><p>No health score (see the notes above).</p>")
     parts.append(_table(summary, index_names))
-    parts.append("<h3>Health score</h3><pre>" + html.escape(HEALTH_FORMULA) + "</pre>")
+    if scored:  # a satellite run has none: the formula only raised the question
+        parts.append("<h3>Health score</h3><pre>" + html.escape(HEALTH_FORMULA) + "</pre>")
     parts.append("<h2>Charts</h2>")
     for chart in (_class_chart(summary, schema), _index_chart(summary, index_names),
                   _health_chart(summary)):

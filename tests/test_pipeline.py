@@ -543,8 +543,10 @@ def test_satellite_pixels_get_no_health_score(tmp_path: Path, scheduler: str) ->
     img, truth = tmp_path / "coarse.tif", tmp_path / "truth.tif"
     write_field(FieldSpec(size=256, gsd=0.5), img, truth)
     cfg = build_run_config(input=img, out=tmp_path / "o", scheduler=scheduler,
-                           skip=["quicklook", "report", "project"], indices=False)
+                           skip=["quicklook", "project"], indices=False)
     manifest = process_survey(cfg).manifest
+    report = (tmp_path / "o" / "report.html").read_text()
+    assert "No health score" in report and "mean plant cover" in report
     row = pd.read_csv(tmp_path / "o" / "fields.csv").iloc[0]
     assert np.isnan(row["health_score"]) and np.isnan(row["weed_pressure_pct"])
     assert np.isnan(row["disease_incidence_pct"]) and row["vegetation_pct"] > 0

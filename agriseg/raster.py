@@ -391,6 +391,14 @@ def _detect_roles(
                     "indices and classes may use the wrong bands; name the bands, e.g. "
                     f"{hint}"
                 ]
+        unused = [i for i in order if i not in roles.values()]
+        if n > 5 and unused:
+            # A two-date stack read as R,G,B,NIR ran on its first date alone, silently.
+            hint = _LAYOUT_HINTS.get(n) or _LAYOUT_HINTS[10 if n >= 10 else 5]
+            return roles, how, [
+                f"{n} untagged bands read by the band order R,G,B,NIR: bands "
+                f"{', '.join(map(str, unused[:8]))}{' ...' if len(unused) > 8 else ''} are "
+                f"not used; if that is not the layout, name the bands, e.g. {hint}"]
         return roles, how, []
     return {}, "nothing (fewer than 3 bands and no descriptions)", []
 

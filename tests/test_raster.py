@@ -152,6 +152,16 @@ def test_untagged_sentinel2_stack_gets_the_sentinel2_hint(
     assert "--bands blue=2,green=3,red=4,rededge=5,nir=8 (Sentinel-2" in caplog.text
 
 
+def test_unused_bands_of_a_long_untagged_stack_are_named(tmp_path: Path) -> None:
+    """A two-date R,G,B,NIR stack (8 bands) ran on its first date alone, silently."""
+    means = [0.06, 0.08, 0.03, 0.30] * 2
+    path = _reflectance(tmp_path / "two_dates.tif", means,
+                        [ColorInterp.gray] + [ColorInterp.undefined] * 7)
+    survey = open_survey(path)
+    assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4}
+    assert any("bands 5, 6, 7, 8 are not used" in w for w in survey.warnings)
+
+
 def test_undeclared_fill_is_left_out_of_the_band_order_check(tmp_path: Path) -> None:
     """A camera export (B,G,R,NIR,RE, uint16) whose black fill, declared nowhere, covers most
     of the raster: the medians that order the bands are of the image, not of the fill."""

@@ -855,9 +855,9 @@ def test_yellow_threshold_keeps_its_distance_from_the_soil(
 
 
 def test_nodata_rim_is_centimetres_not_pixels() -> None:
-    """A drone edge blends a few centimetres; 2 px of a 10 m tile took 20 m of crop around
-    every cloud-masked hole."""
+    """An edge blends a few pixels of a drone survey; 2 px of a 10 m tile took 20 m of crop
+    around every cloud-masked hole."""
     from agriseg.models.labelfree import _rim_px
 
-    assert _rim_px(2, 0.02) == 2 and _rim_px(2, 0.05) == 2 and _rim_px(2, 0.08) == 1
-    assert _rim_px(2, 1.0) == 0 and _rim_px(2, 10.0) == 0
+    assert _rim_px(2, 0.02) == 2 and _rim_px(2, 0.08) == 2 and _rim_px(2, 0.125) == 2
+    assert _rim_px(2, 0.2) == 1 and _rim_px(2, 1.0) == 0 and _rim_px(2, 10.0) == 0

@@ -235,7 +235,7 @@ class LabelFreeConfig:
             warped orthomosaics blend their edge pixels with the fill colour (dark, with a
             shifted chroma that reads as vegetation), which made a false weed strip along the
             edge of the Lamberton sample (half of its weed pixels). At most
-            :data:`NODATA_RIM_MAX_M` wide (none at 1 m pixels and coarser).
+            :data:`NODATA_RIM_MAX_M` wide (none at 0.25 m pixels and coarser).
     """
 
     min_row_spacing_m: float = 0.2
@@ -1636,15 +1636,19 @@ def _shrink(z: np.ndarray, n: np.ndarray, prior: float) -> None:
     z *= n_f
 
 
-#: Widest nodata rim, in metres: a drone orthomosaic blends a few centimetres of its edge with
-#: the fill. Counted in pixels alone, the rim took 20 m of crop around every cloud-masked or
-#: warp-filled hole of a 10 m Sentinel-2 tile (a forest parcel 100 -> 99.5 % vegetation).
-NODATA_RIM_MAX_M = 0.1
+#: Widest nodata rim, in metres. The blend at a clipped or warped edge is a resampling
+#: artefact a few pixels wide (Lamberton resampled to 7 cm: with 1 px instead of 2, 69 of its
+#: 149 weed pixels lay within 4 px of the edge, against 20 of 100), but counted in pixels
+#: alone the rim took 20 m of crop around every cloud-masked or warp-filled hole of a 10 m
+#: Sentinel-2 tile (a forest parcel 100 -> 99.5 % vegetation). 2 px up to 12.5 cm pixels,
+#: 1 px up to 25 cm, none at 0.25 m and coarser.
+NODATA_RIM_MAX_M = 0.25
 
 
 def _rim_px(rim_px: int, gsd: float) -> int:
     """``nodata_rim_px`` at pixel size ``gsd``: no wider than :data:`NODATA_RIM_MAX_M`."""
-    return min(rim_px, int(NODATA_RIM_MAX_M / gsd)) if gsd > 0 else rim_px
+    # The epsilon: a GSD stored as 0.05000000001 m is 5 cm.
+    return min(rim_px, int(NODATA_RIM_MAX_M / gsd + 1e-6)) if gsd > 0 else rim_px
 
 
 def _without_rim(valid: np.ndarray, rim_px: int) -> np.ndarray:

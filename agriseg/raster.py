@@ -322,10 +322,31 @@ _LAYOUT_HINTS = {
        "green=1,red=2,rededge=3,nir=4 (Parrot Sequoia)",
     5: "--bands blue=1,green=2,red=3,rededge=4,nir=5 (DJI P4 Multispectral, MicaSense "
        "Altum) or --bands blue=1,green=2,red=3,nir=4,rededge=5 (MicaSense RedEdge)",
-    8: "--bands blue=2,green=4,red=6,rededge=7,nir=8 (PlanetScope SuperDove)",
+    8: "--bands red=5,green=6,blue=7,nir=8 (the second date of a two-date R,G,B,NIR stack) "
+       "or --bands blue=2,green=4,red=6,rededge=7,nir=8 (PlanetScope SuperDove)",
+    # The 10/20 m Sentinel-2 stack leaves B1, B9 and B10 out: B2..B8, B8A, B11, B12.
+    10: "--bands blue=1,green=2,red=3,rededge=4,nir=7 (Sentinel-2 B2..B8, B8A, B11, B12)",
     # 12- and 13-band Sentinel-2 stacks (B1..B12, B8A after B8) agree on their first eight.
-    10: "--bands blue=2,green=3,red=4,rededge=5,nir=8 (Sentinel-2, bands B1..B12 in order)",
+    12: "--bands blue=2,green=3,red=4,rededge=5,nir=8 (Sentinel-2, bands B1..B12 in order)",
 }
+
+
+def _unused_bands(ds: rasterio.DatasetReader, roles: dict[str, int]) -> list[str]:
+    """A warning naming the data bands that guessed ``roles`` leave unused (none: [])."""
+    alpha = {i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.alpha}
+    unused = [i for i in range(1, ds.count + 1) if i not in roles.values() and i not in alpha]
+    if not unused:
+        return []
+    # A two-date stack read as R,G,B,NIR ran on its first date alone, silently.
+    n = ds.count - len(alpha)
+    return [f"band roles guessed for {n} bands ({', '.join(f'{r}={i}' for r, i in roles.items())}"
+            f"): bands {', '.join(map(str, unused[:8]))}{' ...' if len(unused) > 8 else ''} "
+            f"are not used; if that is not the layout, name the bands, e.g. {_layout_hint(n)}"]
+
+
+def _layout_hint(n: int) -> str:
+    """The ``--bands`` examples for ``n`` untagged bands (the closest count's)."""
+    return _LAYOUT_HINTS.get(n) or _LAYOUT_HINTS[12 if n >= 12 else 5 if n < 8 else 8]
 
 
 def _detect_roles(
@@ -365,7 +386,7 @@ def _detect_roles(
             roles, notes = _reflectance_order(ds, roles, sample)
             if notes:
                 how += ", " + "; ".join(notes) + " (override with --bands)"
-        return roles, how, []
+        return roles, how, _unused_bands(ds, roles)
     order = [i for i in range(1, ds.count + 1) if i not in tagged_alpha]
     n = len(order)
     if n >= 3:
@@ -382,7 +403,7 @@ def _detect_roles(
                 how += ", " + "; ".join(notes) + " (override with --bands)"
             elif doubt:
                 how += f", doubtful: {doubt}"
-                hint = _LAYOUT_HINTS.get(n) or _LAYOUT_HINTS[10 if n >= 10 else 5]
+                hint = _layout_hint(n)
                 described = [d for d in ds.descriptions if d]
                 said = (f" (band descriptions {', '.join(map(repr, described[:6]))} name no "
                         "band this program knows)" if described else "")
@@ -391,15 +412,7 @@ def _detect_roles(
                     "indices and classes may use the wrong bands; name the bands, e.g. "
                     f"{hint}"
                 ]
-        unused = [i for i in order if i not in roles.values()]
-        if n > 5 and unused:
-            # A two-date stack read as R,G,B,NIR ran on its first date alone, silently.
-            hint = _LAYOUT_HINTS.get(n) or _LAYOUT_HINTS[10 if n >= 10 else 5]
-            return roles, how, [
-                f"{n} untagged bands read by the band order R,G,B,NIR: bands "
-                f"{', '.join(map(str, unused[:8]))}{' ...' if len(unused) > 8 else ''} are "
-                f"not used; if that is not the layout, name the bands, e.g. {hint}"]
-        return roles, how, []
+        return roles, how, _unused_bands(ds, roles) if n > 5 else []
     return {}, "nothing (fewer than 3 bands and no descriptions)", []
 
 

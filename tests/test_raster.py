@@ -160,6 +160,10 @@ def test_unused_bands_of_a_long_untagged_stack_are_named(tmp_path: Path) -> None
     survey = open_survey(path)
     assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4}
     assert any("bands 5, 6, 7, 8 are not used" in w for w in survey.warnings)
+    # tagged R,G,B with spare bands too (the colour-interpretation path)
+    tagged = _reflectance(tmp_path / "tagged.tif", means, [ColorInterp.red, ColorInterp.green,
+                          ColorInterp.blue] + [ColorInterp.undefined] * 5)
+    assert any("are not used" in w for w in open_survey(tagged).warnings)
 
 
 def test_undeclared_fill_is_left_out_of_the_band_order_check(tmp_path: Path) -> None:

@@ -102,6 +102,7 @@ def zones_step(ctx: SurveyContext) -> None:
 
 def fields_step(ctx: SurveyContext) -> None:
     """``fields.gpkg`` (styled by health) and ``fields.csv``."""
+    import numpy as np
     import pandas as pd
 
     from agriseg.fields import NO_PIXELS, some_ids, summarize_fields, write_fields
@@ -118,6 +119,12 @@ def fields_step(ctx: SurveyContext) -> None:
         summary["zones"] = pd.array([pd.NA] * len(summary), dtype="Int64")
     notes = list(fs.notes)
     notes += _unmeasured(summary, ctx)
+    if summary["rank"].isna().all() and len(summary) > 1:
+        # No visiting order: the fields as the file lists them (the hidden scores' order
+        # read as one).
+        pos = {fid: i for i, fid in enumerate(fs.fields["field_id"])}
+        order = np.argsort(summary["field_id"].map(pos).to_numpy(), kind="stable")
+        summary = summary.iloc[order].reset_index(drop=True)
     empty = summary["field_id"][summary["status"] == NO_PIXELS].tolist()
     if empty:
         notes.append(
@@ -148,22 +155,25 @@ def _unmeasured(summary: gpd.GeoDataFrame, ctx: SurveyContext) -> list[str]:
     import numpy as np
     import pandas as pd
 
-    rows = ctx.prepared.info.get("rows") if isinstance(ctx.prepared.info, dict) else None
-    if not isinstance(rows, dict) or rows.get("detected") is not False:
-        return []
-    if rows.get("reason") == "GSD too coarse":
+    info = ctx.prepared.info if isinstance(ctx.prepared.info, dict) else {}
+    rows = info.get("rows")
+    rows = rows if isinstance(rows, dict) and rows.get("detected") is False else None
+    if info.get("measures") == "plant cover" or (rows and rows.get("reason") == "GSD too coarse"):
         summary["weed_pressure_pct"] = np.nan
         summary["disease_incidence_pct"] = np.nan
         summary["health_score"] = np.nan
         summary["rank"] = pd.array([pd.NA] * len(summary), dtype="Int64")
-        note = (f"at {ctx.survey.grid.gsd_m:.3g} m per pixel the classes mean plant cover "
-                "(soil: bare ground, water, senesced plants; crop: any plant cover, woods and "
-                "pasture too): fields get class shares and index statistics, but no weed "
-                "pressure, disease incidence or health score")
-    elif ctx.schema.by_role("weed") is not None:
+        why = (f"at {ctx.survey.grid.gsd_m:.3g} m per pixel" if rows else
+               f"with model {ctx.segmenter.name!r}")
+        note = (f"{why} the classes mean plant cover (soil: bare ground, water, senesced "
+                "plants; crop: any plant cover, woods and pasture too): fields get class "
+                "shares and index statistics, but no weed pressure, disease incidence or "
+                "health score")
+    elif rows and ctx.schema.by_role("weed") is not None:
         summary["weed_pressure_pct"] = np.nan
         note = (f"no crop rows found ({rows.get('reason', 'unknown')}): weeds are not "
-                "separated from crop, so fields get no weed pressure")
+                "separated from crop, so fields get no weed pressure, and their health "
+                "score counts none")
     else:
         return []
     log.warning("%s", note)

@@ -536,20 +536,32 @@ def test_satellite_pixels_get_no_health_score(tmp_path: Path, scheduler: str) ->
     """At 0.5 m per pixel no rows resolve: classes mean plant cover. Weed pressure 0.00,
     disease incidence and a health score read as measured (a green Sentinel-2 field was
     "98 % soil, health 1.5, visit first")."""
+    import geopandas as gpd
     import pandas as pd
+    import shapely
 
     from agriseg.synth import FieldSpec, write_field
 
     img, truth = tmp_path / "coarse.tif", tmp_path / "truth.tif"
     write_field(FieldSpec(size=256, gsd=0.5), img, truth)
+    with rasterio.open(img) as ds:
+        (x0, y0, x1, y1), crs = ds.bounds, ds.crs
+    third = (x1 - x0) / 3
+    gpd.GeoDataFrame({"field_id": ["c", "a", "b"]}, crs=crs,
+                     geometry=[shapely.box(x0 + i * third, y0, x0 + (i + 1) * third, y1)
+                               for i in range(3)]).to_file(tmp_path / "f.gpkg")
     cfg = build_run_config(input=img, out=tmp_path / "o", scheduler=scheduler,
-                           skip=["quicklook", "project"], indices=False)
+                           fields=tmp_path / "f.gpkg", skip=["quicklook", "project"],
+                           indices=False)
     manifest = process_survey(cfg).manifest
     report = (tmp_path / "o" / "report.html").read_text()
     assert "No health score" in report and "mean plant cover" in report
-    row = pd.read_csv(tmp_path / "o" / "fields.csv").iloc[0]
+    table = pd.read_csv(tmp_path / "o" / "fields.csv")
+    assert table["field_id"].tolist() == ["c", "a", "b"]  # as listed: there is no ranking
+    row = table.iloc[0]
     assert np.isnan(row["health_score"]) and np.isnan(row["weed_pressure_pct"])
     assert np.isnan(row["disease_incidence_pct"]) and row["vegetation_pct"] > 0
+    assert table["rank"].isna().all()
     assert any("mean plant cover" in n for n in manifest["fields"]["notes"])
 
 
@@ -561,6 +573,11 @@ def test_index_threshold_says_it_finds_no_weeds(rgba_tif: Path, tmp_path: Path,
                            indices=False)
     manifest = process_survey(cfg).manifest
     assert any("separates soil and crop only" in w for w in manifest["model"]["warnings"])
+    # its fields get plant cover, not a health score (woods scored 100)
+    import pandas as pd
+
+    row = pd.read_csv(tmp_path / "o" / "fields.csv").iloc[0]
+    assert np.isnan(row["health_score"]) and np.isnan(row["weed_pressure_pct"])
     # and in the one list of doubts a script reads
     assert any("separates soil and crop only" in w for w in manifest["warnings"])
 

@@ -143,6 +143,17 @@ def test_the_runs_own_files_are_never_replaced(run: Path, name: str, clash: str)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
 
 
+def test_rates_of_classes_the_run_could_not_find_are_noted(run: Path, tmp_path: Path) -> None:
+    """No rows (no weeds separated) or satellite pixels: an all-zero weed map read as
+    'no weeds anywhere'."""
+    info = json.loads((run / "run.json").read_text())
+    info["model"] = {"prepared": {"rows": {"detected": False, "reason": "GSD too coarse"}}}
+    (run / "run.json").write_text(json.dumps(info))
+    r = _rx(str(run), "--rate", "weed=1,disease=2", "--grid", "10", "--out",
+            str(tmp_path / "rx.gpkg"))
+    assert r.exit_code == 0 and "could not find weed, disease" in r.output, r.output
+
+
 def test_upper_case_extension_reports_the_file_written(run: Path, tmp_path: Path) -> None:
     r = _rx(str(run), "--rate", "weed=1", "--out", str(tmp_path / "RX.SHP"))
     assert r.exit_code == 0, r.output

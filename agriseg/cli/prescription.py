@@ -71,6 +71,7 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
         raise ConfigError(f"--column {column!r} is longer than 10 characters, which Shapefiles "
                           "truncate; use a shorter name or --out FILE.gpkg")
     rx = Prescription(parse_rates(rates, schema), grid_m, min_share / 100, base_rate, column)
+    _note_unmeasured(run_info, schema, rx)
     check_crs(crs)
     out = output_path(out or run_dir / "prescription.shp")
     # Before the work: a wrong --out is found in a second.
@@ -86,6 +87,31 @@ def prescription(run_dir: Path, rates: str, grid_m: float | None, min_share: flo
         summary = f"{len(gdf)} zone polygon(s)"
     written = write_prescription(gdf, out, crs, column)
     click.echo(f"wrote {written}: {summary}")
+
+
+def _note_unmeasured(run_info: dict[str, Any], schema: ClassSchema, rx: Prescription) -> None:
+    """Say so when a rated class is one the run's model could not find.
+
+    A run without crop rows (no weeds separated) or on satellite pixels (plant cover only)
+    gave an all-zero weed map that read as "no weeds anywhere".
+    """
+    model = run_info.get("model")
+    prepared = model.get("prepared") if isinstance(model, dict) else None
+    info: dict[str, Any] = prepared if isinstance(prepared, dict) else {}
+    found = info.get("rows")
+    rows: dict[str, Any] = found if isinstance(found, dict) else {}
+    cover = info.get("measures") == "plant cover" or rows.get("reason") == "GSD too coarse"
+    blind = {"weed"} if rows.get("detected") is False else set()
+    if cover:
+        blind |= {"weed", "disease"}
+    roles = {c.name: c.role for c in schema.classes}
+    missed = [name for name, _ in rx.rates if roles.get(name) in blind]
+    if missed:
+        why = ("its classes mean plant cover" if cover else
+               f"it found no crop rows ({rows.get('reason', 'unknown')})")
+        click.echo(f"note: the run could not find {', '.join(missed)}: {why}; this map's "
+                   f"{' and '.join(missed)} cells or zones are not a finding that there are "
+                   "none", err=True)
 
 
 def _run_info(run_dir: Path, manifest: Path) -> tuple[dict[str, Any], ClassSchema]:

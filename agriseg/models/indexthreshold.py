@@ -61,7 +61,10 @@ class IndexThresholdSegmenter:
         only = (f"{survey.path}: model {self.name!r} separates soil and crop only: weed and "
                 "disease are never found (their shares, zones and probabilities are 0); run "
                 "the default model (labelfree) for them")
-        return Prepared(params, halo=0, info={"index": index, "threshold": round(thr, 4)},
+        # "plant cover": the fields get no weed pressure, disease incidence or health score
+        # (see agriseg.postprocess); a woodland parcel scored 100.
+        return Prepared(params, halo=0, info={"index": index, "threshold": round(thr, 4),
+                                              "measures": "plant cover"},
                         warnings=(only,))
 
     def predict(

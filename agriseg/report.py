@@ -505,7 +505,8 @@ def write_report(
     parts.append(_img(overview, "overview map"))
     scored = bool(summary["health_score"].notna().any())
     parts.append("<h2>Fields</h2><p>Ranked by health score: rank 1 needs attention first.</p>"
-                 if scored else "<h2>Fields</h2><p>No health score (see the notes above).</p>")
+                 if scored else "<h2>Fields</h2><p>No field has a health score (see the notes "
+                 "above).</p>")
     parts.append(_table(summary, index_names))
     if scored:  # a satellite run has none: the formula only raised the question
         parts.append("<h3>Health score</h3><pre>" + html.escape(HEALTH_FORMULA) + "</pre>")

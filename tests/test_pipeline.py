@@ -555,7 +555,7 @@ def test_satellite_pixels_get_no_health_score(tmp_path: Path, scheduler: str) ->
                            indices=False)
     manifest = process_survey(cfg).manifest
     report = (tmp_path / "o" / "report.html").read_text()
-    assert "No health score" in report and "mean plant cover" in report
+    assert "No field has a health score" in report and "mean plant cover" in report
     table = pd.read_csv(tmp_path / "o" / "fields.csv")
     assert table["field_id"].tolist() == ["c", "a", "b"]  # as listed: there is no ranking
     row = table.iloc[0]

@@ -879,6 +879,21 @@ def _describe(
                     "nearblack -setalpha -near 25 -of GTiff -o masked.tif %s", p, p,
                 )
     nodata = ds.nodata
+    if mask_source == "gdal" and alpha is None and nodata is not None and np.isfinite(nodata):
+        # A declared nodata that no pixel holds while the edges hold another fill (declared
+        # -9999, filled -10000): the fill was read as soil, its NDVI of exactly 0 made the
+        # soil mode, and every real pixel of the Danforth sample became crop.
+        values = sample()[[i - 1 for i in spectral]]
+        if not (values == nodata).any():
+            fill = _negative_fill(values) if dtype.kind in "fi" else None
+            black = _black_fill_share(values) if fill is None else None
+            if fill is not None or black is not None:
+                found = fill if fill is not None else 0.0
+                notes.append(
+                    f"declares nodata {nodata:g}, which no sampled pixel holds, but its edges "
+                    f"hold {found:g} in every band: taken as nodata (fix the file with "
+                    f"gdal_edit.py -a_nodata {found:g})")
+                nodata, mask_source = (fill, "fill") if fill is not None else (None, "black")
     if mask_source == "none" and dtype.kind in "fi":
         fill = _negative_fill(sample()[[i - 1 for i in spectral]])
         if fill is not None:

@@ -166,6 +166,31 @@ def test_unused_bands_of_a_long_untagged_stack_are_named(tmp_path: Path) -> None
     assert any("are not used" in w for w in open_survey(tagged).warnings)
 
 
+@pytest.mark.parametrize(("dtype", "fill", "declared", "source"), [
+    ("float32", -10000, -9999, "fill"),  # a reflectance export's fill, another declared
+    ("uint16", 0, 65535, "black"),
+])
+def test_a_declared_nodata_no_pixel_holds_gives_way_to_the_edge_fill(
+    tmp_path: Path, dtype: str, fill: float, declared: float, source: str
+) -> None:
+    """Declared -9999, filled -10000: the fill read as soil, and every real pixel of the
+    Danforth sample became crop."""
+    rng = np.random.default_rng(3)
+    data = (rng.random((4, 100, 100)) * 0.3 + 0.05) * (10000 if dtype == "uint16" else 1)
+    yy, xx = np.mgrid[0:100, 0:100]
+    data[:, (xx + yy) < 60] = fill
+    path = tmp_path / "wrong_nodata.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=100, height=100, count=4, dtype=dtype,
+                       crs="EPSG:32615", nodata=declared,
+                       transform=Affine(0.03, 0, 720000, 0, -0.03, 4300000)) as dst:
+        dst.write(data.astype(dtype))
+    s = open_survey(path)
+    assert s.mask_source == source
+    assert any(f"declares nodata {declared:g}" in w for w in s.warnings)
+    _, valid = raster.read_window(s, s.roles.spectral, Window(0, 0, 100, 100))
+    assert (valid == ((xx + yy) >= 60)).all()
+
+
 def test_undeclared_fill_is_left_out_of_the_band_order_check(tmp_path: Path) -> None:
     """A camera export (B,G,R,NIR,RE, uint16) whose black fill, declared nowhere, covers most
     of the raster: the medians that order the bands are of the image, not of the fill."""

@@ -871,3 +871,20 @@ def test_a_high_ndvi_soil_mode_below_otsu_is_still_soil() -> None:
     thr, _, how = LabelFreeSegmenter()._veg_threshold(values.astype(np.float32), "ndvi", [],
                                                       "x.tif")
     assert how.startswith("soil mode") and thr < 0.52  # Otsu: 0.57
+
+
+def test_nir_darker_than_red_edge_over_leaves_leaves_ndre_out() -> None:
+    """Band descriptions that swap NIR and red edge: NDRE negative on every leaf cancelled
+    the other health evidence, and disease was never found (synthetic: 0.79 % -> 0.00 %)."""
+    seg = LabelFreeSegmenter()
+    seg.roles = ("red", "nir", "rededge")
+    rng = np.random.default_rng(0)
+    red = rng.uniform(0.03, 0.05, (100, 100)).astype(np.float32)
+    high, low = np.float32(0.45), np.float32(0.25)
+    ok = [np.stack([red, red * 0 + high, red * 0 + low])]
+    swapped = [np.stack([red, red * 0 + low, red * 0 + high])]
+    valid = [np.ones((100, 100), bool)]
+    warnings: list[str] = []
+    assert not seg._nir_below_rededge(ok, valid, "x.tif", warnings) and not warnings
+    assert seg._nir_below_rededge(swapped, valid, "x.tif", warnings)
+    assert "look swapped" in warnings[0]

@@ -639,6 +639,9 @@ class LabelFreeSegmenter:
     name: str = "labelfree"
     schema: ClassSchema = DEFAULT_CLASSES
     roles: tuple[str, ...] = RGB
+    #: Whether the health features use NDRE; ``prepare`` turns it off for a survey whose
+    #: "nir" band is darker than its "rededge" band over vegetation (see there).
+    ndre: bool = True
 
     # ------------------------------------------------------------------ features
 
@@ -714,6 +717,29 @@ class LabelFreeSegmenter:
             np.maximum(np.maximum(*rgb[:2]), rgb[2])
         vi.reshape(-1)[at[white]] = -1.0
 
+    def _nir_below_rededge(self, pix: list[np.ndarray], val: list[np.ndarray], path: str,
+                           warnings: list[str]) -> bool:
+        """Whether the "nir" band is darker than the "rededge" one over vegetation (warned).
+
+        Leaves reflect more NIR than red edge, always. An export whose band descriptions
+        swap the two made NDRE negative on every leaf, and its z-scores cancelled the other
+        health features' evidence: disease was never found, and nothing said why.
+        """
+        red, nir, edge = (self.roles.index(r) for r in ("red", "nir", "rededge"))
+        diffs = []
+        for p, v in zip(pix, val, strict=True):
+            n, r, e = p[nir][v], p[red][v], p[edge][v]
+            leaf = (n - r) > NIR_CHECK_NDVI * (n + r)
+            diffs.append(n[leaf] - e[leaf])
+        d = np.concatenate(diffs) if diffs else np.zeros(0)
+        if d.size < NIR_CHECK_PIXELS or float(np.median(d)) >= 0:
+            return False
+        warnings.append(f"{path}: the band taken as NIR is darker than the one taken as red "
+                        "edge over vegetation, which no leaf is: the two look swapped (NDRE "
+                        "left out of the health features); name them with --bands, e.g. "
+                        "swapping the nir= and rededge= band numbers")
+        return True
+
     def _health(
         self, pixels: np.ndarray, dark_eps: float, vi: np.ndarray
     ) -> tuple[np.ndarray, str]:
@@ -726,7 +752,7 @@ class LabelFreeSegmenter:
         if "nir" in ch:
             nir, red = ch["nir"], ch["red"]
             feats, names = [vi], ["ndvi"]
-            if "rededge" in ch:
+            if "rededge" in ch and self.ndre:
                 # NDRE tracks chlorophyll in dense canopy but also rises in leaf shade (NIR
                 # scatters within the canopy more than red edge); NDVI tracks the visible
                 # symptom (red no longer absorbed). Their z-scores are averaged.
@@ -765,6 +791,9 @@ class LabelFreeSegmenter:
         pix = [w[0] for w in windows]
         rim = _rim_px(cfg.nodata_rim_px, gsd)
         val = [_without_rim(w[1], rim) for w in windows]
+        self.ndre = "rededge" not in self.roles or not self._nir_below_rededge(pix, val,
+                                                                                 survey.path,
+                                                                                 warnings)
         # Mean over bands first, then select: the same values, without copying (C, n) first.
         brightness = np.concatenate([p.mean(axis=0)[v] for p, v in zip(pix, val, strict=True)])
         dark_eps = float(0.1 * np.median(brightness)) if brightness.size else 0.01
@@ -1646,6 +1675,10 @@ def _shrink(z: np.ndarray, n: np.ndarray, prior: float) -> None:
 NODATA_RIM_MAX_M = 0.25
 
 
+#: NDVI above which a pixel counts as a leaf for the NIR / red-edge order check, and the
+#: fewest such pixels the check needs.
+NIR_CHECK_NDVI = 0.4
+NIR_CHECK_PIXELS = 1000
 #: Highest NDVI mode still taken for soil when it lies in Otsu's lower class, above
 #: ``ndvi_soil_mode_max``. A NIR calibration 1.3 x too bright lifted the Danforth sample's
 #: soil mode over 0.3 (0.208 as calibrated, 0.289 at x1.2): the threshold fell to Otsu's

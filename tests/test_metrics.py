@@ -112,8 +112,8 @@ def test_evaluate_scores_a_run_of_other_classes_on_them(tmp_path: Path) -> None:
 
     with rasterio.open(alone, "r+") as ds:
         ds.set_band_description(1, "class id (0=soil, 1=nodata, 2=crop (maize), 255=nodata)")
-    own = _described_schema(alone)
-    assert own is not None and own.names == ("soil", "nodata", "crop (maize)")
+    own, is_mask = _described_schema(alone)
+    assert is_mask and own is not None and own.names == ("soil", "nodata", "crop (maize)")
     assert own.nodata == 255
 
 

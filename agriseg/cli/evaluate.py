@@ -97,12 +97,12 @@ def _run_schema(pred: Path) -> ClassSchema:
         return ClassSchema.from_dict(data["schema"])
     except (OSError, ValueError, KeyError, TypeError, AgrisegError):
         pass
-    own = _described_schema(pred)
+    own, is_mask = _described_schema(pred)
     if own is not None:
         click.echo(f"{pred}: no run.json of its run beside it; scoring it as the classes its "
                    f"band description names: {', '.join(own.names)}", err=True)
         return own
-    if not _class_raster_like(pred):
+    if not is_mask:
         return DEFAULT_CLASSES  # no note: evaluating it fails and says why (the image?)
     click.echo(f"{pred}: no run.json of its run beside it; scoring it as the default "
                f"classes {', '.join(DEFAULT_CLASSES.names)} (a model of other classes: "
@@ -110,10 +110,11 @@ def _run_schema(pred: Path) -> ClassSchema:
     return DEFAULT_CLASSES
 
 
-def _described_schema(pred: Path) -> ClassSchema | None:
-    """The classes a class mask names in its band description, or None.
+def _described_schema(pred: Path) -> tuple[ClassSchema | None, bool]:
+    """The classes ``pred``'s band description names (or None), and whether it is a class mask.
 
-    See :meth:`~agriseg.classes.ClassSchema.description`.
+    See :meth:`~agriseg.classes.ClassSchema.description` and
+    :func:`agriseg.metrics.check_class_raster` (one opening of the file for both).
 
     A classes.tif moved away from its run.json keeps that description (and its colour table)
     inside the file: a model of other classes was scored as soil, crop, weed and disease.
@@ -121,31 +122,22 @@ def _described_schema(pred: Path) -> ClassSchema | None:
     import rasterio
 
     from agriseg.classes import ClassSchema
+    from agriseg.errors import InputError
+    from agriseg.metrics import check_class_raster
     from agriseg.raster import no_georef_warning
 
     try:
         # A PNG prediction (a run with --gsd) has no CRS; evaluate says what that means.
         with no_georef_warning(), rasterio.open(pred) as ds:
+            try:
+                check_class_raster(pred, ds, "prediction")
+            except InputError:  # the image given instead: evaluating it says so
+                return None, False
             text = ds.descriptions[0] or ""
             try:
                 colours = ds.colormap(1)
             except ValueError:  # no colour table
                 colours = {}
     except (OSError, rasterio.errors.RasterioError):
-        return None
-    return ClassSchema.from_description(text, colours)
-
-
-def _class_raster_like(pred: Path) -> bool:
-    """Whether ``pred`` opens as one band of integers, as a class mask is."""
-    import numpy as np
-    import rasterio
-
-    from agriseg.raster import no_georef_warning
-
-    try:
-        with no_georef_warning(), rasterio.open(pred) as ds:
-            return ds.count == 1 and np.dtype(ds.dtypes[0]).kind in "iu"
-    except (OSError, rasterio.errors.RasterioError):
-        return False
-
+        return None, False
+    return ClassSchema.from_description(text, colours), True

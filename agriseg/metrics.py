@@ -140,14 +140,21 @@ def score_arrays(
     return Scores(confusion(truth, pred, len(schema), schema.nodata), schema.names)
 
 
+def _class_values(schema: ClassSchema) -> dict[str, int]:
+    """Class name -> value, and ``ignore`` -> the schema's nodata.
+
+    Names in lower case: a class "Background" is "background" too.
+    """
+    return {c.name.lower(): c.value for c in schema.classes} | {"ignore": schema.nodata}
+
+
 def parse_truth_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dict[int, int]:
     """``"0=soil,1=crop,2=weed,255=ignore"`` as ``{truth value: class value}``.
 
     Raises:
         ConfigError: a malformed pair or an unknown class name (valid names are listed).
     """
-    # The model's class names, in any case (a class "Background" is "background" too).
-    names = {c.name.lower(): c.value for c in schema.classes} | {"ignore": schema.nodata}
+    names = _class_values(schema)
     example = ",".join(f"{i}={c.name}" for i, c in enumerate(schema.classes[:3]))
     out: dict[int, int] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
@@ -182,12 +189,12 @@ def parse_pred_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dict
     Raises:
         ConfigError: a malformed pair or an unknown class name (valid names are listed).
     """
-    names = {c.name.lower(): c.value for c in schema.classes}
+    names = _class_values(schema)
     valid = ", ".join(schema.names)
     out: dict[int, int] = {}
     for part in filter(None, (x.strip() for x in text.split(","))):
         src, _, dst = (s.strip().lower() for s in part.partition("="))
-        if src not in names or (dst not in names and dst != "ignore"):
+        if src not in names or src == "ignore" or dst not in names:
             raise ConfigError(
                 f"--pred-classes {part!r}: expected CLASS=CLASS (a predicted class, then the "
                 f"class to count it as, or ignore) with classes among {valid}, e.g. "
@@ -196,7 +203,7 @@ def parse_pred_classes(text: str, schema: ClassSchema = DEFAULT_CLASSES) -> dict
         if names[src] in out:
             raise ConfigError(f"--pred-classes: class {src!r} is given twice; give each "
                               "predicted class once")
-        out[names[src]] = names.get(dst, schema.nodata)
+        out[names[src]] = names[dst]
     return out
 
 
@@ -209,7 +216,7 @@ def parse_truth_colors(text: str,
     Raises:
         ConfigError: a malformed pair, a value outside 0-255 or an unknown class name.
     """
-    names = {c.name.lower(): c.value for c in schema.classes} | {"ignore": schema.nodata}
+    names = _class_values(schema)
     out: dict[tuple[int, int, int], int] = {}
     for part in filter(None, (x.strip() for x in text.split(";"))):
         colour, _, name = part.rpartition("=")
@@ -516,12 +523,12 @@ def evaluate_rasters(
                 palette = _colour_codes(truth_path, t)
             _check_same_grid(pred_path, truth_path, p, t)
             declared = _declared_nodata(t) if truth_colors is None else None
+            unlabelled = {schema.nodata, *([declared] if declared is not None else [])}
             mapping = truth_classes
             if mapping:
                 # The truth's own nodata value, and 255 (agriseg's unlabelled), stay unlabelled
                 # unless the mapping says otherwise.
-                for value in {schema.nodata, *([declared] if declared is not None else [])}:
-                    mapping = {value: schema.nodata, **mapping}
+                mapping = {**dict.fromkeys(unlabelled, schema.nodata), **mapping}
             colours = {(r << 16) | (g << 8) | b: v for (r, g, b), v in (truth_colors or {}).items()}
             merge = np.arange(max(k, schema.nodata) + 1)
             for src, dst in (pred_classes or {}).items():
@@ -578,7 +585,6 @@ def evaluate_rasters(
             f"raster ({classes}, {schema.nodata}=unlabelled, or other values mapped with "
             "--truth-classes VALUE=CLASS,...)"
         )
-    unlabelled = {schema.nodata, *([declared] if declared is not None else [])}
     if unknown:
         vals = sorted(unknown)[:MAX_LABELS]
         present = sorted(seen - unlabelled) if seen is not None else None

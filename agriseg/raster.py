@@ -231,6 +231,11 @@ class SurveyRaster:
         }
 
 
+def _alpha_bands(ds: rasterio.DatasetReader) -> list[int]:
+    """The bands of ``ds`` tagged alpha (1-based)."""
+    return [i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.alpha]
+
+
 def _tagged_alpha(path: str) -> set[int]:
     """The bands of ``path`` tagged alpha (none when it cannot be opened).
 
@@ -239,7 +244,7 @@ def _tagged_alpha(path: str) -> set[int]:
     """
     try:
         with _open(path) as ds:
-            return {i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.alpha}
+            return set(_alpha_bands(ds))
     except (RasterioError, AgrisegError):
         return set()
 
@@ -333,7 +338,7 @@ _LAYOUT_HINTS = {
 
 def _unused_bands(ds: rasterio.DatasetReader, roles: dict[str, int]) -> list[str]:
     """A warning naming the data bands that guessed ``roles`` leave unused (none: [])."""
-    alpha = {i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.alpha}
+    alpha = _alpha_bands(ds)
     unused = [i for i in range(1, ds.count + 1) if i not in roles.values() and i not in alpha]
     if not unused:
         return []
@@ -360,7 +365,7 @@ def _detect_roles(
         The roles, how they were found, and doubts about them (warnings).
     """
     # A band tagged alpha is never data, whichever way the others are found.
-    tagged_alpha = [i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.alpha]
+    tagged_alpha = _alpha_bands(ds)
     roles: dict[str, int] = {}
     for i, desc in enumerate(ds.descriptions, start=1):
         role = _description_role(desc) if desc else None
@@ -841,6 +846,8 @@ def _describe(
     else:
         mask_source = "none"
     spectral = [i for r, i in mapping.items() if r != "alpha"]
+    # The fill checks below share one copy of the spectral bands of the sample.
+    spectral_sample = functools.cache(lambda: sample()[[i - 1 for i in spectral]])
     if not spectral and ds.count < 3:
         # Often a derived product (an NDVI, a DEM, a class map) given instead of the image.
         named = [f"band {i} {what}" for i, d in enumerate(ds.descriptions, start=1)
@@ -862,7 +869,7 @@ def _describe(
     if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
         raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
     if mask_source == "none" and len(spectral) >= 2:  # red + NIR stacks too
-        share = _black_fill_share(sample()[[i - 1 for i in spectral]])
+        share = _black_fill_share(spectral_sample())
         if share is not None:
             mask_source = "black"
             log.info(
@@ -883,7 +890,7 @@ def _describe(
         # A declared nodata that no pixel holds while the edges hold another fill (declared
         # -9999, filled -10000): the fill was read as soil, its NDVI of exactly 0 made the
         # soil mode, and every real pixel of the Danforth sample became crop.
-        values = sample()[[i - 1 for i in spectral]]
+        values = spectral_sample()
         if not (values == nodata).any():
             fill = _negative_fill(values) if dtype.kind in "fi" else None
             black = _black_fill_share(values) if fill is None else None
@@ -895,7 +902,7 @@ def _describe(
                     f"gdal_edit.py -a_nodata {found:g})")
                 nodata, mask_source = (fill, "fill") if fill is not None else (None, "black")
     if mask_source == "none" and dtype.kind in "fi":
-        fill = _negative_fill(sample()[[i - 1 for i in spectral]])
+        fill = _negative_fill(spectral_sample())
         if fill is not None:
             nodata, mask_source = fill, "fill"
             log.info(

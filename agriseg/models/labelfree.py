@@ -646,10 +646,10 @@ class LabelFreeSegmenter:
     # ------------------------------------------------------------------ features
 
     def _features(
-        self, pixels: np.ndarray, dark_eps: float
+        self, pixels: np.ndarray, dark_eps: float, full_scale: float | None = None
     ) -> tuple[np.ndarray, np.ndarray, str, str]:
         """Vegetation index ``(..., H, W)`` and health features ``(..., K, H, W)``."""
-        vi, index = self._index(pixels, dark_eps)
+        vi, index = self._index(pixels, dark_eps, full_scale=full_scale)
         health, names = self._health(pixels, dark_eps, vi)
         return vi, health, index, names
 
@@ -679,7 +679,7 @@ class LabelFreeSegmenter:
         vi -= r
         vi -= b
         vi /= total
-        _clip_no_plants(r, g, b, vi, -math.inf, full_scale, dark_eps)
+        _clip_no_plants(r, g, b, vi, full_scale, dark_eps)
         if green is not None:
             green.lift(vi, r, g, b, eps)
         return vi, "exg"
@@ -798,16 +798,16 @@ class LabelFreeSegmenter:
         brightness = np.concatenate([p.mean(axis=0)[v] for p, v in zip(pix, val, strict=True)])
         dark_eps = float(0.1 * np.median(brightness)) if brightness.size else 0.01
         dark_eps = max(dark_eps, 1e-4)
-        feats = [self._features(p, dark_eps) for p in pix]
-        index, health_name = feats[0][2], feats[0][3]
-        info: dict[str, Any] = {"index": index, "health_feature": health_name,
-                                "sample_windows": len(windows), "gsd_m": round(gsd, 4)}
         # Clipped red or blue overstates a pixel's greenness (see _clip_no_plants): the
         # samples take the ExG classification gives them before the threshold is fitted.
         # Leaving clipped pixels out of the fits instead lost the soil mode where most soil
         # is clipped: overexposed x1.4, Lamberton 08-15 (51 % of sampled pixels clipped) went
         # to Otsu at 0.209 and 20.7 % of its pixels changed class (9.6 % before, 10.2 % so).
         full = _full_scale(survey)
+        feats = [self._features(p, dark_eps, full) for p in pix]
+        index, health_name = feats[0][2], feats[0][3]
+        info: dict[str, Any] = {"index": index, "health_feature": health_name,
+                                "sample_windows": len(windows), "gsd_m": round(gsd, 4)}
         if full is not None:
             n_clipped = sum(int(((p >= np.float32(full)).any(axis=0) & v).sum())
                             for p, v in zip(pix, val, strict=True))
@@ -819,9 +819,6 @@ class LabelFreeSegmenter:
                     f"saturated band; where red or blue is clipped and green is not, the "
                     f"pixel is taken as no greener than with that band at {CLIP_HEADROOM:g} x "
                     f"full scale")
-            if index == "exg":
-                for p, f in zip(pix, feats, strict=True):
-                    _clip_no_plants(p[0], p[1], p[2], f[0], -math.inf, full, dark_eps)
         values = np.concatenate([f[0][v] for f, v in zip(feats, val, strict=True)])
         thr, soft, how = self._veg_threshold(values, index, warnings, survey.path)
         info.update(veg_threshold=round(thr, 4), veg_softness=round(soft, 4),
@@ -1609,7 +1606,7 @@ def _full_scale(survey: SurveyRaster) -> float | None:
     return float(top)
 
 
-def _clip_no_plants(r: np.ndarray, g: np.ndarray, b: np.ndarray, vi: np.ndarray, floor: float,
+def _clip_no_plants(r: np.ndarray, g: np.ndarray, b: np.ndarray, vi: np.ndarray,
                     full_scale: float | None, eps: float) -> None:
     """Lower ExG ``vi`` in place where red or blue is at full scale and green is not.
 
@@ -1618,13 +1615,12 @@ def _clip_no_plants(r: np.ndarray, g: np.ndarray, b: np.ndarray, vi: np.ndarray,
     whose class changed had a saturated band, and red was clipped on 98.7 % of the soil that
     became vegetation (its median ExG 0.011 -> 0.050, over the threshold). Its ExG is taken
     with the clipped bands at :data:`CLIP_HEADROOM` x full scale. Bright yellow canopy clips
-    red and green together and is kept. Looked for only where ``vi`` exceeds ``floor``;
-    nothing to do without a ``full_scale`` (float data).
+    red and green together and is kept. Nothing to do without a ``full_scale`` (float data).
     """
     if full_scale is None:
         return
     top = np.float32(full_scale)
-    at = np.flatnonzero((vi > np.float32(floor)) & (np.maximum(r, b) >= top))
+    at = np.flatnonzero(np.maximum(r, b) >= top)
     at = at[np.take(g, at) < top]
     if not at.size:
         return

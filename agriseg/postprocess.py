@@ -155,10 +155,13 @@ def _unmeasured(summary: gpd.GeoDataFrame, ctx: SurveyContext) -> list[str]:
     import numpy as np
     import pandas as pd
 
+    from agriseg.models.base import blind_roles
+
     info = ctx.prepared.info if isinstance(ctx.prepared.info, dict) else {}
-    rows = info.get("rows")
-    rows = rows if isinstance(rows, dict) and rows.get("detected") is False else None
-    if info.get("measures") == "plant cover" or (rows and rows.get("reason") == "GSD too coarse"):
+    blind, cover = blind_roles(info)
+    found = info.get("rows")
+    rows: dict[str, Any] = found if isinstance(found, dict) else {}
+    if cover:
         summary["weed_pressure_pct"] = np.nan
         summary["disease_incidence_pct"] = np.nan
         summary["health_score"] = np.nan
@@ -169,7 +172,7 @@ def _unmeasured(summary: gpd.GeoDataFrame, ctx: SurveyContext) -> list[str]:
                 "plants; crop: any plant cover, woods and pasture too): fields get class "
                 "shares and index statistics, but no weed pressure, disease incidence or "
                 "health score")
-    elif rows and ctx.schema.by_role("weed") is not None:
+    elif "weed" in blind and ctx.schema.by_role("weed") is not None:
         summary["weed_pressure_pct"] = np.nan
         note = (f"no crop rows found ({rows.get('reason', 'unknown')}): weeds are not "
                 "separated from crop, so fields get no weed pressure, and their health "

@@ -95,15 +95,14 @@ def _note_unmeasured(run_info: dict[str, Any], schema: ClassSchema, rx: Prescrip
     A run without crop rows (no weeds separated) or on satellite pixels (plant cover only)
     gave an all-zero weed map that read as "no weeds anywhere".
     """
+    from agriseg.models.base import blind_roles
+
     model = run_info.get("model")
     prepared = model.get("prepared") if isinstance(model, dict) else None
     info: dict[str, Any] = prepared if isinstance(prepared, dict) else {}
     found = info.get("rows")
     rows: dict[str, Any] = found if isinstance(found, dict) else {}
-    cover = info.get("measures") == "plant cover" or rows.get("reason") == "GSD too coarse"
-    blind = {"weed"} if rows.get("detected") is False else set()
-    if cover:
-        blind |= {"weed", "disease"}
+    blind, cover = blind_roles(info)
     roles = {c.name: c.role for c in schema.classes}
     missed = [name for name, _ in rx.rates if roles.get(name) in blind]
     if missed:

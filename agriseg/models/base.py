@@ -11,7 +11,7 @@ hold a bundle path and load weights lazily, once per worker process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -73,6 +73,28 @@ class Prepared:
     info: dict[str, Any] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
     tile_multiple: int = 1
+
+
+#: What ``Prepared.info["measures"]`` says of a model whose classes mean plant cover only.
+PLANT_COVER = "plant cover"
+
+
+def blind_roles(info: Mapping[str, Any]) -> tuple[frozenset[str], bool]:
+    """The class roles a prepared model could not find on its survey, from ``Prepared.info``.
+
+    Without crop rows (``info["rows"]["detected"]`` false) weeds are not told from crop; on
+    pixels too coarse for rows, or with a model that says its classes mean plant cover
+    (``info["measures"]``), neither weed nor disease is. Field summaries and prescriptions
+    leave such measures empty or say so: an all-zero weed share read as "no weeds".
+
+    Returns:
+        The roles, and whether the classes mean plant cover only.
+    """
+    rows = info.get("rows")
+    no_rows = isinstance(rows, dict) and rows.get("detected") is False
+    cover = info.get("measures") == PLANT_COVER or (
+        isinstance(rows, dict) and no_rows and rows.get("reason") == "GSD too coarse")
+    return frozenset({"weed", "disease"} if cover else {"weed"} if no_rows else ()), cover
 
 
 @runtime_checkable

@@ -15,7 +15,7 @@ from skimage.filters import threshold_otsu
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema
 from agriseg.indices import exg, ndvi
-from agriseg.models.base import Prepared, TileContext
+from agriseg.models.base import PLANT_COVER, Prepared, TileContext
 
 if TYPE_CHECKING:
     from agriseg.raster import SurveyRaster
@@ -64,7 +64,7 @@ class IndexThresholdSegmenter:
         # "plant cover": the fields get no weed pressure, disease incidence or health score
         # (see agriseg.postprocess); a woodland parcel scored 100.
         return Prepared(params, halo=0, info={"index": index, "threshold": round(thr, 4),
-                                              "measures": "plant cover"},
+                                              "measures": PLANT_COVER},
                         warnings=(only,))
 
     def predict(

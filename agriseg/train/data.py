@@ -327,11 +327,18 @@ def block_split(shape: tuple[int, int], block: int, fraction: float, seed: int,
     most classes in both parts, is taken, with fewer validation blocks (down to none) while
     every draw leaves training short of a class. Deterministic with ``seed``.
     """
+    ny, nx = math.ceil(shape[0] / block), math.ceil(shape[1] / block)
+    present = None if labels is None else _block_classes(labels, block, ny, nx)
+    return _split(shape, block, fraction, seed, present)
+
+
+def _split(shape: tuple[int, int], block: int, fraction: float, seed: int,
+           present: np.ndarray | None) -> np.ndarray:
+    """:func:`block_split` given which label values each block holds (or None)."""
     h, w = shape
     ny, nx = math.ceil(h / block), math.ceil(w / block)
     n = ny * nx
     rng = np.random.default_rng(seed)
-    present = None if labels is None else _block_classes(labels, block, ny, nx)
     candidates = np.arange(n) if present is None else np.flatnonzero(present.any(1))
     m = candidates.size
     n_val = round(m * fraction)
@@ -449,9 +456,10 @@ def load_pair(
         why = ("every labelled pixel lies on the image's nodata (alpha 0, nodata value)"
                if labelled.any() else "the labels hold no class pixel")
         raise InputError(f"{image}: {why}; check that the labels belong to this image")
-    val = block_split((h, w), val_block, val_fraction, seed, lab)
     ny, nx = math.ceil(h / val_block), math.ceil(w / val_block)
-    held = int(_block_classes(lab, val_block, ny, nx).any(1).sum())
+    present = _block_classes(lab, val_block, ny, nx)
+    val = _split((h, w), val_block, val_fraction, seed, present)
+    held = int(present.any(1).sum())
     if held < ny * nx:
         log.info("%s: %d of its %d validation-size blocks (%d px) hold labels; %d of them are "
                  "validation blocks", image, held, ny * nx, val_block,

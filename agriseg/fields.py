@@ -602,7 +602,7 @@ def _table(
     # was counted as vegetation when it was "everything but soil".
     veg = crop + weed + disease
     out["vegetation_pct"] = _share(veg, valid) * 100
-    wp = _share(weed, crop + weed + disease)
+    wp = _share(weed, veg)
     di = _share(disease, crop + disease)
     cover = _share(crop + disease, valid)
     out["weed_pressure_pct"] = wp * 100

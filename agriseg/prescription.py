@@ -141,9 +141,15 @@ def output_path(path: str | os.PathLike[str]) -> Path:
 
     GDAL's Shapefile driver writes ``.shp`` whatever case it is given, so the upper-case
     name reported a file that did not exist on a case-sensitive file system.
+
+    Raises:
+        OutputError: neither a .shp nor a .gpkg path.
     """
     path = Path(path)
-    return path.with_suffix(path.suffix.lower()) if path.suffix else path
+    path = path.with_suffix(path.suffix.lower()) if path.suffix else path
+    if path.suffix not in (".shp", ".gpkg"):
+        raise OutputError(f"{path}: write a .shp or .gpkg prescription (terminals read these)")
+    return path
 
 
 def check_output(path: str | os.PathLike[str], overwrite: bool = False,
@@ -160,8 +166,6 @@ def check_output(path: str | os.PathLike[str], overwrite: bool = False,
         OutputError: what is wrong, with what to do.
     """
     path = output_path(path)
-    if path.suffix not in (".shp", ".gpkg"):
-        raise OutputError(f"{path}: write a .shp or .gpkg prescription (terminals read these)")
     parent = path.parent
     try:
         folder, is_dir = parent.exists(), parent.is_dir()
@@ -428,8 +432,6 @@ def write_prescription(gdf: gpd.GeoDataFrame, path: str | os.PathLike[str],
     """
     path = output_path(path)
     ext = path.suffix
-    if ext not in (".shp", ".gpkg"):
-        raise OutputError(f"{path}: write a .shp or .gpkg prescription (terminals read these)")
     if crs and gdf.crs is not None and not on_earth(gdf.crs):
         # A run with --gsd has no place on Earth: a sprayer cannot use it anyway, but the
         # map is still useful in image coordinates.

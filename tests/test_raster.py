@@ -503,3 +503,39 @@ def test_a_corrupt_block_is_named_in_pixels(tmp_path: Path) -> None:
     assert raster._bad_block(str(vrt), "cut.tif, band 1: IReadBlock failed at X offset 1, "
                              "Y offset 2") == ""
 
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16"])
+def test_alpha_validity_through_the_block_cache(tmp_path: Path, dtype: str) -> None:
+    # The cache keeps a block's bands and its alpha as views of one read; validity is the
+    # alpha's nonzero pixels, as a direct read of the window says.
+    from agriseg.grid import plan_tiles
+
+    rng = np.random.default_rng(3)
+    h, w = 300, 260
+    top = np.iinfo(dtype).max
+    rgb = rng.integers(1, top, (3, h, w)).astype(dtype)
+    alpha = np.where(rng.random((h, w)) > 0.3, top, 0).astype(dtype)
+    alpha[:40] = 0
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": 4, "dtype": dtype,
+               "crs": "EPSG:32615", "transform": Affine(0.02, 0, 500000.0, 0, -0.02, 4900000.0),
+               "tiled": True, "blockxsize": 64, "blockysize": 64, "compress": "deflate"}
+    path = tmp_path / f"rgba_{dtype}.tif"
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(np.concatenate([rgb, alpha[None]]))
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue,
+                           ColorInterp.alpha]
+    survey = open_survey(str(path))
+    assert survey.mask_source == "alpha"
+    raster.clear_tile_cache()
+    roles = ("red", "green", "blue")
+    for tile in plan_tiles(survey.grid, 128, 16):
+        with rasterio.open(path) as ds:
+            direct = raster.read_tile(survey, roles, tile, ds)
+        cached = raster.read_tile(survey, roles, tile)
+        np.testing.assert_array_equal(cached[1], direct[1])
+        np.testing.assert_array_equal(cached[0], direct[0])
+    window = Window(0, 0, w, h)
+    data, valid = raster.read_window(survey, roles, window)
+    np.testing.assert_array_equal(valid, alpha > 0)
+    assert valid.dtype == bool and not data[:, ~valid].any()

@@ -437,8 +437,16 @@ def main() -> None:
           f"{n_blocks} inputs of {side} px per {a.tile_size} px tile, halo {a.halo} px)")
     print(f"ratio={ratio:.2f} (end-to-end / model-only {best}); tiles-only "
           f"ratio={e2e_segment / limits[best]:.2f}; load average {os.getloadavg()[0]:.2f}")
+    # The target's ratio counts output pixels, so the margin's model pixels count against it
+    # and cap it at 1 / overhead. Counting the model pixels the run feeds instead says how
+    # close the rest of the pipeline (reads, hand-offs, writer, start-up, COGs) comes to the
+    # model running alone; reported beside it, not instead of it.
+    fed = ratio * overhead
+    print(f"model px fed / model-only limit: {fed:.2f} wall, "
+          f"{e2e_segment * overhead / limits[best]:.2f} tiles only (the pipeline's efficiency "
+          f"around the model; the ratio above is capped at {1 / overhead:.2f} by the margin)")
     results.update(e2e_mp_s=e2e_total, e2e_tiles_mp_s=e2e_segment, ratio=ratio,
-                   peak_rss_gb=peak / 1e9, halo_overhead=overhead)
+                   peak_rss_gb=peak / 1e9, halo_overhead=overhead, model_px_ratio=fed)
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 

@@ -9,7 +9,13 @@
 #         rasterio==1.4.4 affine cligj click-plugins dask distributed tornado tblib zict \
 #         partd locket pydantic pydantic_core annotated-types typing-inspection \
 #         segmentation_models_pytorch py-spy
-# and carried (`carry: [".whl"]`; 30 MB). rasterio 1.4.4, as a pip install gets it today: its
+# and carried (`carry: [".whl"]`). Since the tree reached 28 MB, the wheels (45 MB) no longer
+# fit the 64 MiB a device call takes: install them here for that Python and carry the
+# installed files as an xz tarball instead (32 MB; `carry: [".gpu"]`):
+#     pip install --no-deps --no-index --target /tmp/site312 --python-version 3.12 \
+#         --implementation cp --platform manylinux_2_28_x86_64 ... --only-binary=:all: .whl/*.whl
+#     mkdir -p .gpu && tar -C /tmp/site312 -cf - . | xz -T0 -9 > .gpu/site.tar.xz
+# rasterio 1.4.4, as a pip install gets it today: its
 # wheels bundle GDAL 3.10 with libdeflate; 1.4.3's (GDAL 3.9, zlib: "DEFLATE_SUBCODEC_LIBDEFLATE
 # unsupported in this build"), carried until 2026-11-27, read tiles 1.5x slower here.
 # (the run needs no geopandas/pyogrio/shapely/pyproj: post-processing is skipped).
@@ -27,12 +33,14 @@
 set -uo pipefail
 out=${1:-${OUT:-/tmp/agriseg-gpu}}
 mkdir -p "$out"
-if [ -d .whl ] && [ ! -d /tmp/site/rasterio ]; then
+if [ -f .gpu/site.tar.xz ] && [ ! -d /tmp/site/rasterio ]; then
+    mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpu/site.tar.xz || exit 1
+elif [ -d .whl ] && [ ! -d /tmp/site/rasterio ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || exit 1
 fi
 # Once installed, later calls on the same machine (and copies of the tree) reuse them.
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD PATH=/tmp/site/bin:$PATH
 export PYTHONUNBUFFERED=1 AGRISEG_BENCH_CACHE=${AGRISEG_BENCH_CACHE:-/tmp/agriseg-bench}
 # The lent machines' Python packages carry no bytecode and none is written beside them, so
 # every process compiled PyTorch's and SymPy's sources again: 7.5 s of a 41 s 1 GP run under

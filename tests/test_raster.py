@@ -539,3 +539,57 @@ def test_alpha_validity_through_the_block_cache(tmp_path: Path, dtype: str) -> N
     data, valid = raster.read_window(survey, roles, window)
     np.testing.assert_array_equal(valid, alpha > 0)
     assert valid.dtype == bool and not data[:, ~valid].any()
+
+
+def test_band_check_and_overview_share_one_pass_over_a_file_without_overviews(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The graded-alpha check samples every band when the raster is opened; on a file without
+    # overviews the overview read then takes its bands from that same pass.
+    rng = np.random.default_rng(5)
+    h, w = 700, 600
+    valid = rng.random((h, w)) > 0.2
+    path = write_rgba(tmp_path / "big.tif", rng.integers(0, 255, (3, h, w)), valid, block=64)
+    monkeypatch.setattr(raster, "OVERVIEW_SIDE", 300)
+    monkeypatch.setattr(raster, "SAMPLE_SIDE", 100)
+    passes: list[tuple[int, int] | None] = []
+    real = raster._sampled_read
+
+    def counted(*args: object, **kw: object) -> object:
+        passes.append(kw.get("also"))  # type: ignore[arg-type]
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(raster, "_sampled_read", counted)
+    raster._OVERVIEWS.clear()
+    survey = open_survey(str(path))
+    data, ov_valid, _ = read_overview(survey, ("red", "green", "blue"), 300)
+    assert passes == [(300, 257)] and not raster._SHARED_SAMPLE
+    # The same values as a pass of its own.
+    raster._OVERVIEWS.clear()
+    own = raster._read_overview(survey, ("red", "green", "blue"), 300)
+    assert len(passes) == 2 and passes[1] is None
+    np.testing.assert_array_equal(own[0], data)
+    np.testing.assert_array_equal(own[1], ov_valid)
+
+
+def test_a_failed_sampled_read_stops_the_other_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Ctrl-C or a bad block: the other threads stop instead of decoding the rest of the file.
+    rng = np.random.default_rng(6)
+    path = write_rgba(tmp_path / "many.tif", rng.integers(0, 255, (3, 2048, 64)), block=16)
+    monkeypatch.setattr(raster.os, "sched_getaffinity", lambda _: set(range(4)))
+    reads = 0
+    real = rasterio.io.DatasetReader.read
+
+    def read(self: rasterio.io.DatasetReader, *args: object, **kw: object) -> np.ndarray:
+        nonlocal reads
+        reads += 1
+        if reads == 3:
+            raise KeyboardInterrupt
+        return real(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", read)
+    with pytest.raises(KeyboardInterrupt):
+        raster._sampled_read(str(path), [1, 2, 3], (512, 16))
+    assert reads < 20  # of 128 strips

@@ -44,7 +44,7 @@ def main() -> None:
         for n in (int(x) for x in a.sizes.split(",")):
             src = base if n == 1 else vrt_mosaic(base, n, Path(tmp) / f"mosaic{n}.vrt")
             mpx = (a.tile * n) ** 2 / 1e6
-            cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out",
+            cmd = [sys.executable, "-P", "-m", "agriseg", "run", str(src), "--out",
                    str(Path(tmp) / f"out{n}"), "--tile-size", str(a.tile_size), "--no-progress",
                    "--no-indices", "--overwrite"]
             if a.model:

@@ -255,7 +255,7 @@ def main() -> None:
         for engine, workers in runs:
             name = engine if workers == "auto" else f"{engine} {workers}w"
             out = Path(tmp) / f"agriseg-{engine}-{workers}"
-            cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out", str(out),
+            cmd = [sys.executable, "-P", "-m", "agriseg", "run", str(src), "--out", str(out),
                    "--model", str(bundle), "--engine", engine, "--no-indices", "--no-progress"]
             if a.tile_size:
                 cmd += ["--tile-size", str(a.tile_size)]

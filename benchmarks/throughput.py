@@ -51,7 +51,7 @@ from common import (
 def run_command(src: Path, out: Path, bundle: Path, engine: str,
                 tile_size: int | None, halo: int) -> list[str]:
     """`agriseg run` to the class mask only (no indices, no post-processing steps)."""
-    cmd = [sys.executable, "-m", "agriseg", "run", str(src), "--out", str(out),
+    cmd = [sys.executable, "-P", "-m", "agriseg", "run", str(src), "--out", str(out),
            "--model", str(bundle), "--engine", engine, "--no-indices", "--no-progress",
            "--skip", "quicklook,zones,fields,report,project", "--halo", str(halo)]
     return cmd + (["--tile-size", str(tile_size)] if tile_size else [])

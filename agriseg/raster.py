@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
+from xml.etree import ElementTree
 
 import numpy as np
 import rasterio
@@ -355,10 +356,131 @@ def _layout_hint(n: int) -> str:
     return _LAYOUT_HINTS.get(n) or _LAYOUT_HINTS[12 if n >= 12 else 5 if n < 8 else 8]
 
 
+#: Sentinel-2 band codes as its file names write them (zero-padded): B02, B8A, B11.
+_S2_FILE_BAND = re.compile(r"b(0[1-9]|1[0-2]|8a)")
+_S2_FILE_ROLES = {"b02": "blue", "b03": "green", "b04": "red", "b05": "rededge",
+                  "b06": "rededge", "b07": "rededge", "b08": "nir", "b8a": "nir"}
+#: Landsat 8/9 OLI band codes (B2 blue ... B5 NIR); Landsat 4-7 number theirs otherwise (B4
+#: is NIR there), and so does Sentinel-2 unpadded, so a code alone names no band.
+_LANDSAT_FILE_BAND = re.compile(r"b([1-9]|1[01])")
+_LANDSAT89_ROLES = {"b2": "blue", "b3": "green", "b4": "red", "b5": "nir"}
+_LANDSAT89_PREFIX = re.compile(r"lc0?[89]")
+_OTHER_LANDSAT_PREFIX = re.compile(r"l[cotem]0?[1-9]")
+#: Colour words of file names (Pix4D's ``..._reflectance_red edge.tif``), and the words that
+#: beside one make it another band (``coastal_blue``, ``green_i``, ``swir``).
+_FILE_COLOUR_WORDS = frozenset({"blue", "green", "red", "nir", "rededge", "re"})
+_FILE_COLOUR_PAIRS = frozenset({("red", "edge"), ("near", "infrared")})
+_OTHER_BAND_WORDS = frozenset({"coastal", "aerosol", "deep", "yellow", "swir", "tir", "lwir",
+                               "thermal", "pan", "cirrus", "i", "ii"})
+
+
+def _file_name_band(name: str) -> tuple[str | None, str | None]:
+    """The role a single-band file's name says, and its Sentinel-2 band code if any.
+
+    ``T32TQM_20230101T101010_B04_10m.jp2`` is red (``B04``), ``LC08_..._SR_B5.TIF`` NIR,
+    ``field_transparent_reflectance_red edge.tif`` red edge; ``B4.tif`` (which sensor?),
+    ``coastal_blue.tif`` or a name saying two bands say none.
+    """
+    stem = os.path.splitext(name.replace("\\", "/").rsplit("/", 1)[-1])[0].lower()
+    tokens = [t for t in re.split(r"[_\-.\s]+", stem) if t]
+    landsat89 = bool(_LANDSAT89_PREFIX.match(stem))
+    if landsat89:
+        codes = {t for t in tokens if _LANDSAT_FILE_BAND.fullmatch(t)}
+        table = _LANDSAT89_ROLES
+    elif _OTHER_LANDSAT_PREFIX.match(stem):
+        return None, None  # Landsat 4-7: other band numbers, and no colour words either
+    else:
+        codes = {t for t in tokens if _S2_FILE_BAND.fullmatch(t)}
+        table = _S2_FILE_ROLES
+    words: set[str | None] = set()
+    if not _OTHER_BAND_WORDS.intersection(tokens):
+        i = 0
+        while i < len(tokens):
+            pair = tuple(tokens[i:i + 2])
+            if pair in _FILE_COLOUR_PAIRS:  # "red edge" names red edge, not red
+                words.add(_description_role(" ".join(pair)))
+                i += 2
+                continue
+            if tokens[i] in _FILE_COLOUR_WORDS:
+                words.add(_description_role(tokens[i]))
+            i += 1
+    if len(codes) > 1 or len(words) > 1:
+        return None, None
+    code = next(iter(codes), None)
+    said = {table.get(code)} if code else set()
+    if len(said | words) != 1:  # nothing, or a code and a word that disagree ("B11_red")
+        return None, None
+    role = (said | words).pop()
+    return role, code if code and not landsat89 else None
+
+
+def _vrt_source_names(ds: rasterio.DatasetReader) -> list[str | None] | None:
+    """The file each band of a ``gdalbuildvrt -separate`` stack reads (its band 1).
+
+    ``None`` for a band that reads another band of its file, and ``None`` in all for a raster
+    that is not a VRT, a VRT with a band made of several sources or none (a mosaic) or
+    computed (a derived band), or one that cannot be parsed.
+    """
+    if ds.driver != "VRT" or len(ds.files) > ds.count + 1:  # more files than bands: a mosaic
+        return None
+    try:
+        text = ds.tags(ns="xml:VRT").get("xml:VRT")
+        if not text and os.path.isfile(ds.name):
+            text = Path(ds.name).read_text(encoding="utf-8")
+        root = ElementTree.fromstring(text) if text else None
+    except (RasterioError, OSError, UnicodeDecodeError, ElementTree.ParseError):
+        return None
+    if root is None or root.tag != "VRTDataset" or root.get("subClass"):
+        return None
+    bands = root.findall("VRTRasterBand")
+    if len(bands) != ds.count:
+        return None
+    alpha = set(_alpha_bands(ds))
+    names: list[str | None] = []
+    for i, band in enumerate(bands, start=1):
+        sources = [e for e in band if e.tag.endswith("Source")]
+        if band.get("subClass") or (len(sources) != 1 and i not in alpha):
+            return None
+        src = sources[0] if len(sources) == 1 else None
+        name = src.findtext("SourceFilename") if src is not None else None
+        reads = (src.findtext("SourceBand") or "1").strip() if src is not None else ""
+        names.append(name.strip() if name and name.strip() and reads == "1" else None)
+    return names
+
+
+def _source_name_roles(ds: rasterio.DatasetReader) -> dict[str, int]:
+    """Roles of a VRT stack of single-band files from the files' names ({} for none).
+
+    ``gdalbuildvrt -separate`` copies no band description, so a Sentinel-2 stack of B02, B03,
+    B04, B08 was read as R,G,B,NIR (red = B02). Only B05 of Sentinel-2's red-edge bands is
+    red edge when present (else the first there), B8A is NIR only without B08; two bands
+    named alike, or a band tagged alpha named a colour, leave every name unread.
+    """
+    names = _vrt_source_names(ds)
+    if not names:
+        return {}
+    found = [_file_name_band(n) if n else (None, None) for n in names]
+    codes = {c for _, c in found if c}
+    rededge = min(codes & {"b05", "b06", "b07"}, default=None)
+    alpha = _alpha_bands(ds)
+    roles: dict[str, int] = {}
+    for i, (role, code) in enumerate(found, start=1):
+        if role is None or code in {"b06", "b07"} - {rededge}:
+            continue
+        if code == "b8a" and "b08" in codes:  # the narrow NIR, beside the broad one
+            continue
+        if role in roles or i in alpha:
+            return {}
+        roles[role] = i
+    return roles
+
+
 def _detect_roles(
     ds: rasterio.DatasetReader, sample: Callable[[], np.ndarray]
 ) -> tuple[dict[str, int], str, list[str]]:
-    """Guess band roles from descriptions, colour interpretation, then band count.
+    """Guess band roles from descriptions (or names), colour interpretation, then band count.
+
+    A VRT stack of single-band files without descriptions is named by its files' names.
 
     ``sample`` returns every band at :data:`SAMPLE_SIDE` (see :func:`_describe`).
 
@@ -376,6 +498,15 @@ def _detect_roles(
         if tagged_alpha and "alpha" not in roles and tagged_alpha[0] not in roles.values():
             roles["alpha"] = tagged_alpha[0]
         return roles, "band descriptions", []
+    if not any(ds.descriptions):
+        # A VRT stack of single-band files (gdalbuildvrt -separate) has no descriptions;
+        # the files' names often say the band (Sentinel-2 B04, Landsat 8/9 SR_B4, Pix4D
+        # "..._red edge.tif").
+        roles = _source_name_roles(ds)
+        if len(roles) >= 2:
+            if tagged_alpha:
+                roles["alpha"] = tagged_alpha[0]
+            return roles, "VRT source file names", []
     roles = {}
     for i, ci in enumerate(ds.colorinterp, start=1):
         role = _COLORINTERP_ROLES.get(ci)
@@ -1425,6 +1556,13 @@ def _sampled_read(
     stop = threading.Event()
 
     def work(part: list[int]) -> None:
+        try:
+            read_part(part)
+        except BaseException:
+            stop.set()  # the others stop at once, before the caller sees this one fail
+            raise
+
+    def read_part(part: list[int]) -> None:
         with rasterio.open(path) as ds:
             for r0 in part:
                 sels = [np.nonzero((rows >= r0) & (rows < r0 + strip))[0] for rows, _ in grids]

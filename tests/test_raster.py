@@ -593,3 +593,167 @@ def test_a_failed_sampled_read_stops_the_other_threads(
     with pytest.raises(KeyboardInterrupt):
         raster._sampled_read(str(path), [1, 2, 3], (512, 16))
     assert reads < 20  # of 128 strips
+
+
+def _band_file(path: Path, mean: float) -> Path:
+    """A single-band float32 reflectance GeoTIFF (one band of a ``-separate`` stack)."""
+    rng = np.random.default_rng(len(path.name))
+    with rasterio.open(path, "w", driver="GTiff", width=80, height=60, count=1,
+                       dtype="float32", crs="EPSG:32615",
+                       transform=Affine(0.03, 0, 720000, 0, -0.03, 4300000)) as dst:
+        dst.write((mean + 0.01 * rng.random((1, 60, 80))).astype(np.float32))
+    return path
+
+
+def _separate_vrt(folder: Path, names: list[str], means: list[float] | None = None,
+                  tiles: int = 1, alpha: int | None = None) -> Path:
+    """``gdalbuildvrt -separate stack.vrt NAMES...`` written by hand (gdalbuildvrt may be
+    absent): one source per band, or ``tiles`` side-by-side sources per band (a mosaic)."""
+    means = means or [0.05] * len(names)
+    bands = []
+    for b, (name, mean) in enumerate(zip(names, means, strict=True), start=1):
+        srcs = ""
+        for t in range(tiles):
+            tile = name if tiles == 1 else f"tile{t}_{name}"
+            _band_file(folder / tile, mean)
+            srcs += (f"<SimpleSource><SourceFilename relativeToVRT=\"1\">{tile}</SourceFilename>"
+                     "<SourceBand>1</SourceBand><SrcRect xOff=\"0\" yOff=\"0\" xSize=\"80\" "
+                     f"ySize=\"60\"/><DstRect xOff=\"{80 * t}\" yOff=\"0\" xSize=\"80\" "
+                     "ySize=\"60\"/></SimpleSource>")
+        interp = f"<ColorInterp>{'Alpha' if b == alpha else 'Undefined'}</ColorInterp>"
+        bands.append(f"<VRTRasterBand dataType=\"Float32\" band=\"{b}\">{interp}{srcs}"
+                     "</VRTRasterBand>")
+    vrt = folder / "stack.vrt"
+    vrt.write_text(
+        f"<VRTDataset rasterXSize=\"{80 * tiles}\" rasterYSize=\"60\"><SRS>EPSG:32615</SRS>"
+        "<GeoTransform>720000, 0.03, 0, 4300000, 0, -0.03</GeoTransform>"
+        f"{''.join(bands)}</VRTDataset>")
+    return vrt
+
+
+S2 = "T15TVG_20230704T170901_{}_10m.tif"
+L8 = "LC08_L2SP_027029_20230704_20230712_02_T1_SR_{}.TIF"
+PIX4D = "field_transparent_reflectance_{}.tif"
+
+
+@pytest.mark.parametrize(("names", "roles"), [
+    # Sentinel-2 B02, B03, B04, B08: the R,G,B,NIR order read B02 (blue) as red
+    ([S2.format(b) for b in ("B02", "B03", "B04", "B08")],
+     {"blue": 1, "green": 2, "red": 3, "nir": 4}),
+    # The 10/20 m stack: B05 is the red edge (not B06, B07), B08 the NIR (not B8A)
+    ([S2.format(b) for b in ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11",
+                             "B12")], {"blue": 1, "green": 2, "red": 3, "rededge": 4, "nir": 7}),
+    # without B05 and B08, the first red edge band and B8A
+    ([S2.format(b) for b in ("B8A", "B07", "B06", "B04", "B03", "B02")],
+     {"nir": 1, "rededge": 3, "red": 4, "green": 5, "blue": 6}),
+    # Pix4D reflectance maps: "red edge" is the red edge, not red
+    ([PIX4D.format(c) for c in ("blue", "green", "red", "red edge", "nir")],
+     {"blue": 1, "green": 2, "red": 3, "rededge": 4, "nir": 5}),
+    ([PIX4D.format(c) for c in ("green", "red", "red_edge", "nir")],
+     {"green": 1, "red": 2, "rededge": 3, "nir": 4}),
+    # other bands' names ("coastal_blue", PlanetScope's "green_i") name no role
+    ([PIX4D.format(c) for c in ("coastal_blue", "green_i", "red", "nir")], {"red": 3, "nir": 4}),
+    # Landsat 8/9 Collection 2 surface reflectance, in any order
+    ([L8.format(b) for b in ("B2", "B3", "B4", "B5")],
+     {"blue": 1, "green": 2, "red": 3, "nir": 4}),
+    ([L8.replace("LC08", "LC09").format(b) for b in ("B5", "B4", "B3", "B2", "B6")],
+     {"nir": 1, "red": 2, "green": 3, "blue": 4}),
+])
+def test_separate_vrt_roles_come_from_source_file_names(
+    tmp_path: Path, names: list[str], roles: dict[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``gdalbuildvrt -separate`` copies no band descriptions: the file names say the bands."""
+    vrt = _separate_vrt(tmp_path, names)
+    with caplog.at_level("INFO", logger="agriseg.raster"):
+        survey = open_survey(str(vrt))
+    assert survey.roles.as_dict() == roles
+    assert survey.to_dict()["roles_from"] == "VRT source file names"
+    assert "from VRT source file names" in caplog.text and not survey.warnings
+
+
+@pytest.mark.parametrize("names", [
+    ["B1.tif", "B2.tif", "B3.tif", "B4.tif"],  # which sensor? (Landsat 7's B4 is NIR)
+    [f"LE07_L2SP_027029_20200704_20200730_02_T1_SR_B{b}.TIF" for b in (1, 2, 3, 4)],
+    [f"field_SR_B{b}.tif" for b in (2, 3, 4, 5)],  # Landsat 4-7 write SR_B# too
+    [S2.format("B04"), "other_" + S2.format("B04"), S2.format("B03"), S2.format("B02")],
+    [PIX4D.format(c) for c in ("coastal_blue", "green_i", "red", "swir")],  # one role only
+])
+def test_separate_vrt_with_ambiguous_names_keeps_the_band_order(
+    tmp_path: Path, names: list[str]
+) -> None:
+    survey = open_survey(str(_separate_vrt(tmp_path, names, [0.06, 0.08, 0.03, 0.30])))
+    assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4}
+    assert survey.to_dict()["roles_from"].startswith("band order convention")
+
+
+def test_mosaic_vrt_roles_do_not_come_from_file_names(tmp_path: Path) -> None:
+    """Several sources per band (a mosaic of tiles): their names say nothing of the band."""
+    names = [S2.format(b) for b in ("B02", "B03", "B04", "B08")]
+    vrt = _separate_vrt(tmp_path, names, [0.06, 0.08, 0.03, 0.30], tiles=2)
+    with rasterio.open(vrt) as ds:
+        assert ds.width == 160 and len(ds.files) == 9
+    survey = open_survey(str(vrt))
+    assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4}
+    assert survey.to_dict()["roles_from"].startswith("band order convention")
+    # one file per band, each placed twice (as vrt_mosaic repeats a tile): still a mosaic
+    vrt.write_text(vrt.read_text().replace("tile1_", "tile0_"))
+    with rasterio.open(vrt) as ds:
+        assert len(ds.files) == 5
+    survey = open_survey(str(vrt))
+    assert survey.to_dict()["roles_from"].startswith("band order convention")
+
+
+def test_separate_vrt_alpha_band_and_descriptions(tmp_path: Path) -> None:
+    """A band tagged alpha stays alpha, and one whose file names a colour voids the names;
+    band descriptions, when the VRT has them, come before the file names."""
+    names = [PIX4D.format(c) for c in ("blue", "green", "red", "nir", "mask")]
+    vrt = _separate_vrt(tmp_path, names, alpha=5)
+    assert open_survey(str(vrt)).roles.as_dict() == {
+        "blue": 1, "green": 2, "red": 3, "nir": 4, "alpha": 5}
+    (tmp_path / "named").mkdir()
+    vrt = _separate_vrt(tmp_path / "named", [*names[:4], PIX4D.format("red edge")], alpha=5)
+    assert open_survey(str(vrt)).to_dict()["roles_from"] != "VRT source file names"
+    vrt = _separate_vrt(tmp_path, names[:4])
+    with rasterio.open(vrt, "r+") as ds:
+        for i, d in enumerate(["Red", "Green", "Blue", "NIR"], start=1):
+            ds.set_band_description(i, d)
+    survey = open_survey(str(vrt))
+    assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4}
+    assert survey.to_dict()["roles_from"] == "band descriptions"
+
+
+@pytest.mark.parametrize(("name", "role"), [
+    ("S2B_MSIL2A_20230704T170901_N0509_R112_T15TVG_20230704T212226_B8A_20m.jp2", "nir"),
+    ("/data/GRANULE/IMG_DATA/R10m/T15TVG_20230704T170901_B04_10m.jp2", "red"),
+    ("B04 - red.tif", "red"),
+    ("LC8027029201518LGN00_B4.TIF", "red"),  # pre-collection Landsat 8
+    ("field_red edge.tif", "rededge"),
+    ("field-RE.tif", "rededge"),
+    ("Near Infrared.tif", "nir"),
+    ("B11_red.tif", None),  # a code and a colour that disagree
+    ("B04.tif", "red"),
+    ("B4.tif", None),
+    ("LT05_L2SP_027029_19990704_20200907_02_T1_SR_B3.TIF", None),
+    ("field_red_nir.tif", None),
+    ("coastal_blue.tif", None),
+    ("field_ndvi.tif", None),
+    ("B01.tif", None),
+])
+def test_file_name_band(name: str, role: str | None) -> None:
+    assert raster._file_name_band(name)[0] == role
+
+
+def test_gdalbuildvrt_separate_stack(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("gdalbuildvrt") is None:
+        pytest.skip("gdalbuildvrt not installed")
+    names = [S2.format(b) for b in ("B02", "B03", "B04", "B08")]
+    files = [str(_band_file(tmp_path / n, m)) for n, m in zip(names, [0.03, 0.06, 0.05, 0.3],
+                                                               strict=True)]
+    vrt = tmp_path / "stack.vrt"
+    subprocess.run(["gdalbuildvrt", "-q", "-separate", str(vrt), *files], check=True)
+    survey = open_survey(str(vrt))
+    assert survey.roles.as_dict() == {"blue": 1, "green": 2, "red": 3, "nir": 4}
+    assert survey.to_dict()["roles_from"] == "VRT source file names"

@@ -224,6 +224,7 @@ class TileWriter:
         # first overview level (a file of its own, so the two write at the same time).
         self._threads: dict[tuple[str, bool], ThreadPoolExecutor] = {}
         self._pending: deque[list[Future[None]]] = deque()
+        self._failed = False
         # Pixels per value of the "classes" output, counted as tiles arrive (reading the
         # finished 1 GP mask back to count it took 4.2 s after everything else). Unknown
         # when resuming: tiles of the earlier run were not seen.
@@ -327,25 +328,30 @@ class TileWriter:
             small = halve(arr.astype(spec.dtype, copy=False), spec.nodata, spec.resampling)
         small = small.astype(spec.dtype, copy=False)
         core = tile.core
-        with self._write_errors(name, tile):
+        with self._write_errors(name, tile, half=True):
             self._half[name].write(small, 1, window=Window(
                 core.col_off // 2, core.row_off // 2, small.shape[1], small.shape[0]))
 
     @contextlib.contextmanager
-    def _write_errors(self, name: str, tile: Tile) -> Iterator[None]:
+    def _write_errors(self, name: str, tile: Tile, half: bool = False) -> Iterator[None]:
+        path = overview_file(self.path(name)) if half else self.path(name)
         try:
             yield
         except GDAL_ERRORS as exc:
             raise OutputError(
-                f"{self.path(name)}: writing tile {tile.key} failed ({gdal_reason(exc)}); is "
+                f"{path}: writing tile {tile.key} failed ({gdal_reason(exc)}); is "
                 "the disk full? Free space and rerun the same command to resume"
             ) from exc
 
-    @staticmethod
-    def _wait(futures: list[Future[None]]) -> None:
+    def _wait(self, futures: list[Future[None]]) -> None:
         """Wait for all of ``futures``, then raise the first error among them."""
         wait(futures)
         for fut in futures:
+            if fut.exception() is not None:
+                # Remembered: the caller's error path syncs what it can, and a sync that
+                # found nothing left to wait for recorded the failed tile as written (a
+                # resume then left it empty).
+                self._failed = True
             fut.result()
 
     def _drain(self) -> None:
@@ -355,8 +361,16 @@ class TileWriter:
         self._wait(everything)
 
     def sync(self) -> None:
-        """Flush every file to disk by closing and reopening it."""
+        """Flush every file to disk by closing and reopening it.
+
+        Raises:
+            OutputError: a write failed since the writer was made: the tiles queued since the
+                last sync are not all written, so none may be recorded as done.
+        """
         self.close()
+        if self._failed:
+            raise OutputError("a tile write failed earlier: the tiles since the last "
+                              "checkpoint are written again when the run resumes")
         self._reopen()
 
     def close(self) -> None:

@@ -1387,8 +1387,9 @@ SAMPLE_SIDE = 512
 # Largest full-resolution window one thread of :func:`_sampled_read` holds.
 SAMPLED_READ_BYTES = 64 * 2**20
 # Largest every-band sample at OVERVIEW_SIDE kept from the band check's pass for the overview
-# read (a 2048 px RGBA sample is 16 MB; a 13-band 16-bit stack 109 MB).
-SHARED_SAMPLE_BYTES = 128 * 2**20
+# read: a 2048 px RGBA sample is 16 MB, 5 bands of 16 bits 40 MB. Longer stacks (13 bands of
+# 16 bits: 109 MB, of which the overview reads a few) are read twice instead.
+SHARED_SAMPLE_BYTES = 48 * 2**20
 # One file's sample at a time: (file stamp, shape) -> every band.
 _SHARED_SAMPLE: dict[tuple[object, tuple[int, int]], np.ndarray] = {}
 _OVERVIEWS: dict[tuple[object, ...], tuple[np.ndarray, np.ndarray, float]] = {}
@@ -1447,7 +1448,8 @@ def _read_overview(
             idx = [survey.roles.as_dict()[r] for r in roles]
             alpha = survey.roles.get("alpha")
             if _gdal_decimates_fast(ds, idx[0], shape):
-                raw = ds.read(idx, out_shape=(len(idx), *shape), resampling=Resampling.average)
+                raw = _read_by_type(ds, idx, out_shape=(len(idx), *shape),
+                                    resampling=Resampling.average)
                 valid = _read_valid(ds, survey, None, shape)
             else:
                 extra = [alpha] if survey.mask_source == "alpha" and alpha is not None else []
@@ -1467,6 +1469,26 @@ def _read_overview(
     return data, valid, factor
 
 
+def _read_by_type(ds: rasterio.DatasetReader, indexes: list[int], **kw: Any) -> np.ndarray:
+    """``ds.read(indexes, **kw)``, one data type at a time into the type that holds them all.
+
+    rasterio refuses to read bands of two types at once ("more than one 'dtype' found"): a
+    VRT of uint16 colour bands and a uint8 alpha.
+    """
+    types = [ds.dtypes[i - 1] for i in indexes]
+    if len(set(types)) == 1:
+        return np.asarray(ds.read(indexes, **kw))
+    parts = {t: [k for k, u in enumerate(types) if u == t] for t in dict.fromkeys(types)}
+    shape = kw.pop("out_shape", None)
+    read = {t: ds.read([indexes[k] for k in at], **kw,
+                       **({"out_shape": (len(at), *shape[1:])} if shape else {}))
+            for t, at in parts.items()}
+    out = np.empty((len(indexes), *next(iter(read.values())).shape[1:]), np.result_type(*types))
+    for t, at in parts.items():
+        out[at] = read[t]
+    return out
+
+
 def _decimated_bands(ds: rasterio.DatasetReader, indexes: list[int],
                      shape: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour decimated read of ``indexes`` that decodes each block at most once.
@@ -1477,16 +1499,20 @@ def _decimated_bands(ds: rasterio.DatasetReader, indexes: list[int],
     tile here (2 cores), about 20 s per GP.
     """
     if _gdal_decimates_fast(ds, indexes[0], shape):
-        return np.asarray(ds.read(indexes, out_shape=(len(indexes), *shape),
-                                  resampling=Resampling.nearest))
+        return _read_by_type(ds, indexes, out_shape=(len(indexes), *shape),
+                             resampling=Resampling.nearest)
+    _SHARED_SAMPLE.clear()  # an earlier survey's, never taken
     big = _decimated_shape(ds.height, ds.width, OVERVIEW_SIDE)
     every = list(range(1, ds.count + 1))
     nbytes = ds.count * big[0] * big[1] * np.dtype(ds.dtypes[0]).itemsize
-    if big == shape or nbytes > SHARED_SAMPLE_BYTES or len(set(ds.dtypes)) > 1:
+    stamp = _file_stamp(ds.name)
+    # Not shared: a file read whole by the overview (GDAL reads it directly), samples too
+    # big to hold meanwhile, and paths that cannot be stamped (/vsizip/, /vsicurl/).
+    if (big in (shape, (ds.height, ds.width)) or nbytes > SHARED_SAMPLE_BYTES
+            or stamp is None or len(set(ds.dtypes)) > 1):
         return _sampled_read(ds.name, indexes, shape)
     small, large = _sampled_read(ds.name, every, shape, also=big)
-    _SHARED_SAMPLE.clear()
-    _SHARED_SAMPLE[_file_stamp(ds.name), big] = large
+    _SHARED_SAMPLE[stamp, big] = large
     return small[[i - 1 for i in indexes]]
 
 
@@ -1495,7 +1521,8 @@ def _shared_sample(path: str, indexes: list[int], shape: tuple[int, int]) -> np.
 
     Taken once: the overview read keeps what it needs (:data:`_OVERVIEWS`).
     """
-    every = _SHARED_SAMPLE.pop((_file_stamp(path), shape), None)
+    stamp = _file_stamp(path)
+    every = None if stamp is None else _SHARED_SAMPLE.pop((stamp, shape), None)
     return None if every is None else every[[i - 1 for i in indexes]]
 
 
@@ -1543,7 +1570,7 @@ def _sampled_read(
     with rasterio.open(path) as ds:
         height, width = ds.height, ds.width
         strip, block_w = (max(v, 1) for v in ds.block_shapes[0])
-        dtype = ds.dtypes[indexes[0] - 1]
+        dtype = np.result_type(*(ds.dtypes[i - 1] for i in indexes))
     # Column windows keep each read under the budget however wide the raster is.
     per_col = strip * len(indexes) * np.dtype(dtype).itemsize
     span = max(block_w, (SAMPLED_READ_BYTES // per_col) // block_w * block_w)
@@ -1576,7 +1603,7 @@ def _sampled_read(
                                                                            strict=True)):
                         continue
                     w = min(span, width - c0)
-                    block = ds.read(indexes, window=Window(c0, r0, w, h))
+                    block = _read_by_type(ds, indexes, window=Window(c0, r0, w, h))
                     for out, (rows, cols), sel, csel in zip(outs, grids, sels, csels,
                                                             strict=True):
                         if sel.size and csel.size:

@@ -757,3 +757,63 @@ def test_gdalbuildvrt_separate_stack(tmp_path: Path) -> None:
     survey = open_survey(str(vrt))
     assert survey.roles.as_dict() == {"blue": 1, "green": 2, "red": 3, "nir": 4}
     assert survey.to_dict()["roles_from"] == "VRT source file names"
+
+
+@pytest.mark.parametrize("case", ["small", "zipped"])
+def test_no_sample_is_kept_where_the_overview_read_cannot_use_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    # A raster the overview reads whole, and paths without a file stamp (/vsizip/: every such
+    # path would share one key, and a later survey could take an earlier one's pixels).
+    import zipfile
+
+    rng = np.random.default_rng(7)
+    h, w = 700, 600
+    path = write_rgba(tmp_path / "f.tif", rng.integers(0, 255, (3, h, w)),
+                      rng.random((h, w)) > 0.2, block=64)
+    monkeypatch.setattr(raster, "SAMPLE_SIDE", 100)
+    monkeypatch.setattr(raster, "OVERVIEW_SIDE", 2048 if case == "small" else 300)
+    name = str(path)
+    if case == "zipped":
+        with zipfile.ZipFile(tmp_path / "f.zip", "w") as z:
+            z.write(path, "f.tif")
+        name = f"/vsizip/{tmp_path / 'f.zip'}/f.tif"
+    raster._SHARED_SAMPLE[("stale",), (1, 1)] = np.zeros((4, 1, 1), np.uint8)
+    survey = open_survey(name)
+    assert survey.mask_source == "alpha" and not raster._SHARED_SAMPLE
+
+
+def test_a_vrt_of_two_data_types_is_read_band_type_by_band_type(tmp_path: Path) -> None:
+    # uint16 colour bands beside a uint8 alpha: rasterio reads one data type at a time.
+    rng = np.random.default_rng(8)
+    h, w = 400, 300
+    profile = {"driver": "GTiff", "width": w, "height": h, "crs": "EPSG:32615",
+               "transform": Affine(0.02, 0, 500000.0, 0, -0.02, 4900000.0), "tiled": True,
+               "blockxsize": 64, "blockysize": 64}
+    rgb = rng.integers(1000, 60000, (3, h, w)).astype("uint16")
+    alpha = np.where(rng.random((h, w)) > 0.25, 255, 0).astype("uint8")
+    with rasterio.open(tmp_path / "rgb16.tif", "w", count=3, dtype="uint16", **profile) as d:
+        d.write(rgb)
+    with rasterio.open(tmp_path / "a8.tif", "w", count=1, dtype="uint8", **profile) as d:
+        d.write(alpha, 1)
+
+    def band(n: int, file: str, src: int, dtype: str, interp: str) -> str:
+        return (f'<VRTRasterBand dataType="{dtype}" band="{n}"><ColorInterp>{interp}'
+                f'</ColorInterp><SimpleSource><SourceFilename relativeToVRT="1">{file}'
+                f"</SourceFilename><SourceBand>{src}</SourceBand></SimpleSource>"
+                "</VRTRasterBand>")
+
+    bands = [band(i, "rgb16.tif", i, "UInt16", c) for i, c in
+             ((1, "Red"), (2, "Green"), (3, "Blue"))] + [band(4, "a8.tif", 1, "Byte", "Alpha")]
+    vrt = tmp_path / "mixed.vrt"
+    vrt.write_text(f'<VRTDataset rasterXSize="{w}" rasterYSize="{h}"><SRS>EPSG:32615</SRS>'
+                   "<GeoTransform>500000, 0.02, 0, 4900000, 0, -0.02</GeoTransform>"
+                   f"{''.join(bands)}</VRTDataset>")
+    survey = open_survey(str(vrt))
+    assert survey.mask_source == "alpha"
+    _, valid, _ = read_overview(survey, ("red", "green", "blue"))
+    np.testing.assert_array_equal(valid, alpha > 0)
+    both = raster._sampled_read(str(vrt), [1, 4], (h, w))
+    assert both.dtype == np.uint16
+    np.testing.assert_array_equal(both[0], rgb[0])
+    np.testing.assert_array_equal(both[1], alpha)

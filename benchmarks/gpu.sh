@@ -26,8 +26,11 @@
 #    with and without CUDA graphs (AGRISEG_CUDA_GRAPHS=0 turns them off in the runs); WRAP
 #    prefixes the runs' command (a profiler: WRAP="/tmp/site/bin/py-spy record -r 40 --idle
 #    -f speedscope -o $OUT/spy.json --"). The
-#    host settings the tile threads share are environment variables, e.g. for an A/B in one
-#    call:
+#    host settings the tile threads share are environment variables. To A/B two commits in
+#    one call, put each one's package first on PYTHONPATH (PYTHONPATH=/tmp/site:$PWD/.gpu/base
+#    python3 benchmarks/throughput.py ...): the runs start `python -P -m agriseg`, so the
+#    working tree's package does not shadow it (before 2026-11-28 it did: -m puts the current
+#    folder first). For host settings, e.g. in one call:
 #        for a in 2 16; do MALLOC_ARENA_MAX=$a NO_TESTS=1 LIMIT=481 LAYOUTS=x8 \
 #            bash benchmarks/gpu.sh; done        (GDAL_CACHEMAX=512 likewise)
 set -uo pipefail

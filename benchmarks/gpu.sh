@@ -29,7 +29,7 @@
 #    host settings the tile threads share are environment variables. To A/B two commits in
 #    one call, put each one's package first on PYTHONPATH (PYTHONPATH=/tmp/site:$PWD/.gpu/base
 #    python3 benchmarks/throughput.py ...): the runs start `python -P -m agriseg`, so the
-#    working tree's package does not shadow it (before 2026-11-28 it did: -m puts the current
+#    working tree's package does not shadow it (until 2026-11-27 it did: -m puts the current
 #    folder first). For host settings, e.g. in one call:
 #        for a in 2 16; do MALLOC_ARENA_MAX=$a NO_TESTS=1 LIMIT=481 LAYOUTS=x8 \
 #            bash benchmarks/gpu.sh; done        (GDAL_CACHEMAX=512 likewise)

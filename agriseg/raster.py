@@ -414,12 +414,14 @@ def _file_name_band(name: str) -> tuple[str | None, str | None]:
     return role, code if code and not landsat89 else None
 
 
-def _vrt_source_names(ds: rasterio.DatasetReader) -> list[str | None] | None:
+def _vrt_source_names(ds: rasterio.DatasetReader,
+                      alpha: list[int]) -> list[str | None] | None:
     """The file each band of a ``gdalbuildvrt -separate`` stack reads (its band 1).
 
     ``None`` for a band that reads another band of its file, and ``None`` in all for a raster
     that is not a VRT, a VRT with a band made of several sources or none (a mosaic) or
-    computed (a derived band), or one that cannot be parsed.
+    computed (a derived band), or one that cannot be parsed. ``alpha``: the bands tagged
+    alpha, which may have any sources.
     """
     if ds.driver != "VRT" or len(ds.files) > ds.count + 1:  # more files than bands: a mosaic
         return None
@@ -435,7 +437,6 @@ def _vrt_source_names(ds: rasterio.DatasetReader) -> list[str | None] | None:
     bands = root.findall("VRTRasterBand")
     if len(bands) != ds.count:
         return None
-    alpha = set(_alpha_bands(ds))
     names: list[str | None] = []
     for i, band in enumerate(bands, start=1):
         sources = [e for e in band if e.tag.endswith("Source")]
@@ -448,21 +449,20 @@ def _vrt_source_names(ds: rasterio.DatasetReader) -> list[str | None] | None:
     return names
 
 
-def _source_name_roles(ds: rasterio.DatasetReader) -> dict[str, int]:
+def _source_name_roles(ds: rasterio.DatasetReader, alpha: list[int]) -> dict[str, int]:
     """Roles of a VRT stack of single-band files from the files' names ({} for none).
 
     ``gdalbuildvrt -separate`` copies no band description, so a Sentinel-2 stack of B02, B03,
     B04, B08 was read as R,G,B,NIR (red = B02). Only B05 of Sentinel-2's red-edge bands is
     red edge when present (else the first there), B8A is NIR only without B08; two bands
-    named alike, or a band tagged alpha named a colour, leave every name unread.
+    named alike, or a band tagged alpha (``alpha``) named a colour, leave every name unread.
     """
-    names = _vrt_source_names(ds)
+    names = _vrt_source_names(ds, alpha)
     if not names:
         return {}
     found = [_file_name_band(n) if n else (None, None) for n in names]
     codes = {c for _, c in found if c}
     rededge = min(codes & {"b05", "b06", "b07"}, default=None)
-    alpha = _alpha_bands(ds)
     roles: dict[str, int] = {}
     for i, (role, code) in enumerate(found, start=1):
         if role is None or code in {"b06", "b07"} - {rededge}:
@@ -502,7 +502,7 @@ def _detect_roles(
         # A VRT stack of single-band files (gdalbuildvrt -separate) has no descriptions;
         # the files' names often say the band (Sentinel-2 B04, Landsat 8/9 SR_B4, Pix4D
         # "..._red edge.tif").
-        roles = _source_name_roles(ds)
+        roles = _source_name_roles(ds, tagged_alpha)
         if len(roles) >= 2:
             if tagged_alpha:
                 roles["alpha"] = tagged_alpha[0]
@@ -1231,9 +1231,9 @@ def clear_tile_cache() -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _cache_block_shape(path: str, stamp: tuple[int, int]) -> tuple[int, int]:
-    del stamp  # part of the cache key only: a rewritten file is looked at again
-    with rasterio.open(path) as ds:
+def _cache_block_shape(stamp: tuple[str, int, int]) -> tuple[int, int]:
+    # The whole stamp is the cache key: a rewritten file is looked at again.
+    with rasterio.open(stamp[0]) as ds:
         bh, bw = ds.block_shapes[0]
         return (min(bh * math.ceil(CACHE_BLOCK_SIDE / bh), ds.height),
                 min(bw * math.ceil(CACHE_BLOCK_SIDE / bw), ds.width))
@@ -1262,17 +1262,15 @@ def _read_shared(
             shares with the next swath, which decodes them again rather than the cache
             holding them through the whole swath.
     """
-    try:
-        st = os.stat(survey.path)
-    except OSError:  # a GDAL URI (/vsicurl/...) or a path only GDAL resolves
+    stamp = _file_stamp(survey.path)
+    if stamp is None:  # a GDAL URI (/vsicurl/...) or a path only GDAL resolves
         return None
-    stamp = (st.st_mtime_ns, st.st_size)
-    ch, cw = _cache_block_shape(survey.path, stamp)
+    ch, cw = _cache_block_shape(stamp)
     idx = [survey.roles.as_dict()[r] for r in roles]
     # A cache block holds the bands and a one-byte validity mask per pixel.
     if ch * cw * (len(idx) * np.dtype(survey.dtype).itemsize + 1) > CACHE_BLOCK_MAX_BYTES:
         return None
-    source = (survey.path, stamp, tuple(idx), survey.mask_source)  # + block row and column
+    source = (stamp, tuple(idx), survey.mask_source)  # + block row and column
     r0, c0 = int(window.row_off), int(window.col_off)
     h, w = int(window.height), int(window.width)
     raw = np.empty((len(idx), h, w), survey.dtype)
@@ -1415,11 +1413,9 @@ def read_overview(
         data, valid, factor = _read_overview(survey, roles, max_side)
         return data, valid, factor
     bands = survey.roles.spectral
-    try:
-        stamp = os.stat(survey.path).st_mtime_ns
-    except OSError:
-        stamp = None
-    key = (survey.path, stamp, bands, survey.mask_source, survey.scale, survey.offset)
+    # The path too: every unstamped one (/vsizip/...) has the stamp None.
+    key = (survey.path, _file_stamp(survey.path), bands, survey.mask_source, survey.scale,
+           survey.offset)
     if key not in _OVERVIEWS:
         _OVERVIEWS.clear()  # one survey at a time: bounded memory in long-lived processes
         _OVERVIEWS[key] = _read_overview(survey, bands, OVERVIEW_SIDE)

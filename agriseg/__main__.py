@@ -1,6 +1,6 @@
 """``python -m agriseg`` is the ``agriseg`` command."""
 
-from agriseg.cli import main
+from agriseg.cli import entry_point
 
 if __name__ == "__main__":
-    main()
+    entry_point()

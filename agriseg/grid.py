@@ -9,6 +9,7 @@ the core, so results carry no seams.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,10 @@ from rasterio.windows import Window
 from agriseg.errors import ConfigError
 
 BLOCK_SIZES = (512, 256, 128, 64, 32, 16)
+#: Projection distortion taken at the CRS's word: where the ground scale at a grid's centre is
+#: within this share of the CRS's unit (UTM inside its zone: <= 0.1 %; state planes in theirs),
+#: lengths and areas are the CRS's own, as GIS tools report them in that CRS.
+SCALE_TOLERANCE = 0.01
 SWATH_PX = 8192
 """Width of the column groups of tiles that run one after the other (see :func:`plan_tiles`)."""
 #: CRS of images run without georeferencing (``--gsd``): metres on the image plane, x east
@@ -89,8 +94,57 @@ class Grid:
             lat = math.radians((self.bounds[1] + self.bounds[3]) / 2)
             metres_per_deg = 111_320.0
             return (rx * metres_per_deg * math.cos(lat), ry * metres_per_deg)
-        factor = self.crs.linear_units_factor[1] if self.crs.is_projected else 1.0
-        return (rx * factor, ry * factor)
+        mx, my = self.metres_per_unit
+        return (rx * mx, ry * my)
+
+    @property
+    def metres_per_unit(self) -> tuple[float, float]:
+        """Ground metres per CRS unit along x and y (projected and local CRSs).
+
+        The CRS's linear unit (metre, US survey foot ...), times the projection's scale at the
+        grid's centre where that is more than :data:`SCALE_TOLERANCE` off: Web Mercator
+        (EPSG:3857) stretches distances by 1 / cos(latitude), 1.39x at 44 N, and a state plane
+        or UTM zone far from the survey by tens of per cent; every length and area the run
+        reports (GSD, row spacing, areas, zone sizes) goes through here.
+        """
+        left, bottom, right, top = self.bounds
+        step = 256 * max(self.res_xy)
+        mx, my, unit = _metres_per_unit(self.crs, (left + right) / 2, (bottom + top) / 2, step)
+        if abs(mx / unit - 1) <= SCALE_TOLERANCE and abs(my / unit - 1) <= SCALE_TOLERANCE:
+            return (unit, unit)
+        return (mx, my)
+
+    @property
+    def projection_stretch(self) -> float | None:
+        """How much the CRS stretches ground distances at the grid's centre, if it matters.
+
+        CRS length over ground length (mean of x and y) where that is beyond
+        :data:`SCALE_TOLERANCE`; else None.
+        """
+        if self.crs.is_geographic:
+            return None
+        left, bottom, right, top = self.bounds
+        step = 256 * max(self.res_xy)
+        mx, my, unit = _metres_per_unit(self.crs, (left + right) / 2, (bottom + top) / 2, step)
+        stretch = 2 * unit / (mx + my)
+        return None if abs(stretch - 1) <= SCALE_TOLERANCE else stretch
+
+    def utm_epsg(self) -> int | None:
+        """EPSG code of the WGS 84 UTM zone of the grid's centre (None off the Earth)."""
+        if not on_earth(self.crs):
+            return None
+        from pyproj import Transformer
+
+        left, bottom, right, top = self.bounds
+        try:
+            lon, lat = Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True).transform(
+                (left + right) / 2, (bottom + top) / 2, errcheck=True)
+        except Exception:  # pyproj raises ProjError and others for points off the projection
+            return None
+        if not (math.isfinite(lon) and -90 <= lat <= 90):
+            return None
+        zone = min(int((lon + 180) // 6) + 1, 60)
+        return (32600 if lat >= 0 else 32700) + zone
 
     @property
     def gsd_m(self) -> float:
@@ -125,6 +179,37 @@ class Grid:
             "crs": self.crs.to_string(),
             "gsd_m": round(self.gsd_m, 6),
         }
+
+
+@functools.lru_cache(maxsize=64)
+def _metres_per_unit(crs: CRS, x: float, y: float, step: float) -> tuple[float, float, float]:
+    """Ground metres per CRS unit along x and y at ``(x, y)``, and the CRS's nominal unit.
+
+    Measured, not derived from projection formulas: the geodesic lengths of ``step`` CRS units
+    east and north of the point (any projection PROJ knows, whatever its unit). Local CRSs
+    (and points PROJ cannot take back to the ellipsoid) get the nominal unit both ways.
+    """
+    from pyproj import CRS as ProjCRS
+    from pyproj import Transformer
+
+    proj = ProjCRS.from_wkt(crs.to_wkt())
+    axes = proj.axis_info
+    unit = float(axes[0].unit_conversion_factor) if axes and axes[0].unit_conversion_factor \
+        else 1.0
+    geod = proj.get_geod()
+    if not proj.is_projected or proj.geodetic_crs is None or geod is None:
+        return unit, unit, unit
+    try:
+        to_geo = Transformer.from_crs(proj, proj.geodetic_crs, always_xy=True)
+        lon, lat = to_geo.transform([x, x + step, x], [y, y, y + step], errcheck=True)
+        _, _, dist = geod.inv([lon[0], lon[0]], [lat[0], lat[0]],
+                                         [lon[1], lon[2]], [lat[1], lat[2]])
+    except Exception:  # pyproj raises ProjError and others for points off the projection
+        return unit, unit, unit
+    mx, my = dist[0] / step, dist[1] / step
+    if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
+        return unit, unit, unit
+    return mx, my, unit
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -392,6 +392,28 @@ def _warn_little_vegetation(counts: dict[str, int], schema: ClassSchema,
         ctx.manifest.setdefault("warnings", []).append(text)
 
 
+def _with_projection_note(survey: SurveyRaster) -> SurveyRaster:
+    """The survey with a warning added when its CRS stretches ground distances.
+
+    Lengths and areas are corrected (:attr:`Grid.metres_per_unit`), but with one scale for
+    the whole survey; the user should know, and how to get exact figures.
+    """
+    stretch = survey.grid.projection_stretch
+    if stretch is None:
+        return survey
+    crs = survey.grid.crs
+    name = crs.to_string() if crs.to_epsg() else "its projection"
+    utm = survey.grid.utm_epsg()
+    text = (f"{survey.path}: the CRS ({name}) stretches ground distances {stretch:.2f}x at "
+            "this survey; lengths and areas are corrected with the scale at its centre "
+            "(good to about 0.1 % across a few km)")
+    if utm is not None:
+        text += (f"; for exact metric outputs reproject it to its UTM zone: gdalwarp -t_srs "
+                 f"EPSG:{utm} -r near {survey.path} survey_utm.tif")
+    log.warning("%s", text)
+    return replace(survey, warnings=(*survey.warnings, text))
+
+
 def _clamp_halo(halo: int, grid: Grid, model_most: int | None = None) -> int:
     """``--halo`` no wider than the survey: context beyond it is padding, and costs memory.
 
@@ -559,7 +581,7 @@ def _process(
             loading.result()
         fieldset = None
         if config.gsd is None:
-            survey = open_survey(config.input, config.bands)
+            survey = _with_projection_note(open_survey(config.input, config.bands))
             _refuse_empty(survey)
             fieldset = _read_fields_first(config, survey)
         segmenter = loading.result()

@@ -114,8 +114,8 @@ def areas_m2(geoms_crs: np.ndarray, grid: Grid) -> np.ndarray:
     if grid.crs.is_geographic:
         dense = shapely.segmentize(geoms_crs, 0.01)
         return gpd.GeoSeries(dense, crs=grid.crs).to_crs(EQUAL_AREA).area.to_numpy()
-    factor = grid.crs.linear_units_factor[1] if grid.crs.is_projected else 1.0
-    return shapely.area(geoms_crs) * factor**2
+    mx, my = grid.metres_per_unit
+    return shapely.area(geoms_crs) * mx * my
 
 
 def pixel_to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:

@@ -70,6 +70,32 @@ def test_grid_facts() -> None:
     assert geo.gsd_m == pytest.approx(0.95, rel=0.1)  # ~1.1 m x 0.8 m at 44 N
 
 
+def test_ground_scale_of_stretching_and_foot_crss() -> None:
+    """Web Mercator, a state plane far from its zone and a local CRS in feet give ground
+    metres; UTM inside its zone keeps the CRS's own metres."""
+    utm = Grid((567, 1642), Affine(0.0269, 0, 315760.6, 0, -0.0269, 4900915.7),
+               CRS.from_epsg(32615))
+    assert utm.res_m == (0.0269, 0.0269) and utm.projection_stretch is None
+    assert utm.utm_epsg() == 32615
+    # The same place in EPSG:3857 (44.2 N): 1.39x more CRS metres than ground metres.
+    merc = Grid((615, 1657), Affine(0.0374, 0, -10609630.0, 0, -0.0374, 5498480.0),
+                CRS.from_epsg(3857))
+    assert merc.gsd_m == pytest.approx(0.0269, rel=0.01)
+    assert merc.projection_stretch == pytest.approx(1.39, rel=0.01)
+    assert merc.utm_epsg() == 32615
+    # Florida East (US survey feet) used for data 2,000 km away: feet and distortion both.
+    far = Grid((100, 100), Affine(0.1, 0, 9_000_000, 0, -0.1, 3_000_000), CRS.from_epsg(2236))
+    assert far.projection_stretch is not None
+    near = Grid((100, 100), Affine(0.1, 0, 600_000, 0, -0.1, 800_000), CRS.from_epsg(2236))
+    assert near.res_m == pytest.approx((0.03048, 0.03048), rel=1e-4)
+    feet = CRS.from_wkt('LOCAL_CS["Arbitrary (ft)",LOCAL_DATUM["Local Datum",0],'
+                        'UNIT["US survey foot",0.3048006096],AXIS["Easting",EAST],'
+                        'AXIS["Northing",NORTH]]')
+    local = Grid((100, 100), Affine(0.0882, 0, 0, 0, -0.0882, 50), feet)
+    assert local.gsd_m == pytest.approx(0.02688, rel=1e-3)
+    assert local.projection_stretch is None and local.utm_epsg() is None
+
+
 @given(halo=st.integers(0, 600), multiple=st.integers(1, 1000))
 def test_auto_tile_size_rounds_up_to_the_models_block(halo: int, multiple: int) -> None:
     plain, size = auto_tile_size(halo), auto_tile_size(halo, multiple=multiple)

@@ -11,6 +11,7 @@ import click
 import numpy as np
 import pytest
 import rasterio
+from affine import Affine
 from click.testing import CliRunner
 
 from agriseg.classes import DEFAULT_CLASSES
@@ -634,3 +635,30 @@ def test_user_files_under_output_names_are_not_replaced(rgba_tif: Path, tmp_path
     # a file name in another encoding: named, not a traceback from inside GDAL
     with pytest.raises(click.BadParameter, match="not valid UTF-8"):
         NonEmptyPath().convert(os.fsdecode(b"caf\xe9.tif"), None, None)
+
+
+def test_web_mercator_survey_gets_ground_areas_and_a_warning(tmp_path: Path,
+                                                             scheduler: str) -> None:
+    """The same field in EPSG:3857 and in its UTM zone: the same class areas (3857's metres
+    are 1.39x ground metres at 44 N), and a warning that says how to get exact figures."""
+    from tests.conftest import toy_field, write_rgba
+
+    rgb, valid = toy_field()
+    utm = write_rgba(tmp_path / "utm.tif", rgb, valid,
+                     transform=Affine(0.02, 0, 315760.0, 0, -0.02, 4900915.0))
+    merc = write_rgba(tmp_path / "merc.tif", rgb, valid, crs="EPSG:3857",
+                      transform=Affine(0.02 * 1.3948, 0, -10609630.0, 0, -0.02 * 1.3948,
+                                       5498480.0))
+    areas = []
+    for src in (utm, merc):
+        cfg = build_run_config(input=src, out=tmp_path / src.stem, scheduler=scheduler,
+                               skip=["zones", "fields", "quicklook", "report", "project"],
+                               indices=False)
+        manifest = process_survey(cfg).manifest
+        areas.append(manifest["class_area_m2"])
+    assert not any("stretches" in w for w in json.loads(
+        (tmp_path / "utm" / "run.json").read_text()).get("warnings", []))
+    assert any("stretches ground distances 1.4" in w and "EPSG:32615" in w
+               for w in manifest["warnings"])
+    for name in ("soil", "crop"):
+        assert areas[1][name] == pytest.approx(areas[0][name], rel=0.02)

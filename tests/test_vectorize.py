@@ -127,6 +127,21 @@ def test_area_in_geographic_crs(tmp_path: Path) -> None:
         assert areas_m2(np.array([poly]), _grid_of(ds))[0] == pytest.approx(truth, rel=2e-3)
 
 
+def test_area_in_web_mercator(tmp_path: Path) -> None:
+    """EPSG:3857 metres are 1 / cos(latitude) ground metres: zone and polygon areas are
+    ground areas (as in the UTM zone), not CRS square metres."""
+    t = Affine(0.07, 0, -10609630.0, 0, -0.07, 5498480.0)  # ~5 cm on the ground at 44.2 N
+    cls = np.ones((200, 200), np.uint8)
+    cls[50:150, 50:150] = DISEASE
+    src = write_mask(tmp_path / "merc.tif", cls, transform=t, crs="EPSG:3857")
+    z = vectorize_zones(src, DEFAULT_CLASSES, ZoneParams(min_area_m2=0))
+    poly = z.geometry.iloc[0]
+    truth = gpd.GeoSeries([poly], crs=3857).to_crs("EPSG:32615").area.iloc[0]
+    assert z.iloc[0]["area_m2"] == pytest.approx(truth, rel=5e-3)
+    with rasterio.open(src) as ds:
+        assert areas_m2(np.array([poly]), _grid_of(ds))[0] == pytest.approx(truth, rel=5e-3)
+
+
 def test_no_zones_and_field_ids(tmp_path: Path) -> None:
     cls = np.ones((64, 64), np.uint8)
     src = write_mask(tmp_path / "c.tif", cls)

@@ -240,6 +240,9 @@ def report_step(ctx: SurveyContext) -> None:
     notes += [str(w) for w in ctx.prepared.warnings]
     notes += [str(w) for w in ctx.manifest.get("warnings", [])]
     indices = [n.split("/", 1)[1] for n in ctx.outputs if n.startswith("indices/")]
+    # Seconds of maps and charts (a map per field): said, so a quiet console is not a hang.
+    log.info("report: %d field(s), %d zone(s) ...", len(summary),
+             0 if zones is None else len(zones))
     write_report(work / "report.html", ctx.survey, ctx.survey.roles.as_dict(),
                  work / "classes.tif", ctx.schema, summary, zones, params, indices, notes,
                  has_fields=ctx.config.fields is not None,

@@ -257,14 +257,21 @@ class Checkpoint:
 # --------------------------------------------------------------------------- cluster
 
 
-def _wait_for_file(path: str, timeout: float) -> None:
+def wait_for_scheduler_file(path: str, timeout: float) -> None:
     """Wait up to ``timeout`` s for a scheduler file to appear and name an address.
 
     A job script may start the scheduler beside agriseg; ``Client`` itself waits for a missing
     file forever (a mistyped path hung the run), and fails an assertion on one that holds no
-    address (a file of something else, one still being written).
+    address (a file of something else, one still being written). Run before any work, like
+    :func:`check_scheduler_port`: a mistyped path took the survey's read and the model's
+    preparation, then the wait, to report.
+
+    Raises:
+        ClusterError: no address in the file after ``timeout`` s.
     """
     deadline = time.monotonic() + timeout
+    if _scheduler_address(path) is None:
+        log.info("waiting up to %.0f s for the scheduler file %s", timeout, path)
     while (address := _scheduler_address(path)) is None:
         if time.monotonic() >= deadline:
             what = ("not found" if not os.path.exists(path) else
@@ -349,7 +356,7 @@ def dask_client(
     """
     if scheduler or scheduler_file:
         if scheduler_file and not scheduler:
-            _wait_for_file(scheduler_file, timeout)
+            wait_for_scheduler_file(scheduler_file, timeout)
         client = _connect(scheduler, scheduler_file, timeout)
         address = str(client.scheduler.address)
         where = f"{address} (scheduler file {scheduler_file})" if scheduler_file else address

@@ -45,6 +45,7 @@ from agriseg.predict import (
     dask_client,
     input_identity,
     run_tiles,
+    wait_for_scheduler_file,
     warm_up_workers,
 )
 from agriseg.qgis import write_class_qml, write_ramp_qml
@@ -569,6 +570,8 @@ def _process(
                           "choose a shorter --out")
     if config.scheduler:
         check_scheduler_port(config.scheduler, config.scheduler_timeout)
+    elif config.scheduler_file:
+        wait_for_scheduler_file(str(config.scheduler_file), config.scheduler_timeout)
     # A learned model's check imports PyTorch and builds the model (~5 s on a GPU machine);
     # meanwhile the whole-survey overview that every run reads is read (GDAL releases the GIL).
     loader = ThreadPoolExecutor(1, thread_name_prefix="agriseg-load")

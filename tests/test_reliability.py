@@ -484,6 +484,9 @@ def test_scheduler_file_missing(rgba_tif: Path, tmp_path: Path) -> None:
                      str(missing), "--scheduler-timeout", "1")
     assert code == 2 and "scheduler file not found after 1 s" in out and str(missing) in out
     assert time.monotonic() - t0 < 60
+    # said before anything else is done: no survey read, no output folder
+    assert "waiting up to 1 s for the scheduler file" in out and "px, " not in out
+    assert not (tmp_path / "o").exists()
     # a file that is not a scheduler file (distributed failed an assertion on it)
     for i, text in enumerate(("garbage", "", "[1]", '{"address": 5}')):
         bad = tmp_path / f"s{i}.json"

@@ -13,15 +13,22 @@
 # (see `agriseg evaluate --help`). Only the class mask is written per image (no indices, zones,
 # fields, report). A rerun reuses the images already done with the same options (an
 # interrupted evaluation continues) and reruns those done with others. Scores:
-# OUT_DIR/scores.txt.
+# OUT_DIR/scores.txt. `agriseg` comes from PATH (activate its venv: . .venv/bin/activate)
+# or from $AGRISEG (e.g. AGRISEG=.venv/bin/agriseg).
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
 images=$1 labels=$2 out=$3
+[ "$out" = / ] || out=${out%/}
 shift 3
 # Absolute, so that the options a run is recorded with (run.args, below) do not depend on how
 # the folder was written (./imgs and imgs are one folder).
 images=$(cd -- "$images" && pwd) || { echo "$images: no such folder of images" >&2; exit 2; }
 agriseg=${AGRISEG:-agriseg}
+command -v "$agriseg" >/dev/null || {
+  echo "$agriseg: command not found; activate agriseg's venv (. .venv/bin/activate) or set" \
+    "AGRISEG=/path/to/.venv/bin/agriseg" >&2
+  exit 2
+}
 # Globs that match nothing expand to nothing, not to themselves.
 shopt -s nullglob
 

@@ -44,7 +44,8 @@ def main() -> None:
         walltime="08:00:00",
         job_extra_directives=["--gres=gpu:1"],
         job_script_prologue=[f"export {k}={v}" for k, v in WORKER_MALLOC_ENV.items()],
-        worker_extra_args=["--resources", "GPU=8", "--nthreads", "8"],
+        # cores=8 with processes=1 already gives each worker 8 threads (--nthreads 8).
+        worker_extra_args=["--resources", "GPU=8"],
     )
     cluster.scale(jobs=a.jobs)
     with Client(cluster) as client:

@@ -14,7 +14,8 @@ from agriseg.cli import NonEmptyPath
 @click.option("--onnx", "as_onnx", is_flag=True, required=True,
               help="Write an ONNX model (input: normalised pixels N,C,H,W; output: probabilities).")
 @click.option("--out", "-o", type=NonEmptyPath(dir_okay=False, path_type=Path),
-              help="ONNX file to write [beside the bundle, where `agriseg run` caches it].")
+              help="ONNX file to write [where `agriseg run` caches it: BUNDLE-<digest>.onnx beside "
+                   "the bundle, or ~/.cache/agriseg/onnx/ for shipped bundles].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
 def export(bundle: str, as_onnx: bool, out: Path | None, overwrite: bool) -> None:
     """Export BUNDLE to ONNX and verify it against the PyTorch outputs.

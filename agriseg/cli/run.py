@@ -63,7 +63,8 @@ from agriseg.grid import TilePlan
 @click.option("--scheduler-file", type=click.Path(dir_okay=False, path_type=Path),
               help="Scheduler file of an existing Dask cluster.")
 @click.option("--scheduler-timeout", type=float,
-              help="Seconds to wait for --scheduler before giving up [10].")
+              help="Seconds to wait for --scheduler, or for --scheduler-file to appear, "
+                   "before giving up [10].")
 @click.option("--checkpoint-seconds", type=float,
               help="How often finished tiles are flushed and recorded for resume [15].")
 @click.option("--no-indices", is_flag=True, default=None, help="Skip vegetation index rasters.")
@@ -93,10 +94,10 @@ def run(ctx: click.Context, config_file: Path | None, progress: bool | None, qui
 
     INPUT is any GDAL-readable georeferenced raster: RGB, RGBA (alpha = nodata) or
     multispectral (NIR / red edge), uint8, uint16 or float; an image without a CRS runs with
-    --gsd. Outputs in --out: classes.tif
-    (COG + .qml), confidence.tif, indices/*.tif, probability/*.tif with --probabilities and
-    run.json; with the full pipeline also
-    zones.gpkg, fields.gpkg/.csv, report.html and project.qgs.
+    --gsd. Outputs in --out: classes.tif (COG + .qml), confidence.tif, indices/*.tif,
+    probability/*.tif with --probabilities and run.json; with the full pipeline also
+    quicklook.png, zones.gpkg and zone_ids.tif (when there are at-risk zones),
+    fields.gpkg/.csv, report.html and project.qgs.
 
     An interrupted run resumes when the same command is run again.
     """

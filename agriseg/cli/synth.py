@@ -51,7 +51,9 @@ def synth(out: Path, truth: Path, size: int, seed: int, gsd: float, nir: bool,
     fractions = field.info["class_fractions"]
     assert isinstance(fractions, dict)
     shares = ", ".join(f"{k} {v:.1%}" for k, v in fractions.items())
+    # As `agriseg run` reports rows: counter-clockwise from east, within -90..90 degrees.
+    angle = (float(field.info["row_angle_deg"]) + 90.0) % 180.0 - 90.0  # type: ignore[arg-type]
     click.echo(
-        f"wrote {out} and {truth}: rows at {field.info['row_angle_deg']:.1f} deg, "
+        f"wrote {out} and {truth}: rows at {angle:.1f} deg, "
         f"{field.info['row_spacing_m']:.2f} m apart; {shares}"
     )

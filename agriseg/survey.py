@@ -393,21 +393,37 @@ def _warn_little_vegetation(counts: dict[str, int], schema: ClassSchema,
         ctx.manifest.setdefault("warnings", []).append(text)
 
 
+#: Ground pixel aspect beyond which a survey is warned about (a geographic CRS away from the
+#: equator, or an anisotropic resampling).
+NON_SQUARE_PIXELS = 1.1
+
+
 def _with_projection_note(survey: SurveyRaster) -> SurveyRaster:
-    """The survey with a warning added when its CRS stretches ground distances.
+    """The survey, warned about a CRS that stretches distances or far from square pixels.
 
     Lengths and areas are corrected (:attr:`Grid.metres_per_unit`), but with one scale for
     the whole survey; the user should know, and how to get exact figures.
     """
-    stretch = survey.grid.projection_stretch
-    if stretch is None:
+    grid = survey.grid
+    stretch = grid.projection_stretch
+    rx, ry = grid.res_m
+    squash = max(rx, ry) / min(rx, ry)
+    utm = grid.utm_epsg()
+    if stretch is not None:
+        crs = grid.crs
+        name = crs.to_string() if crs.to_epsg() else "its projection"
+        text = (f"{survey.path}: the CRS ({name}) stretches ground distances {stretch:.2f}x "
+                "at this survey; lengths and areas are corrected with the scale at its centre "
+                "(good to about 0.1 % across a few km)")
+    elif squash > NON_SQUARE_PIXELS:
+        # Degrees of longitude shrink with latitude: 1e-6 x 1e-6 deg is 0.07 x 0.11 m at 44 N.
+        # Areas are right (row by row on the ellipsoid), but images look squashed to the
+        # models, and crop-row directions and spacings are measured in square pixels.
+        text = (f"{survey.path}: its pixels are {rx:.3g} x {ry:.3g} m on the ground (x by y), "
+                f"{squash:.2f}x longer one way; areas are exact, but the models see the field "
+                "squashed and crop-row spacing and direction come out distorted")
+    else:
         return survey
-    crs = survey.grid.crs
-    name = crs.to_string() if crs.to_epsg() else "its projection"
-    utm = survey.grid.utm_epsg()
-    text = (f"{survey.path}: the CRS ({name}) stretches ground distances {stretch:.2f}x at "
-            "this survey; lengths and areas are corrected with the scale at its centre "
-            "(good to about 0.1 % across a few km)")
     if utm is not None:
         text += (f"; for exact metric outputs reproject it to its UTM zone: gdalwarp -t_srs "
                  f"EPSG:{utm} -r near {survey.path} survey_utm.tif")

@@ -662,3 +662,19 @@ def test_web_mercator_survey_gets_ground_areas_and_a_warning(tmp_path: Path,
                for w in manifest["warnings"])
     for name in ("soil", "crop"):
         assert areas[1][name] == pytest.approx(areas[0][name], rel=0.02)
+
+
+def test_geographic_survey_with_squashed_pixels_is_warned(tmp_path: Path,
+                                                          scheduler: str) -> None:
+    """Square pixels in degrees are 1.39x taller than wide at 44 N: areas are exact, the
+    models see a squashed field; said, with the UTM zone to warp to."""
+    from tests.conftest import toy_field, write_rgba
+
+    rgb, valid = toy_field()
+    src = write_rgba(tmp_path / "geo.tif", rgb, valid, crs="EPSG:4326",
+                     transform=Affine(2.5e-7, 0, -95.3, 0, -2.5e-7, 44.2))
+    cfg = build_run_config(input=src, out=tmp_path / "o", scheduler=scheduler,
+                           skip=["zones", "fields", "quicklook", "report", "project"],
+                           indices=False)
+    manifest = process_survey(cfg).manifest
+    assert any("1.39x longer one way" in w and "EPSG:32615" in w for w in manifest["warnings"])

@@ -143,6 +143,38 @@ _ID_NAMES = {n: i for i, n in enumerate((
 ))}
 
 
+def _why_no_ids(df: pd.DataFrame) -> str:
+    """Why the id-like columns (or, without any, the first three) cannot name the fields.
+
+    "no column with unique values" beside a ``field_id`` column left the user to find its
+    duplicates.
+    """
+    cols = [c for c in df.columns if c != df.geometry.name]
+    named = [c for c in cols if str(c).lower() in _ID_NAMES] or cols[:3]
+    return "; ".join(_why_not_ids(str(c), df[c]) for c in named)
+
+
+def _why_not_ids(name: str, s: pd.Series) -> str:
+    """Why the column ``name`` (values ``s``) is not usable as ids (see :func:`_usable_ids`)."""
+    if s.isna().any() or _blank(s).any():
+        return f"column {name!r} has empty values"
+    counts = s.value_counts()
+    if counts.iloc[0] > 1:
+        return (f"column {name!r} has duplicate values (e.g. {_printable(str(counts.index[0]))!r}"
+                f" x{counts.iloc[0]})")
+    return f"column {name!r} holds fractional numbers"
+
+
+def _layer_count(path: str) -> int:
+    """Number of layers of ``path`` (0 when it cannot be listed)."""
+    import pyogrio
+
+    try:
+        return len(pyogrio.list_layers(path))
+    except Exception:  # pyogrio raises DataSourceError and friends
+        return 0
+
+
 def _blank(s: pd.Series) -> pd.Series:
     """Text values a table reads back as missing ("", "NA", "nan", "None")."""
     if s.dtype.kind in "biufcmM":
@@ -164,6 +196,64 @@ def _id_text(ids: pd.Series) -> pd.Series:
     return ids.astype(str)
 
 
+def _raster_summary(path: str) -> str | None:
+    """What a raster ``path`` is ("GTiff, 20x20 px, 4 band(s)"), or None for no raster.
+
+    A GeoTIFF given to --fields was "not recognized as being in a supported file format",
+    as if it were corrupt.
+    """
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning, RasterioError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as ds:
+                return f"{ds.driver}, {ds.width}x{ds.height} px, {ds.count} band(s)"
+    except (RasterioError, OSError):
+        return None
+
+
+def _layer_file(path: str, layer: str) -> str | None:
+    """The file of ``layer`` in a folder of vector files (a folder of Shapefiles), else None."""
+    if not os.path.isdir(path):
+        return None
+    found = sorted(Path(path).glob(f"{layer}.*"))
+    vector = [f for f in found if f.suffix.lower() in _VECTOR_SUFFIXES]
+    return os.fspath(vector[0]) if vector else None
+
+
+#: Suffixes of the vector files GDAL reads from a folder as layers.
+_VECTOR_SUFFIXES = (".shp", ".gpkg", ".geojson", ".json", ".kml", ".gml", ".tab", ".mif")
+
+
+def _no_crs_error(path: str, layer: str, several: bool, raster_crs: str) -> VectorError:
+    """The error for fields without a CRS, naming the layer and its file where there are several.
+
+    A folder of Shapefiles with one layer lacking its .prj named the folder, and the ogr2ogr
+    example converted the folder's first layer.
+
+    Args:
+        path: the --fields path.
+        layer: the layer read.
+        several: whether ``path`` holds several layers (or is a folder of files).
+        raster_crs: the raster's CRS, the likely one of coordinates in metres.
+    """
+    file = _layer_file(path, layer) if several else None
+    if not several:
+        where, source = path + ":", path
+    else:
+        where = f"{path}: layer {layer!r}" + (f" ({file})" if file else "")
+        source = file if file else f"{path} {layer}"
+    return VectorError(
+        f"{where} has no CRS, so fields cannot be placed on the raster; set it, e.g. "
+        f"ogr2ogr -a_srs EPSG:4326 fixed.gpkg {source} (EPSG:4326 for longitude and "
+        f"latitude, the raster's {raster_crs} for its coordinates), then give --fields "
+        "fixed.gpkg"
+    )
+
+
 def _pick_layer(path: str, layer: str | None) -> str:
     """The layer of ``path`` to read: ``layer``, else its only or first polygon layer.
 
@@ -175,6 +265,13 @@ def _pick_layer(path: str, layer: str | None) -> str:
     try:
         layers = [(str(name), str(kind or "")) for name, kind in pyogrio.list_layers(path)]
     except Exception as exc:  # pyogrio raises DataSourceError and friends
+        raster = _raster_summary(path)
+        if raster:
+            raise VectorError(
+                f"{path}: is a raster ({raster}), not a vector file; --fields wants the field "
+                "polygons (GeoPackage, GeoJSON, Shapefile), e.g. drawn in QGIS or exported "
+                "from farm software"
+            ) from exc
         raise VectorError(
             f"{path}: not a readable vector file ({exc}); give a GeoPackage, Shapefile or "
             "GeoJSON"
@@ -238,10 +335,9 @@ def read_fields(
     if df.empty:
         raise VectorError(f"{p}: holds no features; give a file with field polygons")
     if df.crs is None:
-        raise VectorError(
-            f"{p}: has no CRS, so fields cannot be placed on the raster; set it, e.g. "
-            "ogr2ogr -a_srs EPSG:4326 fixed.gpkg " + p
-        )
+        epsg = grid.crs.to_epsg()
+        raster_crs = f"EPSG:{epsg}" if epsg else pyproj.CRS.from_wkt(grid.crs.to_wkt()).name
+        raise _no_crs_error(p, chosen, os.path.isdir(p) or _layer_count(p) > 1, raster_crs)
     col = _pick_id_column(df, field_id, p)
     if col is not None and field_id is None:
         log.info("%s: fields named by column %r (--field-id to choose another)", p, col)
@@ -249,7 +345,9 @@ def read_fields(
         [str(i) for i in range(1, len(df) + 1)], index=df.index)
     notes: list[str] = []
     if col is None:
-        notes.append(f"{p}: no column with unique values; fields are numbered 1..{len(df)}")
+        why = _why_no_ids(df)
+        notes.append(f"{p}: no column with unique values{f' ({why})' if why else ''}; fields "
+                     f"are numbered 1..{len(df)}")
     same_crs = df.crs == grid.crs
     if not same_crs and not (on_earth(df.crs) and on_earth(grid.crs)):
         # No transformation joins a local CRS (an image run with --gsd) to a map CRS.

@@ -307,7 +307,11 @@ def _image_qml(survey: SurveyRaster) -> str:
             stretch = (lo, hi)
         else:
             stretch = ((lo - survey.offset) / survey.scale, (hi - survey.offset) / survey.scale)
-    fill = {"black": 0.0, "fill": survey.nodata}.get(survey.mask_source)
+    import numpy as np
+
+    dtype = np.dtype(survey.dtype)
+    white = float(np.iinfo(dtype).max) if dtype.kind in "ui" else None
+    fill = {"black": 0.0, "white": white, "fill": survey.nodata}.get(survey.mask_source)
     r, g, b = (roles[n] for n in names)
     return rgb_qml(r, g, b, roles.get("alpha", -1), stretch, fill)
 

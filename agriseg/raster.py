@@ -157,9 +157,10 @@ class SurveyRaster:
             0..1 values.
         mask_source: how validity is decided: ``alpha`` (band ``roles.alpha``), ``gdal``
             (GDAL's mask: nodata or per-dataset mask), ``black`` (pixels 0 in every band
-            read: an orthomosaic's undeclared fill), ``fill`` (an undeclared large negative
-            fill such as -10000 in every band, kept in ``nodata``) or ``none`` (every pixel
-            valid).
+            read: an orthomosaic's undeclared fill), ``white`` (pixels at the type's maximum,
+            255 for uint8, in every band read: the undeclared white fill of Metashape and JPEG
+            exports), ``fill`` (an undeclared large negative fill such as -10000 in every
+            band, kept in ``nodata``) or ``none`` (every pixel valid).
         roles_from: how the roles were found (``--bands``, band descriptions, colour
             interpretation or the band order convention, with any physics checks).
         offset: added after ``scale`` (Sentinel-2 L2A since processing baseline 04.00:
@@ -338,17 +339,46 @@ _LAYOUT_HINTS = {
 }
 
 
-def _unused_bands(ds: rasterio.DatasetReader, roles: dict[str, int]) -> list[str]:
-    """A warning naming the data bands that guessed ``roles`` leave unused (none: [])."""
+def _unused_bands(ds: rasterio.DatasetReader, roles: dict[str, int], *,
+                  tagged: bool = False) -> list[str]:
+    """A warning naming the data bands that ``roles`` leave unused (none: []).
+
+    Args:
+        ds: the raster.
+        roles: the roles found.
+        tagged: every role came from the bands' colour interpretation, none was guessed.
+    """
     alpha = _alpha_bands(ds)
     unused = [i for i in range(1, ds.count + 1) if i not in roles.values() and i not in alpha]
     if not unused:
         return []
+    listed = f"{', '.join(map(str, unused[:8]))}{' ...' if len(unused) > 8 else ''}"
+    which = f"band {listed} is" if len(unused) == 1 else f"bands {listed} are"
+    pairs = ", ".join(f"{r}={i}" for r, i in roles.items())
+    if tagged:
+        return [_untagged_spare_note(roles, unused, which, pairs)]
     # A two-date stack read as R,G,B,NIR ran on its first date alone, silently.
     n = ds.count - len(alpha)
-    return [f"band roles guessed for {n} bands ({', '.join(f'{r}={i}' for r, i in roles.items())}"
-            f"): bands {', '.join(map(str, unused[:8]))}{' ...' if len(unused) > 8 else ''} "
-            f"are not used; if that is not the layout, name the bands, e.g. {_layout_hint(n)}"]
+    return [f"band roles guessed for {n} bands ({pairs}): {which} not used; if that is not "
+            f"the layout, name the bands, e.g. {_layout_hint(n)}"]
+
+
+def _untagged_spare_note(roles: dict[str, int], unused: list[int], which: str,
+                         pairs: str) -> str:
+    """The warning for bands left untagged beside tagged ones (R,G,B,Undefined,Alpha).
+
+    The roles were read from the tags, not guessed, and the untagged bands are most likely
+    NIR or red edge: the example keeps the tagged roles and names the spare bands, where the
+    untagged layouts' hint (PlanetScope, Sequoia) dropped the alpha band and the tags.
+    """
+    free = [r for r in ("nir", "rededge") if r not in roles]
+    named = {**roles, **dict(zip(free, unused, strict=False))}
+    example = ",".join(f"{r}={i}" for r, i in sorted(named.items(), key=lambda kv: kv[1]))
+    one = len(unused) == 1
+    return (f"band roles from colour interpretation ({pairs}): {which} not used (tagged "
+            f"neither red, green, blue nor alpha); if {'it is' if one else 'they are'} NIR or "
+            f"red edge, name all the bands, e.g. --bands {example}"
+            + ("" if len(unused) <= len(free) else " (with the bands that hold them)"))
 
 
 def _layout_hint(n: int) -> str:
@@ -514,6 +544,7 @@ def _detect_roles(
             roles[role] = i
     if roles.keys() >= {"red", "green", "blue"}:
         how = "colour interpretation"
+        from_tags = dict(roles)
         if ds.count >= 4 + ("alpha" in roles) and "nir" not in roles:
             # RGBN products (NAIP) tag band 4 as undefined; take the next spare band as NIR.
             spare = [i for i in range(1, ds.count + 1) if i not in roles.values()]
@@ -523,7 +554,7 @@ def _detect_roles(
             roles, notes = _reflectance_order(ds, roles, sample)
             if notes:
                 how += ", " + "; ".join(notes) + " (override with --bands)"
-        return roles, how, _unused_bands(ds, roles)
+        return roles, how, _unused_bands(ds, roles, tagged=roles == from_tags)
     order = [i for i in range(1, ds.count + 1) if i not in tagged_alpha]
     n = len(order)
     if n >= 3:
@@ -678,11 +709,17 @@ def _valid_values(
     """Raw values ``(C, N)`` (float64) of ``bands`` at the sample's valid pixels.
 
     Valid: alpha above 0, or no band at the declared nodata; every band finite; and not an
-    undeclared fill: black in every band, or a large negative value (-10000) in every band.
+    undeclared fill: black in every band, the integer type's maximum in every band (white),
+    or a large negative value (-10000) in every band.
     """
     every = sample()
     data = every[[b - 1 for b in bands]].astype(np.float64)
     valid = np.isfinite(data).all(axis=0)
+    dtype = np.dtype(ds.dtypes[bands[0] - 1])
+    if dtype.kind in "ui":
+        # A white fill (65535 in every band of a uint16 export) would set the 99th
+        # percentile, and so the scale.
+        valid &= ~(data == np.iinfo(dtype).max).all(axis=0)
     if alpha:
         valid &= every[alpha - 1] > 0
     elif ds.nodata is not None:
@@ -909,6 +946,7 @@ def _describe(
             f"{p}: complex data type {dtype} is not imagery; convert to uint8, uint16 or "
             "float32 (gdal_translate -ot Float32)"
         )
+    _refuse_gcps_only(ds, p)
     if ds.crs is None:
         raise RasterError(
             f"{p}: raster has no CRS, so outputs could not be placed on a map; assign one, "
@@ -980,6 +1018,8 @@ def _describe(
     spectral = [i for r, i in mapping.items() if r != "alpha"]
     # The fill checks below share one copy of the spectral bands of the sample.
     spectral_sample = functools.cache(lambda: sample()[[i - 1 for i in spectral]])
+    if not spectral:
+        _refuse_palette(ds, p, sample)
     if not spectral and ds.count < 3:
         # Often a derived product (an NDVI, a DEM, a class map) given instead of the image.
         named = [f"band {i} {what}" for i, d in enumerate(ds.descriptions, start=1)
@@ -1001,22 +1041,8 @@ def _describe(
     if np.dtype(ds.dtypes[spectral[0] - 1]).kind not in "uif":
         raise RasterError(f"{p}: unsupported data type {ds.dtypes[spectral[0] - 1]}")
     if mask_source == "none" and len(spectral) >= 2:  # red + NIR stacks too
-        share = _black_fill_share(spectral_sample())
-        if share is not None:
-            mask_source = "black"
-            log.info(
-                "%s: declares no nodata, but %.1f %% of it is pure black (every band 0) "
-                "along its edges: taken as nodata (set a nodata value or an alpha band to "
-                "say otherwise)", p, 100 * share,
-            )
-            if str(getattr(ds.compression, "value", ds.compression)).upper().startswith("JPEG"):
-                # Lossy blocks smear the fill's edge into values of a few units that are not
-                # black: a rim of "pixels" around the footprint gets classes.
-                log.warning(
-                    "%s: is JPEG-compressed, which leaves near-black pixels along the black "
-                    "fill's edge; they are classified. To mask them, add an alpha band first: "
-                    "nearblack -setalpha -near 25 -of GTiff -o masked.tif %s", p, p,
-                )
+        mask_source, fill_notes = _undeclared_edge_fill(ds, p, spectral_sample())
+        notes += fill_notes
     nodata = ds.nodata
     if mask_source == "gdal" and alpha is None and nodata is not None and np.isfinite(nodata):
         # A declared nodata that no pixel holds while the edges hold another fill (declared
@@ -1057,6 +1083,45 @@ def _describe(
                         how, offset, tuple(notes))
 
 
+def _undeclared_edge_fill(
+    ds: rasterio.DatasetReader, p: str, values: np.ndarray
+) -> tuple[str, list[str]]:
+    """The mask source for an undeclared black or white fill along the edges, and warnings.
+
+    Args:
+        ds: the raster, which declares neither nodata nor alpha.
+        p: its path, for messages.
+        values: decimated spectral bands ``(C, H, W)``.
+
+    Returns:
+        ``"black"``, ``"white"`` or ``"none"``, and the warnings for run.json and the report.
+    """
+    share = _black_fill_share(values)
+    if share is not None:
+        log.info(
+            "%s: declares no nodata, but %.1f %% of it is pure black (every band 0) "
+            "along its edges: taken as nodata (set a nodata value or an alpha band to "
+            "say otherwise)", p, 100 * share,
+        )
+        if not _is_jpeg(ds):
+            return "black", []
+        # Lossy blocks smear the fill's edge into values of a few units that are not
+        # black: a rim of "pixels" around the footprint gets classes.
+        return "black", [
+            "is JPEG-compressed, which leaves near-black pixels along the black fill's "
+            "edge; they are classified. To mask them, add an alpha band first: "
+            f"nearblack -setalpha -near 25 -of GTiff -o masked.tif {p}"
+        ]
+    dtype = np.dtype(ds.dtypes[0])  # the survey's dtype, which the reads mask with
+    if dtype.kind not in "ui":
+        return "none", []
+    top = int(np.iinfo(dtype).max)
+    share = _white_fill_share(values, top)
+    if share is None:
+        return "none", []
+    return "white", [_white_fill_note(ds, p, share, top)]
+
+
 def _black_fill_share(bands: np.ndarray) -> float | None:
     """Share of pure-black pixels when they look like an orthomosaic's fill, else ``None``.
 
@@ -1069,6 +1134,128 @@ def _black_fill_share(bands: np.ndarray) -> float | None:
         bands: decimated spectral bands ``(C, H, W)``.
     """
     return _edge_fill_share(np.asarray(~bands.any(axis=0)))
+
+
+#: Most pixels at the type's maximum in every band that the data inside a white fill may hold,
+#: as a share of the pixels outside the fill. The unaltered samples hold under 0.05 %, a
+#: white-filled Maricopa or Lamberton mosaic 0.01-0.2 %; overexposed (x2) mosaics 2.5-74 %,
+#: where a white border cannot be told from clipped soil running off the edge.
+WHITE_INSIDE_SHARE = 0.01
+
+
+def _white_fill_share(bands: np.ndarray, top: int) -> float | None:
+    """Share of an undeclared white fill (every band at ``top``) along the edges, else None.
+
+    Metashape and JPEG exports without alpha or nodata may fill the area outside the flight
+    with white, which was read as bright soil. Overexposure clips soil to the same white, so
+    only white that runs straight in from the raster's edges counts as fill (rows and
+    columns of it, as a fill around the footprint is), on the evidence of black fill (see
+    :func:`_black_fill_share`), and only where the data inside holds hardly any such pixel
+    (:data:`WHITE_INSIDE_SHARE`): an overexposed survey gets no fill warning.
+
+    Args:
+        bands: decimated spectral bands ``(C, H, W)`` of an integer type.
+        top: the type's maximum (255 for uint8).
+    """
+    white = np.asarray((bands == top).all(axis=0))
+    runs = _edge_runs(white)
+    share = _edge_fill_share(runs)
+    inside = int((~runs).sum())
+    if share is None or not inside or (white & ~runs).sum() > WHITE_INSIDE_SHARE * inside:
+        return None
+    return share
+
+
+def _edge_runs(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` reached from an edge along their row or column through ``mask``."""
+    runs = np.zeros_like(mask)
+    for axis in (0, 1):
+        runs |= np.logical_and.accumulate(mask, axis=axis)
+        runs |= np.flip(np.logical_and.accumulate(np.flip(mask, axis), axis=axis), axis)
+    return runs
+
+
+def _white_fill_note(ds: rasterio.DatasetReader, p: str, share: float, top: int) -> str:
+    """The warning for an undeclared white fill, with the command that declares it."""
+    fix = f"declare it so that every program sees it: gdal_edit.py -a_nodata {top} {p}"
+    if _is_jpeg(ds):
+        # JPEG blurs the fill's edge into near-white values that no nodata value matches.
+        fix = ("it is JPEG-compressed, so near-white pixels along the fill's edge are still "
+               "classified: to mask them too, add an alpha band: nearblack -white -setalpha "
+               f"-near 25 -of GTiff -o masked.tif {p} (or {fix})")
+    return (f"declares no nodata, but {share:.1%} of it is pure white (every band {top}, the "
+            "type's maximum) along its edges, as the fill outside the survey of exports "
+            "without alpha is: taken as nodata (an alpha band or a declared nodata value says "
+            f"otherwise); {fix}")
+
+
+def _is_jpeg(ds: rasterio.DatasetReader) -> bool:
+    """True for a JPEG file or a JPEG-compressed GeoTIFF (lossy: fills get blurred edges)."""
+    compression = str(getattr(ds.compression, "value", ds.compression) or "")
+    return ds.driver == "JPEG" or compression.upper().startswith("JPEG")
+
+
+def _refuse_gcps_only(ds: rasterio.DatasetReader, p: str) -> None:
+    """Raise for a raster georeferenced by ground control points only.
+
+    GDAL keeps the GCPs' CRS apart from the dataset's, and there is no geotransform: the
+    "no CRS" error's advice (gdal_edit.py -a_srs) changed nothing, and the error came back.
+
+    Raises:
+        RasterError: with the gdalwarp command that puts the raster on a grid.
+    """
+    if not ds.transform.is_identity:
+        return
+    gcps, crs = ds.gcps
+    if not gcps:
+        return
+    code = crs.to_epsg() if crs is not None else None
+    if code is not None:
+        where, warp = f"in EPSG:{code}", f"gdalwarp -r near -t_srs EPSG:{code} {p} warped.tif"
+    elif crs is not None:  # a CRS without an EPSG code: gdalwarp warps into the GCPs' CRS
+        where, warp = f"in {crs.to_string()}", f"gdalwarp -r near {p} warped.tif"
+    else:
+        where = "without a CRS"
+        warp = (f"gdalwarp -r near -s_srs EPSG:CODE -t_srs EPSG:CODE {p} warped.tif, with "
+                "CODE the CRS the GCPs' coordinates are in")
+    raise RasterError(
+        f"{p}: is georeferenced by {len(gcps)} ground control points (GCPs, {where}) only, "
+        "without a geotransform, so its pixels are not on a map grid and assigning a CRS "
+        f"does not help; warp it onto a grid first, e.g. {warp}, and run on warped.tif"
+    )
+
+
+#: Fewest distinct values of a paletted band that make it an image, not a class map: the
+#: class maps with colour tables (agriseg's classes.tif, the synthetic truths) hold 4-5.
+PALETTE_IMAGE_VALUES = 16
+
+
+def _refuse_palette(ds: rasterio.DatasetReader, p: str,
+                    sample: Callable[[], np.ndarray]) -> None:
+    """Raise for a paletted image: its band holds colour-table indices, not colours.
+
+    It was told it had too few bands and that a single-band product cannot be segmented,
+    though its colours are one gdal_translate away. A class map with a colour table (few
+    distinct values) is left to that message, which fits it.
+
+    Raises:
+        BandError: with the gdal_translate -expand command.
+    """
+    palette = [i for i, ci in enumerate(ds.colorinterp, start=1) if ci == ColorInterp.palette]
+    if not palette or len(np.unique(sample()[palette[0] - 1])) <= PALETTE_IMAGE_VALUES:
+        return
+    try:
+        entries = list(ds.colormap(palette[0]).values())
+    except ValueError:  # tagged palette without a colour table
+        entries = []
+    # A colour table with transparent entries keeps them as an alpha band.
+    expand = "rgba" if any(len(e) > 3 and e[3] < 255 for e in entries) else "rgb"
+    raise BandError(
+        f"{p}: is a paletted image (band {palette[0]} holds indices into a colour table, not "
+        f"colours); expand it to colour bands first: gdal_translate -expand {expand} {p} "
+        f"{expand}.tif, and run on {expand}.tif (a class map cannot be segmented: run on the "
+        "orthomosaic it was made from)"
+    )
 
 
 def _edge_fill_share(fill: np.ndarray) -> float | None:
@@ -1340,6 +1527,8 @@ def scaled_bands(
         valid &= ~(raw == survey.nodata).any(axis=0)
     elif survey.mask_source == "black":
         valid &= raw.any(axis=0)
+    elif survey.mask_source == "white":
+        valid &= ~(raw == np.iinfo(np.dtype(survey.dtype)).max).all(axis=0)
     if raw.dtype.kind == "f":  # integers are always finite
         valid &= np.isfinite(data).all(axis=0)
     if not valid.all():

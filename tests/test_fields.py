@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import geopandas as gpd
@@ -537,3 +538,45 @@ def test_a_folder_of_shapefiles(tmp_path: Path) -> None:
     assert len(read_fields(folder, grid).fields) == 3
     r = CliRunner().invoke(main, ["run", "--help"])
     assert "a folder of them" in " ".join(r.output.split())
+
+
+@pytest.mark.filterwarnings("ignore:'crs' was not provided")
+def test_a_layer_without_crs_in_a_folder_is_named(tmp_path: Path) -> None:
+    """The error named the folder, and its ogr2ogr example converted the folder's first layer."""
+    folder = tmp_path / "shpdir"
+    folder.mkdir()
+    plots = gpd.read_file(LAMBERTON_PLOTS).iloc[:3]
+    plots.set_crs(None, allow_override=True).to_file(folder / "f_nocrs.shp")
+    plots.to_file(folder / "f_shp.shp")
+    with rasterio.open(LAMBERTON) as ds:
+        grid = Grid(ds.shape, ds.transform, ds.crs)
+    nocrs = os.fspath(folder / "f_nocrs.shp")
+    with pytest.raises(VectorError) as err:
+        read_fields(folder, grid, layer="f_nocrs")
+    msg = str(err.value)
+    assert f"layer 'f_nocrs' ({nocrs}) has no CRS" in msg
+    assert f"ogr2ogr -a_srs EPSG:4326 fixed.gpkg {nocrs} " in msg and "EPSG:32615" in msg
+    # one file: named as before
+    with pytest.raises(VectorError, match=r"f_nocrs.shp: has no CRS"):
+        read_fields(folder / "f_nocrs.shp", grid)
+
+
+def test_a_raster_given_as_fields_is_named_a_raster(tmp_path: Path) -> None:
+    grid = Grid((10, 10), T, rasterio.crs.CRS.from_epsg(32615))
+    src = write_mask(tmp_path / "c.tif", np.zeros((20, 20), np.uint8), transform=T)
+    with pytest.raises(VectorError, match=r"is a raster \(GTiff, 20x20 px, 1 band\(s\)\), not a "
+                                          r"vector file; --fields wants the field polygons"):
+        read_fields(src, grid)
+
+
+def test_duplicate_ids_are_named_when_fields_are_numbered(tmp_path: Path) -> None:
+    grid = Grid((400, 360), T, rasterio.crs.CRS.from_epsg(32615))
+    boxes = [shapely.box(500001 + 3 * i, 4899990, 500002 + 3 * i, 4899995) for i in range(4)]
+    g = gpd.GeoDataFrame({"field_id": ["A", "B", "A", "A"], "area": [1.5, 1.5, 2.0, 2.5]},
+                         geometry=boxes, crs=32615)
+    g.to_file(tmp_path / "dup.gpkg")
+    fs = read_fields(tmp_path / "dup.gpkg", grid)
+    assert fs.id_column == "(row number)"
+    (note,) = fs.notes
+    assert "no column with unique values (column 'field_id' has duplicate values (e.g. 'A' x3))"\
+        in note and "numbered 1..4" in note

@@ -888,3 +888,58 @@ def test_nir_darker_than_red_edge_over_leaves_leaves_ndre_out() -> None:
     assert not seg._nir_below_rededge(ok, valid, "x.tif", warnings) and not warnings
     assert seg._nir_below_rededge(swapped, valid, "x.tif", warnings)
     assert "look swapped" in warnings[0]
+
+
+@pytest.mark.parametrize(("option", "needle"), [
+    ("sample_windows=0", "sample_windows must be >= 1"),  # was numpy's "need at least one array"
+    ("sample_windows=-1", "sample_windows must be >= 1"),
+    ("sample_side_px=0", "sample_side_px must be >= 8"),  # was range()'s "arg 3 must not be zero"
+    ("nodata_rim_px=-1", "nodata_rim_px must be >= 0"),  # was taken silently
+])
+def test_out_of_bounds_options_are_refused_by_the_cli(rgba_tif: Path, tmp_path: Path,
+                                                      option: str, needle: str) -> None:
+    from click.testing import CliRunner
+
+    from agriseg.cli import main
+
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(out), "--no-progress",
+                                  "--model-option", option])
+    assert r.exit_code == 2, r.output
+    assert f"labelfree: {needle}" in r.output and "Traceback" not in r.output, r.output
+    assert not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize(("options", "needle"), [
+    ({"orientation_probes": -1}, "orientation_probes must be >= 0"),
+    ({"row_reach_min_m": 0}, "row_reach_min_m must be > 0"),
+    ({"row_reach_min_m": 5.0}, "need row_reach_min_m <= row_reach_max_m"),
+    ({"row_reach_spacings": 0}, "row_reach_spacings must be > 0"),
+    ({"health_window_m": -0.1}, "health_window_m must be > 0"),
+    ({"appearance_min_pixels": 0}, "appearance_min_pixels must be >= 1"),
+    ({"appearance_radius_m": -1}, "appearance_radius_m must be >= 0"),
+    ({"soil_sigmas": -1}, "soil_sigmas must be >= 0"),
+    ({"leaf_reach_spacings": -0.1}, "leaf_reach_spacings must be >= 0"),
+    ({"veg_mix": 1.5}, r"veg_mix must be in \[0, 1\]"),
+    ({"appearance_max_loss": -0.1}, r"appearance_max_loss must be in \[0, 1\]"),
+    ({"orientation_min_deg": 120}, r"orientation_min_deg must be in \[0, 90\]"),
+    ({"ndvi_fixed": 2}, r"ndvi_fixed must be in \[-1, 1\]"),
+    ({"exg_range": [0.3, 0.1]}, "exg_range must be"),
+    ({"ndvi_range": [0.2, 1.5]}, "ndvi_range must be"),
+    ({"appearance_bins": [24, 0, 1]}, "appearance_bins must be three counts >= 1"),
+])
+def test_every_bounded_option_is_checked(options: dict[str, object], needle: str) -> None:
+    from agriseg.errors import ConfigError
+    from agriseg.models.labelfree import labelfree_config
+
+    with pytest.raises(ConfigError, match=needle):
+        labelfree_config(options)
+
+
+def test_options_at_their_bounds_are_accepted() -> None:
+    from agriseg.models.labelfree import labelfree_config
+
+    cfg = labelfree_config({"sample_windows": 1, "sample_side_px": 8, "nodata_rim_px": 0,
+                            "orientation_probes": 0, "orientation_min_deg": 0, "veg_mix": 1,
+                            "row_reach_min_m": 4.0, "appearance_bins": [24, 24, 1]})
+    assert cfg.sample_windows == 1 and cfg.nodata_rim_px == 0 and cfg.row_reach_min_m == 4.0

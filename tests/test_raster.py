@@ -14,7 +14,7 @@ from rasterio.windows import Window
 import agriseg.raster as raster
 from agriseg.errors import BandError
 from agriseg.raster import open_survey, read_overview
-from tests.conftest import write_rgba
+from tests.conftest import SAMPLES, write_rgba
 
 
 @pytest.mark.parametrize("budget", [raster.SAMPLED_READ_BYTES, 4 * 16 * 64])
@@ -295,8 +295,11 @@ def test_jpeg_black_fill_warns_of_its_smeared_edge(tmp_path: Path,
     path = _rgb(tmp_path / "jpeg.tif", rgb, compress="JPEG", tiled=True, blockxsize=128,
                 blockysize=128)
     with caplog.at_level("WARNING", logger="agriseg.raster"):
-        assert open_survey(path).mask_source == "black"
+        survey = open_survey(path)
+    assert survey.mask_source == "black"
     assert "JPEG-compressed" in caplog.text and "nearblack -setalpha" in caplog.text
+    # and in the warnings that reach run.json and the report (it was only logged)
+    assert any("JPEG-compressed" in w and "nearblack -setalpha" in w for w in survey.warnings)
 
 
 def test_unflagged_validity_band_is_alpha_not_nir(tmp_path: Path) -> None:
@@ -817,3 +820,145 @@ def test_a_vrt_of_two_data_types_is_read_band_type_by_band_type(tmp_path: Path) 
     assert both.dtype == np.uint16
     np.testing.assert_array_equal(both[0], rgb[0])
     np.testing.assert_array_equal(both[1], alpha)
+
+
+def _field_with_corner(dtype: str, top: int, size: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Textured soil and plants, with a corner of ``top`` in every band (the fill).
+
+    The data are 8-bit colours, or reflectance x 10000 in 16 bits.
+    """
+    rng = np.random.default_rng(0)
+    low, high = (20, 130) if dtype == "uint8" else (500, 5000)
+    rgb = rng.integers(low, high, (3, size, size)).astype(dtype)
+    yy, xx = np.mgrid[0:size, 0:size]
+    fill = (xx + yy) < size * 0.3
+    rgb[:, fill] = top
+    return rgb, fill
+
+
+@pytest.mark.parametrize(("dtype", "top"), [("uint8", 255), ("uint16", 65535)])
+def test_undeclared_white_fill_is_nodata_and_warned(tmp_path: Path, dtype: str,
+                                                    top: int) -> None:
+    """Metashape/JPEG exports fill outside the survey with white: it was read as bright soil."""
+    rgb, fill = _field_with_corner(dtype, top)
+    s = open_survey(_rgb(tmp_path / "white.tif", rgb))
+    assert s.mask_source == "white"  # as the black fill, taken as nodata
+    _, valid = raster.read_window(s, s.roles.spectral, Window(0, 0, 200, 200))
+    assert (valid == ~fill).all()
+    (note,) = s.warnings
+    assert "pure white" in note and f"gdal_edit.py -a_nodata {top} " in note
+    assert "nearblack" not in note
+    # the fill is left out of the scale choice too (a 65535 fill set the 99th percentile)
+    assert s.scale == pytest.approx(1 / 255 if dtype == "uint8" else 1 / 10000)
+    # declared, it is GDAL's mask, without a warning
+    declared = open_survey(_rgb(tmp_path / "declared.tif", rgb, nodata=top))
+    assert declared.mask_source == "gdal" and not declared.warnings
+
+
+def test_jpeg_white_fill_suggests_nearblack_white(tmp_path: Path) -> None:
+    rgb, _ = _field_with_corner("uint8", 255, 256)
+    path = _rgb(tmp_path / "jpeg.tif", rgb, compress="JPEG", tiled=True, blockxsize=128,
+                blockysize=128)
+    s = open_survey(path)
+    assert s.mask_source == "white"
+    assert any("nearblack -white -setalpha" in w for w in s.warnings), s.warnings
+
+
+def test_overexposed_survey_is_no_white_fill(tmp_path: Path) -> None:
+    """Clipped soil running off the edges is overexposure, not fill: no mask, no warning."""
+    with rasterio.open(SAMPLES / "maricopa_sorghum_uav" / "orthomosaic.tif") as ds:
+        rgb = ds.read([1, 2, 3], window=Window(300, 300, 400, 400))
+    for gain in (1.0, 1.4, 2.0):  # 1.4: 72 % of the pixels white, 70 % of the edge
+        bright = np.clip(rgb * gain, 0, 255).astype(np.uint8)
+        s = open_survey(_rgb(tmp_path / f"x{gain}.tif", bright))
+        assert s.mask_source == "none" and not s.warnings, (gain, s.warnings)
+    # a few white pixels inside are no fill either
+    inside = np.full((3, 200, 200), 120, np.uint8)
+    inside[:, 90:110, 90:110] = 255
+    assert open_survey(_rgb(tmp_path / "inside.tif", inside)).mask_source == "none"
+
+
+@pytest.mark.parametrize("path", sorted(SAMPLES.glob("*/*.tif")), ids=lambda p: p.name)
+def test_samples_get_no_white_fill_warning(path: Path) -> None:
+    try:
+        s = open_survey(path)
+    except BandError:  # class maps, masks
+        return
+    assert s.mask_source != "white" and not any("white" in w for w in s.warnings)
+
+
+def _gcp_raster(path: Path) -> Path:
+    """A raster georeferenced by four GCPs in UTM 15N only (gdal_translate -gcp ... -a_srs)."""
+    from rasterio.control import GroundControlPoint
+
+    gcps = [GroundControlPoint(row, col, 315760.6 + 0.02 * col, 4900915.7 - 0.02 * row)
+            for row in (0, 40) for col in (0, 60)]
+    rgb = np.random.default_rng(0).integers(0, 255, (3, 40, 60), dtype=np.uint8)
+    with rasterio.open(path, "w", driver="GTiff", width=60, height=40, count=3,
+                       dtype="uint8", gcps=gcps, crs="EPSG:32615") as dst:
+        dst.write(rgb)
+    return path
+
+
+def _gcp_vrt_without_crs(path: Path, src: Path) -> Path:
+    """A VRT of ``src`` with GCPs in no CRS (rasterio writes no GCPs without one)."""
+    gcps = "".join(f'<GCP Id="{i}" Pixel="{c}" Line="{r}" X="{315760 + c}" Y="{4900915 - r}"/>'
+                   for i, (r, c) in enumerate(((0, 0), (0, 60), (40, 0), (40, 60))))
+    bands = "".join(f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource><SourceFilename '
+                    f'relativeToVRT="1">{src.name}</SourceFilename><SourceBand>{b}</SourceBand>'
+                    "</SimpleSource></VRTRasterBand>" for b in (1, 2, 3))
+    path.write_text(f'<VRTDataset rasterXSize="60" rasterYSize="40"><GCPList Projection="">'
+                    f"{gcps}</GCPList>{bands}</VRTDataset>")
+    return path
+
+
+def test_gcp_only_raster_is_refused_with_gdalwarp(tmp_path: Path) -> None:
+    """The "no CRS" error's gdal_edit.py -a_srs advice did not help: GCPs need a warp."""
+    from agriseg.errors import RasterError
+
+    path = _gcp_raster(tmp_path / "gcps.tif")
+    with pytest.raises(RasterError, match=r"ground control points.*gdalwarp -r near -t_srs "
+                                          r"EPSG:32615 \S+gcps.tif warped.tif"):
+        open_survey(path)
+    with rasterio.open(path, "r+") as ds:  # what gdal_edit.py -a_srs EPSG:32615 does
+        ds.crs = "EPSG:32615"
+    with pytest.raises(RasterError, match="ground control points"):
+        open_survey(path)
+    with pytest.raises(RasterError, match=r"GCPs, without a CRS.*-s_srs EPSG:CODE"):
+        open_survey(_gcp_vrt_without_crs(tmp_path / "bare.vrt", path))
+
+
+def _paletted(path: Path, values: np.ndarray) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=values.shape[1], height=values.shape[0],
+                       count=1, dtype="uint8", crs="EPSG:32615",
+                       transform=Affine(0.02, 0, 5e5, 0, -0.02, 5e6)) as dst:
+        dst.write(values.astype(np.uint8), 1)
+        dst.write_colormap(1, {i: (i, 255 - i, i // 2, 255) for i in range(256)})
+    return path
+
+
+def test_paletted_image_is_told_to_expand_its_palette(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    image = _paletted(tmp_path / "pal.tif", rng.integers(0, 64, (60, 80)))
+    with pytest.raises(BandError, match=r"paletted image.*gdal_translate -expand rgb "):
+        open_survey(image)
+    # a class map with a colour table (few values) keeps the single-band product's message
+    classes = _paletted(tmp_path / "classes.tif", rng.integers(0, 4, (60, 80)))
+    with pytest.raises(BandError, match=r"single-band product .* orthomosaic"):
+        open_survey(classes)
+
+
+def test_untagged_band_beside_tagged_ones_is_named_with_the_tags_kept(tmp_path: Path) -> None:
+    """R,G,B,Undefined,Alpha (uint8): the roles come from the tags, and band 4 is the spare."""
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 255, (5, 60, 80), dtype=np.uint8)
+    data[4] = 255
+    path = tmp_path / "rgbua.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=80, height=60, count=5, dtype="uint8",
+                       crs="EPSG:32615", transform=Affine(0.02, 0, 5e5, 0, -0.02, 5e6)) as dst:
+        dst.write(data)
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue,
+                           ColorInterp.undefined, ColorInterp.alpha]
+    (note,) = open_survey(path).warnings
+    assert "guessed" not in note and "band 4 is not used" in note
+    assert "--bands red=1,green=2,blue=3,nir=4,alpha=5" in note and "PlanetScope" not in note

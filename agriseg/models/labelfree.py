@@ -291,6 +291,8 @@ class LabelFreeConfig:
     nodata_rim_px: int = 2
 
     def __post_init__(self) -> None:
+        _check_bounds(self)
+        _check_ranges(self)
         if not 0 < self.min_row_spacing_m < self.max_row_spacing_m:
             raise ConfigError(
                 f"labelfree: need 0 < min_row_spacing_m < max_row_spacing_m, got "
@@ -339,6 +341,82 @@ class LabelFreeConfig:
             )
 
 
+#: Lower bounds of single numeric options: (options, bound, inclusive, what the bound means).
+#: A count of 0 or a negative size reached numpy or range() as a traceback (sample_windows=0:
+#: "need at least one array to concatenate"), and a negative rim or probe count was taken
+#: silently as none.
+_LOWER_BOUNDS: tuple[tuple[tuple[str, ...], float, bool, str], ...] = (
+    (("sample_windows", "appearance_min_pixels"), 1, True, "a count"),
+    (("sample_side_px",), 8, True, "pixels; the smallest raster agriseg reads is 8 x 8"),
+    (("row_reach_spacings", "row_reach_min_m", "row_reach_max_m", "health_window_m",
+      "appearance_min_ratio"), 0, False, "a length or ratio"),
+    (("min_row_contrast", "leaf_reach_spacings", "row_attach_spacings", "soil_sigmas",
+      "appearance_radius_m", "boundary_offset"), 0, True, "a length, ratio or weight"),
+    (("orientation_probes", "nodata_rim_px"), 0, True, "0 turns it off"),
+)
+
+#: Options that are shares or angles, with their closed range.
+_CLOSED_RANGES: tuple[tuple[tuple[str, ...], float, float, str], ...] = (
+    (("row_attached_support", "orientation_max_share", "veg_mix", "appearance_max_loss",
+      "appearance_min_recall"), 0, 1, "a share"),
+    (("orientation_min_deg",), 0, 90, "degrees between row directions; 0 turns it off"),
+    (("ndvi_fixed", "ngrdi_min"), -1, 1, "a normalised difference"),
+)
+
+
+def _check_bounds(cfg: LabelFreeConfig) -> None:
+    """Raise ConfigError for a numeric option outside its natural bounds (see the tables).
+
+    Raises:
+        ConfigError: naming the option, its bound, what it means and the value given.
+    """
+    for names, low, inclusive, meaning in _LOWER_BOUNDS:
+        for name in names:
+            value = getattr(cfg, name)
+            if value < low or (value == low and not inclusive):
+                raise ConfigError(
+                    f"labelfree: {name} must be {'>=' if inclusive else '>'} {low:g} "
+                    f"({meaning}; default {getattr(_DEFAULTS, name)!r}), got {value!r}"
+                )
+    for names, lo, hi, meaning in _CLOSED_RANGES:
+        for name in names:
+            value = getattr(cfg, name)
+            if not lo <= value <= hi:
+                raise ConfigError(
+                    f"labelfree: {name} must be in [{lo:g}, {hi:g}] ({meaning}; default "
+                    f"{getattr(_DEFAULTS, name)!r}), got {value!r}"
+                )
+
+
+def _check_ranges(cfg: LabelFreeConfig) -> None:
+    """Raise ConfigError for a [min, max] pair given upside down or out of its domain.
+
+    Raises:
+        ConfigError: naming the options, the rule and the values given.
+    """
+    if cfg.row_reach_min_m > cfg.row_reach_max_m:
+        raise ConfigError(
+            f"labelfree: need row_reach_min_m <= row_reach_max_m, got {cfg.row_reach_min_m}, "
+            f"{cfg.row_reach_max_m}"
+        )
+    for name, lo, hi in (("exg_range", -1.0, 2.0), ("ndvi_range", -1.0, 1.0)):
+        low, high = getattr(cfg, name)
+        # ExG = 2g - r - b of chromatic coordinates lies in [-1, 2]; NDVI in [-1, 1].
+        if not lo <= low < high <= hi:
+            raise ConfigError(
+                f"labelfree: {name} must be [min, max] with {lo:g} <= min < max <= {hi:g} "
+                f"(default {list(getattr(_DEFAULTS, name))}), got [{low}, {high}]"
+            )
+    if min(cfg.appearance_bins) < 1:
+        raise ConfigError(
+            f"labelfree: appearance_bins must be three counts >= 1 (1 leaves a feature out; "
+            f"default {list(_DEFAULTS.appearance_bins)}), got {list(cfg.appearance_bins)}"
+        )
+
+
+_DEFAULTS = LabelFreeConfig()
+
+
 def labelfree_config(options: Mapping[str, Any]) -> LabelFreeConfig:
     """A :class:`LabelFreeConfig` with ``options`` replacing its defaults.
 
@@ -349,7 +427,7 @@ def labelfree_config(options: Mapping[str, Any]) -> LabelFreeConfig:
     Raises:
         ConfigError: an unknown name (the message lists the valid ones) or a wrong value.
     """
-    defaults = LabelFreeConfig()
+    defaults = _DEFAULTS
     names = [f.name for f in fields(LabelFreeConfig)]
     values: dict[str, Any] = {}
     for key, value in options.items():

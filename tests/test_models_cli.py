@@ -64,3 +64,6 @@ def test_models_names_and_mistakes(tmp_path: Path) -> None:
     assert "[BUNDLE]" in r.output and "learned model's name" in r.output
     r = CliRunner().invoke(main, ["models"])  # the listing, as before
     assert r.exit_code == 0 and "labelfree options" in r.output
+    # plain text: no Sphinx roles or double backticks; module constants shown by value
+    assert ":data:" not in r.output and ":mod:" not in r.output and "``" not in r.output
+    assert "at least 0.045" in r.output

@@ -306,7 +306,8 @@ def test_cli_model_options(rgba_tif: Path, tmp_path: Path, scheduler: str) -> No
     assert used["disease_sensitivity"] == 3.0 and used["row_support"] == 0.45
     assert used["appearance"] is False and used["exg_range"] == [0.03, 0.3]
     assert manifest["parameters"]["model_options"]["row_support"] == 0.45
-    for option, needle in [("row_suport=0.5", "valid options: min_row_spacing_m"),
+    for option, needle in [("row_suport=0.5", "did you mean row_support? (valid options: "
+                                              "min_row_spacing_m"),
                            ("disease_sensitivity=high", "must be a number"),
                            ("appearance=1", "must be true or false"),
                            ("sample_windows=2.5", "must be a whole number"),

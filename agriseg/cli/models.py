@@ -33,10 +33,11 @@ def models(bundle: str | None) -> None:
         click.echo(f"  {engine:<6} {runs_as(engine)}")
     from dataclasses import fields
 
+    from agriseg.models import labelfree
     from agriseg.models.labelfree import LabelFreeConfig
 
     defaults = LabelFreeConfig()
-    docs = _attribute_docs(LabelFreeConfig.__doc__ or "")
+    docs = _attribute_docs(LabelFreeConfig.__doc__ or "", labelfree)
     click.echo("\nlabelfree options (agriseg run --model-option NAME=VALUE), with defaults:")
     for f in fields(LabelFreeConfig):
         click.echo(f"  {f.name}={getattr(defaults, f.name)!r}")
@@ -45,8 +46,12 @@ def models(bundle: str | None) -> None:
                                      subsequent_indent=" " * 6))
 
 
-def _attribute_docs(doc: str) -> dict[str, str]:
-    """``name: text`` entries of a Google-style ``Attributes:`` section, unwrapped."""
+def _attribute_docs(doc: str, module: object = None) -> dict[str, str]:
+    """``name: text`` entries of a Google-style ``Attributes:`` section, as terminal text.
+
+    Unwrapped; Sphinx markup is for the API docs: a ``:data:`NAME``` of ``module`` becomes
+    its value, other roles their target's last name, double backticks nothing.
+    """
     out: dict[str, str] = {}
     lines = doc.split("Attributes:", 1)[-1].splitlines()
     name = None
@@ -59,7 +64,17 @@ def _attribute_docs(doc: str) -> dict[str, str]:
             out[name] += " " + line.strip()
         elif line.strip():
             name = None
-    return out
+    return {k: _plain(v, module) for k, v in out.items()}
+
+
+def _plain(text: str, module: object) -> str:
+    def role(m: re.Match[str]) -> str:
+        kind, target = m.group(1), m.group(2).lstrip("~")
+        if kind == "data" and hasattr(module, target):
+            return repr(getattr(module, target))
+        return target.rsplit(".", 1)[-1] if kind in ("func", "meth", "class", "attr") \
+            else target
+    return re.sub(r":(\w+):`([^`]+)`", role, text).replace("``", "")
 
 
 def _show_bundle(bundle: str) -> None:

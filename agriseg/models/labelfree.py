@@ -59,6 +59,7 @@ All neighbourhood sums are integer, so tiles match a whole-raster run bit for bi
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 from collections.abc import Mapping
@@ -126,10 +127,8 @@ class LabelFreeConfig:
             ``row_attach_spacings``) is crop down to this lower share of the median: leaves of a
             large plant bulging out of its row have less support than the row line, but they
             hang together with the row, while a weed patch between rows is separate from it or
-            has much lower support. 0.2 rather than 0.4 (2026-11-26): crop leaf tips beyond
-            the row's support band were a third of the false weed pixels on the synthetic
-            fields; weed IoU +0.02 on RGB and multispectral, benchmark and held-out fields,
-            and 0.01-0.08 points less weed on the real samples. Below 0.2 nothing changes.
+            has much lower support (against 0.4, 0.2 keeps the crop leaf tips beyond the
+            row's support band, a third of the false weed pixels on the synthetic fields).
         row_attach_spacings: how far (geodesically, through vegetation) that attachment reaches
             from the row, in row spacings.
         orientation_min_deg: a survey may hold fields whose rows run in other directions.
@@ -137,10 +136,10 @@ class LabelFreeConfig:
             the survey's main direction add a direction (two parts must agree), and every
             64 px cell then uses the direction its vegetation supports best (0: one direction
             for the whole survey).
-        orientation_max_share: ... but only parts where the main direction's row regularity
-            is at most this share of their own, i.e. the main rows are absent there.
-            Breeding plots (alleys across the rows) and senesced fields show secondary peaks
-            while the main rows are still plain in the same part.
+        orientation_max_share: a part adds a direction (see ``orientation_min_deg``) only
+            where the main direction's row regularity is at most this share of its own, i.e.
+            the main rows are absent there: breeding plots (alleys across the rows) and
+            senesced fields show secondary peaks while their main rows are still plain.
         orientation_probes: at most this many extra 256 px windows (one per ~13 MP of raster)
             look for other row directions where the sample windows do not reach.
         disease_sensitivity: robust z-score below the healthy crop median that marks disease
@@ -148,9 +147,8 @@ class LabelFreeConfig:
         health_window_m: side of the window over which the health feature is averaged.
         health_prior_px: how many pixels' worth of weight the field's healthy norm has against
             the pure-vegetation pixels of that window: the window's z-score is scaled by
-            ``n / (n + health_prior_px)`` (0: off). Measured on the synthetic fields (12 in
-            the benchmark table, 8 held out): 1-3.5 all raise disease IoU by 0.03-0.08; 8
-            starts to lose real lesions, 15 most of them.
+            ``n / (n + health_prior_px)`` (0: off; 1-3.5 raised the synthetic fields'
+            disease IoU by 0.03-0.08, 8 starts to lose real lesions).
         exg_fixed: fallback ExG threshold when the histogram is not two-class.
         ndvi_fixed: fallback NDVI threshold.
         exg_range: plausible range of an ExG threshold.
@@ -178,8 +176,9 @@ class LabelFreeConfig:
         blue_share_max: highest blue share the yellow path takes for plants.
         yellow_window_m: side of the window the blue share is averaged over (single pixels
             of soil scatter into the leaves' range; a leaf's pixels do not).
-        veg_mix: and at least this share of the way from the soil mode to the typical
-            pixels above that (75th percentile), so blurred leaf margins stay soil.
+        veg_mix: vegetation also starts at least this share of the way from the soil mode
+            to the typical pixels above the threshold (their 75th percentile), so blurred leaf
+            margins stay soil.
         sample_windows: number of full-resolution windows read in prepare.
         sample_side_px: side of a sample window in pixels.
         appearance: learn this survey's crop vs weed colour from the row rule's confident
@@ -214,10 +213,8 @@ class LabelFreeConfig:
             at 2 cm, at most ``FRAGMENT_MAX_PX``; 0: off). Only with ``boundary``.
         island_max_m2: then crop pieces of at most this area whose contacts with other
             classes are at least ``island_weed_share`` weed become weed (parts of a weed
-            plant; 64 cm^2 is 16 pixels at 2 cm). Off by default: at 0.0064 synthetic weed
-            IoU rose by 0.007 (RGB) and 0.003-0.006 (multispectral), benchmark and held-out
-            fields alike, but labelling every crop piece costs ~25 ms per 2048 px tile and
-            the wider halo as much again (~5 % of the label-free run). Only with ``boundary``.
+            plant; 64 cm^2 is 16 pixels at 2 cm). Off by default: 0.0064 gains ~0.005 weed
+            IoU on the synthetic fields for ~5 % of the run's time. Only with ``boundary``.
         island_weed_share: see ``island_max_m2``.
         edge_rows: a row line that runs into nodata or off the raster on one side takes the
             larger of its vegetation share and that side's alone (the row may go on where
@@ -432,8 +429,11 @@ def labelfree_config(options: Mapping[str, Any]) -> LabelFreeConfig:
     values: dict[str, Any] = {}
     for key, value in options.items():
         if key not in names:
-            raise ConfigError(f"labelfree: unknown model option {key!r}; valid options: "
-                              f"{', '.join(names)}")
+            near = difflib.get_close_matches(key, names, n=1)
+            raise ConfigError(f"labelfree: unknown model option {key!r}"
+                              + (f"; did you mean {near[0]}?" if near else "")
+                              + f" (valid options: {', '.join(names)}; `agriseg models` "
+                              "describes them)")
         default = getattr(defaults, key)
         values[key] = _option_value(key, value, default)
     return LabelFreeConfig(**values)

@@ -519,25 +519,14 @@ def test_overwrite_starts_from_nothing_and_sigterm_stops_like_ctrl_c(
     real = loop.evaluate
     handler = signal.getsignal(signal.SIGTERM)
 
-    def stop_in_epoch(epoch: int) -> None:
-        calls: list[int] = []
-
-        def evaluate(*args: object, **kwargs: object) -> object:
-            calls.append(1)
-            if len(calls) == epoch:  # a real signal, as `kill` sends it
-                os.kill(os.getpid(), signal.SIGTERM)
-            return real(*args, **kwargs)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(loop, "evaluate", evaluate)
-
-    stop_in_epoch(1)
+    _stop_in_epoch(monkeypatch, 1)
     r = CliRunner().invoke(main, ["train", str(cfg), "--overwrite", "--no-progress"])
     assert r.exit_code == 143, r.output
-    assert "Interrupted after epoch 0 of 2" in r.output and "--resume" not in r.output
-    assert "no epoch was saved" in r.output and "--overwrite" in r.output
+    assert "Interrupted before epoch 1 of 2 finished" in r.output and "--resume" not in r.output
+    assert "no epoch was saved. Start again with:" in r.output and "--overwrite" in r.output
     assert not (run / "history.json").exists()
     assert not (run / "checkpoint" / "last.json").exists()
-    stop_in_epoch(2)
+    _stop_in_epoch(monkeypatch, 2)
     r = CliRunner().invoke(main, ["train", str(cfg), "--overwrite", "--no-progress"])
     assert r.exit_code == 143, r.output
     assert "Interrupted after epoch 1 of 2" in r.output
@@ -547,6 +536,111 @@ def test_overwrite_starts_from_nothing_and_sigterm_stops_like_ctrl_c(
     r = CliRunner().invoke(main, ["train", str(cfg), "--resume", "--no-progress"])
     assert r.exit_code == 0, r.output
     assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2]
+
+
+def _stop_in_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> None:
+    """Send this process a real SIGTERM, as `kill` does, at the validation of ``epoch``."""
+    import signal
+
+    import agriseg.train.loop as loop
+
+    real = loop.evaluate
+    calls: list[int] = []
+
+    def evaluate(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        if len(calls) == epoch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+
+
+def _printed_command(output: str) -> list[str]:
+    """The arguments after `agriseg` of the command an interrupted training printed."""
+    import shlex
+
+    line = output.split(" with:\n", 1)[1].splitlines()[0]
+    args = shlex.split(line)
+    assert args[:2] == ["agriseg", "train"], line
+    return args[1:]
+
+
+def test_the_printed_command_repeats_the_options_of_the_configuration(
+    tmp_path: Path, pair: tuple[Path, Path], rgba_tif: Path, scheduler: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--overwrite --epochs 3 --pseudo-labels S` interrupted printed `--resume` alone, which
+    was refused as another configuration (its data lacked the survey); copy-pasted, the
+    printed commands now go on. Paths are printed tidy (no "work/.." in them)."""
+    import shutil
+
+    img, truth = pair
+    surveys = tmp_path / "my surveys"
+    surveys.mkdir()
+    survey = surveys / "field 1.tif"  # quoted in the printed command
+    shutil.copy(rgba_tif, survey)
+    cfg = _write_cfg(tmp_path / "t.yaml", out="work/../run",
+                     data=[{"image": str(img), "labels": str(truth)}])
+    options = ["--epochs", "3", "--pseudo-labels", str(survey), "--pseudo-labels", str(img),
+               "--pseudo-model", "index-threshold", "--min-confidence", "0.9"]
+    _stop_in_epoch(monkeypatch, 1)
+    r = CliRunner().invoke(main, ["train", str(cfg), "--overwrite", *options, "--scheduler",
+                                  scheduler, "--no-progress"])
+    assert r.exit_code == 143, r.output
+    assert "Interrupted before epoch 1 of 3 finished: no epoch was saved. Start again with:" \
+        in r.output, r.output
+    again = _printed_command(r.output)
+    assert again == ["train", str(cfg), "--overwrite", *options, "--scheduler", scheduler]
+    assert f"'{survey}'" in r.output  # the path with a space, quoted
+
+    _stop_in_epoch(monkeypatch, 2)
+    r = CliRunner().invoke(main, [*again, "--no-progress"])
+    assert r.exit_code == 143, r.output
+    run = tmp_path / "run"
+    assert f"Interrupted after epoch 1 of 3. {run / 'model.safetensors'} holds the best of " \
+           "its first 1 epoch(s) (epoch 1); continue with:" in r.output, r.output
+    resume = _printed_command(r.output)
+    assert resume == ["train", str(cfg), "--resume", *options, "--scheduler", scheduler]
+    assert "/../" not in r.output, r.output
+
+    monkeypatch.undo()
+    # without one of its surveys: refused, saying that they belong to the configuration, and
+    # before the other's pseudo-labels are prepared
+    r = CliRunner().invoke(main, ["train", str(cfg), "--resume", *options[:4],
+                                  *options[6:], "--no-progress"])
+    assert r.exit_code == 2 and "data: 3 item(s) -> 2" in r.output, r.output
+    assert "give the interrupted run's --pseudo-labels (each one)" in r.output
+    assert "preparing pseudo-labels" not in r.output, r.output
+    r = CliRunner().invoke(main, [*resume, "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert [h["epoch"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3]
+    assert f"model bundle: {run / 'model.safetensors'}" in r.output and "/../" not in r.output
+    meta, _ = read_bundle(run / "model.safetensors")
+    assert [d["source"] for d in meta.training["images"]] == [
+        "raster labels", "pseudo-labels", "pseudo-labels"]
+
+
+def test_the_printed_command_on_resume_repeats_epochs_and_counts_saved_epochs(
+    tmp_path: Path, pair: tuple[Path, Path]
+) -> None:
+    """Built from the checkpoint: a resumed run stopped before its first new epoch said
+    "Interrupted after epoch 0", lower-case "continue" after the full stop."""
+    from agriseg.cli.train import config_options, interrupted_message
+    from agriseg.train.config import load_train_config
+
+    img, truth = pair
+    cfg = _write_cfg(tmp_path / "t.yaml", out="run", epochs=1,
+                     data=[{"image": str(img), "labels": str(truth)}])
+    assert CliRunner().invoke(main, ["train", str(cfg), "--no-progress"]).exit_code == 0
+    loaded = load_train_config(cfg, epochs=4)
+    text = interrupted_message(loaded, cfg, config_options(epochs=4, min_confidence=0.5), False)
+    assert text.startswith("Interrupted after epoch 1 of 4. ") and "(epoch 1); continue" in text
+    assert text.endswith(f"\n  agriseg train {cfg} --resume --epochs 4"), text
+    assert config_options(pseudo=(Path("a b.tif"),), pseudo_model="m.safetensors",
+                          min_confidence=0.85) == [
+        "--pseudo-labels", "a b.tif", "--pseudo-model", "m.safetensors",
+        "--min-confidence", "0.85"]
 
 
 def test_label_nodata_that_is_a_class_value_is_named(tmp_path: Path,

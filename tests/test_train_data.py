@@ -178,6 +178,30 @@ def test_validation_leaves_training_every_class_of_sparse_labels() -> None:
     assert not block_split((256, 256), 64, 0.2, 0, two).any()
 
 
+def test_the_validation_block_count_reads_as_english(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """"1 of them are validation blocks" before."""
+    from PIL import Image
+
+    image = tmp_path / "tile.png"
+    Image.fromarray(np.full((128, 128, 3), 90, np.uint8)).save(image)
+    labels = np.full((128, 128), IGNORE, np.uint8)
+    labels[:64, :64] = _classes()  # 4 of the 16 blocks of 32 px
+    corner = np.full_like(labels, IGNORE)
+    corner[:20, :20] = labels[:20, :20]  # 1 block, which training keeps
+    for lab, needle in (
+        (labels, "4 of its 16 validation-size blocks (32 px) hold labels; 1 of them is a "
+                 "validation block"),
+        (corner, "1 of its 16 validation-size blocks (32 px) holds labels; 0 of them are "
+                 "validation blocks"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="agriseg.train.data"):
+            load_pair(image, lab, ("red", "green", "blue"), DEFAULT_CLASSES, 32, 0.25, 0,
+                      gsd=0.02)
+        assert needle in caplog.text, caplog.text
+
+
 # --- images without a CRS (gsd:) -----------------------------------------------------------
 
 

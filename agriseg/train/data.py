@@ -461,9 +461,10 @@ def load_pair(
     val = _split((h, w), val_block, val_fraction, seed, present)
     held = int(present.any(1).sum())
     if held < ny * nx:
-        log.info("%s: %d of its %d validation-size blocks (%d px) hold labels; %d of them are "
-                 "validation blocks", image, held, ny * nx, val_block,
-                 int(val[::val_block, ::val_block].sum()))
+        chosen = int(val[::val_block, ::val_block].sum())
+        log.info("%s: %d of its %d validation-size blocks (%d px) %s labels; %d of them %s",
+                 image, held, ny * nx, val_block, "holds" if held == 1 else "hold", chosen,
+                 "is a validation block" if chosen == 1 else "are validation blocks")
     return LabelledImage(Path(image).name, pixels, lab, val, survey.grid.gsd_m)
 
 

@@ -88,6 +88,37 @@ class TrainResult:
     out: Path
 
 
+def tidy_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as it is shown to the user: without ``..`` and ``.`` components.
+
+    Config paths are joined to the config's folder as written (``workflows/../out/x``); the
+    identity compares them so, but printed so they were hard to read. Lexical (no symlinks
+    resolved, so a path keeps the names the user knows) unless a symlink before a ``..``
+    makes that another file; then resolved.
+    """
+    norm = os.path.normpath(path)
+    if os.path.realpath(norm) != os.path.realpath(path):
+        return Path(path).resolve()
+    return Path(norm)
+
+
+def checkpoint_progress(out: Path) -> tuple[int, int] | None:
+    """``(last saved epoch, best epoch)`` of the training checkpoint in ``out``.
+
+    None when there is none that a resume would continue (it then starts over): last.json
+    is what a resume looks for; the state is read from the weights' file, as a resume does
+    (last.json, written after it, may be an epoch behind).
+    """
+    folder = Path(out) / CHECKPOINT_DIR
+    if not (folder / "last.json").exists():
+        return None
+    try:
+        meta, _ = _read_checkpoint(folder, weights=False)
+        return int(meta["epoch"]), int(meta.get("best_epoch") or 0)
+    except (ResumeError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _device(cfg: TrainConfig) -> torch.device:
     if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -157,10 +188,10 @@ def _synthetic_pairs(cfg: TrainConfig, reuse: bool = True) -> list[tuple[Path, P
         return []
     # A model of red edge or NIR bands gets multispectral fields (they carry all five roles).
     ms = not set(cfg.bands) <= set(ROLES_RGB)
-    folder = cfg.out / ("synthetic-ms" if ms else "synthetic")
+    folder = tidy_path(cfg.out) / ("synthetic-ms" if ms else "synthetic")
     folder.mkdir(parents=True, exist_ok=True)
     lo, hi = min(s.gsd), max(s.gsd)
-    pairs = []
+    fields = []
     for i in range(s.count):
         seed = s.seed + i
         gsd = lo if s.count == 1 else lo * (hi / lo) ** (i / (s.count - 1))
@@ -171,6 +202,12 @@ def _synthetic_pairs(cfg: TrainConfig, reuse: bool = True) -> list[tuple[Path, P
         stamp = {"spec": dataclasses.asdict(spec), "agriseg": __version__}
         stamp_file = folder / f"field-{seed}.json"
         cached = reuse and img.exists() and truth.exists() and stamp_matches(stamp_file, stamp)
+        fields.append((spec, img, truth, stamp, stamp_file, cached))
+    todo = sum(not f[-1] for f in fields)
+    if todo:  # seconds per field, before epoch 1: the wait is named
+        log.info("writing %d synthetic field(s) of %d px into %s ...", todo, s.size, folder)
+    pairs = []
+    for spec, img, truth, stamp, stamp_file, cached in fields:
         if not cached:
             stamp_file.unlink(missing_ok=True)  # no stale stamp beside a half-written field
             write_field(spec, img, truth)
@@ -204,6 +241,11 @@ def load_training_data(
     codes: dict[int, dict[int, int]] = {}  # job -> label value -> class value
     for img, truth in _synthetic_pairs(cfg, reuse):
         jobs.append((img, truth, None, None, {"source": "synthetic"}))
+    surveys = sum(pair.pseudo is not None for pair in cfg.data)
+    if surveys:
+        # A teacher's run takes seconds to minutes per survey (cached in `out:` for the next
+        # training): said before it, not after a silent wait.
+        log.info("preparing pseudo-labels from %d survey(s) ...", surveys)
     for pair in cfg.data:
         if pair.labels is not None:
             if pair.label_classes:
@@ -212,13 +254,15 @@ def load_training_data(
                          {"source": "raster labels"}))
         elif pair.polygons is not None:
             grid = open_survey(pair.image, pair.bands).grid
-            lab = rasterize_polygons(pair.polygons, pair.class_column, pair.layer, grid, schema)
+            lab = rasterize_polygons(tidy_path(pair.polygons), pair.class_column, pair.layer,
+                                     grid, schema)
             jobs.append((pair.image, lab, pair.bands, None,
                          {"source": "polygons", "polygons": pair.polygons.name}))
         elif pair.pseudo is not None:
-            lab, info = pseudo_labels(pair.image, cfg.out / "pseudo", pair.pseudo.model,
-                                      pair.pseudo.min_confidence, pair.bands or pair.pseudo.bands,
-                                      cfg.scheduler, pair.gsd, reuse)
+            lab, info = pseudo_labels(pair.image, tidy_path(cfg.out) / "pseudo",
+                                      pair.pseudo.model, pair.pseudo.min_confidence,
+                                      pair.bands or pair.pseudo.bands, cfg.scheduler, pair.gsd,
+                                      reuse)
             extra = np.unique(lab[(lab != IGNORE) & (lab >= len(schema))])
             if extra.size:  # a bundle teacher of more classes (loss_fn: IndexError)
                 raise InputError(
@@ -227,9 +271,12 @@ def load_training_data(
                     f"({', '.join(schema.names)}) lack; use a teacher of these classes")
             jobs.append((pair.image, lab, pair.bands, pair.gsd,
                          {"source": "pseudo-labels", **info}))
+    log.info("reading %d training image(s) and their labels ...", len(jobs))
     for n, (img, lab, bands, gsd, info) in enumerate(jobs):
-        im = load_pair(img, lab, roles, schema, v.block_size, v.fraction, v.seed + n, bands,
-                       gsd, codes.get(n))
+        # Paths tidied for the messages about them (the files are the same).
+        im = load_pair(tidy_path(img), lab if isinstance(lab, np.ndarray) else tidy_path(lab),
+                       roles, schema, v.block_size, v.fraction, v.seed + n, bands, gsd,
+                       codes.get(n))
         images.append(im)
         summary.append({"image": im.name, "gsd_m": round(im.gsd_m, 4), **info,
                         "train_pixels": dict(zip(schema.names, im.class_counts(len(schema)),
@@ -312,16 +359,21 @@ def _save_checkpoint(
     os.replace(folder / ".last.json.partial", folder / "last.json")
 
 
-def _load_checkpoint(
-    folder: Path, model: nn.Module, opt: torch.optim.Optimizer, identity: dict[str, Any],
-    legacy: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+def _read_checkpoint(
+    folder: Path, weights: bool = True
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The state saved in ``folder`` and, with ``weights``, its tensors (else none read).
+
+    Raises:
+        ResumeError: the checkpoint cannot be read.
+    """
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(folder / "last.safetensors"), framework="pt") as f:
             stored = (f.metadata() or {}).get(CHECKPOINT_KEY)
-            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
+            tensors = ({key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (no __iter__)
+                       if weights else {})
         # The state saved with these weights; a checkpoint of an agriseg before it was stored
         # there has it in last.json only.
         meta = json.loads(stored if stored is not None else (folder / "last.json").read_text())
@@ -330,24 +382,53 @@ def _load_checkpoint(
             f"{folder}: the training checkpoint is unreadable ({exc}); start again without "
             "--resume"
         ) from exc
+    return meta, tensors
+
+
+def _check_identity(
+    folder: Path, meta: dict[str, Any], identity: dict[str, Any],
+    legacy: dict[str, Any] | None = None,
+) -> None:
+    """Refuse a checkpoint saved under another configuration, naming what changed.
+
+    Raises:
+        ResumeError: the checkpoint's identity differs from ``identity`` (or ``legacy``, for
+            a checkpoint of an agriseg before identity version 2).
+    """
     if "identity_version" not in meta and legacy is not None:
         identity = legacy  # a checkpoint of an older agriseg: compared as it was written
-    if meta.get("identity") != identity:
-        from agriseg.predict import describe_changes
+    if meta.get("identity") == identity:
+        return
+    from agriseg.predict import describe_changes
 
-        old = meta.get("identity") or {}
-        if isinstance(old, dict):  # a hash in checkpoints of agriseg before 2026-11-27
-            what = "; ".join(describe_changes(k, old.get(k), identity.get(k))
-                             for k in sorted(set(old) | set(identity))
-                             if old.get(k) != identity.get(k))
-        else:
-            what = "the configuration"
-        raise ResumeError(
-            f"{folder}: the checkpoint belongs to a different training configuration ({what}; "
-            "only `epochs`, `threads`, `device` and `--scheduler` may change on resume); "
-            "restore the original config, or start again with --overwrite (or in a new `out:` "
-            "folder)"
-        )
+    old = meta.get("identity") or {}
+    restore = "restore the original config"
+    if isinstance(old, dict):  # a hash in checkpoints of agriseg before 2026-11-27
+        what = "; ".join(describe_changes(k, old.get(k), identity.get(k))
+                         for k in sorted(set(old) | set(identity))
+                         if old.get(k) != identity.get(k))
+        if old.get("data") != identity.get("data"):
+            # The usual cause: a resume typed without the --pseudo-labels of the run it
+            # continues, whose surveys are data items like those of the config.
+            restore = ("restore the original config and give the interrupted run's "
+                       "--pseudo-labels (each one), --pseudo-model and --min-confidence again "
+                       "(they add items to `data`, so they are part of the configuration; "
+                       "the command printed when it stopped repeats them)")
+    else:
+        what = "the configuration"
+    raise ResumeError(
+        f"{folder}: the checkpoint belongs to a different training configuration ({what}; "
+        "only `epochs`, `threads`, `device` and `--scheduler` may change on resume); "
+        f"{restore}, or start again with --overwrite (or in a new `out:` folder)"
+    )
+
+
+def _load_checkpoint(
+    folder: Path, model: nn.Module, opt: torch.optim.Optimizer, identity: dict[str, Any],
+    legacy: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    meta, tensors = _read_checkpoint(folder)
+    _check_identity(folder, meta, identity, legacy)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, Any]] = {}
     for key, val in tensors.items():
@@ -515,7 +596,8 @@ def train(
     t_start = time.perf_counter()
     if overwrite and resume:
         raise ConfigError("--resume continues a training, --overwrite starts over: give one")
-    out = Path(cfg.out)
+    # Normalised for the messages and logs ("workflows/../out/x" read badly); the same files.
+    out, bundle_path = tidy_path(cfg.out), tidy_path(cfg.bundle_path)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; set `out:` in the training "
                           "config to a folder")
@@ -526,11 +608,11 @@ def train(
                           "set `out:` in the training config to a writable folder") from exc
     ckpt_dir = out / CHECKPOINT_DIR
     # The destination is checked before hours of training, not when epoch 1 saves to it.
-    bundle_there = check_bundle_destination(cfg.bundle_path)
+    bundle_there = check_bundle_destination(bundle_path)
     ours = resume and (ckpt_dir / "last.json").exists()  # the bundle of the run resumed
     if bundle_there and not (overwrite or ours):
         raise OutputError(
-            f"{cfg.bundle_path}: holds a model bundle already (of an earlier training); "
+            f"{bundle_path}: holds a model bundle already (of an earlier training); "
             "--overwrite replaces it, or set another `bundle:` in the training config")
     if overwrite:
         # Nothing of the previous training may outlive the start of this one: its checkpoint
@@ -547,6 +629,11 @@ def train(
     k = len(schema)
     identity = _identity(cfg, config_dir)
     (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if resume and (ckpt_dir / "last.json").exists():
+        # Checked before the data is read, not after: pseudo-labels and synthetic fields take
+        # minutes, and a refused resume (typed without the run's --pseudo-labels) waited them.
+        _check_identity(ckpt_dir, _read_checkpoint(ckpt_dir, weights=False)[0], identity,
+                        _legacy_identity(cfg))
 
     images, data_summary = load_training_data(cfg, reuse=not overwrite)
     taught = np.sum([im.class_counts(k) for im in images], axis=0)
@@ -600,9 +687,11 @@ def train(
                  best_epoch)
     elif resume:
         log.warning("%s: no checkpoint to resume from; training from the start", ckpt_dir)
-    log.info("training %s/%s (%d parameters) on %d image(s), %d validation block(s), %s, %s",
-             spec.arch, spec.encoder, count_parameters(model), len(images), len(windows),
-             device, str(amp_dtype).removeprefix("torch.") if amp else "float32")
+    log.info("training %s/%s (%d parameters) on %d image(s), %d validation block(s), %s, %s; "
+             "%d epoch(s) of %d steps to go", spec.arch, spec.encoder, count_parameters(model),
+             len(images), len(windows), device,
+             str(amp_dtype).removeprefix("torch.") if amp else "float32",
+             max(0, cfg.epochs - start_epoch + 1), cfg.steps_per_epoch)
     if not windows and cfg.validation.fraction > 0:
         # Validation blocks are chosen among the blocks that hold labels, and training keeps
         # one of them at least: only labels within one block per image leave none.
@@ -653,6 +742,15 @@ def train(
         if math.isnan(score):
             score = -mean_loss
         is_best = score > best_score
+        res = EpochResult(epoch, mean_loss, scores, time.perf_counter() - t0, is_best)
+        history.append(res)
+        # The epoch's line comes first, then what was written for it ("wrote model bundle"
+        # was logged above the line of the epoch it belongs to). The CLI prints its own epoch
+        # line through on_epoch; one line per epoch is enough.
+        (log.debug if on_epoch else log.info)("epoch %d: loss %.4f%s%s", epoch, mean_loss,
+                 f", val mIoU {scores.miou:.4f}" if scores else "", " (best)" if is_best else "")
+        if on_epoch:
+            on_epoch(res)
         if is_best:
             best_score, best_epoch = score, epoch
             meta_b = BundleMeta(
@@ -669,9 +767,7 @@ def train(
                           "init_from": str(cfg.model.init_from) if cfg.model.init_from else None},
             )
             save_bundle({k_: v.cpu() for k_, v in model.state_dict().items()}, meta_b,
-                        cfg.bundle_path)
-        res = EpochResult(epoch, mean_loss, scores, time.perf_counter() - t0, is_best)
-        history.append(res)
+                        bundle_path)
         _save_checkpoint(ckpt_dir, model, opt, {
             "identity": identity, "identity_version": IDENTITY_VERSION, "epoch": epoch,
             "best_score": best_score, "best_epoch": best_epoch, "sampler": sampler.state(),
@@ -679,11 +775,6 @@ def train(
         })
         (out / "history.json").write_text(json.dumps([h.to_dict() for h in history], indent=1))
         write_curves(history, out / "curves.png")
-        # The CLI prints its own epoch line through on_epoch; one line per epoch is enough.
-        (log.debug if on_epoch else log.info)("epoch %d: loss %.4f%s%s", epoch, mean_loss,
-                 f", val mIoU {scores.miou:.4f}" if scores else "", " (best)" if is_best else "")
-        if on_epoch:
-            on_epoch(res)
     log.info("training done in %.0f s; best epoch %d -> %s", time.perf_counter() - t_start,
-             best_epoch, cfg.bundle_path)
-    return TrainResult(Path(cfg.bundle_path), tuple(history), best_epoch, best_score, out)
+             best_epoch, bundle_path)
+    return TrainResult(bundle_path, tuple(history), best_epoch, best_score, out)

@@ -122,7 +122,9 @@ def pseudo_labels(
     """
     from agriseg.config import build_run_config
     from agriseg.survey import process_survey
+    from agriseg.train.loop import tidy_path
 
+    shown = tidy_path(image)  # for the log lines; the stamp keeps the path as given
     teacher = _teacher(model)
     out = work / Path(image).stem
     stamp = teacher_stamp(image, teacher, bands, gsd)
@@ -131,6 +133,7 @@ def pseudo_labels(
     if not cached:
         # Removed first: a run interrupted halfway must not leave a stamp that matches it.
         stamp_file.unlink(missing_ok=True)
+        log.info("pseudo-labels for %s: running the teacher %s ...", shown, teacher)
         cfg = build_run_config(
             input=image, out=out, model=teacher, bands=bands, indices=False, overwrite=True,
             scheduler=scheduler, gsd=gsd,
@@ -138,7 +141,8 @@ def pseudo_labels(
         process_survey(cfg)
         stamp_file.write_text(json.dumps(stamp))
     else:
-        log.info("pseudo-labels for %s: reusing the teacher's run in %s", image, out)
+        log.info("pseudo-labels for %s: reusing the teacher's run in %s", shown,
+                 tidy_path(out))
     with rasterio.open(out / "classes.tif") as c, rasterio.open(out / "confidence.tif") as f:
         classes = c.read(1)
         conf = f.read(1)
@@ -148,6 +152,6 @@ def pseudo_labels(
     total = int((classes != IGNORE).sum())
     summary = {"teacher": teacher, "min_confidence": min_confidence,
                "labelled_share": round(kept / max(total, 1), 4)}
-    log.info("pseudo-labels for %s from %s: %.0f %% of valid pixels confident", image, teacher,
+    log.info("pseudo-labels for %s from %s: %.0f %% of valid pixels confident", shown, teacher,
              100 * kept / max(total, 1))
     return labels, summary

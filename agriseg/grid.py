@@ -133,14 +133,15 @@ class Grid:
         """EPSG code of the WGS 84 UTM zone of the grid's centre (None off the Earth)."""
         if not on_earth(self.crs):
             return None
-        from pyproj import Transformer
+        from rasterio.warp import transform
 
         left, bottom, right, top = self.bounds
         try:
-            lon, lat = Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True).transform(
-                (left + right) / 2, (bottom + top) / 2, errcheck=True)
-        except Exception:  # pyproj raises ProjError and others for points off the projection
+            lons, lats = transform(self.crs, "EPSG:4326", [(left + right) / 2],
+                                   [(bottom + top) / 2])
+        except Exception:  # GDAL raises CPLE_AppDefinedError and others off the projection
             return None
+        lon, lat = lons[0], lats[0]
         if not (math.isfinite(lon) and -90 <= lat <= 90):
             return None
         zone = min(int((lon + 180) // 6) + 1, 60)
@@ -181,33 +182,47 @@ class Grid:
         }
 
 
+#: WGS 84's semi-major axis (m) and first eccentricity squared, for ground distances.
+_WGS84_A = 6378137.0
+_WGS84_E2 = 6.69437999014e-3
+
+
 @functools.lru_cache(maxsize=64)
 def _metres_per_unit(crs: CRS, x: float, y: float, step: float) -> tuple[float, float, float]:
     """Ground metres per CRS unit along x and y at ``(x, y)``, and the CRS's nominal unit.
 
-    Measured, not derived from projection formulas: the geodesic lengths of ``step`` CRS units
-    east and north of the point (any projection PROJ knows, whatever its unit). Local CRSs
-    (and points PROJ cannot take back to the ellipsoid) get the nominal unit both ways.
+    Measured, not derived from projection formulas: the ground lengths of ``step`` CRS units
+    east and north of the point, through GDAL's transform to longitude and latitude (any
+    projection GDAL knows, whatever its unit). Over such short steps the ellipsoid's radii of
+    curvature at the point give the length to far better than the 1 % that matters here, and
+    need neither pyproj nor a geodesic solver (the GPU machines carry neither). Local CRSs,
+    and points GDAL cannot take back to the ellipsoid, get the nominal unit both ways.
     """
-    from pyproj import CRS as ProjCRS
-    from pyproj import Transformer
+    from rasterio.warp import transform
 
-    proj = ProjCRS.from_wkt(crs.to_wkt())
-    axes = proj.axis_info
-    unit = float(axes[0].unit_conversion_factor) if axes and axes[0].unit_conversion_factor \
-        else 1.0
-    geod = proj.get_geod()
-    if not proj.is_projected or proj.geodetic_crs is None or geod is None:
+    try:
+        unit = float(crs.units_factor[1])
+    except Exception:  # a CRS without a unit GDAL names (rasterio raises CRSError)
+        unit = 1.0
+    if not crs.is_projected:
         return unit, unit, unit
     try:
-        to_geo = Transformer.from_crs(proj, proj.geodetic_crs, always_xy=True)
-        lon, lat = to_geo.transform([x, x + step, x], [y, y, y + step], errcheck=True)
-        _, _, dist = geod.inv([lon[0], lon[0]], [lat[0], lat[0]],
-                                         [lon[1], lon[2]], [lat[1], lat[2]])
-    except Exception:  # pyproj raises ProjError and others for points off the projection
+        lon, lat = transform(crs, "EPSG:4326", [x, x + step, x], [y, y, y + step])
+    except Exception:  # GDAL raises CPLE_AppDefinedError and others off the projection
         return unit, unit, unit
-    mx, my = dist[0] / step, dist[1] / step
-    if not (math.isfinite(mx) and math.isfinite(my) and mx > 0 and my > 0):
+    if not all(math.isfinite(v) for v in (*lon, *lat)) or abs(lat[0]) >= 90:
+        return unit, unit, unit
+    phi = math.radians(lat[0])
+    w = math.sqrt(1 - _WGS84_E2 * math.sin(phi) ** 2)
+    across = _WGS84_A / w * math.cos(phi)  # metres per radian of longitude
+    along = _WGS84_A * (1 - _WGS84_E2) / w**3  # metres per radian of latitude
+
+    def ground(i: int) -> float:
+        dlon = (lon[i] - lon[0] + 180.0) % 360.0 - 180.0
+        return math.hypot(across * math.radians(dlon), along * math.radians(lat[i] - lat[0]))
+
+    mx, my = ground(1) / step, ground(2) / step
+    if not (mx > 0 and my > 0):
         return unit, unit, unit
     return mx, my, unit
 

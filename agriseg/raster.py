@@ -1142,6 +1142,12 @@ def _black_fill_share(bands: np.ndarray) -> float | None:
 #: where a white border cannot be told from clipped soil running off the edge.
 WHITE_INSIDE_SHARE = 0.01
 
+#: Least share of the raster's outermost pixels (all four sides) a white fill must cover. The
+#: fill around an orthomosaic's footprint runs along most of its edges (the samples' fills:
+#: 49-100 % of the edge pixels); a white roof, vehicle or panel touching one edge covers a few
+#: per cent of them (5-10 % in the probes that were taken for fill before this rule).
+WHITE_EDGE_SHARE = 0.2
+
 
 def _white_fill_share(bands: np.ndarray, top: int) -> float | None:
     """Share of an undeclared white fill (every band at ``top``) along the edges, else None.
@@ -1150,14 +1156,19 @@ def _white_fill_share(bands: np.ndarray, top: int) -> float | None:
     with white, which was read as bright soil. Overexposure clips soil to the same white, so
     only white that runs straight in from the raster's edges counts as fill (rows and
     columns of it, as a fill around the footprint is), on the evidence of black fill (see
-    :func:`_black_fill_share`), and only where the data inside holds hardly any such pixel
-    (:data:`WHITE_INSIDE_SHARE`): an overexposed survey gets no fill warning.
+    :func:`_black_fill_share`), only when it covers :data:`WHITE_EDGE_SHARE` of the edge
+    pixels (a white object touching one edge does not), and only where the data inside holds
+    hardly any such pixel (:data:`WHITE_INSIDE_SHARE`): an overexposed survey gets no fill
+    warning.
 
     Args:
         bands: decimated spectral bands ``(C, H, W)`` of an integer type.
         top: the type's maximum (255 for uint8).
     """
     white = np.asarray((bands == top).all(axis=0))
+    rim = np.concatenate([white[0], white[-1], white[1:-1, 0], white[1:-1, -1]])
+    if rim.mean() < WHITE_EDGE_SHARE:
+        return None
     runs = _edge_runs(white)
     share = _edge_fill_share(runs)
     inside = int((~runs).sum())

@@ -25,6 +25,8 @@ BLOCK_SIZES = (512, 256, 128, 64, 32, 16)
 #: within this share of the CRS's unit (UTM inside its zone: <= 0.1 %; state planes in theirs),
 #: lengths and areas are the CRS's own, as GIS tools report them in that CRS.
 SCALE_TOLERANCE = 0.01
+#: Shear of the CRS's axes on the ground (degrees) beyond which a survey is warned about.
+SHEAR_TOLERANCE_DEG = 2.0
 SWATH_PX = 8192
 """Width of the column groups of tiles that run one after the other (see :func:`plan_tiles`)."""
 #: CRS of images run without georeferencing (``--gsd``): metres on the image plane, x east
@@ -104,15 +106,22 @@ class Grid:
         The CRS's linear unit (metre, US survey foot ...), times the projection's scale at the
         grid's centre where that is more than :data:`SCALE_TOLERANCE` off: Web Mercator
         (EPSG:3857) stretches distances by 1 / cos(latitude), 1.39x at 44 N, and a state plane
-        or UTM zone far from the survey by tens of per cent; every length and area the run
-        reports (GSD, row spacing, areas, zone sizes) goes through here.
+        or UTM zone far from the survey by tens of per cent; every length the run reports
+        (GSD, row spacing, zone sizes) goes through here.
         """
-        left, bottom, right, top = self.bounds
-        step = 256 * max(self.res_xy)
-        mx, my, unit = _metres_per_unit(self.crs, (left + right) / 2, (bottom + top) / 2, step)
-        if abs(mx / unit - 1) <= SCALE_TOLERANCE and abs(my / unit - 1) <= SCALE_TOLERANCE:
-            return (unit, unit)
-        return (mx, my)
+        scale = self._ground_scale()
+        return (scale.unit, scale.unit) if scale.nominal else (scale.x, scale.y)
+
+    @property
+    def square_metres_per_unit2(self) -> float:
+        """Ground area of one square CRS unit (projected and local CRSs), for every area.
+
+        Not the product of :attr:`metres_per_unit`: a projection may shear the ground (the
+        sinusoidal, far from its central meridian), where lengths along x and y overstate the
+        area; equal-area projections keep it at the unit's square.
+        """
+        scale = self._ground_scale()
+        return scale.unit**2 if scale.nominal else scale.area
 
     @property
     def projection_stretch(self) -> float | None:
@@ -123,11 +132,25 @@ class Grid:
         """
         if self.crs.is_geographic:
             return None
+        scale = self._ground_scale()
+        stretch = 2 * scale.unit / (scale.x + scale.y)
+        return None if abs(stretch - 1) <= SCALE_TOLERANCE else stretch
+
+    @property
+    def projection_shear(self) -> float | None:
+        """How far the CRS's right angles are off on the ground at the grid's centre, if it matters.
+
+        Degrees, where beyond :data:`SHEAR_TOLERANCE_DEG`; else None.
+        """
+        if self.crs.is_geographic:
+            return None
+        shear = self._ground_scale().shear_deg
+        return shear if shear > SHEAR_TOLERANCE_DEG else None
+
+    def _ground_scale(self) -> GroundScale:
         left, bottom, right, top = self.bounds
         step = 256 * max(self.res_xy)
-        mx, my, unit = _metres_per_unit(self.crs, (left + right) / 2, (bottom + top) / 2, step)
-        stretch = 2 * unit / (mx + my)
-        return None if abs(stretch - 1) <= SCALE_TOLERANCE else stretch
+        return _ground_scale(self.crs, (left + right) / 2, (bottom + top) / 2, step)
 
     def utm_epsg(self) -> int | None:
         """EPSG code of the WGS 84 UTM zone of the grid's centre (None off the Earth)."""
@@ -159,8 +182,11 @@ class Grid:
         Approximate for a geographic CRS (at the centre latitude): the field summaries use
         each row's area on the ellipsoid (:func:`agriseg.vectorize.row_pixel_areas`).
         """
-        rx, ry = self.res_m
-        return rx * ry
+        if self.crs.is_geographic:
+            rx, ry = self.res_m
+            return rx * ry
+        ux, uy = self.res_xy
+        return ux * uy * self.square_metres_per_unit2
 
     def window_transform(self, window: Window) -> Affine:
         """Affine transform of a window's top-left pixel."""
@@ -187,16 +213,47 @@ _WGS84_A = 6378137.0
 _WGS84_E2 = 6.69437999014e-3
 
 
-@functools.lru_cache(maxsize=64)
-def _metres_per_unit(crs: CRS, x: float, y: float, step: float) -> tuple[float, float, float]:
-    """Ground metres per CRS unit along x and y at ``(x, y)``, and the CRS's nominal unit.
+@dataclass(frozen=True, slots=True)
+class GroundScale:
+    """How a CRS maps onto the ground at one point.
 
-    Measured, not derived from projection formulas: the ground lengths of ``step`` CRS units
+    Attributes:
+        x: ground metres per CRS unit along the CRS's x axis.
+        y: the same along y.
+        area: ground square metres per square CRS unit.
+        shear_deg: how far from 90 degrees the x and y axes are on the ground.
+        unit: the CRS's nominal linear unit in metres.
+    """
+
+    x: float
+    y: float
+    area: float
+    shear_deg: float
+    unit: float
+
+    @property
+    def nominal(self) -> bool:
+        """Whether the CRS's own unit is good to :data:`SCALE_TOLERANCE` in length and area."""
+        u = self.unit
+        return (abs(self.x / u - 1) <= SCALE_TOLERANCE and abs(self.y / u - 1) <= SCALE_TOLERANCE
+                and abs(self.area / u**2 - 1) <= SCALE_TOLERANCE)
+
+
+#: WGS 84's semi-major axis (m) and first eccentricity squared, for ground distances.
+_WGS84_A = 6378137.0
+_WGS84_E2 = 6.69437999014e-3
+
+
+@functools.lru_cache(maxsize=64)
+def _ground_scale(crs: CRS, x: float, y: float, step: float) -> GroundScale:
+    """The CRS's :class:`GroundScale` at ``(x, y)``, measured over ``step`` CRS units.
+
+    Measured, not derived from projection formulas: the ground vectors of ``step`` CRS units
     east and north of the point, through GDAL's transform to longitude and latitude (any
     projection GDAL knows, whatever its unit). Over such short steps the ellipsoid's radii of
-    curvature at the point give the length to far better than the 1 % that matters here, and
-    need neither pyproj nor a geodesic solver (the GPU machines carry neither). Local CRSs,
-    and points GDAL cannot take back to the ellipsoid, get the nominal unit both ways.
+    curvature at the point give them to far better than the 1 % that matters here, and need
+    neither pyproj nor a geodesic solver (the GPU machines carry neither). Local CRSs, and
+    points GDAL cannot take back to the ellipsoid, get the nominal unit.
     """
     from rasterio.warp import transform
 
@@ -204,27 +261,33 @@ def _metres_per_unit(crs: CRS, x: float, y: float, step: float) -> tuple[float, 
         unit = float(crs.units_factor[1])
     except Exception:  # a CRS without a unit GDAL names (rasterio raises CRSError)
         unit = 1.0
+    plain = GroundScale(unit, unit, unit * unit, 0.0, unit)
     if not crs.is_projected:
-        return unit, unit, unit
+        return plain
     try:
         lon, lat = transform(crs, "EPSG:4326", [x, x + step, x], [y, y, y + step])
     except Exception:  # GDAL raises CPLE_AppDefinedError and others off the projection
-        return unit, unit, unit
+        return plain
     if not all(math.isfinite(v) for v in (*lon, *lat)) or abs(lat[0]) >= 90:
-        return unit, unit, unit
+        return plain
     phi = math.radians(lat[0])
     w = math.sqrt(1 - _WGS84_E2 * math.sin(phi) ** 2)
     across = _WGS84_A / w * math.cos(phi)  # metres per radian of longitude
     along = _WGS84_A * (1 - _WGS84_E2) / w**3  # metres per radian of latitude
 
-    def ground(i: int) -> float:
+    def ground(i: int) -> tuple[float, float]:
+        """East and north metres of step ``i``."""
         dlon = (lon[i] - lon[0] + 180.0) % 360.0 - 180.0
-        return math.hypot(across * math.radians(dlon), along * math.radians(lat[i] - lat[0]))
+        return across * math.radians(dlon), along * math.radians(lat[i] - lat[0])
 
-    mx, my = ground(1) / step, ground(2) / step
-    if not (mx > 0 and my > 0):
-        return unit, unit, unit
-    return mx, my, unit
+    (ex, nx), (ey, ny) = ground(1), ground(2)
+    mx, my = math.hypot(ex, nx) / step, math.hypot(ey, ny) / step
+    area = abs(ex * ny - ey * nx) / step**2
+    if not (mx > 0 and my > 0 and area > 0):
+        return plain
+    # |sin| of the angle between the two ground vectors is area / (x y).
+    shear = math.degrees(math.acos(min(1.0, area / (mx * my))))
+    return GroundScale(mx, my, area, shear, unit)
 
 
 @dataclass(frozen=True, slots=True)

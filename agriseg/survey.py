@@ -399,7 +399,7 @@ NON_SQUARE_PIXELS = 1.1
 
 
 def _with_projection_note(survey: SurveyRaster) -> SurveyRaster:
-    """The survey, warned about a CRS that stretches distances or far from square pixels.
+    """The survey, warned about a CRS that stretches or shears, or far from square pixels.
 
     Lengths and areas are corrected (:attr:`Grid.metres_per_unit`), but with one scale for
     the whole survey; the user should know, and how to get exact figures.
@@ -409,12 +409,18 @@ def _with_projection_note(survey: SurveyRaster) -> SurveyRaster:
     rx, ry = grid.res_m
     squash = max(rx, ry) / min(rx, ry)
     utm = grid.utm_epsg()
-    if stretch is not None:
-        crs = grid.crs
-        name = crs.to_string() if crs.to_epsg() else "its projection"
-        text = (f"{survey.path}: the CRS ({name}) stretches ground distances {stretch:.2f}x "
-                "at this survey; lengths and areas are corrected with the scale at its centre "
-                "(good to about 0.1 % across a few km)")
+    shear = grid.projection_shear
+    if shear is not None:
+        # Sinusoidal or Mollweide far from the central meridian: the pixels are parallelograms
+        # on the ground. Areas use the projection's area scale; no single length does.
+        text = (f"{survey.path}: the CRS ({_crs_name(grid)}) shears the ground by {shear:.0f} "
+                "degrees at this survey: areas are right (its area scale is used), but the "
+                "models see the field skewed, and GSD, crop-row spacing and direction are "
+                "approximate")
+    elif stretch is not None:
+        text = (f"{survey.path}: the CRS ({_crs_name(grid)}) stretches ground distances "
+                f"{stretch:.2f}x at this survey; lengths and areas are corrected with the "
+                "scale at its centre (good to about 0.1 % across a few km)")
     elif squash > NON_SQUARE_PIXELS:
         # Degrees of longitude shrink with latitude: 1e-6 x 1e-6 deg is 0.07 x 0.11 m at 44 N.
         # Areas are right (row by row on the ellipsoid), but images look squashed to the
@@ -429,6 +435,12 @@ def _with_projection_note(survey: SurveyRaster) -> SurveyRaster:
                  f"EPSG:{utm} -r near {survey.path} survey_utm.tif")
     log.warning("%s", text)
     return replace(survey, warnings=(*survey.warnings, text))
+
+
+def _crs_name(grid: Grid) -> str:
+    """``EPSG:3857``, ``ESRI:54008``; a WKT's projection name is no name a user typed."""
+    name = grid.crs.to_string()
+    return name if len(name) <= 40 and "[" not in name else "its projection"
 
 
 def _clamp_halo(halo: int, grid: Grid, model_most: int | None = None) -> int:

@@ -114,8 +114,7 @@ def areas_m2(geoms_crs: np.ndarray, grid: Grid) -> np.ndarray:
     if grid.crs.is_geographic:
         dense = shapely.segmentize(geoms_crs, 0.01)
         return gpd.GeoSeries(dense, crs=grid.crs).to_crs(EQUAL_AREA).area.to_numpy()
-    mx, my = grid.metres_per_unit
-    return shapely.area(geoms_crs) * mx * my
+    return shapely.area(geoms_crs) * grid.square_metres_per_unit2
 
 
 def pixel_to_crs(geoms: np.ndarray, transform: Affine) -> np.ndarray:

@@ -96,6 +96,19 @@ def test_ground_scale_of_stretching_and_foot_crss() -> None:
     assert local.projection_stretch is None and local.utm_epsg() is None
 
 
+def test_sheared_equal_area_projection_keeps_areas() -> None:
+    """The sinusoidal (equal-area) at 95 W, 44 N shears the ground by ~49 degrees: lengths
+    along y are 1.5x the CRS's, but a pixel's area is its CRS area."""
+    sinu = Grid((906, 3455), Affine(0.018, 0, -7620000.0, 0, -0.018, 4900000.0),
+                CRS.from_string("ESRI:54008"))
+    assert sinu.square_metres_per_unit2 == pytest.approx(1.0, rel=2e-3)
+    assert sinu.pixel_area_m2 == pytest.approx(0.018**2, rel=2e-3)
+    assert sinu.projection_shear == pytest.approx(49, abs=3)
+    assert sinu.res_m[1] > 1.4 * 0.018
+    utm = Grid((100, 100), Affine(0.02, 0, 315760.0, 0, -0.02, 4900915.0), CRS.from_epsg(32615))
+    assert utm.projection_shear is None and utm.square_metres_per_unit2 == 1.0
+
+
 @given(halo=st.integers(0, 600), multiple=st.integers(1, 1000))
 def test_auto_tile_size_rounds_up_to_the_models_block(halo: int, multiple: int) -> None:
     plain, size = auto_tile_size(halo), auto_tile_size(halo, multiple=multiple)

@@ -18,7 +18,7 @@ import rasterio
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema
 from agriseg.errors import ConfigError, GridMismatchError, InputError, RasterError
 from agriseg.grid import Grid, on_earth
-from agriseg.raster import no_georef_warning
+from agriseg.rasterfile import no_georef_warning
 
 log = logging.getLogger(__name__)
 

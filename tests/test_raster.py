@@ -11,9 +11,11 @@ from affine import Affine
 from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
+import agriseg.bands as band_roles
 import agriseg.raster as raster
 from agriseg.errors import BandError
 from agriseg.raster import open_survey, read_overview
+from agriseg.rasterfile import no_georef_warning
 from tests.conftest import SAMPLES, write_rgba
 
 
@@ -339,7 +341,7 @@ def test_alpha_band_holding_data_is_doubted(tmp_path: Path, graded: bool, warned
         rgba[3, :20, :20] = 0
         rgba[3, 20, :3] = 128
     path = tmp_path / "tile.png"
-    with raster.no_georef_warning():
+    with no_georef_warning():
         with rasterio.open(path, "w", driver="PNG", width=128, height=128, count=4,
                            dtype="uint8") as dst:
             dst.write(rgba)
@@ -743,7 +745,7 @@ def test_separate_vrt_alpha_band_and_descriptions(tmp_path: Path) -> None:
     ("B01.tif", None),
 ])
 def test_file_name_band(name: str, role: str | None) -> None:
-    assert raster._file_name_band(name)[0] == role
+    assert band_roles._file_name_band(name)[0] == role
 
 
 def test_gdalbuildvrt_separate_stack(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def _described_schema(pred: Path) -> tuple[ClassSchema | None, bool]:
     from agriseg.classes import ClassSchema
     from agriseg.errors import InputError
     from agriseg.metrics import check_class_raster
-    from agriseg.raster import no_georef_warning
+    from agriseg.rasterfile import no_georef_warning
 
     try:
         # A PNG prediction (a run with --gsd) has no CRS; evaluate says what that means.

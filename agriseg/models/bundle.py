@@ -97,7 +97,7 @@ class BundleMeta:
             # NaN means painted every pixel soil, an infinite std every pixel weed.
             raise ConfigError(f"bundle metadata: mean must be finite and std finite and "
                               f"positive, got {list(self.mean)}, {list(self.std)}")
-        from agriseg.raster import ROLES
+        from agriseg.bands import ROLES
 
         if not set(self.roles) <= set(ROLES) - {"alpha"} or len(set(self.roles)) != n:
             raise ConfigError(f"bundle metadata: roles {list(self.roles)[:8]} must be distinct "

@@ -186,7 +186,7 @@ class TrainConfig(_Strict):
     def _band_roles(cls, v: list[str]) -> list[str]:
         # Checked here, before any data is read: an empty list crashed the image read, and a
         # repeated role or alpha trained a whole epoch before the bundle refused them.
-        from agriseg.raster import ROLES
+        from agriseg.bands import ROLES
 
         valid = ", ".join(r for r in ROLES if r != "alpha")
         if not v:

@@ -37,7 +37,8 @@ from agriseg.errors import (
 )
 from agriseg.grid import Grid
 from agriseg.metrics import check_class_raster, map_values, non_class_values
-from agriseg.raster import image_vrt, no_georef_warning, open_survey, read_window
+from agriseg.raster import image_vrt, open_survey, read_window
+from agriseg.rasterfile import no_georef_warning
 from agriseg.train.augment import augment_patch
 from agriseg.train.config import AugmentSection
 

@@ -633,11 +633,22 @@ def _process(
         # gives it a metric image-plane grid (see image_vrt).
         vrt = image_vrt(config.input, out / IMAGE_VRT, config.gsd)
         try:
-            survey = open_survey(vrt, config.bands)
-        except AgrisegError as exc:  # name the user's file, not our wrapper
-            raise type(exc)(str(exc).replace(vrt, str(config.input))) from exc
-        _refuse_empty(survey)
-        fieldset = _read_fields_first(config, survey)
+            try:
+                survey = open_survey(vrt, config.bands)
+            except AgrisegError as exc:  # name the user's file, not our wrapper
+                # The VRT's absolute path first: replacing the relative one inside it gave
+                # "/here//here/image.png" for a relative --out.
+                text = str(exc)
+                for name in dict.fromkeys((str(Path(vrt).absolute()), str(vrt))):
+                    text = text.replace(name, str(config.input))
+                raise type(exc)(text) from exc
+            _refuse_empty(survey)
+            fieldset = _read_fields_first(config, survey)
+        except AgrisegError:
+            # Refused before any tile: the VRT is all this run wrote, and left behind it made
+            # the corrected command fail ("holds files ... that no agriseg run left there").
+            Path(vrt).unlink(missing_ok=True)
+            raise
 
     halo_wanted = None if config.halo is None else _clamp_halo(
         config.halo, survey.grid, getattr(segmenter, "max_halo", None))

@@ -224,6 +224,11 @@ def test_cli_image_without_georeferencing(rgba_tif: Path, tmp_path: Path,
     r = CliRunner().invoke(main, ["run", str(tmp_path / "gray.png"), "--out",
                                   str(tmp_path / "gr"), "--gsd", "0.01"])
     assert r.exit_code == 2 and f"{tmp_path / 'gray.png'}: has 1 band(s)" in r.output, r.output
+    # ... and the refused run leaves no image.vrt, which made the corrected command fail
+    assert not (tmp_path / "gr").exists()
+    r = CliRunner().invoke(main, ["run", str(png), "--out", str(tmp_path / "gr"), "--gsd", "0.01",
+                                  "--bands", "red=1,green=2,blue=3,nir=4"])
+    assert r.exit_code == 2 and not (tmp_path / "gr").exists(), r.output
     # a georeferenced raster keeps its CRS: --gsd is refused
     r = CliRunner().invoke(main, ["run", str(rgba_tif), "--out", str(tmp_path / "g"),
                                   "--gsd", "0.01"])

@@ -285,3 +285,28 @@ def test_labelled_dataset_reruns_when_the_options_change(tmp_path: Path) -> None
                        timeout=60, env=env, cwd=tmp_path)
     assert r.returncode == 0 and "reusing" in r.stderr, r.stderr
     assert len(runs.read_text().splitlines()) == 2
+
+
+def test_labelled_dataset_image_suffix(tmp_path: Path) -> None:
+    """CWFID names its files 001_image.png and 001_annotation.png: IMAGE_SUFFIX and
+    LABEL_SUFFIX pair them (without IMAGE_SUFFIX every image was "no label", skipped)."""
+    import os
+    import subprocess
+
+    imgs, labs = tmp_path / "images", tmp_path / "annotations"
+    imgs.mkdir()
+    labs.mkdir()
+    for n in ("001", "002"):
+        (imgs / f"{n}_image.png").write_bytes(b"image")
+        (labs / f"{n}_annotation.png").write_bytes(b"label")
+    stub, log = _stub_agriseg(tmp_path), tmp_path / "evaluate.args"
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(WORKFLOWS / "labelled_dataset.sh"), str(imgs), str(labs),
+                        f"{out}/", "--gsd", "0.01"], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "AGRISEG": str(stub), "STUB_LOG": str(log),
+                            "RUN_LOG": str(tmp_path / "runs.log"), "IMAGE_SUFFIX": "_image",
+                            "LABEL_SUFFIX": "_annotation"})
+    assert r.returncode == 0, r.stderr
+    args = log.read_text().split("\0")[:-1]
+    assert args == [str(out / "001" / "classes.tif"), str(labs / "001_annotation.png"),
+                    str(out / "002" / "classes.tif"), str(labs / "002_annotation.png")]

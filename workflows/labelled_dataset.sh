@@ -3,9 +3,10 @@
 #
 #   workflows/labelled_dataset.sh IMAGES_DIR LABELS_DIR OUT_DIR [agriseg run options...]
 #
-# Each image IMAGES_DIR/NAME.* is paired with LABELS_DIR/NAME${LABEL_SUFFIX}.* (first match;
-# NAME is matched literally, brackets and stars included); images without a label are skipped
-# with a message. Only rasters count (tif tiff png jpg jpeg jp2 vrt img bmp webp, any case):
+# Each image IMAGES_DIR/NAME${IMAGE_SUFFIX}.* is paired with LABELS_DIR/NAME${LABEL_SUFFIX}.*
+# (first match; NAME is matched literally, brackets and stars included; CWFID's
+# 001_image.png and 001_annotation.png: IMAGE_SUFFIX=_image LABEL_SUFFIX=_annotation);
+# images without a label are skipped with a message. Only rasters count (tif tiff png jpg jpeg jp2 vrt img bmp webp, any case):
 # sidecars such as NAME.pgw, NAME.tfw, NAME.aux.xml are neither images nor labels. Images
 # without a CRS (PNG/JPEG tiles) need `--gsd METRES` among the options. Labels coded otherwise
 # than 0=soil 1=crop 2=weed 3=disease 255=unlabelled: set TRUTH_CLASSES (e.g.
@@ -16,7 +17,7 @@
 # OUT_DIR/scores.txt. `agriseg` comes from PATH (activate its venv: . .venv/bin/activate)
 # or from $AGRISEG (e.g. AGRISEG=.venv/bin/agriseg).
 set -euo pipefail
-[ $# -ge 3 ] || { sed -n '2,17p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,18p' "$0" >&2; exit 2; }
 images=$1 labels=$2 out=$3
 [ "$out" = / ] || out=${out%/}
 shift 3
@@ -50,6 +51,7 @@ for img in "$images"/*; do
   [ -f "$img" ] && is_raster "$img" || continue
   name=${img##*/}  # not $(basename ...), which drops a name's trailing newlines
   name=${name%.*}
+  name=${name%"${IMAGE_SUFFIX:-}"}
   # Only the `.*` is a pattern: the quoted name and folder match literally, so the label of
   # images/tile[1].tif is labels/tile[1].tif, never labels/tile1.tif. Expanded by the shell, not
   # read back as lines of text, so spaces and newlines in names stay intact.

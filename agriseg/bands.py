@@ -448,7 +448,9 @@ def _detect_roles(
                     "indices and classes may use the wrong bands; name the bands, e.g. "
                     f"{hint}"
                 ]
-        return roles, how, _unused_bands(ds, roles) if n > 5 else []
+        # Five bands too: an 8-bit stack of R,G,B,NIR,RE (WeedMap's PNGs, one file a band)
+        # gets no camera-layout check, and its fifth band was dropped without a word.
+        return roles, how, _unused_bands(ds, roles) if n >= 5 else []
     return {}, "nothing (fewer than 3 bands and no descriptions)", []
 
 

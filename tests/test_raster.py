@@ -93,6 +93,23 @@ def test_untagged_five_bands_follow_reflectance(tmp_path: Path) -> None:
     assert survey.to_dict()["roles_from"].startswith("band order convention for 5 bands")
 
 
+def test_untagged_eight_bit_five_bands_name_the_unused_band(tmp_path: Path) -> None:
+    """An 8-bit stack of five untagged bands (WeedMap's R,G,B,NIR,RE PNGs, one file a band)
+    is read R,G,B,NIR by convention; its fifth band was dropped without a word."""
+    rng = np.random.default_rng(2)
+    data = rng.integers(20, 200, (5, 60, 80)).astype(np.uint8)
+    path = tmp_path / "stack.tif"
+    grid = {"crs": "EPSG:32615", "transform": Affine(0.01, 0, 720000, 0, -0.01, 4300000)}
+    with rasterio.open(path, "w", driver="GTiff", width=80, height=60, count=5, dtype="uint8",
+                       **grid) as dst:
+        dst.write(data)
+        dst.colorinterp = UNTAGGED
+    survey = open_survey(path)
+    assert survey.roles.as_dict() == {"red": 1, "green": 2, "blue": 3, "nir": 4}
+    (note,) = survey.warnings
+    assert "band 5 is not used" in note and "--bands" in note
+
+
 @pytest.mark.parametrize(("descriptions", "roles"), [
     # MicaSense Dual / Metashape style: names with wavelengths, in B,G,R,RE,NIR order
     (["Blue-444", "Green-531", "Red-650", "Red edge-717", "NIR-842"],

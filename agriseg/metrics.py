@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 from collections import Counter
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.crs import CRS
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema
 from agriseg.errors import ConfigError, GridMismatchError, InputError, RasterError
@@ -26,6 +28,17 @@ log = logging.getLogger(__name__)
 MAX_LABELS = 20
 #: Distinct unmapped colours counted in a colour-coded truth (a photo has millions).
 MAX_COLOURS = 1000
+#: Share of a coded truth's pixels at 255 beyond which 255 may be a class, not the unlabelled
+#: value: a few stray pixels are no class level.
+TOP_SHARE = 0.01
+#: A recoding of the truth is suggested when it lifts pixel accuracy from under
+#: ``RECODE_LOW`` to ``RECODE_HIGH`` or more, or by ``RECODE_GAIN``. A reasonable model on
+#: rightly coded labels scores over 0.7, and reordering right labels lifts it by far less
+#: than 0.3: only class-for-class swaps of large classes would.
+RECODE_LOW, RECODE_HIGH, RECODE_GAIN = 0.6, 0.8, 0.3
+#: ... and reads at least this share of the pixels as other classes (a few stray pixels of a
+#: rare class say nothing of the coding).
+RECODE_MIN_SHARE = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +92,32 @@ class Scores:
     @property
     def miou(self) -> float:
         """Mean IoU over :attr:`miou_classes`."""
+        return self._mean_iou(self.miou_classes)
+
+    @property
+    def no_truth(self) -> tuple[str, ...]:
+        """Classes in the mean IoU that the truth holds no pixel of (predicted only).
+
+        Their IoU is 0 whatever the model does elsewhere: a few stray disease pixels against
+        a soil/crop/weed truth pulled the mean from 0.98 to 0.74 with nothing to say why.
+        """
+        truth = dict(zip(self.names, self.confusion.sum(1).tolist(), strict=True))
+        return tuple(n for n in self.miou_classes if truth[n] == 0)
+
+    @property
+    def miou_truth_classes(self) -> tuple[str, ...]:
+        """:attr:`miou_classes` less :attr:`no_truth`: the classes the truth holds."""
+        return tuple(n for n in self.miou_classes if n not in self.no_truth)
+
+    @property
+    def miou_truth(self) -> float:
+        """Mean IoU over :attr:`miou_truth_classes` (NaN where the truth holds none)."""
+        return self._mean_iou(self.miou_truth_classes)
+
+    def _mean_iou(self, names: tuple[str, ...]) -> float:
+        """Mean IoU over ``names`` (NaN for none)."""
         iou = self.iou
-        vals = [iou[n] for n in self.miou_classes]
+        vals = [iou[n] for n in names]
         return float(np.mean(vals)) if vals else float("nan")
 
     def to_dict(self) -> dict[str, object]:
@@ -92,6 +129,10 @@ class Scores:
             "miou": _finite(self.miou),
             "miou_classes": list(self.miou_classes),
             "left_out": dict(self.left_out),
+            # Classes in the mean with no truth pixel, and the mean without them.
+            "no_truth_pixels": list(self.no_truth),
+            "miou_truth": _finite(self.miou_truth),
+            "miou_truth_classes": list(self.miou_truth_classes),
             "confusion": self.confusion.tolist(),
             "names": list(self.names),
         }
@@ -103,19 +144,188 @@ class Scores:
         lines = [f"{'class':<{w}} {'IoU':>7} {'F1':>7} {'truth px':>12} {'pred px':>12}"]
         truth = self.confusion.sum(1)
         pred = self.confusion.sum(0)
+        no_truth = self.no_truth
         for i, n in enumerate(self.names):
             note = f"  ({self.left_out[n]}, not in mean IoU)" if n in self.left_out else ""
+            if n in no_truth:
+                note = "  (no truth pixels: IoU 0, in mean IoU)"
             lines.append(
                 f"{n:<{w}} {self.iou[n]:7.3f} {self.f1[n]:7.3f} {truth[i]:12d} {pred[i]:12d}"
                 + note
             )
         over = f" over {', '.join(self.miou_classes)}" if self.left_out else ""
         lines.append(f"pixel accuracy {self.accuracy:.4f}   mean IoU {self.miou:.4f}{over}")
+        if no_truth:
+            lines.append(f"mean IoU over the classes the truth holds "
+                         f"({', '.join(self.miou_truth_classes)}): {self.miou_truth:.4f}")
         lines.append("confusion (rows truth, columns prediction):")
         lines.append(" " * w + "".join(f"{n:>{w}}" for n in self.names))
         for i, n in enumerate(self.names):
             lines.append(f"{n:<{w}}" + "".join(f"{v:{w}d}" for v in self.confusion[i]))
         return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class Recoding:
+    """A reading of the truth's codes under which the prediction agrees far better.
+
+    The scores stay as read; this is what a user who picked the wrong coding (1..3 for
+    soil..weed read as crop..disease; crop and weed swapped) is shown.
+
+    Attributes:
+        accuracy: pixel accuracy as scored.
+        recoded: pixel accuracy read this way, over the pixels the reading keeps.
+        kind: ``"value"`` (class values, ``--truth-classes``) or ``"colour"``
+            (``--truth-colors``): what the codes are.
+        codes: per truth code (or codes) holding pixels, in order: the code(s) as written,
+            the class it is scored as, the class it reads as, and the share of its pixels
+            predicted as that class.
+        ignored: codes the reading takes as unlabelled (``"0"``).
+        option: the option that reads the truth so, e.g. ``--truth-classes
+            0=ignore,1=soil,2=crop,3=weed``.
+    """
+
+    accuracy: float
+    recoded: float
+    kind: str
+    codes: tuple[tuple[str, str, str, float], ...]
+    ignored: tuple[str, ...]
+    option: str
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form."""
+        return {
+            "accuracy": self.accuracy,
+            "recoded_accuracy": self.recoded,
+            "codes": [{"code": c, "scored_as": was, "reads_as": now, "share": share}
+                      for c, was, now, share in self.codes],
+            "ignored": list(self.ignored),
+            "option": self.option,
+        }
+
+
+def suggest_truth_coding(
+    confusion: np.ndarray, schema: ClassSchema = DEFAULT_CLASSES,
+    truth_classes: dict[int, int] | None = None,
+    truth_colors: dict[tuple[int, int, int], int] | None = None,
+) -> Recoding | None:
+    """A recoding of the truth that fits the prediction far better, or None.
+
+    The truth's codes (rows of ``confusion``) are matched one to one onto the predicted
+    classes so that most pixels agree (the best assignment, not each row's own most
+    predicted class); when the truth was read as it is, reading value 0 as unlabelled is
+    tried too (1..3 beside a 0 background). The reading is returned when it lifts pixel
+    accuracy, or the mean recall of the truth's codes (a crop/weed swap under a field of
+    soil barely moves pixel accuracy), from under :data:`RECODE_LOW` to :data:`RECODE_HIGH`
+    or by :data:`RECODE_GAIN`, raises pixel accuracy, and reads at least
+    :data:`RECODE_MIN_SHARE` of the pixels otherwise, each code read anew mostly predicted
+    as its new class (codes holding under that share together excepted): a model that is
+    merely poor is not taken for a coding error.
+
+    Args:
+        confusion: ``(K, K)`` counts as scored (pooled over pairs), rows truth.
+        schema: the classes.
+        truth_classes: the ``--truth-classes`` the truth was read with, if any.
+        truth_colors: the ``--truth-colors`` the truth was read with, if any.
+
+    Returns:
+        The reading, with the option that scores the truth so; None when the truth as read
+        fits as well or nearly.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    c = confusion.astype(np.float64)
+    total = c.sum()
+    if not total:
+        return None
+    held = [r for r in range(len(c)) if c[r].sum()]  # truth rows holding pixels
+    same = {r: r for r in held}
+    before, before_recall = _agreement(c, same)
+
+    def worth(new: dict[int, int]) -> tuple[bool, float]:
+        """Whether reading row r as new[r] is worth saying, and its pixel accuracy."""
+        after, recall = _agreement(c, new)
+        moved = [r for r in new if new[r] != r]
+        # Codes read anew that are not mostly their new class: a model that predicts soil
+        # everywhere "fits" 1..3 as soil and then anything.
+        unlike = sum(c[r].sum() for r in moved if c[r, new[r]] < c[r].sum() / 2)
+        lifts = [(before, after), (before_recall, recall)]
+        ok = (after > before and sum(c[r].sum() for r in moved) >= RECODE_MIN_SHARE * total
+              and unlike < RECODE_MIN_SHARE * total
+              and any((b < RECODE_LOW and a >= RECODE_HIGH) or a - b >= RECODE_GAIN
+                      for b, a in lifts))
+        return ok, after
+
+    rows, cols = linear_sum_assignment(c, maximize=True)
+    full = {r: col for r, col in zip(rows.tolist(), cols.tolist(), strict=True) if r in held}
+    full_ok, full_acc = worth(full)
+    drop_ok, drop_acc, drop = False, 0.0, {}
+    zero = c[0].sum()
+    if truth_classes is None and truth_colors is None and 0 < zero < total:
+        # Value 0 read as soil may be the unlabelled background of 1..3 codes.
+        rows, cols = linear_sum_assignment(c[1:], maximize=True)
+        drop = {r + 1: col for r, col in zip(rows.tolist(), cols.tolist(), strict=True)
+                if r + 1 in held}
+        # Not a recoding when only 0 goes: that is dropping soil where the model is poor.
+        if any(drop[r] != r for r in drop):
+            drop_ok, drop_acc = worth(drop)
+    if drop_ok and (not full_ok or c[0, full[0]] < zero / 2
+                    or any(full[r] != drop[r] for r in drop)):
+        # 0 explained by no class of its own, or the other codes read otherwise without it.
+        return _recoding(c, schema, drop, before, drop_acc, None, None, ignore_zero=True)
+    if full_ok:
+        return _recoding(c, schema, full, before, full_acc, truth_classes, truth_colors)
+    return None
+
+
+def _agreement(c: np.ndarray, new: dict[int, int]) -> tuple[float, float]:
+    """Pixel accuracy and mean recall of truth rows ``r`` read as classes ``new[r]``.
+
+    Over the rows in ``new`` only. The mean recall weighs each code alike: a crop/weed swap
+    under a field of soil moves pixel accuracy from 0.80 to 0.99 only, recall from 0.33.
+    """
+    rows = list(new)
+    hits = np.array([c[r, new[r]] for r in rows])
+    sizes = c[rows].sum(1)
+    return float(hits.sum() / sizes.sum()), float(np.mean(hits / sizes))
+
+
+def _recoding(c: np.ndarray, schema: ClassSchema, new: dict[int, int], before: float,
+              after: float, truth_classes: dict[int, int] | None,
+              truth_colors: dict[tuple[int, int, int], int] | None,
+              ignore_zero: bool = False) -> Recoding:
+    """The :class:`Recoding` that reads each truth row ``r`` as class ``new[r]``."""
+    names = schema.names
+    kind = "colour" if truth_colors else "value"
+    # The truth's codes behind each row: the values themselves, or those the mapping names.
+    given: dict[str, int]
+    if truth_colors:
+        given = {f"{r},{g},{b}": v for (r, g, b), v in truth_colors.items()}
+    elif truth_classes:
+        given = {str(v): cls for v, cls in sorted(truth_classes.items())}
+    else:
+        # Rows are the values themselves; 0 goes first as "0=ignore" where it is dropped.
+        given = {str(r): r for r in range(len(c)) if c[r].sum() and not (ignore_zero and r == 0)}
+    pairs: list[str] = []
+    codes: list[tuple[str, str, str, float]] = []
+    by_row: dict[int, list[str]] = {}
+    for code, row in given.items():
+        if row == schema.nodata or row not in new or not c[row].sum():
+            # Ignored, or a class the truth holds no pixel of: kept as given.
+            pairs.append(f"{code}={'ignore' if row == schema.nodata else names[row]}")
+            continue
+        pairs.append(f"{code}={names[new[row]]}")
+        by_row.setdefault(row, []).append(code)
+    for row, row_codes in by_row.items():
+        codes.append((" and ".join(row_codes), names[row], names[new[row]],
+                      float(c[row, new[row]] / c[row].sum())))
+    if ignore_zero:
+        pairs.insert(0, "0=ignore")
+    if truth_colors:
+        option = "--truth-colors " + shlex.quote(";".join(pairs))
+    else:
+        option = "--truth-classes " + ",".join(pairs)
+    return Recoding(before, after, kind, tuple(codes), ("0",) if ignore_zero else (), option)
 
 
 def _finite(value: float) -> float | None:
@@ -412,13 +622,65 @@ def _check_same_grid(pred_path: str | Path, truth_path: str | Path,
                 "image's size"
             )
         return
-    if not Grid(p.shape, p.transform, p.crs).same_as(Grid(t.shape, t.transform, t.crs)):
+    pred_grid = Grid(p.shape, p.transform, p.crs)
+    truth_grid = Grid(t.shape, t.transform, t.crs)
+    if not pred_grid.same_as(truth_grid):
         raise GridMismatchError(
             f"{pred_path} and {truth_path} are on different grids "
-            f"({p.width}x{p.height} {p.crs} vs {t.width}x{t.height} {t.crs}); "
-            "resample the truth onto the prediction grid first (gdalwarp -r near "
-            "-te/-tr/-t_srs)"
+            f"({'; '.join(_grid_differences(truth_grid, pred_grid))}); put the truth on the "
+            f"prediction's grid: {warp_command(truth_path, pred_grid)}, and score against "
+            "that (pixels outside the truth become 255, unlabelled)"
         )
+
+
+def _grid_differences(truth: Grid, pred: Grid) -> list[str]:
+    """What differs between the truth's grid and the prediction's, in words."""
+    th, tw = truth.shape_yx
+    ph, pw = pred.shape_yx
+    crs = _crs_name(pred.crs)
+    diffs = []
+    if truth.crs != pred.crs:
+        diffs.append(f"the truth's CRS is {_crs_name(truth.crs)}, the prediction's {crs}")
+    if (th, tw) != (ph, pw):
+        diffs.append(f"the truth is {tw}x{th} px, the prediction {pw}x{ph} px")
+    if truth.crs == pred.crs:
+        tx, ty = truth.res_xy
+        px, py = pred.res_xy
+        if not (math.isclose(tx, px, rel_tol=1e-6) and math.isclose(ty, py, rel_tol=1e-6)):
+            diffs.append(f"the truth's pixel size is {tx:.6g} x {ty:.6g}, the prediction's "
+                         f"{px:.6g} x {py:.6g} ({crs} units)")
+        dc, dr = ~pred.transform @ (truth.transform.c, truth.transform.f)
+        if max(abs(dc), abs(dr)) > 1e-6:
+            diffs.append(f"the truth's top-left corner is {dc:+.4g} px across and {dr:+.4g} "
+                         "px down from the prediction's")
+    return diffs or ["their transforms differ"]
+
+
+def warp_command(path: str | Path, grid: Grid, nodata: int = 255) -> str:
+    """The ``gdalwarp`` command that puts the raster ``path`` on ``grid``, pixel for pixel.
+
+    Nearest neighbour keeps class values; ``-te``/``-tr``/``-t_srs`` give the grid's extent,
+    pixel size and CRS exactly, and ``-dstnodata`` makes what the raster does not cover
+    unlabelled. The output is named after ``path`` (``labels_on_prediction.tif``).
+    """
+    left, bottom, right, top = grid.bounds
+    rx, ry = grid.res_xy
+    out = Path(path).with_name(Path(path).stem + "_on_prediction.tif")
+    return (f"gdalwarp -r near -dstnodata {nodata} -te {_num(left)} {_num(bottom)} "
+            f"{_num(right)} {_num(top)} -tr {_num(rx)} {_num(ry)} -t_srs "
+            f"{shlex.quote(_crs_name(grid.crs))} {shlex.quote(str(path))} "
+            f"{shlex.quote(str(out))}")
+
+
+def _num(v: float) -> str:
+    """A coordinate or pixel size for a command line: exact, without float noise."""
+    return f"{v:.15g}"
+
+
+def _crs_name(crs: CRS) -> str:
+    """``EPSG:32615`` where the CRS has an EPSG code, else its full text."""
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else str(crs.to_string())
 
 
 def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
@@ -464,6 +726,30 @@ def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
 def _in_order(codes: list[int], schema: ClassSchema) -> str:
     """``codes`` as the classes in order: ``10=soil,20=crop,30=weed``."""
     return ",".join(f"{v}={c.name}" for v, c in zip(codes, schema.classes, strict=False))
+
+
+def _even_levels(codes: list[int]) -> bool:
+    """Whether ``codes`` step evenly (within 1), as grey levels do: 0/128/255, 0/85/170/255."""
+    steps = np.diff(sorted(codes))
+    return len(steps) >= 2 and int(steps.min()) >= 2 and int(steps.max() - steps.min()) <= 1
+
+
+def _note_palette(path: str | Path, ds: rasterio.DatasetReader, schema: ClassSchema) -> None:
+    """Say that a truth with a colour table is read by its indices, not its colours.
+
+    A palette PNG's indices may follow another order than its colours suggest. A table of
+    the classes' own colours (a class raster agriseg wrote) goes without a note.
+    """
+    try:
+        table = ds.colormap(1)
+    except ValueError:  # no colour table
+        return
+    if not table or all(tuple(table.get(c.value, ())[:3]) == tuple(c.color)
+                        for c in schema.classes):
+        return
+    log.info("%s: has a colour table (a palette image); its palette indices are read as "
+             "class values (%s); to read its colours instead, give --truth-colors "
+             "R,G,B=CLASS;...", path, ", ".join(f"{c.value}={c.name}" for c in schema.classes))
 
 
 def _binary_mask_hint(schema: ClassSchema, low: int) -> str:
@@ -518,6 +804,7 @@ def evaluate_rasters(
             check_class_raster(pred_path, p, "prediction")
             if truth_colors is None:
                 check_class_raster(truth_path, t, "truth")
+                _note_palette(truth_path, t, schema)
                 palette = None
             else:
                 palette = _colour_codes(truth_path, t)
@@ -537,6 +824,9 @@ def evaluate_rasters(
             unknown: set[int] = set()
             unknown_pred: set[int] = set()
             unmapped: Counter[int] = Counter()
+            # Pixels of 255 among all, unmapped: a grey-level coding (0/128/255) uses 255 as a
+            # class, and an example that left it out dropped that class silently.
+            top_px = all_px = 0
             # The truth's distinct values (bounded): a binary 0/255 mask to warn of, and the
             # codes an example --truth-classes maps in order.
             seen: set[int] | None = set()
@@ -550,6 +840,9 @@ def evaluate_rasters(
                         seen.update(_distinct(raw).tolist())
                         if len(seen) > k + MAX_LABELS + 2:
                             seen = None
+                    if not mapping:
+                        top_px += int(np.count_nonzero(raw == schema.nodata))
+                        all_px += raw.size
                     if not mapping and declared is not None and declared != schema.nodata:
                         # Widened: an int8 truth turned 255 back into -1.
                         raw = np.where(raw == declared, schema.nodata, raw.astype(np.int64))
@@ -590,10 +883,28 @@ def evaluate_rasters(
         present = sorted(seen - unlabelled) if seen is not None else None
         already = [f"{declared} (its declared nodata)"] if declared not in (None,
                                                                            schema.nodata) else []
-        if seen is not None and schema.nodata in seen:
+        top = ""  # what is said of 255 where it may be a class
+        share = top_px / all_px if all_px else 0.0
+        if (seen is not None and schema.nodata in seen and declared != schema.nodata
+                and not truth_classes and share >= TOP_SHARE and present is not None):
+            pct = f"{schema.nodata} ({100 * share:.3g} % of the pixels)"
+            if _even_levels([*present, schema.nodata]) and len(present) < k:
+                # 0/128/255, 0/85/170/255: grey levels, 255 the last class.
+                present = [*present, schema.nodata]
+                top = (f"; {pct} is read as unlabelled unless mapped, and steps on evenly "
+                       "from the other values as a class level would, so the example maps it "
+                       f"({schema.nodata}=ignore if it is unlabelled)")
+            else:
+                already.append(str(schema.nodata))
+                example = (f"e.g. {schema.nodata}={schema.names[len(present)]}"
+                           if len(present) < k else f"{schema.nodata}=CLASS")
+                top = (f"; {schema.nodata} holds {100 * share:.3g} % of the pixels: if it is a "
+                       f"class, map it too ({example})")
+        elif seen is not None and schema.nodata in seen:
             already.append(str(schema.nodata))
         note = (f"; {' and '.join(already)} {'is' if len(already) == 1 else 'are'} already "
                 "read as unlabelled" if already else "")
+        note += top
         if str(schema.nodata) not in already:
             classes += f", {schema.nodata}=unlabelled"
         raise InputError(
@@ -610,17 +921,26 @@ def evaluate_rasters(
             "that the two rasters cover the same place"
         )
     if seen is not None and truth_colors is None:
-        _warn_of_unlabelled(truth_path, seen, declared, truth_classes, schema)
+        # A shifted coding (1..3 beside nodata 0) is named after the scores, with the option
+        # that reads it; "if 0 means soil, map 0=soil" would say otherwise.
+        recoded = (not truth_classes and declared is not None and 0 <= declared < k
+                   and suggest_truth_coding(total, schema) is not None)
+        _warn_of_unlabelled(truth_path, seen, declared, truth_classes, schema,
+                            recoded=recoded)
     return Scores(total, schema.names, _left_out(schema, truth_classes, truth_colors,
                                                  pred_classes))
 
 
 def _warn_of_unlabelled(truth_path: str | Path, seen: set[int], declared: int | None,
-                        truth_classes: dict[int, int] | None, schema: ClassSchema) -> None:
+                        truth_classes: dict[int, int] | None, schema: ClassSchema,
+                        recoded: bool = False) -> None:
     """Warn where the unlabelled value likely meant a class.
 
     A binary mask (0 and 255, Agriculture-Vision style) lost all its positives to "255 =
     unlabelled", and a declared nodata of 0 all its soil, while a full table printed.
+    ``recoded``: the scores fit a recoding of the truth far better (see
+    :func:`suggest_truth_coding`), which is then the reading to suggest: a declared nodata
+    0 beside 1..3 is no soil.
     """
     named = set(truth_classes or ())
     values = seen - {declared} if declared is not None else seen
@@ -632,7 +952,7 @@ def _warn_of_unlabelled(truth_path: str | Path, seen: set[int], declared: int | 
             "mask (%d = the class), say so, e.g. %s", truth_path, low, schema.nodata,
             schema.nodata, schema.nodata, _binary_mask_hint(schema, low))
     if (not truth_classes and declared is not None and 0 <= declared < len(schema)
-            and declared in seen):
+            and declared in seen and not recoded):
         log.warning(
             "%s: value %d (%s) is the file's declared nodata, so it is read as unlabelled; if "
             "it means %s, say so with --truth-classes %s", truth_path, declared,

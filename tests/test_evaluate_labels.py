@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
+from affine import Affine
 from click.testing import CliRunner
 from PIL import Image
 
+from agriseg.classes import DEFAULT_CLASSES
 from agriseg.cli import main
 from agriseg.errors import ConfigError, GridMismatchError, InputError
 from agriseg.metrics import (
@@ -19,6 +25,7 @@ from agriseg.metrics import (
     parse_pred_classes,
     parse_truth_classes,
     parse_truth_colors,
+    suggest_truth_coding,
 )
 from tests.test_metrics import CLASSES, _tif
 
@@ -269,3 +276,276 @@ def test_an_image_given_as_prediction_gets_no_default_classes_note(tmp_path: Pat
     assert r.exit_code == 2 and "has 4 bands" in r.output
     assert "default classes" not in r.output
 
+
+
+def _field(seed: int = 0, shape: tuple[int, int] = (40, 40)) -> np.ndarray:
+    """A field's truth: mostly soil, crop rows, weed patches, a little disease."""
+    rng = np.random.default_rng(seed)
+    truth = np.zeros(shape, np.uint8)
+    truth[:, ::4] = 1
+    truth[:, 1::4] = 1
+    truth[rng.random(shape) < 0.12] = 2
+    truth[rng.random(shape) < 0.03] = 3
+    return truth
+
+
+def _noisy(truth: np.ndarray, share: float, seed: int = 1) -> np.ndarray:
+    """``truth`` with ``share`` of its pixels set to a random class."""
+    rng = np.random.default_rng(seed)
+    pred = truth.copy()
+    hit = rng.random(truth.shape) < share
+    pred[hit] = rng.integers(0, 4, int(hit.sum()))
+    return pred
+
+
+def _evaluate(*args: object) -> tuple[int, str]:
+    r = CliRunner().invoke(main, ["evaluate", *map(str, args)])
+    return r.exit_code, r.output
+
+
+def test_shifted_coding_is_warned_of_with_the_option_that_reads_it(tmp_path: Path) -> None:
+    """Labels 1..3 (0 unlabelled) were scored as crop..disease: accuracy 0.39, no hint."""
+    cls = np.minimum(_field(), 2)
+    pred = _tif(tmp_path / "p.tif", _noisy(cls, 0.03), nodata=255)
+    shifted = cls + 1
+    shifted[:, 25:] = 0  # unlabelled part
+    truth = _tif(tmp_path / "t.tif", shifted)
+    before = evaluate_rasters(pred, truth)
+    code, out = _evaluate(pred, truth)
+    assert code == 0, out
+    assert f"pixel accuracy {before.accuracy:.4f}" in out  # the scores stay as read
+    assert before.accuracy < 0.6
+    warning = out[out.index("Warning: the truth looks coded otherwise"):]
+    assert out.index("confusion (rows truth") < out.index("Warning:")  # after the scores
+    assert "truth value 1 (scored as crop) is 9" in warning
+    assert "% predicted soil, 2 (scored as weed)" in warning
+    assert "and 0 would be unlabelled" in warning
+    option = "--truth-classes 0=ignore,1=soil,2=crop,3=weed"
+    assert f"rerun with {option} (the scores above" in warning
+    code, out = _evaluate(pred, truth, *option.split())
+    assert code == 0 and "Warning" not in out, out
+    assert evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(
+        option.split()[1])).accuracy > 0.95
+
+
+def test_shifted_coding_beside_nodata_0_is_not_called_soil(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """1..3 with nodata=0: the hint said "if 0 means soil, map 0=soil,1=crop,...": wrong."""
+    cls = np.minimum(_field(), 2)
+    pred = _tif(tmp_path / "p.tif", _noisy(cls, 0.03), nodata=255)
+    shifted = cls + 1
+    shifted[:, 30:] = 0
+    truth = _tif(tmp_path / "t.tif", shifted, nodata=0)
+    with caplog.at_level(logging.WARNING, "agriseg.metrics"):
+        evaluate_rasters(pred, truth)
+    assert "declared nodata" not in caplog.text  # the recoding below says what 0 is
+    code, out = _evaluate(pred, truth)
+    assert code == 0, out
+    assert "declared nodata" not in out and "0=soil" not in out
+    assert "rerun with --truth-classes 1=soil,2=crop,3=weed (the scores" in out
+    assert "would be unlabelled" not in out  # 0 is unlabelled already, as declared
+    # the soil column of a truth without soil pixels is marked
+    assert "(no truth pixels: IoU 0, in mean IoU)" in out
+    code, out = _evaluate(pred, truth, "--truth-classes", "1=soil,2=crop,3=weed")
+    assert code == 0 and "Warning" not in out, out
+
+
+def test_swapped_classes_are_warned_of_under_a_field_of_soil(tmp_path: Path) -> None:
+    """0 soil, 1 weed, 2 crop: crop/weed IoU 0 while soil kept pixel accuracy at 0.8."""
+    cls = np.minimum(_field(), 2)
+    pred = _tif(tmp_path / "p.tif", _noisy(cls, 0.02), nodata=255)
+    swapped = np.choose(cls, [0, 2, 1]).astype(np.uint8)
+    truth = _tif(tmp_path / "t.tif", swapped)
+    code, out = _evaluate(pred, truth)
+    assert code == 0, out
+    assert "rerun with --truth-classes 0=soil,1=weed,2=crop (the scores" in out
+    # A wrong --truth-classes is read through: the option maps the same values anew.
+    code, out = _evaluate(pred, truth, "--truth-classes", "0=soil,1=crop,2=weed")
+    assert "rerun with --truth-classes 0=soil,1=weed,2=crop (the scores" in out, out
+    code, out = _evaluate(pred, truth, "--truth-classes", "0=soil,1=weed,2=crop")
+    assert code == 0 and "Warning" not in out, out
+    # colour-coded labels get a --truth-colors back
+    rgb = _png(tmp_path / "rgb.png", _rgb(swapped))
+    pred_png = _png(tmp_path / "p.png", _noisy(cls, 0.02))
+    code, out = _evaluate(pred_png, rgb, "--truth-colors",
+                          "0,0,0=soil;0,255,0=crop;255,0,0=weed")
+    assert "rerun with --truth-colors '0,0,0=soil;0,255,0=weed;255,0,0=crop'" in out, out
+    # --json: the reading as a new key, the warning on stderr, stdout one JSON document
+    r = CliRunner().invoke(main, ["evaluate", str(pred), str(truth), "--json"])
+    out = json.loads(r.stdout)
+    assert out["truth_coding"]["option"] == "--truth-classes 0=soil,1=weed,2=crop"
+    assert out["truth_coding"]["codes"][1] == {
+        "code": "1", "scored_as": "crop", "reads_as": "weed",
+        "share": out["truth_coding"]["codes"][1]["share"]}
+    assert "Warning: the truth looks coded otherwise" in r.stderr
+    assert out["accuracy"] == out["truth_coding"]["accuracy"]  # the scores stay as read
+
+
+@pytest.mark.parametrize("model", [
+    "noise 10 %", "noise 25 %", "noise 35 %", "crop 40 % as weed", "weed all as crop",
+    "weed and disease all as crop", "all soil", "half crop as soil", "disease as weed",
+])
+def test_no_coding_warning_on_a_rightly_coded_truth(tmp_path: Path, model: str) -> None:
+    """Poor and fair models on the right coding: the thresholds never call it a coding."""
+    truth = _field(seed=3)
+    rng = np.random.default_rng(4)
+    pred = truth.copy()
+    if model.startswith("noise"):
+        pred = _noisy(truth, int(model.split()[1]) / 100, seed=5)
+    elif model == "crop 40 % as weed":
+        pred[(truth == 1) & (rng.random(truth.shape) < 0.4)] = 2
+    elif model == "weed all as crop":
+        pred[truth == 2] = 1
+    elif model == "weed and disease all as crop":
+        pred[truth >= 2] = 1
+    elif model == "all soil":
+        pred[:] = 0
+    elif model == "half crop as soil":
+        pred[(truth == 1) & (rng.random(truth.shape) < 0.5)] = 0
+    elif model == "disease as weed":
+        pred[truth == 3] = 2
+    p = _tif(tmp_path / "p.tif", pred, nodata=255)
+    for truth_file in (_tif(tmp_path / "t.tif", truth),
+                       _tif(tmp_path / "t012.tif", np.minimum(truth, 2))):
+        code, out = _evaluate(p, truth_file)
+        assert code == 0 and "Warning" not in out, (model, out)
+        scores = evaluate_rasters(p, truth_file)
+        assert suggest_truth_coding(scores.confusion) is None
+
+
+def test_coding_check_on_confusion_matrices() -> None:
+    """The check itself: shifts, swaps, and what it leaves alone."""
+    # right coding, good model
+    good = np.array([[900, 20, 10, 0], [15, 300, 25, 0], [5, 20, 100, 0], [0, 5, 0, 20]])
+    assert suggest_truth_coding(good) is None
+    # a swap of two tiny classes (under 1 % of the pixels) is no coding
+    tiny = good.copy()
+    tiny[3] = [0, 0, 0, 0]
+    tiny[[1, 2]] = tiny[[2, 1]]
+    tiny = np.array([[9000, 20, 10, 0], [5, 20, 10, 0], [15, 25, 3, 0], [0, 0, 0, 0]])
+    assert suggest_truth_coding(tiny) is None
+    # truth values 1..3 of soil..weed, nothing at 0
+    shifted = np.zeros((4, 4), np.int64)
+    shifted[1:, :3] = good[:3, :3]
+    got = suggest_truth_coding(shifted)
+    assert got is not None and got.option == "--truth-classes 1=soil,2=crop,3=weed"
+    assert got.accuracy == pytest.approx(np.trace(shifted) / shifted.sum())
+    assert got.recoded == pytest.approx(1300 / 1395)
+    assert [c[:3] for c in got.codes] == [("1", "crop", "soil"), ("2", "weed", "crop"),
+                                          ("3", "disease", "weed")]
+    # a mapping given: its values are mapped anew, ignored ones kept
+    got = suggest_truth_coding(shifted, truth_classes={7: 1, 8: 2, 9: 3, 0: 255})
+    assert got is not None
+    assert got.option == "--truth-classes 0=ignore,7=soil,8=crop,9=weed"
+
+
+def test_mean_iou_over_the_classes_the_truth_holds(tmp_path: Path) -> None:
+    """0/1/2 labels, 42 stray disease pixels: mean IoU 0.74 instead of 0.98, unmarked."""
+    truth = np.minimum(_field(seed=7, shape=(60, 60)), 2)
+    pred = truth.copy()
+    pred[:6, :7] = 3  # 42 disease pixels
+    p = _tif(tmp_path / "p.tif", pred, nodata=255)
+    t = _tif(tmp_path / "t.tif", truth)
+    scores = evaluate_rasters(p, t)
+    iou = scores.iou
+    assert scores.miou_classes == ("soil", "crop", "weed", "disease")  # the documented mean
+    assert scores.miou == pytest.approx(np.mean([iou[n] for n in scores.names]))
+    assert scores.no_truth == ("disease",)
+    assert scores.miou_truth_classes == ("soil", "crop", "weed")
+    assert scores.miou_truth == pytest.approx((iou["soil"] + iou["crop"] + iou["weed"]) / 3)
+    assert scores.miou_truth > 0.95 > 0.8 > scores.miou
+    code, out = _evaluate(p, t)
+    assert code == 0, out
+    disease = next(line for line in out.splitlines() if line.startswith("disease "))
+    assert disease.endswith("(no truth pixels: IoU 0, in mean IoU)")
+    assert (f"mean IoU over the classes the truth holds (soil, crop, weed): "
+            f"{scores.miou_truth:.4f}") in out
+    assert f"mean IoU {scores.miou:.4f}" in out
+    r = CliRunner().invoke(main, ["evaluate", str(p), str(t), "--json"])
+    out_json = json.loads(r.stdout)
+    assert out_json["miou"] == pytest.approx(scores.miou)  # unchanged key, unchanged value
+    assert out_json["miou_truth"] == pytest.approx(scores.miou_truth)
+    assert out_json["miou_truth_classes"] == ["soil", "crop", "weed"]
+    assert out_json["no_truth_pixels"] == ["disease"]
+    assert out_json["truth_coding"] is None
+    # a prediction without stray classes: no marker, no second line, the same two means
+    clean = _tif(tmp_path / "clean.tif", truth, nodata=255)
+    code, out = _evaluate(clean, t)
+    assert "no truth pixels" not in out and "the truth holds" not in out
+    assert evaluate_rasters(clean, t).miou_truth == evaluate_rasters(clean, t).miou
+
+
+def test_grey_level_coding_maps_255_too(tmp_path: Path) -> None:
+    """0/128/255 grey levels: the example left 255 out, and pasted it dropped every weed."""
+    cls = np.minimum(_field(), 2)
+    grey = np.choose(cls, [0, 128, 255]).astype(np.uint8)
+    truth = _png(tmp_path / "t.png", grey)
+    pred = _png(tmp_path / "p.png", cls)
+    with pytest.raises(InputError) as err:
+        evaluate_rasters(pred, truth)
+    msg = str(err.value)
+    share = 100 * np.mean(cls == 2)
+    assert (f"255 ({share:.3g} % of the pixels) is read as unlabelled unless mapped, and "
+            "steps on evenly from the other values as a class level would, so the example "
+            "maps it (255=ignore if it is unlabelled)") in msg
+    assert "e.g. --truth-classes 0=soil,128=crop,255=weed (or, if 0 is unlabelled" in msg
+    scores = evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(
+        "0=soil,128=crop,255=weed"))
+    assert scores.accuracy == 1.0 and scores.confusion[2, 2] == np.sum(cls == 2)
+    # 255 on a few stray pixels (under 1 %) is the unlabelled value, as before
+    rare = np.choose(cls == 2, [grey, 128]).astype(np.uint8)
+    rare[0, 0] = 255
+    with pytest.raises(InputError) as err:
+        evaluate_rasters(pred, _png(tmp_path / "rare.png", rare))
+    assert "255 is already read as unlabelled, e.g. --truth-classes 0=soil,128=crop " in str(
+        err.value)
+    # codes that do not step on to 255 (10/20/30 beside it): named, not mapped
+    coded = np.choose(cls, [10, 20, 30]).astype(np.uint8)
+    coded[:, :5] = 255
+    with pytest.raises(InputError) as err:
+        evaluate_rasters(pred, _png(tmp_path / "coded.png", coded))
+    assert "255 is already read as unlabelled; 255 holds 12.5 % of the pixels: if it is a " \
+           "class, map it too (e.g. 255=disease), e.g. --truth-classes 10=soil,20=crop," \
+           "30=weed" in str(err.value)
+
+
+def test_partial_label_raster_gets_the_gdalwarp_command(tmp_path: Path) -> None:
+    """A truth on part of the grid: a vague "gdalwarp -r near -te/-tr/-t_srs" hint."""
+    cls = np.minimum(_field(shape=(20, 30)), 2)
+    pred = _tif(tmp_path / "p.tif", cls, nodata=255)
+    part = tmp_path / "part labels.tif"
+    with rasterio.open(part, "w", driver="GTiff", width=12, height=20, count=1, dtype="uint8",
+                       crs="EPSG:32615", transform=Affine(0.1, 0, 5e5, 0, -0.1, 5e6)) as dst:
+        dst.write(cls[:, :12], 1)
+    code, out = _evaluate(pred, part)
+    assert code == 2, out
+    command = (f"gdalwarp -r near -dstnodata 255 -te 500000 4999998 500003 5000000 -tr 0.1 "
+               f"0.1 -t_srs EPSG:32615 '{part}' '{tmp_path / 'part labels_on_prediction.tif'}'")
+    assert "the truth is 12x20 px, the prediction 30x20 px" in out
+    assert command in out.replace("\n", " "), out
+    if shutil.which("gdalwarp"):  # the command, run, gives a truth that scores
+        subprocess.run([*shlex.split(command), "-q"], check=True)
+        scores = evaluate_rasters(pred, tmp_path / "part labels_on_prediction.tif")
+        assert scores.accuracy == 1.0 and scores.confusion.sum() == 20 * 12
+
+
+def test_palette_truth_is_noted_as_read_by_its_indices(tmp_path: Path) -> None:
+    cls = np.minimum(_field(shape=(8, 8)), 2)
+    pred = _png(tmp_path / "p.png", cls)
+    palette = Image.fromarray(cls, "P")
+    palette.putpalette([0, 0, 0, 0, 255, 0, 255, 0, 0])
+    palette.save(tmp_path / "pal.png")
+    code, out = _evaluate(pred, tmp_path / "pal.png")
+    assert code == 0, out
+    assert ("pal.png: has a colour table (a palette image); its palette indices are read as "
+            "class values (0=soil, 1=crop, 2=weed, 3=disease); to read its colours instead, "
+            "give --truth-colors R,G,B=CLASS;...") in out
+    code, out = _evaluate(pred, tmp_path / "pal.png", "--truth-colors",
+                          "0,0,0=soil;0,255,0=crop;255,0,0=weed")
+    assert code == 0 and "palette indices" not in out, out
+    # a class raster with the classes' own colours (as agriseg writes them): no note
+    own = _tif(tmp_path / "own.tif", cls)
+    with rasterio.open(own, "r+") as ds:
+        ds.write_colormap(1, DEFAULT_CLASSES.colormap())
+    code, out = _evaluate(_tif(tmp_path / "p.tif", cls, nodata=255), own)
+    assert code == 0 and "palette indices" not in out, out

@@ -131,3 +131,23 @@ def test_coded_truth_gets_a_mapping_that_works(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no labelled pixel is left"):
         evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(
             "10=ignore,20=ignore,30=ignore,40=ignore"))
+
+
+def test_classes_without_truth_pixels_are_marked_and_a_second_mean_follows() -> None:
+    """A predicted-only class scores IoU 0 in the documented mean; the truth's own mean too."""
+    from agriseg.metrics import Scores
+
+    # soil, crop, weed in the truth; disease predicted only; weed merged away (left out)
+    conf = np.array([[90, 5, 0, 5], [2, 40, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    scores = Scores(conf, ("soil", "crop", "weed", "disease"), {"weed": "merged into soil"})
+    assert scores.miou_classes == ("soil", "crop", "disease")
+    assert scores.no_truth == ("disease",)  # weed is left out, not in the mean: unmarked
+    assert scores.miou == pytest.approx((90 / 102 + 40 / 47 + 0) / 3)
+    assert scores.miou_truth == pytest.approx((90 / 102 + 40 / 47) / 2)
+    table = scores.table()
+    assert "(no truth pixels: IoU 0, in mean IoU)" in table
+    assert (f"mean IoU over the classes the truth holds (soil, crop): "
+            f"{scores.miou_truth:.4f}") in table
+    d = scores.to_dict()
+    assert d["no_truth_pixels"] == ["disease"] and d["miou_truth_classes"] == ["soil", "crop"]
+    assert d["miou"] == pytest.approx(scores.miou)  # the existing key keeps its meaning

@@ -11,6 +11,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from agriseg.classes import ClassSchema
+    from agriseg.metrics import Recoding
 
 
 @click.command()
@@ -44,6 +45,12 @@ def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None
     CRS), or, when either has no CRS (a PNG label image, a run with --gsd), one size;
     class 255 is ignored. A binary mask of 0 and 255 (255 = the class) needs e.g.
     --truth-classes 0=soil,255=weed --pred-classes crop=soil,disease=soil.
+
+    A truth that agrees far better with the prediction coded otherwise (1..3 for
+    soil..weed beside an unlabelled 0, crop and weed swapped) is warned of after the
+    scores, with the --truth-classes that reads it so; the scores stay as read. Classes
+    in the mean IoU that the truth holds no pixel of are marked, and a second mean over
+    the classes the truth holds follows.
     """
     from agriseg.metrics import (
         Scores,
@@ -51,6 +58,7 @@ def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None
         parse_pred_classes,
         parse_truth_classes,
         parse_truth_colors,
+        suggest_truth_coding,
     )
 
     if len(rasters) % 2:
@@ -74,12 +82,33 @@ def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None
     # One mapping for all pairs, so each leaves out the same classes.
     scores = Scores(np.sum([s.confusion for s in each], axis=0), each[0].names,
                     each[0].left_out)
+    # On the pooled matrix: one coding for all pairs, as one option reads them all.
+    recoding = suggest_truth_coding(scores.confusion, schema, mapping, colours)
     if as_json:
-        click.echo(json.dumps(scores.to_dict(), indent=2))
+        if recoding is not None:  # on stderr: stdout stays one JSON document
+            click.echo(_recoding_warning(recoding), err=True)
+        out = scores.to_dict()
+        out["truth_coding"] = recoding.to_dict() if recoding is not None else None
+        click.echo(json.dumps(out, indent=2))
         return
     if len(pairs) > 1:
         click.echo(f"{len(pairs)} pairs, pixels pooled")
     click.echo(scores.table())
+    if recoding is not None:
+        click.echo(_recoding_warning(recoding), err=True)
+
+
+def _recoding_warning(recoding: Recoding) -> str:
+    """The warning for a truth that reads far better coded otherwise (the scores stand)."""
+    parts = [f"{code} (scored as {was}){' is' if i == 0 else ''} {100 * share:.0f} % "
+             f"predicted {now}" for i, (code, was, now, share) in enumerate(recoding.codes)]
+    if recoding.ignored:
+        parts.append(f"and {' and '.join(recoding.ignored)} would be unlabelled")
+    return (f"Warning: the truth looks coded otherwise than it was read: truth "
+            f"{recoding.kind} {', '.join(parts)}. Read so, pixel accuracy would be "
+            f"{recoding.recoded:.4f}, not {recoding.accuracy:.4f}: if that is the labels' "
+            f"coding, rerun with {recoding.option} (the scores above are as the truth was "
+            "read).")
 
 
 def _run_schema(pred: Path) -> ClassSchema:

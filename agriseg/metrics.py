@@ -498,7 +498,7 @@ def check_class_raster(path: str | Path, ds: rasterio.DatasetReader, role: str) 
     Raises:
         InputError: naming ``path`` as the ``role`` ("prediction", "truth", ...).
     """
-    _refuse_jpeg(path, ds, role)
+    refuse_jpeg(path, ds, role)
     if ds.count == 2:
         raise InputError(
             f"{path}: has 2 bands (grey and alpha?); the {role} must be a single-band raster "
@@ -520,7 +520,7 @@ def check_class_raster(path: str | Path, ds: rasterio.DatasetReader, role: str) 
         )
 
 
-def _refuse_jpeg(path: str | Path, ds: rasterio.DatasetReader, role: str) -> None:
+def refuse_jpeg(path: str | Path, ds: rasterio.DatasetReader, role: str) -> None:
     """Refuse a JPEG: its artefact values at class edges are not labels to map or ignore."""
     if ds.driver == "JPEG":
         raise InputError(
@@ -544,13 +544,13 @@ def _distinct(arr: np.ndarray) -> np.ndarray:
     return np.unique(arr)
 
 
-def _colour_codes(path: str | Path, ds: rasterio.DatasetReader) -> np.ndarray | None:
+def colour_codes(path: str | Path, ds: rasterio.DatasetReader) -> np.ndarray | None:
     """For a one-band truth with a colour table: each index's ``0xRRGGBB`` code, else None.
 
     Raises:
         InputError: the truth is not 8-bit RGB(A), nor one band with a colour table.
     """
-    _refuse_jpeg(path, ds, "truth")
+    refuse_jpeg(path, ds, "truth")
     if ds.count in (3, 4) and all(d == "uint8" for d in ds.dtypes):
         return None
     if ds.count == 1 and ds.dtypes[0] in ("uint8", "uint16"):
@@ -570,7 +570,7 @@ def _colour_codes(path: str | Path, ds: rasterio.DatasetReader) -> np.ndarray | 
     )
 
 
-def _colour_classes(codes: np.ndarray, colours: dict[int, int], nodata: int,
+def colour_classes(codes: np.ndarray, colours: dict[int, int], nodata: int,
                     unmapped: Counter[int]) -> np.ndarray:
     """``0xRRGGBB`` codes as class values; codes not in ``colours`` are counted in ``unmapped``.
 
@@ -591,7 +591,7 @@ def _colour_classes(codes: np.ndarray, colours: dict[int, int], nodata: int,
     return out
 
 
-def _read_colour_codes(ds: rasterio.DatasetReader, window: rasterio.windows.Window,
+def read_colour_codes(ds: rasterio.DatasetReader, window: rasterio.windows.Window,
                        palette: np.ndarray | None) -> np.ndarray:
     """The truth's ``0xRRGGBB`` codes in ``window``; -1 where transparent (alpha 0)."""
     if palette is not None:
@@ -683,7 +683,7 @@ def _crs_name(crs: CRS) -> str:
     return f"EPSG:{epsg}" if epsg else str(crs.to_string())
 
 
-def _example_mapping(mapping: dict[int, int] | None, unknown: list[int],
+def example_mapping(mapping: dict[int, int] | None, unknown: list[int],
                      schema: ClassSchema, present: list[int] | None = None,
                      declared: bool = False) -> str:
     """A ``--truth-classes`` value naming what is known and each unknown value.
@@ -728,7 +728,7 @@ def _in_order(codes: list[int], schema: ClassSchema) -> str:
     return ",".join(f"{v}={c.name}" for v, c in zip(codes, schema.classes, strict=False))
 
 
-def _even_levels(codes: list[int]) -> bool:
+def even_levels(codes: list[int]) -> bool:
     """Whether ``codes`` step evenly (within 1), as grey levels do: 0/128/255, 0/85/170/255."""
     steps = np.diff(sorted(codes))
     return len(steps) >= 2 and int(steps.min()) >= 2 and int(steps.max() - steps.min()) <= 1
@@ -807,7 +807,7 @@ def evaluate_rasters(
                 _note_palette(truth_path, t, schema)
                 palette = None
             else:
-                palette = _colour_codes(truth_path, t)
+                palette = colour_codes(truth_path, t)
             _check_same_grid(pred_path, truth_path, p, t)
             declared = _declared_nodata(t) if truth_colors is None else None
             unlabelled = {schema.nodata, *([declared] if declared is not None else [])}
@@ -832,7 +832,7 @@ def evaluate_rasters(
             seen: set[int] | None = set()
             for _, window in p.block_windows(1):
                 if truth_colors is not None:
-                    truth = _colour_classes(_read_colour_codes(t, window, palette), colours,
+                    truth = colour_classes(read_colour_codes(t, window, palette), colours,
                                             schema.nodata, unmapped)
                 else:
                     raw = t.read(1, window=window)
@@ -888,7 +888,7 @@ def evaluate_rasters(
         if (seen is not None and schema.nodata in seen and declared != schema.nodata
                 and not truth_classes and share >= TOP_SHARE and present is not None):
             pct = f"{schema.nodata} ({100 * share:.3g} % of the pixels)"
-            if _even_levels([*present, schema.nodata]) and len(present) < k:
+            if even_levels([*present, schema.nodata]) and len(present) < k:
                 # 0/128/255, 0/85/170/255: grey levels, 255 the last class.
                 present = [*present, schema.nodata]
                 top = (f"; {pct} is read as unlabelled unless mapped, and steps on evenly "
@@ -912,7 +912,7 @@ def evaluate_rasters(
             "each value is with --truth-classes "
             "VALUE=CLASS,... (CLASS one of "
             f"{', '.join([*schema.names, 'ignore'])}){note}, e.g. --truth-classes "
-            f"{_example_mapping(truth_classes, vals, schema, present, declared is not None)}"
+            f"{example_mapping(truth_classes, vals, schema, present, declared is not None)}"
         )
     if not total.any():
         raise InputError(

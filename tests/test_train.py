@@ -337,7 +337,8 @@ def test_label_codes_of_a_dataset_are_mapped(tmp_path: Path, pair: tuple[Path, P
     entry = {"image": str(img), "labels": str(recoded)}
     cfg = _write_cfg(tmp_path / "a.yaml", out="a", epochs=1, data=[entry])
     r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
-    assert r.exit_code == 2 and "label_classes: 10=soil" in r.output, r.output
+    assert r.exit_code == 2 and \
+        'label_classes: "10=soil,20=crop,30=weed,40=disease,0=ignore"' in r.output, r.output
     cfg = _write_cfg(tmp_path / "b.yaml", out="b", epochs=1, data=[
         {**entry, "label_classes": "10=soil,20=crop,30=weed,40=disease,0=ignore"}])
     r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
@@ -349,6 +350,35 @@ def test_label_codes_of_a_dataset_are_mapped(tmp_path: Path, pair: tuple[Path, P
         {**entry, "label_classes": "10=dirt"}])
     r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
     assert r.exit_code == 2 and "data #1: label_classes" in r.output, r.output
+
+
+def test_colour_coded_labels_train_with_label_colors(tmp_path: Path,
+                                                    pair: tuple[Path, Path]) -> None:
+    """WeedMap-style colour labels (RGBA PNG, transparent = unlabelled) train with
+    label_colors, evaluate's --truth-colors; without it the error gives one of its colours."""
+    from PIL import Image
+
+    img, truth = pair
+    with rasterio.open(img) as ds, rasterio.open(truth) as ts:
+        rgb, lab = ds.read([1, 2, 3]), ts.read(1)
+    Image.fromarray(np.moveaxis(rgb, 0, -1)).save(tmp_path / "tile.png")
+    palette = np.zeros((256, 4), np.uint8)  # soil black, crop green, weed red, disease blue
+    palette[:4] = [[0, 0, 0, 255], [0, 255, 0, 255], [255, 0, 0, 255], [0, 0, 255, 255]]
+    Image.fromarray(palette[lab]).save(tmp_path / "tile_color.png")  # 255: transparent
+    entry = {"image": "tile.png", "labels": "tile_color.png", "gsd": 0.02}
+    cfg = _write_cfg(tmp_path / "a.yaml", out="a", epochs=1, data=[entry])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 2 and "has 4 bands (RGBA)" in r.output, r.output
+    assert 'label_colors: "0,0,0=soil;0,255,0=crop;' in r.output
+    cfg = _write_cfg(tmp_path / "b.yaml", out="b", epochs=1, data=[
+        {**entry, "label_colors": "0,0,0=soil;0,255,0=crop;255,0,0=weed;0,0,255=disease"}])
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    meta, _ = read_bundle(tmp_path / "b" / "model.safetensors")
+    pixels = meta.training["images"][0]["train_pixels"]
+    assert all(pixels[n] > 0 for n in ("soil", "crop", "weed")), pixels
+    assert sum(pixels.values()) + sum(meta.training["images"][0]["val_pixels"].values()) \
+        == int((lab != 255).sum())
 
 
 def test_teacher_runs_are_reused_only_for_the_same_teacher_bands_and_image(

@@ -15,9 +15,15 @@ from affine import Affine
 from rasterio.crs import CRS
 
 from agriseg.classes import DEFAULT_CLASSES
-from agriseg.errors import BandError, GridMismatchError
+from agriseg.errors import BandError, GridMismatchError, InputError, VectorError
 from agriseg.grid import Grid
-from agriseg.train.data import IGNORE, _read_label_raster, block_split, load_pair
+from agriseg.train.data import (
+    IGNORE,
+    _read_label_raster,
+    block_split,
+    load_pair,
+    rasterize_polygons,
+)
 
 UTM = CRS.from_epsg(32615)
 ORIGIN = Affine(0.02, 0, 500000, 0, -0.02, 4900000)
@@ -271,3 +277,226 @@ def test_checkpoint_weights_and_state_stay_paired(tmp_path: Path) -> None:
     assert meta["epoch"] == 2
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in weights2.items())
     assert json.loads(epoch1)["epoch"] == 1
+
+
+# --- labels of public datasets: colours, binary masks, codes, polygon names -----------------
+
+WEEDMAP = "0,0,0=soil;0,255,0=crop;255,0,0=weed"
+
+
+def _colour_png(path: Path, alpha: bool = False) -> Path:
+    """A WeedMap-style label image: black background, green crop, red weed (64 x 64)."""
+    from PIL import Image
+
+    rgb = np.zeros((64, 64, 4 if alpha else 3), np.uint8)
+    rgb[:20, :, 1] = 255  # crop
+    rgb[40:, :10, 0] = 255  # weed
+    if alpha:
+        rgb[..., 3] = 255
+        rgb[:, 60:, 3] = 0  # transparent: unlabelled
+    Image.fromarray(rgb).save(path)
+    return path
+
+
+def _png(path: Path, values: np.ndarray) -> Path:
+    from PIL import Image
+
+    Image.fromarray(values).save(path)
+    return path
+
+
+def test_colour_coded_labels_are_read_with_label_colors(tmp_path: Path) -> None:
+    """WeedMap's *_GroundTruth_color.png trains with label_colors (evaluate's --truth-colors);
+    transparent pixels are unlabelled."""
+    from agriseg.train.config import parse_label_colors
+
+    colours = parse_label_colors(WEEDMAP, DEFAULT_CLASSES)
+    out = _read_label_raster(_colour_png(tmp_path / "rgb.png"), IMAGE, 4, image_plane=True,
+                             colours=colours)
+    assert out.dtype == np.uint8 and (out[:20] == 1).all() and (out[40:, :10] == 2).all()
+    assert (out[20:40] == 0).all()
+    out = _read_label_raster(_colour_png(tmp_path / "rgba.png", alpha=True), IMAGE, 4,
+                             image_plane=True, colours=colours)
+    assert (out[:, 60:] == IGNORE).all() and (out[:20, :60] == 1).all()
+    # a colour mapped to ignore is unlabelled
+    out = _read_label_raster(tmp_path / "rgb.png", IMAGE, 4, image_plane=True,
+                             colours=parse_label_colors("0,0,0=ignore;0,255,0=crop;255,0,0=weed",
+                                                        DEFAULT_CLASSES))
+    assert (out[20:40] == IGNORE).all()
+
+
+def test_colours_label_colors_does_not_name_are_listed(tmp_path: Path) -> None:
+    from agriseg.train.config import parse_label_colors
+
+    path = _colour_png(tmp_path / "rgb.png")
+    with pytest.raises(InputError) as err:
+        _read_label_raster(path, IMAGE, 4, image_plane=True,
+                           colours=parse_label_colors("0,0,0=soil;0,255,0=crop",
+                                                      DEFAULT_CLASSES))
+    assert "holds colours that label_colors does not name: 255,0,0 (240 px)" in str(err.value)
+    assert 'label_colors: "0,0,0=soil;0,255,0=crop;255,0,0=ignore"' in str(err.value)
+    # a class raster is no colour-coded label image
+    grey = _png(tmp_path / "grey.png", _classes())
+    with pytest.raises(InputError, match="label_colors needs colour-coded labels"):
+        _read_label_raster(grey, IMAGE, 4, image_plane=True,
+                           colours=parse_label_colors(WEEDMAP, DEFAULT_CLASSES))
+
+
+def test_colour_coded_labels_without_label_colors_get_an_example_of_their_colours(
+        tmp_path: Path) -> None:
+    """"has 3 bands ... Convert colours to class values first" said not how."""
+    path = _colour_png(tmp_path / "rgb.png")
+    with pytest.raises(InputError) as err:
+        _read_label_raster(path, IMAGE, 4, image_plane=True)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: has 3 bands (RGB)")
+    # most frequent first, with their pixel counts, and an example built from them
+    assert "0,0,0 (2576 px), 0,255,0 (1280 px), 255,0,0 (240 px)" in msg
+    assert f'label_colors: "{WEEDMAP}"' in msg
+    # a custom class of that colour is named by its own name
+    from agriseg.classes import ClassSchema, SegClass
+
+    schema = ClassSchema((SegClass(0, "background", (0, 0, 0), role="soil"),
+                          SegClass(1, "beet", (0, 255, 0), role="crop"),
+                          SegClass(2, "weed", (255, 0, 0))))
+    with pytest.raises(InputError, match='"0,0,0=background;0,255,0=beet;255,0,0=weed"'):
+        _read_label_raster(path, IMAGE, 3, image_plane=True, names=schema.names, schema=schema)
+
+
+def test_binary_mask_without_label_classes_is_refused_with_a_hint(tmp_path: Path) -> None:
+    """A 0/255 weed mask read with 255 = unlabelled trained a soil-only model."""
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:20] = 255
+    path = _png(tmp_path / "mask.png", mask)
+    with pytest.raises(InputError) as err:
+        _read_label_raster(path, IMAGE, 4, image_plane=True)
+    msg = str(err.value)
+    assert "holds only values 0 and 255 (a binary mask?)" in msg
+    assert 'label_classes: "0=soil,255=weed"' in msg and "`classes:`" in msg
+    # said what the values are, it reads
+    out = _read_label_raster(path, IMAGE, 4, image_plane=True, mapping={0: 0, 255: 2})
+    assert (out[10:20] == 2).all() and (out[:10] == 0).all()
+    # a declared nodata of 255 says the 255 pixels are unlabelled on purpose (soil only)
+    geo = _label_raster(tmp_path / "soil.tif", mask, nodata=255)
+    out = _read_label_raster(geo, IMAGE, 4)
+    assert (out[10:20] == IGNORE).all() and (out[:10] == 0).all()
+
+
+def test_unknown_label_values_get_an_example_of_the_values_found(tmp_path: Path) -> None:
+    """0/128/255 was told "e.g. label_classes: 10=soil,20=crop,30=weed,0=ignore"."""
+    values = np.zeros((64, 64), np.uint8)
+    values[20:40] = 128
+    values[40:] = 255
+    path = _png(tmp_path / "grey.png", values)
+    with pytest.raises(InputError) as err:
+        _read_label_raster(path, IMAGE, 4, image_plane=True)
+    msg = str(err.value)
+    assert "label values [128] are not classes 0..3" in msg
+    # grey levels: 255 steps on from 0 and 128 as the third class, as evaluate reads them
+    assert 'label_classes: "0=soil,128=crop,255=weed"' in msg
+    assert "(255=ignore if it is unlabelled)" in msg and "10=soil" not in msg
+    values[20:] = 10  # 0/10 beside 255: no level of theirs, so 255 stays unlabelled
+    values[60:] = 255
+    with pytest.raises(InputError, match=r'"0=soil,10=crop" .*255 \(6.25 % of the pixels\) is '
+                                         r"read as unlabelled \(if it is a class, map it too: "
+                                         r"255=weed\)"):
+        _read_label_raster(_png(tmp_path / "grey2.png", values), IMAGE, 4, image_plane=True)
+    coded = _label_raster(tmp_path / "coded.tif", ((_classes() + 1) * 10).astype(np.uint8))
+    with pytest.raises(InputError, match='label_classes: "10=soil,20=crop,30=weed,40=disease"'):
+        _read_label_raster(coded, IMAGE, 4)
+    # a mapping that leaves values out: a full label_classes naming them
+    with pytest.raises(InputError, match='label_classes: "10=soil,20=crop,30=ignore,'
+                                         '40=ignore"'):
+        _read_label_raster(coded, IMAGE, 4, mapping={10: 0, 20: 1})
+    # a continuous raster is no label raster: no mapping to suggest
+    ramp = _label_raster(tmp_path / "ramp.tif", np.arange(64 * 64).reshape(64, 64)
+                         .astype(np.uint16))
+    with pytest.raises(InputError, match="looks like a continuous raster"):
+        _read_label_raster(ramp, IMAGE, 4)
+
+
+def _named_polygons(path: Path, names: list[object]) -> Path:
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    left, top = ORIGIN.c, ORIGIN.f
+    step = 64 * 0.02 / len(names)
+    gpd.GeoDataFrame(
+        {"class": names},
+        geometry=[box(left + i * step, top - 1.28, left + (i + 1) * step, top)
+                  for i in range(len(names))], crs=UTM).to_file(path)
+    return path
+
+
+def test_polygon_names_of_a_dataset_are_all_named_with_a_label_classes_line(
+        tmp_path: Path) -> None:
+    """"unknown class 'sugar beet'" named the first unknown name only."""
+    path = _named_polygons(tmp_path / "beet.gpkg",
+                           ["Sugar beet", "Weed", "background", "sugar beet"])
+    with pytest.raises(VectorError) as err:
+        rasterize_polygons(path, "class", None, IMAGE, DEFAULT_CLASSES)
+    msg = str(err.value)
+    assert "'Sugar beet' (2 polygons), 'background' (1 polygon)" in msg
+    assert 'label_classes: "Sugar beet=crop,background=soil"' in msg
+    assert "`classes:`" in msg and "'Weed'" not in msg  # a class name, case aside
+
+
+def test_polygon_label_classes_map_names_case_insensitively(tmp_path: Path) -> None:
+    from agriseg.train.config import parse_name_classes
+
+    path = _named_polygons(tmp_path / "beet.gpkg",
+                           ["Sugar beet", "Weed", "background", "SUGAR BEET "])
+    names = parse_name_classes("sugar Beet=crop,Weed=weed,background=soil", DEFAULT_CLASSES)
+    out = rasterize_polygons(path, "class", None, IMAGE, DEFAULT_CLASSES, names)
+    assert (out[:, :16] == 1).all() and (out[:, 16:32] == 2).all()
+    assert (out[:, 32:48] == 0).all() and (out[:, 48:] == 1).all()
+    # ignore leaves a name unlabelled; a name neither a class nor listed is refused
+    out = rasterize_polygons(path, "class", None, IMAGE, DEFAULT_CLASSES,
+                             parse_name_classes("sugar beet=crop,background=ignore",
+                                                DEFAULT_CLASSES))
+    assert (out[:, 32:48] == IGNORE).all() and (out[:, 16:32] == 2).all()
+    with pytest.raises(VectorError, match=r"not classes nor in label_classes .*: 'background' "
+                                          r"\(1 polygon\)"):
+        rasterize_polygons(path, "class", None, IMAGE, DEFAULT_CLASSES,
+                           parse_name_classes("sugar beet=crop", DEFAULT_CLASSES))
+
+
+def test_polygon_codes_are_mapped_and_asked_for_in_order(tmp_path: Path) -> None:
+    from agriseg.train.config import parse_name_classes
+
+    path = _named_polygons(tmp_path / "codes.gpkg", [10.0, 20.0, 30.0, 10.0])
+    with pytest.raises(VectorError) as err:
+        rasterize_polygons(path, "class", None, IMAGE, DEFAULT_CLASSES)
+    assert "'10' (2 polygons), '20' (1 polygon), '30' (1 polygon)" in str(err.value)
+    assert 'label_classes: "10=soil,20=crop,30=weed"' in str(err.value)
+    out = rasterize_polygons(path, "class", None, IMAGE, DEFAULT_CLASSES,
+                             parse_name_classes("10=soil,20=crop,30=weed", DEFAULT_CLASSES))
+    assert (out[:, :16] == 0).all() and (out[:, 32:48] == 2).all()
+
+
+def test_label_colors_and_polygon_label_classes_in_the_config(tmp_path: Path) -> None:
+    from agriseg.errors import ConfigError
+    from agriseg.train.config import build_train_config
+
+    def err(**item: object) -> str:
+        with pytest.raises(ConfigError) as exc:
+            build_train_config("t.yaml", out="run", data=[{"image": "a.tif", **item}])
+        return str(exc.value)
+
+    ok = build_train_config("t.yaml", out="run", data=[
+        {"image": "a.png", "labels": "a_color.png", "gsd": 0.01, "label_colors": WEEDMAP},
+        {"image": "b.tif", "polygons": "b.gpkg", "label_classes": "Sugar beet=crop,bg=soil"},
+        {"image": "c.tif", "labels": "c.tif"}])
+    assert ok.data[0].label_colors == WEEDMAP
+    # unset, label_colors stays out of the dump: a resume identity of before it still matches
+    assert "label_colors" not in ok.model_dump()["data"][2]
+    assert "label_colors" in ok.model_dump()["data"][0]
+    assert "not both" in err(labels="a.png", label_colors=WEEDMAP, label_classes="0=soil")
+    assert "give it as `labels:`" in err(polygons="a.gpkg", label_colors=WEEDMAP)
+    msg = err(labels="a.png", label_colors="0,0,0=dirt")
+    assert "data #1: label_colors: '0,0,0=dirt': expected R,G,B=CLASS" in msg
+    assert "--truth-colors" not in msg
+    assert "data #1: label_classes: 'Sugar beet=plant': expected NAME=CLASS" in err(
+        polygons="a.gpkg", label_classes="Sugar beet=plant")
+    assert "given twice" in err(polygons="a.gpkg", label_classes="Weed=weed,weed=crop")
+    assert "not `pseudo:`" in err(pseudo={"model": "labelfree"}, label_classes="0=soil")

@@ -12,6 +12,9 @@ Example::
     data:
       - {image: field1.tif, labels: field1_labels.tif}          # raster mask, same grid
       - {image: field2.tif, polygons: labels.gpkg, class_column: class}
+      - {image: tile.png, labels: tile_color.png, gsd: 0.01,
+         label_colors: "0,0,0=soil;0,255,0=crop;255,0,0=weed"}     # colour-coded labels
+      - {image: field3.tif, polygons: beet.gpkg, label_classes: "Sugar beet=crop,background=soil"}
     epochs: 20
 """
 
@@ -26,8 +29,10 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
+from pydantic_core.core_schema import SerializerFunctionWrapHandler
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema, SegClass
 from agriseg.config import format_validation, load_yaml
@@ -71,7 +76,14 @@ class DataPair(_Strict):
     labels: Path | None = Field(None, description="class raster on the image grid (255 = none)")
     label_classes: str | None = Field(
         None, description="what the label raster's values are, as evaluate's --truth-classes: "
-        "VALUE=CLASS,... with CLASS a class name or ignore (10=soil,20=crop,30=weed,0=ignore)",
+        "VALUE=CLASS,... with CLASS a class name or ignore (10=soil,20=crop,30=weed,0=ignore); "
+        "for polygons, what the class column's names are: NAME=CLASS,... (Sugar beet=crop,"
+        "background=soil), names case-insensitive",
+    )
+    label_colors: str | None = Field(
+        None, description="colours of colour-coded labels (RGB, RGBA or a colour table), as "
+        "evaluate's --truth-colors: R,G,B=CLASS;... (0,0,0=soil;0,255,0=crop;255,0,0=weed); "
+        "transparent pixels are unlabelled",
     )
     polygons: Path | None = Field(None, description="GeoPackage/Shapefile/GeoJSON of labels")
     class_column: str = Field("class", description="polygon column: class name or value")
@@ -89,12 +101,29 @@ class DataPair(_Strict):
         n = sum(x is not None for x in (self.labels, self.polygons, self.pseudo))
         if n != 1:
             raise ValueError("give exactly one of labels, polygons or pseudo for each image")
-        if self.label_classes is not None and self.labels is None:
-            raise ValueError("label_classes maps the values of a label raster: give `labels:`")
+        if self.label_classes is not None and self.pseudo is not None:
+            raise ValueError("label_classes maps the values of a label raster or the class "
+                             "names of polygons: give `labels:` or `polygons:`, not `pseudo:`")
+        if self.label_colors is not None and self.labels is None:
+            raise ValueError("label_colors maps the colours of a colour-coded label image: "
+                             "give it as `labels:`")
+        if self.label_colors is not None and self.label_classes is not None:
+            raise ValueError("give label_colors (colour-coded labels) or label_classes (label "
+                             "values), not both")
         if self.gsd is not None and self.polygons is not None:
             raise ValueError("polygons need a georeferenced image; with gsd give labels as "
                              "an image of the same size")
         return self
+
+    @model_serializer(mode="wrap")
+    def _without_unset_colors(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # A training's resume identity is its dumped config: a checkpoint written before
+        # label_colors existed holds no such key, and a `label_colors: null` added to every
+        # data item would refuse its resume as "changed".
+        out: dict[str, Any] = handler(self)
+        if out.get("label_colors", 0) is None:
+            del out["label_colors"]
+        return out
 
 
 class SyntheticSection(_Strict):
@@ -242,12 +271,22 @@ class TrainConfig(_Strict):
         from agriseg.metrics import parse_truth_classes
 
         for i, pair in enumerate(self.data):
-            if pair.label_classes is not None:
+            if pair.label_classes is not None and pair.polygons is not None:
+                try:
+                    parse_name_classes(pair.label_classes, schema)
+                except ConfigError as exc:
+                    raise ValueError(f"data #{i + 1}: label_classes: {exc}") from exc
+            elif pair.label_classes is not None:
                 try:
                     parse_truth_classes(pair.label_classes, schema)
                 except ConfigError as exc:
                     raise ValueError(f"data #{i + 1}: label_classes: "
                                      f"{str(exc).split(': ', 1)[-1]}") from exc
+            if pair.label_colors is not None:
+                try:
+                    parse_label_colors(pair.label_colors, schema)
+                except ConfigError as exc:
+                    raise ValueError(f"data #{i + 1}: label_colors: {exc}") from exc
         return self
 
     # Deliberately shadows pydantic's deprecated v1 ``BaseModel.schema()`` classmethod.
@@ -264,6 +303,79 @@ class TrainConfig(_Strict):
     def bundle_path(self) -> Path:
         """Where the best model is written."""
         return self.bundle or self.out / "model.safetensors"
+
+
+def _class_values(schema: ClassSchema) -> dict[str, int]:
+    """Class name (lower case) -> value, and ``ignore`` -> the schema's nodata."""
+    return {c.name.lower(): c.value for c in schema.classes} | {"ignore": schema.nodata}
+
+
+def name_key(name: object) -> str:
+    """A polygon class-column value as :func:`parse_name_classes` keys it.
+
+    Names in lower case without surrounding blanks ("Sugar beet " is "sugar beet"); integer
+    codes as their decimal digits (10, 10.0 and "010" are "10").
+    """
+    if isinstance(name, str):
+        text = name.strip()
+        digits = text[1:] if text[:1] in "+-" else text
+        return str(int(text)) if digits.isdigit() else text.lower()
+    if isinstance(name, float) and name.is_integer():
+        return str(int(name))
+    return str(name).strip().lower()
+
+
+def parse_name_classes(text: str, schema: ClassSchema) -> dict[str, int]:
+    """``"Sugar beet=crop,Weed=weed,background=soil"`` as ``{name key: class value}``.
+
+    The ``label_classes:`` of polygons: what the names (or codes) of their class column are.
+    Keys are :func:`name_key` of the names, so they match case-insensitively.
+
+    Raises:
+        ConfigError: a malformed pair, an unknown class or a name given twice.
+    """
+    classes = _class_values(schema)
+    valid = ", ".join([*schema.names, "ignore"])
+    out: dict[str, int] = {}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        name, eq, cls = part.rpartition("=")
+        if not eq or not name.strip() or cls.strip().lower() not in classes:
+            raise ConfigError(
+                f"{part!r}: expected NAME=CLASS pairs separated by ',' (NAME a value of the "
+                f"class column, CLASS one of {valid}), e.g. \"Sugar beet="
+                f"{_named(schema, 'crop')},background={_named(schema, 'soil')}\"")
+        key = name_key(name)
+        if key in out:
+            raise ConfigError(f"name {name.strip()!r} is given twice (names match "
+                              "case-insensitively); give each name once")
+        out[key] = classes[cls.strip().lower()]
+    if not out:
+        raise ConfigError("is empty; give NAME=CLASS pairs separated by ','")
+    return out
+
+
+def _named(schema: ClassSchema, role: str) -> str:
+    """The name of the class playing ``role``, else the first class's (for examples)."""
+    c = schema.by_role(role)
+    return c.name if c else schema.names[0]
+
+
+def parse_label_colors(text: str, schema: ClassSchema) -> dict[tuple[int, int, int], int]:
+    """``label_colors:`` as ``{(r, g, b): class value}``: evaluate's ``--truth-colors``.
+
+    Raises:
+        ConfigError: as :func:`agriseg.metrics.parse_truth_colors`, worded for the config.
+    """
+    from agriseg.metrics import parse_truth_colors
+
+    try:
+        out = parse_truth_colors(text, schema)
+    except ConfigError as exc:
+        # "--truth-colors '0,0,0=dirt': expected ..." names an option the config does not have.
+        raise ConfigError(str(exc).removeprefix("--truth-colors").lstrip(": ")) from exc
+    if not out:
+        raise ConfigError("is empty; give R,G,B=CLASS pairs separated by ';'")
+    return out
 
 
 def resolve_paths(values: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -17,30 +17,44 @@ import math
 import os
 import shlex
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import torch
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
-from agriseg.classes import ClassSchema
+from agriseg.classes import DEFAULT_CLASSES, ClassSchema, SegClass
 from agriseg.errors import (
     AgrisegError,
-    ConfigError,
     GridMismatchError,
     InputError,
     VectorError,
 )
 from agriseg.grid import Grid
-from agriseg.metrics import check_class_raster, map_values, non_class_values
+from agriseg.metrics import (
+    MAX_COLOURS,
+    MAX_LABELS,
+    TOP_SHARE,
+    check_class_raster,
+    colour_classes,
+    colour_codes,
+    even_levels,
+    example_mapping,
+    map_values,
+    non_class_values,
+    read_colour_codes,
+    refuse_jpeg,
+)
 from agriseg.raster import image_vrt, open_survey, read_window
 from agriseg.rasterfile import no_georef_warning
 from agriseg.train.augment import augment_patch
-from agriseg.train.config import AugmentSection
+from agriseg.train.config import AugmentSection, name_key
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +198,24 @@ def _warn_nodata_class(path: Path, nodata: int, name: str, hidden: int, mapped: 
 def _read_label_raster(path: Path, survey_grid: Grid, k: int,
                        image_plane: bool = False,
                        mapping: dict[int, int] | None = None,
-                       names: tuple[str, ...] = ()) -> np.ndarray:
+                       names: tuple[str, ...] = (),
+                       colours: dict[tuple[int, int, int], int] | None = None,
+                       schema: ClassSchema | None = None) -> np.ndarray:
     """Labels of a raster on ``survey_grid``; on the image plane only the size must agree.
 
     ``mapping`` (label value -> class value, 255 = ignore) recodes a dataset's own codes;
-    ``names`` are the class names, for messages. The raster's nodata pixels are unlabelled,
-    with or without a mapping.
+    ``colours`` (``(r, g, b)`` -> class value) reads colour-coded labels instead (RGB, RGBA or
+    a colour table; transparent pixels are unlabelled). ``names`` are the class names, and
+    ``schema`` the classes (default: those of ``names``), for messages. The raster's nodata
+    pixels are unlabelled, with or without a mapping.
+
+    Raises:
+        InputError: unreadable, not class labels (JPEG, floats), label values or colours that
+            are no class nor mapped, a 0/255 binary mask read as one class, colour-coded labels
+            without ``colours``.
+        GridMismatchError: the raster is off the image grid.
     """
+    schema = schema or _schema_of(k, names)
     import rasterio
 
     try:
@@ -211,6 +236,10 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
                     or ds.shape != survey_grid.shape_yx \
                     or _corner_offset_px(label, survey_grid) > GRID_TOLERANCE_PX:
                 raise _grid_mismatch(path, label, ds.crs is None, survey_grid, image_plane)
+        if colours is not None:
+            return _read_colour_labels(path, ds, colours, schema)
+        if ds.count in (3, 4) and ds.driver != "JPEG" and all(d == "uint8" for d in ds.dtypes):
+            raise _colour_labels_error(path, ds, schema)
         check_class_raster(path, ds, "label raster")
         labels = ds.read(1)
         nodata = ds.nodata
@@ -227,9 +256,10 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
         if code is not None:
             stray = stray[stray != code]
         if stray.size:
+            example = example_mapping(mapping, stray[:MAX_LABELS].tolist(), schema)
             raise InputError(
                 f"{path}: label values {stray[:10].tolist()} are not in label_classes; add "
-                "them (VALUE=CLASS, or VALUE=ignore)"
+                f"them (VALUE=CLASS, or VALUE=ignore), e.g. label_classes: \"{example}\""
             )
         target = mapping.get(code, IGNORE) if code is not None else IGNORE
         if code is not None and target != IGNORE and hidden.any():
@@ -244,21 +274,209 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
         out[hidden] = IGNORE
     bad = non_class_values(out, k, IGNORE)
     if bad.size:
-        raise InputError(
-            f"{path}: label values {bad[:10].tolist()} are not classes 0..{k - 1} "
-            "(255 = unlabelled); say what they are with `label_classes:` in its data entry "
-            "(e.g. label_classes: 10=soil,20=crop,30=weed,0=ignore)"
-        )
+        raise _unknown_values_error(path, out, bad, schema, code)
+    _refuse_binary_mask(path, out, schema, code)
     return out.astype(np.uint8)
 
 
+def _schema_of(k: int, names: tuple[str, ...]) -> ClassSchema:
+    """The classes of ``k`` values named ``names`` (unnamed: the default classes), for messages."""
+    if names in ((), DEFAULT_CLASSES.names) and k == len(DEFAULT_CLASSES):
+        return DEFAULT_CLASSES
+    return ClassSchema(tuple(SegClass(i, names[i] if i < len(names) else f"class{i}", (0, 0, 0))
+                             for i in range(k)))
+
+
+def _choices(schema: ClassSchema) -> str:
+    return ", ".join([*schema.names, "ignore"])
+
+
+def _unknown_values_error(path: Path, out: np.ndarray, bad: np.ndarray, schema: ClassSchema,
+                          nodata: int | None) -> InputError:
+    """The error for label values that are no class: a ``label_classes:`` of those found."""
+    k = len(schema)
+    if bad.size > MAX_LABELS:
+        return InputError(
+            f"{path}: holds {bad.size} values that are not classes 0..{k - 1} ({bad.min()}.."
+            f"{bad.max()} among them): it looks like a continuous raster (an image band, an "
+            "index, a confidence), not class labels; give a raster of class values (255 = "
+            "unlabelled, others mapped with `label_classes:`)")
+    present = [int(v) for v in np.unique(out) if v != IGNORE]
+    # Built from the values found, as evaluate's hint: 0/128 is "0=soil,128=crop", not a
+    # 10/20/30 example to translate.
+    coded = [v for v in present if v != 0]
+    note = ""
+    if len(present) == k + 1 and coded != present and not any(0 < v < k for v in coded):
+        # A class code each, and 0 beside them: 0 is the unlabelled background (10..40 and
+        # 0 were asked for as "0=soil,1=crop,...,10=ignore", the codes ignored).
+        example = ",".join([*(f"{v}={n}" for v, n in zip(coded, schema.names, strict=True)),
+                            "0=ignore"])
+    else:
+        note = ""
+        top = int((out == IGNORE).sum())
+        if top and nodata != IGNORE:
+            share = f"{IGNORE} ({100 * top / out.size:.3g} % of the pixels)"
+            if top >= TOP_SHARE * out.size and even_levels([*present, IGNORE]) \
+                    and len(present) < k:
+                # Grey levels (0/128/255, 0/85/170/255): 255 the last class, as evaluate reads
+                # them.
+                present = [*present, IGNORE]
+                note = (f"; {share} is read as unlabelled unless mapped, and steps on evenly "
+                        "from the other values as a class level would, so the example maps it "
+                        f"({IGNORE}=ignore if it is unlabelled)")
+            else:
+                cls = schema.names[len(present)] if len(present) < k else "CLASS"
+                note = f"; {share} is read as unlabelled (if it is a class, map it too: " \
+                       f"{IGNORE}={cls})"
+        example = example_mapping(None, bad.tolist(), schema, present, nodata is not None)
+    head, _, rest = example.partition(" (")
+    return InputError(
+        f"{path}: label values {bad[:10].tolist()} are not classes 0..{k - 1} (255 = "
+        "unlabelled); say what each value is with `label_classes:` in its data entry "
+        f"(VALUE=CLASS,..., CLASS one of {_choices(schema)}), e.g. label_classes: "
+        f"\"{head}\"{' (' + rest if rest else ''}{note}")
+
+
+def _role_name(schema: ClassSchema, role: str) -> str:
+    """The name of the class playing ``role``, else the last class's (for examples)."""
+    c = schema.by_role(role)
+    return c.name if c else schema.names[-1]
+
+
+def _refuse_binary_mask(path: Path, out: np.ndarray, schema: ClassSchema,
+                        nodata: int | None) -> None:
+    """Refuse a mask of one class value and 255, read without ``label_classes``.
+
+    255 is unlabelled, so a 0/255 weed mask (Agriculture-Vision style) trained soil only, with
+    just a warning that the other classes had no pixel. A declared nodata of 255 says the 255
+    pixels are unlabelled on purpose (labels of one class in this image), so it passes.
+    """
+    if nodata == IGNORE:
+        return
+    seen = np.flatnonzero(np.bincount(out.ravel(), minlength=IGNORE + 1))
+    if len(seen) != 2 or seen[1] != IGNORE:
+        return
+    low = int(seen[0])
+    positive = _role_name(schema, "weed")
+    background = schema.names[low]
+    if background == positive:
+        background = schema.names[0] if schema.names[0] != positive else schema.names[-1]
+    raise InputError(
+        f"{path}: holds only values {low} and {IGNORE} (a binary mask?), and {IGNORE} is read as "
+        f"unlabelled, so it labels {schema.names[low]} only and trains nothing of the other "
+        f"classes; say what the values are with `label_classes:` in its data entry, e.g. "
+        f"label_classes: \"{low}={background},{IGNORE}={positive}\" (to train just these two "
+        "classes, list them under `classes:`, see README, Training your own model); if "
+        f"{IGNORE} is unlabelled indeed, say so: label_classes: \"{low}={schema.names[low]},"
+        f"{IGNORE}=ignore\"")
+
+
+def _strips(ds: rasterio.DatasetReader) -> Iterator[Window]:
+    """Row strips of ``ds`` of about 4 M pixels: a colour image is read as int64 codes."""
+    rows = max(1, (1 << 22) // max(1, ds.width))
+    for y in range(0, ds.height, rows):
+        yield Window(0, y, ds.width, min(rows, ds.height - y))
+
+
+def _rgb(code: int) -> str:
+    return f"{code >> 16},{(code >> 8) & 255},{code & 255}"
+
+
+def _read_colour_labels(path: Path, ds: rasterio.DatasetReader,
+                        colours: dict[tuple[int, int, int], int],
+                        schema: ClassSchema) -> np.ndarray:
+    """Class values of colour-coded labels, as ``evaluate --truth-colors`` reads a truth."""
+    refuse_jpeg(path, ds, "label image")
+    try:
+        palette = colour_codes(path, ds)
+    except InputError as exc:
+        raise InputError(
+            f"{path}: label_colors needs colour-coded labels (3 or 4 bands of 8-bit RGB(A), or "
+            f"one band with a colour table), not {ds.count} band(s) of {ds.dtypes[0]}; give "
+            "class values with label_classes: instead") from exc
+    codes = {(r << 16) | (g << 8) | b: v for (r, g, b), v in colours.items()}
+    out = np.full(ds.shape, IGNORE, np.uint8)
+    unmapped: Counter[int] = Counter()
+    for window in _strips(ds):
+        rows = slice(window.row_off, window.row_off + window.height)
+        cls = colour_classes(read_colour_codes(ds, window, palette), codes, IGNORE, unmapped)
+        out[rows] = cls.astype(np.uint8)
+    if unmapped:
+        first = ", ".join(f"{_rgb(c)} ({n} px)" for c, n in unmapped.most_common(5))
+        more = f" and {len(unmapped) - 5} more" if len(unmapped) > 5 else ""
+        names = {c.value: c.name for c in schema.classes} | {IGNORE: "ignore"}
+        given = [f"{r},{g},{b}={names[v]}" for (r, g, b), v in colours.items()]
+        example = ";".join(given + [f"{_rgb(c)}=ignore" for c, _ in unmapped.most_common(5)])
+        raise InputError(
+            f"{path}: holds colours that label_colors does not name: {first}{more}; add each "
+            f"as R,G,B=CLASS (CLASS one of {_choices(schema)}), e.g. label_colors: "
+            f"\"{example}\"")
+    return out
+
+
+#: Colours of colour-coded labels named in the error that asks for ``label_colors:``.
+EXAMPLE_COLOURS = 5
+
+
+def _colour_labels_error(path: Path, ds: rasterio.DatasetReader,
+                         schema: ClassSchema) -> InputError:
+    """The error for colour-coded labels given without ``label_colors:``.
+
+    Its example ``label_colors:`` holds the most frequent colours of the file.
+    """
+    counts: Counter[int] = Counter()
+    for window in _strips(ds):
+        colour_classes(read_colour_codes(ds, window, None), {}, IGNORE, counts)
+    bands = f"{ds.count} bands ({'RGBA' if ds.count == 4 else 'RGB'})"
+    if len(counts) >= MAX_COLOURS:
+        return InputError(
+            f"{path}: has {bands} of {len(counts)}+ distinct colours: it looks like a photo "
+            "(the image itself?), not labels; the label raster must be a single-band raster of "
+            "class values (255 = unlabelled), or colour-coded labels named with `label_colors:`")
+    top = [c for c, _ in counts.most_common(EXAMPLE_COLOURS)]
+    found = ", ".join(f"{_rgb(c)} ({counts[c]} px)" for c in top)
+    more = f" and {len(counts) - len(top)} more" if len(counts) > len(top) else ""
+    example = ";".join(f"{_rgb(c)}={_guess_colour(c, schema)}" for c in top)
+    return InputError(
+        f"{path}: has {bands}; the label raster must be a single-band raster of class values, "
+        "or colour-coded labels whose colours `label_colors:` in its data entry names (R,G,B="
+        f"CLASS pairs separated by ';', CLASS one of {_choices(schema)}; transparent pixels "
+        f"are unlabelled). Its most frequent colours are {found or 'none (all transparent)'}"
+        f"{more}; e.g. label_colors: \"{example}\" (check the class of each colour)")
+
+
+def _guess_colour(code: int, schema: ClassSchema) -> str:
+    """A class for a label colour, for examples: a class of that colour, else by its hue.
+
+    Black is the background (soil) and green the crop and red the weed of WeedMap, CWFID
+    and most weed datasets; what is no such colour is left to the user to name.
+    """
+    rgb = (code >> 16, (code >> 8) & 255, code & 255)
+    for c in schema.classes:
+        if tuple(c.color) == rgb:
+            return c.name
+    r, g, b = rgb
+    role = ("soil" if max(rgb) < 64 else "crop" if g > 2 * max(r, b) else
+            "weed" if r > 2 * max(g, b) else None)
+    cls = schema.by_role(role) if role else None
+    return cls.name if cls else "CLASS"
+
+
 def rasterize_polygons(
-    path: Path, column: str, layer: str | None, grid: object, schema: ClassSchema
+    path: Path, column: str, layer: str | None, grid: object, schema: ClassSchema,
+    names: dict[str, int] | None = None,
 ) -> np.ndarray:
     """Burn labelled polygons onto ``grid`` (255 outside every polygon).
 
+    The class column holds class names (case-insensitive) or values; ``names`` (the polygons'
+    ``label_classes:``, see :func:`agriseg.train.config.parse_name_classes`) says what other
+    names or codes are, keyed by :func:`agriseg.train.config.name_key`; those mapped to ignore
+    are left unlabelled.
+
     Raises:
-        VectorError: unreadable file, missing column (lists the columns), unknown class.
+        VectorError: unreadable file, missing column (lists the columns), class names or
+            values that are no class nor in ``names`` (all of them, with a ``label_classes:``
+            that names them).
     """
     import geopandas as gpd
     from rasterio.features import rasterize
@@ -277,28 +495,32 @@ def rasterize_polygons(
         raise VectorError(f"{path}: label polygons have no CRS; set one in QGIS and save again")
     gdf = gdf[gdf.geometry.notna() & ~gdf.geometry.is_empty].to_crs(grid.crs)  # type: ignore[attr-defined]
     shapes = []
+    # Every name that is no class, counted, so that one error names them all (the first
+    # unknown name alone made a fix-and-rerun loop of a dataset's several names).
+    unknown: Counter[str] = Counter()
+    spelled: dict[str, str] = {}
     for geom, raw in zip(gdf.geometry, gdf[column], strict=True):
         if raw is None or (isinstance(raw, float) and math.isnan(raw)):
             continue
-        if isinstance(raw, str) and not raw.strip().isdigit():
-            try:
-                value = schema.value_of(raw.strip().lower())
-            except ConfigError as exc:
-                raise VectorError(f"{path}: column {column!r}: {exc}") from exc
-        else:
-            if isinstance(raw, float) and not raw.is_integer():  # int() truncated 1.7 to 1
-                raise VectorError(f"{path}: column {column!r} holds {raw}, not a class value; "
-                                  f"valid values 0..{len(schema) - 1} ({', '.join(schema.names)})")
-            value = int(raw)
-            if not 0 <= value < len(schema):
-                raise VectorError(
-                    f"{path}: column {column!r} holds class value {value}; valid values "
-                    f"0..{len(schema) - 1} ({', '.join(schema.names)})"
-                )
-        shapes.append((geom, value))
+        if isinstance(raw, np.generic):
+            raw = raw.item()
+        if isinstance(raw, float) and not raw.is_integer():  # int() truncated 1.7 to 1
+            raise VectorError(f"{path}: column {column!r} holds {raw}, not a class value; "
+                              f"valid values 0..{len(schema) - 1} ({', '.join(schema.names)})")
+        key = name_key(raw)
+        value = _polygon_class(key, schema, names)
+        if value is None:
+            unknown[key] += 1
+            # Codes as their key: a float column's 10.0 is asked for as 10.
+            spelled.setdefault(key, key if key.lstrip("-").isdigit() else str(raw).strip())
+        elif value != IGNORE:
+            shapes.append((geom, value))
+    if unknown:
+        raise _unknown_names_error(path, column, unknown, spelled, schema, names)
     h, w = grid.shape_yx  # type: ignore[attr-defined]
     if not shapes:
-        raise VectorError(f"{path}: no labelled polygons (column {column!r} is empty)")
+        ignored = " or mapped to ignore" if names and IGNORE in names.values() else ""
+        raise VectorError(f"{path}: no labelled polygons (column {column!r} is empty{ignored})")
     burnt = rasterize(
         shapes, out_shape=(h, w), transform=grid.transform, fill=IGNORE,  # type: ignore[attr-defined]
         dtype="uint8",
@@ -311,6 +533,72 @@ def rasterize_polygons(
             "check that they belong to this image and that their CRS is right (a GeoJSON "
             "without one is read as lon/lat, EPSG:4326)")
     return burnt
+
+
+def _polygon_class(key: str, schema: ClassSchema, names: dict[str, int] | None) -> int | None:
+    """The class value (or 255, ignore) of a class-column value keyed ``key``; None: unknown.
+
+    ``names`` first; then class names, which need not be listed; then class values 0..K-1,
+    unless ``names`` gives codes (a dataset's 1..4 would be shifted silently otherwise).
+    """
+    if names and key in names:
+        return names[key]
+    for c in schema.classes:
+        if c.name.lower() == key:
+            return c.value
+    numeric = key.lstrip("-").isdigit()
+    if numeric and 0 <= int(key) < len(schema) and not names:
+        return int(key)
+    return None
+
+
+#: Class-column values of a polygon file named in the error that asks for label_classes.
+MAX_NAMES = 20
+
+
+def _unknown_names_error(path: Path, column: str, unknown: Counter[str],
+                         spelled: dict[str, str], schema: ClassSchema,
+                         names: dict[str, int] | None) -> VectorError:
+    """The error for class-column values that are no class.
+
+    It names all of them, with counts, and a ``label_classes:`` line that names each
+    (classes guessed from the names).
+    """
+    found = ", ".join(f"{spelled[key]!r} ({n} polygon{'s' if n > 1 else ''})"
+                      for key, n in unknown.most_common(MAX_NAMES))
+    more = f" and {len(unknown) - MAX_NAMES} more" if len(unknown) > MAX_NAMES else ""
+    by_value = {c.value: c.name for c in schema.classes} | {IGNORE: "ignore"}
+    given = [f"{key}={by_value[v]}" for key, v in (names or {}).items()]
+    codes = sorted((k for k in unknown if k.lstrip("-").isdigit()), key=int)
+    # Codes as the classes in order (10/20/30: soil, crop, weed), names by what they say.
+    guess = dict(zip(codes, schema.names, strict=False))
+    pairs = [f"{spelled[key]}={guess.get(key) or _guess_name(key, schema)}"
+             for key, _ in unknown.most_common(MAX_NAMES)]
+    which = "not classes" + (" nor in label_classes" if names else "")
+    return VectorError(
+        f"{path}: column {column!r} holds values that are {which} ({', '.join(schema.names)}): "
+        f"{found}{more}; say what each is with `label_classes:` in its data entry (NAME=CLASS "
+        f"pairs separated by ',', CLASS one of {_choices(schema)}; names match "
+        f"case-insensitively), e.g. label_classes: \"{','.join(given + pairs)}\" (guessed "
+        "from the names: check each), or train classes of your own, listed under `classes:` "
+        "(see README, Training your own model)")
+
+
+def _guess_name(key: str, schema: ClassSchema) -> str:
+    """A class for a dataset's class name, for examples: what the words say, else crop.
+
+    Plants other than weeds ("sugar beet", "maize") are the crop of most datasets.
+    """
+    words = set(key.replace("_", " ").replace("-", " ").split())
+    if words & {"unlabeled", "unlabelled", "unknown", "void", "none", "ignore", "nodata"}:
+        return "ignore"
+    role = ("weed" if any("weed" in w for w in words) else
+            "disease" if words & {"disease", "diseased", "blight", "rust", "mildew", "rot",
+                                  "infected", "lesion"} else
+            "soil" if words & {"background", "bg", "soil", "ground", "bare", "dirt", "earth",
+                               "road", "path"} else "crop")
+    c = schema.by_role(role)
+    return c.name if c else "CLASS"
 
 
 #: Random draws of validation blocks compared when labels cover only part of an image.
@@ -424,13 +712,15 @@ def load_pair(
     bands: str | None = None,
     gsd: float | None = None,
     label_classes: dict[int, int] | None = None,
+    label_colors: dict[tuple[int, int, int], int] | None = None,
 ) -> LabelledImage:
     """Read an image whole and attach labels (raster path or array on its grid).
 
     With ``gsd`` the image has no CRS (a PNG or JPEG tile of a labelled dataset): it is read on
     the image plane (see :func:`agriseg.raster.image_vrt`), and its label image only has to
     have the same size. Validation blocks are chosen among the blocks that hold labels (see
-    :func:`block_split`).
+    :func:`block_split`). ``label_classes`` recodes a label raster's values, ``label_colors``
+    reads colour-coded labels (see :func:`_read_label_raster`).
 
     Raises:
         BandError: the image lacks a band role of the model.
@@ -447,7 +737,7 @@ def load_pair(
             pixels, valid = read_window(survey, roles, Window(0, 0, w, h))
     lab = labels if isinstance(labels, np.ndarray) else _read_label_raster(
         labels, survey.grid, len(schema), image_plane=gsd is not None, mapping=label_classes,
-        names=schema.names,
+        names=schema.names, colours=label_colors, schema=schema,
     )
     lab = lab.copy()
     labelled = lab != IGNORE

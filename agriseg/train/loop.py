@@ -34,7 +34,7 @@ from agriseg.models.arch import (
     make_spec,
 )
 from agriseg.models.bundle import BundleMeta, load_bundle_model, save_bundle
-from agriseg.train.config import TrainConfig
+from agriseg.train.config import TrainConfig, parse_label_colors, parse_name_classes
 from agriseg.train.data import (
     IGNORE,
     LabelledImage,
@@ -239,6 +239,7 @@ def load_training_data(
     summary: list[dict[str, Any]] = []
     jobs: list[tuple[Path, Any, str | None, float | None, dict[str, Any]]] = []
     codes: dict[int, dict[int, int]] = {}  # job -> label value -> class value
+    colours: dict[int, dict[tuple[int, int, int], int]] = {}  # job -> colour -> class value
     for img, truth in _synthetic_pairs(cfg, reuse):
         jobs.append((img, truth, None, None, {"source": "synthetic"}))
     surveys = sum(pair.pseudo is not None for pair in cfg.data)
@@ -250,12 +251,16 @@ def load_training_data(
         if pair.labels is not None:
             if pair.label_classes:
                 codes[len(jobs)] = parse_truth_classes(pair.label_classes, schema)
+            if pair.label_colors:
+                colours[len(jobs)] = parse_label_colors(pair.label_colors, schema)
             jobs.append((pair.image, pair.labels, pair.bands, pair.gsd,
                          {"source": "raster labels"}))
         elif pair.polygons is not None:
             grid = open_survey(pair.image, pair.bands).grid
+            names = (parse_name_classes(pair.label_classes, schema) if pair.label_classes
+                     else None)
             lab = rasterize_polygons(tidy_path(pair.polygons), pair.class_column, pair.layer,
-                                     grid, schema)
+                                     grid, schema, names)
             jobs.append((pair.image, lab, pair.bands, None,
                          {"source": "polygons", "polygons": pair.polygons.name}))
         elif pair.pseudo is not None:
@@ -276,7 +281,7 @@ def load_training_data(
         # Paths tidied for the messages about them (the files are the same).
         im = load_pair(tidy_path(img), lab if isinstance(lab, np.ndarray) else tidy_path(lab),
                        roles, schema, v.block_size, v.fraction, v.seed + n, bands, gsd,
-                       codes.get(n))
+                       codes.get(n), colours.get(n))
         images.append(im)
         summary.append({"image": im.name, "gsd_m": round(im.gsd_m, 4), **info,
                         "train_pixels": dict(zip(schema.names, im.class_counts(len(schema)),

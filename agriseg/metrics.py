@@ -39,6 +39,16 @@ RECODE_LOW, RECODE_HIGH, RECODE_GAIN = 0.6, 0.8, 0.3
 #: ... and reads at least this share of the pixels as other classes (a few stray pixels of a
 #: rare class say nothing of the coding).
 RECODE_MIN_SHARE = 0.01
+#: Least share of the labelled pixels that two predicted classes must each hold before value
+#: 0 is offered as unlabelled: a prediction of (nearly) one class "fits" any truth once the
+#: truth's largest class is dropped (everything predicted soil, a senesced date against a
+#: green one).
+RECODE_DROP_CLASS_SHARE = 0.1
+#: How much more often value 0's pixels may be predicted soil than the other codes' pixels
+#: while still read as an unlabelled background: a real unlabelled area is a sample of the
+#: scene; real soil labels are predicted soil far more often than the rest (a model that
+#: misses weed gave "0=ignore" with 0 100 % soil against 10 % for the other codes).
+RECODE_DROP_SOIL_EXCESS = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +271,8 @@ def suggest_truth_coding(
     full_ok, full_acc = worth(full)
     drop_ok, drop_acc, drop = False, 0.0, {}
     zero = c[0].sum()
-    if truth_classes is None and truth_colors is None and 0 < zero < total:
+    if truth_classes is None and truth_colors is None and 0 < zero < total \
+            and _zero_looks_unlabelled(c):
         # Value 0 read as soil may be the unlabelled background of 1..3 codes.
         rows, cols = linear_sum_assignment(c[1:], maximize=True)
         drop = {r + 1: col for r, col in zip(rows.tolist(), cols.tolist(), strict=True)
@@ -276,6 +287,24 @@ def suggest_truth_coding(
     if full_ok:
         return _recoding(c, schema, full, before, full_acc, truth_classes, truth_colors)
     return None
+
+
+def _zero_looks_unlabelled(c: np.ndarray) -> bool:
+    """Whether truth value 0 (rows of ``c``) may be an unlabelled background.
+
+    Only when the prediction holds two classes of some size (:data:`RECODE_DROP_CLASS_SHARE`)
+    and 0's pixels are predicted soil about as often as the other codes' are
+    (:data:`RECODE_DROP_SOIL_EXCESS`): dropping real soil labels always raises the accuracy
+    of a model poor on the rest.
+    """
+    total = c.sum()
+    predicted = c.sum(axis=0) / total
+    if np.sort(predicted)[-2] < RECODE_DROP_CLASS_SHARE:
+        return False
+    zero, rest = c[0].sum(), c[1:].sum()
+    if not rest:
+        return False
+    return bool(c[0, 0] / zero - c[1:, 0].sum() / rest <= RECODE_DROP_SOIL_EXCESS)
 
 
 def _agreement(c: np.ndarray, new: dict[int, int]) -> tuple[float, float]:

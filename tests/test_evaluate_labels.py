@@ -315,13 +315,13 @@ def test_shifted_coding_is_warned_of_with_the_option_that_reads_it(tmp_path: Pat
     assert code == 0, out
     assert f"pixel accuracy {before.accuracy:.4f}" in out  # the scores stay as read
     assert before.accuracy < 0.6
-    warning = out[out.index("Warning: the truth looks coded otherwise"):]
+    warning = out[out.index("Warning: the truth may be coded otherwise"):]
     assert out.index("confusion (rows truth") < out.index("Warning:")  # after the scores
     assert "truth value 1 (scored as crop) is 9" in warning
     assert "% predicted soil, 2 (scored as weed)" in warning
     assert "and 0 would be unlabelled" in warning
     option = "--truth-classes 0=ignore,1=soil,2=crop,3=weed"
-    assert f"rerun with {option} (the scores above" in warning
+    assert f"rerun with {option}; if it is not" in warning
     code, out = _evaluate(pred, truth, *option.split())
     assert code == 0 and "Warning" not in out, out
     assert evaluate_rasters(pred, truth, truth_classes=parse_truth_classes(
@@ -342,7 +342,7 @@ def test_shifted_coding_beside_nodata_0_is_not_called_soil(
     code, out = _evaluate(pred, truth)
     assert code == 0, out
     assert "declared nodata" not in out and "0=soil" not in out
-    assert "rerun with --truth-classes 1=soil,2=crop,3=weed (the scores" in out
+    assert "rerun with --truth-classes 1=soil,2=crop,3=weed; if it is not" in out
     assert "would be unlabelled" not in out  # 0 is unlabelled already, as declared
     # the soil column of a truth without soil pixels is marked
     assert "(no truth pixels: IoU 0, in mean IoU)" in out
@@ -358,10 +358,10 @@ def test_swapped_classes_are_warned_of_under_a_field_of_soil(tmp_path: Path) -> 
     truth = _tif(tmp_path / "t.tif", swapped)
     code, out = _evaluate(pred, truth)
     assert code == 0, out
-    assert "rerun with --truth-classes 0=soil,1=weed,2=crop (the scores" in out
+    assert "rerun with --truth-classes 0=soil,1=weed,2=crop; if it is not" in out
     # A wrong --truth-classes is read through: the option maps the same values anew.
     code, out = _evaluate(pred, truth, "--truth-classes", "0=soil,1=crop,2=weed")
-    assert "rerun with --truth-classes 0=soil,1=weed,2=crop (the scores" in out, out
+    assert "rerun with --truth-classes 0=soil,1=weed,2=crop; if it is not" in out, out
     code, out = _evaluate(pred, truth, "--truth-classes", "0=soil,1=weed,2=crop")
     assert code == 0 and "Warning" not in out, out
     # colour-coded labels get a --truth-colors back
@@ -377,7 +377,7 @@ def test_swapped_classes_are_warned_of_under_a_field_of_soil(tmp_path: Path) -> 
     assert out["truth_coding"]["codes"][1] == {
         "code": "1", "scored_as": "crop", "reads_as": "weed",
         "share": out["truth_coding"]["codes"][1]["share"]}
-    assert "Warning: the truth looks coded otherwise" in r.stderr
+    assert "Warning: the truth may be coded otherwise" in r.stderr
     assert out["accuracy"] == out["truth_coding"]["accuracy"]  # the scores stay as read
 
 

@@ -151,3 +151,22 @@ def test_classes_without_truth_pixels_are_marked_and_a_second_mean_follows() -> 
     d = scores.to_dict()
     assert d["no_truth_pixels"] == ["disease"] and d["miou_truth_classes"] == ["soil", "crop"]
     assert d["miou"] == pytest.approx(scores.miou)  # the existing key keeps its meaning
+
+
+def test_poor_models_are_not_taken_for_an_unlabelled_zero() -> None:
+    """Dropping real soil labels raises the accuracy of any model poor on the rest: a model
+    that misses all weed, or predicts soil everywhere, was told to read 0 as unlabelled
+    (found on the real samples' maps against perturbed copies)."""
+    from agriseg.metrics import suggest_truth_coding
+
+    # rows truth soil / crop / weed / disease; Lamberton 09-05 with every weed predicted soil
+    misses_weed = np.array([[629_000, 0, 0, 0], [0, 141_000, 0, 0], [17_000, 0, 0, 0],
+                            [0, 0, 0, 0]])
+    assert suggest_truth_coding(misses_weed) is None
+    all_soil = np.array([[470_000, 0, 0, 0], [530_000, 0, 0, 0], [0] * 4, [0] * 4])
+    assert suggest_truth_coding(all_soil) is None
+    # ... while 1..3 beside an unlabelled 0 that samples the scene is still read so
+    shifted = np.array([[30_000, 8_000, 1_000, 0], [60_000, 1_000, 0, 0],
+                        [2_000, 15_000, 0, 0], [0, 300, 2_500, 0]])
+    rec = suggest_truth_coding(shifted)
+    assert rec is not None and rec.option == "--truth-classes 0=ignore,1=soil,2=crop,3=weed"

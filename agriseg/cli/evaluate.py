@@ -100,15 +100,18 @@ def evaluate(rasters: tuple[Path, ...], as_json: bool, truth_classes: str | None
 
 def _recoding_warning(recoding: Recoding) -> str:
     """The warning for a truth that reads far better coded otherwise (the scores stand)."""
+    # The codes that show it; a code of a few pixels that the one-to-one reading moves
+    # along ("2 (scored as weed) 0 % predicted crop") is no evidence, only in the option.
+    shown = [c for c in recoding.codes if c[3] >= 0.5] or list(recoding.codes)
     parts = [f"{code} (scored as {was}){' is' if i == 0 else ''} {100 * share:.0f} % "
-             f"predicted {now}" for i, (code, was, now, share) in enumerate(recoding.codes)]
+             f"predicted {now}" for i, (code, was, now, share) in enumerate(shown)]
     if recoding.ignored:
         parts.append(f"and {' and '.join(recoding.ignored)} would be unlabelled")
-    return (f"Warning: the truth looks coded otherwise than it was read: truth "
+    return (f"Warning: the truth may be coded otherwise than it was read: truth "
             f"{recoding.kind} {', '.join(parts)}. Read so, pixel accuracy would be "
             f"{recoding.recoded:.4f}, not {recoding.accuracy:.4f}: if that is the labels' "
-            f"coding, rerun with {recoding.option} (the scores above are as the truth was "
-            "read).")
+            f"coding, rerun with {recoding.option}; if it is not, the model confuses these "
+            "classes (the scores above are as the truth was read).")
 
 
 def _run_schema(pred: Path) -> ClassSchema:

@@ -21,6 +21,10 @@ from agriseg.raster import absolute_path
 CONFIG_VERSION: Literal[1] = 1
 
 
+#: Smallest ``--gsd`` taken (metres): close-range photos of plants are ~0.1-1 mm per pixel.
+MIN_GSD_M = 0.0001
+
+
 class RunConfig(BaseModel):
     """Everything one ``agriseg run`` needs."""
 
@@ -107,6 +111,18 @@ class RunConfig(BaseModel):
         # `bands: {red: 3, green: 2, blue: 1}` in YAML, for the command line's red=3,...
         if isinstance(v, dict):
             return ",".join(f"{role}={band}" for role, band in v.items())
+        return v
+
+    @field_validator("gsd")
+    @classmethod
+    def _plausible_gsd(cls, v: float | None) -> float | None:
+        # Metres per pixel: 1e-05 (a value in the wrong unit) gave the label-free model a
+        # 5000 px context around a 64 px tile, and the run took gigabytes and never ended.
+        if v is not None and v < MIN_GSD_M:
+            raise ValueError(
+                f"is metres per pixel: {v:g} m is {v * 1000:g} mm; close-range images are "
+                f"{MIN_GSD_M * 1000:g}-1 mm, drone ones 5-50 mm (give 0.01 for 1 cm)"
+            )
         return v
 
     @field_validator("tile_size")

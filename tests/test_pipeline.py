@@ -684,3 +684,12 @@ def test_geographic_survey_with_squashed_pixels_is_warned(tmp_path: Path,
                            indices=False)
     manifest = process_survey(cfg).manifest
     assert any("1.39x longer one way" in w and "EPSG:32615" in w for w in manifest["warnings"])
+
+
+def test_implausible_gsd_is_refused(tmp_path: Path) -> None:
+    """--gsd in the wrong unit (1e-05 m) ran a 5000 px context around a 64 px image for
+    gigabytes and never ended; refused, saying what the unit is."""
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "x.png"), "--out", str(tmp_path / "o"),
+                                  "--gsd", "0.00001"])
+    assert r.exit_code == 2 and "metres per pixel" in r.output and "0.01 mm" in r.output
+    assert not (tmp_path / "o").exists()

@@ -439,6 +439,15 @@ def test_polygon_names_of_a_dataset_are_all_named_with_a_label_classes_line(
     assert "'Sugar beet' (2 polygons), 'background' (1 polygon)" in msg
     assert 'label_classes: "Sugar beet=crop,background=soil"' in msg
     assert "`classes:`" in msg and "'Weed'" not in msg  # a class name, case aside
+    # misspelt names in label_classes are said to match nothing, and left out of the example
+    from agriseg.train.config import parse_name_classes
+
+    with pytest.raises(VectorError) as err:
+        rasterize_polygons(path, "class", None, IMAGE, DEFAULT_CLASSES, parse_name_classes(
+            "Sugar bet=crop,backgrnd=soil,Weed=weed", DEFAULT_CLASSES))
+    msg = str(err.value)
+    assert "'sugar bet', 'backgrnd', which no polygon holds (misspelt?)" in msg
+    assert 'label_classes: "weed=weed,Sugar beet=crop,background=soil"' in msg
 
 
 def test_polygon_label_classes_map_names_case_insensitively(tmp_path: Path) -> None:

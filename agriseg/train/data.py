@@ -499,6 +499,7 @@ def rasterize_polygons(
     # unknown name alone made a fix-and-rerun loop of a dataset's several names).
     unknown: Counter[str] = Counter()
     spelled: dict[str, str] = {}
+    seen: set[str] = set()
     for geom, raw in zip(gdf.geometry, gdf[column], strict=True):
         if raw is None or (isinstance(raw, float) and math.isnan(raw)):
             continue
@@ -508,6 +509,7 @@ def rasterize_polygons(
             raise VectorError(f"{path}: column {column!r} holds {raw}, not a class value; "
                               f"valid values 0..{len(schema) - 1} ({', '.join(schema.names)})")
         key = name_key(raw)
+        seen.add(key)
         value = _polygon_class(key, schema, names)
         if value is None:
             unknown[key] += 1
@@ -516,7 +518,7 @@ def rasterize_polygons(
         elif value != IGNORE:
             shapes.append((geom, value))
     if unknown:
-        raise _unknown_names_error(path, column, unknown, spelled, schema, names)
+        raise _unknown_names_error(path, column, unknown, spelled, schema, names, seen)
     h, w = grid.shape_yx  # type: ignore[attr-defined]
     if not shapes:
         ignored = " or mapped to ignore" if names and IGNORE in names.values() else ""
@@ -558,17 +560,22 @@ MAX_NAMES = 20
 
 def _unknown_names_error(path: Path, column: str, unknown: Counter[str],
                          spelled: dict[str, str], schema: ClassSchema,
-                         names: dict[str, int] | None) -> VectorError:
+                         names: dict[str, int] | None, seen: set[str]) -> VectorError:
     """The error for class-column values that are no class.
 
     It names all of them, with counts, and a ``label_classes:`` line that names each
-    (classes guessed from the names).
+    (classes guessed from the names), keeping the given names that some polygon holds; the
+    given names that none holds are said to be so (a misspelt "Sugar bet" was copied into
+    the example beside the "Sugar beet" it missed).
     """
     found = ", ".join(f"{spelled[key]!r} ({n} polygon{'s' if n > 1 else ''})"
                       for key, n in unknown.most_common(MAX_NAMES))
     more = f" and {len(unknown) - MAX_NAMES} more" if len(unknown) > MAX_NAMES else ""
     by_value = {c.value: c.name for c in schema.classes} | {IGNORE: "ignore"}
-    given = [f"{key}={by_value[v]}" for key, v in (names or {}).items()]
+    given = [f"{key}={by_value[v]}" for key, v in (names or {}).items() if key in seen]
+    stray = [key for key in (names or {}) if key not in seen]
+    strays = (f"; label_classes names {', '.join(map(repr, stray))}, which no polygon holds "
+              "(misspelt?)" if stray else "")
     codes = sorted((k for k in unknown if k.lstrip("-").isdigit()), key=int)
     # Codes as the classes in order (10/20/30: soil, crop, weed), names by what they say.
     guess = dict(zip(codes, schema.names, strict=False))
@@ -577,8 +584,8 @@ def _unknown_names_error(path: Path, column: str, unknown: Counter[str],
     which = "not classes" + (" nor in label_classes" if names else "")
     return VectorError(
         f"{path}: column {column!r} holds values that are {which} ({', '.join(schema.names)}): "
-        f"{found}{more}; say what each is with `label_classes:` in its data entry (NAME=CLASS "
-        f"pairs separated by ',', CLASS one of {_choices(schema)}; names match "
+        f"{found}{more}{strays}; say what each is with `label_classes:` in its data entry "
+        f"(NAME=CLASS pairs separated by ',', CLASS one of {_choices(schema)}; names match "
         f"case-insensitively), e.g. label_classes: \"{','.join(given + pairs)}\" (guessed "
         "from the names: check each), or train classes of your own, listed under `classes:` "
         "(see README, Training your own model)")

@@ -508,4 +508,6 @@ def test_label_colors_and_polygon_label_classes_in_the_config(tmp_path: Path) ->
     assert "data #1: label_classes: 'Sugar beet=plant': expected NAME=CLASS" in err(
         polygons="a.gpkg", label_classes="Sugar beet=plant")
     assert "given twice" in err(polygons="a.gpkg", label_classes="Weed=weed,weed=crop")
+    # a gsd in the wrong unit, as run's --gsd
+    assert "gsd is metres per pixel: 1e-05 m is 0.01 mm" in err(labels="a.png", gsd=0.00001)
     assert "not `pseudo:`" in err(pseudo={"model": "labelfree"}, label_classes="0=soil")

@@ -211,8 +211,7 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
 
     Raises:
         InputError: unreadable, not class labels (JPEG, floats), label values or colours that
-            are no class nor mapped, a 0/255 binary mask read as one class, colour-coded labels
-            without ``colours``.
+            are no class nor mapped, colour-coded labels without ``colours``.
         GridMismatchError: the raster is off the image grid.
     """
     schema = schema or _schema_of(k, names)
@@ -275,7 +274,7 @@ def _read_label_raster(path: Path, survey_grid: Grid, k: int,
     bad = non_class_values(out, k, IGNORE)
     if bad.size:
         raise _unknown_values_error(path, out, bad, schema, code)
-    _refuse_binary_mask(path, out, schema, code)
+    _warn_of_binary_mask(path, out, schema, code)
     return out.astype(np.uint8)
 
 
@@ -343,13 +342,15 @@ def _role_name(schema: ClassSchema, role: str) -> str:
     return c.name if c else schema.names[-1]
 
 
-def _refuse_binary_mask(path: Path, out: np.ndarray, schema: ClassSchema,
-                        nodata: int | None) -> None:
-    """Refuse a mask of one class value and 255, read without ``label_classes``.
+def _warn_of_binary_mask(path: Path, out: np.ndarray, schema: ClassSchema,
+                         nodata: int | None) -> None:
+    """Warn of a mask of one class value and 255, read without ``label_classes``.
 
-    255 is unlabelled, so a 0/255 weed mask (Agriculture-Vision style) trained soil only, with
-    just a warning that the other classes had no pixel. A declared nodata of 255 says the 255
-    pixels are unlabelled on purpose (labels of one class in this image), so it passes.
+    255 is unlabelled, so a 0/255 weed mask (Agriculture-Vision style) trained soil only,
+    with just a note at the end that the other classes had no pixel. It is a warning, not
+    an error: a tile of a dataset coded as documented (0..3, 255 unlabelled) may hold only
+    soil and unlabelled pixels. A declared nodata of 255 says the 255 pixels are unlabelled
+    on purpose, so it passes silently.
     """
     if nodata == IGNORE:
         return
@@ -361,14 +362,13 @@ def _refuse_binary_mask(path: Path, out: np.ndarray, schema: ClassSchema,
     background = schema.names[low]
     if background == positive:
         background = schema.names[0] if schema.names[0] != positive else schema.names[-1]
-    raise InputError(
-        f"{path}: holds only values {low} and {IGNORE} (a binary mask?), and {IGNORE} is read as "
-        f"unlabelled, so it labels {schema.names[low]} only and trains nothing of the other "
-        f"classes; say what the values are with `label_classes:` in its data entry, e.g. "
-        f"label_classes: \"{low}={background},{IGNORE}={positive}\" (to train just these two "
-        "classes, list them under `classes:`, see README, Training your own model); if "
-        f"{IGNORE} is unlabelled indeed, say so: label_classes: \"{low}={schema.names[low]},"
-        f"{IGNORE}=ignore\"")
+    log.warning(
+        "%s: holds only values %d and %d (a binary mask?), and %d is read as unlabelled, so it "
+        "labels %s only; if %d is a class, say so with `label_classes:` in its data entry, "
+        "e.g. label_classes: \"%d=%s,%d=%s\" (to train just these two classes, list them "
+        "under `classes:`, see README, Training your own model)",
+        path, low, IGNORE, IGNORE, schema.names[low], IGNORE, low, background, IGNORE,
+        positive)
 
 
 def _strips(ds: rasterio.DatasetReader) -> Iterator[Window]:

@@ -117,7 +117,8 @@ class Scores:
     @property
     def miou_truth_classes(self) -> tuple[str, ...]:
         """:attr:`miou_classes` less :attr:`no_truth`: the classes the truth holds."""
-        return tuple(n for n in self.miou_classes if n not in self.no_truth)
+        absent = self.no_truth
+        return tuple(n for n in self.miou_classes if n not in absent)
 
     @property
     def miou_truth(self) -> float:
@@ -666,10 +667,10 @@ def _grid_differences(truth: Grid, pred: Grid) -> list[str]:
     """What differs between the truth's grid and the prediction's, in words."""
     th, tw = truth.shape_yx
     ph, pw = pred.shape_yx
-    crs = _crs_name(pred.crs)
+    crs = crs_label(pred.crs)
     diffs = []
     if truth.crs != pred.crs:
-        diffs.append(f"the truth's CRS is {_crs_name(truth.crs)}, the prediction's {crs}")
+        diffs.append(f"the truth's CRS is {crs_label(truth.crs)}, the prediction's {crs}")
     if (th, tw) != (ph, pw):
         diffs.append(f"the truth is {tw}x{th} px, the prediction {pw}x{ph} px")
     if truth.crs == pred.crs:
@@ -685,28 +686,30 @@ def _grid_differences(truth: Grid, pred: Grid) -> list[str]:
     return diffs or ["their transforms differ"]
 
 
-def warp_command(path: str | Path, grid: Grid, nodata: int = 255) -> str:
+def warp_command(path: str | Path, grid: Grid, nodata: int = 255,
+                 suffix: str = "_on_prediction") -> str:
     """The ``gdalwarp`` command that puts the raster ``path`` on ``grid``, pixel for pixel.
 
     Nearest neighbour keeps class values; ``-te``/``-tr``/``-t_srs`` give the grid's extent,
     pixel size and CRS exactly, and ``-dstnodata`` makes what the raster does not cover
-    unlabelled. The output is named after ``path`` (``labels_on_prediction.tif``).
+    unlabelled. The output is named after ``path`` and ``suffix``
+    (``labels_on_prediction.tif``). Evaluation and training both give it.
     """
     left, bottom, right, top = grid.bounds
     rx, ry = grid.res_xy
-    out = Path(path).with_name(Path(path).stem + "_on_prediction.tif")
-    return (f"gdalwarp -r near -dstnodata {nodata} -te {_num(left)} {_num(bottom)} "
-            f"{_num(right)} {_num(top)} -tr {_num(rx)} {_num(ry)} -t_srs "
-            f"{shlex.quote(_crs_name(grid.crs))} {shlex.quote(str(path))} "
+    out = Path(path).with_name(Path(path).stem + suffix + ".tif")
+    return (f"gdalwarp -r near -dstnodata {nodata} -te {cli_number(left)} {cli_number(bottom)} "
+            f"{cli_number(right)} {cli_number(top)} -tr {cli_number(rx)} {cli_number(ry)} "
+            f"-t_srs {shlex.quote(crs_label(grid.crs))} {shlex.quote(str(path))} "
             f"{shlex.quote(str(out))}")
 
 
-def _num(v: float) -> str:
+def cli_number(v: float) -> str:
     """A coordinate or pixel size for a command line: exact, without float noise."""
     return f"{v:.15g}"
 
 
-def _crs_name(crs: CRS) -> str:
+def crs_label(crs: CRS) -> str:
     """``EPSG:32615`` where the CRS has an EPSG code, else its full text."""
     epsg = crs.to_epsg()
     return f"EPSG:{epsg}" if epsg else str(crs.to_string())
@@ -757,10 +760,33 @@ def _in_order(codes: list[int], schema: ClassSchema) -> str:
     return ",".join(f"{v}={c.name}" for v, c in zip(codes, schema.classes, strict=False))
 
 
-def even_levels(codes: list[int]) -> bool:
+def _even_levels(codes: list[int]) -> bool:
     """Whether ``codes`` step evenly (within 1), as grey levels do: 0/128/255, 0/85/170/255."""
     steps = np.diff(sorted(codes))
     return len(steps) >= 2 and int(steps.min()) >= 2 and int(steps.max() - steps.min()) <= 1
+
+
+def top_as_grey_level(present: list[int], k: int, share: float,
+                      top: int = 255) -> tuple[list[int], str] | None:
+    """``present`` with ``top`` as one more class, and what to say, for a grey-level coding.
+
+    0/128/255 or 0/85/170/255 with fewer values than classes: ``top``, otherwise read as
+    unlabelled, steps on evenly from the other values as the last class level would, and an
+    example that left it out dropped that class silently. None for other codings. Used by
+    evaluation's and training's examples alike.
+
+    Args:
+        present: the label's values but the unlabelled ones, sorted.
+        k: number of classes.
+        share: share of the label's pixels at ``top``.
+        top: the value read as unlabelled (255).
+    """
+    if not (_even_levels([*present, top]) and len(present) < k):
+        return None
+    return [*present, top], (
+        f"; {top} ({100 * share:.3g} % of the pixels) is read as unlabelled unless mapped, and "
+        "steps on evenly from the other values as a class level would, so the example maps it "
+        f"({top}=ignore if it is unlabelled)")
 
 
 def _note_palette(path: str | Path, ds: rasterio.DatasetReader, schema: ClassSchema) -> None:
@@ -916,13 +942,9 @@ def evaluate_rasters(
         share = top_px / all_px if all_px else 0.0
         if (seen is not None and schema.nodata in seen and declared != schema.nodata
                 and not truth_classes and share >= TOP_SHARE and present is not None):
-            pct = f"{schema.nodata} ({100 * share:.3g} % of the pixels)"
-            if even_levels([*present, schema.nodata]) and len(present) < k:
-                # 0/128/255, 0/85/170/255: grey levels, 255 the last class.
-                present = [*present, schema.nodata]
-                top = (f"; {pct} is read as unlabelled unless mapped, and steps on evenly "
-                       "from the other values as a class level would, so the example maps it "
-                       f"({schema.nodata}=ignore if it is unlabelled)")
+            grey = top_as_grey_level(present, k, share, schema.nodata)
+            if grey is not None:
+                present, top = grey
             else:
                 already.append(str(schema.nodata))
                 example = (f"e.g. {schema.nodata}={schema.names[len(present)]}"

@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
-from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema, SegClass
@@ -42,14 +41,17 @@ from agriseg.metrics import (
     MAX_LABELS,
     TOP_SHARE,
     check_class_raster,
+    cli_number,
     colour_classes,
     colour_codes,
-    even_levels,
+    crs_label,
     example_mapping,
     map_values,
     non_class_values,
     read_colour_codes,
     refuse_jpeg,
+    top_as_grey_level,
+    warp_command,
 )
 from agriseg.raster import image_vrt, open_survey, read_window
 from agriseg.rasterfile import no_georef_warning
@@ -104,16 +106,6 @@ def _corner_offset_px(label: Grid, image: Grid) -> float:
     return worst
 
 
-def _num(v: float) -> str:
-    """A coordinate or pixel size for a command line: exact, without float noise."""
-    return f"{v:.15g}"
-
-
-def _crs_name(crs: CRS) -> str:
-    epsg = crs.to_epsg()
-    return f"EPSG:{epsg}" if epsg else str(crs.to_string())
-
-
 def _grid_mismatch(path: Path, label: Grid, crs_missing: bool, image: Grid,
                    image_plane: bool) -> GridMismatchError:
     """The error for a label raster off the image grid: what differs and the command to fix it.
@@ -132,12 +124,12 @@ def _grid_mismatch(path: Path, label: Grid, crs_missing: bool, image: Grid,
             "size")
     left, bottom, right, top = image.bounds
     rx, ry = image.res_xy
-    crs = _crs_name(image.crs)
+    crs = crs_label(image.crs)
     if crs_missing:
         if (lh, lw) == (ih, iw):
             fix = ("if it holds the image's labels pixel for pixel, give it the image's "
                    f"georeferencing: gdal_translate -a_srs {shlex.quote(crs)} -a_ullr "
-                   f"{_num(left)} {_num(top)} {_num(right)} {_num(bottom)} "
+                   f"{cli_number(left)} {cli_number(top)} {cli_number(right)} {cli_number(bottom)} "
                    f"{shlex.quote(str(path))} "
                    f"{shlex.quote(str(Path(path).with_name(Path(path).stem + '_georef.tif')))}")
         else:
@@ -148,7 +140,7 @@ def _grid_mismatch(path: Path, label: Grid, crs_missing: bool, image: Grid,
             f"{crs}{'' if (lh, lw) == (ih, iw) else '; ' + size}); {fix}")
     diffs = []
     if label.crs != image.crs:
-        diffs.append(f"its CRS is {_crs_name(label.crs)}, the image's {crs}")
+        diffs.append(f"its CRS is {crs_label(label.crs)}, the image's {crs}")
     if (lh, lw) != (ih, iw):
         diffs.append(size)
     if label.crs == image.crs:
@@ -166,13 +158,10 @@ def _grid_mismatch(path: Path, label: Grid, crs_missing: bool, image: Grid,
     if not diffs:
         diffs.append(f"its far corner is {_corner_offset_px(label, image):.4g} px off the "
                      "image's")
-    out = Path(path).with_name(Path(path).stem + "_on_image.tif")
     return GridMismatchError(
         f"{path}: the label raster is not on the image grid ({'; '.join(diffs)}); warp it onto "
-        f"the image grid: gdalwarp -r near -dstnodata 255 -te {_num(left)} {_num(bottom)} "
-        f"{_num(right)} {_num(top)} -tr {_num(rx)} {_num(ry)} -t_srs {shlex.quote(crs)} "
-        f"{shlex.quote(str(path))} {shlex.quote(str(out))}, and give that as labels (or give "
-        "labels as polygons)")
+        f"the image grid: {warp_command(path, image, suffix='_on_image')}, and give that as "
+        "labels (or give labels as polygons)")
 
 
 def _warn_nodata_class(path: Path, nodata: int, name: str, hidden: int, mapped: bool) -> None:
@@ -315,14 +304,11 @@ def _unknown_values_error(path: Path, out: np.ndarray, bad: np.ndarray, schema: 
         top = int((out == IGNORE).sum())
         if top and nodata != IGNORE:
             share = f"{IGNORE} ({100 * top / out.size:.3g} % of the pixels)"
-            if top >= TOP_SHARE * out.size and even_levels([*present, IGNORE]) \
-                    and len(present) < k:
-                # Grey levels (0/128/255, 0/85/170/255): 255 the last class, as evaluate reads
-                # them.
-                present = [*present, IGNORE]
-                note = (f"; {share} is read as unlabelled unless mapped, and steps on evenly "
-                        "from the other values as a class level would, so the example maps it "
-                        f"({IGNORE}=ignore if it is unlabelled)")
+            # Grey levels (0/128/255, 0/85/170/255): 255 the last class, as evaluate reads them.
+            grey = top_as_grey_level(present, k, top / out.size) \
+                if top >= TOP_SHARE * out.size else None
+            if grey is not None:
+                present, note = grey
             else:
                 cls = schema.names[len(present)] if len(present) < k else "CLASS"
                 note = f"; {share} is read as unlabelled (if it is a class, map it too: " \

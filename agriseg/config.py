@@ -25,6 +25,18 @@ CONFIG_VERSION: Literal[1] = 1
 MIN_GSD_M = 0.0001
 
 
+def gsd_problem(gsd: float | None) -> str | None:
+    """What is wrong with a pixel size given in metres, or None.
+
+    For a run's ``--gsd`` and a training image's ``gsd:`` alike: values under
+    :data:`MIN_GSD_M` are in another unit.
+    """
+    if gsd is None or gsd >= MIN_GSD_M:
+        return None
+    return (f"is metres per pixel: {gsd:g} m is {gsd * 1000:g} mm; close-range images are "
+            f"{MIN_GSD_M * 1000:g}-1 mm, drone ones 5-50 mm (give 0.01 for 1 cm)")
+
+
 class RunConfig(BaseModel):
     """Everything one ``agriseg run`` needs."""
 
@@ -118,11 +130,9 @@ class RunConfig(BaseModel):
     def _plausible_gsd(cls, v: float | None) -> float | None:
         # Metres per pixel: 1e-05 (a value in the wrong unit) gave the label-free model a
         # 5000 px context around a 64 px tile, and the run took gigabytes and never ended.
-        if v is not None and v < MIN_GSD_M:
-            raise ValueError(
-                f"is metres per pixel: {v:g} m is {v * 1000:g} mm; close-range images are "
-                f"{MIN_GSD_M * 1000:g}-1 mm, drone ones 5-50 mm (give 0.01 for 1 cm)"
-            )
+        problem = gsd_problem(v)
+        if problem:
+            raise ValueError(problem)
         return v
 
     @field_validator("tile_size")

@@ -35,7 +35,7 @@ from pydantic import (
 from pydantic_core.core_schema import SerializerFunctionWrapHandler
 
 from agriseg.classes import DEFAULT_CLASSES, ClassSchema, SegClass
-from agriseg.config import MIN_GSD_M, format_validation, load_yaml
+from agriseg.config import format_validation, gsd_problem, load_yaml
 from agriseg.errors import ConfigError
 
 TRAIN_CONFIG_VERSION: Final = 1
@@ -113,11 +113,9 @@ class DataPair(_Strict):
         if self.gsd is not None and self.polygons is not None:
             raise ValueError("polygons need a georeferenced image; with gsd give labels as "
                              "an image of the same size")
-        if self.gsd is not None and self.gsd < MIN_GSD_M:
-            # As `agriseg run --gsd`: a value in the wrong unit, not a pixel size.
-            raise ValueError(f"gsd is metres per pixel: {self.gsd:g} m is {self.gsd * 1000:g} "
-                             f"mm; close-range images are {MIN_GSD_M * 1000:g}-1 mm, drone "
-                             "ones 5-50 mm (0.01 for 1 cm)")
+        problem = gsd_problem(self.gsd)  # as `agriseg run --gsd`: a unit mistake
+        if problem:
+            raise ValueError(f"gsd {problem}")
         return self
 
     @model_serializer(mode="wrap")

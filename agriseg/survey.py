@@ -408,7 +408,6 @@ def _with_projection_note(survey: SurveyRaster) -> SurveyRaster:
     stretch = grid.projection_stretch
     rx, ry = grid.res_m
     squash = max(rx, ry) / min(rx, ry)
-    utm = grid.utm_epsg()
     shear = grid.projection_shear
     if shear is not None:
         # Sinusoidal or Mollweide far from the central meridian: the pixels are parallelograms
@@ -430,6 +429,7 @@ def _with_projection_note(survey: SurveyRaster) -> SurveyRaster:
                 "squashed and crop-row spacing and direction come out distorted")
     else:
         return survey
+    utm = grid.utm_epsg()  # a coordinate transform: only for a survey warned about
     if utm is not None:
         text += (f"; for exact metric outputs reproject it to its UTM zone: gdalwarp -t_srs "
                  f"EPSG:{utm} -r near {survey.path} survey_utm.tif")

@@ -58,6 +58,15 @@ def _write_cfg(path: Path, **values: object) -> Path:
     return path
 
 
+def _trained_pixels(cfg: Path, bundle: Path) -> dict[str, dict[str, int]]:
+    """Train ``cfg`` (it must succeed); the first image's train and validation pixels."""
+    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    meta, _ = read_bundle(bundle)
+    image = meta.training["images"][0]
+    return {"train": image["train_pixels"], "val": image["val_pixels"]}
+
+
 def test_a_batch_too_small_for_batch_norm_is_named(tmp_path: Path,
                                                    pair: tuple[Path, Path]) -> None:
     """batch_size 1 on DeepLabV3+ (image pooling to 1 x 1) ended in a traceback at the first
@@ -341,10 +350,7 @@ def test_label_codes_of_a_dataset_are_mapped(tmp_path: Path, pair: tuple[Path, P
         'label_classes: "10=soil,20=crop,30=weed,40=disease,0=ignore"' in r.output, r.output
     cfg = _write_cfg(tmp_path / "b.yaml", out="b", epochs=1, data=[
         {**entry, "label_classes": "10=soil,20=crop,30=weed,40=disease,0=ignore"}])
-    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
-    assert r.exit_code == 0, r.output
-    meta, _ = read_bundle(tmp_path / "b" / "model.safetensors")
-    pixels = meta.training["images"][0]["train_pixels"]
+    pixels = _trained_pixels(cfg, tmp_path / "b" / "model.safetensors")["train"]
     assert all(pixels[n] > 0 for n in ("soil", "crop", "weed"))
     cfg = _write_cfg(tmp_path / "c.yaml", out="c", epochs=1, data=[
         {**entry, "label_classes": "10=dirt"}])
@@ -372,13 +378,10 @@ def test_colour_coded_labels_train_with_label_colors(tmp_path: Path,
     assert 'label_colors: "0,0,0=soil;0,255,0=crop;' in r.output
     cfg = _write_cfg(tmp_path / "b.yaml", out="b", epochs=1, data=[
         {**entry, "label_colors": "0,0,0=soil;0,255,0=crop;255,0,0=weed;0,0,255=disease"}])
-    r = CliRunner().invoke(main, ["train", str(cfg), "--no-progress"])
-    assert r.exit_code == 0, r.output
-    meta, _ = read_bundle(tmp_path / "b" / "model.safetensors")
-    pixels = meta.training["images"][0]["train_pixels"]
+    counted = _trained_pixels(cfg, tmp_path / "b" / "model.safetensors")
+    pixels = counted["train"]
     assert all(pixels[n] > 0 for n in ("soil", "crop", "weed")), pixels
-    assert sum(pixels.values()) + sum(meta.training["images"][0]["val_pixels"].values()) \
-        == int((lab != 255).sum())
+    assert sum(pixels.values()) + sum(counted["val"].values()) == int((lab != 255).sum())
 
 
 def test_teacher_runs_are_reused_only_for_the_same_teacher_bands_and_image(

@@ -33,7 +33,7 @@ from agriseg.grid import Grid, Tile, TilePlan
 from agriseg.indices import compute_index
 from agriseg.models.base import Prepared, Segmenter, TileContext, reduce_scores
 from agriseg.output import TileWriter, halve
-from agriseg.raster import SurveyRaster, read_tile
+from agriseg.raster import SurveyRaster, raw_scalable, read_tile
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,11 @@ def segment_tile(
     """
     t0 = time.perf_counter()
     roles = tuple(dict.fromkeys((*segmenter.roles, *_index_roles(index_names))))
-    pixels, valid = read_tile(survey, roles, tile)
+    # Models that can reduce their scores where they run (PyTorch on a GPU) return classes
+    # and confidence directly; the others return probabilities.
+    reduce = None if probabilities else getattr(segmenter, "predict_classes", None)
+    raw = raw_band_scale(survey, segmenter, probabilities) is not None
+    pixels, valid = read_tile(survey, roles, tile, raw=raw)
     # dict.fromkeys keeps order, so the model's channels come first.
     model_px = pixels[: len(segmenter.roles)]
     ys, xs = tile.core_in_padded
@@ -105,10 +109,13 @@ def segment_tile(
     )
     core_valid = valid[ys, xs]
     nodata = segmenter.schema.nodata
-    # Models that can reduce their scores where they run (PyTorch on a GPU) return classes
-    # and confidence directly; the others return probabilities.
-    reduce = None if probabilities else getattr(segmenter, "predict_classes", None)
-    reduced = reduce(model_px[None], valid[None], params, [ctx]) if reduce else None
+    reduced = None
+    if reduce is not None:
+        scaling = {"scale": survey.scale} if raw else {}
+        reduced = reduce(model_px[None], valid[None], params, [ctx], **scaling)
+    if reduced is None and raw:
+        pixels = np.multiply(pixels, np.float32(survey.scale), dtype=np.float32)
+        model_px, raw = pixels[: len(segmenter.roles)], False
     arrays: dict[str, np.ndarray] = {}
     if reduced is not None:
         classes, conf = (np.ascontiguousarray(a[0][ys, xs]) for a in reduced)
@@ -123,6 +130,8 @@ def segment_tile(
             arrays[f"probability/{name}"] = prob
     arrays = {"classes": classes, "confidence": conf, **arrays}
     core_px = pixels[:, ys, xs]
+    if raw and index_names:
+        core_px = np.multiply(core_px, np.float32(survey.scale), dtype=np.float32)
     for name in index_names:
         values = compute_index(name, core_px, roles)
         values[~core_valid] = np.nan
@@ -131,6 +140,21 @@ def segment_tile(
     halves = {name: halve(arrays[name], nd, resampling)
               for name, nd, resampling in halving if name in arrays}
     return TileResult(tile, arrays, time.perf_counter() - t0, counts, halves)
+
+
+def raw_band_scale(survey: SurveyRaster, segmenter: Segmenter,
+                   probabilities: tuple[tuple[str, int], ...] = ()) -> float | None:
+    """The scale with which :func:`segment_tile` hands ``segmenter`` 8-bit band values.
+
+    None where it hands over scaled float32: the segmenter does not take raw bands
+    (``takes_raw_bands``), the bands are not 8-bit (:func:`~agriseg.raster.raw_scalable`), or
+    the run asks for probabilities (``predict``, not ``predict_classes``). A model that takes
+    them scales them where it runs: a GPU gets a quarter of the bytes, and the tile threads
+    skip a float32 pass over every pixel.
+    """
+    if probabilities or not getattr(segmenter, "takes_raw_bands", False):
+        return None
+    return survey.scale if raw_scalable(survey) else None
 
 
 def value_counts(values: np.ndarray, expected: Sequence[int]) -> np.ndarray:
@@ -711,11 +735,13 @@ def run_tiles(
     return figures
 
 
-def warm_up_workers(client: Client, segmenter: Segmenter, tile_size: int) -> float | None:
+def warm_up_workers(client: Client, segmenter: Segmenter, tile_size: int,
+                    scale: float | None = None) -> float | None:
     """Have every worker that will run tiles load the model first (``warm_up``, if any).
 
     Runs before the tiles, so the first tiles do not queue behind the model load (and on a
     GPU behind cuDNN's autotuning) all at once. A failure is left to the tiles to report.
+    ``scale``: the tiles' :func:`raw_band_scale`.
 
     Returns:
         Seconds it took; None when the segmenter has nothing to warm up.
@@ -726,7 +752,8 @@ def warm_up_workers(client: Client, segmenter: Segmenter, tile_size: int) -> flo
     resources = task_resources(client, segmenter)
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     futures = [
-        client.submit(warm, tile_size, workers=[addr], allow_other_workers=False,
+        client.submit(warm, tile_size, *([] if scale is None else [scale]), workers=[addr],
+                      allow_other_workers=False,
                       resources=resources, pure=False, key=f"warm-up-{addr}-{id(segmenter)}")
         for addr, info in workers.items()
         if not resources or _offers(info, resources)

@@ -601,8 +601,11 @@ def read_window(
     roles: tuple[str, ...],
     window: Window,
     ds: rasterio.DatasetReader | None = None,
+    raw: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read ``roles`` in ``window`` as scaled float32 ``(C, H, W)`` plus validity ``(H, W)``.
+
+    ``raw``: the band values unscaled instead (only where :func:`raw_scalable`).
 
     Raises:
         RasterError: the window cannot be read (corrupt or truncated file): names the window.
@@ -613,12 +616,12 @@ def read_window(
         with _read_errors(survey, window):
             if ds is None:
                 ds = rasterio.open(survey.path)
-            raw, mask = _read_bands_mask(ds, survey, idx, window)
+            data, mask = _read_bands_mask(ds, survey, idx, window)
             valid = mask.astype(bool, copy=False)
     finally:
         if own and ds is not None:
             ds.close()
-    return scaled_bands(raw, valid, survey)
+    return (_raw_bands if raw else scaled_bands)(data, valid, survey)
 
 
 def gdal_reason(exc: BaseException) -> str:
@@ -706,6 +709,7 @@ def _read_shared(
     roles: tuple[str, ...],
     window: Window,
     needed_from: tuple[int | None, int, bool] | None = None,
+    scaled: bool = True,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`read_window` through the shared block cache; None where it does not apply.
 
@@ -723,6 +727,7 @@ def _read_shared(
             last few tile rows. The last tile of a row in its swath also drops the blocks it
             shares with the next swath, which decodes them again rather than the cache
             holding them through the whole swath.
+        scaled: False for the band values unscaled (:func:`raw_scalable`).
     """
     stamp = _file_stamp(survey.path)
     if stamp is None:  # a GDAL URI (/vsicurl/...) or a path only GDAL resolves
@@ -783,7 +788,7 @@ def _read_shared(
             _TILE_BLOCKS.drop(((*source, by, bx) for by in rows
                                for bx in range(col // cw, (c0 + w - 1) // cw + 1)),
                               retire=False)
-    return scaled_bands(raw, valid, survey)
+    return (scaled_bands if scaled else _raw_bands)(raw, valid, survey)
 
 
 def scaled_bands(
@@ -797,13 +802,7 @@ def scaled_bands(
     data = np.multiply(raw, np.float32(survey.scale), dtype=np.float32)
     if survey.offset:
         data += np.float32(survey.offset)
-    # GDAL's mask flags the nodata value of band 1 only; check every band.
-    if survey.nodata is not None:
-        valid &= ~(raw == survey.nodata).any(axis=0)
-    elif survey.mask_source == "black":
-        valid &= raw.any(axis=0)
-    elif survey.mask_source == "white":
-        valid &= ~(raw == np.iinfo(np.dtype(survey.dtype)).max).all(axis=0)
+    valid = _band_validity(raw, valid, survey)
     if raw.dtype.kind == "f":  # integers are always finite
         valid &= np.isfinite(data).all(axis=0)
     if not valid.all():
@@ -815,13 +814,54 @@ def scaled_bands(
     return data, valid
 
 
+def raw_scalable(survey: SurveyRaster) -> bool:
+    """Whether :func:`read_tile` can return ``survey``'s band values unscaled (``raw=True``).
+
+    8-bit bands without an offset: ``raw * scale`` is then what :func:`scaled_bands` gives,
+    zeros included, so a model may scale them where it runs (a GPU gets a quarter of the
+    bytes, and the tile threads skip a float32 pass over every pixel).
+    """
+    return np.dtype(survey.dtype) == np.uint8 and not survey.offset
+
+
+def _band_validity(raw: np.ndarray, valid: np.ndarray, survey: SurveyRaster) -> np.ndarray:
+    """``valid`` (updated in place) less the pixels whose band values are the survey's fill."""
+    # GDAL's mask flags the nodata value of band 1 only; check every band.
+    if survey.nodata is not None:
+        valid &= ~(raw == survey.nodata).any(axis=0)
+    elif survey.mask_source == "black":
+        valid &= raw.any(axis=0)
+    elif survey.mask_source == "white":
+        valid &= ~(raw == np.iinfo(np.dtype(survey.dtype)).max).all(axis=0)
+    return valid
+
+
+def _raw_bands(
+    raw: np.ndarray, valid: np.ndarray, survey: SurveyRaster
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`scaled_bands` without the scaling: 8-bit values, 0 where invalid."""
+    valid = _band_validity(raw, valid, survey)
+    if not valid.all():
+        raw = np.multiply(raw, valid, out=raw if raw.flags.writeable else None)
+    return raw, valid
+
+
 def read_tile(
     survey: SurveyRaster,
     roles: tuple[str, ...],
     tile: Tile,
     ds: rasterio.DatasetReader | None = None,
+    raw: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read a tile's read window and reflect-pad it to ``core + 2 * halo``.
+
+    Args:
+        survey: the raster.
+        roles: band roles to read, in this order.
+        tile: the tile.
+        ds: an open dataset to read from (otherwise through the shared block cache).
+        raw: the 8-bit band values unscaled, 0 where invalid (only where
+            :func:`raw_scalable`): ``pixels * survey.scale`` is what ``raw=False`` returns.
 
     Returns:
         ``(pixels, valid)``: float32 ``(C, H, W)`` scaled values and bool ``(H, W)``; padded
@@ -834,8 +874,11 @@ def read_tile(
     core_end = int(tile.core.row_off + tile.core.height)
     needed_from = (None if core_end >= survey.grid.height else core_end - halo,
                    int(tile.core.col_off + tile.core.width) - halo, tile.swath_end)
-    shared = _read_shared(survey, roles, tile.read, needed_from) if ds is None else None
-    data, valid = shared or read_window(survey, roles, tile.read, ds)
+    if raw and not raw_scalable(survey):
+        raise ValueError(f"{survey.path}: {survey.dtype} bands cannot be read unscaled")
+    shared = (_read_shared(survey, roles, tile.read, needed_from, scaled=not raw)
+              if ds is None else None)
+    data, valid = shared or read_window(survey, roles, tile.read, ds, raw=raw)
     top, bottom, left, right = tile.pad
     if any(tile.pad):
         data = np.pad(data, ((0, 0), (top, bottom), (left, right)), mode="symmetric")

@@ -44,6 +44,7 @@ from agriseg.predict import (
     class_counts,
     dask_client,
     input_identity,
+    raw_band_scale,
     run_tiles,
     wait_for_scheduler_file,
     warm_up_workers,
@@ -888,7 +889,8 @@ def _segment_on_cluster(
         # Only when the scheduler serves one: the link is formatted even when it does not.
         if "dashboard" in client.scheduler_info(n_workers=0).get("services", {}):
             log.info("Dask dashboard: %s", client.dashboard_link)
-        warm_s = warm_up_workers(client, segmenter, plan.tile_size)
+        warm_s = warm_up_workers(client, segmenter, plan.tile_size,
+                                 raw_band_scale(survey, segmenter, planes))
         if warm_s is not None:
             timings["warm_up_s"] = warm_s
         timings.update(
@@ -915,7 +917,8 @@ def _finalize_outputs(specs: list[OutputSpec], writer: TileWriter, ctx: SurveyCo
     def finalize(spec: OutputSpec) -> None:
         dst = work / f"{spec.name}.tif"
         dst.parent.mkdir(parents=True, exist_ok=True)
-        finalize_cog(writer.path(spec.name), dst, spec, schema if spec.name == "classes" else None)
+        finalize_cog(writer.path(spec.name), dst, spec, schema if spec.name == "classes" else None,
+                     timings=ctx.timings)
         if spec.name == "classes":
             write_class_qml(dst, schema)
         elif spec.name == "confidence" or spec.name.startswith("probability/"):

@@ -360,6 +360,10 @@ def test_margin_skips_work_without_changing_the_core(tmp_path: Path) -> None:
     assert np.array_equal(classes[0, m:-m, m:-m], want[0])
     assert np.array_equal(conf[0, m:-m, m:-m], want[1])
     assert np.array_equal(want[0], full[:, m:-m, m:-m].argmax(0))
+    # Its tiles come scaled: it takes no 8-bit band values (predict.raw_band_scale).
+    from agriseg.predict import raw_band_scale
+
+    assert raw_band_scale(survey, seg) is None
 
 
 @pytest.mark.parametrize("island_m2", [0.0, 0.0064])

@@ -470,6 +470,33 @@ def test_predict_classes_matches_probabilities(tmp_path: Path) -> None:
         assert np.array_equal(tiny[0][0], want[0])
 
 
+def test_predict_classes_of_raw_bands_equal_scaled_inputs(tmp_path: Path, rgba_tif: Path) -> None:
+    """8-bit bands with their scale give the classes of the float32 inputs, on any engine."""
+    from agriseg.predict import raw_band_scale
+
+    bundle = _tiny_bundle(tmp_path / "m.safetensors")
+    raw = np.random.default_rng(2).integers(0, 256, (1, 3, 150, 170)).astype(np.uint8)
+    raw[:, :, :20] = 0
+    valid = np.ones((1, 150, 170), bool)
+    valid[:, :20] = False
+    scale = 1 / 255
+    scaled = np.multiply(raw, np.float32(scale), dtype=np.float32)
+    seg = load_segmenter(str(bundle), engine="torch")
+    want = seg.predict_classes(scaled, valid, NeuralParams(32), [])
+    got = seg.predict_classes(raw, valid, NeuralParams(32), [], scale=scale)
+    assert want is not None and got is not None
+    for a, b in zip(got, want, strict=True):
+        if torch.cuda.is_available():  # autotuned kernels per CUDA graph: near-ties may flip
+            assert (a == b).mean() > 0.999, f"agree on {(a == b).mean():.5f}"
+        else:
+            np.testing.assert_array_equal(a, b)
+    assert load_segmenter(str(bundle), engine="onnx").predict_classes(
+        raw, valid, NeuralParams(32), [], scale=scale) is None
+    survey = open_survey(str(rgba_tif))
+    assert raw_band_scale(survey, seg) == survey.scale
+    assert raw_band_scale(survey, seg, (("weed", 2),)) is None  # probabilities: predict
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_full_precision_stem_keeps_the_first_convolution_in_float32(arch: str) -> None:
     torch.manual_seed(0)

@@ -563,6 +563,53 @@ def test_alpha_validity_through_the_block_cache(tmp_path: Path, dtype: str) -> N
     assert valid.dtype == bool and not data[:, ~valid].any()
 
 
+@pytest.mark.parametrize("fill", ["alpha", "nodata"])
+def test_raw_tiles_times_scale_are_the_scaled_tiles(tmp_path: Path, fill: str) -> None:
+    # A model that scales 8-bit bands itself (on a GPU) must see what the float reads give:
+    # the same values, zeros where invalid, through the block cache and direct reads alike.
+    from agriseg.grid import plan_tiles
+
+    rng = np.random.default_rng(8)
+    h, w = 300, 260
+    rgb = rng.integers(1, 255, (3, h, w)).astype(np.uint8)
+    valid = rng.random((h, w)) > 0.25
+    valid[:50] = False
+    if fill == "alpha":
+        path = write_rgba(tmp_path / "rgba.tif", rgb, valid, block=64)
+    else:
+        rgb[:, ~valid] = 0
+        rgb[0, 60, 60] = 0  # one band at the nodata value: invalid too
+        path = tmp_path / "nodata.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=3,
+                           dtype="uint8", crs="EPSG:32615", nodata=0, tiled=True,
+                           blockxsize=64, blockysize=64,
+                           transform=Affine(0.02, 0, 500000.0, 0, -0.02, 4900000.0)) as dst:
+            dst.write(rgb)
+    survey = open_survey(str(path))
+    assert raster.raw_scalable(survey)
+    raster.clear_tile_cache()
+    roles = survey.roles.spectral
+    for tile in plan_tiles(survey.grid, 128, 16):
+        scaled, scaled_valid = raster.read_tile(survey, roles, tile)
+        with rasterio.open(path) as ds:
+            reads = [raster.read_tile(survey, roles, tile, raw=True),
+                     raster.read_tile(survey, roles, tile, ds, raw=True)]
+        for pixels, ok in reads:
+            assert pixels.dtype == np.uint8
+            np.testing.assert_array_equal(ok, scaled_valid)
+            np.testing.assert_array_equal(
+                np.multiply(pixels, np.float32(survey.scale), dtype=np.float32), scaled)
+    u16 = tmp_path / "u16.tif"
+    with rasterio.open(u16, "w", driver="GTiff", width=w, height=h, count=3, dtype="uint16",
+                       crs="EPSG:32615", transform=Affine(0.02, 0, 500000.0, 0, -0.02,
+                                                          4900000.0)) as dst:
+        dst.write(rgb.astype(np.uint16) * 257)
+    wide = open_survey(str(u16))
+    assert not raster.raw_scalable(wide)
+    with pytest.raises(ValueError, match="unscaled"):
+        raster.read_tile(wide, roles, next(iter(plan_tiles(wide.grid, 128, 16))), raw=True)
+
+
 def test_band_check_and_overview_share_one_pass_over_a_file_without_overviews(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -146,9 +146,11 @@ class Segmenter(Protocol):
 
 
 # Optional, beside the protocol: a segmenter may also offer
-#     predict_classes(pixels, valid, params, contexts) -> (classes, confidence) | None
+#     predict_classes(pixels, valid, params, contexts, scale=None) -> (classes, confidence) | None
 # with uint8 ``(N, H, W)`` class ids and confidence percent (what the pipeline would derive
-# from ``predict``'s probabilities), or None when it cannot. Learned models on a GPU use it to
+# from ``predict``'s probabilities), or None when it cannot. One whose ``takes_raw_bands`` is
+# True also takes ``scale``: ``pixels`` are then 8-bit band values (0 where invalid) and
+# ``pixels * scale`` the float32 ones. Learned models on a GPU use it to
 # reduce the scores on the device and copy back 2 bytes per pixel instead of 4 x K; the
 # label-free model to skip building the float planes. On the CPU both reduce as below.
 # And

@@ -31,7 +31,7 @@ import sys
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -186,8 +186,9 @@ class _TorchRunner:
         if self.autocast:
             full_precision_stem(self.model)
         self.engine = f"torch-{self.device.type}"
-        # CUDA graphs of the reducing forward pass, one per batch shape (None: capture failed).
-        self._graphs: dict[tuple[int, ...], _Graph | None] = {}
+        # CUDA graphs of the reducing forward pass, one per batch shape, input dtype and
+        # scale (None: capture failed).
+        self._graphs: dict[tuple[tuple[int, ...], Any, float | None], _Graph | None] = {}
         self._graph_lock = threading.Lock()
         self.use_graphs = self.device.type == "cuda" and os.environ.get(
             "AGRISEG_CUDA_GRAPHS", "1") != "0"
@@ -226,16 +227,24 @@ class _TorchRunner:
             logits = self.model(x)
         return torch.softmax(logits.float(), dim=1)
 
-    def _reduce(self, x: Any) -> Any:
-        """Class ids and confidence percent, uint8 ``(B, 2, H, W)`` on the device."""
+    def _reduce(self, x: Any, scale: float | None = None) -> Any:
+        """Class ids and confidence percent, uint8 ``(B, 2, H, W)`` on the device.
+
+        ``scale``: ``x`` holds 8-bit band values, ``x * scale`` the model's 0..1 inputs.
+        """
         import torch
 
+        if scale is not None:
+            # As numpy scales them on the host (raster.scaled_bands): float32 times float32.
+            x = x.to(torch.float32) * torch.tensor(scale, dtype=torch.float32)
         best, ids = self._forward(x, normalise=True).max(dim=1)
         conf = torch.round(best * 100).to(torch.uint8)
         return torch.stack((ids.to(torch.uint8), conf), dim=1)
 
-    def _graph(self, shape: tuple[int, ...]) -> _Graph | None:
-        """The CUDA graph of :meth:`_reduce` for inputs of ``shape``, captured on first use.
+    def _graph(self, shape: tuple[int, ...], dtype: Any, scale: float | None) -> _Graph | None:
+        """The CUDA graph of :meth:`_reduce` for inputs of ``shape``, ``dtype`` and ``scale``.
+
+        Captured on first use.
 
         Eager PyTorch makes a few hundred Python calls per forward pass, each of which gives
         up and takes back the GIL; with a worker's other threads reading and decoding tiles,
@@ -244,29 +253,30 @@ class _TorchRunner:
         """
         import torch
 
-        if shape in self._graphs:
-            return self._graphs[shape]
+        key = (shape, dtype, scale)
+        if key in self._graphs:
+            return self._graphs[key]
         graph: _Graph | None = None
         if len(self._graphs) < MAX_CUDA_GRAPHS:
             try:
-                static_in = torch.zeros(shape, dtype=torch.float32, device=self.device)
+                static_in = torch.zeros(shape, dtype=dtype, device=self.device)
                 # Warm-up passes on a side stream before the capture (cuDNN's autotuner runs
                 # here, outside the graph), as torch.cuda.graphs asks.
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     for _ in range(2):
-                        self._reduce(static_in)
+                        self._reduce(static_in, scale)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 g = torch.cuda.CUDAGraph()
                 # thread_local: the other worker threads may keep using CUDA meanwhile.
                 with torch.cuda.graph(g, capture_error_mode="thread_local"):
-                    static_out = self._reduce(static_in)
+                    static_out = self._reduce(static_in, scale)
                 graph = _Graph(g, static_in, static_out)
             except RuntimeError as exc:
                 log.warning("CUDA graph capture failed for input shape %s (%s); running that "
                             "shape without a graph", shape, exc)
-        self._graphs[shape] = graph
+        self._graphs[key] = graph
         return graph
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -276,11 +286,12 @@ class _TorchRunner:
         with self._stream(), torch.inference_mode():
             return self._forward(self._to_device(batch), normalise=False).cpu().numpy()
 
-    def classes(self, batch: np.ndarray) -> np.ndarray:
+    def classes(self, batch: np.ndarray, scale: float | None = None) -> np.ndarray:
         """Class ids and confidence percent, uint8 ``(B, 2, H, W)``, of raw 0..1 inputs.
 
         As :func:`agriseg.predict.scores_to_outputs` derives them from probabilities: ties go
-        to the lowest class id, confidence is the rounded top probability x 100.
+        to the lowest class id, confidence is the rounded top probability x 100. ``scale``:
+        ``batch`` holds 8-bit values, scaled by it on the device.
         """
         import torch
 
@@ -290,12 +301,12 @@ class _TorchRunner:
                 # One graph's buffers serve one batch at a time; the GPU runs a tile in a few
                 # ms, so threads queueing here wait little.
                 with self._graph_lock:
-                    graph = self._graph(tuple(x.shape))
+                    graph = self._graph(tuple(x.shape), x.dtype, scale)
                     if graph is not None:
                         graph.input.copy_(x)
                         graph.graph.replay()
                         return graph.output.cpu().numpy()
-            return self._reduce(x).cpu().numpy()
+            return self._reduce(x, scale).cpu().numpy()
 
 
 class _OnnxRunner:
@@ -689,6 +700,8 @@ class NeuralSegmenter:
     meta: BundleMeta
     engine: str = "auto"
     halo: int | None = None
+    #: :meth:`predict_classes` takes 8-bit band values with their ``scale``.
+    takes_raw_bands: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -824,17 +837,19 @@ class NeuralSegmenter:
                 "poor results; check the bands (--bands) and the raster's scale, or train on "
                 "data like this survey")
 
-    def warm_up(self, tile_size: int) -> None:
+    def warm_up(self, tile_size: int, scale: float | None = None) -> None:
         """Load the model into this process before the first tile asks for it.
 
         On a GPU also run one batch of a full tile's shape: that creates the CUDA context and
         lets cuDNN's autotuner pick that shape's kernels once, before the worker's threads
-        all start a first tile at the same time.
+        all start a first tile at the same time. ``scale``: the tiles will come as 8-bit band
+        values with that scale (:meth:`predict_classes`).
         """
         runner = get_runner(self.path, self.engine, self.meta)
         if _on_gpu(runner):
             side = _block_layout(tile_size, self.margin, gpu=True)[0] + 2 * self.margin
-            runner.classes(np.zeros((1, len(self.roles), side, side), np.float32))
+            dtype = np.float32 if scale is None else np.uint8
+            runner.classes(np.zeros((1, len(self.roles), side, side), dtype), scale)
 
     def _normalise(self, pixels: np.ndarray) -> np.ndarray:
         mean = np.asarray(self.meta.mean, np.float32)[None, :, None, None]
@@ -861,18 +876,24 @@ class NeuralSegmenter:
         valid: np.ndarray,
         params: Any,
         contexts: list[TileContext],
+        scale: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray] | None:
         """Class ids and confidence percent, uint8 ``(N, H, W)``, reduced by PyTorch.
 
         Normalisation, softmax and the arg-max run where the model runs, so a GPU copies back
         2 bytes per pixel instead of 4 x K. None on ONNX Runtime (use :meth:`predict`).
+        ``scale``: ``pixels`` are 8-bit band values, ``pixels * scale`` the model's inputs
+        (scaled where the model runs).
         """
         runner = get_runner(self.path, self.engine, self.meta)
         if not hasattr(runner, "classes"):
             return None
         m = params.margin if isinstance(params, NeuralParams) else self.margin
-        out = self._run_blocks(pixels.astype(np.float32, copy=False), m, runner.classes,
-                               _on_gpu(runner), 2, np.uint8, contexts, valid)
+        if scale is None:
+            x, call = pixels.astype(np.float32, copy=False), runner.classes
+        else:
+            x, call = pixels, functools.partial(runner.classes, scale=scale)
+        out = self._run_blocks(x, m, call, _on_gpu(runner), 2, np.uint8, contexts, valid)
         return out[:, 0], out[:, 1]
 
     def _run_blocks(

@@ -507,7 +507,9 @@ def finalize_cog(src: Path, dst: Path, spec: OutputSpec, schema: ClassSchema | N
     # it). Against DEFLATE level 1 (used until 2026-11-28), a 1 GP class mask was written in
     # 1.0 s instead of 1.8 s on 2 threads at a quarter of the size (18 against 68 MB), and a
     # noisy confidence mask in 1.6 s instead of 5.4 s: the copies were most of a large
-    # run's finalisation. Long runs of equal values leave little for a predictor to gain.
+    # run's finalisation. Sizes on the real samples: class masks 8 % smaller, noisy
+    # confidence masks of satellite scenes up to 8 % larger. Long runs of equal values leave
+    # little for a predictor to gain.
     # Float index rasters: LERC + ZSTD within FLOAT_MAX_ERROR (GDAL >= 2.4 and QGIS read it).
     # Index values are noisy floats that lossless codecs barely shrink: a 67 MP ExG raster is
     # 297 MB as lossless ZSTD and 97 MB within 0.0005, written in 1.7 s instead of 2.8 s.

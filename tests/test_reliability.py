@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import resource
 import shutil
@@ -279,6 +280,29 @@ def test_interrupt_before_dask_call_starts_logs_no_traceback(
         signal.signal(signal.SIGALRM, previous)
         runner.stop()
     assert not [r for r in caplog.records if r.exc_info], caplog.text
+
+
+def test_unretrieved_shutdown_timeout_is_not_reported(caplog: pytest.LogCaptureFixture) -> None:
+    # asyncio reports a future whose exception nobody retrieved when it is collected: a Dask
+    # shutdown timeout under a finished run (exit 0) printed "TimeoutError: Timeout".
+    import asyncio
+    import gc
+
+    from agriseg.cli import quiet_third_party
+
+    quiet_third_party(0)
+
+    async def unretrieved(exc: BaseException) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_exception(exc)
+        del fut
+        gc.collect()
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio.run(unretrieved(TimeoutError("Timeout")))
+        assert not caplog.records, caplog.text
+        asyncio.run(unretrieved(ValueError("a real one")))  # others are still reported
+    assert "never retrieved" in caplog.text and "a real one" in caplog.text
 
 
 def test_output_folder_not_writable(rgba_tif: Path, tmp_path: Path) -> None:

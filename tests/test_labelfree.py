@@ -934,14 +934,14 @@ def test_out_of_bounds_options_are_refused_by_the_cli(rgba_tif: Path, tmp_path: 
 ])
 def test_every_bounded_option_is_checked(options: dict[str, object], needle: str) -> None:
     from agriseg.errors import ConfigError
-    from agriseg.models.labelfree import labelfree_config
+    from agriseg.models.labelfree_config import labelfree_config
 
     with pytest.raises(ConfigError, match=needle):
         labelfree_config(options)
 
 
 def test_options_at_their_bounds_are_accepted() -> None:
-    from agriseg.models.labelfree import labelfree_config
+    from agriseg.models.labelfree_config import labelfree_config
 
     cfg = labelfree_config({"sample_windows": 1, "sample_side_px": 8, "nodata_rim_px": 0,
                             "orientation_probes": 0, "orientation_min_deg": 0, "veg_mix": 1,

@@ -33,11 +33,11 @@ def models(bundle: str | None) -> None:
         click.echo(f"  {engine:<6} {runs_as(engine)}")
     from dataclasses import fields
 
-    from agriseg.models import labelfree
-    from agriseg.models.labelfree import LabelFreeConfig
+    from agriseg.models import labelfree_config
+    from agriseg.models.labelfree_config import LabelFreeConfig
 
     defaults = LabelFreeConfig()
-    docs = _attribute_docs(LabelFreeConfig.__doc__ or "", labelfree)
+    docs = _attribute_docs(LabelFreeConfig.__doc__ or "", labelfree_config)
     click.echo("\nlabelfree options (agriseg run --model-option NAME=VALUE), with defaults:")
     for f in fields(LabelFreeConfig):
         click.echo(f"  {f.name}={getattr(defaults, f.name)!r}")

@@ -29,7 +29,8 @@ def _shipped_bundle(filename: str) -> Segmenter:
 
 
 def _labelfree(options: Mapping[str, Any]) -> Segmenter:
-    from agriseg.models.labelfree import LabelFreeSegmenter, labelfree_config
+    from agriseg.models.labelfree import LabelFreeSegmenter
+    from agriseg.models.labelfree_config import labelfree_config
 
     return LabelFreeSegmenter(labelfree_config(options))
 

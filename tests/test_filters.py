@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from agriseg.models.filters import box_sum, grow_within, max_filter, square_opening
+from agriseg.models import filters
+from agriseg.models.filters import box_sum, grow_within, max_filter, square_opening, transposed
 
 SHAPES = st.tuples(st.integers(1, 40), st.integers(1, 40))
 
@@ -47,3 +48,19 @@ def test_square_opening_matches_scipy(shape: tuple[int, int], n: int, density: f
     want = ndimage.binary_opening(mask, structure=np.ones((1, n, n), bool))
     got = square_opening(mask, n)
     assert np.array_equal(np.zeros_like(mask) if got is None else got, want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(shape=st.tuples(st.integers(1, 300), st.integers(1, 300)), block=st.integers(1, 64),
+       dtype=st.sampled_from(["uint8", "uint16", "float32", "float64"]))
+def test_transposed_is_the_contiguous_transpose(shape: tuple[int, int], block: int,
+                                               dtype: str) -> None:
+    a = (np.arange(shape[0] * shape[1]) % 251).astype(dtype).reshape(shape)
+    old = filters.TRANSPOSE_BLOCK
+    filters.TRANSPOSE_BLOCK = block  # blocks that do not divide the shape, and one-pixel ones
+    try:
+        t = transposed(a)
+    finally:
+        filters.TRANSPOSE_BLOCK = old
+    assert t.flags.c_contiguous and t.dtype == a.dtype
+    assert np.array_equal(t, a.T)

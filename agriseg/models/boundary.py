@@ -38,7 +38,7 @@ import cc3d
 import numpy as np
 
 from agriseg.classes import CROP, WEED
-from agriseg.models.filters import or_filter
+from agriseg.models.filters import or_filter, transposed
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +118,7 @@ def _block_sums(plane: np.ndarray, origin: tuple[int, int], cell: int) -> np.nda
     column of the plane's first pixel. Cells cut by the plane's edge hold what lies inside.
     """
     rows = _cell_rows(plane, origin[0] % cell, cell)
-    cells = _cell_rows(np.ascontiguousarray(rows.T), origin[1] % cell, cell).T
+    cells = _cell_rows(transposed(rows), origin[1] % cell, cell).T
     pad = np.zeros((cells.shape[0] + 2, cells.shape[1] + 2), np.uint32)
     pad[1:-1, 1:-1] = cells
     out = pad[:-2, :-2].copy()

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -159,9 +160,7 @@ class GreenPath:
         t = np.float32(self.ngrdi_threshold)
         # Row blocks keep the temporaries in cache: whole-tile passes added 60 ms to a 2416 px
         # tile's index, blocks ~40 ms.
-        step = max(1, GREEN_BLOCK_PX // max(vi.shape[-1], 1))
-        for i in range(0, vi.shape[-2], step):
-            rows = (..., slice(i, i + step), slice(None))
+        for rows in _row_blocks(vi.shape):
             gi, ri = g[rows], r[rows]
             rhs = gi + ri
             rhs += eps
@@ -200,12 +199,24 @@ def _blue_steps(r: np.ndarray, g: np.ndarray, b: np.ndarray, bright_sum: float) 
 
     Pixels whose R+G+B is not above ``bright_sum`` get the full step count (share 1).
     """
-    tot = r + g
-    tot += b
-    q = b * np.float32(BLUE_SHARE_STEPS)
-    q /= np.maximum(tot, np.float32(1e-6))
-    q[tot <= np.float32(bright_sum)] = BLUE_SHARE_STEPS
-    return q.astype(np.uint16)
+    out = np.empty(r.shape, np.uint16)
+    bright, least = np.float32(bright_sum), np.float32(1e-6)
+    # Row blocks keep the temporaries in cache (a 2518 px tile: 13 ms against 29 ms whole).
+    for rows in _row_blocks(r.shape):
+        tot = r[rows] + g[rows]
+        tot += b[rows]
+        q = b[rows] * np.float32(BLUE_SHARE_STEPS)
+        q /= np.maximum(tot, least)
+        q[tot <= bright] = BLUE_SHARE_STEPS
+        out[rows] = q  # truncated, as astype(np.uint16)
+    return out
+
+
+def _row_blocks(shape: tuple[int, ...]) -> Iterator[tuple[Any, ...]]:
+    """Index tuples of blocks of whole rows (the last two axes) of about GREEN_BLOCK_PX."""
+    step = max(1, GREEN_BLOCK_PX // max(shape[-1], 1))
+    for i in range(0, shape[-2], step):
+        yield (..., slice(i, i + step), slice(None))
 
 
 #: Mean brightness (0-1) above which a pixel bluer than green is taken as no plant.
@@ -383,15 +394,18 @@ class LabelFreeSegmenter:
             return (nir - red) / (nir + red + eps), "ndvi"
         r, g, b = ch["red"], ch["green"], ch["blue"]
         # (2g - r - b) / (r + g + b + eps), evaluated in that order in place: the same bits
-        # with two temporaries instead of six. eps damps the chroma of near-black pixels
-        # (shadow, sensor noise).
-        total = r + g
-        total += b
-        total += eps
-        vi = g * np.float32(2)
-        vi -= r
-        vi -= b
-        vi /= total
+        # with two temporaries instead of six, and in row blocks that keep them in cache.
+        # eps damps the chroma of near-black pixels (shadow, sensor noise).
+        vi = np.empty(r.shape, np.result_type(r, g, b, np.float32))
+        for rows in _row_blocks(r.shape):
+            total = r[rows] + g[rows]
+            total += b[rows]
+            total += eps
+            v = vi[rows]
+            np.multiply(g[rows], np.float32(2), out=v)
+            v -= r[rows]
+            v -= b[rows]
+            v /= total
         _clip_no_plants(r, g, b, vi, full_scale, dark_eps)
         if green is not None:
             green.lift(vi, r, g, b, eps)
@@ -1089,11 +1103,14 @@ class LabelFreeSegmenter:
         """Window means of the health features over ``pure`` pixels, and their counts."""
         out = np.empty(health.shape, np.float32)
         n = _window_counts(pure, radius)  # the same for every feature: summed once
+        q = np.empty(health.shape[1:], np.int32)
         for k in range(health.shape[0]):
-            q = np.clip(health[k], -1, 1)
-            q *= np.float32(10000)
-            np.rint(q, out=q)
-            mean, _ = _box_mean_count(q.astype(np.int32), pure, radius, 10000, counts=n)
+            for rows in _row_blocks(q.shape):  # temporaries in cache
+                v = np.clip(health[k][rows], -1, 1)
+                v *= np.float32(10000)
+                np.rint(v, out=v)
+                q[rows] = v  # whole numbers: as astype(np.int32)
+            mean, _ = _box_mean_count(q, pure, radius, 10000, counts=n)
             np.divide(mean, np.float32(10000), out=out[k])
         return out, n
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agriseg.models.filters import max_filter
+from agriseg.models.filters import max_filter, transposed
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,7 +278,7 @@ def along_row_support(
     if steep:
         sums = _line_sums(packed, row_off, dx / dy, half_length_px, halves)
     else:  # lines closer to the x axis: the same sums on the transpose, down its rows
-        sums = _line_sums(np.ascontiguousarray(packed.T), col_off, dy / dx, half_length_px,
+        sums = _line_sums(transposed(packed), col_off, dy / dx, half_length_px,
                           halves)
     out = share(sums[0])
     flat = out.reshape(-1)
@@ -293,7 +293,7 @@ def along_row_support(
         keep = side >= np.float32(EDGE_ROW_FILL)
         at, side = at[keep], side[keep]
         flat[at] = np.maximum(flat[at], side)
-    return out if steep else np.ascontiguousarray(out.T)
+    return out if steep else transposed(out)
 
 
 #: Least vegetation share of the visible part of a row line that runs off the survey for the
@@ -550,29 +550,36 @@ def oriented_support(
     r_cell = (np.arange(row_off, row_off + h) // c) - (row_off // c)
     c_cell = (np.arange(col_off, col_off + w) // c) - (col_off // c)
     n_r, n_c = int(r_cell[-1]) + 1, int(c_cell[-1]) + 1
-    ids = (r_cell[:, None] * n_c + c_cell[None, :]).ravel()
     v = (veg & valid).ravel()
-    n = np.bincount(ids[v], minlength=n_r * n_c)
+    # The cell of each vegetation pixel, gathered once for the count and every direction.
+    ids = (r_cell[:, None] * n_c + c_cell[None, :]).ravel()[v]
+    n = np.bincount(ids, minlength=n_r * n_c)
     # Sums over the same pixels compare as means do; each cell's pixels are added in the same
     # (row-major) order in any tile, so the sums and the choice are exact.
-    sums = np.stack([np.bincount(ids[v], weights=s.ravel()[v], minlength=n_r * n_c)
+    sums = np.stack([np.bincount(ids, weights=s.ravel()[v], minlength=n_r * n_c)
                      for s in sup])
     best = np.argmax(sums, axis=0).astype(np.uint8)
     # The map's direction of each decision cell (they nest in the map's cells).
     prior = orientations.at((np.arange(n_r) + row_off // c) * c,
                             (np.arange(n_c) + col_off // c) * c).ravel()
-    choice = np.where(n >= DECISION_MIN_VEG, best, prior)
-    idx = choice[ids].reshape(h, w)
+    choice = np.where(n >= DECISION_MIN_VEG, best, prior).reshape(n_r, n_c)
+    # Cells are runs of rows and columns: repeating the choices beats a lookup per pixel.
+    idx = np.repeat(np.repeat(choice, np.bincount(r_cell), axis=0), np.bincount(c_cell), axis=1)
+    where = [idx == k for k in range(len(sup))]
     out = sup[0] if gaps is None else sup[0].copy()  # the gap test reads each one whole
     for k in range(1, len(sup)):
-        np.copyto(out, sup[k], where=idx == k)
+        np.copyto(out, sup[k], where=where[k])
     # Each direction's own leaf reach: a field of narrow rows beside one of wide rows.
-    dilated = {r: max_filter(out, r) if r > 0 else out for r in set(orientations.leaves)}
-    res = dilated[orientations.leaves[0]].copy()
-    for k in range(1, len(sup)):
-        np.copyto(res, dilated[orientations.leaves[k]], where=idx == k)
+    reaches = set(orientations.leaves)
+    dilated = {r: max_filter(out, r) if r > 0 else out for r in reaches}
+    if len(reaches) == 1:  # one reach for all: nothing to pick per direction
+        res = dilated[orientations.leaves[0]]
+    else:
+        res = dilated[orientations.leaves[0]].copy()
+        for k in range(1, len(sup)):
+            np.copyto(res, dilated[orientations.leaves[k]], where=where[k])
     if gaps is None:
         return res
     for k, (a, sp) in enumerate(zip(orientations.angles, gaps.spacings_px, strict=True)):
-        res = fill_row_gaps(res, sup[k], veg, a, sp, gaps, only=idx == k)
+        res = fill_row_gaps(res, sup[k], veg, a, sp, gaps, only=where[k])
     return res

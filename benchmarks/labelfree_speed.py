@@ -27,9 +27,12 @@ from agriseg.survey import process_survey
 from agriseg.synth import FieldSpec, make_field
 
 
-def build(path: Path, size: int) -> None:
+def build(path: Path, size: int, one_direction: bool = False) -> None:
     field = make_field(FieldSpec(size=1024, seed=7, row_angle_deg=20.0, row_spacing_m=0.76,
                                  nodata_border=False))
+    # Mirrored copies make a herringbone (rows at +20 and -20 degrees, the model's costlier
+    # two-direction path); plain copies keep one direction, with a seam every 1024 px.
+    flip = 1 if one_direction else -1
     reps = -(-size // 1024)
     profile = {"driver": "GTiff", "width": size, "height": size, "count": 4, "dtype": "uint8",
                "crs": field.grid.crs, "transform": field.grid.transform, "tiled": True,
@@ -38,9 +41,9 @@ def build(path: Path, size: int) -> None:
         for i in range(reps):
             # Mirror alternate copies so rows stay continuous across the seams.
             strip = np.concatenate(
-                [field.image[:, :, :: (1 if j % 2 == 0 else -1)] for j in range(reps)], axis=2
+                [field.image[:, :, :: (1 if j % 2 == 0 else flip)] for j in range(reps)], axis=2
             )[:, :, :size]
-            strip = strip[:, :: (1 if i % 2 == 0 else -1)]
+            strip = strip[:, :: (1 if i % 2 == 0 else flip)]
             h = min(1024, size - i * 1024)
             win = rasterio.windows.Window(0, i * 1024, size, h)
             dst.write(strip[:, :h], [1, 2, 3], window=win)
@@ -74,12 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mosaic", type=int, default=1, metavar="N",
                     help="run on a VRT mosaic of N x N copies of the --size raster (1 GP: "
                          "--size 8192 --mosaic 4) [1]")
+    ap.add_argument("--one-direction", action="store_true",
+                    help="rows in one direction (copies not mirrored) instead of the "
+                         "herringbone of two")
     args = ap.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
-    src = args.work / f"field_{args.size}.tif"
+    src = args.work / f"field_{args.size}{'_one' if args.one_direction else ''}.tif"
     if not src.exists():
         t = time.perf_counter()
-        build(src, args.size)
+        build(src, args.size, args.one_direction)
         print(f"built {src} in {time.perf_counter() - t:.0f} s")
     if args.mosaic > 1:
         from common import vrt_mosaic

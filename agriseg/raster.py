@@ -709,7 +709,7 @@ def _read_shared(
     roles: tuple[str, ...],
     window: Window,
     needed_from: tuple[int | None, int, bool] | None = None,
-    scaled: bool = True,
+    raw: bool = False,
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """:func:`read_window` through the shared block cache; None where it does not apply.
 
@@ -727,7 +727,7 @@ def _read_shared(
             last few tile rows. The last tile of a row in its swath also drops the blocks it
             shares with the next swath, which decodes them again rather than the cache
             holding them through the whole swath.
-        scaled: False for the band values unscaled (:func:`raw_scalable`).
+        raw: the band values unscaled instead (only where :func:`raw_scalable`).
     """
     stamp = _file_stamp(survey.path)
     if stamp is None:  # a GDAL URI (/vsicurl/...) or a path only GDAL resolves
@@ -740,7 +740,7 @@ def _read_shared(
     source = (stamp, tuple(idx), survey.mask_source)  # + block row and column
     r0, c0 = int(window.row_off), int(window.col_off)
     h, w = int(window.height), int(window.width)
-    raw = np.empty((len(idx), h, w), survey.dtype)
+    data = np.empty((len(idx), h, w), survey.dtype)
     valid = np.empty((h, w), bool)
     ds: rasterio.DatasetReader | None = None
 
@@ -774,7 +774,7 @@ def _read_shared(
     try:
         for key, got in _TILE_BLOCKS.get_many(items):
             dy, dx, sy, sx = spans[key[-2:]]
-            raw[:, dy, dx] = got[0][:, sy, sx]
+            data[:, dy, dx] = got[0][:, sy, sx]
             valid[dy, dx] = got[1][sy, sx]  # an alpha mask: nonzero is valid
     finally:
         if ds is not None:
@@ -788,7 +788,7 @@ def _read_shared(
             _TILE_BLOCKS.drop(((*source, by, bx) for by in rows
                                for bx in range(col // cw, (c0 + w - 1) // cw + 1)),
                               retire=False)
-    return (scaled_bands if scaled else _raw_bands)(raw, valid, survey)
+    return (_raw_bands if raw else scaled_bands)(data, valid, survey)
 
 
 def scaled_bands(
@@ -876,8 +876,7 @@ def read_tile(
                    int(tile.core.col_off + tile.core.width) - halo, tile.swath_end)
     if raw and not raw_scalable(survey):
         raise ValueError(f"{survey.path}: {survey.dtype} bands cannot be read unscaled")
-    shared = (_read_shared(survey, roles, tile.read, needed_from, scaled=not raw)
-              if ds is None else None)
+    shared = _read_shared(survey, roles, tile.read, needed_from, raw) if ds is None else None
     data, valid = shared or read_window(survey, roles, tile.read, ds, raw=raw)
     top, bottom, left, right = tile.pad
     if any(tile.pad):

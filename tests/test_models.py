@@ -470,14 +470,24 @@ def test_predict_classes_matches_probabilities(tmp_path: Path) -> None:
         assert np.array_equal(tiny[0][0], want[0])
 
 
-def test_predict_classes_of_raw_bands_equal_scaled_inputs(tmp_path: Path, rgba_tif: Path) -> None:
-    """8-bit bands with their scale give the classes of the float32 inputs, on any engine."""
+@pytest.mark.parametrize("gpu_layout", [False, True])
+def test_predict_classes_of_raw_bands_equal_scaled_inputs(
+    tmp_path: Path, rgba_tif: Path, gpu_layout: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8-bit bands with their scale give the classes of the float32 inputs, on any engine.
+
+    ``gpu_layout``: the blocks laid out and batched as on a GPU (stacked uint8 views), run on
+    whatever device PyTorch has here.
+    """
+    from agriseg.models import neural
     from agriseg.predict import raw_band_scale
 
+    if gpu_layout:
+        monkeypatch.setattr(neural, "_on_gpu", lambda runner: True)
     bundle = _tiny_bundle(tmp_path / "m.safetensors")
-    raw = np.random.default_rng(2).integers(0, 256, (1, 3, 150, 170)).astype(np.uint8)
+    raw = np.random.default_rng(2).integers(0, 256, (2, 3, 150, 170)).astype(np.uint8)
     raw[:, :, :20] = 0
-    valid = np.ones((1, 150, 170), bool)
+    valid = np.ones((2, 150, 170), bool)
     valid[:, :20] = False
     scale = 1 / 255
     scaled = np.multiply(raw, np.float32(scale), dtype=np.float32)

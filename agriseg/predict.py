@@ -33,7 +33,7 @@ from agriseg.grid import Grid, Tile, TilePlan
 from agriseg.indices import compute_index
 from agriseg.models.base import Prepared, Segmenter, TileContext, reduce_scores
 from agriseg.output import TileWriter, halve
-from agriseg.raster import SurveyRaster, raw_scalable, read_tile
+from agriseg.raster import SurveyRaster, raw_scalable, read_tile, scale_values
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,8 @@ def segment_tile(
     # Models that can reduce their scores where they run (PyTorch on a GPU) return classes
     # and confidence directly; the others return probabilities.
     reduce = None if probabilities else getattr(segmenter, "predict_classes", None)
-    raw = raw_band_scale(survey, segmenter, probabilities) is not None
+    scale = raw_band_scale(survey, segmenter, probabilities)
+    raw = scale is not None
     pixels, valid = read_tile(survey, roles, tile, raw=raw)
     # dict.fromkeys keeps order, so the model's channels come first.
     model_px = pixels[: len(segmenter.roles)]
@@ -111,10 +112,10 @@ def segment_tile(
     nodata = segmenter.schema.nodata
     reduced = None
     if reduce is not None:
-        scaling = {"scale": survey.scale} if raw else {}
+        scaling = {} if scale is None else {"scale": scale}
         reduced = reduce(model_px[None], valid[None], params, [ctx], **scaling)
     if reduced is None and raw:
-        pixels = np.multiply(pixels, np.float32(survey.scale), dtype=np.float32)
+        pixels = scale_values(pixels, survey)
         model_px, raw = pixels[: len(segmenter.roles)], False
     arrays: dict[str, np.ndarray] = {}
     if reduced is not None:
@@ -131,7 +132,7 @@ def segment_tile(
     arrays = {"classes": classes, "confidence": conf, **arrays}
     core_px = pixels[:, ys, xs]
     if raw and index_names:
-        core_px = np.multiply(core_px, np.float32(survey.scale), dtype=np.float32)
+        core_px = scale_values(core_px, survey)
     for name in index_names:
         values = compute_index(name, core_px, roles)
         values[~core_valid] = np.nan

@@ -798,10 +798,7 @@ def scaled_bands(
 
     The validity every reader of a survey shares: tiles, overviews and the report's maps.
     """
-    # One pass converts and scales (an integer band times a float32 scalar is float32).
-    data = np.multiply(raw, np.float32(survey.scale), dtype=np.float32)
-    if survey.offset:
-        data += np.float32(survey.offset)
+    data = scale_values(raw, survey)
     valid = _band_validity(raw, valid, survey)
     if raw.dtype.kind == "f":  # integers are always finite
         valid &= np.isfinite(data).all(axis=0)
@@ -812,6 +809,18 @@ def scaled_bands(
             # 3x faster than the boolean index (a 2112 px RGBA tile: 23 against 70 ms).
             np.multiply(data, valid, out=data)
     return data, valid
+
+
+def scale_values(raw: np.ndarray, survey: SurveyRaster) -> np.ndarray:
+    """Band values in the survey's float32 units: ``raw * scale + offset``.
+
+    One pass converts and scales (an integer band times a float32 scalar is float32). Raw
+    tiles (:func:`read_tile` with ``raw=True``) scaled here equal the scaled read.
+    """
+    data = np.multiply(raw, np.float32(survey.scale), dtype=np.float32)
+    if survey.offset:
+        data += np.float32(survey.offset)
+    return data
 
 
 def raw_scalable(survey: SurveyRaster) -> bool:

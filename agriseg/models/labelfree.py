@@ -212,9 +212,13 @@ def _blue_steps(r: np.ndarray, g: np.ndarray, b: np.ndarray, bright_sum: float) 
     return out
 
 
+#: Pixels per block of the per-pixel passes that run in row blocks (:func:`_row_blocks`).
+ROW_BLOCK_PX = 1 << 16
+
+
 def _row_blocks(shape: tuple[int, ...]) -> Iterator[tuple[Any, ...]]:
-    """Index tuples of blocks of whole rows (the last two axes) of about GREEN_BLOCK_PX."""
-    step = max(1, GREEN_BLOCK_PX // max(shape[-1], 1))
+    """Index tuples of blocks of whole rows (the last two axes) of about ROW_BLOCK_PX."""
+    step = max(1, ROW_BLOCK_PX // max(shape[-1], 1))
     for i in range(0, shape[-2], step):
         yield (..., slice(i, i + step), slice(None))
 
@@ -253,9 +257,6 @@ YELLOW_MAX_RADIUS = 3
 #: (deep-shade soil then enters the blue-share soil fit). The unperturbed samples change by
 #: 0-0.22 % of their pixels at 8 and 5 alike.
 YELLOW_BRIGHT = 8.0
-
-#: Pixels per block of the green path's test.
-GREEN_BLOCK_PX = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
